@@ -1,0 +1,37 @@
+# Two commands set up everything on a fresh clone: `make demo` and `make test` (README).
+# The virtualenv gets the CPU build of torch unless a GPU is visible, so no multi-GB CUDA wheel is pulled:
+# first a CPU wheel pip already has on local disk (--no-index: no network), else PyTorch's CPU index.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: demo test lint zoo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
+	else \
+		$(BIN)/python -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+		|| $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cdist demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check cdist experiments tests
+
+zoo: $(STAMP)
+	$(BIN)/python experiments/zoo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,73 @@
+"""Atomic writes: a file is either its old version or its complete new one, never half of each.
+
+Every result or checkpoint cdist writes goes through here, so an interrupted run never leaves a truncated
+file that a resume would then trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write text to a temporary file beside ``path``, then rename it into place."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(obj, path: str | Path) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Fill a fresh temporary directory beside ``out_dir`` with ``write(tmp)``, then swap it into place.
+
+    ``out_dir`` is always either its old complete contents or the new ones. An existing ``out_dir`` is only
+    replaced if it is empty or holds a ``config.json`` (a checkpoint), so a wrong path never wipes a folder.
+    """
+    out_dir = Path(out_dir)
+    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
+    if out_dir.exists() and not replaceable:
+        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    old = None
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / "checkpoint")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None and not out_dir.exists():
+            os.replace(old / "checkpoint", out_dir)  # put the previous checkpoint back
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir

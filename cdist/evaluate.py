@@ -1,0 +1,69 @@
+"""Task accuracy: does the model put its top logit on the answer token at the last prompt position?
+
+Prompts of one dataset may differ in length (theory-of-mind stories with and without a visibility sentence),
+so batches are right-padded. Under causal attention a pad token to the right of ``pos_last`` cannot change the
+logits at ``pos_last``, so no attention mask is needed; the logits are read at each row's own ``pos_last``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Batch = dict[str, Tensor]
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Int[Tensor, "batch pos"]:
+    """Stack token-id lists into one tensor, right-padded with ``pad_id``."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def batches(data, batch_size: int, pad_id: int, columns: Sequence[str] = ("input_ids",)) -> Iterator[Batch]:
+    """Yield ``{"input_ids", "answer_id", "pos_last", ...}`` tensors from a task dataset, in order."""
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        out = {name: pad_right(rows[name], pad_id) for name in columns}
+        out["answer_id"] = torch.as_tensor(rows["answer_id"], dtype=torch.long)
+        out["pos_last"] = torch.as_tensor(rows["pos_last"], dtype=torch.long)
+        yield out
+
+
+def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+    """Each row's logits at its own position."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
+
+
+@torch.no_grad()
+def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
+    """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    preds = []
+    for batch in batches(data, batch_size, pad_id):
+        logits = model(batch["input_ids"].to(device))
+        preds.append(logits_at(logits, batch["pos_last"]).argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def accuracy(model, data, *, batch_size: int = 64) -> float:
+    """Share of items whose top-1 prediction at ``pos_last`` is ``answer_id``.
+
+    Args:
+        model: a HookedTransformer (anything called as ``model(input_ids) -> logits``).
+        data: a task dataset with ``input_ids``, ``answer_id`` and ``pos_last`` columns.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        Accuracy in [0, 1].
+    """
+    if len(data) == 0:
+        raise ValueError("accuracy needs at least one item; the dataset is empty")
+    correct = predictions(model, data, batch_size=batch_size) == torch.as_tensor(data["answer_id"])
+    return correct.float().mean().item()

@@ -1,0 +1,545 @@
+"""Llama checkpoints as TransformerLens ``HookedTransformer``s: load, convert, save, create.
+
+This is the only module of cdist that imports ``transformer_lens`` (3.9, the last release with
+``HookedTransformer``), so that moving to TransformerLens 4's bridge is one module's change.
+
+``HookedTransformer.from_pretrained`` only takes official model names and then downloads them. cdist instead
+reads a local transformers ``LlamaForCausalLM`` directory (``config.json`` plus ``*.safetensors``, sharded or
+not, plus tokenizer files), or finds an official Llama-3 name in the local Hugging Face cache, and never
+touches the network. The conversion is two pure functions over state dicts, ``hf_to_hooked_state_dict`` and
+its exact inverse ``hooked_to_hf_state_dict``, which rename keys and rearrange weights with named einops
+patterns (as TransformerLens' own ``convert_llama_weights`` does):
+
+- ``q_proj`` ``[(head_index d_head), d_model]`` -> ``W_Q`` ``[head_index, d_model, d_head]``, and the same for
+  ``k_proj``/``v_proj`` with the key/value heads. Under grouped-query attention (Llama 3: 8 key/value heads)
+  TransformerLens keeps the real parameters as ``attn._W_K``/``attn._W_V`` ``[n_kv, d_model, d_head]`` and
+  query head ``h`` reads key/value head ``h // (n_heads // n_kv)``, as transformers does.
+- ``o_proj`` ``[d_model, (head_index d_head)]`` -> ``W_O`` ``[head_index, d_head, d_model]``; the MLP and the
+  unembedding are transposed; RMS-norm weights keep their names' meaning.
+- TransformerLens has biases that Llama lacks; they are loaded as zeros and must stay zero (the inverse
+  refuses to drop a non-zero one). Tied embeddings (Llama-3.2) become a copy: ``W_U = W_E.T``.
+
+Our choices: ``n_ctx`` (where TransformerLens truncates ``to_tokens``) is capped at ``MAX_N_CTX`` = 8192
+rather than Llama-3.1's 131072, since the cdist tasks are short and TransformerLens grows its rotary tables
+on demand anyway; pass ``n_ctx`` to change it. The weights are loaded unprocessed (no LayerNorm folding or
+centring), so a saved model is the loaded one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import einops
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from cdist.checkpoints import atomic_directory
+
+__all__ = [
+    "MAX_N_CTX",
+    "OFFICIAL_LLAMA3",
+    "CheckpointNotFoundError",
+    "HookedTransformer",
+    "HookedTransformerConfig",
+    "hf_config_from_hooked",
+    "hf_to_hooked_state_dict",
+    "hooked_config_from_hf",
+    "hooked_to_hf_state_dict",
+    "load_llama",
+    "new_llama",
+    "resolve_checkpoint",
+    "save_llama",
+]
+
+MAX_N_CTX = 8192
+
+OFFICIAL_LLAMA3 = tuple(
+    f"{name}{suffix}"
+    for name in ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Meta-Llama-3-8B")
+    for suffix in ("", "-Instruct")
+)
+
+# HF weight -> TransformerLens weight. Axis names are TransformerLens'; each inverse swaps the two sides.
+QKV_PATTERN = "(head_index d_head) d_model -> head_index d_model d_head"
+OUT_PATTERN = "d_model (head_index d_head) -> head_index d_head d_model"
+MLP_IN_PATTERN = "d_mlp d_model -> d_model d_mlp"
+MLP_OUT_PATTERN = "d_model d_mlp -> d_mlp d_model"
+UNEMBED_PATTERN = "d_vocab d_model -> d_model d_vocab"
+
+# Per layer: HF key suffix, TL key suffix, pattern (None: same layout), which head count the pattern splits.
+_LAYER_KEYS = (
+    ("input_layernorm.weight", "ln1.w", None, None),
+    ("self_attn.q_proj.weight", "attn.W_Q", QKV_PATTERN, "q"),
+    ("self_attn.k_proj.weight", "attn.{kv}W_K", QKV_PATTERN, "kv"),
+    ("self_attn.v_proj.weight", "attn.{kv}W_V", QKV_PATTERN, "kv"),
+    ("self_attn.o_proj.weight", "attn.W_O", OUT_PATTERN, "q"),
+    ("post_attention_layernorm.weight", "ln2.w", None, None),
+    ("mlp.gate_proj.weight", "mlp.W_gate", MLP_IN_PATTERN, None),
+    ("mlp.up_proj.weight", "mlp.W_in", MLP_IN_PATTERN, None),
+    ("mlp.down_proj.weight", "mlp.W_out", MLP_OUT_PATTERN, None),
+)
+# TransformerLens buffers, rebuilt by the model itself and never part of a checkpoint.
+_TL_BUFFERS = ("attn.mask", "attn.IGNORE", "attn.rotary_sin", "attn.rotary_cos")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No Llama checkpoint where we looked; the message says where, in one line."""
+
+
+def _inverse(pattern: str) -> str:
+    left, right = pattern.split(" -> ")
+    return f"{right} -> {left}"
+
+
+def _rope(hf_config: LlamaConfig) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling dict or None), for transformers 4 (rope_scaling) and 5 (rope_parameters)."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    params = dict(params or {})
+    theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"rope type {rope_type!r} is not supported; cdist converts default and llama3 rope")
+    return float(theta), params
+
+
+def hooked_config_from_hf(
+    hf_config: LlamaConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    n_ctx: int | None = None,
+) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of a transformers Llama config.
+
+    Mirrors TransformerLens' own table for Llama-3.x (RMS norm, NeoX-style rotary over the whole head,
+    gated SiLU MLP, grouped-query attention, llama3 "NTK-by-parts" rope scaling), but reads every number
+    from ``hf_config``, including ``head_dim`` where it differs from ``hidden_size / num_attention_heads``.
+
+    Args:
+        hf_config: the checkpoint's config; ``model_type`` must be "llama".
+        dtype: dtype of the TransformerLens model.
+        device: its device.
+        n_ctx: context length; default ``min(max_position_embeddings, MAX_N_CTX)``.
+
+    Returns:
+        The config, with ``original_architecture="LlamaForCausalLM"`` and ``default_prepend_bos=True``.
+    """
+    if getattr(hf_config, "model_type", None) != "llama":
+        model_type = getattr(hf_config, "model_type", None)
+        raise ValueError(f"model_type is {model_type!r}; cdist converts 'llama' only")
+    biased = getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)
+    if hf_config.hidden_act != "silu" or biased:
+        raise ValueError(
+            "only bias-free SiLU Llamas are supported (hidden_act='silu', no attention/mlp bias)"
+        )
+    theta, scaling = _rope(hf_config)
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    n_kv = hf_config.num_key_value_heads or hf_config.num_attention_heads
+    kwargs = {}
+    if scaling is not None:  # the same fields TransformerLens fills for Llama-3.1/3.2
+        kwargs = dict(
+            use_NTK_by_parts_rope=True,
+            NTK_by_parts_factor=float(scaling.get("factor", 1.0)),
+            NTK_by_parts_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            NTK_by_parts_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            NTK_original_ctx_len=int(
+                scaling.get("original_max_position_embeddings", hf_config.max_position_embeddings)
+            ),
+        )
+    return HookedTransformerConfig(
+        model_name=Path(getattr(hf_config, "name_or_path", "") or "llama").name,
+        original_architecture="LlamaForCausalLM",
+        n_layers=hf_config.num_hidden_layers,
+        d_model=hf_config.hidden_size,
+        n_heads=hf_config.num_attention_heads,
+        d_head=d_head,
+        # TransformerLens takes GQA's code path whenever this is set, so plain multi-head attention is None.
+        n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
+        d_mlp=hf_config.intermediate_size,
+        d_vocab=hf_config.vocab_size,
+        n_ctx=n_ctx or min(hf_config.max_position_embeddings, MAX_N_CTX),
+        eps=hf_config.rms_norm_eps,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        final_rms=True,
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        rotary_base=theta,
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        default_prepend_bos=True,
+        dtype=dtype,
+        device=device,
+        **kwargs,
+    )
+
+
+def hf_config_from_hooked(
+    cfg: HookedTransformerConfig,
+    *,
+    tie_word_embeddings: bool | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> LlamaConfig:
+    """The transformers LlamaConfig of a Llama-shaped HookedTransformerConfig; inverts hooked_config_from_hf.
+
+    Args:
+        cfg: a config made by ``hooked_config_from_hf`` (or of the same shape).
+        tie_word_embeddings: default ``cfg.tie_word_embeddings``.
+        bos_token_id: written into the config (transformers' defaults, 1 and 2, are not Llama-3's).
+        eos_token_id: likewise.
+
+    Returns:
+        The config; ``max_position_embeddings`` is ``cfg.n_ctx`` (the uncapped value is not kept).
+    """
+    llama_like = (
+        cfg.normalization_type == "RMS"
+        and cfg.positional_embedding_type == "rotary"
+        and cfg.gated_mlp
+        and cfg.act_fn == "silu"
+        and not cfg.rotary_adjacent_pairs
+        and cfg.rotary_dim == cfg.d_head
+        and cfg.d_vocab_out == cfg.d_vocab
+    )
+    if not llama_like:
+        raise ValueError("config is not Llama-shaped (needs RMS norm, full NeoX rotary, gated SiLU MLP)")
+    rope_scaling = None
+    if cfg.use_NTK_by_parts_rope:
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": cfg.NTK_by_parts_factor,
+            "low_freq_factor": cfg.NTK_by_parts_low_freq_factor,
+            "high_freq_factor": cfg.NTK_by_parts_high_freq_factor,
+            "original_max_position_embeddings": cfg.NTK_original_ctx_len,
+        }
+    return LlamaConfig(
+        vocab_size=cfg.d_vocab,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_key_value_heads or cfg.n_heads,
+        head_dim=cfg.d_head,
+        max_position_embeddings=cfg.n_ctx,
+        rms_norm_eps=cfg.eps,
+        rope_theta=float(cfg.rotary_base),
+        rope_scaling=rope_scaling,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        torch_dtype=cfg.dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def _rearrange(w: Tensor, pattern: str | None, head_kind: str | None, cfg: HookedTransformerConfig) -> Tensor:
+    if pattern is None:
+        return w
+    if head_kind is None:
+        return einops.rearrange(w, pattern)
+    heads = cfg.n_heads if head_kind == "q" else (cfg.n_key_value_heads or cfg.n_heads)
+    return einops.rearrange(w, pattern, head_index=heads)
+
+
+def _zero_biases(cfg: HookedTransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the biases TransformerLens has and Llama lacks."""
+    kv = "_" if cfg.n_key_value_heads is not None else ""
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    shapes: dict[str, tuple[int, ...]] = {"unembed.b_U": (cfg.d_vocab_out,)}
+    for layer in range(cfg.n_layers):
+        shapes |= {
+            f"blocks.{layer}.attn.b_Q": (cfg.n_heads, cfg.d_head),
+            f"blocks.{layer}.attn.{kv}b_K": (n_kv, cfg.d_head),
+            f"blocks.{layer}.attn.{kv}b_V": (n_kv, cfg.d_head),
+            f"blocks.{layer}.attn.b_O": (cfg.d_model,),
+            f"blocks.{layer}.mlp.b_in": (cfg.d_mlp,),
+            f"blocks.{layer}.mlp.b_out": (cfg.d_model,),
+        }
+    return shapes
+
+
+def hf_to_hooked_state_dict(hf_sd: Mapping[str, Tensor], cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+    """Rename and rearrange a transformers Llama state dict into TransformerLens' layout.
+
+    Args:
+        hf_sd: ``LlamaForCausalLM.state_dict()`` keys (``model.layers.0.self_attn.q_proj.weight``, ...);
+            ``lm_head.weight`` may be missing when the embeddings are tied.
+        cfg: the target config (from ``hooked_config_from_hf``).
+
+    Returns:
+        Every parameter of ``HookedTransformer(cfg)``, zero biases included, in ``cfg.dtype``; no buffers.
+
+    Raises:
+        KeyError: a weight is missing. ValueError: ``hf_sd`` has keys that are not a Llama's.
+    """
+    rest = dict(hf_sd)
+    kv = "_" if cfg.n_key_value_heads is not None else ""
+    sd = {"embed.W_E": rest.pop("model.embed_tokens.weight"), "ln_final.w": rest.pop("model.norm.weight")}
+    lm_head = rest.pop("lm_head.weight", None)
+    sd["unembed.W_U"] = einops.rearrange(sd["embed.W_E"] if lm_head is None else lm_head, UNEMBED_PATTERN)
+    for layer in range(cfg.n_layers):
+        for hf_key, tl_key, pattern, head_kind in _LAYER_KEYS:
+            w = rest.pop(f"model.layers.{layer}.{hf_key}")
+            sd[f"blocks.{layer}.{tl_key.format(kv=kv)}"] = _rearrange(w, pattern, head_kind, cfg)
+    # Old checkpoints store rotary frequencies; TransformerLens recomputes its own.
+    leftover = [k for k in rest if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ValueError(f"{len(leftover)} keys are not a bias-free Llama's, e.g. {leftover[0]!r}")
+    for key, shape in _zero_biases(cfg).items():
+        sd[key] = torch.zeros(shape)
+    return {k: v.to(cfg.dtype) for k, v in sd.items()}
+
+
+def hooked_to_hf_state_dict(
+    state_dict: Mapping[str, Tensor], cfg: HookedTransformerConfig
+) -> dict[str, Tensor]:
+    """The exact inverse of ``hf_to_hooked_state_dict``: a transformers ``LlamaForCausalLM`` state dict.
+
+    Args:
+        state_dict: ``model.state_dict()`` of a Llama-shaped HookedTransformer (buffers are ignored).
+        cfg: its config.
+
+    Returns:
+        Contiguous tensors. ``lm_head.weight`` is left out when ``cfg.tie_word_embeddings`` is set and
+        ``W_U`` still equals ``W_E.T`` exactly.
+
+    Warning:
+        A tied model whose ``W_U`` and ``W_E`` were trained apart comes back untied (``lm_head.weight`` set):
+        build its config with ``tie_word_embeddings="lm_head.weight" not in result``, as ``save_llama`` does.
+    """
+    rest = dict(state_dict)
+    for key in _zero_biases(cfg):
+        bias = rest.pop(key, None)
+        if bias is not None and bool(bias.any()):
+            raise ValueError(f"{key} is non-zero; Llama has no such bias, so it cannot be exported")
+    kv = "_" if cfg.n_key_value_heads is not None else ""
+    w_e, w_u = rest.pop("embed.W_E"), rest.pop("unembed.W_U")
+    hf = {"model.embed_tokens.weight": w_e, "model.norm.weight": rest.pop("ln_final.w")}
+    lm_head = einops.rearrange(w_u, _inverse(UNEMBED_PATTERN))
+    if not (cfg.tie_word_embeddings and torch.equal(lm_head, w_e)):
+        hf["lm_head.weight"] = lm_head
+    for layer in range(cfg.n_layers):
+        for hf_key, tl_key, pattern, head_kind in _LAYER_KEYS:
+            w = rest.pop(f"blocks.{layer}.{tl_key.format(kv=kv)}")
+            inverse = None if pattern is None else _inverse(pattern)
+            hf[f"model.layers.{layer}.{hf_key}"] = _rearrange(w, inverse, head_kind, cfg)
+    leftover = [k for k in rest if not k.endswith(_TL_BUFFERS)]
+    if leftover:
+        raise ValueError(f"{len(leftover)} keys have no Llama counterpart, e.g. {leftover[0]!r}")
+    return {k: v.detach().contiguous() for k, v in hf.items()}
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The local directory of a Llama checkpoint: ``source`` itself, or an official name in the HF cache.
+
+    Official names are those of ``OFFICIAL_LLAMA3``, written "meta-llama/Llama-3.2-1B", "Llama-3.2-1B" or
+    "3.2-1B" (case-insensitive). The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``; the snapshot named by ``refs/main`` wins, else the newest one.
+
+    Raises:
+        CheckpointNotFoundError: one line saying where it looked.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    aliases = {}
+    for name in OFFICIAL_LLAMA3:
+        for alias in (name, f"meta-llama/{name}", name.split("Llama-", 1)[1]):
+            aliases[alias.lower()] = name
+    name = aliases.get(str(source).lower())
+    if name is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint directory at {path}; pass a local Llama directory (config.json, *.safetensors) "
+            f"or one of {', '.join(OFFICIAL_LLAMA3)} present in the Hugging Face cache"
+        )
+    if os.environ.get("HF_HUB_CACHE"):
+        cache = Path(os.environ["HF_HUB_CACHE"])
+    elif os.environ.get("HF_HOME"):
+        cache = Path(os.environ["HF_HOME"]) / "hub"
+    else:
+        cache = Path.home() / ".cache" / "huggingface" / "hub"
+    repo = cache.expanduser() / f"models--meta-llama--{name}"
+    snapshots = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    if not snapshots:
+        raise CheckpointNotFoundError(
+            f"{name} is not in the Hugging Face cache (looked in {repo / 'snapshots'}); cdist never "
+            f"downloads: copy the checkpoint there or pass its local directory"
+        )
+    return max(snapshots, key=lambda p: p.stat().st_mtime)
+
+
+def _read_safetensors(ckpt: Path, dtype: torch.dtype) -> dict[str, Tensor]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointNotFoundError(
+            f"no *.safetensors in {ckpt}; cdist reads safetensors only (re-save with safe_serialization=True)"
+        )
+    sd: dict[str, Tensor] = {}
+    for file in files:  # one shard at a time, cast as it comes, to keep bf16 -> fp32 peaks to one shard
+        sd |= {k: v.to(dtype) for k, v in load_file(file).items()}
+    return sd
+
+
+def _hooked(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase | None) -> HookedTransformer:
+    # TransformerLens 3.9 warns on every HookedTransformer that 4.0 replaces it with TransformerBridge; cdist
+    # pins <4 and keeps that move to this module (see the module docstring), so the warning is noise here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer)
+
+
+def load_llama(
+    source: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Load a local Llama checkpoint as a HookedTransformer, without the network.
+
+    Args:
+        source: a directory with ``config.json`` and ``*.safetensors`` (a ``model.safetensors.index.json``
+            names the shards), or an official Llama-3 name found in the HF cache (see ``resolve_checkpoint``).
+        device: where the model goes.
+        dtype: its dtype (weights are cast on load).
+        tokenizer: default: the checkpoint's own tokenizer files, if it has any, else no tokenizer.
+        n_ctx: context length; default ``min(max_position_embeddings, MAX_N_CTX)``.
+
+    Returns:
+        The model in eval mode, with raw (unfolded) weights.
+
+    Warning:
+        The converted state dict and the model coexist while loading: peak memory is about twice the model's.
+    """
+    ckpt = resolve_checkpoint(source)
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointNotFoundError(
+            f"no config.json in {ckpt}; pass a transformers Llama checkpoint folder"
+        )
+    model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
+    if model_type != "llama":
+        raise ValueError(f"{ckpt / 'config.json'} has model_type={model_type!r}; cdist loads 'llama' only")
+    hf_config = LlamaConfig.from_pretrained(ckpt, local_files_only=True)
+    cfg = hooked_config_from_hf(hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
+    hf_sd = _read_safetensors(ckpt, dtype)
+    if tokenizer is None and any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    cfg.init_weights = False  # about to be overwritten: skip the (slow, for 8B) random init
+    model = _hooked(cfg, tokenizer)
+    model.cfg.init_weights = True
+    # Start from the model's own state dict so that its buffers (masks, rotary tables) are kept as built.
+    full = model.state_dict()
+    full.update(hf_to_hooked_state_dict(hf_sd, cfg))
+    del hf_sd
+    model.load_state_dict(full, strict=True)
+    return model.eval()
+
+
+def save_llama(
+    model: HookedTransformer, out_dir: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Write ``model`` as a transformers ``LlamaForCausalLM`` folder that ``load_llama`` reads back exactly.
+
+    The directory holds ``config.json``, ``model.safetensors`` (in the model's dtype) and the tokenizer files
+    (of ``tokenizer``, else of ``model.tokenizer``, if any). It is written into a temporary directory beside
+    ``out_dir`` and renamed into place, so ``out_dir`` is always either the old checkpoint or the complete
+    new one.
+
+    Args:
+        model: a Llama-shaped HookedTransformer whose extra biases are still zero.
+        out_dir: the checkpoint directory; an existing one is replaced only if it is empty or holds a
+            ``config.json`` (so a wrong path never wipes an unrelated folder).
+        tokenizer: overrides ``model.tokenizer``.
+
+    Returns:
+        ``out_dir``.
+    """
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    hf_sd = hooked_to_hf_state_dict(model.state_dict(), model.cfg)
+    hf_config = hf_config_from_hooked(
+        model.cfg,
+        tie_word_embeddings="lm_head.weight" not in hf_sd,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+    )
+
+    def write(tmp: Path) -> None:
+        weights = {k: v.cpu() for k, v in hf_sd.items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_directory(out_dir, write)
+
+
+def new_llama(
+    *,
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    n_kv_heads: int,
+    d_head: int | None = None,
+    d_mlp: int,
+    vocab_size: int,
+    n_ctx: int = 512,
+    seed: int = 0,
+    rope_theta: float = 10000.0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """A randomly initialised Llama-shaped HookedTransformer (untied embeddings, no rope scaling).
+
+    The shape goes through a transformers LlamaConfig and ``hooked_config_from_hf``, so whatever is built
+    here can be saved with ``save_llama`` and loaded by transformers. Weights use TransformerLens' default
+    initialisation (normal, std 0.8/sqrt(d_model)), drawn from ``seed`` without touching the global RNG.
+
+    Args:
+        n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab_size, n_ctx, rope_theta: the shape.
+        d_head: default ``d_model // n_heads``.
+        seed: the weights' seed.
+        tokenizer: attached as ``model.tokenizer`` (saved with the model).
+        device, dtype: of the model.
+
+    Returns:
+        The model.
+    """
+    hf_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=d_head or d_model // n_heads,
+        max_position_embeddings=n_ctx,
+        rope_theta=rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    cfg = hooked_config_from_hf(hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _hooked(cfg, tokenizer)

@@ -1,0 +1,211 @@
+"""Train the model organisms: small Llama-3-shaped models that learn a cdist task from scratch.
+
+No machine of this project can download Llama-3 weights, so the science runs on a zoo of small models that
+mirror the paper's cast (SPEC section 3): a teacher that has learnt the task well and smaller "warm" students
+with a nascent ability. This module is the training loop behind ``experiments/zoo.py``.
+
+The organisms are trained as transformers ``LlamaForCausalLM`` (RMS norm, rotary, gated SiLU MLP, grouped-query
+attention, tied embeddings as in Llama-3.2) and saved as ordinary Llama checkpoints, so cdist loads them with
+the same ``cdist.models.load_llama`` that loads a real Llama-3.
+
+Choices that are ours:
+- Only answer tokens are supervised. Entity-tracking sequences may carry several queries about one context
+  (``n_queries``); queries are drawn *with* replacement, because a permutation of all boxes teaches an
+  elimination shortcut (the last answer is the one object not yet named). Evaluation always uses the
+  single-query prompts of the task generator's test split.
+- A curriculum on the number of boxes: training starts with ``curriculum_start`` boxes and adds one whenever
+  held-out accuracy at the current number reaches ``curriculum_threshold``. Entity tracking from scratch
+  otherwise sits at chance for thousands of steps (measured: SPEC/issue notes and the closing notes).
+- ``warmup_templates`` mixes easier surface forms of the same binding task into training (half of each batch),
+  which gives the lookup head a gradient before the longer form's offset heads exist.
+- A student is "warm" by early stopping: training ends as soon as held-out accuracy at the final number of
+  boxes enters ``stop_window``, so its ability is real but partial.
+- The training state is checkpointed atomically every evaluation, and a run resumes from it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cdist import evaluate, tasks
+from cdist.checkpoints import atomic_torch_save
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """Shape, data and schedule of one zoo model."""
+
+    name: str
+    task: str  # "entity_tracking" | "theory_of_mind"
+    template: str = "compact"
+    n_boxes: int = 7
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    d_mlp: int = 512
+    steps: int = 20_000
+    batch_size: int = 64
+    n_queries: int = 1
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    curriculum_start: int | None = 2  # entity tracking: boxes at the start; None = always n_boxes
+    curriculum_threshold: float = 0.9
+    warmup_templates: tuple[str, ...] = ()
+    eval_every: int = 250
+    eval_items: int = 500
+    stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
+    seed: int = 0
+    task_kwargs: dict = field(default_factory=dict)
+
+
+def new_organism(cfg: OrganismConfig, vocab_size: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama of the organism's shape (seeded by ``cfg.seed``)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(config)
+
+
+def _entity_tracking_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
+    objects_pool, labels_pool = tasks.entity_tracking_words()
+    rows = []
+    for i in range(cfg.batch_size):
+        template = cfg.warmup_templates[i % len(cfg.warmup_templates)] if cfg.warmup_templates and i % 2 else cfg.template
+        objects, labels = rng.sample(objects_pool, n_boxes), rng.sample(labels_pool, n_boxes)
+        ids = tokenizer(tasks.render_context(objects, labels, template)).input_ids
+        targets = [IGNORE] * len(ids)
+        for _ in range(cfg.n_queries):
+            q = rng.randrange(n_boxes)
+            query = tokenizer(tasks.render_query(labels[q], template), add_special_tokens=False).input_ids
+            answer = tokenizer(f" {objects[q]} .", add_special_tokens=False).input_ids
+            ids += query + answer
+            targets += [IGNORE] * (len(query) - 1) + [answer[0]] + [IGNORE] * len(answer)
+        rows.append((ids, targets))
+    return rows
+
+
+def _theory_of_mind_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
+    data = tasks.theory_of_mind(
+        cfg.batch_size, tokenizer=tokenizer, seed=rng.randrange(2**31), split="train", template=cfg.template,
+        **cfg.task_kwargs,
+    )
+    rows = []
+    for ids, answer, last in zip(data["input_ids"], data["answer_id"], data["pos_last"], strict=True):
+        targets = [IGNORE] * len(ids)
+        targets[last] = answer
+        rows.append((list(ids), targets))
+    return rows
+
+
+def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
+    """One batch of (input ids, next-token targets), right-padded; targets are IGNORE except at answers."""
+    make = {"entity_tracking": _entity_tracking_rows, "theory_of_mind": _theory_of_mind_rows}[cfg.task]
+    rows = make(cfg, n_boxes, rng, tokenizer)
+    ids = evaluate.pad_right([r[0] for r in rows], tokenizer.pad_token_id)
+    targets = evaluate.pad_right([r[1] for r in rows], IGNORE)
+    return ids, targets
+
+
+def held_out(cfg: OrganismConfig, tokenizer, n: int, *, n_boxes: int | None = None, seed: int = 12345):
+    """Fresh single-query test-split items of the organism's task."""
+    if cfg.task == "entity_tracking":
+        return tasks.entity_tracking(
+            n, tokenizer=tokenizer, n_boxes=n_boxes or cfg.n_boxes, seed=seed, split="test", template=cfg.template
+        )
+    return tasks.theory_of_mind(n, tokenizer=tokenizer, seed=seed, split="test", template=cfg.template, **cfg.task_kwargs)
+
+
+class LogitsOf(torch.nn.Module):
+    """``model(input_ids) -> logits``, the calling convention of ``cdist.evaluate``."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+
+def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = True):
+    """Train one organism from scratch, or resume it from ``run_dir``.
+
+    Args:
+        cfg: the organism's shape, data and schedule.
+        tokenizer: the word-level organism tokenizer (``cdist.zoo.organism_tokenizer()``).
+        run_dir: where the training state is checkpointed; an existing ``train_state.pt`` there is resumed.
+        progress: show a tqdm bar.
+
+    Returns:
+        The trained ``LlamaForCausalLM`` (eval mode) and a manifest (config, steps, wall time, history).
+    """
+    state_path = Path(run_dir) / "train_state.pt"
+    model = new_organism(cfg, len(tokenizer))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    rng = random.Random(cfg.seed)
+    n_boxes = cfg.curriculum_start if cfg.task == "entity_tracking" and cfg.curriculum_start else cfg.n_boxes
+    step, wall, history = 0, 0.0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
+    logits_of = LogitsOf(model, tokenizer)
+    tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
+    done = bool(history) and _in_window(history[-1]["test_accuracy"], cfg) and history[-1]["n_boxes"] == cfg.n_boxes
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
+    t0 = time.time() - wall
+    model.train()
+    while step < cfg.steps and not done:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        ids, targets = training_batch(cfg, n_boxes, rng, tokenizer)
+        loss = F.cross_entropy(logits_of(ids).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        model.eval()
+        acc_now = evaluate.accuracy(logits_of, tests[n_boxes])
+        acc = evaluate.accuracy(logits_of, tests[cfg.n_boxes]) if n_boxes != cfg.n_boxes else acc_now
+        model.train()
+        history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
+                        "train_boxes_accuracy": acc_now, "test_accuracy": acc})
+        bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+        done = n_boxes == cfg.n_boxes and _in_window(acc, cfg)
+        if n_boxes < cfg.n_boxes and acc_now >= cfg.curriculum_threshold:
+            n_boxes += 1
+            tests.setdefault(n_boxes, held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes))
+        atomic_torch_save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(), "step": step,
+             "wall": time.time() - t0, "history": history, "n_boxes": n_boxes},
+            state_path,
+        )
+    bar.close()
+    manifest = {"config": asdict(cfg), "steps": step, "wall_time_s": round(time.time() - t0, 1),
+                "stopped_early": done and step < cfg.steps, "history": history}
+    return model.eval(), manifest
+
+
+def _in_window(acc: float, cfg: OrganismConfig) -> bool:
+    return cfg.stop_window is not None and cfg.stop_window[0] <= acc <= cfg.stop_window[1]

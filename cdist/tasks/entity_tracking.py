@@ -1,0 +1,230 @@
+"""Entity tracking: which object is in the queried box?
+
+The task of Kim & Schuster (2023) in the form Prakash et al. (2024, "Fine-tuning enhances existing
+mechanisms") use for path patching::
+
+    The apple is in Box F, the pen is in Box Q, ..., the cup is in Box Z. Box F contains the  ->  " apple"
+
+``n_boxes`` distinct objects are put in ``n_boxes`` boxes with distinct random single-letter labels, and one
+box is queried, uniformly. The data are generated here; Kim & Schuster's files are not used.
+
+The counterfactual (``corrupt_*`` columns) for path patching is a fresh context (new objects and labels, the
+same number of boxes) that does not contain the queried label, followed by the same query. It tokenizes to
+the same length with the query at the same positions, so a head's activation can be patched position-wise.
+
+Choices that are ours:
+- The "compact" template is a short organism form of the same binding task, one token per word:
+  ``" apple in F , pen in Q , cup in Z . F contains"`` -> ``"apple"``. It begins with a space so that, under
+  a BPE tokenizer, the first object is the same " apple" token as the answer.
+- ``render_context`` ends at the final full stop and ``render_query`` starts with a space, so the tokens of
+  context and query (no special tokens) concatenate to the prompt's tokens; trainers build multi-query
+  sequences that way.
+- Default objects are concrete nouns that are one token both in the word-level vocabulary and, after a
+  space, in Llama-3; default labels are the 26 capital letters. The item key is (objects, labels, query
+  label), so train and test share no (context, query) pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_token_id, task_rng
+
+OBJECTS = (
+    "apple", "bag", "ball", "bell", "belt", "boat", "bone", "book", "bottle", "bowl", "bread", "brush",
+    "bucket", "button", "cake", "camera", "candle", "card", "chain", "clock", "coat", "coin", "comb",
+    "cookie", "crown", "cup", "diamond", "dish", "doll", "drum", "egg", "envelope", "feather", "flag",
+    "flower", "fork", "glove", "guitar", "hammer", "hat", "helmet", "jacket", "jar", "key", "kite", "knife",
+    "lamp", "leaf", "lemon", "magnet", "map", "mask", "medal", "mirror", "nail", "needle", "onion",
+    "painting", "paper", "pen", "pencil", "phone", "piano", "pillow", "plate", "potato", "radio", "ribbon",
+    "ring", "rope", "rose", "ruler", "scarf", "shell", "shirt", "shoe", "sock", "spoon", "stamp", "stone",
+    "sword", "ticket", "tomato", "towel", "toy", "trophy", "truck", "umbrella", "vase", "violin", "wallet",
+    "wheel", "whistle", "wire",
+)
+LABELS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+@dataclass(frozen=True)
+class EntityTrackingTemplate:
+    """How an entity-tracking prompt is worded: context clauses, then one query.
+
+    Every string is a format string with ``{object}`` and/or ``{label}``; the prompt is
+    ``first_clause + (clause_sep + clause) * (n_boxes - 1) + context_end + query``.
+    """
+
+    name: str
+    first_clause: str
+    clause: str
+    clause_sep: str
+    context_end: str
+    query: str
+
+
+ET_TEMPLATES: dict[str, EntityTrackingTemplate] = {
+    "prakash": EntityTrackingTemplate(
+        name="prakash",
+        first_clause="The {object} is in Box {label}",
+        clause="the {object} is in Box {label}",
+        clause_sep=", ",
+        context_end=".",
+        query=" Box {label} contains the",
+    ),
+    "compact": EntityTrackingTemplate(
+        name="compact",
+        first_clause=" {object} in {label}",
+        clause="{object} in {label}",
+        clause_sep=" , ",
+        context_end=" .",
+        query=" {label} contains",
+    ),
+    # The shortest form: the object sits right before its label and the query is the label itself. Organism
+    # training mixes it in as a warm-up because its lookup is learnt in a few hundred steps.
+    "adjacent": EntityTrackingTemplate(
+        name="adjacent",
+        first_clause=" {object} {label}",
+        clause="{object} {label}",
+        clause_sep=" , ",
+        context_end=" .",
+        query=" {label}",
+    ),
+}
+
+
+def entity_tracking_words() -> tuple[list[str], list[str]]:
+    """The default (objects, labels) word lists."""
+    return list(OBJECTS), list(LABELS)
+
+
+def get_template(template: str | EntityTrackingTemplate) -> EntityTrackingTemplate:
+    if isinstance(template, EntityTrackingTemplate):
+        return template
+    if template not in ET_TEMPLATES:
+        raise ValueError(f"unknown entity-tracking template {template!r}; choose from {sorted(ET_TEMPLATES)}")
+    return ET_TEMPLATES[template]
+
+
+def _context(prompt: Prompt, objects: Sequence[str], labels: Sequence[str], t: EntityTrackingTemplate):
+    for i, (obj, label) in enumerate(zip(objects, labels, strict=True)):
+        prompt.add(t.first_clause if i == 0 else t.clause_sep + t.clause, tag=str(i), object=obj, label=label)
+    prompt.add(t.context_end)
+
+
+def render_context(
+    objects: Sequence[str], labels: Sequence[str], template: str | EntityTrackingTemplate
+) -> str:
+    """The context: object ``i`` is in the box labelled ``labels[i]``."""
+    prompt = Prompt()
+    _context(prompt, objects, labels, get_template(template))
+    return prompt.text
+
+
+def render_query(label: str, template: str | EntityTrackingTemplate) -> str:
+    """The query about box ``label`` (starts with a space; append it to a context)."""
+    prompt = Prompt()
+    prompt.add(get_template(template).query, label=label)
+    return prompt.text
+
+
+def render_entity_tracking(
+    objects: Sequence[str], labels: Sequence[str], query_label: str, template: str | EntityTrackingTemplate
+) -> str:
+    """A whole prompt: ``render_context(...) + render_query(...)``."""
+    return _prompt(objects, labels, query_label, get_template(template)).text
+
+
+def _prompt(objects, labels, query_label, t: EntityTrackingTemplate) -> Prompt:
+    prompt = Prompt()
+    _context(prompt, objects, labels, t)
+    prompt.add(t.query, tag="_query", label=query_label)
+    return prompt
+
+
+def entity_tracking(
+    n: int,
+    *,
+    tokenizer,
+    n_boxes: int = 7,
+    seed: int = 0,
+    split: str = "train",
+    template: str | EntityTrackingTemplate = "prakash",
+    objects: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+) -> Dataset:
+    """Generate ``n`` entity-tracking items of one split, with their counterfactuals.
+
+    Args:
+        n: number of items.
+        tokenizer: any fast Hugging Face tokenizer (word-level organism tokenizer or Llama-3's).
+        n_boxes: boxes (= objects) per context.
+        seed: the same (seed, split, arguments) always gives the same items.
+        split: "train" or "test"; the two never share an item.
+        template: a name in ``ET_TEMPLATES`` or a template.
+        objects: object words (default ``OBJECTS``); each must be a single token.
+        labels: box labels (default A-Z); each a single token, at least ``n_boxes + 1`` of them.
+
+    Returns:
+        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt, corrupt_input_ids,
+        pos_last, pos_query_label, pos_prev_label, pos_prev_object, pos_objects, pos_labels, objects, labels,
+        query_index, query_label, corrupt_objects, corrupt_labels, n_boxes, template. Positions index
+        ``input_ids`` (BOS included); ``pos_prev_*`` are the queried box's label and object in the context.
+
+    Raises:
+        ValueError: on a word that is not a single token (the message names it), or lists too short.
+    """
+    t = get_template(template)
+    if n_boxes < 2:
+        raise ValueError(f"n_boxes={n_boxes} leaves nothing to track; use 2 or more boxes")
+    objects = check_words(OBJECTS if objects is None else objects, "object", n_boxes)
+    # The counterfactual needs n_boxes labels other than the queried one.
+    labels = check_words(LABELS if labels is None else labels, "label", n_boxes + 1)
+    answer_ids = {w: single_token_id(tokenizer, w) for w in objects}
+    for label in labels:
+        single_token_id(tokenizer, label, role="label")
+
+    rng = task_rng("entity_tracking", seed, split)
+
+    def propose() -> tuple[list[str], list[str], int]:
+        return rng.sample(objects, n_boxes), rng.sample(labels, n_boxes), rng.randrange(n_boxes)
+
+    items = []
+    for objs, labs, q in draw_split(n, split, propose, key=lambda it: (it[0], it[1], it[1][it[2]])):
+        corrupt_labs = rng.sample([x for x in labels if x != labs[q]], n_boxes)
+        items.append((objs, labs, q, rng.sample(objects, n_boxes), corrupt_labs))
+
+    clean = [_prompt(o, lab, lab[q], t) for o, lab, q, _, _ in items]
+    corrupt = [_prompt(co, cl, lab[q], t) for _, lab, q, co, cl in items]
+    rows = []
+    encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupt), strict=True)
+    for i, ((ids, pos), (c_ids, c_pos)) in enumerate(encoded):
+        objs, labs, q, c_objs, c_labs = items[i]
+        if len(c_ids) != len(ids) or c_pos["label_query"] != pos["label_query"]:
+            raise ValueError(
+                f"clean and corrupt prompts tokenize to different lengths ({len(ids)} vs {len(c_ids)}); "
+                "use single-token objects and labels"
+            )
+        rows.append({
+            "prompt": clean[i].text,
+            "answer": objs[q],
+            "input_ids": ids,
+            "answer_id": answer_ids[objs[q]],
+            "corrupt_prompt": corrupt[i].text,
+            "corrupt_input_ids": c_ids,
+            "pos_last": len(ids) - 1,
+            "pos_query_label": pos["label_query"],
+            "pos_prev_label": pos[f"label{q}"],
+            "pos_prev_object": pos[f"object{q}"],
+            "pos_objects": [pos[f"object{i}"] for i in range(n_boxes)],
+            "pos_labels": [pos[f"label{i}"] for i in range(n_boxes)],
+            "objects": objs,
+            "labels": labs,
+            "query_index": q,
+            "query_label": labs[q],
+            "corrupt_objects": c_objs,
+            "corrupt_labels": c_labs,
+            "n_boxes": n_boxes,
+            "template": t.name,
+        })
+    return Dataset.from_list(rows)

@@ -1,0 +1,103 @@
+"""The model-organism zoo: the project's own small Llama-architecture teachers and students.
+
+Each zoo model is a plain Hugging Face ``LlamaForCausalLM`` directory (config.json, model.safetensors,
+tokenizer files) plus a ``manifest.json`` saying how it was made (config, seed, steps, wall time, commit) and
+its measured accuracies. Because the zoo is stored in the same format as a real Llama-3 checkpoint, it is
+loaded by the very code path that loads one (``cdist.models.load_llama``).
+
+The zoo lives in ``zoo/`` at the repository root; set ``CDIST_ZOO`` to use another folder. The models are
+trained by ``experiments/zoo.py`` from the configs in ``ZOO_CONFIGS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from transformers import LlamaForCausalLM
+
+from cdist import tasks
+from cdist.checkpoints import atomic_directory, atomic_write_json
+from cdist.models import HookedTransformer, load_llama, save_llama
+from cdist.organisms import OrganismConfig
+from cdist.tokenizers import word_tokenizer
+
+ET_STUDENT_WINDOW = (0.45, 0.70)
+TOM_STUDENT_WINDOW = (0.45, 0.70)
+
+# Teachers are wider and deeper; students have 32 heads (as the paper's circuit search needs enough heads
+# to choose from), a smaller width, and stop training once their held-out accuracy is "warm".
+ZOO_CONFIGS: dict[str, OrganismConfig] = {
+    "et-teacher": OrganismConfig(
+        name="et-teacher", task="entity_tracking", n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=1024,
+        steps=20_000, seed=1,
+    ),
+    "et-student": OrganismConfig(
+        name="et-student", task="entity_tracking", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512,
+        steps=20_000, stop_window=ET_STUDENT_WINDOW, seed=2,
+    ),
+    "tom-teacher": OrganismConfig(
+        name="tom-teacher", task="theory_of_mind", n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=1024,
+        steps=10_000, n_queries=1, seed=3,
+    ),
+    "tom-student": OrganismConfig(
+        name="tom-student", task="theory_of_mind", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512,
+        steps=10_000, n_queries=1, stop_window=TOM_STUDENT_WINDOW, seed=4,
+    ),
+}
+
+
+def zoo_dir() -> Path:
+    """The folder that holds the zoo (``$CDIST_ZOO`` or ``zoo/`` at the repository root)."""
+    return Path(os.environ.get("CDIST_ZOO", Path(__file__).resolve().parents[1] / "zoo"))
+
+
+def organism_tokenizer(save_dir: str | Path | None = None):
+    """The word-level tokenizer every organism uses: special tokens, then ``tasks.organism_vocabulary()``."""
+    return word_tokenizer(tasks.organism_vocabulary(), save_dir=save_dir)
+
+
+def names() -> list[str]:
+    """The zoo models present on disk, sorted."""
+    root = zoo_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists()) if root.exists() else []
+
+
+def _path(name: str) -> Path:
+    path = zoo_dir() / name
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"no zoo model {name!r} in {zoo_dir()} (present: {', '.join(names()) or 'none'}); "
+            "train it with `python experiments/zoo.py` or set CDIST_ZOO"
+        )
+    return path
+
+
+def manifest(name: str) -> dict:
+    """How a zoo model was made and what it measured."""
+    return json.loads((_path(name) / "manifest.json").read_text())
+
+
+def load(name: str, *, device: str = "cpu") -> tuple[HookedTransformer, object]:
+    """Load a zoo model as a HookedTransformer, with its tokenizer."""
+    model = load_llama(_path(name), device=device)
+    return model, model.tokenizer
+
+
+def save(model: LlamaForCausalLM, tokenizer, name: str, manifest: dict) -> Path:
+    """Write a trained organism, its tokenizer and its manifest into the zoo, atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(manifest, tmp / "manifest.json")
+
+    return atomic_directory(zoo_dir() / name, write)
+
+
+def export_hf(name: str, out_dir: str | Path) -> Path:
+    """Write a zoo model as a transformers ``LlamaForCausalLM`` directory that ``load_llama`` reads back."""
+    model, tokenizer = load(name)
+    save_llama(model, out_dir, tokenizer=tokenizer)
+    return Path(out_dir)

@@ -1,0 +1,52 @@
+"""Train the model-organism zoo and write it to zoo/ (weights, tokenizer, manifest.json per model).
+
+    python experiments/zoo.py                       # every model in cdist.zoo.ZOO_CONFIGS
+    python experiments/zoo.py --only tom-teacher    # one model; an interrupted run resumes from runs/zoo/
+
+Each model's manifest records its config, seed, steps, wall time, training history, the commit that trained
+it, and its accuracy on --eval-items fresh held-out items.
+"""
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from cdist import evaluate, organisms, zoo
+from cdist.provenance import git_commit
+
+# ---------------------------------------------------------------------------- config
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--only", nargs="*", default=None, help="names to train (default: all)")
+parser.add_argument("--run-dir", default="runs/zoo", help="where training state is checkpointed")
+parser.add_argument("--eval-items", type=int, default=1000, help="held-out items for the final accuracy")
+parser.add_argument("--eval-seed", type=int, default=2024, help="seed of the held-out items")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+names = args.only or list(zoo.ZOO_CONFIGS)
+unknown = sorted(set(names) - set(zoo.ZOO_CONFIGS))
+if unknown:
+    parser.error(f"unknown zoo model(s) {unknown}; choose from {sorted(zoo.ZOO_CONFIGS)}")
+
+# ---------------------------------------------------------------------------- train, measure, save
+tokenizer = zoo.organism_tokenizer()
+for name in names:
+    cfg = zoo.ZOO_CONFIGS[name]
+    started = time.time()
+    model, manifest = organisms.train_organism(cfg, tokenizer, f"{args.run_dir}/{name}")
+    test = organisms.held_out(cfg, tokenizer, args.eval_items, seed=args.eval_seed)
+    acc = evaluate.accuracy(organisms.LogitsOf(model, tokenizer), test)
+    manifest |= {
+        "name": name,
+        "commit": git_commit(),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_heads_total": cfg.n_layers * cfg.n_heads,
+        "accuracy": {"test_items": args.eval_items, "seed": args.eval_seed, "value": acc},
+        "config": dataclasses.asdict(cfg),
+    }
+    path = zoo.save(model, tokenizer, name, manifest)
+    print(f"{name}: accuracy {acc:.3f} on {args.eval_items} held-out items, {manifest['steps']} steps, "
+          f"{time.time() - started:.0f}s -> {path}")

@@ -1,0 +1,90 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the test suite may reach the model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny transformers Llama checkpoints (cdist.models tests)
+# ---------------------------------------------------------------------------------------------------------
+
+# name -> LlamaConfig overrides. Each shape exercises one conversion path; all are 2 layers, vocab 101.
+LLAMA_SHAPES: dict[str, dict] = {
+    "gqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4),
+    # head_dim 32 with 4 heads: the attention width (128) is not hidden_size (64), as in Gemma/Qwen3.
+    "wide_heads": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    # llama3 rope scaling with a short original context, so that low and medium frequencies are rescaled
+    # within the head_dim 16 rotary bands (the wavelengths range from 2pi to ~2pi * 500000**(14/16)).
+    "llama3_rope": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        max_position_embeddings=1024,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def make_hf_llama(shape: str, seed: int = 0):
+    """A random tiny ``LlamaForCausalLM`` of one of ``LLAMA_SHAPES``, in float32 and eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(
+        vocab_size=101,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    kwargs |= LLAMA_SHAPES[shape]
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
+    # transformers' init (std 0.02, unit norms) makes near-uniform logits that hide conversion bugs; larger
+    # random weights and non-unit norm scales make every weight matter to the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def save_hf_llama(model, path: Path) -> Path:
+    """Save ``model`` as a safetensors checkpoint folder at ``path``."""
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """Factory: ``hf_llama_dir(shape)`` -> (folder holding the checkpoint, the LlamaForCausalLM), cached."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def make(shape: str):
+        if shape not in made:
+            model = make_hf_llama(shape)
+            made[shape] = (save_hf_llama(model, tmp_path_factory.mktemp(f"llama-{shape}")), model)
+        return made[shape]
+
+    return make

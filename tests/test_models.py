@@ -1,0 +1,201 @@
+"""cdist.models: Llama checkpoints <-> HookedTransformer, checked against transformers on tiny Llamas."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import LLAMA_SHAPES
+from transformers import LlamaForCausalLM
+
+from cdist.models import (
+    CheckpointNotFoundError,
+    HookedTransformer,
+    hf_to_hooked_state_dict,
+    hooked_to_hf_state_dict,
+    load_llama,
+    new_llama,
+    save_llama,
+)
+from cdist.tokenizers import word_tokenizer
+
+TOL = 1e-4
+SEQ = 96  # longer than the llama3_rope shape's original context (64), so rope scaling changes the logits
+
+
+def _tokens(vocab: int = 101, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _max_diff(hf_model, model, tokens) -> float:
+    return (hf_model(tokens).logits - model(tokens)).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", sorted(LLAMA_SHAPES))
+def test_logits_match_transformers(shape, hf_llama_dir, record_property):
+    path, hf_model = hf_llama_dir(shape)
+    model = load_llama(path)
+    diff = _max_diff(hf_model, model, _tokens())
+    record_property("max_abs_logit_diff", diff)
+    print(f"{shape}: max |logit diff| = {diff:.2e}")
+    assert diff <= TOL
+    assert not model.training
+
+
+def test_llama3_rope_scaling_is_exercised(hf_llama_dir):
+    """Without the NTK-by-parts fields the same weights give clearly different logits."""
+    path, hf_model = hf_llama_dir("llama3_rope")
+    model = load_llama(path)
+    cfg = model.cfg
+    assert (cfg.use_NTK_by_parts_rope, cfg.NTK_by_parts_factor, cfg.NTK_original_ctx_len) == (True, 8.0, 64)
+    assert (cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor, cfg.rotary_base) == (
+        1.0,
+        4.0,
+        500000.0,
+    )
+    with pytest.warns(DeprecationWarning):
+        plain = HookedTransformer(dataclasses.replace(cfg, use_NTK_by_parts_rope=False))
+    plain.load_state_dict(dict(model.named_parameters()), strict=False)  # its own rotary tables stay
+    assert _max_diff(hf_model, plain, _tokens()) > 0.1
+
+
+@pytest.mark.parametrize("shape", ["gqa", "wide_heads"])
+def test_gqa_hook_shapes(shape, hf_llama_dir):
+    path, hf_model = hf_llama_dir(shape)
+    model = load_llama(path)
+    n_heads, n_kv = hf_model.config.num_attention_heads, hf_model.config.num_key_value_heads
+    d_head = hf_model.config.head_dim
+    _, cache = model.run_with_cache(_tokens(batch=3))
+    assert cache["blocks.0.attn.hook_k"].shape == (3, SEQ, n_kv, d_head)
+    assert cache["blocks.0.attn.hook_v"].shape == (3, SEQ, n_kv, d_head)
+    assert cache["blocks.0.attn.hook_q"].shape == (3, SEQ, n_heads, d_head)
+    assert cache["blocks.0.attn.hook_z"].shape == (3, SEQ, n_heads, d_head)
+    assert model.blocks[0].attn._W_K.shape == (n_kv, model.cfg.d_model, d_head)
+
+
+@pytest.mark.parametrize("shape", sorted(LLAMA_SHAPES))
+def test_state_dict_conversion_is_an_exact_inverse(shape, hf_llama_dir):
+    path, hf_model = hf_llama_dir(shape)
+    cfg = load_llama(path).cfg
+    hf_sd = {
+        k: v for k, v in hf_model.state_dict().items() if not (shape == "tied" and k == "lm_head.weight")
+    }
+    back = hooked_to_hf_state_dict(hf_to_hooked_state_dict(hf_sd, cfg), cfg)
+    assert back.keys() == hf_sd.keys()
+    assert all(torch.equal(back[k], hf_sd[k]) for k in hf_sd)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "tied", "llama3_rope"])
+def test_save_round_trip(shape, hf_llama_dir, tmp_path):
+    path, hf_model = hf_llama_dir(shape)
+    model = load_llama(path)
+    out = save_llama(model, tmp_path / "saved")
+    tokens = _tokens()
+    with torch.no_grad():
+        assert torch.equal(load_llama(out)(tokens), model(tokens))
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] == (shape == "tied")
+    reloaded_hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert _max_diff(reloaded_hf, model, tokens) <= TOL
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary folders left behind
+
+
+def test_save_replaces_a_checkpoint_but_not_other_folders(hf_llama_dir, tmp_path):
+    model = load_llama(hf_llama_dir("gqa")[0])
+    out = tmp_path / "ckpt"
+    save_llama(model, out)
+    (out / "stale.txt").write_text("from the previous save")
+    save_llama(model, out)
+    assert not (out / "stale.txt").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(FileExistsError):
+        save_llama(model, precious)
+    assert (precious / "notes.txt").exists()
+
+
+def test_export_refuses_nonzero_bias(hf_llama_dir, tmp_path):
+    model = load_llama(hf_llama_dir("gqa")[0])
+    with torch.no_grad():
+        model.blocks[1].attn.b_O[0] = 1.0
+    with pytest.raises(ValueError, match="blocks.1.attn.b_O"):
+        save_llama(model, tmp_path / "out")
+
+
+def test_sharded_checkpoint(tmp_path):
+    from conftest import make_hf_llama
+
+    hf_model = make_hf_llama("gqa", seed=3)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert _max_diff(hf_model, load_llama(tmp_path), _tokens()) <= TOL
+
+
+def test_tokenizer_travels_with_the_checkpoint(hf_llama_dir, tmp_path):
+    path, _ = hf_llama_dir("gqa")
+    ckpt = tmp_path / "with-tok"
+    shutil.copytree(path, ckpt)
+    word_tokenizer(["Box", "F", "contains", "the", "apple"], save_dir=ckpt)
+    model = load_llama(ckpt)
+    assert model.to_tokens("Box F contains the").tolist() == [[0, 4, 5, 6, 7]]  # one <bos>, then the words
+    out = save_llama(model, tmp_path / "saved")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert load_llama(out).tokenizer.convert_ids_to_tokens([8]) == ["apple"]
+
+
+def test_missing_directory_says_where_it_looked():
+    with pytest.raises(CheckpointNotFoundError) as err:
+        load_llama("/nonexistent")
+    message = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert "/nonexistent" in message and "\n" not in message
+
+
+def test_official_name_missing_from_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CheckpointNotFoundError) as err:
+        load_llama("Llama-3.2-1B")
+    message = str(err.value)
+    assert str(tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B") in message and "\n" not in message
+
+
+@pytest.mark.parametrize("use_hf_home", [False, True])
+def test_official_name_found_in_cache(use_hf_home, hf_llama_dir, tmp_path, monkeypatch):
+    path, hf_model = hf_llama_dir("tied")
+    shutil.copytree(path, tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc")
+    if use_hf_home:
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+    else:
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for name in ("Llama-3.2-1B", "meta-llama/Llama-3.2-1B", "3.2-1b"):
+        assert _max_diff(hf_model, load_llama(name), _tokens()) <= TOL
+    with pytest.raises(CheckpointNotFoundError, match="Llama-3.1-8B-Instruct"):
+        load_llama("3.1-8B-Instruct")
+
+
+def test_not_a_llama(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        load_llama(tmp_path)
+
+
+def test_new_llama_is_seeded_and_exportable(tmp_path):
+    shape = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48, vocab_size=50, n_ctx=64)
+    rng_before = torch.random.get_rng_state()
+    model = new_llama(**shape, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    assert torch.equal(new_llama(**shape, seed=7).embed.W_E, model.embed.W_E)
+    assert not torch.equal(new_llama(**shape, seed=8).embed.W_E, model.embed.W_E)
+    assert model.cfg.d_head == 8 and model.cfg.n_key_value_heads == 2 and not model.cfg.tie_word_embeddings
+    out = save_llama(model, tmp_path / "organism")
+    hf_model = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert _max_diff(hf_model, model.eval(), _tokens(vocab=50)[:, :64]) <= TOL
