@@ -43,7 +43,9 @@ def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " bat
 @torch.no_grad()
 def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    tokenizer = getattr(model, "tokenizer", None)
+    # Any id works as padding (it sits right of pos_last); the tokenizer's own pad id keeps logs readable.
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     preds = []
     for batch in batches(data, batch_size, pad_id):

@@ -16,10 +16,13 @@ Choices that are ours:
 - A curriculum on the number of boxes: training starts with ``curriculum_start`` boxes and adds one whenever
   held-out accuracy at the current number reaches ``curriculum_threshold``. Entity tracking from scratch
   otherwise sits at chance for thousands of steps (measured: SPEC/issue notes and the closing notes).
-- ``warmup_templates`` mixes easier surface forms of the same binding task into training (half of each batch),
-  which gives the lookup head a gradient before the longer form's offset heads exist.
-- A student is "warm" by early stopping: training ends as soon as held-out accuracy at the final number of
-  boxes enters ``stop_window``, so its ability is real but partial.
+- ``warmup_templates`` mixes easier entity-tracking forms into half of each batch (``adjacent``: the object
+  right before its label, the label as the query), which gives a lookup head a gradient before the longer
+  form's offset heads exist. Theory of mind gets the same warm-up with two boxes, since its stories bind two
+  containers to two states; without it both tasks sat at their trivial baseline for thousands of steps.
+- A student is "warm" by early stopping: training ends as soon as held-out accuracy on the real task (all
+  ``n_boxes`` boxes, whatever the curriculum's stage) enters ``stop_window``, so its ability is real but
+  partial.
 - The training state is checkpointed atomically every evaluation, and a run resumes from it.
 """
 
@@ -82,11 +85,11 @@ def new_organism(cfg: OrganismConfig, vocab_size: int) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
-def _entity_tracking_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
+def _entity_tracking_rows(cfg: OrganismConfig, n: int, n_boxes: int, rng: random.Random, tokenizer, templates):
     objects_pool, labels_pool = tasks.entity_tracking_words()
     rows = []
-    for i in range(cfg.batch_size):
-        template = cfg.warmup_templates[i % len(cfg.warmup_templates)] if cfg.warmup_templates and i % 2 else cfg.template
+    for i in range(n):
+        template = templates[i % len(templates)]
         objects, labels = rng.sample(objects_pool, n_boxes), rng.sample(labels_pool, n_boxes)
         ids = tokenizer(tasks.render_context(objects, labels, template)).input_ids
         targets = [IGNORE] * len(ids)
@@ -100,9 +103,9 @@ def _entity_tracking_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random,
     return rows
 
 
-def _theory_of_mind_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
+def _theory_of_mind_rows(cfg: OrganismConfig, n: int, rng: random.Random, tokenizer):
     data = tasks.theory_of_mind(
-        cfg.batch_size, tokenizer=tokenizer, seed=rng.randrange(2**31), split="train", template=cfg.template,
+        n, tokenizer=tokenizer, seed=rng.randrange(2**31), split="train", template=cfg.template,
         **cfg.task_kwargs,
     )
     rows = []
@@ -115,8 +118,16 @@ def _theory_of_mind_rows(cfg: OrganismConfig, n_boxes: int, rng: random.Random, 
 
 def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
     """One batch of (input ids, next-token targets), right-padded; targets are IGNORE except at answers."""
-    make = {"entity_tracking": _entity_tracking_rows, "theory_of_mind": _theory_of_mind_rows}[cfg.task]
-    rows = make(cfg, n_boxes, rng, tokenizer)
+    n_aux = cfg.batch_size // 2 if cfg.warmup_templates else 0
+    n_main = cfg.batch_size - n_aux
+    if cfg.task == "entity_tracking":
+        rows = _entity_tracking_rows(cfg, n_main, n_boxes, rng, tokenizer, [cfg.template])
+    else:
+        rows = _theory_of_mind_rows(cfg, n_main, rng, tokenizer)
+    if n_aux:
+        # Theory-of-mind stories bind two containers to two states: their warm-up uses two boxes.
+        aux_boxes = n_boxes if cfg.task == "entity_tracking" else 2
+        rows += _entity_tracking_rows(cfg, n_aux, aux_boxes, rng, tokenizer, cfg.warmup_templates)
     ids = evaluate.pad_right([r[0] for r in rows], tokenizer.pad_token_id)
     targets = evaluate.pad_right([r[1] for r in rows], IGNORE)
     return ids, targets
@@ -124,11 +135,10 @@ def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokeni
 
 def held_out(cfg: OrganismConfig, tokenizer, n: int, *, n_boxes: int | None = None, seed: int = 12345):
     """Fresh single-query test-split items of the organism's task."""
+    common = dict(tokenizer=tokenizer, seed=seed, split="test", template=cfg.template)
     if cfg.task == "entity_tracking":
-        return tasks.entity_tracking(
-            n, tokenizer=tokenizer, n_boxes=n_boxes or cfg.n_boxes, seed=seed, split="test", template=cfg.template
-        )
-    return tasks.theory_of_mind(n, tokenizer=tokenizer, seed=seed, split="test", template=cfg.template, **cfg.task_kwargs)
+        return tasks.entity_tracking(n, n_boxes=n_boxes or cfg.n_boxes, **common)
+    return tasks.theory_of_mind(n, **common, **cfg.task_kwargs)
 
 
 class LogitsOf(torch.nn.Module):
@@ -168,7 +178,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
-    done = bool(history) and _in_window(history[-1]["test_accuracy"], cfg) and history[-1]["n_boxes"] == cfg.n_boxes
+    done = bool(history) and _in_window(history[-1]["test_accuracy"], cfg)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
     t0 = time.time() - wall
     model.train()
@@ -192,7 +202,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
                         "train_boxes_accuracy": acc_now, "test_accuracy": acc})
         bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-        done = n_boxes == cfg.n_boxes and _in_window(acc, cfg)
+        done = _in_window(acc, cfg)
         if n_boxes < cfg.n_boxes and acc_now >= cfg.curriculum_threshold:
             n_boxes += 1
             tests.setdefault(n_boxes, held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes))

@@ -26,26 +26,33 @@ from cdist.tokenizers import word_tokenizer
 ET_STUDENT_WINDOW = (0.45, 0.70)
 TOM_STUDENT_WINDOW = (0.45, 0.70)
 
-# Teachers are wider and deeper; students have 32 heads (as the paper's circuit search needs enough heads
-# to choose from), a smaller width, and stop training once their held-out accuracy is "warm".
+# Teachers are deeper; students have fewer layers, a smaller MLP and 32 heads (enough for a circuit
+# search to choose from), and stop training once their held-out accuracy is "warm". Entity tracking trains on
+# the compact form with the adjacent form mixed in and a box curriculum (see cdist.organisms).
+_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
+_STUDENT = dict(n_layers=2, d_model=128, n_heads=16, n_kv_heads=4, d_mlp=384)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
-        name="et-teacher", task="entity_tracking", n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=1024,
-        steps=20_000, seed=1,
+        name="et-teacher", task="entity_tracking", **_TEACHER, steps=40_000, warmup_templates=("adjacent",), seed=1
     ),
     "et-student": OrganismConfig(
-        name="et-student", task="entity_tracking", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512,
-        steps=20_000, stop_window=ET_STUDENT_WINDOW, seed=2,
+        name="et-student", task="entity_tracking", **_STUDENT, steps=40_000, warmup_templates=("adjacent",),
+        stop_window=ET_STUDENT_WINDOW, seed=2,
     ),
     "tom-teacher": OrganismConfig(
-        name="tom-teacher", task="theory_of_mind", n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_mlp=1024,
-        steps=10_000, n_queries=1, seed=3,
+        name="tom-teacher", task="theory_of_mind", **_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3
     ),
     "tom-student": OrganismConfig(
-        name="tom-student", task="theory_of_mind", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512,
-        steps=10_000, n_queries=1, stop_window=TOM_STUDENT_WINDOW, seed=4,
+        name="tom-student", task="theory_of_mind", **_STUDENT, steps=20_000, warmup_templates=("adjacent",),
+        stop_window=TOM_STUDENT_WINDOW, seed=4,
     ),
 }
+
+# A seconds-long organism for tests and smoke runs (``experiments/zoo.py --tiny``): two boxes, adjacent form.
+TINY_CONFIG = OrganismConfig(
+    name="et-tiny", task="entity_tracking", template="adjacent", n_boxes=2, n_layers=2, d_model=128, n_heads=8,
+    n_kv_heads=4, d_mlp=512, steps=1000, lr=1e-3, curriculum_start=None, eval_every=200, eval_items=200, seed=1,
+)
 
 
 def zoo_dir() -> Path:

@@ -1,0 +1,153 @@
+"""The organism trainer, the zoo's storage and loading, and the shipped zoo's manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from cdist import cli, evaluate, organisms, tasks, zoo
+from cdist.checkpoints import atomic_directory
+from cdist.models import load_llama
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = zoo.names()
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory) -> Path:
+    """Run the training script itself on its tiny config, into a temporary zoo."""
+    root = tmp_path_factory.mktemp("zoo")
+    env = {**os.environ, "CDIST_ZOO": str(root / "zoo")}
+    cmd = [sys.executable, "experiments/zoo.py", "--tiny", "--run-dir", str(root / "runs"), "--eval-items", "300"]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return root / "zoo"
+
+
+@pytest.fixture
+def use_zoo(tiny_zoo, monkeypatch):
+    monkeypatch.setenv("CDIST_ZOO", str(tiny_zoo))
+    return tiny_zoo
+
+
+@pytest.mark.slow
+def test_training_script_beats_chance(use_zoo):
+    manifest = zoo.manifest("et-tiny")
+    # Two boxes: chance is 0.5. The manifest's accuracy is on 300 fresh held-out items.
+    assert manifest["accuracy"]["value"] >= 0.75, manifest["history"]
+    assert manifest["steps"] == zoo.TINY_CONFIG.steps and manifest["config"]["seed"] == zoo.TINY_CONFIG.seed
+    assert manifest["commit"] != "" and manifest["wall_time_s"] > 0
+    assert zoo.names() == ["et-tiny"]
+
+
+def test_zoo_load_and_export_round_trip(use_zoo, tmp_path):
+    model, tokenizer = zoo.load("et-tiny")
+    tokens = torch.as_tensor(organisms.held_out(zoo.TINY_CONFIG, tokenizer, 8)["input_ids"])
+    out = zoo.export_hf("et-tiny", tmp_path / "hf")
+    again = load_llama(out)
+    assert torch.equal(again(tokens), model(tokens))
+    hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        assert (hf(input_ids=tokens).logits - model(tokens)).abs().max().item() <= 1e-4
+
+
+def test_zoo_accuracy_matches_manifest_through_hooked_transformer(use_zoo):
+    """The HookedTransformer copy scores the trained transformers model's exact held-out set the same."""
+    model, tokenizer = zoo.load("et-tiny")
+    manifest = zoo.manifest("et-tiny")
+    data = organisms.held_out(zoo.TINY_CONFIG, tokenizer, 300, seed=manifest["accuracy"]["seed"])
+    assert evaluate.accuracy(model, data) == pytest.approx(manifest["accuracy"]["value"], abs=1e-9)
+
+
+def test_unknown_zoo_model_is_one_line_error(use_zoo):
+    with pytest.raises(FileNotFoundError) as err:
+        zoo.load("et-giant")
+    assert "\n" not in str(err.value) and "et-giant" in str(err.value) and "experiments/zoo.py" in str(err.value)
+
+
+def test_cli_demo_prints_zoo_table(use_zoo, capsys):
+    assert cli.main(["demo", "--items", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "et-tiny" in out and "accuracy" in out
+
+
+def test_training_resumes_bit_identically(tmp_path):
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=12, eval_every=4,
+                  eval_items=20)
+    straight, _ = organisms.train_organism(cfg, tokenizer, tmp_path / "a", progress=False)
+    organisms.train_organism(replace(cfg, steps=8), tokenizer, tmp_path / "b", progress=False)
+    resumed, manifest = organisms.train_organism(cfg, tokenizer, tmp_path / "b", progress=False)
+    assert manifest["steps"] == 12 and [h["step"] for h in manifest["history"]] == [4, 8, 12]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_student_stops_inside_its_window(tmp_path):
+    """Early stopping: with a window that any accuracy satisfies, training ends at the first evaluation."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
+                  eval_items=20, stop_window=(0.0, 1.0))
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
+    assert manifest["steps"] == 5 and manifest["stopped_early"]
+
+
+def test_multi_query_batches_supervise_only_answers():
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.ZOO_CONFIGS["et-teacher"], n_queries=3, batch_size=4, warmup_templates=())
+    ids, targets = organisms.training_batch(cfg, 5, __import__("random").Random(0), tokenizer)
+    objects = {tokenizer.convert_tokens_to_ids(o) for o in tasks.entity_tracking_words()[0]}
+    for row, tgt in zip(ids.tolist(), targets.tolist(), strict=True):
+        answers = [(i, t) for i, t in enumerate(tgt) if t != organisms.IGNORE]
+        assert len(answers) == 3
+        for i, t in answers:  # the target is the next token, and it is an object
+            assert row[i + 1] == t and t in objects
+
+
+def test_atomic_directory_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        atomic_directory(tmp_path, lambda tmp: None)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------- the shipped zoo
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_accuracy_matches_manifest(name):
+    model, tokenizer = zoo.load(name)
+    manifest = zoo.manifest(name)
+    cfg = organisms.OrganismConfig(**{**manifest["config"], "stop_window": None})
+    fresh = organisms.held_out(cfg, tokenizer, 1000, seed=99)  # not the manifest's seed
+    assert abs(evaluate.accuracy(model, fresh) - manifest["accuracy"]["value"]) <= 0.03
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-student")])
+def test_shipped_students_are_warm_and_smaller(name):
+    student = zoo.manifest(name)
+    teacher = zoo.manifest(name.replace("-student", "-teacher"))
+    s, t = student["config"], teacher["config"]
+    assert 0.35 <= student["accuracy"]["value"] <= 0.80
+    assert student["accuracy"]["value"] <= teacher["accuracy"]["value"] - 0.10
+    assert s["n_layers"] * s["n_heads"] >= 32
+    assert s["n_layers"] < t["n_layers"] or s["d_model"] < t["d_model"]
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-teacher")])
+def test_shipped_teachers_have_learnt_the_task(name):
+    assert zoo.manifest(name)["accuracy"]["value"] >= 0.90
+
+
+def test_shipped_zoo_is_small():
+    size = sum(f.stat().st_size for f in zoo.zoo_dir().rglob("*") if f.is_file()) if SHIPPED else 0
+    assert size < 40e6
+    for name in SHIPPED:
+        assert json.loads((zoo.zoo_dir() / name / "manifest.json").read_text())["name"] == name
