@@ -20,6 +20,8 @@ Choices that are ours:
   right before its label, the label as the query), which gives a lookup head a gradient before the longer
   form's offset heads exist. Theory of mind gets the same warm-up with two boxes, since its stories bind two
   containers to two states; without it both tasks sat at their trivial baseline for thousands of steps.
+  ``warmup_whole_batches`` makes each batch all warm-up or all task instead (the mix under which the
+  two-layer entity-tracking prototype left chance, where half-and-half batches sat at chance for 5,000 steps).
 - A student is "warm" by early stopping: training ends as soon as held-out accuracy on the real task (all
   ``n_boxes`` boxes, whatever the curriculum's stage) enters ``stop_window``, so its ability is real but
   partial.
@@ -66,6 +68,7 @@ class OrganismConfig:
     curriculum_start: int | None = 2  # entity tracking: boxes at the start; None = always n_boxes
     curriculum_threshold: float = 0.9
     warmup_templates: tuple[str, ...] = ()
+    warmup_whole_batches: bool = False  # a coin flip makes each batch all warm-up or all task, not half and half
     eval_every: int = 250
     eval_items: int = 500
     stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
@@ -119,6 +122,8 @@ def _theory_of_mind_rows(cfg: OrganismConfig, n: int, rng: random.Random, tokeni
 def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
     """One batch of (input ids, next-token targets), right-padded; targets are IGNORE except at answers."""
     n_aux = cfg.batch_size // 2 if cfg.warmup_templates else 0
+    if cfg.warmup_templates and cfg.warmup_whole_batches:
+        n_aux = cfg.batch_size if rng.random() < 0.5 else 0
     n_main = cfg.batch_size - n_aux
     if cfg.task == "entity_tracking":
         rows = _entity_tracking_rows(cfg, n_main, n_boxes, rng, tokenizer, [cfg.template])

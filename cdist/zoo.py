@@ -36,11 +36,12 @@ _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _TOM_STUDENT = dict(n_layers=2, d_model=128, n_heads=16, n_kv_heads=4, d_mlp=384)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
-        name="et-teacher", task="entity_tracking", **_ET_TEACHER, steps=40_000, warmup_templates=("adjacent",), seed=0
+        name="et-teacher", task="entity_tracking", **_ET_TEACHER, steps=40_000, warmup_templates=("adjacent",),
+        warmup_whole_batches=True, seed=0,
     ),
     "et-student": OrganismConfig(
         name="et-student", task="entity_tracking", **_ET_STUDENT, steps=40_000, warmup_templates=("adjacent",),
-        stop_window=ET_STUDENT_WINDOW, seed=2,
+        warmup_whole_batches=True, stop_window=ET_STUDENT_WINDOW, seed=2,
     ),
     "tom-teacher": OrganismConfig(
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3
