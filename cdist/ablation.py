@@ -1,0 +1,501 @@
+"""Mean ablation of attention heads: knock heads out, scan every head's effect, score a circuit.
+
+A head is knocked out by replacing its output ``z`` (``blocks.{l}.attn.hook_z``, the ``d_head`` vector it
+computes before ``W_O``) with its mean over a reference set of prompts, position by position. This is the
+ablation of Prakash et al. 2024 ("Fine-tuning enhances existing mechanisms") and of circuit distillation's
+head matching (Wadhwa et al. 2025): the head keeps its average, task-generic contribution and loses what it
+computes from the particular prompt, which keeps the residual stream closer to its usual distribution than
+zeroing does.
+
+Why ``hook_z``: a layer's attention output is ``sum_h z[..., h, :] @ W_O[h] + b_O``, so replacing one
+head's ``z`` removes exactly that head's term and nothing else. Under grouped-query attention ``z`` is still
+per *query* head (only keys and values are shared), so a query head can be ablated without touching its
+siblings. Ablating ``z`` rather than ``hook_result`` also avoids TransformerLens' ``use_attn_result`` mode.
+
+Choices that are ours:
+- Means are per absolute position. Entity-tracking prompts of one template and box count all have the same
+  length, so the mean at position ``p`` is over every reference prompt. When lengths differ (theory of
+  mind), the mean at ``p`` is over the reference prompts that reach ``p``; padding never enters a mean.
+  A prompt longer than every reference prompt cannot be ablated and raises an error.
+- Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep a
+  circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
+- Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in float32)
+  and top-1 correctness, averaged over the examples.
+
+Everything here works through the model object's own methods (``model.hooks``, ``model.run_with_cache``,
+``model.cfg``); only ``cdist.models`` imports TransformerLens. Hooks are ``(name, fn)`` pairs used inside
+``with model.hooks(fwd_hooks=...)``, so nothing outlives the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from cdist.evaluate import logits_at, pad_right
+from cdist.types import Circuit, Head
+
+__all__ = [
+    "ablated_logits",
+    "circuit_logits",
+    "evaluate_circuit",
+    "head_ablation_scan",
+    "head_ablation_scan_reference",
+    "head_means",
+    "make_mean_ablation_hook",
+    "mean_ablation_hooks",
+]
+
+Hook = tuple[str, Callable]
+Batch = dict[str, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data plumbing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(model) -> int:
+    # Any id works: pads sit right of every position we read, and causal attention never looks right.
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
+def _batches(data, batch_size: int, pad_id: int, columns: Sequence[str] = ()) -> Iterator[Batch]:
+    """Right-padded ``input_ids`` plus ``length``, ``answer_id`` and integer ``columns``, in order."""
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        out = {
+            "input_ids": pad_right(rows["input_ids"], pad_id),
+            "length": torch.as_tensor([len(r) for r in rows["input_ids"]]),
+        }
+        for name in {"answer_id", "pos_last", *columns}:
+            out[name] = torch.as_tensor(rows[name], dtype=torch.long)
+        yield out
+
+
+def _answer_stats(
+    logits: Float[Tensor, "batch pos d_vocab"], answer_id: Int[Tensor, " batch"], pos: Int[Tensor, " batch"]
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """(probability of the answer, 1.0 where it is the top-1 token), both read at each row's ``pos``."""
+    last = logits_at(logits, pos).float()  # softmax in float32 even for a bf16 model
+    answer = answer_id.to(last.device)[:, None]
+    prob = last.log_softmax(-1).gather(-1, answer)[:, 0].exp()
+    correct = (last.argmax(-1) == answer[:, 0]).float()
+    return prob.double().cpu(), correct.double().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Means and hooks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, "layer pos head_index d_head"]:
+    """Every head's mean output ``z`` per position over a reference set of prompts.
+
+    Only ``hook_z`` is cached (one ``[batch, pos, head_index, d_head]`` tensor per layer), and sums are kept
+    in float64 so that the mean does not depend on the batch size.
+
+    Args:
+        model: a HookedTransformer.
+        reference_data: a task dataset with an ``input_ids`` column (prompts may differ in length).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        ``means[layer, pos]``: the mean over the reference prompts at least ``pos + 1`` tokens long, for
+        ``pos`` up to the longest prompt; in the model's dtype and on its device.
+    """
+    if len(reference_data) == 0:
+        raise ValueError("head_means needs at least one reference prompt; the dataset is empty")
+    cfg, device = model.cfg, _device(model)
+    width = max(len(ids) for ids in reference_data["input_ids"])
+    sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64, device=device)
+    counts = torch.zeros(width, dtype=torch.float64, device=device)
+    names = [Head(layer, 0).hook_z for layer in range(cfg.n_layers)]  # a layer's heads share its hook
+    for batch in _batches(reference_data, batch_size, _pad_id(model)):
+        ids = batch["input_ids"].to(device)
+        n_pos = ids.shape[1]
+        real = (torch.arange(n_pos)[None, :] < batch["length"][:, None]).to(device)  # [batch, pos]
+        _, cache = model.run_with_cache(ids, names_filter=names, return_type=None)
+        for layer, name in enumerate(names):
+            z = cache[name].double() * real[:, :, None, None]  # padding contributes nothing
+            sums[layer, :n_pos] += z.sum(0)
+        counts[:n_pos] += real.sum(0)
+    return (sums / counts[None, :, None, None]).to(cfg.dtype)
+
+
+def _ablation_mask(
+    heads: Tensor, positions: Tensor | None, shape: tuple[int, int, int]
+) -> Bool[Tensor, "batch pos head_index"]:
+    """Broadcast a head mask and an optional position selector to ``[batch, pos, head_index]``."""
+    n_batch, n_pos, n_heads = shape
+    if heads.shape[-1] != n_heads:
+        raise ValueError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
+    if heads.ndim == 1:  # [head_index]
+        mask = heads[None, None, :]
+    elif heads.ndim == 2:  # [batch, head_index]: one ablation variant per row
+        mask = heads[:, None, :]
+    elif heads.ndim == 3:  # [batch, pos, head_index]
+        mask = heads
+    else:
+        raise ValueError(f"head mask must be [head_index], [batch, head_index] or [batch, pos, head_index]; "
+                         f"got shape {tuple(heads.shape)}")
+    if positions is not None:
+        if positions.dtype == torch.bool:  # [batch, pos]
+            at = positions
+        else:  # [batch]: one position per row
+            at = torch.arange(n_pos, device=positions.device)[None, :] == positions[:, None]
+        mask = mask & at[:, :, None]
+    return mask.expand(n_batch, n_pos, n_heads)
+
+
+def make_mean_ablation_hook(
+    layer: int,
+    heads: Bool[Tensor, "*batch_pos head_index"] | Sequence[int],
+    means: Float[Tensor, "layer pos head_index d_head"],
+    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
+) -> Hook:
+    """A ``hook_z`` hook of one layer that replaces chosen heads' outputs by their reference means.
+
+    Args:
+        layer: the layer.
+        heads: which heads to ablate: head indices, a ``[head_index]`` mask (the same for every row), a
+            ``[batch, head_index]`` mask (a different ablation per row, for batched scans) or a
+            ``[batch, pos, head_index]`` mask (anything else).
+        means: from ``head_means``; positions beyond the input are not used.
+        positions: where to ablate: every position (None), one position per row (``[batch]`` indices such as
+            a dataset's ``pos_last``), or a ``[batch, pos]`` mask.
+
+    Returns:
+        ``(name, fn)`` for ``model.hooks(fwd_hooks=[...])``.
+
+    Raises (when the hook runs):
+        ValueError: the input is longer than the longest reference prompt of ``means``.
+    """
+    layer_means = means[layer]  # [pos, head_index, d_head]
+    if not isinstance(heads, Tensor):
+        mask = torch.zeros(layer_means.shape[1], dtype=torch.bool)
+        mask[torch.as_tensor(list(heads), dtype=torch.long)] = True
+        heads = mask
+
+    def mean_ablate(z: Float[Tensor, "batch pos head_index d_head"], hook) -> Tensor:
+        n_batch, n_pos, n_heads, _ = z.shape
+        if n_pos > layer_means.shape[0]:
+            raise ValueError(
+                f"the input has {n_pos} positions but the means cover {layer_means.shape[0]}; compute "
+                "head_means on reference prompts at least as long as the prompts you ablate"
+            )
+        pos_ = None if positions is None else positions.to(z.device)
+        mask = _ablation_mask(heads.to(z.device), pos_, (n_batch, n_pos, n_heads))
+        return torch.where(mask[..., None], layer_means[:n_pos].to(z.device, z.dtype), z)
+
+    return Head(layer, 0).hook_z, mean_ablate
+
+
+def mean_ablation_hooks(
+    heads: Iterable[Head],
+    means: Float[Tensor, "layer pos head_index d_head"],
+    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
+) -> list[Hook]:
+    """One ``make_mean_ablation_hook`` per layer that has a head in ``heads``; none for an empty set."""
+    by_layer: dict[int, list[int]] = {}
+    for h in sorted(set(heads)):
+        by_layer.setdefault(h.layer, []).append(h.head)
+    return [make_mean_ablation_hook(layer, hs, means, positions) for layer, hs in by_layer.items()]
+
+
+def ablated_logits(
+    model,
+    input_ids: Int[Tensor, "batch pos"],
+    heads: Iterable[Head],
+    means: Float[Tensor, "layer pos head_index d_head"],
+    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """The model's logits with ``heads`` mean-ablated (at ``positions``, default all)."""
+    with model.hooks(fwd_hooks=mean_ablation_hooks(heads, means, positions)):
+        return model(input_ids.to(_device(model)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scanning every head
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scan_result(base: Tensor, ablated: Tensor, n_layers: int, n_heads: int, n: int, kind: str) -> dict:
+    ablated = (ablated / n).reshape(n_layers, n_heads)
+    return {f"{kind}_drop": (base / n - ablated).float(), f"{kind}_ablated": ablated.float()}
+
+
+@torch.no_grad()
+def head_ablation_scan(
+    model,
+    data,
+    *,
+    means: Float[Tensor, "layer pos head_index d_head"],
+    batch_size: int = 32,
+    heads_per_pass: int = 8,
+    position: str | None = None,
+) -> dict[str, Float[Tensor, "layer head_index"]]:
+    """Mean-ablate every head alone and measure how much the task suffers.
+
+    Batched: each forward pass stacks ``heads_per_pass`` copies of a batch of ``batch_size`` prompts along
+    the batch axis, and copy ``j`` ablates a different head (the hooks take a ``[rows, head_index]`` mask),
+    so a model with ``n_layers * n_heads`` heads needs about ``n_layers * n_heads / heads_per_pass + 1``
+    passes per batch. ``head_ablation_scan_reference`` is its one-head-one-prompt-at-a-time twin.
+
+    Args:
+        model: a HookedTransformer.
+        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and ``position`` if given).
+        means: from ``head_means``.
+        batch_size: prompts per batch; a pass holds ``batch_size * heads_per_pass`` rows.
+        heads_per_pass: ablation variants per forward pass.
+        position: a position column; ablate only there (default: every position).
+
+    Returns:
+        ``[layer, head_index]`` float32 tensors on the CPU: ``prob_drop`` (mean over examples of the answer's
+        probability at ``pos_last``, base minus ablated), ``accuracy_drop`` (base minus ablated accuracy),
+        and ``prob_ablated`` / ``accuracy_ablated`` (the ablated values themselves, which the teacher side of
+        head matching needs: dP_t = P_s_base - P_t_abl).
+    """
+    if len(data) == 0:
+        raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_all, device = n_layers * n_heads, _device(model)
+    flat = torch.arange(n_all)  # head (l, h) is l * n_heads + h
+    prob_base = correct_base = torch.zeros((), dtype=torch.float64)
+    prob_abl = torch.zeros(n_all, dtype=torch.float64)
+    correct_abl = torch.zeros(n_all, dtype=torch.float64)
+    columns = () if position is None else (position,)
+    for batch in _batches(data, batch_size, _pad_id(model), columns):
+        ids, answer, last = batch["input_ids"].to(device), batch["answer_id"], batch["pos_last"]
+        p, c = _answer_stats(model(ids), answer, last)
+        prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
+        for chunk in flat.split(heads_per_pass):
+            n_copies, n_rows = len(chunk), len(ids)
+            stacked = ids.repeat(n_copies, 1)  # (copies batch, pos): copy j is rows j*batch .. (j+1)*batch-1
+            hooks = []
+            for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
+                variant = torch.zeros(n_copies, n_heads, dtype=torch.bool)  # copy j ablates chunk[j] ...
+                in_layer = chunk // n_heads == layer  # ... if that head is in this layer
+                variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
+                rows = variant.repeat_interleave(n_rows, dim=0)  # (copies batch, head_index)
+                at = None if position is None else batch[position].repeat(n_copies)
+                hooks.append(make_mean_ablation_hook(layer, rows, means, at))
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(stacked)
+            p, c = _answer_stats(logits, answer.repeat(n_copies), last.repeat(n_copies))
+            prob_abl[chunk] += p.view(n_copies, n_rows).sum(1)
+            correct_abl[chunk] += c.view(n_copies, n_rows).sum(1)
+    n = len(data)
+    return _scan_result(prob_base, prob_abl, n_layers, n_heads, n, "prob") | _scan_result(
+        correct_base, correct_abl, n_layers, n_heads, n, "accuracy"
+    )
+
+
+@torch.no_grad()
+def head_ablation_scan_reference(
+    model,
+    data,
+    *,
+    means: Float[Tensor, "layer pos head_index d_head"],
+    position: str | None = None,
+) -> dict[str, Float[Tensor, "layer head_index"]]:
+    """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward pass at a time.
+
+    It writes the mean into ``z`` by plain indexing instead of the masks of ``make_mean_ablation_hook``,
+    so the two share nothing but the model. A test oracle; use ``head_ablation_scan`` for real work.
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    device = _device(model)
+    prob_base = correct_base = 0.0
+    prob_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    correct_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for item in data:
+        ids = torch.tensor([item["input_ids"]], device=device)
+        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
+        at = slice(None) if position is None else item[position]
+        p, c = _answer_stats(model(ids), answer, last)
+        prob_base, correct_base = prob_base + p.item(), correct_base + c.item()
+        for layer in range(n_layers):
+            for head in range(n_heads):
+
+                def replace(z, hook, layer=layer, head=head, at=at):
+                    z = z.clone()
+                    z[0, at, head] = means[layer, : z.shape[1], head][at].to(z)
+                    return z
+
+                with model.hooks(fwd_hooks=[(Head(layer, head).hook_z, replace)]):
+                    p, c = _answer_stats(model(ids), answer, last)
+                prob_abl[layer, head] += p.item()
+                correct_abl[layer, head] += c.item()
+    n = len(data)
+    return {
+        "prob_drop": ((prob_base - prob_abl) / n).float(),
+        "prob_ablated": (prob_abl / n).float(),
+        "accuracy_drop": ((correct_base - correct_abl) / n).float(),
+        "accuracy_ablated": (correct_abl / n).float(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Circuits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def circuit_logits(
+    model,
+    input_ids: Int[Tensor, "batch pos"],
+    circuit_heads: Iterable[Head],
+    means: Float[Tensor, "layer pos head_index d_head"],
+    *,
+    keep_at: Mapping[Head, Sequence[Int[Tensor, " batch"]]] | None = None,
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """The logits of the circuit alone: every head *not* in ``circuit_heads`` is mean-ablated everywhere.
+
+    Args:
+        model: a HookedTransformer.
+        input_ids: the prompts.
+        circuit_heads: the heads to keep.
+        means: from ``head_means``.
+        keep_at: optional head -> row positions (``[batch]`` index tensors) where that circuit head is kept;
+            it is mean-ablated at every other position. Circuit heads missing from it are kept everywhere.
+
+    Returns:
+        The logits; exactly the unablated model's when ``circuit_heads`` is every head and ``keep_at`` is None.
+    """
+    n_layers, _, n_heads, _ = means.shape
+    n_batch, n_pos = input_ids.shape
+    keep = set(circuit_heads)
+    hooks = []
+    for layer in range(n_layers):
+        kept = [h for h in range(n_heads) if Head(layer, h) in keep]
+        if len(kept) == n_heads and not keep_at:
+            continue  # nothing to ablate: no hook at all, so the layer runs bit for bit as usual
+        ablate = torch.ones(n_batch, n_pos, n_heads, dtype=torch.bool)
+        for h in kept:
+            at = (keep_at or {}).get(Head(layer, h))
+            if at is None:
+                ablate[:, :, h] = False
+            else:
+                for pos in at:
+                    ablate[torch.arange(n_batch), pos, h] = False
+        hooks.append(make_mean_ablation_hook(layer, ablate, means))
+    with model.hooks(fwd_hooks=hooks):
+        return model(input_ids.to(_device(model)))
+
+
+def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int, generator: torch.Generator) -> Circuit:
+    """As many distinct random heads as ``circuit`` has, dealt into groups of its sizes and positions."""
+    n = len(circuit.heads)
+    picked = [Head(int(i) // n_heads, int(i) % n_heads) for i in torch.randperm(n_layers * n_heads,
+                                                                                 generator=generator)[:n]]
+    groups, start = {}, 0
+    for name, heads in circuit.groups.items():
+        # Wrapping around keeps every picked head in some group when a head of ``circuit`` is in two groups.
+        groups[name] = tuple(picked[(start + j) % n] for j in range(len(heads))) if n else ()
+        start += len(heads)
+    return Circuit(groups, positions=circuit.positions, model=circuit.model, method="random")
+
+
+def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_at_positions: bool) -> Tensor:
+    """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full model)."""
+    columns = sorted(set(circuit.positions.values())) if circuit is not None and keep_at_positions else []
+    out = []
+    for batch in _batches(data, batch_size, _pad_id(model), columns):
+        ids = batch["input_ids"]
+        if circuit is None:
+            logits = model(ids.to(_device(model)))
+        else:
+            keep_at = None
+            if keep_at_positions:
+                keep_at = {}
+                for name, heads in circuit.groups.items():
+                    for h in heads:
+                        keep_at.setdefault(h, []).append(batch[circuit.positions[name]])
+            logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
+        out.append(_answer_stats(logits, batch["answer_id"], batch["pos_last"])[1])
+    return torch.cat(out).bool()
+
+
+@torch.no_grad()
+def evaluate_circuit(
+    model,
+    circuit_heads: Circuit | Iterable[Head],
+    data,
+    *,
+    means: Float[Tensor, "layer pos head_index d_head"],
+    n_random: int = 5,
+    seed: int = 0,
+    batch_size: int = 64,
+    keep_at_positions: bool = False,
+) -> dict:
+    """Full, circuit and random-circuit accuracy, and faithfulness (circuit distillation's evaluation).
+
+    The circuit's accuracy is the model's with every head outside the circuit mean-ablated at every
+    position. The random baseline keeps as many heads, drawn uniformly without replacement from all heads
+    (circuit heads included) with ``torch.Generator().manual_seed(seed)``, averaged over ``n_random`` draws.
+
+    Args:
+        model: a HookedTransformer.
+        circuit_heads: a ``Circuit`` or any collection of heads.
+        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and the circuit's position columns
+            when ``keep_at_positions``).
+        means: from ``head_means`` over a reference set.
+        n_random: random head sets to average.
+        seed: their seed.
+        batch_size: prompts per forward pass.
+        keep_at_positions: keep each circuit head only at its group's position column (Prakash et al.'s
+            stricter circuit), mean-ablating it elsewhere; needs a ``Circuit``. Random circuits then get the
+            same group sizes and positions.
+
+    Returns:
+        ``full_accuracy``, ``circuit_accuracy``, ``random_accuracy`` (mean), ``random_accuracies`` (list),
+        ``faithfulness`` = circuit / full, ``random_faithfulness`` = random / full, ``n_circuit_heads``,
+        ``n_heads`` (in the model), and per-item ``full_correct`` / ``circuit_correct`` (bool tensors, for
+        McNemar's test between methods).
+
+    Warning:
+        Faithfulness is undefined when the full model gets nothing right: both ratios are then ``nan``.
+        Faithfulness can exceed 1 (a circuit may do better without the heads it leaves out).
+    """
+    if len(data) == 0:
+        raise ValueError("evaluate_circuit needs at least one item; the dataset is empty")
+    if isinstance(circuit_heads, Circuit):
+        circuit = circuit_heads
+    else:
+        if keep_at_positions:
+            raise ValueError("keep_at_positions needs a Circuit (its groups name the positions); got bare heads")
+        circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    full_correct = _correct(model, data, None, means, batch_size, keep_at_positions)
+    circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions)
+    generator = torch.Generator().manual_seed(seed)
+    randoms = [
+        _correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator), means, batch_size,
+                 keep_at_positions).float().mean().item()
+        for _ in range(n_random)
+    ]
+    full = full_correct.float().mean().item()
+    circuit_acc = circuit_correct.float().mean().item()
+    random_acc = sum(randoms) / len(randoms) if randoms else math.nan
+    return {
+        "full_accuracy": full,
+        "circuit_accuracy": circuit_acc,
+        "random_accuracy": random_acc,
+        "random_accuracies": randoms,
+        "faithfulness": circuit_acc / full if full > 0 else math.nan,
+        "random_faithfulness": random_acc / full if full > 0 else math.nan,
+        "n_circuit_heads": len(circuit.heads),
+        "n_heads": n_layers * n_heads,
+        "full_correct": full_correct,
+        "circuit_correct": circuit_correct,
+    }

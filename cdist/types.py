@@ -1,0 +1,248 @@
+"""The vocabulary of cdist: attention heads, ablation kinds, circuits and per-head scores.
+
+Every other module speaks in these words, so they are plain frozen dataclasses and enums with no behaviour
+beyond naming, ordering and (de)serialising themselves. Nothing here imports TransformerLens: a ``Head``
+only *knows* the hook names TransformerLens gives its activations (``blocks.3.attn.hook_z``), as the nodes
+of EAP-IG's graph do, and the modules that run models use those names inside ``with model.hooks(...)``.
+
+Naming follows EAP-IG: the head with index 5 of layer 3 prints as ``a3.h5`` and ``Head.parse`` reads it
+back, which is also how heads are written in JSON files and figure labels.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["Ablation", "Circuit", "Head", "HeadScores"]
+
+_HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Head:
+    """One attention (query) head: ``Head(3, 5)``, printed ``a3.h5``; sorts by layer, then head.
+
+    Under grouped-query attention a head is a *query* head. Its output ``z`` (the ``d_head`` vector before
+    ``W_O``) is its own, while its keys and values are shared with the other query heads of its group
+    (see ``kv_head``).
+    """
+
+    layer: int
+    head: int
+
+    def __post_init__(self) -> None:
+        if self.layer < 0 or self.head < 0:
+            raise ValueError(f"Head({self.layer}, {self.head}): layer and head must be non-negative")
+
+    def __str__(self) -> str:
+        return f"a{self.layer}.h{self.head}"
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        """The head named ``text``, as printed by ``str``: ``Head.parse("a3.h5") == Head(3, 5)``."""
+        match = _HEAD_RE.match(text.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', e.g. 'a3.h5'")
+        return cls(int(match[1]), int(match[2]))
+
+    def _hook(self, name: str) -> str:
+        return f"blocks.{self.layer}.attn.{name}"
+
+    @property
+    def hook_z(self) -> str:
+        """Hook of the heads' outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one row per query head."""
+        return self._hook("hook_z")
+
+    @property
+    def hook_q(self) -> str:
+        """Hook of the queries: ``[batch, pos, head_index, d_head]``."""
+        return self._hook("hook_q")
+
+    @property
+    def hook_k(self) -> str:
+        """Hook of the keys: ``[batch, pos, kv_head_index, d_head]`` (index with ``kv_head`` under GQA)."""
+        return self._hook("hook_k")
+
+    @property
+    def hook_v(self) -> str:
+        """Hook of the values: ``[batch, pos, kv_head_index, d_head]`` (index with ``kv_head`` under GQA)."""
+        return self._hook("hook_v")
+
+    @property
+    def hook_pattern(self) -> str:
+        """Hook of the attention probabilities: ``[batch, head_index, query_pos, key_pos]``."""
+        return self._hook("hook_pattern")
+
+    @property
+    def hook_result(self) -> str:
+        """Hook of per-head residual outputs ``[batch, pos, head_index, d_model]``.
+
+        Warning:
+            It only fires when the model was built with ``use_attn_result``, which costs several times the
+            attention's memory; cdist computes ``z[..., head, :] @ W_O[head]`` at the positions it needs.
+        """
+        return self._hook("hook_result")
+
+    def kv_head(self, n_heads: int, n_kv_heads: int | None) -> int:
+        """The key/value head this query head reads under grouped-query attention.
+
+        Query heads are split into ``n_kv_heads`` consecutive groups, as in transformers and TransformerLens:
+        query head ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.
+
+        Args:
+            n_heads: query heads per layer.
+            n_kv_heads: key/value heads per layer; ``None`` (plain multi-head attention) means ``n_heads``.
+        """
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"{n_heads} query heads cannot be split evenly over {n_kv_heads} key/value heads")
+        if self.head >= n_heads:
+            raise ValueError(f"{self} does not exist in a model with {n_heads} heads per layer")
+        return self.head // (n_heads // n_kv_heads)
+
+
+class Ablation(str, enum.Enum):
+    """What replaces a knocked-out head's output ``z``.
+
+    - ``MEAN``: its mean over a reference set of prompts, per position (Prakash et al. 2024; cdist's default).
+    - ``ZERO``: zeros (moves the residual stream off-distribution; kept for comparison).
+    - ``RESAMPLE``: its value on another prompt (the corrupted run of path patching).
+    """
+
+    MEAN = "mean"
+    ZERO = "zero"
+    RESAMPLE = "resample"
+
+
+def _heads(items: Iterable[Head | str]) -> tuple[Head, ...]:
+    return tuple(h if isinstance(h, Head) else Head.parse(h) for h in items)
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A task circuit: named groups of heads, the prompt position each group acts at, and how it was found.
+
+    Entity tracking's circuit (Prakash et al. 2024) has four groups, e.g. ``{"value_fetcher": (a5.h3, ...),
+    "position_transmitter": ..., "position_detector": ..., "structure_reader": ...}``, acting at
+    ``pos_last``, ``pos_last``, ``pos_query_label`` and ``pos_prev_label``; a circuit found by mean ablation
+    alone has one group. Positions are names of a task dataset's position columns, so that one circuit
+    applies to every prompt of the task.
+
+    Heads may be given as ``Head``s or names (``"a3.h5"``); within a group they keep their given order
+    (best first, by convention). ``groups``, ``positions`` and ``scores`` are dicts for easy reading; treat
+    them as read-only.
+
+    Attributes:
+        groups: group name -> its heads.
+        positions: group name -> position column (default ``"pos_last"`` for every group).
+        scores: optional head -> the score it was selected by (the method's metric).
+        model: name of the model the circuit belongs to.
+        method: how it was found ("path_patching", "mean_ablation", ...).
+    """
+
+    groups: Mapping[str, tuple[Head, ...]]
+    positions: Mapping[str, str] = field(default_factory=dict)
+    scores: Mapping[Head, float] | None = None
+    model: str = ""
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        groups = {str(name): _heads(heads) for name, heads in self.groups.items()}
+        unknown = set(self.positions) - set(groups)
+        if unknown:
+            raise ValueError(f"positions name groups {sorted(unknown)} that the circuit does not have")
+        positions = {name: str(self.positions.get(name, "pos_last")) for name in groups}
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "positions", positions)
+        if self.scores is not None:
+            scores = {Head.parse(h) if isinstance(h, str) else h: float(s) for h, s in self.scores.items()}
+            object.__setattr__(self, "scores", scores)
+
+    @property
+    def heads(self) -> tuple[Head, ...]:
+        """Every head of every group, each once, sorted by (layer, head)."""
+        return tuple(sorted({h for heads in self.groups.values() for h in heads}))
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; heads are written as names (``"a3.h5"``)."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "groups": {name: [str(h) for h in heads] for name, heads in self.groups.items()},
+            "positions": dict(self.positions),
+            "scores": None if self.scores is None else {str(h): s for h, s in self.scores.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Circuit:
+        """Inverse of ``to_dict``."""
+        return cls(
+            groups=d["groups"],
+            positions=d.get("positions", {}),
+            scores=d.get("scores"),
+            model=d.get("model", ""),
+            method=d.get("method", ""),
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The circuit as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> Circuit:
+        """Read a circuit from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from JSON text."""
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value, so scores compare by identity
+class HeadScores:
+    """One number per head of a model, from a discovery method: ``scores[layer, head]``.
+
+    Attributes:
+        scores: ``Float[Tensor, "layer head_index"]``.
+        metric: what the number is ("prob_drop", "relative_prob_change", ...).
+        higher_is_important: whether large scores mark important heads (a probability drop) or small ones
+            (path patching's relative change, where most negative is most important).
+    """
+
+    scores: Float[Tensor, "layer head_index"]
+    metric: str
+    higher_is_important: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 2:
+            raise ValueError(f"scores must be [layer, head_index]; got shape {tuple(self.scores.shape)}")
+
+    def __getitem__(self, head: Head) -> float:
+        return float(self.scores[head.layer, head.head])
+
+    def top(self, k: int) -> tuple[Head, ...]:
+        """The ``k`` most important heads, most important first (ties: lower (layer, head) first).
+
+        NaN scores count as least important.
+        """
+        flat = self.scores.detach().flatten().double().cpu()
+        flat = flat if self.higher_is_important else -flat
+        flat = torch.nan_to_num(flat, nan=-float("inf"))
+        # A stable sort keeps ties in (layer, head) order, so the result never depends on the backend.
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        n_heads = self.scores.shape[1]
+        return tuple(Head(int(i) // n_heads, int(i) % n_heads) for i in order)

@@ -1,0 +1,200 @@
+"""Mean ablation on a tiny random GQA Llama: batched scan vs its slow twin, and exact invariants of hook_z."""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import pytest
+import torch
+
+from cdist import ablation, tasks, zoo
+from cdist.models import new_llama
+from cdist.types import Ablation, Circuit, Head, HeadScores
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return zoo.organism_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=3,
+                     tokenizer=tok).eval()
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    return tasks.entity_tracking(12, tokenizer=tok, n_boxes=3, template="compact", seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tok):
+    return tasks.entity_tracking(20, tokenizer=tok, n_boxes=3, template="compact", seed=2)
+
+
+@pytest.fixture(scope="module")
+def means(model, reference):
+    return ablation.head_means(model, reference, batch_size=7)
+
+
+@pytest.fixture(scope="module")
+def ids(data):
+    return torch.tensor(data["input_ids"])  # compact 3-box prompts all have one length
+
+
+def attn_out(model, ids, layer, hooks=()):
+    names = [Head(layer, 0).hook_z, f"blocks.{layer}.hook_attn_out"]
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        _, cache = model.run_with_cache(ids, names_filter=names)
+    return cache[names[0]], cache[names[1]]
+
+
+# ---- vocabulary ------------------------------------------------------------------------------------------
+
+
+def test_head_prints_parses_orders_and_names_hooks():
+    head = Head(3, 5)
+    assert str(head) == "a3.h5" and Head.parse("a3.h5") == head and Head.parse(str(Head(12, 0))) == Head(12, 0)
+    assert sorted([Head(1, 0), Head(0, 7), Head(0, 2)]) == [Head(0, 2), Head(0, 7), Head(1, 0)]
+    assert head.hook_z == "blocks.3.attn.hook_z" and head.hook_pattern == "blocks.3.attn.hook_pattern"
+    assert (head.hook_q, head.hook_k, head.hook_v, head.hook_result) == tuple(
+        f"blocks.3.attn.hook_{x}" for x in ("q", "k", "v", "result"))
+    assert [Head(0, h).kv_head(n_heads=8, n_kv_heads=2) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert head.kv_head(8, None) == 5
+    for bad in ("L3H5", "a3.h", "a-1.h2"):
+        with pytest.raises(ValueError, match="a<layer>.h<head>"):
+            Head.parse(bad)
+    assert Ablation("mean") is Ablation.MEAN
+
+
+def test_circuit_json_round_trip(tmp_path):
+    circuit = Circuit(
+        {"value_fetcher": (Head(1, 2), Head(0, 3)), "position_detector": ("a0.h1", "a1.h2")},
+        positions={"position_detector": "pos_query_label"},
+        scores={Head(1, 2): -0.5, "a0.h3": -0.25},
+        model="et-teacher",
+        method="path_patching",
+    )
+    assert circuit.heads == (Head(0, 1), Head(0, 3), Head(1, 2)) and len(circuit) == 3
+    assert circuit.positions == {"value_fetcher": "pos_last", "position_detector": "pos_query_label"}
+    assert Circuit.from_json(circuit.to_json(tmp_path / "c.json")) == circuit
+    assert Circuit.from_json(tmp_path / "c.json") == circuit
+    assert Circuit.from_json(str(tmp_path / "c.json")) == circuit
+
+
+def test_head_scores_top():
+    scores = HeadScores(torch.tensor([[0.1, 0.5], [float("nan"), 0.5]]), metric="prob_drop")
+    assert scores.top(3) == (Head(0, 1), Head(1, 1), Head(0, 0)) and scores[Head(0, 1)] == 0.5
+    assert HeadScores(-scores.scores, "relative_change", higher_is_important=False).top(1) == (Head(0, 1),)
+
+
+# ---- TransformerLens invariants the ablation relies on -------------------------------------------------
+
+
+def test_head_outputs_sum_to_attn_out(model, ids):
+    for layer in range(model.cfg.n_layers):
+        z, out = attn_out(model, ids, layer)
+        attn = model.blocks[layer].attn
+        per_head = einops.einsum(z, attn.W_O,
+                                 "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model")
+        torch.testing.assert_close(per_head + attn.b_O, out, atol=1e-5, rtol=1e-5)
+
+
+# ---- mean ablation ----------------------------------------------------------------------------------------
+
+
+def test_empty_ablation_changes_nothing(model, ids, means):
+    with torch.no_grad():
+        clean = model(ids)
+        assert torch.equal(ablation.ablated_logits(model, ids, set(), means), clean)
+        no_heads = torch.zeros(model.cfg.n_heads, dtype=torch.bool)
+        with model.hooks(fwd_hooks=[ablation.make_mean_ablation_hook(0, no_heads, means)]):
+            assert torch.equal(model(ids), clean)
+
+
+def test_ablating_all_heads_of_a_layer_leaves_mean_output(model, ids, means):
+    attn = model.blocks[0].attn
+    z, out = attn_out(model, ids, 0, ablation.mean_ablation_hooks([Head(0, h) for h in range(4)], means))
+    expected = einops.einsum(means[0, : ids.shape[1]], attn.W_O,
+                             "pos head_index d_head, head_index d_head d_model -> pos d_model") + attn.b_O
+    torch.testing.assert_close(out, expected.expand_as(out), atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_at_one_position_only_touches_that_position(model, ids, data, means):
+    last = torch.tensor(data["pos_last"])
+    clean_z, _ = attn_out(model, ids, 0)
+    z, _ = attn_out(model, ids, 0, [ablation.make_mean_ablation_hook(0, [2], means, positions=last)])
+    rows = torch.arange(len(ids))
+    torch.testing.assert_close(z[rows, last, 2], means[0, last, 2])
+    z[rows, last, 2] = clean_z[rows, last, 2]
+    assert torch.equal(z, clean_z)
+
+
+def test_mean_ablation_keeps_the_reference_mean(model, reference, means):
+    head = Head(0, 1)
+    with model.hooks(fwd_hooks=ablation.mean_ablation_hooks([head], means)):
+        ablated_means = ablation.head_means(model, reference, batch_size=64)
+    torch.testing.assert_close(ablated_means[0], means[0], atol=1e-6, rtol=1e-6)  # layer 1 may move
+
+
+def test_means_ignore_padding_and_cover_the_longest_prompt(model, tok):
+    # Theory-of-mind stories differ in length: each position's mean is over the prompts that reach it.
+    stories = tasks.theory_of_mind(30, tokenizer=tok, template="compact", seed=4)
+    lengths = [len(x) for x in stories["input_ids"]]
+    means = ablation.head_means(model, stories, batch_size=3)
+    assert means.shape == (2, max(lengths), 4, 8)
+    longest = stories.select([i for i, n in enumerate(lengths) if n == max(lengths)])
+    shorter = max(n for n in lengths if n < max(lengths))
+    alone = ablation.head_means(model, longest)
+    torch.testing.assert_close(means[:, shorter:], alone[:, shorter:])  # only the longest reach there
+    with pytest.raises(ValueError, match="at least as long"):
+        ablation.ablated_logits(model, torch.zeros(1, max(lengths) + 1, dtype=torch.long), [Head(0, 0)], means)
+
+
+@pytest.mark.parametrize("position", [None, "pos_query_label"])
+def test_batched_scan_matches_the_one_head_loop(model, data, means, position):
+    data = teacher_labelled(model, data)  # accuracy 1 before ablation, so accuracy drops are not all zero
+    fast = ablation.head_ablation_scan(model, data, means=means, batch_size=5, heads_per_pass=3,
+                                       position=position)
+    slow = ablation.head_ablation_scan_reference(model, data, means=means, position=position)
+    assert set(fast) == set(slow) == {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
+    for key in fast:
+        assert fast[key].shape == (2, 4)
+        torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
+    assert fast["prob_drop"].abs().max() > 0 and fast["accuracy_drop"].max() > 0  # it measured something
+
+
+def teacher_labelled(model, data):
+    """``data`` answered by the model itself (as distillation labels are), so that its accuracy is 1."""
+    from cdist import evaluate
+
+    return data.remove_columns("answer_id").add_column("answer_id", evaluate.predictions(model, data).tolist())
+
+
+def test_full_circuit_is_perfectly_faithful(model, data, means):
+    labelled = teacher_labelled(model, data)
+    everything = [Head(layer, h) for layer in range(2) for h in range(4)]
+    result = ablation.evaluate_circuit(model, everything, labelled, means=means, n_random=2)
+    assert result["full_accuracy"] == result["circuit_accuracy"] == result["random_accuracy"] == 1.0
+    assert result["faithfulness"] == 1.0 and result["n_circuit_heads"] == result["n_heads"] == 8
+    assert torch.equal(result["full_correct"], result["circuit_correct"])
+
+
+def test_circuit_evaluation(model, data, means):
+    labelled = teacher_labelled(model, data)
+    circuit = Circuit({"movers": (Head(1, 0), Head(1, 3)), "detectors": (Head(0, 2),)},
+                      positions={"detectors": "pos_query_label"})
+    ids = torch.tensor(labelled["input_ids"])
+    others = [Head(layer, h) for layer in range(2) for h in range(4) if Head(layer, h) not in circuit.heads]
+    torch.testing.assert_close(ablation.circuit_logits(model, ids, circuit.heads, means),
+                               ablation.ablated_logits(model, ids, others, means))
+    a = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=3, seed=7)
+    b = ablation.evaluate_circuit(model, circuit.heads, labelled, means=means, n_random=3, seed=7)
+    assert a["circuit_accuracy"] == b["circuit_accuracy"] and a["random_accuracies"] == b["random_accuracies"]
+    assert a["faithfulness"] == pytest.approx(a["circuit_accuracy"]) and len(a["random_accuracies"]) == 3
+    strict = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=1, keep_at_positions=True)
+    assert 0.0 <= strict["circuit_accuracy"] <= 1.0
+    wrong = labelled.remove_columns("answer_id").add_column("answer_id", [0] * len(labelled))
+    assert math.isnan(ablation.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)["faithfulness"])
