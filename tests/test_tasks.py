@@ -45,9 +45,10 @@ def parse_et(prompt: str, template: str) -> tuple[dict[str, str], str]:
         context, query = prompt.rsplit(". ", 1)
         clauses = [c.split() for c in context.split(", ")]
         return {words[-1]: words[1] for words in clauses}, query.split()[1]
-    context, query = prompt.rsplit(" . ", 1)  # " apple in F , pen in Q . F contains" or " apple F , pen Q . F"
-    clauses = [c.split(" in ") if template == "compact" else c.split() for c in context.strip().split(" , ")]
-    return {label: obj for obj, label in clauses}, query.split()[0]
+    # Short forms: " apple in F , pen in Q . F contains", " apple F , pen Q . F", ...: object first, label last.
+    context, query = prompt.rsplit(" . ", 1)
+    clauses = [c.split() for c in context.strip().split(" , ")]
+    return {words[-1]: words[0] for words in clauses}, query.split()[0]
 
 
 TOM_PATTERNS = {

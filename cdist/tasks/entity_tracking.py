@@ -90,6 +90,24 @@ ET_TEMPLATES: dict[str, EntityTrackingTemplate] = {
         context_end=" .",
         query=" {label}",
     ),
+    # Two bridges between "adjacent" and "compact", each adding one of compact's two offsets: the object two
+    # tokens before its label, and the answer one token after the queried label.
+    "bridge_context": EntityTrackingTemplate(
+        name="bridge_context",
+        first_clause=" {object} in {label}",
+        clause="{object} in {label}",
+        clause_sep=" , ",
+        context_end=" .",
+        query=" {label}",
+    ),
+    "bridge_query": EntityTrackingTemplate(
+        name="bridge_query",
+        first_clause=" {object} {label}",
+        clause="{object} {label}",
+        clause_sep=" , ",
+        context_end=" .",
+        query=" {label} contains",
+    ),
 }
 
 
