@@ -27,8 +27,9 @@ ET_STUDENT_WINDOW = (0.45, 0.70)
 TOM_STUDENT_WINDOW = (0.45, 0.70)
 
 # Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads (enough for
-# a circuit search to choose from), and stop training once their held-out accuracy is "warm". Both tasks mix
-# the adjacent entity-tracking form into training, and entity tracking grows its boxes (see cdist.organisms).
+# a circuit search to choose from), and stop training once their held-out accuracy is "warm" (checked every 25
+# steps: their accuracy rises from near chance to near 1 within a few hundred). Entity tracking
+# grows its boxes from 2 to 7; theory of mind mixes two-box entity tracking into training (see cdist.organisms).
 # Entity-tracking organisms use the adjacent form (" apple F , pen Q . F" -> "apple"): with the compact form
 # every run but one sat at chance on two boxes for 5,000-13,000 steps (see README, "The zoo and its deviation").
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
@@ -37,18 +38,18 @@ _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _TOM_STUDENT = dict(n_layers=2, d_model=128, n_heads=16, n_kv_heads=4, d_mlp=384)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
-        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=40_000, seed=0
+        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=6_000, seed=0
     ),
     "et-student": OrganismConfig(
-        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=40_000,
-        stop_window=ET_STUDENT_WINDOW, seed=2,
+        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
+        stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
     ),
     "tom-teacher": OrganismConfig(
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3
     ),
     "tom-student": OrganismConfig(
         name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=20_000, warmup_templates=("adjacent",),
-        stop_window=TOM_STUDENT_WINDOW, seed=4,
+        stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
 }
 
