@@ -24,7 +24,8 @@ from cdist.organisms import OrganismConfig
 from cdist.tokenizers import word_tokenizer
 
 ET_STUDENT_WINDOW = (0.45, 0.70)
-TOM_STUDENT_WINDOW = (0.45, 0.70)
+# Theory of mind: always answering "unknown" scores 5/12 = 0.42, so a warm student must clearly beat that.
+TOM_STUDENT_WINDOW = (0.55, 0.75)
 
 # Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads (enough for
 # a circuit search to choose from), and stop training once their held-out accuracy is "warm" (checked every 25
