@@ -39,7 +39,7 @@ _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _TOM_STUDENT = dict(n_layers=2, d_model=128, n_heads=16, n_kv_heads=4, d_mlp=384)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
-        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=6_000, seed=0
+        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=4_000, seed=0
     ),
     "et-student": OrganismConfig(
         name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
