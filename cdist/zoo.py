@@ -36,7 +36,8 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
 _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
-_TOM_STUDENT = dict(n_layers=2, d_model=128, n_heads=16, n_kv_heads=4, d_mlp=384)
+# A two-layer, d_model 128, 16-head student sat at 0.49-0.51 for 9,825 steps; this one is narrower but deeper.
+_TOM_STUDENT = dict(n_layers=3, d_model=96, n_heads=12, n_kv_heads=4, d_mlp=384)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
         name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=4_000, seed=0
