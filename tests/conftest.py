@@ -88,3 +88,23 @@ def hf_llama_dir(tmp_path_factory):
         return made[shape]
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The organism tokenizer and a tiny random GQA HookedTransformer over it (evaluation and ablation tests)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from cdist import zoo
+
+    return zoo.organism_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model(tok):
+    from cdist.models import new_llama
+
+    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=3,
+                     tokenizer=tok).eval()

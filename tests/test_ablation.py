@@ -8,20 +8,8 @@ import einops
 import pytest
 import torch
 
-from cdist import ablation, tasks, zoo
-from cdist.models import new_llama
+from cdist import ablation, tasks
 from cdist.types import Ablation, Circuit, Head, HeadScores
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return zoo.organism_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=3,
-                     tokenizer=tok).eval()
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdist import evaluate, tasks, zoo
-from cdist.models import new_llama
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return zoo.organism_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=3,
-                     tokenizer=tok).eval()
+from cdist import evaluate, tasks
 
 
 def test_padded_batches_match_unpadded_prompts(model, tok):
