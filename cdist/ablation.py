@@ -30,13 +30,13 @@ Everything here works through the model object's own methods (``model.hooks``, `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cdist.evaluate import logits_at, pad_right
+from cdist.evaluate import batches, logits_at, pad_id
 from cdist.types import Circuit, Head
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 Hook = tuple[str, Callable]
-Batch = dict[str, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,25 +60,6 @@ Batch = dict[str, Tensor]
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(model) -> int:
-    # Any id works: pads sit right of every position we read, and causal attention never looks right.
-    tokenizer = getattr(model, "tokenizer", None)
-    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-
-
-def _batches(data, batch_size: int, pad_id: int, columns: Sequence[str] = ()) -> Iterator[Batch]:
-    """Right-padded ``input_ids`` plus ``length``, ``answer_id`` and integer ``columns``, in order."""
-    for start in range(0, len(data), batch_size):
-        rows = data[start : start + batch_size]
-        out = {
-            "input_ids": pad_right(rows["input_ids"], pad_id),
-            "length": torch.as_tensor([len(r) for r in rows["input_ids"]]),
-        }
-        for name in {"answer_id", "pos_last", *columns}:
-            out[name] = torch.as_tensor(rows[name], dtype=torch.long)
-        yield out
 
 
 def _answer_stats(
@@ -121,7 +101,7 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
     sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64, device=device)
     counts = torch.zeros(width, dtype=torch.float64, device=device)
     names = [Head(layer, 0).hook_z for layer in range(cfg.n_layers)]  # a layer's heads share its hook
-    for batch in _batches(reference_data, batch_size, _pad_id(model)):
+    for batch in batches(reference_data, batch_size, pad_id(model)):
         ids = batch["input_ids"].to(device)
         n_pos = ids.shape[1]
         real = (torch.arange(n_pos)[None, :] < batch["length"][:, None]).to(device)  # [batch, pos]
@@ -275,7 +255,7 @@ def head_ablation_scan(
     prob_abl = torch.zeros(n_all, dtype=torch.float64)
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
     columns = () if position is None else (position,)
-    for batch in _batches(data, batch_size, _pad_id(model), columns):
+    for batch in batches(data, batch_size, pad_id(model), columns):
         ids, answer, last = batch["input_ids"].to(device), batch["answer_id"], batch["pos_last"]
         p, c = _answer_stats(model(ids), answer, last)
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
@@ -410,7 +390,7 @@ def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_
     """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full model)."""
     columns = sorted(set(circuit.positions.values())) if circuit is not None and keep_at_positions else []
     out = []
-    for batch in _batches(data, batch_size, _pad_id(model), columns):
+    for batch in batches(data, batch_size, pad_id(model), columns):
         ids = batch["input_ids"]
         if circuit is None:
             logits = model(ids.to(_device(model)))

@@ -25,13 +25,26 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Int[Tensor, "batch 
     return out
 
 
-def batches(data, batch_size: int, pad_id: int, columns: Sequence[str] = ("input_ids",)) -> Iterator[Batch]:
-    """Yield ``{"input_ids", "answer_id", "pos_last", ...}`` tensors from a task dataset, in order."""
+def pad_id(model) -> int:
+    """The id used for right padding: the tokenizer's pad id, else 0.
+
+    Any id works, since pads sit right of every position read and causal attention never looks right; the
+    tokenizer's own pad id keeps decoded batches readable.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+
+def batches(data, batch_size: int, pad: int, columns: Sequence[str] = ()) -> Iterator[Batch]:
+    """Right-padded ``input_ids`` plus ``length``, ``answer_id``, ``pos_last`` and integer ``columns``, in order."""
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
-        out = {name: pad_right(rows[name], pad_id) for name in columns}
-        out["answer_id"] = torch.as_tensor(rows["answer_id"], dtype=torch.long)
-        out["pos_last"] = torch.as_tensor(rows["pos_last"], dtype=torch.long)
+        out = {
+            "input_ids": pad_right(rows["input_ids"], pad),
+            "length": torch.as_tensor([len(r) for r in rows["input_ids"]]),
+        }
+        for name in {"answer_id", "pos_last", *columns}:
+            out[name] = torch.as_tensor(rows[name], dtype=torch.long)
         yield out
 
 
@@ -43,12 +56,9 @@ def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " bat
 @torch.no_grad()
 def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
-    tokenizer = getattr(model, "tokenizer", None)
-    # Any id works as padding (it sits right of pos_last); the tokenizer's own pad id keeps logs readable.
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     preds = []
-    for batch in batches(data, batch_size, pad_id):
+    for batch in batches(data, batch_size, pad_id(model)):
         logits = model(batch["input_ids"].to(device))
         preds.append(logits_at(logits, batch["pos_last"]).argmax(-1).cpu())
     return torch.cat(preds)
