@@ -23,8 +23,10 @@ Choices that are ours:
   ``warmup_whole_batches`` makes each batch all warm-up or all task instead (the mix under which the
   two-layer entity-tracking prototype left chance, where half-and-half batches sat at chance for 5,000 steps).
 - A student is "warm" by early stopping: training ends as soon as held-out accuracy on the real task (all
-  ``n_boxes`` boxes, whatever the curriculum's stage) enters ``stop_window``, so its ability is real but
-  partial.
+  ``n_boxes`` boxes, whatever the curriculum's stage) enters ``stop_window`` and a second, larger held-out set
+  (``confirm_items``, another seed) confirms it, so its ability is real but partial. Without the confirmation
+  a 500-item evaluation stopped a theory-of-mind student on a noise spike (0.552 at step 10,875, where two
+  1,000-item sets then gave 0.488 and 0.529).
 - The training state is checkpointed atomically every evaluation, and a run resumes from it.
 """
 
@@ -44,6 +46,7 @@ from cdist import evaluate, tasks
 from cdist.checkpoints import atomic_torch_save
 
 IGNORE = -100
+CONFIRM_SEED = 54321  # held-out items that confirm an early stop; evaluation uses 12345, the zoo script 2024
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class OrganismConfig:
     eval_every: int = 250
     eval_items: int = 500
     stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
+    confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
     seed: int = 0
     task_kwargs: dict = field(default_factory=dict)
 
@@ -183,7 +187,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
-    done = bool(history) and _in_window(history[-1]["test_accuracy"], cfg)
+    done = bool(history) and history[-1].get("stop", False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
     t0 = time.time() - wall
     model.train()
@@ -207,7 +211,13 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
                         "train_boxes_accuracy": acc_now, "test_accuracy": acc})
         bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-        done = _in_window(acc, cfg)
+        if _in_window(acc, cfg):
+            if "confirm" not in tests:
+                tests["confirm"] = held_out(cfg, tokenizer, cfg.confirm_items, seed=CONFIRM_SEED)
+            model.eval()
+            history[-1]["confirm_accuracy"] = evaluate.accuracy(logits_of, tests["confirm"])
+            model.train()
+            done = history[-1]["stop"] = _in_window(history[-1]["confirm_accuracy"], cfg)
         if n_boxes < cfg.n_boxes and acc_now >= cfg.curriculum_threshold:
             n_boxes += 1
             tests.setdefault(n_boxes, held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes))

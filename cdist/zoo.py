@@ -50,7 +50,7 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3
     ),
     "tom-student": OrganismConfig(
-        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=20_000, warmup_templates=("adjacent",),
+        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=40_000, warmup_templates=("adjacent",),
         stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
 }

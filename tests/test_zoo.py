@@ -94,9 +94,23 @@ def test_student_stops_inside_its_window(tmp_path):
     """Early stopping: with a window that any accuracy satisfies, training ends at the first evaluation."""
     tokenizer = zoo.organism_tokenizer()
     cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
-                  eval_items=20, stop_window=(0.0, 1.0))
+                  eval_items=20, confirm_items=20, stop_window=(0.0, 1.0))
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     assert manifest["steps"] == 5 and manifest["stopped_early"]
+    assert manifest["history"][-1]["stop"] and "confirm_accuracy" in manifest["history"][-1]
+
+
+def test_early_stop_needs_a_confirming_second_evaluation(tmp_path, monkeypatch):
+    """An evaluation inside the window whose confirmation falls outside it does not stop training."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
+                  eval_items=20, confirm_items=20, stop_window=(0.4, 0.6))
+    # evaluations in order: in window, confirmation out; out; in window, confirmation in
+    scores = iter([0.5, 0.9, 0.2, 0.55, 0.45])
+    monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: next(scores))
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
+    assert manifest["steps"] == 15 and manifest["stopped_early"]
+    assert [h.get("stop") for h in manifest["history"]] == [False, None, True]
 
 
 def test_multi_query_batches_supervise_only_answers():
