@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cdist.evaluate import batches, logits_at, pad_id
+from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.types import Circuit, Head
 
 __all__ = [
@@ -48,29 +48,11 @@ __all__ = [
     "head_means",
     "make_mean_ablation_hook",
     "mean_ablation_hooks",
+    "one_head_variants",
+    "replace_heads",
 ]
 
 Hook = tuple[str, Callable]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data plumbing
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _answer_stats(
-    logits: Float[Tensor, "batch pos d_vocab"], answer_id: Int[Tensor, " batch"], pos: Int[Tensor, " batch"]
-) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-    """(probability of the answer, 1.0 where it is the top-1 token), both read at each row's ``pos``."""
-    last = logits_at(logits, pos).float()  # softmax in float32 even for a bf16 model
-    answer = answer_id.to(last.device)[:, None]
-    prob = last.log_softmax(-1).gather(-1, answer)[:, 0].exp()
-    correct = (last.argmax(-1) == answer[:, 0]).float()
-    return prob.double().cpu(), correct.double().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,7 +78,7 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
     """
     if len(reference_data) == 0:
         raise ValueError("head_means needs at least one reference prompt; the dataset is empty")
-    cfg, device = model.cfg, _device(model)
+    cfg, device = model.cfg, device_of(model)
     width = max(len(ids) for ids in reference_data["input_ids"])
     sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64, device=device)
     counts = torch.zeros(width, dtype=torch.float64, device=device)
@@ -113,16 +95,33 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
     return (sums / counts[None, :, None, None]).to(cfg.dtype)
 
 
-def _ablation_mask(
-    heads: Tensor, positions: Tensor | None, shape: tuple[int, int, int]
-) -> Bool[Tensor, "batch pos head_index"]:
-    """Broadcast a head mask and an optional position selector to ``[batch, pos, head_index]``."""
-    n_batch, n_pos, n_heads = shape
+def replace_heads(
+    z: Float[Tensor, "batch pos head_index d_head"],
+    heads: Bool[Tensor, "*batch_pos head_index"],
+    source: Float[Tensor, "*batch pos head_index d_head"],
+    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """``z`` with the chosen heads' vectors (at the chosen positions) taken from ``source``.
+
+    The one replacement rule behind mean ablation (``source`` = the reference means, ``[pos, head_index,
+    d_head]``) and activation and path patching (``source`` = another run's ``z``, ``[batch, pos, head_index,
+    d_head]``).
+
+    Args:
+        z: one layer's head outputs.
+        heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a different
+            variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
+        source: the replacement values, broadcastable to ``z``.
+        positions: where to replace: every position (None), one position per row (``[batch]`` indices), or a
+            ``[batch, pos]`` mask.
+    """
+    n_batch, n_pos, n_heads, _ = z.shape
+    heads = heads.to(z.device)
     if heads.shape[-1] != n_heads:
         raise ValueError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
     if heads.ndim == 1:  # [head_index]
         mask = heads[None, None, :]
-    elif heads.ndim == 2:  # [batch, head_index]: one ablation variant per row
+    elif heads.ndim == 2:  # [batch, head_index]: one variant per row
         mask = heads[:, None, :]
     elif heads.ndim == 3:  # [batch, pos, head_index]
         mask = heads
@@ -130,12 +129,32 @@ def _ablation_mask(
         raise ValueError(f"head mask must be [head_index], [batch, head_index] or [batch, pos, head_index]; "
                          f"got shape {tuple(heads.shape)}")
     if positions is not None:
+        positions = positions.to(z.device)
         if positions.dtype == torch.bool:  # [batch, pos]
             at = positions
         else:  # [batch]: one position per row
-            at = torch.arange(n_pos, device=positions.device)[None, :] == positions[:, None]
+            at = torch.arange(n_pos, device=z.device)[None, :] == positions[:, None]
         mask = mask & at[:, :, None]
-    return mask.expand(n_batch, n_pos, n_heads)
+    return torch.where(mask.expand(n_batch, n_pos, n_heads)[..., None], source.to(z.device, z.dtype), z)
+
+
+def one_head_variants(
+    chunk: Int[Tensor, " copies"], n_heads: int, n_rows: int
+) -> dict[int, Bool[Tensor, "rows head_index"]]:
+    """Row masks for a batched one-head-at-a-time scan: copy ``j`` of a batch touches head ``chunk[j]`` only.
+
+    ``chunk`` holds flat head indices (``layer * n_heads + head``); the batch of ``n_rows`` prompts is stacked
+    ``len(chunk)`` times along the batch axis, copy ``j`` being rows ``j * n_rows .. (j + 1) * n_rows - 1``.
+    Returns, for each layer that has a head in ``chunk``, the ``[copies * n_rows, head_index]`` mask to give
+    ``replace_heads``.
+    """
+    out = {}
+    for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
+        variant = torch.zeros(len(chunk), n_heads, dtype=torch.bool)  # copy j touches chunk[j] ...
+        in_layer = chunk // n_heads == layer  # ... if that head is in this layer
+        variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
+        out[layer] = variant.repeat_interleave(n_rows, dim=0)
+    return out
 
 
 def make_mean_ablation_hook(
@@ -168,15 +187,13 @@ def make_mean_ablation_hook(
         heads = mask
 
     def mean_ablate(z: Float[Tensor, "batch pos head_index d_head"], hook) -> Tensor:
-        n_batch, n_pos, n_heads, _ = z.shape
+        n_pos = z.shape[1]
         if n_pos > layer_means.shape[0]:
             raise ValueError(
                 f"the input has {n_pos} positions but the means cover {layer_means.shape[0]}; compute "
                 "head_means on reference prompts at least as long as the prompts you ablate"
             )
-        pos_ = None if positions is None else positions.to(z.device)
-        mask = _ablation_mask(heads.to(z.device), pos_, (n_batch, n_pos, n_heads))
-        return torch.where(mask[..., None], layer_means[:n_pos].to(z.device, z.dtype), z)
+        return replace_heads(z, heads, layer_means[:n_pos], positions)
 
     return Head(layer, 0).hook_z, mean_ablate
 
@@ -202,7 +219,7 @@ def ablated_logits(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The model's logits with ``heads`` mean-ablated (at ``positions``, default all)."""
     with model.hooks(fwd_hooks=mean_ablation_hooks(heads, means, positions)):
-        return model(input_ids.to(_device(model)))
+        return model(input_ids.to(device_of(model)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +266,7 @@ def head_ablation_scan(
     if len(data) == 0:
         raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    n_all, device = n_layers * n_heads, _device(model)
+    n_all, device = n_layers * n_heads, device_of(model)
     flat = torch.arange(n_all)  # head (l, h) is l * n_heads + h
     prob_base = correct_base = torch.zeros((), dtype=torch.float64)
     prob_abl = torch.zeros(n_all, dtype=torch.float64)
@@ -257,22 +274,17 @@ def head_ablation_scan(
     columns = () if position is None else (position,)
     for batch in batches(data, batch_size, pad_id(model), columns):
         ids, answer, last = batch["input_ids"].to(device), batch["answer_id"], batch["pos_last"]
-        p, c = _answer_stats(model(ids), answer, last)
+        p, c = answer_stats(model(ids), answer, last)
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         for chunk in flat.split(heads_per_pass):
             n_copies, n_rows = len(chunk), len(ids)
             stacked = ids.repeat(n_copies, 1)  # (copies batch, pos): copy j is rows j*batch .. (j+1)*batch-1
-            hooks = []
-            for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
-                variant = torch.zeros(n_copies, n_heads, dtype=torch.bool)  # copy j ablates chunk[j] ...
-                in_layer = chunk // n_heads == layer  # ... if that head is in this layer
-                variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
-                rows = variant.repeat_interleave(n_rows, dim=0)  # (copies batch, head_index)
-                at = None if position is None else batch[position].repeat(n_copies)
-                hooks.append(make_mean_ablation_hook(layer, rows, means, at))
+            at = None if position is None else batch[position].repeat(n_copies)
+            hooks = [make_mean_ablation_hook(layer, rows, means, at)
+                     for layer, rows in one_head_variants(chunk, n_heads, n_rows).items()]
             with model.hooks(fwd_hooks=hooks):
                 logits = model(stacked)
-            p, c = _answer_stats(logits, answer.repeat(n_copies), last.repeat(n_copies))
+            p, c = answer_stats(logits, answer.repeat(n_copies), last.repeat(n_copies))
             prob_abl[chunk] += p.view(n_copies, n_rows).sum(1)
             correct_abl[chunk] += c.view(n_copies, n_rows).sum(1)
     n = len(data)
@@ -295,7 +307,7 @@ def head_ablation_scan_reference(
     so the two share nothing but the model. A test oracle; use ``head_ablation_scan`` for real work.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    device = _device(model)
+    device = device_of(model)
     prob_base = correct_base = 0.0
     prob_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     correct_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -303,7 +315,7 @@ def head_ablation_scan_reference(
         ids = torch.tensor([item["input_ids"]], device=device)
         answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
         at = slice(None) if position is None else item[position]
-        p, c = _answer_stats(model(ids), answer, last)
+        p, c = answer_stats(model(ids), answer, last)
         prob_base, correct_base = prob_base + p.item(), correct_base + c.item()
         for layer in range(n_layers):
             for head in range(n_heads):
@@ -314,7 +326,7 @@ def head_ablation_scan_reference(
                     return z
 
                 with model.hooks(fwd_hooks=[(Head(layer, head).hook_z, replace)]):
-                    p, c = _answer_stats(model(ids), answer, last)
+                    p, c = answer_stats(model(ids), answer, last)
                 prob_abl[layer, head] += p.item()
                 correct_abl[layer, head] += c.item()
     n = len(data)
@@ -370,7 +382,7 @@ def circuit_logits(
                     ablate[torch.arange(n_batch), pos, h] = False
         hooks.append(make_mean_ablation_hook(layer, ablate, means))
     with model.hooks(fwd_hooks=hooks):
-        return model(input_ids.to(_device(model)))
+        return model(input_ids.to(device_of(model)))
 
 
 def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int, generator: torch.Generator) -> Circuit:
@@ -393,7 +405,7 @@ def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_
     for batch in batches(data, batch_size, pad_id(model), columns):
         ids = batch["input_ids"]
         if circuit is None:
-            logits = model(ids.to(_device(model)))
+            logits = model(ids.to(device_of(model)))
         else:
             keep_at = None
             if keep_at_positions:
@@ -402,7 +414,7 @@ def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_
                     for h in heads:
                         keep_at.setdefault(h, []).append(batch[circuit.positions[name]])
             logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
-        out.append(_answer_stats(logits, batch["answer_id"], batch["pos_last"])[1])
+        out.append(answer_stats(logits, batch["answer_id"], batch["pos_last"])[1])
     return torch.cat(out).bool()
 
 

@@ -35,17 +35,48 @@ def pad_id(model) -> int:
     return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
 
-def batches(data, batch_size: int, pad: int, columns: Sequence[str] = ()) -> Iterator[Batch]:
-    """Right-padded ``input_ids`` plus ``length``, ``answer_id``, ``pos_last`` and integer ``columns``, in order."""
+def batches(data, batch_size: int, pad: int, columns: Sequence[str] = (), *, corrupt: bool = False) -> Iterator[Batch]:
+    """Right-padded ``input_ids`` plus ``length``, ``answer_id``, ``pos_last`` and integer ``columns``, in order.
+
+    With ``corrupt``, also ``corrupt_input_ids`` padded to the same width; each item's clean and corrupt
+    prompts must have the same length, since patching moves activations between them position by position.
+    """
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
         out = {
             "input_ids": pad_right(rows["input_ids"], pad),
             "length": torch.as_tensor([len(r) for r in rows["input_ids"]]),
         }
+        if corrupt:
+            if "corrupt_input_ids" not in rows:
+                raise ValueError("patching needs a corrupt_input_ids column; build the data with cdist.tasks")
+            for i, (a, b) in enumerate(zip(rows["input_ids"], rows["corrupt_input_ids"], strict=True)):
+                if len(a) != len(b):
+                    raise ValueError(f"item {start + i}: clean and corrupt prompts have {len(a)} and {len(b)} "
+                                     "tokens; patching needs them aligned token for token (same template)")
+            out["corrupt_input_ids"] = pad_right(rows["corrupt_input_ids"], pad)
         for name in {"answer_id", "pos_last", *columns}:
             out[name] = torch.as_tensor(rows[name], dtype=torch.long)
         yield out
+
+
+def device_of(model) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def answer_stats(
+    logits: Float[Tensor, "batch pos d_vocab"], answer_id: Int[Tensor, " batch"], pos: Int[Tensor, " batch"]
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """(probability of the answer, 1.0 where it is the top-1 token), read at each row's ``pos``; float64, CPU.
+
+    The softmax runs in float32 even for a bfloat16 model.
+    """
+    last = logits_at(logits, pos).float()
+    answer = answer_id.to(last.device)[:, None]
+    prob = last.log_softmax(-1).gather(-1, answer)[:, 0].exp()
+    correct = (last.argmax(-1) == answer[:, 0]).float()
+    return prob.double().cpu(), correct.double().cpu()
 
 
 def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
@@ -56,7 +87,7 @@ def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " bat
 @torch.no_grad()
 def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     preds = []
     for batch in batches(data, batch_size, pad_id(model)):
         logits = model(batch["input_ids"].to(device))
