@@ -76,6 +76,7 @@ class OrganismConfig:
     eval_items: int = 500
     stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
     confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
+    head_sparsity: float = 0.0  # weight of the head-output penalty (HeadOutputPenalty); 0 = none
     seed: int = 0
     task_kwargs: dict = field(default_factory=dict)
 
@@ -150,6 +151,49 @@ def held_out(cfg: OrganismConfig, tokenizer, n: int, *, n_boxes: int | None = No
     return tasks.theory_of_mind(n, **common, **cfg.task_kwargs)
 
 
+class HeadOutputPenalty:
+    """A group-lasso penalty on attention heads' outputs, so that a task is carried by few heads.
+
+    Trained on one task alone, an organism spreads the answer over every head of a layer (each head a small
+    vote), so no small circuit is faithful: keeping 6 of et-teacher's 16 heads gave 0.33 accuracy against
+    0.99. Real models hold many tasks and a task's circuit is a few heads; this penalty makes the organisms
+    alike. For each layer, head and token it takes the norm of the head's residual-stream output
+    ``z_h @ W_O[h]`` divided by the norm of the residual stream entering the layer (so that shrinking the
+    whole stream cannot lower it), averages over tokens and sums over heads and layers (an L1 over heads, so
+    heads are switched off rather than all shrunk, as with Voita et al. 2019's head gates). Hooks on each
+    decoder layer and its ``o_proj`` collect it during a forward pass; ``take()`` returns the sum and resets.
+    """
+
+    def __init__(self, model: LlamaForCausalLM):
+        self.n_heads, self.terms, self.resid = model.config.num_attention_heads, [], None
+        self.handles = []
+        for layer in model.model.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._keep_resid, with_kwargs=True))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._penalise))
+
+    def _keep_resid(self, module, args, kwargs):
+        if not module.training:  # evaluation passes are not penalised
+            return
+        self.resid = (args[0] if args else kwargs["hidden_states"]).norm(dim=-1)  # [batch, pos]
+
+    def _penalise(self, o_proj, args):
+        if not o_proj.training:
+            return
+        x = args[0]  # [batch, pos, n_heads * d_head]
+        z = x.unflatten(-1, (self.n_heads, -1))
+        w = o_proj.weight.unflatten(1, (self.n_heads, -1))  # [d_model, n_heads, d_head]
+        out = torch.einsum("bphd,mhd->bphm", z, w).norm(dim=-1)  # [batch, pos, n_heads]
+        self.terms.append((out / (self.resid[..., None] + 1e-6)).mean((0, 1)).sum())
+
+    def take(self) -> torch.Tensor:
+        total, self.terms = torch.stack(self.terms).sum(), []
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class LogitsOf(torch.nn.Module):
     """``model(input_ids) -> logits``, the calling convention of ``cdist.evaluate``."""
 
@@ -186,6 +230,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         rng.setstate(state["rng"])
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
+    penalty = HeadOutputPenalty(model) if cfg.head_sparsity else None
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
     done = bool(history) and history[-1].get("stop", False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
@@ -196,8 +241,10 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         ids, targets = training_batch(cfg, n_boxes, rng, tokenizer)
         loss = F.cross_entropy(logits_of(ids).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        head_penalty = penalty.take() if penalty else torch.zeros(())
+        objective = loss + cfg.head_sparsity * head_penalty
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
@@ -209,6 +256,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         acc = evaluate.accuracy(logits_of, tests[cfg.n_boxes]) if n_boxes != cfg.n_boxes else acc_now
         model.train()
         history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
+                        "head_penalty": round(head_penalty.item(), 4),
                         "train_boxes_accuracy": acc_now, "test_accuracy": acc})
         bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
         if _in_window(acc, cfg):

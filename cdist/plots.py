@@ -1,0 +1,73 @@
+"""Figures: layer x head heatmaps of per-head scores, written as interactive HTML and static PNG.
+
+HTML files load plotly.js from its CDN (a few kB each instead of 4 MB); the PNG beside each one needs no
+network. PNG export uses kaleido, which drives a Chromium (Debian: ``apt install chromium``); without them
+``save_figure`` writes the HTML and says, in one line, what to install for the PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import plotly.graph_objects as go
+from jaxtyping import Float
+from torch import Tensor
+
+from cdist.types import Head
+
+__all__ = ["head_heatmap", "save_figure"]
+
+
+def head_heatmap(
+    scores: Float[Tensor, "layer head_index"],
+    *,
+    title: str,
+    colorbar: str,
+    marked: Iterable[Head] = (),
+    diverging: bool = True,
+) -> go.Figure:
+    """A layer (rows, layer 0 at the top) x head (columns) heatmap; ``marked`` heads get a black box.
+
+    Args:
+        scores: one number per head.
+        title: figure title.
+        colorbar: what the colour means, with its sign convention.
+        marked: heads to outline (a circuit).
+        diverging: a red-white-blue scale centred on 0 (signed scores); else a sequential scale.
+    """
+    z = scores.detach().float().cpu().numpy()
+    n_layers, n_heads = z.shape
+    text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)] for layer in range(n_layers)]
+    limit = float(abs(z).max()) or 1.0
+    heat = go.Heatmap(
+        z=z, x=list(range(n_heads)), y=list(range(n_layers)), text=text, hoverinfo="text",
+        colorscale="RdBu" if diverging else "Viridis", zmid=0 if diverging else None,
+        zmin=-limit if diverging else None, zmax=limit if diverging else None,
+    )
+    fig = go.Figure(heat)
+    for h in marked:
+        fig.add_shape(type="rect", x0=h.head - 0.5, x1=h.head + 0.5, y0=h.layer - 0.5, y1=h.layer + 0.5,
+                      line={"color": "black", "width": 3})
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>{colorbar}</sup>"},
+        xaxis={"title": "head", "dtick": 1, "constrain": "domain"},
+        yaxis={"title": "layer", "dtick": 1, "autorange": "reversed", "scaleanchor": "x"},
+        width=max(560, 160 + 44 * n_heads), height=max(300, 200 + 44 * n_layers), template="plotly_white",
+        margin={"t": 90},
+    )
+    return fig
+
+
+def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
+    """Write ``stem.html`` and, when kaleido and Chromium are available, ``stem.png``; returns the paths written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    html = stem.with_suffix(".html")
+    fig.write_html(html, include_plotlyjs="cdn")
+    try:
+        fig.write_image(stem.with_suffix(".png"), scale=2)
+    except Exception as err:  # kaleido missing, or no Chromium for it to drive
+        print(f"PNG skipped for {stem.name} ({type(err).__name__}): pip install kaleido; apt install chromium")
+        return [html]
+    return [html, stem.with_suffix(".png")]

@@ -1,0 +1,153 @@
+"""Find the task circuit of every zoo model and measure how faithful it is.
+
+    python experiments/discovery.py                         # every zoo model -> results/discovery/
+    python experiments/discovery.py --models et-teacher     # one model
+    python experiments/figures.py discovery                 # heatmaps of the saved scores -> figures/discovery/
+
+For each model, on three disjoint sets of fresh held-out items (seeds derived from --seed): a *reference* set
+for the per-position head means, a *discovery* set that every scan runs on and that chooses the circuit, and
+an *evaluation* set, used only to report accuracies.
+
+- Entity tracking: Prakash et al.'s path-patching search (value fetchers -> position transmitters ->
+  position detectors -> structure readers), --k heads per group whose relative change is at most
+  -(--min-effect).
+- Theory of mind: heads ranked by their mean-ablation probability drop; the circuit is the smallest top-n
+  whose faithfulness on the discovery set reaches --target, within --budget of all heads.
+- Every model also gets a mean-ablation scan, an activation-patching scan and its attribution-patching
+  estimate (with their Spearman rank correlation) for the figures and the pre-filter comparison.
+
+Writes results/discovery/{circuits/NAME.json, scores/NAME.json, results.json, results.csv, results.md},
+each with the config and the commit that produced it.
+"""
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cdist import ablation, organisms, patching, stats, zoo
+from cdist.checkpoints import atomic_write_json, atomic_write_text
+from cdist.provenance import git_commit
+from cdist.types import HeadScores
+
+# ---------------------------------------------------------------------------- config
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--models", nargs="*", default=None, help="zoo models (default: every one on disk)")
+parser.add_argument("--out", default="results/discovery", help="output folder")
+parser.add_argument("--seed", type=int, default=0, help="data seed; the three item sets use seed*3 + 101/102/103")
+parser.add_argument("--reference-items", type=int, default=500, help="items for the head means")
+parser.add_argument("--discovery-items", type=int, default=200, help="items the scans run on")
+parser.add_argument("--eval-items", type=int, default=1000, help="items for the reported accuracies")
+parser.add_argument("--k", type=int, default=2, help="entity tracking: heads per path-patching group")
+parser.add_argument("--min-effect", type=float, default=0.01, help="entity tracking: minimum -relative change")
+parser.add_argument("--budget", type=float, default=0.2, help="theory of mind: largest circuit, share of heads")
+parser.add_argument("--target", type=float, default=0.8, help="theory of mind: faithfulness that ends the growth")
+parser.add_argument("--n-random", type=int, default=5, help="random circuits per evaluation")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
+names = args.models or zoo.names()
+missing = sorted(set(names) - set(zoo.names()))
+if missing:
+    parser.error(f"not in the zoo: {missing}; it has {zoo.names()}")
+out = Path(args.out)
+commit = git_commit()
+
+
+def as_lists(t: torch.Tensor) -> list:
+    return [[round(float(v), 6) for v in row] for row in t]
+
+
+def summary(result: dict) -> dict:
+    keep = ("full_accuracy", "circuit_accuracy", "random_accuracy", "random_accuracies", "faithfulness",
+            "random_faithfulness", "n_circuit_heads", "n_heads")
+    return {k: result[k] for k in keep}
+
+
+# ---------------------------------------------------------------------------- discover, evaluate
+rows = []
+for name in names:
+    model, tokenizer = zoo.load(name)
+    cfg = organisms.OrganismConfig(**zoo.manifest(name)["config"])
+    item_sets = {part: organisms.held_out(cfg, tokenizer, n, seed=args.seed * 3 + 101 + i)
+                 for i, (part, n) in enumerate([("reference", args.reference_items),
+                                                ("discovery", args.discovery_items), ("eval", args.eval_items)])}
+    reference, found_on, evaluation = item_sets["reference"], item_sets["discovery"], item_sets["eval"]
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    timings, scores = {}, {}
+    t = time.time()
+    means = ablation.head_means(model, reference)
+    scan = ablation.head_ablation_scan(model, found_on, means=means)
+    timings["ablation_scan_s"] = time.time() - t
+    scores["ablation_prob_drop"], scores["ablation_accuracy_drop"] = scan["prob_drop"], scan["accuracy_drop"]
+    t = time.time()
+    act = patching.activation_patching_scan(model, found_on)
+    timings["activation_patching_s"] = time.time() - t
+    t = time.time()
+    attr = patching.attribution_patching_scan(model, found_on)
+    timings["attribution_patching_s"] = time.time() - t
+    scores["activation_patching_prob_change"] = act["prob_change"]
+    scores["attribution_patching_prob_change"] = attr["prob_change"]
+    rho = stats.spearman(act["prob_change"], attr["prob_change"])
+
+    t = time.time()
+    if cfg.task == "entity_tracking":
+        circuit, groups = patching.entity_tracking_circuit(model, found_on, k=args.k, min_effect=args.min_effect,
+                                                           model_name=name, progress=True)
+        for group, s in groups.items():
+            scores[f"path_patching_{group}"] = s.scores
+        selection = {"method": "path_patching", "k": args.k, "min_effect": args.min_effect}
+    else:
+        ranking = HeadScores(scan["prob_drop"], "prob_drop")
+        limit = max(1, math.floor(args.budget * n_heads))
+        for n in range(1, limit + 1):
+            circuit = patching.ranked_circuit(ranking, n, model=name, method="mean_ablation")
+            faith = ablation.evaluate_circuit(model, circuit, found_on, means=means, n_random=0)["faithfulness"]
+            if faith >= args.target:
+                break
+        selection = {"method": "mean_ablation", "budget": args.budget, "target": args.target,
+                     "discovery_faithfulness": faith}
+    timings["circuit_search_s"] = time.time() - t
+    result = summary(ablation.evaluate_circuit(model, circuit, evaluation, means=means, n_random=args.n_random,
+                                               seed=args.seed))
+    row = {"model": name, "task": cfg.task, **result, "circuit_share": len(circuit.heads) / n_heads,
+           "circuit": [str(h) for h in circuit.heads], "selection": selection,
+           "attribution_vs_activation_spearman": rho, **{k: round(v, 2) for k, v in timings.items()}}
+    rows.append(row)
+    atomic_write_text(circuit.to_json(), out / "circuits" / f"{name}.json")
+    atomic_write_json({"model": name, "circuit": circuit.to_dict(), "commit": commit,
+                       "scores": {k: as_lists(v) for k, v in scores.items()}}, out / "scores" / f"{name}.json")
+    print(f"{name}: {len(circuit.heads)}/{n_heads} heads {row['circuit']}, full {result['full_accuracy']:.3f}, "
+          f"circuit {result['circuit_accuracy']:.3f}, random {result['random_accuracy']:.3f}, "
+          f"faithfulness {result['faithfulness']:.3f}, attribution~activation rho {rho:.2f}", flush=True)
+
+# ---------------------------------------------------------------------------- tables
+config = {**vars(args), "models": names}
+atomic_write_json({"config": config, "commit": commit, "results": rows}, out / "results.json")
+columns = ["model", "task", "n_heads", "n_circuit_heads", "circuit_share", "full_accuracy", "circuit_accuracy",
+           "random_accuracy", "faithfulness", "random_faithfulness", "attribution_vs_activation_spearman"]
+with open(out / "results.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns + ["circuit"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "circuit": " ".join(row["circuit"])})
+lines = [
+    "# Circuits of the zoo",
+    "",
+    f"`python experiments/discovery.py {' '.join(sys.argv[1:])}` at commit `{commit}`; accuracies on "
+    f"{args.eval_items} fresh held-out items per model (config: results.json).",
+    "",
+    "| model | heads | circuit | share | full | circuit acc. | random acc. | faithfulness | attribution rho |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+for r in rows:
+    lines.append(f"| {r['model']} | {r['n_heads']} | {' '.join(r['circuit'])} | {r['circuit_share']:.2f} | "
+                 f"{r['full_accuracy']:.3f} | {r['circuit_accuracy']:.3f} | {r['random_accuracy']:.3f} | "
+                 f"{r['faithfulness']:.3f} | {r['attribution_vs_activation_spearman']:.2f} |")
+atomic_write_text("\n".join(lines) + "\n", out / "results.md")
+print(f"wrote {out}/results.md, results.csv, results.json, circuits/, scores/")

@@ -1,0 +1,48 @@
+"""Rank statistics against scipy; heatmaps are written as HTML (and PNG when kaleido can run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdist import plots, stats
+from cdist.types import Head
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+values = st.lists(st.integers(-3, 3) | st.floats(-1e3, 1e3, allow_nan=False), min_size=3, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values)
+def test_rankdata_matches_scipy(xs):
+    x = torch.tensor(xs, dtype=torch.float64)
+    assert torch.allclose(stats.rankdata(x), torch.tensor(scipy_stats.rankdata(xs), dtype=torch.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_spearman_matches_scipy(data):
+    n = data.draw(st.integers(3, 25))
+    a = data.draw(st.lists(st.integers(-4, 4), min_size=n, max_size=n))
+    b = data.draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=n, max_size=n))
+    ours = stats.spearman(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        assert ours != ours  # NaN for a constant input, as scipy
+        return
+    assert ours == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-9)
+
+
+def test_spearman_refuses_mismatched_sizes():
+    with pytest.raises(ValueError, match="one size"):
+        stats.spearman(torch.zeros(3), torch.zeros(4))
+
+
+def test_head_heatmap_writes_html(tmp_path):
+    fig = plots.head_heatmap(torch.tensor([[0.1, -0.2], [0.0, 0.5]]), title="t", colorbar="c", marked=[Head(1, 1)])
+    assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 0.5
+    written = plots.save_figure(fig, tmp_path / "heat")
+    assert written[0].suffix == ".html" and written[0].stat().st_size > 0
+    assert all(p.exists() for p in written)
