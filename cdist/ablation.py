@@ -37,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.models import unembed
 from cdist.types import Circuit, Head
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "head_means",
     "make_mean_ablation_hook",
     "mean_ablation_hooks",
+    "one_head_scan",
     "one_head_variants",
     "replace_heads",
 ]
@@ -155,6 +157,48 @@ def one_head_variants(
         variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
         out[layer] = variant.repeat_interleave(n_rows, dim=0)
     return out
+
+
+def one_head_scan(
+    model,
+    ids: Int[Tensor, "batch pos"],
+    answer_id: Int[Tensor, " batch"],
+    pos_last: Int[Tensor, " batch"],
+    hook_for: Callable[[int, Bool[Tensor, "rows head_index"], int], Hook],
+    *,
+    heads_per_pass: int = 8,
+) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
+    """Intervene on every head alone, many heads per forward pass; the engine of the batched head scans.
+
+    A pass stacks ``n_copies`` copies of the batch along the batch axis, copy ``j`` intervening on head ``j``
+    of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where ``rows`` is the
+    ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the layers below the chunk's are
+    untouched, the pass starts at its layer from the clean run's cached ``hook_resid_pre``, and only
+    ``pos_last`` is unembedded.
+
+    Returns:
+        Clean answer probability and correctness ``[batch]``, and the same for each head's intervention,
+        ``[layer * n_heads + head, batch]``; float64 on the CPU.
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_rows = len(ids)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    logits, cache = model.run_with_cache(ids, names_filter=names)
+    p_base, c_base = answer_stats(logits, answer_id, pos_last)
+    prob = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
+    correct = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
+    for layer in range(n_layers):
+        for chunk in (layer * n_heads + torch.arange(n_heads)).split(heads_per_pass):
+            n_copies = len(chunk)
+            rows = one_head_variants(chunk, n_heads, n_rows)[layer]
+            with model.hooks(fwd_hooks=[hook_for(layer, rows, n_copies)]):
+                final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
+                              stop_at_layer=n_layers)
+            last = pos_last.repeat(n_copies).to(final.device)
+            logits = unembed(model, final[torch.arange(len(final), device=final.device), last])[:, None]
+            p, c = answer_stats(logits, answer_id.repeat(n_copies), torch.zeros_like(last))
+            prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
+    return p_base, c_base, prob, correct
 
 
 def make_mean_ablation_hook(
@@ -267,26 +311,21 @@ def head_ablation_scan(
         raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_all, device = n_layers * n_heads, device_of(model)
-    flat = torch.arange(n_all)  # head (l, h) is l * n_heads + h
     prob_base = correct_base = torch.zeros((), dtype=torch.float64)
     prob_abl = torch.zeros(n_all, dtype=torch.float64)
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
     columns = () if position is None else (position,)
     for batch in batches(data, batch_size, pad_id(model), columns):
-        ids, answer, last = batch["input_ids"].to(device), batch["answer_id"], batch["pos_last"]
-        p, c = answer_stats(model(ids), answer, last)
-        prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
-        for chunk in flat.split(heads_per_pass):
-            n_copies, n_rows = len(chunk), len(ids)
-            stacked = ids.repeat(n_copies, 1)  # (copies batch, pos): copy j is rows j*batch .. (j+1)*batch-1
+
+        def ablate(layer, rows, n_copies, batch=batch):
             at = None if position is None else batch[position].repeat(n_copies)
-            hooks = [make_mean_ablation_hook(layer, rows, means, at)
-                     for layer, rows in one_head_variants(chunk, n_heads, n_rows).items()]
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(stacked)
-            p, c = answer_stats(logits, answer.repeat(n_copies), last.repeat(n_copies))
-            prob_abl[chunk] += p.view(n_copies, n_rows).sum(1)
-            correct_abl[chunk] += c.view(n_copies, n_rows).sum(1)
+            return make_mean_ablation_hook(layer, rows, means, at)
+
+        p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), batch["answer_id"],
+                                           batch["pos_last"], ablate, heads_per_pass=heads_per_pass)
+        prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
+        prob_abl += p_abl.sum(1)
+        correct_abl += c_abl.sum(1)
     n = len(data)
     return _scan_result(prob_base, prob_abl, n_layers, n_heads, n, "prob") | _scan_result(
         correct_base, correct_abl, n_layers, n_heads, n, "accuracy"

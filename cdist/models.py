@@ -30,11 +30,12 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import einops
 import torch
+from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -48,6 +49,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "HookedTransformer",
     "HookedTransformerConfig",
+    "attention_inputs",
+    "frozen_head_residuals",
     "hf_config_from_hooked",
     "hf_to_hooked_state_dict",
     "hooked_config_from_hf",
@@ -56,6 +59,7 @@ __all__ = [
     "new_llama",
     "resolve_checkpoint",
     "save_llama",
+    "unembed",
 ]
 
 MAX_N_CTX = 8192
@@ -543,3 +547,58 @@ def new_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _hooked(cfg, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One position at a time, with every head's output given (path patching's frozen run)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def frozen_head_residuals(
+    model: HookedTransformer,
+    embed: Float[Tensor, "rows d_model"],
+    z: Sequence[Float[Tensor, "rows head_index d_head"]],
+) -> list[Float[Tensor, "rows d_model"]]:
+    """The residual stream at one position when every head's output ``z`` is given and only MLPs recompute.
+
+    With every head's ``z`` fixed, nothing moves information between positions (attention is the only
+    thing that does), so one position's residual stream depends on that position alone: its embedding, the
+    given ``z`` through ``W_O``, and its own MLPs. Path patching's first run is exactly this, which lets it
+    skip the attention of every layer and every other position.
+
+    Args:
+        model: a HookedTransformer with sequential attention and MLP (Llama; not ``parallel_attn_mlp``).
+        embed: the residual stream entering layer 0 at the position (``blocks.0.hook_resid_pre``).
+        z: per layer from the first, the heads' outputs at the position; as many layers as are wanted.
+
+    Returns:
+        ``len(z) + 1`` tensors: the residual stream entering layer 0, 1, ..., ``len(z)``.
+    """
+    if model.cfg.parallel_attn_mlp:
+        raise ValueError("frozen_head_residuals needs sequential attention and MLP blocks; this model is parallel")
+    resid = embed[:, None, :]  # the blocks' modules take [batch, pos, d_model]
+    out = [embed]
+    for block, z_layer in zip(model.blocks, z, strict=False):
+        attn_out = torch.einsum("rhd,hdm->rm", z_layer, block.attn.W_O) + block.attn.b_O
+        mid = resid + attn_out[:, None, :]
+        resid = mid + block.mlp(block.ln2(mid))
+        out.append(resid[:, 0])
+    return out
+
+
+def attention_inputs(
+    model: HookedTransformer, layer: int, resid: Float[Tensor, "rows d_model"]
+) -> dict[str, Float[Tensor, "rows head_index d_head"]]:
+    """Layer ``layer``'s ``hook_q``, ``hook_k`` and ``hook_v`` values (before rotary) for a residual stream.
+
+    Under grouped-query attention ``k`` and ``v`` have one row per key/value head, as their hooks do.
+    """
+    block = model.blocks[layer]
+    x = block.ln1(resid[:, None, :])
+    q, k, v = block.attn.calculate_qkv_matrices(x, x, x)
+    return {"q": q[:, 0], "k": k[:, 0], "v": v[:, 0]}
+
+
+def unembed(model: HookedTransformer, resid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
+    """The logits of a final residual stream (final norm, then unembedding)."""
+    return model.unembed(model.ln_final(resid[:, None, :]))[:, 0]

@@ -44,8 +44,9 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdist.ablation import one_head_variants, replace_heads
+from cdist.ablation import one_head_scan, one_head_variants, replace_heads
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.models import attention_inputs, frozen_head_residuals, unembed
 from cdist.types import Circuit, Head, HeadScores
 
 __all__ = [
@@ -158,31 +159,49 @@ def path_patching_scan(
     for batch in tqdm(batches(data, batch_size, pad_id(model), (position,), corrupt=True), total=total,
                       disable=not progress, desc="path patching"):
         ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
-        logits, clean = model.run_with_cache(ids, names_filter=names)
+        rows = torch.arange(n_rows, device=device)
+        here = batch[position].to(device)
+        start = min(r.layer for r in receivers) if receivers else 0  # run 2 is the clean run below this layer
+        resid_names = sorted({"blocks.0.hook_resid_pre", f"blocks.{start}.hook_resid_pre"})
+        logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
         p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
+        clean_z = [clean[name][rows, here] for name in names]  # [batch, head_index, d_head] at ``position``
+        corrupt_z = [corrupt[name][rows, here] for name in names]
+        embed = clean["blocks.0.hook_resid_pre"][rows, here]
         for chunk in senders.split(senders_per_pass):
             n_copies = len(chunk)
-            stacked, at = ids.repeat(n_copies, 1), batch[position].repeat(n_copies)
+            at = batch[position].repeat(n_copies)
             variants = one_head_variants(chunk, n_heads, n_rows)
-            # Run 1: every head frozen to its clean z, copy j's sender taken from the corrupt run.
-            hooks: list[tuple[str, Callable]] = []
-            for layer, name in enumerate(names):
-                frozen = clean[name].repeat(n_copies, 1, 1, 1)
+            # Run 1, at ``position`` only (cdist.models.frozen_head_residuals): every head frozen to its clean
+            # z, copy j's sender taken from the corrupt run, MLPs recomputed.
+            z = []
+            for layer in range(top):
+                frozen = clean_z[layer].repeat(n_copies, 1, 1)
                 if layer in variants:
-                    frozen = replace_heads(frozen, variants[layer], corrupt[name].repeat(n_copies, 1, 1, 1), at)
-                hooks.append((name, _replacing(torch.ones(n_heads, dtype=torch.bool), frozen, None)))
+                    mask = variants[layer].to(device)[:, :, None]
+                    frozen = torch.where(mask, corrupt_z[layer].repeat(n_copies, 1, 1), frozen)
+                z.append(frozen)
+            resid = frozen_head_residuals(model, embed.repeat(n_copies, 1), z)
             if not receivers:
-                with model.hooks(fwd_hooks=hooks):
-                    logits = model(stacked)
+                logits = unembed(model, resid[-1])[:, None, :]  # a one-position sequence: read at 0
+                last = torch.zeros(n_copies * n_rows, dtype=torch.long)
+                if not torch.equal(batch[position], batch["pos_last"]):
+                    raise ValueError(f"receivers=() means the logits at pos_last; position={position!r} differs")
             else:
-                with model.hooks(fwd_hooks=hooks):
-                    _, run1 = model.run_with_cache(stacked, names_filter=list(in_masks), stop_at_layer=top + 1)
                 # Run 2: an ordinary clean run whose receivers read run 1's inputs at ``position``.
-                hooks = [(name, _replacing(mask, run1[name], at)) for name, mask in in_masks.items()]
+                hooks = []
+                for name, mask in in_masks.items():
+                    layer = int(name.split(".")[1])
+                    new = attention_inputs(model, layer, resid[layer])[receiver_input][:, None]
+                    hooks.append((name, _replacing(mask, new, at)))
                 with model.hooks(fwd_hooks=hooks):
-                    logits = model(stacked)
-            p, _ = answer_stats(logits, batch["answer_id"].repeat(n_copies), batch["pos_last"].repeat(n_copies))
+                    final = model(clean[f"blocks.{start}.hook_resid_pre"].repeat(n_copies, 1, 1),
+                                  start_at_layer=start, stop_at_layer=n_layers)
+                last = batch["pos_last"].repeat(n_copies).to(device)
+                logits = unembed(model, final[torch.arange(len(final), device=device), last])[:, None, :]
+                last = torch.zeros_like(last)
+            p, _ = answer_stats(logits, batch["answer_id"].repeat(n_copies), last)
             p, base = p.view(n_copies, n_rows), p_clean[None, :]
             rel[chunk] += ((p - base) / base).sum(1)
             diff[chunk] += (p - base).sum(1)
@@ -291,22 +310,18 @@ def activation_patching_scan(
     total = -(-len(data) // batch_size)
     for batch in tqdm(batches(data, batch_size, pad_id(model), columns, corrupt=True), total=total,
                       disable=not progress, desc="activation patching"):
-        ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
-        p_clean, _ = answer_stats(model(ids), batch["answer_id"], batch["pos_last"])
+        ids = batch["input_ids"].to(device)
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
-        for chunk in torch.arange(n_layers * n_heads).split(heads_per_pass):
-            n_copies = len(chunk)
+
+        def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
             at = None if position is None else batch[position].repeat(n_copies)
-            hooks = []
-            for layer, rows in one_head_variants(chunk, n_heads, n_rows).items():
-                source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
-                hooks.append((names[layer], _replacing(rows, source, at)))
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(ids.repeat(n_copies, 1))
-            p, _ = answer_stats(logits, batch["answer_id"].repeat(n_copies), batch["pos_last"].repeat(n_copies))
-            p, base = p.view(n_copies, n_rows), p_clean[None, :]
-            rel[chunk] += ((p - base) / base).sum(1)
-            diff[chunk] += (p - base).sum(1)
+            return names[layer], _replacing(rows, corrupt[names[layer]].repeat(n_copies, 1, 1, 1), at)
+
+        p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
+                                         heads_per_pass=heads_per_pass)
+        base = p_clean[None, :]
+        rel += ((p - base) / base).sum(1)
+        diff += (p - base).sum(1)
     return _scores(rel, diff, len(data), n_layers, n_heads, "activation_patching")
 
 
