@@ -77,6 +77,7 @@ class OrganismConfig:
     stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
     confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
     head_sparsity: float = 0.0  # weight of the head-output penalty (HeadOutputPenalty); 0 = none
+    head_sparsity_power: float = 0.5  # each head's term is (mean output ratio) ** power; < 1 favours few heads
     seed: int = 0
     task_kwargs: dict = field(default_factory=dict)
 
@@ -164,8 +165,8 @@ class HeadOutputPenalty:
     decoder layer and its ``o_proj`` collect it during a forward pass; ``take()`` returns the sum and resets.
     """
 
-    def __init__(self, model: LlamaForCausalLM):
-        self.n_heads, self.terms, self.resid = model.config.num_attention_heads, [], None
+    def __init__(self, model: LlamaForCausalLM, power: float = 0.5):
+        self.n_heads, self.power, self.terms, self.resid = model.config.num_attention_heads, power, [], None
         self.handles = []
         for layer in model.model.layers:
             self.handles.append(layer.register_forward_pre_hook(self._keep_resid, with_kwargs=True))
@@ -183,7 +184,8 @@ class HeadOutputPenalty:
         z = x.unflatten(-1, (self.n_heads, -1))
         w = o_proj.weight.unflatten(1, (self.n_heads, -1))  # [d_model, n_heads, d_head]
         out = torch.einsum("bphd,mhd->bphm", z, w).norm(dim=-1)  # [batch, pos, n_heads]
-        self.terms.append((out / (self.resid[..., None] + 1e-6)).mean((0, 1)).sum())
+        ratio = (out / (self.resid[..., None] + 1e-6)).mean((0, 1))  # [n_heads]
+        self.terms.append((ratio + 1e-8).pow(self.power).sum())
 
     def take(self) -> torch.Tensor:
         total, self.terms = torch.stack(self.terms).sum(), []
@@ -230,7 +232,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         rng.setstate(state["rng"])
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
-    penalty = HeadOutputPenalty(model) if cfg.head_sparsity else None
+    penalty = HeadOutputPenalty(model, cfg.head_sparsity_power) if cfg.head_sparsity else None
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
     done = bool(history) and history[-1].get("stop", False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)

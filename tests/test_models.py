@@ -199,3 +199,23 @@ def test_new_llama_is_seeded_and_exportable(tmp_path):
     out = save_llama(model, tmp_path / "organism")
     hf_model = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert _max_diff(hf_model, model.eval(), _tokens(vocab=50)[:, :64]) <= TOL
+
+
+def test_frozen_head_residuals_rebuild_the_clean_stream(model):
+    """Given a run's own z, the one-position recomputation reproduces that run's residual stream and logits."""
+    from cdist.models import attention_inputs, frozen_head_residuals, unembed
+
+    ids = torch.randint(4, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    names = [f"blocks.{l}.attn.hook_{n}" for l in range(model.cfg.n_layers) for n in "zqkv"]
+    names += [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)] + ["ln_final.hook_normalized"]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ids, names_filter=names)
+        pos = 6
+        z = [cache[f"blocks.{l}.attn.hook_z"][:, pos] for l in range(model.cfg.n_layers)]
+        resid = frozen_head_residuals(model, cache["blocks.0.hook_resid_pre"][:, pos], z)
+        for layer in range(model.cfg.n_layers):
+            assert torch.allclose(resid[layer], cache[f"blocks.{layer}.hook_resid_pre"][:, pos], atol=1e-5)
+            inputs = attention_inputs(model, layer, resid[layer])
+            for n in "qkv":
+                assert torch.allclose(inputs[n], cache[f"blocks.{layer}.attn.hook_{n}"][:, pos], atol=1e-5)
+        assert torch.allclose(unembed(model, resid[-1]), logits[:, pos], atol=1e-4)
