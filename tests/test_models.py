@@ -206,12 +206,12 @@ def test_frozen_head_residuals_rebuild_the_clean_stream(model):
     from cdist.models import attention_inputs, frozen_head_residuals, unembed
 
     ids = torch.randint(4, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
-    names = [f"blocks.{l}.attn.hook_{n}" for l in range(model.cfg.n_layers) for n in "zqkv"]
-    names += [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)] + ["ln_final.hook_normalized"]
+    names = [f"blocks.{i}.attn.hook_{n}" for i in range(model.cfg.n_layers) for n in "zqkv"]
+    names += [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)] + ["ln_final.hook_normalized"]
     with torch.no_grad():
         logits, cache = model.run_with_cache(ids, names_filter=names)
         pos = 6
-        z = [cache[f"blocks.{l}.attn.hook_z"][:, pos] for l in range(model.cfg.n_layers)]
+        z = [cache[f"blocks.{i}.attn.hook_z"][:, pos] for i in range(model.cfg.n_layers)]
         resid = frozen_head_residuals(model, cache["blocks.0.hook_resid_pre"][:, pos], z)
         for layer in range(model.cfg.n_layers):
             assert torch.allclose(resid[layer], cache[f"blocks.{layer}.hook_resid_pre"][:, pos], atol=1e-5)
