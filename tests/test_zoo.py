@@ -165,3 +165,47 @@ def test_shipped_zoo_is_small():
     assert size < 40e6
     for name in SHIPPED:
         assert json.loads((zoo.zoo_dir() / name / "manifest.json").read_text())["name"] == name
+
+
+def _penalty_of(model, ids, power):
+    penalty = organisms.HeadOutputPenalty(model, power)
+    model.train()
+    model(ids)
+    return penalty.take(), penalty
+
+
+def test_head_output_penalty_ignores_the_stream_scale_and_evaluation_passes():
+    """Scaling the whole residual stream (embeddings, o_proj, down_proj) by c leaves the penalty unchanged;
+    silencing any one head's o_proj lowers it; eval-mode passes add nothing."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64)
+    model = organisms.new_organism(cfg, len(tokenizer))
+    for module in model.modules():  # the norms' epsilon is the only thing that sees the stream's scale
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 1e-20
+    ids = torch.randint(4, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
+    base, penalty = _penalty_of(model, ids, 1.0)
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert penalty.terms == []
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(3.0)
+            layer.mlp.down_proj.weight.mul_(3.0)
+    scaled, _ = _penalty_of(model, ids, 1.0)
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-4)
+    d_head = cfg.d_model // cfg.n_heads
+    per_head = []
+    for h in range(cfg.n_heads):  # the first layer's heads one at a time: each term is one head's
+        w = model.model.layers[0].self_attn.o_proj.weight
+        saved = w[:, h * d_head:(h + 1) * d_head].clone()
+        with torch.no_grad():
+            w[:, h * d_head:(h + 1) * d_head] = 0
+        per_head.append(scaled.item() - _penalty_of(model, ids, 1.0)[0].item())
+        with torch.no_grad():
+            w[:, h * d_head:(h + 1) * d_head] = saved
+    assert all(t > 0 for t in per_head)
+    concave, _ = _penalty_of(model, ids, 0.5)
+    assert concave.item() > scaled.item()  # each ratio is below 1, so its square root is larger
