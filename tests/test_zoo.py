@@ -209,3 +209,27 @@ def test_head_output_penalty_ignores_the_stream_scale_and_evaluation_passes():
     assert all(t > 0 for t in per_head)
     concave, _ = _penalty_of(model, ids, 0.5)
     assert concave.item() > scaled.item()  # each ratio is below 1, so its square root is larger
+
+
+@pytest.mark.slow
+def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
+    from cdist.types import Circuit
+
+    env = {**os.environ, "CDIST_ZOO": str(use_zoo)}
+    out = tmp_path / "discovery"
+    cmd = [sys.executable, "experiments/discovery.py", "--models", "et-tiny", "--out", str(out),
+           "--reference-items", "60", "--discovery-items", "16", "--eval-items", "60", "--n-random", "2"]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    results = json.loads((out / "results.json").read_text())
+    row = results["results"][0]
+    assert row["model"] == "et-tiny" and results["commit"] and results["config"]["eval_items"] == 60
+    assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
+    assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
+    circuit = Circuit.from_json(out / "circuits" / "et-tiny.json")
+    assert [str(h) for h in circuit.heads] == row["circuit"] and circuit.method == "path_patching"
+    assert "| et-tiny |" in (out / "results.md").read_text()
+    figures = tmp_path / "figures"
+    cmd = [sys.executable, "experiments/figures.py", "discovery", "--results", str(out), "--out", str(figures)]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    assert (figures / "et-tiny-path_patching_value_fetcher.html").exists()
+    assert (figures / "et-tiny-ablation_prob_drop.html").exists()
