@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cdist.types import Head
 
-__all__ = ["head_heatmap", "save_figure"]
+__all__ = ["head_heatmap", "head_map_figure", "save_figure"]
 
 
 def head_heatmap(
@@ -71,3 +71,26 @@ def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
         print(f"PNG skipped for {stem.name} ({type(err).__name__}): pip install kaleido; apt install chromium")
         return [html]
     return [html, stem.with_suffix(".png")]
+
+
+def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
+    """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher heads
+    (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black box."""
+    z = head_map.matrix.detach().float().cpu().numpy()
+    students = [str(h) for h in head_map.student_heads]
+    teachers = [str(h) for h in head_map.teacher_heads]
+    label = "distance |dP_s - dP_t|" if head_map.kind == "distance" else "similarity (CKA)"
+    scale = "Viridis_r" if head_map.kind == "distance" else "Viridis"
+    fig = go.Figure(go.Heatmap(z=z, x=teachers, y=students, colorscale=scale, colorbar={"title": label},
+                               hovertemplate="student %{y} / teacher %{x}: %{z:.3g}<extra></extra>"))
+    for s, t in head_map.pairs:
+        r, c = students.index(str(s)), teachers.index(str(t))
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line={"color": "black", "width": 3})
+    name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
+    fig.update_layout(
+        title=title or f"head correspondence, {head_map.method} matcher: {name}",
+        xaxis={"title": "teacher head", "type": "category"},
+        yaxis={"title": "student head", "type": "category", "autorange": "reversed"},
+        width=max(520, 220 + 46 * len(teachers)), height=max(320, 180 + 36 * len(students)), template="plotly_white",
+    )
+    return fig
