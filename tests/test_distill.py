@@ -1,0 +1,132 @@
+"""Masked-head training: only the chosen slices move, optimizer state is delta-sized, runs resume exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cdist import distill, matching, tasks
+from cdist.models import new_llama
+from cdist.types import Head
+
+TRAIN = [Head(1, 0), Head(1, 3)]  # kv groups 0 and 1 of layer 1 (4 heads, 2 kv heads)
+
+
+@pytest.fixture(scope="module")
+def items(tok):
+    train = tasks.entity_tracking(48, tokenizer=tok, n_boxes=3, template="compact", seed=0, split="train")
+    test = tasks.entity_tracking(16, tokenizer=tok, n_boxes=3, template="compact", seed=1, split="test")
+    return train, test
+
+
+def fresh(tok, seed):
+    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=seed,
+                     tokenizer=tok).eval()
+
+
+def head_map():
+    return matching.random_matcher(TRAIN, [Head(0, 1), Head(1, 2)], seed=0)
+
+
+CFG = distill.DistillConfig(steps=6, lr=3e-2, batch_size=8, cka_weight=1.0, eval_every=3)
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_only_the_trained_slices_change(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    before, teacher_before = snapshot(student), snapshot(teacher)
+    distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False)
+    after = snapshot(student)
+    moved = {"blocks.1.attn.W_Q": [0, 3], "blocks.1.attn.W_O": [0, 3], "blocks.1.attn._W_K": [0, 1],
+             "blocks.1.attn._W_V": [0, 1]}
+    for name, value in after.items():
+        rows = moved.get(name, [])
+        for r in range(value.shape[0] if value.ndim else 0):
+            same = torch.equal(value[r], before[name][r])
+            assert same != (r in rows), (name, r)
+        if not value.ndim:
+            assert torch.equal(value, before[name])
+    assert all(torch.equal(p, teacher_before[n]) for n, p in snapshot(teacher).items())
+
+
+def test_query_output_policy_leaves_keys_and_values(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    before = snapshot(student)
+    distill.distill(student, teacher, head_map(), *items, replace(CFG, kv_policy="qo"), tmp_path, progress=False)
+    after = snapshot(student)
+    for name in ("blocks.1.attn._W_K", "blocks.1.attn._W_V"):
+        assert torch.equal(after[name], before[name])
+    assert not torch.equal(after["blocks.1.attn.W_Q"], before["blocks.1.attn.W_Q"])
+
+
+def test_optimizer_state_is_the_size_of_what_is_trained(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    result = distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False)
+    d_model, d_head = 32, 8
+    expected = 2 * 2 * d_model * d_head + 2 * 2 * d_model * d_head  # (W_Q + W_O) x 2 heads, (K + V) x 2 groups
+    assert result["trainable"]["params"] == expected and result["trainable"]["heads"] == 2
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in state["opt"]["state"].values())
+    assert moments == 2 * expected
+    total = sum(p.numel() for p in student.parameters())
+    assert result["trainable"]["param_share"] == pytest.approx(expected / total)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "straight", progress=False)
+
+    calls = []
+
+    def crash_at_second_evaluation(model):
+        calls.append(1)
+        if len(calls) == 3:  # step 0, step 3, then step 6: crash before the step-6 checkpoint
+            raise KeyboardInterrupt
+        return {}
+
+    resumed = fresh(tok, 1)
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill(resumed, teacher, head_map(), *items, CFG, tmp_path / "cut", progress=False,
+                        evaluate_fn=crash_at_second_evaluation)
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 3
+    resumed = fresh(tok, 1)
+    out = distill.distill(resumed, teacher, head_map(), *items, CFG, tmp_path / "cut", progress=False)
+    assert [m["step"] for m in out["metrics"]] == [0, 3, 6]
+    for (name, a), b in zip(student.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_alignment_raises_cka_and_full_training_moves_everything(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    cfg = replace(CFG, steps=30, ce_weight=0.0, cka_weight=1.0, eval_every=30)
+    out = distill.distill(student, teacher, head_map(), *items, cfg, tmp_path / "align", progress=False)
+    first = distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(cfg, steps=1, eval_every=1),
+                            tmp_path / "one", progress=False)["metrics"][-1]["cka_mean"]
+    assert out["metrics"][-1]["cka_mean"] > first + 0.05
+    full, before = fresh(tok, 1), snapshot(fresh(tok, 1))
+    out = distill.distill(full, teacher, None, *items, replace(CFG, cka_weight=0.0, trainable="all"),
+                          tmp_path / "all", progress=False)
+    for name, p in full.named_parameters():
+        if torch.any(before[name]) or name.split(".")[-1].startswith("W"):
+            assert not torch.equal(p, before[name]), name
+        else:  # TransformerLens's zero biases stay zero
+            assert torch.equal(p, before[name]), name
+    assert out["trainable"]["head_share"] == 1.0
+    assert (tmp_path / "all" / "metrics.csv").read_text().startswith("step,")
+
+
+def test_bad_settings_are_refused(tok, items, tmp_path):
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    with pytest.raises(ValueError, match="needs a head map"):
+        distill.distill(student, teacher, None, *items, CFG, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        distill.DistillConfig(ce_weight=0.0)
+    distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3), tmp_path / "a",
+                        progress=False)
