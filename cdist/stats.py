@@ -1,14 +1,18 @@
-"""Statistics for comparing methods: rank correlation of head scores.
+"""Statistics for comparing methods: rank correlation of head scores, McNemar's test of paired accuracies.
 
-Small, dependency-free (torch only) and checked in the tests against scipy.
+Small, dependency-free (torch and the standard library) and checked in the tests against scipy and
+statsmodels.
 """
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 from torch import Tensor
 
-__all__ = ["rankdata", "spearman"]
+__all__ = ["mcnemar", "rankdata", "spearman"]
 
 
 def rankdata(x: Tensor) -> Tensor:
@@ -30,3 +34,28 @@ def spearman(a: Tensor, b: Tensor) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = (ra.square().sum() * rb.square().sum()).sqrt()
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def mcnemar(correct_a: Tensor, correct_b: Tensor) -> dict:
+    """Exact McNemar test: do two methods differ in accuracy on the same items?
+
+    Only discordant items count: ``b`` = items A gets right and B wrong, ``c`` = the reverse. Under the null
+    hypothesis each discordant item is a fair coin, so the two-sided exact p-value is
+    ``min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c)))``, computed in exact rational arithmetic (1.0 when
+    there are no discordant items).
+
+    Args:
+        correct_a: per-item correctness of method A (bool or 0/1), e.g. ``evaluate_circuit(...)["full_correct"]``.
+        correct_b: the same items under method B.
+
+    Returns:
+        ``{"b", "c", "n_discordant", "p_value"}``.
+    """
+    a, b_ = correct_a.flatten().bool().cpu(), correct_b.flatten().bool().cpu()
+    if a.shape != b_.shape:
+        raise ValueError(f"McNemar pairs items: got {a.numel()} and {b_.numel()} results; evaluate both methods "
+                         "on the same items")
+    b, c = int((a & ~b_).sum()), int((~a & b_).sum())
+    n = b + c
+    tail = Fraction(sum(math.comb(n, k) for k in range(min(b, c) + 1)), 2**n) if n else Fraction(1, 2)
+    return {"b": b, "c": c, "n_discordant": n, "p_value": float(min(Fraction(1), 2 * tail))}

@@ -35,6 +35,28 @@ def test_spearman_matches_scipy(data):
     assert ours == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-9)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=200))
+def test_mcnemar_matches_statsmodels(pairs):
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    a = torch.tensor([p[0] for p in pairs])
+    b = torch.tensor([p[1] for p in pairs])
+    ours = stats.mcnemar(a, b)
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    theirs = sm_mcnemar(table, exact=True)
+    assert (ours["b"], ours["c"]) == (table[0][1], table[1][0])
+    assert ours["p_value"] == pytest.approx(float(theirs.pvalue), rel=1e-9, abs=1e-12)
+    assert ours["p_value"] == pytest.approx(min(1.0, 2 * scipy_stats.binom.cdf(min(ours["b"], ours["c"]),
+                                                                                 ours["n_discordant"], 0.5))
+                                            if ours["n_discordant"] else 1.0, rel=1e-9)
+
+
+def test_mcnemar_refuses_unpaired_results():
+    with pytest.raises(ValueError, match="same items"):
+        stats.mcnemar(torch.ones(3), torch.ones(4))
+
+
 def test_spearman_refuses_mismatched_sizes():
     with pytest.raises(ValueError, match="one size"):
         stats.spearman(torch.zeros(3), torch.zeros(4))
