@@ -22,17 +22,15 @@ each with the config and the commit that produced it.
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cdist import ablation, organisms, patching, stats, zoo
+from cdist import ablation, discovery, organisms, patching, stats, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text
 from cdist.provenance import git_commit
-from cdist.types import HeadScores
 
 # ---------------------------------------------------------------------------- config
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,22 +94,10 @@ for name in names:
     rho = stats.spearman(act["prob_change"], attr["prob_change"])
 
     t = time.time()
-    if cfg.task == "entity_tracking":
-        circuit, groups = patching.entity_tracking_circuit(model, found_on, k=args.k, min_effect=args.min_effect,
-                                                           model_name=name, progress=True)
-        for group, s in groups.items():
-            scores[f"path_patching_{group}"] = s.scores
-        selection = {"method": "path_patching", "k": args.k, "min_effect": args.min_effect}
-    else:
-        ranking = HeadScores(scan["prob_drop"], "prob_drop")
-        limit = max(1, math.floor(args.budget * n_heads))
-        for n in range(1, limit + 1):
-            circuit = patching.ranked_circuit(ranking, n, model=name, method="mean_ablation")
-            faith = ablation.evaluate_circuit(model, circuit, found_on, means=means, n_random=0)["faithfulness"]
-            if faith >= args.target:
-                break
-        selection = {"method": "mean_ablation", "budget": args.budget, "target": args.target,
-                     "discovery_faithfulness": faith}
+    rule = discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect, budget=args.budget, target=args.target)
+    circuit, found, selection = discovery.find_circuit(model, cfg.task, found_on, means, rule, model_name=name,
+                                                       scan=scan, progress=True)
+    scores |= found
     timings["circuit_search_s"] = time.time() - t
     result = summary(ablation.evaluate_circuit(model, circuit, evaluation, means=means, n_random=args.n_random,
                                                seed=args.seed))
