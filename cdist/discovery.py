@@ -1,7 +1,8 @@
 """A model's task circuit, found the paper's way for each task (what experiments/discovery.py runs on the zoo).
 
 - Entity tracking: Prakash et al.'s path-patching search (``patching.entity_tracking_circuit``), ``k``
-  heads per group whose relative change is at most ``-min_effect``.
+  heads per group whose relative change is at most ``-min_effect``; on the organisms' adjacent form the
+  search also looks for the object binders (``patching.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
   probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items reaches
   ``target``, with at most ``budget`` of all heads.
@@ -28,6 +29,7 @@ class DiscoveryConfig:
     """How a circuit is chosen (module doc)."""
 
     method: str = "auto"  # "auto" (by task), "path_patching" or "mean_ablation"
+    search: str = "auto"  # path patching: "auto" (by the items' template), "prakash" or "adjacent"
     k: int = 2
     min_effect: float = 0.01
     budget: float = 0.2
@@ -66,10 +68,15 @@ def find_circuit(
         method = "path_patching" if task == "entity_tracking" else "mean_ablation"
     scores: dict[str, Tensor] = {}
     if method == "path_patching":
+        search = cfg.search
+        if search == "auto":
+            adjacent = "template" in items.column_names and items[0]["template"] == "adjacent"
+            search = "adjacent" if adjacent else "prakash"
+        steps = {"prakash": patching.ET_SEARCH, "adjacent": patching.ET_SEARCH_ADJACENT}[search]
         circuit, groups = patching.entity_tracking_circuit(model, items, k=cfg.k, min_effect=cfg.min_effect,
-                                                           model_name=model_name, progress=progress)
+                                                           search=steps, model_name=model_name, progress=progress)
         scores = {f"path_patching_{group}": s.scores for group, s in groups.items()}
-        return circuit, scores, {"method": method, "k": cfg.k, "min_effect": cfg.min_effect}
+        return circuit, scores, {"method": method, "search": search, "k": cfg.k, "min_effect": cfg.min_effect}
     if method != "mean_ablation":
         raise ValueError(f"discovery method {method!r}; choose 'auto', 'path_patching' or 'mean_ablation'")
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)

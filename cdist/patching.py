@@ -46,6 +46,7 @@ one-sender-one-prompt-at-a-time twin (``*_reference``) that the tests hold it to
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -60,6 +61,8 @@ from cdist.types import Circuit, Head, HeadScores
 
 __all__ = [
     "ET_SEARCH",
+    "ET_SEARCH_ADJACENT",
+    "SearchStep",
     "activation_patching_scan",
     "activation_patching_scan_reference",
     "attribution_patching_scan",
@@ -442,12 +445,37 @@ def ranked_circuit(
                    model=model, method=method or scores.metric)
 
 
-# group name, the senders' (and receivers') position column, the receivers' input (None: the logits)
-ET_SEARCH: tuple[tuple[str, str, ReceiverInput | None], ...] = (
-    ("value_fetcher", "pos_last", None),
-    ("position_transmitter", "pos_last", "q"),
-    ("position_detector", "pos_query_label", "v"),
-    ("structure_reader", "pos_prev_label", "v"),
+@dataclass(frozen=True)
+class SearchStep:
+    """One group of an iterative path-patching search.
+
+    Attributes:
+        name: the group's name.
+        position: position column where its senders are patched (and its receivers' input is replaced).
+        receivers: the earlier group whose heads receive the path; None means the logits.
+        receiver_input: which input of the receivers: "q", "k" or "v" (ignored for the logits).
+    """
+
+    name: str
+    position: str
+    receivers: str | None = None
+    receiver_input: ReceiverInput = "q"
+
+
+# Prakash et al. 2024's search, in order.
+ET_SEARCH: tuple[SearchStep, ...] = (
+    SearchStep("value_fetcher", "pos_last"),
+    SearchStep("position_transmitter", "pos_last", "value_fetcher", "q"),
+    SearchStep("position_detector", "pos_query_label", "position_transmitter", "v"),
+    SearchStep("structure_reader", "pos_prev_label", "position_detector", "v"),
+)
+# Our addition for the organisms' adjacent form (" apple F , pen Q . F" -> "apple"): there the value fetchers
+# attend to the earlier mention of the queried label, which a head has made carry the object written just
+# before it; that head feeds the fetchers' values at ``pos_prev_label``, a path the four groups above never
+# test. On et-teacher the four groups alone found only the two fetchers (see README).
+ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
+    *ET_SEARCH,
+    SearchStep("object_binder", "pos_prev_label", "value_fetcher", "v"),
 )
 
 
@@ -457,6 +485,7 @@ def entity_tracking_circuit(
     *,
     k: int | Mapping[str, int] = 2,
     min_effect: float = 0.0,
+    search: Sequence[SearchStep] = ET_SEARCH,
     model_name: str = "",
     batch_size: int = 16,
     senders_per_pass: int = 8,
@@ -466,15 +495,16 @@ def entity_tracking_circuit(
 
     Value Fetchers: senders at ``pos_last`` into the logits. Position Transmitters: senders at ``pos_last``
     into the fetchers' queries. Position Detectors: senders at ``pos_query_label`` into the transmitters'
-    values. Structure Readers: senders at ``pos_prev_label`` into the detectors' values (``ET_SEARCH``).
-    Each group keeps its top ``k`` heads whose relative change is at most ``-min_effect``; a group that
-    keeps none ends the search (later groups would have no receivers) and later groups stay empty.
+    values. Structure Readers: senders at ``pos_prev_label`` into the detectors' values (``ET_SEARCH``;
+    ``ET_SEARCH_ADJACENT`` adds the organisms' object binders). Each group keeps its top ``k`` heads whose
+    relative change is at most ``-min_effect``; a group whose receiver group is empty stays empty.
 
     Args:
         model: a HookedTransformer.
         data: entity-tracking items (``cdist.tasks.entity_tracking``).
         k: heads per group, one number or group name -> number.
         min_effect: a head's relative change must be at most ``-min_effect`` to be kept.
+        search: the steps, in order; each step's receivers must come earlier.
         model_name: recorded in the circuit.
         batch_size, senders_per_pass: as for ``path_patching_scan``.
         progress: show a tqdm bar per group.
@@ -483,22 +513,25 @@ def entity_tracking_circuit(
         The ``Circuit`` (groups in search order, positions, each head's score in the group that found it
         first) and each searched group's ``HeadScores``.
     """
-    ks = {name: (k if isinstance(k, int) else k.get(name, 0)) for name, _, _ in ET_SEARCH}
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, HeadScores] = {}
     scores: dict[Head, float] = {}
-    receivers: tuple[Head, ...] = ()
-    for name, position, receiver_input in ET_SEARCH:
-        if receiver_input is not None and not receivers:
-            groups[name] = ()
+    for step in search:
+        if step.receivers is not None and step.receivers not in groups:
+            raise ValueError(f"search step {step.name!r} receives from {step.receivers!r}, which comes later or "
+                             "not at all; order the steps so that receivers come first")
+        receivers = groups[step.receivers] if step.receivers is not None else ()
+        if step.receivers is not None and not receivers:
+            groups[step.name] = ()
             continue
-        result = path_patching_scan(model, data, receivers=receivers, receiver_input=receiver_input or "q",
-                                    position=position, batch_size=batch_size, senders_per_pass=senders_per_pass,
-                                    progress=progress)
-        found[name] = HeadScores(result["relative_change"], "relative_change", higher_is_important=False)
-        groups[name] = receivers = select_heads(found[name], ks[name], min_effect)
-        for h in receivers:
-            scores.setdefault(h, found[name][h])
-    circuit = Circuit(groups, positions={name: pos for name, pos, _ in ET_SEARCH}, scores=scores,
+        result = path_patching_scan(model, data, receivers=receivers, receiver_input=step.receiver_input,
+                                    position=step.position, batch_size=batch_size,
+                                    senders_per_pass=senders_per_pass, progress=progress)
+        found[step.name] = HeadScores(result["relative_change"], "relative_change", higher_is_important=False)
+        k_here = k if isinstance(k, int) else k.get(step.name, 0)
+        groups[step.name] = select_heads(found[step.name], k_here, min_effect)
+        for h in groups[step.name]:
+            scores.setdefault(h, found[step.name][h])
+    circuit = Circuit(groups, positions={step.name: step.position for step in search}, scores=scores,
                       model=model_name, method="path_patching")
     return circuit, found

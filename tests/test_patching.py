@@ -146,20 +146,27 @@ def test_select_heads_and_ranked_circuit():
     assert Circuit.from_json(circuit.to_json()) == circuit
 
 
-def test_entity_tracking_search_builds_a_four_group_circuit(model3, data, tmp_path):
-    circuit, found = patching.entity_tracking_circuit(model3, data, k=2, model_name="random")
-    assert list(circuit.groups) == [name for name, _, _ in patching.ET_SEARCH]
+@pytest.mark.parametrize("search", [patching.ET_SEARCH, patching.ET_SEARCH_ADJACENT])
+def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search):
+    circuit, found = patching.entity_tracking_circuit(model3, data, k=2, search=search, model_name="random")
+    assert list(circuit.groups) == [step.name for step in search]
     assert circuit.positions["position_detector"] == "pos_query_label"
     assert circuit.positions["structure_reader"] == "pos_prev_label"
     assert 1 <= len(circuit.groups["value_fetcher"]) <= 2
-    for (name, _, _), (prev, _, _) in zip(patching.ET_SEARCH[1:], patching.ET_SEARCH, strict=False):
-        receivers = circuit.groups[prev]
-        for h in circuit.groups[name]:
+    for step in search[1:]:
+        receivers = circuit.groups[step.receivers]
+        for h in circuit.groups[step.name]:
             assert h.layer < max(r.layer for r in receivers)  # a sender sits below a receiver it feeds
-            assert found[name][h] < 0
+            assert found[step.name][h] < 0
     path = tmp_path / "circuit.json"
     circuit.to_json(path)
     assert Circuit.from_json(path) == circuit
+
+
+def test_search_steps_must_come_after_their_receivers(model3, data):
+    bad = (patching.SearchStep("a", "pos_last", "b", "q"), patching.SearchStep("b", "pos_last"))
+    with pytest.raises(ValueError, match="receives from 'b'"):
+        patching.entity_tracking_circuit(model3, data, search=bad)
 
 
 def test_patching_refuses_misaligned_or_unlabelled_data(model3, data):
