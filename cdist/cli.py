@@ -1,6 +1,7 @@
 """The ``cdist`` command line.
 
-    cdist demo [--items N] [--seed S]   # the zoo table: every zoo model's accuracy on fresh held-out data
+    cdist demo [--items N] [--seed S]   # the zoo table, then circuit distillation of et-student at a small size
+    cdist demo --no-distill             # the zoo table only
     cdist zoo                           # list the zoo models and what their manifests say
 """
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 import time
 
-from cdist import evaluate, zoo
+from cdist import evaluate, experiment, zoo
 from cdist.organisms import OrganismConfig, held_out
 
 
@@ -40,6 +41,18 @@ def _demo(args) -> int:
     for r in zoo_table(args.items, args.seed):
         print(f"{r['model']:<14}{r['task']:<17}{r['layers']:>7}{r['heads']:>7}{r['d_model']:>8}"
               f"{r['accuracy']:>10.3f}{r['manifest_accuracy']:>10.3f}")
+    if args.no_distill:
+        return 0
+    if not {"et-teacher", "et-student"} <= set(zoo.names()):
+        print("the distillation demo needs et-teacher and et-student in the zoo", file=sys.stderr)
+        return 1
+    started = time.time()
+    print("\nCircuit distillation of et-student from et-teacher, reduced size (1 seed, 150 steps, 500 test items;"
+          " the full tables: python experiments/entity_tracking.py):", flush=True)
+    argv = ["--seeds", "0", "--steps", "150", "--lambdas", "0.3", "1.0", "--train-items", "600", "--val-items",
+            "200", "--test-items", "500", "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"]
+    experiment.main("entity_tracking", argv)
+    print(f"demo distillation: {time.time() - started:.0f} s; tables and figures in {args.out}/figures")
     return 0
 
 
@@ -57,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="print every zoo model's accuracy on fresh held-out data")
     demo.add_argument("--items", type=int, default=1000, help="held-out items per model")
     demo.add_argument("--seed", type=int, default=7, help="seed of the held-out items")
+    demo.add_argument("--no-distill", action="store_true", help="only the zoo table")
+    demo.add_argument("--out", default="results/demo", help="where the demo's runs, tables and figures go")
     demo.set_defaults(run=_demo)
     sub.add_parser("zoo", help="list the zoo models").set_defaults(run=_zoo)
     args = parser.parse_args(argv)
