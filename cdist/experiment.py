@@ -142,6 +142,9 @@ def run_experiment(
         circuits[role], _, _ = discovery.find_circuit(model, cfg.task, found_on, means[role], cfg.discovery,
                                                       model_name=names[role == "student"])
         circuits[role].to_json(_mkdir(out) / f"circuit-{role}.json")
+        if not circuits[role].heads:
+            raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {cfg.discovery}; "
+                             "lower --min-effect (or check that the model does the task)")
         log(f"{role} circuit: {len(circuits[role].heads)} heads {[str(h) for h in circuits[role].heads]}")
     s_heads, t_heads = circuits["student"].heads, circuits["teacher"].heads
     if cfg.matcher == "ablation":
@@ -274,6 +277,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-items", type=int, default=2000)
     parser.add_argument("--val-items", type=int, default=500)
     parser.add_argument("--test-items", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=2, help="entity tracking: heads per path-patching group")
+    parser.add_argument("--min-effect", type=float, default=0.01, help="entity tracking: minimum -relative change")
     parser.add_argument("--matcher", choices=["ablation", "cka"], default="ablation")
     parser.add_argument("--one-to-one", action="store_true", help="assign each teacher head at most once")
     parser.add_argument("--kv-policy", choices=["group", "qo"], default="group")
@@ -309,6 +314,7 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         val_items=args.val_items, test_items=args.test_items, lambdas=tuple(args.lambdas),
         distill=distill.DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                       kv_policy=args.kv_policy, eval_every=max(1, args.steps // 10)),
+        discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect),
         matcher=args.matcher, one_to_one=args.one_to_one, rows=tuple(r for r in ROWS if r in args.rows),
     )
     commit = git_commit()
