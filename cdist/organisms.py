@@ -70,6 +70,7 @@ class OrganismConfig:
     weight_decay: float = 0.01
     curriculum_start: int | None = 2  # entity tracking: boxes at the start; None = always n_boxes
     curriculum_threshold: float = 0.9
+    train_boxes: int | None = None  # entity tracking: the curriculum stops here (an easier task than n_boxes)
     warmup_templates: tuple[str, ...] = ()
     warmup_whole_batches: bool = False  # a coin flip makes each batch all warm-up or all task, not half and half
     eval_every: int = 250
@@ -153,16 +154,19 @@ def held_out(cfg: OrganismConfig, tokenizer, n: int, *, n_boxes: int | None = No
 
 
 class HeadOutputPenalty:
-    """A group-lasso penalty on attention heads' outputs, so that a task is carried by few heads.
+    """A sparsity penalty on attention heads' outputs, so that a task is carried by few heads.
 
     Trained on one task alone, an organism spreads the answer over every head of a layer (each head a small
     vote), so no small circuit is faithful: keeping 6 of et-teacher's 16 heads gave 0.33 accuracy against
     0.99. Real models hold many tasks and a task's circuit is a few heads; this penalty makes the organisms
     alike. For each layer, head and token it takes the norm of the head's residual-stream output
     ``z_h @ W_O[h]`` divided by the norm of the residual stream entering the layer (so that shrinking the
-    whole stream cannot lower it), averages over tokens and sums over heads and layers (an L1 over heads, so
-    heads are switched off rather than all shrunk, as with Voita et al. 2019's head gates). Hooks on each
-    decoder layer and its ``o_proj`` collect it during a forward pass; ``take()`` returns the sum and resets.
+    whole stream cannot lower it), averages over tokens, raises each head's average to ``power`` and sums
+    over heads and layers. With ``power`` 1 this is a group lasso, which cannot tell one head writing the
+    answer from four heads writing a quarter each (on et-teacher, 5 heads were still needed); with ``power``
+    0.5 the sum is concave and favours few heads, as Voita et al. 2019's head gates do. Hooks on each decoder
+    layer and its ``o_proj`` collect it during a training-mode forward pass; ``take()`` returns the sum and
+    resets.
     """
 
     def __init__(self, model: LlamaForCausalLM, power: float = 0.5):
@@ -268,7 +272,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
             history[-1]["confirm_accuracy"] = evaluate.accuracy(logits_of, tests["confirm"])
             model.train()
             done = history[-1]["stop"] = _in_window(history[-1]["confirm_accuracy"], cfg)
-        if n_boxes < cfg.n_boxes and acc_now >= cfg.curriculum_threshold:
+        if n_boxes < (cfg.train_boxes or cfg.n_boxes) and acc_now >= cfg.curriculum_threshold:
             n_boxes += 1
             tests.setdefault(n_boxes, held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes))
         atomic_torch_save(
