@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import unembed
+from cdist.models import finish_layer, unembed
 from cdist.types import Circuit, Head
 
 __all__ = [
@@ -174,7 +174,9 @@ def one_head_scan(
     of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where ``rows`` is the
     ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the layers below the chunk's are
     untouched, the pass starts at its layer from the clean run's cached ``hook_resid_pre``, and only
-    ``pos_last`` is unembedded.
+    ``pos_last`` is unembedded. A last-layer head needs no pass at all: its hook is applied to the cached
+    ``z`` and the change at ``pos_last`` goes through ``W_O`` and that position's MLP (``finish_layer``).
+    ``hook_for`` must return a hook that changes only its layer's ``hook_z``, whatever its ``hook`` argument.
 
     Returns:
         Clean answer probability and correctness ``[batch]``, and the same for each head's intervention,
@@ -182,8 +184,10 @@ def one_head_scan(
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_rows = len(ids)
+    top = n_layers - 1
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    logits, cache = model.run_with_cache(ids, names_filter=names)
+    top_names = [Head(top, 0).hook_z, f"blocks.{top}.hook_resid_mid"]
+    logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
     p_base, c_base = answer_stats(logits, answer_id, pos_last)
     prob = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
     correct = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
@@ -191,12 +195,22 @@ def one_head_scan(
         for chunk in (layer * n_heads + torch.arange(n_heads)).split(heads_per_pass):
             n_copies = len(chunk)
             rows = one_head_variants(chunk, n_heads, n_rows)[layer]
-            with model.hooks(fwd_hooks=[hook_for(layer, rows, n_copies)]):
-                final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
-                              stop_at_layer=n_layers)
-            last = pos_last.repeat(n_copies).to(final.device)
-            logits = unembed(model, final[torch.arange(len(final), device=final.device), last])[:, None]
-            p, c = answer_stats(logits, answer_id.repeat(n_copies), torch.zeros_like(last))
+            name, fn = hook_for(layer, rows, n_copies)
+            last = pos_last.repeat(n_copies).to(cache[names[0]].device)
+            at = torch.arange(n_copies * n_rows, device=last.device)
+            if layer == top:
+                # Nothing reads the last layer's other positions, so the change of its z at pos_last, through
+                # W_O and that position's MLP, is the whole effect: one position instead of a forward pass.
+                z = cache[name].repeat(n_copies, 1, 1, 1)
+                dz = (fn(z, None) - z)[at, last]  # [rows, head_index, d_head]
+                mid = cache[top_names[1]].repeat(n_copies, 1, 1)[at, last] + torch.einsum(
+                    "rhd,hdm->rm", dz, model.blocks[top].attn.W_O)
+                final = finish_layer(model, top, mid)
+            else:
+                with model.hooks(fwd_hooks=[(name, fn)]):
+                    final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
+                                  stop_at_layer=n_layers)[at, last]
+            p, c = answer_stats(unembed(model, final)[:, None], answer_id.repeat(n_copies), torch.zeros_like(last))
             prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
     return p_base, c_base, prob, correct
 

@@ -50,6 +50,7 @@ __all__ = [
     "HookedTransformer",
     "HookedTransformerConfig",
     "attention_inputs",
+    "finish_layer",
     "frozen_head_residuals",
     "hf_config_from_hooked",
     "hf_to_hooked_state_dict",
@@ -576,14 +577,20 @@ def frozen_head_residuals(
     """
     if model.cfg.parallel_attn_mlp:
         raise ValueError("frozen_head_residuals needs sequential attention and MLP blocks; this model is parallel")
-    resid = embed[:, None, :]  # the blocks' modules take [batch, pos, d_model]
     out = [embed]
-    for block, z_layer in zip(model.blocks, z, strict=False):
-        attn_out = torch.einsum("rhd,hdm->rm", z_layer, block.attn.W_O) + block.attn.b_O
-        mid = resid + attn_out[:, None, :]
-        resid = mid + block.mlp(block.ln2(mid))
-        out.append(resid[:, 0])
+    for layer, z_layer in enumerate(z):
+        attn = model.blocks[layer].attn
+        out.append(finish_layer(model, layer, out[-1] + torch.einsum("rhd,hdm->rm", z_layer, attn.W_O) + attn.b_O))
     return out
+
+
+def finish_layer(
+    model: HookedTransformer, layer: int, resid_mid: Float[Tensor, "rows d_model"]
+) -> Float[Tensor, "rows d_model"]:
+    """The residual stream after layer ``layer``'s MLP, given the stream between its attention and MLP."""
+    block = model.blocks[layer]
+    mid = resid_mid[:, None, :]
+    return (mid + block.mlp(block.ln2(mid)))[:, 0]
 
 
 def attention_inputs(
