@@ -504,7 +504,8 @@ def evaluate_circuit(
 
     Returns:
         ``full_accuracy``, ``circuit_accuracy``, ``random_accuracy`` (mean), ``random_accuracies`` (list),
-        ``faithfulness`` = circuit / full, ``random_faithfulness`` = random / full, ``n_circuit_heads``,
+        ``faithfulness`` = circuit / full, ``random_faithfulness`` = random / full,
+        ``faithfulness_above_random`` = (circuit - random) / (full - random), ``n_circuit_heads``,
         ``n_heads`` (in the model), and per-item ``full_correct`` / ``circuit_correct`` (bool tensors, for
         McNemar's test between methods).
 
@@ -539,6 +540,10 @@ def evaluate_circuit(
         "random_accuracies": randoms,
         "faithfulness": circuit_acc / full if full > 0 else math.nan,
         "random_faithfulness": random_acc / full if full > 0 else math.nan,
+        # How much of what the full model does beyond random circuits the circuit keeps: with an answer that
+        # ablation leaves as the default (theory of mind's "unknown"), plain faithfulness is high for anything.
+        "faithfulness_above_random": (circuit_acc - random_acc) / (full - random_acc) if full > random_acc
+        else math.nan,
         "n_circuit_heads": len(circuit.heads),
         "n_heads": n_layers * n_heads,
         "full_correct": full_correct,

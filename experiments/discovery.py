@@ -63,7 +63,7 @@ def as_lists(t: torch.Tensor) -> list:
 
 def summary(result: dict) -> dict:
     keep = ("full_accuracy", "circuit_accuracy", "random_accuracy", "random_accuracies", "faithfulness",
-            "random_faithfulness", "n_circuit_heads", "n_heads")
+            "random_faithfulness", "faithfulness_above_random", "n_circuit_heads", "n_heads")
     return {k: result[k] for k in keep}
 
 
@@ -116,7 +116,8 @@ for name in names:
 config = {**vars(args), "models": names}
 atomic_write_json({"config": config, "commit": commit, "results": rows}, out / "results.json")
 columns = ["model", "task", "n_heads", "n_circuit_heads", "circuit_share", "full_accuracy", "circuit_accuracy",
-           "random_accuracy", "faithfulness", "random_faithfulness", "attribution_vs_activation_spearman"]
+           "random_accuracy", "faithfulness", "random_faithfulness", "faithfulness_above_random",
+           "attribution_vs_activation_spearman"]
 with open(out / "results.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns + ["circuit"], extrasaction="ignore")
     writer.writeheader()
@@ -128,12 +129,13 @@ lines = [
     f"`python experiments/discovery.py {' '.join(sys.argv[1:])}` at commit `{commit}`; accuracies on "
     f"{args.eval_items} fresh held-out items per model (config: results.json).",
     "",
-    "| model | heads | circuit | share | full | circuit acc. | random acc. | faithfulness | attribution rho |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| model | heads | circuit | share | full | circuit acc. | random acc. | faithfulness | above random | attribution rho |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
     lines.append(f"| {r['model']} | {r['n_heads']} | {' '.join(r['circuit'])} | {r['circuit_share']:.2f} | "
                  f"{r['full_accuracy']:.3f} | {r['circuit_accuracy']:.3f} | {r['random_accuracy']:.3f} | "
-                 f"{r['faithfulness']:.3f} | {r['attribution_vs_activation_spearman']:.2f} |")
+                 f"{r['faithfulness']:.3f} | {r['faithfulness_above_random']:.3f} | "
+                 f"{r['attribution_vs_activation_spearman']:.2f} |")
 atomic_write_text("\n".join(lines) + "\n", out / "results.md")
 print(f"wrote {out}/results.md, results.csv, results.json, circuits/, scores/")
