@@ -129,7 +129,7 @@ lines = [
     f"`python experiments/discovery.py {' '.join(sys.argv[1:])}` at commit `{commit}`; accuracies on "
     f"{args.eval_items} fresh held-out items per model (config: results.json).",
     "",
-    "| model | heads | circuit | share | full | circuit acc. | random acc. | faithfulness | above random | attribution rho |",
+    "| model | heads | circuit | share | full | circuit | random | faithfulness | above random | attribution rho |",
     "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
