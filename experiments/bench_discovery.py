@@ -25,7 +25,9 @@ from cdist.tokenizers import llama3_tokenizer
 from cdist.types import Head
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="et-teacher", help="a zoo model, or llama-3.2-1b (random weights)")
+parser.add_argument("--model", default="et-teacher", help="a zoo model, or llama-3.2-1b / random (random weights)")
+parser.add_argument("--shape", type=int, nargs=5, default=[16, 2048, 32, 8, 8192],
+                    metavar=("LAYERS", "D_MODEL", "HEADS", "KV_HEADS", "D_MLP"), help="--model random: its shape")
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--items", type=int, default=256, help="items for the timed full ablation scan")
@@ -39,17 +41,19 @@ if args.threads:
     torch.set_num_threads(args.threads)
 dtype = getattr(torch, args.dtype)
 
-if args.model == "llama-3.2-1b":
+if args.model in ("llama-3.2-1b", "random"):
     tokenizer = llama3_tokenizer()
-    model = new_llama(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, d_mlp=8192, vocab_size=len(tokenizer),
-                      seed=args.seed, tokenizer=tokenizer, rope_theta=500000.0).to(args.device, dtype).eval()
+    layers, width, heads, kv, mlp = [16, 2048, 32, 8, 8192] if args.model == "llama-3.2-1b" else args.shape
+    model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=kv, d_mlp=mlp,
+                      vocab_size=len(tokenizer), seed=args.seed, tokenizer=tokenizer,
+                      rope_theta=500000.0).to(args.device, dtype).eval()
     make = dict(template="prakash")
 elif args.model in zoo.names():
     model, tokenizer = zoo.load(args.model, device=args.device)
     model = model.to(dtype)
     make = dict(template=zoo.manifest(args.model)["config"]["template"])
 else:
-    parser.error(f"unknown model {args.model!r}; choose llama-3.2-1b or one of {zoo.names()}")
+    parser.error(f"unknown model {args.model!r}; choose llama-3.2-1b, random or one of {zoo.names()}")
 data = tasks.entity_tracking(args.items, tokenizer=tokenizer, seed=args.seed + 1, split="test", **make)
 small = data.select(range(min(args.reference_items, len(data))))
 reference = tasks.entity_tracking(64, tokenizer=tokenizer, seed=args.seed + 2, split="test", **make)
