@@ -76,6 +76,7 @@ class OrganismConfig:
     eval_every: int = 250
     eval_items: int = 500
     stop_window: tuple[float, float] | None = None  # students: stop once test accuracy lies inside it
+    stop_after: int = 0  # ... but not before this step (let the head-output penalty thin the heads out first)
     confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
     head_sparsity: float = 0.0  # weight of the head-output penalty (HeadOutputPenalty); 0 = none
     head_sparsity_power: float = 0.5  # each head's term is (mean output ratio) ** power; < 1 favours few heads
@@ -265,7 +266,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
                         "head_penalty": round(head_penalty.item(), 4),
                         "train_boxes_accuracy": acc_now, "test_accuracy": acc})
         bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-        if _in_window(acc, cfg):
+        if step >= cfg.stop_after and _in_window(acc, cfg):
             if "confirm" not in tests:
                 tests["confirm"] = held_out(cfg, tokenizer, cfg.confirm_items, seed=CONFIRM_SEED)
             model.eval()

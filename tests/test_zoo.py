@@ -233,3 +233,12 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     assert (figures / "et-tiny-path_patching_value_fetcher.html").exists()
     assert (figures / "et-tiny-ablation_prob_drop.html").exists()
+
+
+def test_early_stop_waits_for_stop_after(tmp_path, monkeypatch):
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
+                  eval_items=20, confirm_items=20, stop_window=(0.4, 0.6), stop_after=10)
+    monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: 0.5)  # always inside the window
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
+    assert manifest["steps"] == 10 and manifest["stopped_early"]
