@@ -33,10 +33,12 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 # grows its boxes from 2 to 7; theory of mind mixes two-box entity tracking into training (see cdist.organisms).
 # Entity-tracking organisms use the adjacent form (" apple F , pen Q . F" -> "apple"): with the compact form
 # every run but one sat at chance on two boxes for 5,000-13,000 steps (see README, "The zoo and its deviation").
-# Every organism is trained with the concave head-output penalty (cdist.organisms.HeadOutputPenalty, weight
-# HEAD_SPARSITY): without it each one spread its task over every head of a layer and no circuit of 20% of the
-# heads was faithful (et-teacher: 6 of 16 heads kept 0.33 of its 0.99 accuracy). With it, on et-teacher's
-# config, 3 heads kept 0.92 of 0.99 (weight 0.05; 0.02 needed 5 heads for 0.88; see README).
+# et-teacher trains with the concave head-output penalty (cdist.organisms.HeadOutputPenalty, weight
+# HEAD_SPARSITY): without it it spread the task over every head of a layer and no circuit of 20% of the heads
+# was faithful (6 of 16 heads kept 0.33 of its 0.99 accuracy); with it 3 heads keep 0.98 of 0.995. The other
+# organisms are still the penalty-free ones: with the penalty (weight 0.05) et-student stayed at chance for
+# 6,000 steps, and weaker penalties (0.01, 0.02) left it warm but with every second-layer head a small vote
+# (README, "The zoo"); tom-teacher with the penalty is being retrained.
 HEAD_SPARSITY = 0.05
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
@@ -50,15 +52,14 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
     ),
     "et-student": OrganismConfig(
         name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
-        stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2, head_sparsity=HEAD_SPARSITY,
+        stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
     ),
     "tom-teacher": OrganismConfig(
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3,
-        head_sparsity=HEAD_SPARSITY,
     ),
     "tom-student": OrganismConfig(
         name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=40_000, warmup_templates=("adjacent",),
-        stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4, head_sparsity=HEAD_SPARSITY,
+        stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
 }
 
