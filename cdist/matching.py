@@ -20,11 +20,9 @@ are left out of the pairs.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -32,13 +30,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from cdist.cka import linear_cka
-from cdist.types import Head
+from cdist.types import Head, JsonRecord
 
 __all__ = ["HeadMap", "ablation_matcher", "cka_matcher", "random_matcher"]
 
 
 @dataclass(frozen=True, eq=False)
-class HeadMap:
+class HeadMap(JsonRecord):
     """Student heads paired with teacher heads.
 
     Attributes:
@@ -90,16 +88,6 @@ class HeadMap:
             student_model=d.get("student_model", ""),
             teacher_model=d.get("teacher_model", ""),
         )
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> HeadMap:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _check(student_heads: Sequence[Head], teacher_heads: Sequence[Head]) -> None:

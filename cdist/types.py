@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Ablation", "Circuit", "Head", "HeadScores"]
+__all__ = ["Ablation", "Circuit", "Head", "HeadScores", "JsonRecord"]
 
 _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
 
@@ -127,8 +127,27 @@ def _heads(items: Iterable[Head | str]) -> tuple[Head, ...]:
     return tuple(h if isinstance(h, Head) else Head.parse(h) for h in items)
 
 
+class JsonRecord:
+    """``to_json`` / ``from_json`` for a class with ``to_dict`` / ``from_dict`` (circuits, head maps)."""
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path):
+        """Read a record from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from JSON text."""
+        text = str(source)
+        if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls.from_dict(json.loads(text))
+
+
 @dataclass(frozen=True)
-class Circuit:
+class Circuit(JsonRecord):
     """A task circuit: named groups of heads, the prompt position each group acts at, and how it was found.
 
     Entity tracking's circuit (Prakash et al. 2024) has four groups, e.g. ``{"value_fetcher": (a5.h3, ...),
@@ -195,21 +214,6 @@ class Circuit:
             model=d.get("model", ""),
             method=d.get("method", ""),
         )
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The circuit as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, source: str | Path) -> Circuit:
-        """Read a circuit from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from JSON text."""
-        text = str(source)
-        if isinstance(source, Path) or not text.lstrip().startswith("{"):
-            text = Path(source).read_text()
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so scores compare by identity
