@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh clone: `make demo` and `make test` (README).
 # The virtualenv gets the CPU build of torch unless a GPU is visible, so no multi-GB CUDA wheel is pulled:
-# first a CPU wheel pip already has on local disk (--no-index: no network), else PyTorch's CPU index.
+# first the +cpu wheel wherever pip's own configuration finds it (a local wheel folder on this project's
+# machines; PyPI has no +cpu builds, so elsewhere this fails at once), else PyTorch's CPU index.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
 	else \
-		$(BIN)/python -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
