@@ -5,7 +5,8 @@
   search also looks for the object binders (``patching.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
   probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items reaches
-  ``target``, with at most ``budget`` of all heads.
+  ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no defined
+  faithfulness, so its circuit grows to the budget).
 
 The items a circuit is chosen on must not be the items it is evaluated on; callers pass separate sets.
 """
