@@ -203,14 +203,14 @@ def one_head_scan(
                 # W_O and that position's MLP, is the whole effect: one position instead of a forward pass.
                 z = cache[name].repeat(n_copies, 1, 1, 1)
                 dz = (fn(z, None) - z)[at, last]  # [rows, head_index, d_head]
-                mid = cache[top_names[1]].repeat(n_copies, 1, 1)[at, last] + torch.einsum(
-                    "rhd,hdm->rm", dz, model.blocks[top].attn.W_O)
+                mid_last = cache[top_names[1]][torch.arange(n_rows, device=last.device), pos_last.to(last.device)]
+                mid = mid_last.repeat(n_copies, 1) + torch.einsum("rhd,hdm->rm", dz, model.blocks[top].attn.W_O)
                 final = finish_layer(model, top, mid)
             else:
                 with model.hooks(fwd_hooks=[(name, fn)]):
                     final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
                                   stop_at_layer=n_layers)[at, last]
-            p, c = answer_stats(unembed(model, final)[:, None], answer_id.repeat(n_copies), torch.zeros_like(last))
+            p, c = answer_stats(unembed(model, final), answer_id.repeat(n_copies))
             prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
     return p_base, c_base, prob, correct
 

@@ -66,13 +66,16 @@ def device_of(model) -> torch.device:
 
 
 def answer_stats(
-    logits: Float[Tensor, "batch pos d_vocab"], answer_id: Int[Tensor, " batch"], pos: Int[Tensor, " batch"]
+    logits: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"],
+    answer_id: Int[Tensor, " batch"],
+    pos: Int[Tensor, " batch"] | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """(probability of the answer, 1.0 where it is the top-1 token), read at each row's ``pos``; float64, CPU.
 
-    The softmax runs in float32 even for a bfloat16 model.
+    ``pos=None`` means the logits are already one row per example (``[batch, d_vocab]``). The softmax runs
+    in float32 even for a bfloat16 model.
     """
-    last = logits_at(logits, pos).float()
+    last = (logits if pos is None else logits_at(logits, pos)).float()
     answer = answer_id.to(last.device)[:, None]
     prob = last.log_softmax(-1).gather(-1, answer)[:, 0].exp()
     correct = (last.argmax(-1) == answer[:, 0]).float()

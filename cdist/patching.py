@@ -167,14 +167,16 @@ def path_patching_scan(
     rel = torch.zeros(n_layers * n_heads, dtype=torch.float64)
     diff = torch.zeros(n_layers * n_heads, dtype=torch.float64)
     names = _z_names(top)
+    start = min(r.layer for r in receivers) if receivers else 0  # run 2 is the clean run below this layer
+    resid_names = sorted({"blocks.0.hook_resid_pre", f"blocks.{start}.hook_resid_pre"})
     total = -(-len(data) // batch_size)
     for batch in tqdm(batches(data, batch_size, pad_id(model), (position,), corrupt=True), total=total,
                       disable=not progress, desc="path patching"):
+        if not receivers and not torch.equal(batch[position], batch["pos_last"]):
+            raise ValueError(f"receivers=() means the logits at pos_last; position={position!r} differs")
         ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
         rows = torch.arange(n_rows, device=device)
         here = batch[position].to(device)
-        start = min(r.layer for r in receivers) if receivers else 0  # run 2 is the clean run below this layer
-        resid_names = sorted({"blocks.0.hook_resid_pre", f"blocks.{start}.hook_resid_pre"})
         logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
         p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
@@ -196,10 +198,7 @@ def path_patching_scan(
                 z.append(frozen)
             resid = frozen_head_residuals(model, embed.repeat(n_copies, 1), z)
             if not receivers:
-                logits = unembed(model, resid[-1])[:, None, :]  # a one-position sequence: read at 0
-                last = torch.zeros(n_copies * n_rows, dtype=torch.long)
-                if not torch.equal(batch[position], batch["pos_last"]):
-                    raise ValueError(f"receivers=() means the logits at pos_last; position={position!r} differs")
+                final = resid[-1]  # already at pos_last
             else:
                 # Run 2: an ordinary clean run whose receivers read run 1's inputs at ``position``.
                 hooks = []
@@ -210,10 +209,8 @@ def path_patching_scan(
                 with model.hooks(fwd_hooks=hooks):
                     final = model(clean[f"blocks.{start}.hook_resid_pre"].repeat(n_copies, 1, 1),
                                   start_at_layer=start, stop_at_layer=n_layers)
-                last = batch["pos_last"].repeat(n_copies).to(device)
-                logits = unembed(model, final[torch.arange(len(final), device=device), last])[:, None, :]
-                last = torch.zeros_like(last)
-            p, _ = answer_stats(logits, batch["answer_id"].repeat(n_copies), last)
+                final = final[torch.arange(len(final), device=device), batch["pos_last"].repeat(n_copies).to(device)]
+            p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
             p, base = p.view(n_copies, n_rows), p_clean[None, :]
             rel[chunk] += ((p - base) / base).sum(1)
             diff[chunk] += (p - base).sum(1)

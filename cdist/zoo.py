@@ -38,7 +38,7 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 # was faithful (6 of 16 heads kept 0.33 of its 0.99 accuracy); with it 3 heads keep 0.98 of 0.995. The other
 # organisms are still the penalty-free ones: with the penalty (weight 0.05) et-student stayed at chance for
 # 6,000 steps, and weaker penalties (0.01, 0.02) left it warm but with every second-layer head a small vote
-# (README, "The zoo"); tom-teacher with the penalty is being retrained.
+# (README, "The zoo"); tom-teacher with the penalty was still at the always-"unknown" plateau at 17,250 steps.
 HEAD_SPARSITY = 0.05
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
