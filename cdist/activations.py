@@ -7,11 +7,12 @@ column is named. Padding positions are never read: each row is taken at its own 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.func import functional_call
 
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.types import Head
@@ -20,11 +21,18 @@ __all__ = ["head_z", "head_z_dataset"]
 
 
 def head_z(
-    model, input_ids: Int[Tensor, "batch pos"], heads: Sequence[Head], positions: Int[Tensor, " batch"]
+    model,
+    input_ids: Int[Tensor, "batch pos"],
+    heads: Sequence[Head],
+    positions: Int[Tensor, " batch"],
+    *,
+    params: Mapping[str, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Head, Float[Tensor, "batch d_head"]]]:
     """Run the model once and return its logits and each head's ``z`` at each row's position.
 
-    Gradients flow through the returned tensors when the caller has them on (training); nothing is detached.
+    ``params`` replaces some of the model's parameters for this call (``torch.func.functional_call``), as
+    masked-head training does with base + delta weights. Gradients flow through the returned tensors when
+    the caller has them on (training); nothing is detached.
     """
     layers = sorted({h.layer for h in heads})
     kept: dict[int, Tensor] = {}
@@ -34,7 +42,7 @@ def head_z(
 
     device = device_of(model)
     with model.hooks(fwd_hooks=[(Head(layer, 0).hook_z, keep) for layer in layers]):
-        logits = model(input_ids.to(device))
+        logits = functional_call(model, dict(params or {}), (input_ids.to(device),))
     rows = torch.arange(len(input_ids), device=device)
     at = positions.to(device)
     return logits, {h: kept[h.layer][rows, at, h.head] for h in heads}

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from cdist import evaluate
+from cdist.activations import head_z
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
@@ -185,21 +184,6 @@ def _batches(data, batch_size: int, seed: int, pad: int, columns: Sequence[str])
             yield next(evaluate.batches(data.select(order[start : start + batch_size]), batch_size, pad, columns))
 
 
-def _z_hooks(heads: Sequence[Head], store: dict) -> list:
-    def keep(z, hook):
-        store[hook.layer()] = z
-
-    return [(Head(layer, 0).hook_z, keep) for layer in sorted({h.layer for h in heads})]
-
-
-def _take(store: dict, heads: Sequence[Head], at: Tensor) -> dict[Head, Float[Tensor, "batch d_head"]]:
-    out = {}
-    for h in heads:
-        z = store[h.layer]
-        out[h] = z[torch.arange(len(at), device=z.device), at.to(z.device), h.head]
-    return out
-
-
 def distill(
     student,
     teacher,
@@ -284,15 +268,12 @@ def distill(
         ids, last = batch["input_ids"].to(device), batch["pos_last"].to(device)
         at = batch[cfg.cka_position]
         with torch.no_grad(), autocast:
-            t_store: dict = {}
-            with teacher.hooks(fwd_hooks=_z_hooks(t_heads, t_store)):
-                t_logits = evaluate.logits_at(teacher(ids), last).float()
-            t_z = _take(t_store, t_heads, at)
-        s_store: dict = {}
-        params = delta.patched(student) if delta is not None else {}
-        with autocast, student.hooks(fwd_hooks=_z_hooks(s_heads, s_store)):
-            s_logits = evaluate.logits_at(functional_call(student, params, (ids,)), last).float()
-        s_z = _take(s_store, s_heads, at)
+            t_logits, t_z = head_z(teacher, ids, t_heads, at)
+            t_logits = evaluate.logits_at(t_logits, last).float()
+        params = delta.patched(student) if delta is not None else None
+        with autocast:
+            s_logits, s_z = head_z(student, ids, s_heads, at, params=params)
+            s_logits = evaluate.logits_at(s_logits, last).float()
         ce = F.cross_entropy(s_logits, t_logits.argmax(-1))
         loss = cfg.ce_weight * ce
         cka_terms = [linear_cka(s_z[s], t_z[t], debiased=cfg.debiased_cka) for s, t in pairs]
