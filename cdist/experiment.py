@@ -36,7 +36,6 @@ from datasets import Dataset
 
 from cdist import ablation, discovery, distill, matching, stats, tasks
 from cdist.checkpoints import atomic_write_json
-from cdist.types import Circuit
 
 __all__ = ["ROWS", "ExperimentConfig", "main", "run_experiment"]
 
@@ -90,12 +89,6 @@ def _method(row: str, cfg: ExperimentConfig, lam: float) -> tuple[distill.Distil
         "circuit distilled, CE + Align CKA": (replace(base, cka_weight=lam, kd_weight=0.0), "align"),
         "circuit distilled, KD": (replace(base, ce_weight=0.0, cka_weight=0.0, kd_weight=1.0), None),
     }.get(row)
-
-
-def _evaluate(model, circuit: Circuit, test, reference, n_random: int, seed: int) -> dict:
-    means = ablation.head_means(model, reference)
-    out = ablation.evaluate_circuit(model, circuit, test, means=means, n_random=n_random, seed=seed)
-    return out
 
 
 def _summary(result: dict) -> dict:
@@ -190,14 +183,15 @@ def run_experiment(
     curves: dict[str, dict[int, list]] = {}
     for seed in cfg.seeds:
         for row in cfg.rows:
-            if row == "teacher":
-                model, t_circuit, history = teacher, circuits["teacher"], None
-            elif row == "base student":
-                model, t_circuit, history = load_student(), circuits["student"], None
+            if row in ("teacher", "base student"):  # untrained: the means found above still hold
+                role = "teacher" if row == "teacher" else "student"
+                model, history, row_means = (teacher if role == "teacher" else student), None, means[role]
             else:
+                role = "student"
                 model, history = run(row, seed, lam, out / "runs" / f"{_slug(row)}-seed{seed}", val)
-                t_circuit = circuits["student"]
-            result = _evaluate(model, t_circuit, test, reference, cfg.n_random, seed)
+                row_means = ablation.head_means(model, reference)  # a trained model has means of its own
+            result = ablation.evaluate_circuit(model, circuits[role], test, means=row_means, n_random=cfg.n_random,
+                                               seed=seed)
             results[row].append({"seed": seed, **_summary(result)})
             correct[row][seed] = result["full_correct"]
             if history is not None:
