@@ -35,6 +35,7 @@ import torch
 from datasets import Dataset
 
 from cdist import ablation, discovery, distill, matching, stats, tasks
+from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
 
 __all__ = ["ROWS", "ExperimentConfig", "main", "run_experiment"]
@@ -149,8 +150,6 @@ def run_experiment(
             {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads},
             one_to_one=cfg.one_to_one, student_model=names[1], teacher_model=names[0])
     elif cfg.matcher == "cka":
-        from cdist.activations import head_z_dataset
-
         head_map = matching.cka_matcher(head_z_dataset(student, val, s_heads), head_z_dataset(teacher, val, t_heads),
                                         one_to_one=cfg.one_to_one, student_model=names[1], teacher_model=names[0])
     else:
