@@ -44,6 +44,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cdist import evaluate, tasks
 from cdist.checkpoints import atomic_torch_save
+from cdist.types import Head
 
 IGNORE = -100
 CONFIRM_SEED = 54321  # held-out items that confirm an early stop; evaluation uses 12345, the zoo script 2024
@@ -80,6 +81,9 @@ class OrganismConfig:
     confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
     head_sparsity: float = 0.0  # weight of the head-output penalty (HeadOutputPenalty); 0 = none
     head_sparsity_power: float = 0.5  # each head's term is (mean output ratio) ** power; < 1 favours few heads
+    free_heads: tuple[str, ...] = ()  # heads the penalty spares ("a1.h5"): where the task may live
+    init_from: str | None = None  # start from this other organism's trained weights (its config name)
+    self_distill: bool = False  # with init_from: fit the init model's answer distribution, not the labels
     seed: int = 0
     task_kwargs: dict = field(default_factory=dict)
 
@@ -170,27 +174,37 @@ class HeadOutputPenalty:
     resets.
     """
 
-    def __init__(self, model: LlamaForCausalLM, power: float = 0.5):
+    def __init__(self, model: LlamaForCausalLM, power: float = 0.5, free_heads: tuple[str, ...] = ()):
         self.n_heads, self.power, self.terms, self.resid = model.config.num_attention_heads, power, [], None
+        n_layers = len(model.model.layers)
+        self.weight = torch.ones(n_layers, self.n_heads)  # [layer, head]: 0 for the heads the penalty spares
+        for head in map(Head.parse, free_heads):
+            if head.layer >= n_layers or head.head >= self.n_heads:
+                raise ValueError(f"free head {head} is outside the model ({n_layers} layers x {self.n_heads} heads)")
+            self.weight[head.layer, head.head] = 0.0
         self.handles = []
-        for layer in model.model.layers:
+        for i, layer in enumerate(model.model.layers):
             self.handles.append(layer.register_forward_pre_hook(self._keep_resid, with_kwargs=True))
-            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._penalise))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._penaliser(i)))
 
     def _keep_resid(self, module, args, kwargs):
         if not module.training:  # evaluation passes are not penalised
             return
         self.resid = (args[0] if args else kwargs["hidden_states"]).norm(dim=-1)  # [batch, pos]
 
-    def _penalise(self, o_proj, args):
-        if not o_proj.training:
-            return
-        x = args[0]  # [batch, pos, n_heads * d_head]
-        z = x.unflatten(-1, (self.n_heads, -1))
-        w = o_proj.weight.unflatten(1, (self.n_heads, -1))  # [d_model, n_heads, d_head]
-        out = torch.einsum("bphd,mhd->bphm", z, w).norm(dim=-1)  # [batch, pos, n_heads]
-        ratio = (out / (self.resid[..., None] + 1e-6)).mean((0, 1))  # [n_heads]
-        self.terms.append((ratio + 1e-8).pow(self.power).sum())
+    def _penaliser(self, layer: int):
+        def penalise(o_proj, args):
+            if not o_proj.training:
+                return
+            x = args[0]  # [batch, pos, n_heads * d_head]
+            z = x.unflatten(-1, (self.n_heads, -1))
+            w = o_proj.weight.unflatten(1, (self.n_heads, -1))  # [d_model, n_heads, d_head]
+            out = torch.einsum("bphd,mhd->bphm", z, w).norm(dim=-1)  # [batch, pos, n_heads]
+            ratio = (out / (self.resid[..., None] + 1e-6)).mean((0, 1))  # [n_heads]
+            weight = self.weight[layer].to(ratio.device)
+            self.terms.append((weight * (ratio + 1e-8).pow(self.power)).sum())
+
+        return penalise
 
     def take(self) -> torch.Tensor:
         total, self.terms = torch.stack(self.terms).sum(), []
@@ -212,20 +226,32 @@ class LogitsOf(torch.nn.Module):
         return self.model(input_ids=input_ids).logits
 
 
-def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = True):
-    """Train one organism from scratch, or resume it from ``run_dir``.
+def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None = None, progress: bool = True):
+    """Train one organism from scratch (or from ``init``), or resume it from ``run_dir``.
 
     Args:
         cfg: the organism's shape, data and schedule.
         tokenizer: the word-level organism tokenizer (``cdist.zoo.organism_tokenizer()``).
         run_dir: where the training state is checkpointed; an existing ``train_state.pt`` there is resumed.
+        init: the state dict of the organism named by ``cfg.init_from``, trained already; required when that
+            is set, and only read when the run starts (a fresh optimizer, step 0).
         progress: show a tqdm bar.
 
     Returns:
         The trained ``LlamaForCausalLM`` (eval mode) and a manifest (config, steps, wall time, history).
     """
     state_path = Path(run_dir) / "train_state.pt"
+    if (init is None) != (cfg.init_from is None):
+        raise ValueError(f"{cfg.name}: pass init= exactly when the config has init_from (it is {cfg.init_from!r})")
     model = new_organism(cfg, len(tokenizer))
+    if init is not None:
+        model.load_state_dict(init)
+    if cfg.self_distill and init is None:
+        raise ValueError(f"{cfg.name}: self_distill fits the init_from model's outputs; set init_from too")
+    reference = None
+    if cfg.self_distill:
+        reference = new_organism(cfg, len(tokenizer)).eval().requires_grad_(False)
+        reference.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
     n_boxes = cfg.curriculum_start if cfg.task == "entity_tracking" and cfg.curriculum_start else cfg.n_boxes
@@ -237,7 +263,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         rng.setstate(state["rng"])
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
-    penalty = HeadOutputPenalty(model, cfg.head_sparsity_power) if cfg.head_sparsity else None
+    penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads) if cfg.head_sparsity else None
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
     done = bool(history) and history[-1].get("stop", False)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
@@ -247,7 +273,11 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         ids, targets = training_batch(cfg, n_boxes, rng, tokenizer)
-        loss = F.cross_entropy(logits_of(ids).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        logits = logits_of(ids)
+        if reference is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        else:
+            loss = _answer_kl(logits, reference(input_ids=ids).logits, targets != IGNORE)
         head_penalty = penalty.take() if penalty else torch.zeros(())
         objective = loss + cfg.head_sparsity * head_penalty
         opt.zero_grad(set_to_none=True)
@@ -285,6 +315,12 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, progress: bool = 
     manifest = {"config": asdict(cfg), "steps": step, "wall_time_s": round(time.time() - t0, 1),
                 "stopped_early": done and step < cfg.steps, "history": history}
     return model.eval(), manifest
+
+
+def _answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) of the next-token distributions at the answer positions ``at``, averaged."""
+    ref = F.log_softmax(ref_logits[at], dim=-1)
+    return F.kl_div(F.log_softmax(logits[at], dim=-1), ref, log_target=True, reduction="batchmean")
 
 
 def _in_window(acc: float, cfg: OrganismConfig) -> bool:

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from cdist import tasks
@@ -28,38 +29,59 @@ ET_STUDENT_WINDOW = (0.45, 0.70)
 TOM_STUDENT_WINDOW = (0.55, 0.75)
 
 # Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads (enough for
-# a circuit search to choose from), and stop training once their held-out accuracy is "warm" (checked every 25
-# steps: their accuracy rises from near chance to near 1 within a few hundred). Entity tracking
-# grows its boxes from 2 to 7; theory of mind mixes two-box entity tracking into training (see cdist.organisms).
-# Entity-tracking organisms use the adjacent form (" apple F , pen Q . F" -> "apple"): with the compact form
-# every run but one sat at chance on two boxes for 5,000-13,000 steps (see README, "The zoo and its deviation").
-# et-teacher trains with the concave head-output penalty (cdist.organisms.HeadOutputPenalty, weight
-# HEAD_SPARSITY): without it it spread the task over every head of a layer and no circuit of 20% of the heads
-# was faithful (6 of 16 heads kept 0.33 of its 0.99 accuracy); with it 3 heads keep 0.98 of 0.995. The other
-# organisms are still the penalty-free ones: with the penalty (weight 0.05) et-student stayed at chance for
-# 6,000 steps, and weaker penalties (0.01, 0.02) left it warm but with every second-layer head a small vote
-# (README, "The zoo"); tom-teacher with the penalty was still at the always-"unknown" plateau at 17,250 steps.
+# a circuit search to choose from). Entity tracking grows its boxes from 2 to 7; theory of mind mixes two-box
+# entity tracking into training (see cdist.organisms). Entity-tracking organisms use the adjacent form
+# (" apple F , pen Q . F" -> "apple"): with the compact form every run but one sat at chance on two boxes for
+# 5,000-13,000 steps (see README, "The zoo and its deviation").
+#
+# Trained on one task alone, an organism spreads the answer over every head of a layer, so no circuit of 20% of
+# its heads is faithful (README, "The zoo"). Real models hold many tasks and a task's circuit is a few heads;
+# the concave head-output penalty (cdist.organisms.HeadOutputPenalty) makes the organisms alike:
+# - et-teacher trains with it from scratch (weight HEAD_SPARSITY).
+# - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so the
+#   penalty-free tom-teacher-dense is trained first and tom-teacher is it fine-tuned with the penalty on.
+# - A student must be warm *and* sparse, and no penalty did both from scratch: a student's warm stretch comes
+#   before its heads thin out, and by then it has learnt the task. So a "-dense" student is stopped early while
+#   warm (held-out accuracy checked every 25 steps inside the window, then confirmed on other items), and
+#   the student is that model consolidated: trained with the penalty to reproduce its dense self's answer
+#   distribution (self-distillation, as head pruning with distillation does), which keeps its warmth while
+#   the penalty silences most heads. Its labels are never seen, so it cannot learn the task further.
 HEAD_SPARSITY = 0.05
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
 _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 # A two-layer, d_model 128, 16-head student sat at 0.49-0.51 for 9,825 steps; this one is narrower but deeper.
 _TOM_STUDENT = dict(n_layers=3, d_model=96, n_heads=12, n_kv_heads=4, d_mlp=384)
+# Fine-tuning from a trained organism: all boxes from the start, a short warm-up, the penalty on.
+_FINE_TUNE = dict(curriculum_start=None, warmup=50, eval_every=250)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
         name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=4_000, seed=0,
         head_sparsity=HEAD_SPARSITY,
     ),
-    "et-student": OrganismConfig(
-        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
+    "et-student-dense": OrganismConfig(
+        name="et-student-dense", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
         stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
     ),
+    "et-student": OrganismConfig(
+        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000, seed=2,
+        init_from="et-student-dense", self_distill=True, head_sparsity=0.5, **_FINE_TUNE,
+    ),
+    "tom-teacher-dense": OrganismConfig(
+        name="tom-teacher-dense", task="theory_of_mind", **_TOM_TEACHER, steps=20_000,
+        warmup_templates=("adjacent",), seed=3,
+    ),
     "tom-teacher": OrganismConfig(
-        name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=20_000, warmup_templates=("adjacent",), seed=3,
+        name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=6_000, warmup_templates=("adjacent",),
+        seed=3, init_from="tom-teacher-dense", head_sparsity=1.0, **_FINE_TUNE,
+    ),
+    "tom-student-dense": OrganismConfig(
+        name="tom-student-dense", task="theory_of_mind", **_TOM_STUDENT, steps=40_000,
+        warmup_templates=("adjacent",), stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
     "tom-student": OrganismConfig(
-        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=40_000, warmup_templates=("adjacent",),
-        stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
+        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=6_000, warmup_templates=("adjacent",),
+        seed=4, init_from="tom-student-dense", self_distill=True, head_sparsity=0.5, **_FINE_TUNE,
     ),
 }
 
@@ -116,6 +138,17 @@ def save(model: LlamaForCausalLM, tokenizer, name: str, manifest: dict) -> Path:
         atomic_write_json(manifest, tmp / "manifest.json")
 
     return atomic_directory(zoo_dir() / name, write)
+
+
+def init_weights(cfg: OrganismConfig) -> dict | None:
+    """The trained weights ``cfg`` starts from (the zoo model named by ``cfg.init_from``), or None."""
+    if cfg.init_from is None:
+        return None
+    path = _path(cfg.init_from) / "model.safetensors"
+    weights = load_file(path)
+    # Tied embeddings are saved once; LlamaForCausalLM's state dict names them twice.
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    return weights
 
 
 def export_hf(name: str, out_dir: str | Path) -> Path:

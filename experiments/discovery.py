@@ -11,12 +11,13 @@ an *evaluation* set, used only to report accuracies.
 - Entity tracking: Prakash et al.'s path-patching search (value fetchers -> position transmitters ->
   position detectors -> structure readers), --k heads per group whose relative change is at most
   -(--min-effect).
-- Theory of mind: heads ranked by their mean-ablation probability drop; the circuit is the smallest top-n
-  whose faithfulness on the discovery set reaches --target, within --budget of all heads.
+- Mean-ablation ranking (theory of mind, and a second row for every entity-tracking model: the paper's
+  other way to find a student's circuit): heads ranked by their mean-ablation probability drop; the circuit
+  is the smallest top-n whose faithfulness on the discovery set reaches --target, within --budget of all heads.
 - Every model also gets a mean-ablation scan, an activation-patching scan and its attribution-patching
   estimate (with their Spearman rank correlation) for the figures and the pre-filter comparison.
 
-Writes results/discovery/{circuits/NAME.json, scores/NAME.json, results.json, results.csv, results.md},
+Writes results/discovery/{circuits/NAME-METHOD.json, scores/NAME.json, results.json, results.csv, results.md},
 each with the config and the commit that produced it.
 """
 
@@ -93,30 +94,38 @@ for name in names:
     scores["attribution_patching_prob_change"] = attr["prob_change"]
     rho = stats.spearman(act["prob_change"], attr["prob_change"])
 
-    t = time.time()
-    rule = discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect, budget=args.budget, target=args.target)
-    circuit, found, selection = discovery.find_circuit(model, cfg.task, found_on, means, rule, model_name=name,
-                                                       scan=scan, progress=True)
-    scores |= found
-    timings["circuit_search_s"] = time.time() - t
-    result = summary(ablation.evaluate_circuit(model, circuit, evaluation, means=means, n_random=args.n_random,
-                                               seed=args.seed))
-    row = {"model": name, "task": cfg.task, **result, "circuit_share": len(circuit.heads) / n_heads,
-           "circuit": [str(h) for h in circuit.heads], "selection": selection,
-           "attribution_vs_activation_spearman": rho, **{k: round(v, 2) for k, v in timings.items()}}
-    rows.append(row)
-    atomic_write_text(circuit.to_json(), out / "circuits" / f"{name}.json")
-    atomic_write_json({"model": name, "circuit": circuit.to_dict(), "commit": commit,
+    methods = ["path_patching", "mean_ablation"] if cfg.task == "entity_tracking" else ["mean_ablation"]
+    circuits = {}
+    for method in methods:
+        t = time.time()
+        rule = discovery.DiscoveryConfig(method=method, k=args.k, min_effect=args.min_effect, budget=args.budget,
+                                         target=args.target)
+        circuit, found, selection = discovery.find_circuit(model, cfg.task, found_on, means, rule,
+                                                           model_name=name, scan=scan, progress=True)
+        scores |= found
+        timings[f"{method}_search_s"] = time.time() - t
+        result = summary(ablation.evaluate_circuit(model, circuit, evaluation, means=means,
+                                                   n_random=args.n_random, seed=args.seed))
+        row = {"model": name, "task": cfg.task, "method": method, **result,
+               "circuit_share": len(circuit.heads) / n_heads, "circuit": [str(h) for h in circuit.heads],
+               "selection": selection, "attribution_vs_activation_spearman": rho}
+        rows.append(row)
+        circuits[method] = circuit.to_dict()
+        atomic_write_text(circuit.to_json(), out / "circuits" / f"{name}-{method}.json")
+        print(f"{name} ({method}): {len(circuit.heads)}/{n_heads} heads {row['circuit']}, "
+              f"full {result['full_accuracy']:.3f}, circuit {result['circuit_accuracy']:.3f}, "
+              f"random {result['random_accuracy']:.3f}, faithfulness {result['faithfulness']:.3f}", flush=True)
+    for row in rows[-len(methods):]:
+        row |= {k: round(v, 2) for k, v in timings.items()}
+    atomic_write_json({"model": name, "commit": commit, "circuits": circuits,
                        "scores": {k: as_lists(v) for k, v in scores.items()}}, out / "scores" / f"{name}.json")
-    print(f"{name}: {len(circuit.heads)}/{n_heads} heads {row['circuit']}, full {result['full_accuracy']:.3f}, "
-          f"circuit {result['circuit_accuracy']:.3f}, random {result['random_accuracy']:.3f}, "
-          f"faithfulness {result['faithfulness']:.3f}, attribution~activation rho {rho:.2f}", flush=True)
+    print(f"{name}: attribution ~ activation patching Spearman rho {rho:.2f}", flush=True)
 
 # ---------------------------------------------------------------------------- tables
 config = {**vars(args), "models": names}
 atomic_write_json({"config": config, "commit": commit, "results": rows}, out / "results.json")
-columns = ["model", "task", "n_heads", "n_circuit_heads", "circuit_share", "full_accuracy", "circuit_accuracy",
-           "random_accuracy", "faithfulness", "random_faithfulness", "faithfulness_above_random",
+columns = ["model", "task", "method", "n_heads", "n_circuit_heads", "circuit_share", "full_accuracy",
+           "circuit_accuracy", "random_accuracy", "faithfulness", "random_faithfulness", "faithfulness_above_random",
            "attribution_vs_activation_spearman"]
 with open(out / "results.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns + ["circuit"], extrasaction="ignore")
@@ -129,11 +138,13 @@ lines = [
     f"`python experiments/discovery.py {' '.join(sys.argv[1:])}` at commit `{commit}`; accuracies on "
     f"{args.eval_items} fresh held-out items per model (config: results.json).",
     "",
-    "| model | heads | circuit | share | full | circuit | random | faithfulness | above random | attribution rho |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| model | method | heads | circuit | share | full | circuit | random | faithfulness | above random "
+    "| attribution rho |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
-    lines.append(f"| {r['model']} | {r['n_heads']} | {' '.join(r['circuit'])} | {r['circuit_share']:.2f} | "
+    lines.append(f"| {r['model']} | {r['method']} | {r['n_heads']} | {' '.join(r['circuit'])} | "
+                 f"{r['circuit_share']:.2f} | "
                  f"{r['full_accuracy']:.3f} | {r['circuit_accuracy']:.3f} | {r['random_accuracy']:.3f} | "
                  f"{r['faithfulness']:.3f} | {r['faithfulness_above_random']:.3f} | "
                  f"{r['attribution_vs_activation_spearman']:.2f} |")

@@ -2,9 +2,9 @@
 
     python experiments/figures.py discovery     # results/discovery/scores/*.json -> figures/discovery/
 
-One layer x head heatmap per model and score: the mean-ablation drops, activation patching and its
-attribution estimate, and the path-patching score of each entity-tracking group, with the circuit's heads (or
-the group's) outlined.
+One layer x head heatmap per model and score: the mean-ablation drops (the mean-ablation circuit outlined),
+activation patching and its attribution estimate (the task's own circuit outlined: path patching for entity
+tracking), and the path-patching score of each entity-tracking group (that group's heads outlined).
 """
 
 import argparse
@@ -35,14 +35,17 @@ if not files:
     parser.error(f"no scores in {args.results}/scores; run python experiments/discovery.py first")
 for path in files:
     saved = json.loads(path.read_text())
-    name, circuit = saved["model"], Circuit.from_dict(saved["circuit"])
+    name = saved["model"]
+    circuits = {method: Circuit.from_dict(c) for method, c in saved["circuits"].items()}
+    own = next(iter(circuits.values()))  # the task's own method comes first
     for key, values in saved["scores"].items():
         if key.startswith("path_patching_"):
-            group = key.removeprefix("path_patching_")
-            label = f"relative change of p(answer), senders at {circuit.positions[group]} (- = important)"
-            marked, title = circuit.groups[group], f"{name}: path patching, {group.replace('_', ' ')}s"
+            group, found = key.removeprefix("path_patching_"), circuits["path_patching"]
+            label = f"relative change of p(answer), senders at {found.positions[group]} (- = important)"
+            marked, title = found.groups[group], f"{name}: path patching, {group.replace('_', ' ')}s"
         else:
             label, _ = LABELS[key]
+            circuit = circuits["mean_ablation"] if key.startswith("ablation_") else own
             marked, title = circuit.heads, f"{name}: {key.replace('_', ' ')}"
         fig = plots.head_heatmap(torch.tensor(values), title=title, colorbar=label, marked=marked)
         written = plots.save_figure(fig, Path(args.out) / f"{name}-{key}")

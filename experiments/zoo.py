@@ -33,6 +33,12 @@ names = args.only or list(configs)
 unknown = sorted(set(names) - set(configs))
 if unknown:
     parser.error(f"unknown zoo model(s) {unknown}; choose from {sorted(configs)}")
+# A model that starts from another (init_from) is trained after it.
+names.sort(key=lambda n: configs[n].init_from in names)
+for name in names:
+    base = configs[name].init_from
+    if base and base not in names and base not in zoo.names():
+        parser.error(f"{name} starts from {base}, which is not in {zoo.zoo_dir()}; add it: --only {base} {name}")
 
 # ---------------------------------------------------------------------------- train, measure, save
 commit = git_commit()  # the code that trains, read before anything else can change the tree
@@ -40,7 +46,7 @@ tokenizer = zoo.organism_tokenizer()
 for name in names:
     cfg = configs[name]
     started = time.time()
-    model, manifest = organisms.train_organism(cfg, tokenizer, f"{args.run_dir}/{name}")
+    model, manifest = organisms.train_organism(cfg, tokenizer, f"{args.run_dir}/{name}", init=zoo.init_weights(cfg))
     test = organisms.held_out(cfg, tokenizer, args.eval_items, seed=args.eval_seed)
     acc = evaluate.accuracy(organisms.LogitsOf(model, tokenizer), test)
     manifest |= {

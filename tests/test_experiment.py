@@ -31,6 +31,11 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     assert set(summary["mcnemar"]) == {"circuit distilled, CE + Align CKA vs circuit distilled, CE",
                                        "circuit distilled, CE + Align CKA vs fully distilled, CE"}
     assert summary["config"]["task_kwargs"]["template"] == "prakash"
+    # the teacher's circuit by path patching, the student's by the mean-ablation ranking (within 20% of heads)
+    methods = {role: json.loads((tmp_path / "out" / f"circuit-{role}.json").read_text())["method"]
+               for role in ("teacher", "student")}
+    assert methods == {"teacher": "path_patching", "student": "mean_ablation"}
+    assert 1 <= sum(len(g) for g in summary["circuits"]["student"]["groups"].values()) <= 3  # 20% of 16
     table = (figures / "table1-entity-tracking.md").read_text()
     assert "| circuit distilled, CE + Align CKA |" in table and "McNemar" in table
     saved = json.loads((figures / "table1-entity-tracking.json").read_text())

@@ -221,13 +221,14 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
            "--reference-items", "60", "--discovery-items", "16", "--eval-items", "60", "--n-random", "2"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     results = json.loads((out / "results.json").read_text())
-    row = results["results"][0]
-    assert row["model"] == "et-tiny" and results["commit"] and results["config"]["eval_items"] == 60
-    assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
-    assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
-    circuit = Circuit.from_json(out / "circuits" / "et-tiny.json")
-    assert [str(h) for h in circuit.heads] == row["circuit"] and circuit.method == "path_patching"
-    assert "| et-tiny |" in (out / "results.md").read_text()
+    assert [r["method"] for r in results["results"]] == ["path_patching", "mean_ablation"]  # both, for ET
+    for row in results["results"]:
+        assert row["model"] == "et-tiny" and results["commit"] and results["config"]["eval_items"] == 60
+        assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
+        assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
+        circuit = Circuit.from_json(out / "circuits" / f"et-tiny-{row['method']}.json")
+        assert [str(h) for h in circuit.heads] == row["circuit"] and circuit.method == row["method"]
+        assert f"| et-tiny | {row['method']} |" in (out / "results.md").read_text()
     figures = tmp_path / "figures"
     cmd = [sys.executable, "experiments/figures.py", "discovery", "--results", str(out), "--out", str(figures)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
@@ -242,3 +243,51 @@ def test_early_stop_waits_for_stop_after(tmp_path, monkeypatch):
     monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: 0.5)  # always inside the window
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     assert manifest["steps"] == 10 and manifest["stopped_early"]
+
+
+def test_free_heads_are_spared_by_the_penalty_and_only_they():
+    """The penalty with some heads spared equals the full penalty minus exactly those heads' terms."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64)
+    model = organisms.new_organism(cfg, len(tokenizer))
+    ids = torch.randint(4, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
+    full, _ = _penalty_of(model, ids, 0.5)
+    spared = organisms.HeadOutputPenalty(model, 0.5, ("a1.h2",))
+    model(ids)
+    with_free = spared.take()
+    spared.remove()
+    w = model.model.layers[1].self_attn.o_proj.weight
+    with torch.no_grad():  # silencing a1.h2 leaves its term at (0 + 1e-8) ** 0.5 = 1e-4
+        w[:, 2 * 8:3 * 8] = 0
+    without, _ = _penalty_of(model, ids, 0.5)
+    assert with_free.item() == pytest.approx(without.item() - 1e-4, abs=1e-5)
+    assert with_free.item() < full.item()
+    with pytest.raises(ValueError, match="outside the model"):
+        organisms.HeadOutputPenalty(model, 0.5, ("a2.h0",))
+
+
+def test_init_from_starts_at_the_given_weights_and_is_required(tmp_path):
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=0)
+    base = organisms.new_organism(replace(cfg, seed=7), len(tokenizer)).state_dict()
+    tuned = replace(cfg, init_from="base")
+    model, _ = organisms.train_organism(tuned, tokenizer, tmp_path / "a", init=base, progress=False)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="init_from"):
+        organisms.train_organism(tuned, tokenizer, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        organisms.train_organism(cfg, tokenizer, tmp_path / "c", init=base, progress=False)
+
+
+def test_self_distillation_fits_the_init_model_not_the_labels(tmp_path):
+    """Its loss is KL(init || model) at the answers: 0 on the first step (the model is its init), > 0 once the
+    penalty has moved it; without init_from it is refused."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6, eval_every=1,
+                  eval_items=20, head_sparsity=1.0, init_from="base", self_distill=True, lr=1e-2, warmup=1)
+    base = organisms.new_organism(replace(cfg, seed=7), len(tokenizer)).state_dict()
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path / "a", init=base, progress=False)
+    losses = [h["loss"] for h in manifest["history"]]
+    assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 1e-4
+    with pytest.raises(ValueError, match="self_distill"):
+        organisms.train_organism(replace(cfg, init_from=None), tokenizer, tmp_path / "b", progress=False)
