@@ -169,6 +169,14 @@ def trainable_share(model, cfg: DistillConfig, heads: Sequence[Head]) -> dict:
             "param_share": n / n_total}
 
 
+def _fingerprint(model) -> list[float]:
+    """Two sums over all weights, in float64: equal for the same model, apart for almost any other."""
+    with torch.no_grad():
+        total = sum(p.double().sum() for p in model.parameters())
+        squares = sum(p.double().square().sum() for p in model.parameters())
+    return [round(float(total), 6), round(float(squares), 6)]
+
+
 def _zero_bias(name: str, p: Tensor) -> bool:
     # TransformerLens gives Llama zero biases it does not have; they stay frozen and zero.
     return name.split(".")[-1].startswith(("b_", "_b_")) and not torch.any(p)
@@ -236,10 +244,16 @@ def distill(
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, wall, metrics = 0, 0.0, []
     state_path = run_dir / "state.pt"
+    # What else must match for a saved run to be this run: the models it started from and the heads.
+    identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
+                "heads": [str(h) for h in train_heads], "pairs": [[str(s), str(t)] for s, t in pairs]}
     if state_path.exists():
         state = torch.load(state_path, weights_only=False, map_location=device)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{run_dir} holds a run with another config; use a new run_dir or the same config")
+        if state.get("identity") != identity:
+            raise ValueError(f"{run_dir} holds a run of another student, teacher or head set; use a new run_dir "
+                             "(or delete that one)")
         (delta if delta is not None else student).load_state_dict(state["weights"])
         opt.load_state_dict(state["opt"])
         step, wall, metrics = state["step"], state["wall"], state["metrics"]
@@ -302,7 +316,7 @@ def distill(
         })
         weights = (delta if delta is not None else student).state_dict()
         atomic_torch_save({"config": asdict(cfg), "weights": weights, "opt": opt.state_dict(), "step": step,
-                           "wall": time.time() - t0, "metrics": metrics}, state_path)
+                           "wall": time.time() - t0, "metrics": metrics, "identity": identity}, state_path)
     bar.close()
     if delta is not None:  # the student keeps what it learnt
         with torch.no_grad():

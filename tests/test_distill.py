@@ -130,3 +130,9 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
     with pytest.raises(ValueError, match="another config"):
         distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3), tmp_path / "a",
                         progress=False)
+    # the same config on another student, or with other heads, is not silently resumed
+    with pytest.raises(ValueError, match="another student, teacher or head set"):
+        distill.distill(fresh(tok, 3), teacher, head_map(), *items, CFG, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="another student, teacher or head set"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path / "a",
+                        heads=[Head(0, 0)], progress=False)
