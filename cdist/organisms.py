@@ -81,6 +81,7 @@ class OrganismConfig:
     confirm_items: int = 1000  # ... and accuracy on this many other held-out items lies inside it too
     head_sparsity: float = 0.0  # weight of the head-output penalty (HeadOutputPenalty); 0 = none
     head_sparsity_power: float = 0.5  # each head's term is (mean output ratio) ** power; < 1 favours few heads
+    head_sparsity_ramp: int = 0  # the penalty's weight grows linearly from 0 over this many steps
     free_heads: tuple[str, ...] = ()  # heads the penalty spares ("a1.h5"): where the task may live
     init_from: str | None = None  # start from this other organism's trained weights (its config name)
     self_distill: bool = False  # with init_from: fit the init model's answer distribution, not the labels
@@ -279,7 +280,8 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         else:
             loss = _answer_kl(logits, reference(input_ids=ids).logits, targets != IGNORE)
         head_penalty = penalty.take() if penalty else torch.zeros(())
-        objective = loss + cfg.head_sparsity * head_penalty
+        weight = cfg.head_sparsity * min(1.0, (step + 1) / cfg.head_sparsity_ramp if cfg.head_sparsity_ramp else 1.0)
+        objective = loss + weight * head_penalty
         opt.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -47,6 +47,9 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 #   distribution (self-distillation, as head pruning with distillation does), which keeps its warmth while
 #   the penalty silences most heads. Its labels are never seen, so it cannot learn the task further.
 HEAD_SPARSITY = 0.05
+# et-student-dense's circuit by path patching (results/discovery/): consolidation spares these heads, so the
+# student keeps its own nascent circuit. Sparing none left 7 heads (22% of 32) needed for 0.8 faithfulness.
+ET_STUDENT_DENSE_CIRCUIT = ("a0.h4", "a0.h13", "a1.h0", "a1.h14")
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
 _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
@@ -64,8 +67,9 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
         stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
     ),
     "et-student": OrganismConfig(
-        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000, seed=2,
-        init_from="et-student-dense", self_distill=True, head_sparsity=0.5, **_FINE_TUNE,
+        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=3_000, seed=2,
+        init_from="et-student-dense", self_distill=True, head_sparsity=0.5, free_heads=ET_STUDENT_DENSE_CIRCUIT,
+        **_FINE_TUNE,
     ),
     "tom-teacher-dense": OrganismConfig(
         name="tom-teacher-dense", task="theory_of_mind", **_TOM_TEACHER, steps=20_000,
@@ -73,7 +77,7 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
     ),
     "tom-teacher": OrganismConfig(
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=6_000, warmup_templates=("adjacent",),
-        seed=3, init_from="tom-teacher-dense", head_sparsity=1.0, **_FINE_TUNE,
+        seed=3, init_from="tom-teacher-dense", head_sparsity=1.0, head_sparsity_ramp=3_000, **_FINE_TUNE,
     ),
     "tom-student-dense": OrganismConfig(
         name="tom-student-dense", task="theory_of_mind", **_TOM_STUDENT, steps=40_000,
