@@ -295,7 +295,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         acc = evaluate.accuracy(logits_of, tests[cfg.n_boxes]) if n_boxes != cfg.n_boxes else acc_now
         model.train()
         history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
-                        "head_penalty": round(head_penalty.item(), 4),
+                        "head_penalty": round(head_penalty.item(), 4), "head_penalty_weight": round(weight, 6),
                         "train_boxes_accuracy": acc_now, "test_accuracy": acc})
         bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
         if step >= cfg.stop_after and _in_window(acc, cfg):

@@ -291,3 +291,33 @@ def test_self_distillation_fits_the_init_model_not_the_labels(tmp_path):
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 1e-4
     with pytest.raises(ValueError, match="self_distill"):
         organisms.train_organism(replace(cfg, init_from=None), tokenizer, tmp_path / "b", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith(("-teacher", "-student"))])
+def test_shipped_organisms_have_small_faithful_circuits(name):
+    """The zoo's point (SPEC 3, issue 3's aim): a circuit of at most 20% of the heads, found by the
+    mean-ablation ranking on some items, keeps at least 0.8 of the accuracy on others, and beats random
+    circuits of its size. The *-dense models are the ones that do not (README, "The zoo")."""
+    from cdist import ablation, discovery
+
+    model, tokenizer = zoo.load(name)
+    cfg = organisms.OrganismConfig(**zoo.manifest(name)["config"])
+    reference, found_on, evaluation = (organisms.held_out(cfg, tokenizer, n, seed=seed)
+                                       for n, seed in ((300, 71), (200, 72), (500, 73)))
+    means = ablation.head_means(model, reference)
+    circuit, _, _ = discovery.find_circuit(model, cfg.task, found_on, means,
+                                           discovery.DiscoveryConfig(method="mean_ablation"))
+    result = ablation.evaluate_circuit(model, circuit, evaluation, means=means, n_random=5, seed=0)
+    assert len(circuit.heads) <= 0.2 * cfg.n_layers * cfg.n_heads
+    assert result["faithfulness"] >= 0.8
+    assert result["circuit_accuracy"] > result["random_accuracy"] + 0.05
+
+
+def test_head_penalty_weight_ramps_up_linearly(tmp_path):
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6, eval_every=1,
+                  eval_items=10, head_sparsity=0.2, head_sparsity_ramp=4)
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
+    weights = [h["head_penalty_weight"] for h in manifest["history"]]
+    assert weights == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
