@@ -84,8 +84,8 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
         warmup_templates=("adjacent",), stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
     "tom-student": OrganismConfig(
-        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=6_000, warmup_templates=("adjacent",),
-        seed=4, init_from="tom-student-dense", self_distill=True, head_sparsity=0.5, **_FINE_TUNE,
+        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=4_000, warmup_templates=("adjacent",),
+        seed=4, init_from="tom-student-dense", self_distill=True, head_sparsity=0.1, **_FINE_TUNE,
     ),
 }
 
