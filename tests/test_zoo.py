@@ -293,14 +293,8 @@ def test_self_distillation_fits_the_init_model_not_the_labels(tmp_path):
         organisms.train_organism(replace(cfg, init_from=None), tokenizer, tmp_path / "b", progress=False)
 
 
-# tom-teacher needs 6 of its 24 heads (25%) for 0.97 of its accuracy, and its top 4 keep 0.74: a known
-# shortfall (issue 3), so this case is expected to fail until a wider tom-teacher is trained.
-_KNOWN_WIDE = pytest.mark.xfail(strict=True, reason="tom-teacher's circuit needs 25% of its heads")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_KNOWN_WIDE) if n == "tom-teacher" else n
-                                  for n in SHIPPED if n.endswith(("-teacher", "-student"))])
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith(("-teacher", "-student"))])
 def test_shipped_organisms_have_small_faithful_circuits(name):
     """The zoo's point (SPEC 3, issue 3's aim): the top 20% of the heads by mean-ablation impact, ranked on
     some items, keep at least 0.8 of the accuracy on others and beat random circuits of their size. The
