@@ -323,8 +323,11 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         matcher=args.matcher, one_to_one=args.one_to_one, rows=tuple(r for r in ROWS if r in args.rows),
     )
     commit = git_commit()
-    summary = run_experiment(cfg, loader(args.teacher), loader(args.student), args.out,
-                             names=(args.teacher, args.student))
+    try:
+        summary = run_experiment(cfg, loader(args.teacher), loader(args.student), args.out,
+                                 names=(args.teacher, args.student))
+    except ValueError as e:  # a stale run folder, an empty circuit, ...: say what and how, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     stem = "table1-entity-tracking" if task == "entity_tracking" else "table2-theory-of-mind"
     for path in report.write_report(summary, args.figures, stem, command=command, commit=commit):

@@ -46,3 +46,22 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     # a second call reuses every finished distillation run and gives the same table
     again = experiment.main("entity_tracking", argv)
     assert again["rows"] == summary["rows"]
+
+
+def test_a_stale_run_folder_is_a_one_line_error(tok, tmp_path, capsys):
+    """Distillation runs of another student left in --out stop the script with one line (after the progress
+    bars), not a traceback."""
+    dirs = {}
+    for role, seed in (("teacher", 0), ("student", 1), ("other", 2)):
+        model = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=seed,
+                          tokenizer=tok)
+        dirs[role] = save_llama(model, tmp_path / role, tokenizer=tok)
+    argv = ["--teacher", str(dirs["teacher"]), "--seeds", "0", "--steps", "2", "--lambdas", "0.5", "--train-items",
+            "32", "--val-items", "16", "--test-items", "16", "--min-effect", "0", "--out", str(tmp_path / "out"),
+            "--figures", str(tmp_path / "figures"), "--device", "cpu", "--rows", "circuit distilled, CE"]
+    experiment.main("entity_tracking", ["--student", str(dirs["student"]), *argv])
+    with pytest.raises(SystemExit) as stop:
+        experiment.main("entity_tracking", ["--student", str(dirs["other"]), *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "another student, teacher or head set" in err.strip().splitlines()[-1]
