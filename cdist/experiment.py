@@ -130,6 +130,10 @@ def run_experiment(
     teacher, student = load_teacher(), load_student()
     tok = student.tokenizer
     train = _data(cfg, tok, cfg.train_items, "train", cfg.data_seed * 10 + 1)
+    if cfg.distill.cka_position not in train.column_names:
+        positions = [c for c in train.column_names if c.startswith("pos_") and isinstance(train[0][c], int)]
+        raise ValueError(f"cka_position {cfg.distill.cka_position!r} is not a position of this task's items; "
+                         f"choose one of {positions}")
     seen = set(train["prompt"])
     val = _data(cfg, tok, cfg.val_items, "train", cfg.data_seed * 10 + 2)
     val = val.select([i for i, p in enumerate(val["prompt"]) if p not in seen])
@@ -284,6 +288,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     parser.add_argument("--student-method", default="mean_ablation", choices=["auto", "path_patching", "mean_ablation"],
                         help="how the student's circuit is found (auto: as the teacher's, by task)")
     parser.add_argument("--matcher", choices=["ablation", "cka"], default="ablation")
+    parser.add_argument("--cka-position", default="pos_last",
+                        help="position column the heads' z is aligned at (entity tracking: pos_last, pos_prev_label)")
     parser.add_argument("--one-to-one", action="store_true", help="assign each teacher head at most once")
     parser.add_argument("--kv-policy", choices=["group", "qo"], default="group")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help="which rows to run (default: all)")
@@ -317,7 +323,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         task=task, task_kwargs=task_kwargs, seeds=tuple(args.seeds), train_items=args.train_items,
         val_items=args.val_items, test_items=args.test_items, lambdas=tuple(args.lambdas),
         distill=distill.DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                      kv_policy=args.kv_policy, eval_every=max(1, args.steps // 10)),
+                                      kv_policy=args.kv_policy, eval_every=max(1, args.steps // 10),
+                                      cka_position=args.cka_position),
         discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect),
         student_discovery=discovery.DiscoveryConfig(method=args.student_method, k=args.k, min_effect=args.min_effect),
         matcher=args.matcher, one_to_one=args.one_to_one, rows=tuple(r for r in ROWS if r in args.rows),

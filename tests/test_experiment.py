@@ -65,3 +65,6 @@ def test_a_stale_run_folder_is_a_one_line_error(tok, tmp_path, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert "another student, teacher or head set" in err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit):
+        experiment.main("entity_tracking", ["--student", str(dirs["student"]), *argv, "--cka-position", "pos_nowhere"])
+    assert "is not a position of this task's items" in capsys.readouterr().err.strip().splitlines()[-1]
