@@ -35,6 +35,7 @@ parser.add_argument("--reference-items", type=int, default=16, help="items for t
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--heads-per-pass", type=int, default=16)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--repeats", type=int, default=3, help="timed calls per side; the best one counts")
 parser.add_argument("--threads", type=int, default=None)
 args = parser.parse_args()
 if args.threads:
@@ -62,14 +63,18 @@ on_gpu = args.device.startswith("cuda")
 device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
 
 
-def timed(fn):
-    if on_gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if on_gpu:
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+def timed(fn, repeats: int = 1):
+    """fn's result and its best wall time over ``repeats`` calls (the least disturbed one, as timeit does)."""
+    times = []
+    for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return result, min(times)
 
 
 means = ablation.head_means(model, reference)
@@ -98,8 +103,8 @@ print(f"{args.model} ({n_heads} heads) on {device_name}, {args.dtype}; {len(smal
 results = {}
 for name, (fast, slow) in cases.items():
     fast()  # warm-up (kernels, allocator)
-    got, t_fast = timed(fast)
-    want, t_slow = timed(slow)
+    got, t_fast = timed(fast, args.repeats)
+    want, t_slow = timed(slow, args.repeats)
     diff = (got - want).abs().max().item()
     results[name] = {"batched_s": t_fast, "reference_s": t_slow, "speedup": t_slow / t_fast,
                      "max_abs_diff": diff, "heads_per_s_batched": n_heads / t_fast, "items": len(small)}
