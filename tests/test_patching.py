@@ -177,3 +177,23 @@ def test_patching_refuses_misaligned_or_unlabelled_data(model3, data):
         patching.activation_patching_scan(model3, bad)
     with pytest.raises(ValueError, match="receiver_input='z'"):
         patching.path_patching_scan(model3, data, receivers=[Head(1, 0)], receiver_input="z")
+
+
+@pytest.mark.slow
+def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path):
+    """The benchmark runs end to end on a zoo model and records, per scan, times whose ratio is the speed-up
+    and a batched-vs-reference difference within the twins' tolerance."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "experiments" / "bench_discovery.py"), "--items", "16", "--reference-items",
+           "4", "--repeats", "2", "--threads", "1"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "results" / "bench_discovery-et-teacher-cpu.json").read_text())
+    for name in ("ablation_scan", "path_patching_logits", "path_patching_values"):
+        r = saved["results"][name]
+        assert r["speedup"] == pytest.approx(r["reference_s"] / r["batched_s"]) and r["max_abs_diff"] < 1e-5
+    assert saved["results"]["full_ablation_scan"]["items"] == 16
