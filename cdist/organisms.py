@@ -27,6 +27,11 @@ Choices that are ours:
   (``confirm_items``, another seed) confirms it, so its ability is real but partial. Without the confirmation
   a 500-item evaluation stopped a theory-of-mind student on a noise spike (0.552 at step 10,875, where two
   1,000-item sets then gave 0.488 and 0.529).
+- Sparse circuits: ``head_sparsity`` weights ``HeadOutputPenalty`` (optionally ramped in over
+  ``head_sparsity_ramp`` steps, sparing ``free_heads``). A student that is warm *and* sparse is made in two
+  runs: a penalty-free one stopped early, then a *consolidation* that starts from it (``init_from``) and fits
+  its answer distribution (``self_distill``, KL at the answer positions) under the penalty, so most heads fall
+  silent while the behaviour, warmth included, stays (``cdist.zoo`` has the measured reasons).
 - The training state is checkpointed atomically every evaluation, and a run resumes from it.
 """
 
