@@ -247,13 +247,13 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         The trained ``LlamaForCausalLM`` (eval mode) and a manifest (config, steps, wall time, history).
     """
     state_path = Path(run_dir) / "train_state.pt"
+    if cfg.self_distill and cfg.init_from is None:
+        raise ValueError(f"{cfg.name}: self_distill fits the init_from model's outputs; set init_from too")
     if (init is None) != (cfg.init_from is None):
         raise ValueError(f"{cfg.name}: pass init= exactly when the config has init_from (it is {cfg.init_from!r})")
     model = new_organism(cfg, len(tokenizer))
     if init is not None:
         model.load_state_dict(init)
-    if cfg.self_distill and init is None:
-        raise ValueError(f"{cfg.name}: self_distill fits the init_from model's outputs; set init_from too")
     reference = None
     if cfg.self_distill:
         reference = new_organism(cfg, len(tokenizer)).eval().requires_grad_(False)

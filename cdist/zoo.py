@@ -15,7 +15,6 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from cdist import tasks
@@ -39,7 +38,8 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 # the concave head-output penalty (cdist.organisms.HeadOutputPenalty) makes the organisms alike:
 # - et-teacher trains with it from scratch (weight HEAD_SPARSITY).
 # - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so the
-#   penalty-free tom-teacher-dense is trained first and tom-teacher is it fine-tuned with the penalty on.
+#   penalty-free tom-teacher-dense is trained first and fine-tuned with the penalty on in two stages
+#   (tom-teacher-stage1, then tom-teacher).
 # - A student must be warm *and* sparse, and no penalty did both from scratch: a student's warm stretch comes
 #   before its heads thin out, and by then it has learnt the task. So a "-dense" student is stopped early while
 #   warm (held-out accuracy checked every 25 steps inside the window, then confirmed on other items), and
@@ -154,11 +154,7 @@ def init_weights(cfg: OrganismConfig) -> dict | None:
     """The trained weights ``cfg`` starts from (the zoo model named by ``cfg.init_from``), or None."""
     if cfg.init_from is None:
         return None
-    path = _path(cfg.init_from) / "model.safetensors"
-    weights = load_file(path)
-    # Tied embeddings are saved once; LlamaForCausalLM's state dict names them twice.
-    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    return weights
+    return LlamaForCausalLM.from_pretrained(_path(cfg.init_from)).state_dict()
 
 
 def export_hf(name: str, out_dir: str | Path) -> Path:

@@ -33,8 +33,15 @@ names = args.only or list(configs)
 unknown = sorted(set(names) - set(configs))
 if unknown:
     parser.error(f"unknown zoo model(s) {unknown}; choose from {sorted(configs)}")
-# A model that starts from another (init_from) is trained after it.
-names.sort(key=lambda n: configs[n].init_from in names)
+
+
+def depth(name: str) -> int:
+    """How many init_from steps lead to a model trained from scratch."""
+    base = configs[name].init_from
+    return 0 if base is None else 1 + depth(base)
+
+
+names.sort(key=depth)  # a model that starts from another (init_from) is trained after it, along any chain
 for name in names:
     base = configs[name].init_from
     if base and base not in names and base not in zoo.names():
