@@ -1,8 +1,10 @@
-"""Heads' outputs at a task position, one row per example: what CKA compares and what matching aligns.
+"""Heads' outputs at task positions, one row per example: what CKA compares and what matching aligns.
 
 A head's activation (SPEC section 1, our default) is its output ``z`` (``blocks.{l}.attn.hook_z``, the
-``d_head`` vector before ``W_O``) at one position per example, the last prompt token unless another position
-column is named. Padding positions are never read: each row is taken at its own example's position.
+``d_head`` vector before ``W_O``) at one position per example. Which position is part of the request: a
+*site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and each row is read at
+its own example's value of that column, so padding positions are never read. One forward pass serves any
+number of sites, of any heads and positions.
 """
 
 from __future__ import annotations
@@ -17,47 +19,65 @@ from torch.func import functional_call
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.types import Head
 
-__all__ = ["head_z", "head_z_dataset"]
+__all__ = ["Site", "head_z", "head_z_dataset"]
+
+Site = tuple[Head, str]  # (head, position column of the task's items)
 
 
 def head_z(
     model,
     input_ids: Int[Tensor, "batch pos"],
-    heads: Sequence[Head],
-    positions: Int[Tensor, " batch"],
+    sites: Iterable[Site],
+    positions: Mapping[str, Int[Tensor, " batch"]],
     *,
     params: Mapping[str, Tensor] | None = None,
-) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Head, Float[Tensor, "batch d_head"]]]:
-    """Run the model once and return its logits and each head's ``z`` at each row's position.
+) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Site, Float[Tensor, "batch d_head"]]]:
+    """Run the model once and return its logits and each site's ``z``, row ``i`` at ``positions[column][i]``.
 
-    ``params`` replaces some of the model's parameters for this call (``torch.func.functional_call``), as
-    masked-head training does with base + delta weights. Gradients flow through the returned tensors when
-    the caller has them on (training); nothing is detached.
+    Args:
+        model: a HookedTransformer.
+        input_ids: the prompts (right-padded).
+        sites: ``(head, column)`` pairs to read.
+        positions: column name -> each row's position (a batch of ``cdist.evaluate.batches`` has them).
+        params: replaces some of the model's parameters for this call (``torch.func.functional_call``), as
+            masked-head training does with base + delta weights.
+
+    Returns:
+        The logits and ``{site: z}``. Gradients flow through both when the caller has them on (training);
+        nothing is detached.
     """
-    layers = sorted({h.layer for h in heads})
+    sites = list(dict.fromkeys(sites))
+    missing = sorted({column for _, column in sites} - set(positions))
+    if missing:
+        raise ValueError(f"no positions given for columns {missing}; build the batch with those columns")
     kept: dict[int, Tensor] = {}
 
     def keep(z, hook):
         kept[hook.layer()] = z
 
     device = device_of(model)
+    layers = sorted({h.layer for h, _ in sites})
     with model.hooks(fwd_hooks=[(Head(layer, 0).hook_z, keep) for layer in layers]):
         logits = functional_call(model, dict(params or {}), (input_ids.to(device),))
     rows = torch.arange(len(input_ids), device=device)
-    at = positions.to(device)
-    return logits, {h: kept[h.layer][rows, at, h.head] for h in heads}
+    return logits, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head] for h, col in sites}
 
 
 @torch.no_grad()
 def head_z_dataset(
-    model, data, heads: Iterable[Head], *, position: str = "pos_last", batch_size: int = 64
-) -> dict[Head, Float[Tensor, "n d_head"]]:
-    """Each head's ``z`` at ``position`` for every item of a task dataset, in float32 on the CPU."""
-    heads = list(heads)
-    columns = () if position == "pos_last" else (position,)
-    out: dict[Head, list[Tensor]] = {h: [] for h in heads}
+    model, data, sites: Iterable[Site | Head], *, position: str = "pos_last", batch_size: int = 64
+) -> dict:
+    """Each site's ``z`` for every item of a task dataset, ``[n, d_head]`` in float32 on the CPU.
+
+    ``sites`` are ``(head, column)`` pairs, keyed so in the result; a bare ``Head`` is read at ``position``
+    and keyed by the head alone.
+    """
+    keys = list(sites)
+    asked: dict = {k: (k, position) if isinstance(k, Head) else k for k in keys}
+    columns: Sequence[str] = sorted({col for _, col in asked.values()} - {"pos_last"})
+    out: dict = {k: [] for k in keys}
     for batch in batches(data, batch_size, pad_id(model), columns):
-        _, z = head_z(model, batch["input_ids"], heads, batch[position])
-        for h in heads:
-            out[h].append(z[h].float().cpu())
-    return {h: torch.cat(rows) for h, rows in out.items()}
+        _, z = head_z(model, batch["input_ids"], asked.values(), batch)
+        for k, site in asked.items():
+            out[k].append(z[site].float().cpu())
+    return {k: torch.cat(rows) for k, rows in out.items()}

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from cdist import evaluate, experiment, zoo
+from cdist import evaluate, experiment_cli, zoo
 from cdist.organisms import OrganismConfig, held_out
 
 
@@ -47,11 +47,14 @@ def _demo(args) -> int:
         print("the distillation demo needs et-teacher and et-student in the zoo", file=sys.stderr)
         return 1
     started = time.time()
-    print("\nCircuit distillation of et-student from et-teacher, reduced size (1 seed, 150 steps, 500 test items;"
-          " the full tables: python experiments/entity_tracking.py):", flush=True)
-    argv = ["--seeds", "0", "--steps", "150", "--lambdas", "0.3", "1.0", "--train-items", "600", "--val-items",
-            "200", "--test-items", "500", "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"]
-    experiment.main("entity_tracking", argv)
+    print("\nCircuit distillation of et-student from et-teacher, reduced size (1 seed, 128 training items, 150 "
+          "steps, 5 arms; the full table: python experiments/entity_tracking.py):", flush=True)
+    argv = ["--seeds", "0", "--regimes", "128", "--steps", "150", "--eval-every", "50", "--lrs", "1e-3",
+            "--lambdas", "1.0", "--matchers", "ablation-baseline", "--val-items", "200", "--test-items", "500",
+            "--ood-items", "200", "--arms", "base student", "teacher", "circuit distilled, CE",
+            "circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
+            "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"]
+    experiment_cli.main("entity_tracking", argv)
     print(f"demo distillation: {time.time() - started:.0f} s; tables and figures in {args.out}/figures")
     return 0
 

@@ -6,22 +6,33 @@ The loss (SPEC section 1.4), per batch of m prompts:
         + cka_weight * sum over matched pairs (s, t) of (1 - CKA(z_s, z_t))
         + kd_weight * T^2 * KL(teacher || student at temperature T)
 
-where z_s and z_t are the heads' outputs at ``cka_position`` (one row per prompt, never a padding position).
-CE only, Align CKA only, CE + Align CKA, CE + Rand CKA (a random ``HeadMap``) and logit KD are all settings of
-one ``DistillConfig``.
+where z_s and z_t are the heads' outputs at the pair's own positions (``HeadPair.student_position`` and
+``teacher_position``: where the teacher head does its work), one row per prompt, never a padding position;
+``cka_position`` puts every pair at one column instead. CE only, Align CKA only, CE + Align CKA, CE + Rand CKA
+(a ``matching.random_control`` map), CE + Shuffled CKA (``shuffle_teacher``: the aligned pairs, the teacher's
+rows permuted within each batch, so the gradient has the same scale but no item correspondence) and logit KD
+are all settings of one ``DistillConfig``.
 
 Only the chosen student heads change (``trainable="heads"``). They are trained as a frozen base plus a
-trainable delta: for each head its ``W_Q`` and ``W_O`` slices, and (``kv_policy="group"``, the default) the
-``W_K`` / ``W_V`` slices of its key/value group, which under grouped-query attention the group's other query
-heads share; ``kv_policy="qo"`` leaves keys and values alone. The deltas are the only parameters the
+trainable delta: for each head its ``W_Q`` and ``W_O`` slices (``kv_policy="qo"``, the default, so only the
+trained heads change function), or also the ``W_K`` / ``W_V`` slices of its key/value group
+(``kv_policy="group"``), which under grouped-query attention the group's other query heads share: on
+et-student that changes 24 of its 32 heads' keys and values. The deltas are the only parameters the
 optimizer sees, so AdamW's moments are as small as what is trained and weight decay cannot move a frozen
 weight; the forward pass uses ``torch.func.functional_call`` with base + delta, so every TransformerLens hook
 still fires. ``trainable="all"`` trains every weight (the "fully distilled" rows); TransformerLens's zero
 biases, which Llama does not have, stay frozen either way.
 
+Every ``eval_every`` steps (and at step 0) the run logs, on the held-out ``eval_data``: accuracy, the CE on
+the teacher's labels (``val_ce``, the paper's Fig. 5 on fixed items) and each pair's debiased CKA
+(``cka_val``); and on a fixed probe batch of training items, the gradient norms of the CE term and of the
+CKA term on the trained parameters (``grad_ce``, ``grad_cka``) and their weighted ratio
+``grad_ratio = cka_weight * grad_cka / grad_ce``: how hard the alignment pulls against the task. A head map
+passed with ``cka_weight=0`` is monitored the same way without entering the loss.
+
 Runs are resumable: the deltas (or the whole state), optimizer, data order and metrics are checkpointed
-atomically every evaluation. Metrics go to ``metrics.json`` and ``metrics.csv`` with the CE component logged
-on its own (the paper's Fig. 5). bfloat16 autocast on a GPU, float32 on the CPU.
+atomically every evaluation. Metrics go to ``metrics.json`` and ``metrics.csv``. bfloat16 autocast on a GPU,
+float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdist import evaluate
-from cdist.activations import head_z
+from cdist.activations import head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
@@ -56,18 +67,22 @@ class DistillConfig:
 
     Attributes:
         steps: optimizer steps.
-        lr: AdamW learning rate (the paper: 2e-5 for Llama; organisms need more).
+        lr: AdamW learning rate. The paper uses 2e-5 for Llama; the zoo's students need about 1e-3 for CE to
+            move in a few hundred steps, and at that rate Adam also follows a CKA target with no task signal
+            (Align CKA only fell to 0.02 at 1e-3 with a flat target): pick lr and ``cka_weight`` on
+            validation items and read ``grad_ratio``.
         batch_size: prompts per step (also the m of CKA).
         ce_weight: weight of CE on the teacher's labels (0 for "Align CKA only").
         cka_weight: lambda, the weight of sum (1 - CKA) over the head map's pairs (0 for "CE only").
         kd_weight: weight of logit KD (the standard-distillation baseline); temperature ``kd_temperature``.
         trainable: "heads" (the head map's student heads) or "all" (full-parameter training).
-        kv_policy: "group" (a head's key/value group trains with it) or "qo" (only W_Q and W_O).
-        cka_position: position column the heads' z is read at.
+        kv_policy: "qo" (only the heads' W_Q and W_O) or "group" (their key/value groups train too).
+        cka_position: None (each pair at its own positions) or one position column for every pair.
+        shuffle_teacher: permute the teacher's rows within each batch before CKA (the Shuffled CKA control).
         debiased_cka: train on the debiased estimator instead of the plain one (the plain one is logged too).
         weight_decay: AdamW weight decay on the trained parameters (deltas decay towards the base weights).
         eval_every: steps between evaluations (and checkpoints).
-        seed: data order.
+        seed: data order and the shuffled control's permutations.
     """
 
     steps: int = 300
@@ -78,8 +93,9 @@ class DistillConfig:
     kd_weight: float = 0.0
     kd_temperature: float = 2.0
     trainable: str = "heads"
-    kv_policy: str = "group"
-    cka_position: str = "pos_last"
+    kv_policy: str = "qo"
+    cka_position: str | None = None
+    shuffle_teacher: bool = False
     debiased_cka: bool = False
     weight_decay: float = 0.0
     eval_every: int = 50
@@ -89,9 +105,14 @@ class DistillConfig:
         if self.trainable not in ("heads", "all"):
             raise ValueError(f"trainable={self.trainable!r}; choose 'heads' or 'all'")
         if self.kv_policy not in ("group", "qo"):
-            raise ValueError(f"kv_policy={self.kv_policy!r}; choose 'group' or 'qo'")
+            raise ValueError(f"kv_policy={self.kv_policy!r}; choose 'qo' or 'group'")
         if self.ce_weight == self.cka_weight == self.kd_weight == 0:
             raise ValueError("every loss weight is 0; set ce_weight, cka_weight or kd_weight")
+        if min(self.ce_weight, self.cka_weight, self.kd_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or not self.lr > 0:
+            raise ValueError(f"steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; got steps={self.steps}, "
+                             f"batch_size={self.batch_size}, eval_every={self.eval_every}, lr={self.lr}")
 
 
 class HeadDelta(torch.nn.Module):
@@ -192,6 +213,11 @@ def _batches(data, batch_size: int, seed: int, pad: int, columns: Sequence[str])
             yield next(evaluate.batches(data.select(order[start : start + batch_size]), batch_size, pad, columns))
 
 
+def _permutation(m: int, seed: int, step: int) -> Tensor:
+    """The shuffled control's permutation of a batch's teacher rows at ``step`` (the same after a resume)."""
+    return torch.randperm(m, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+
+
 def distill(
     student,
     teacher,
@@ -210,10 +236,10 @@ def distill(
     Args:
         student: a HookedTransformer; its weights change (only the trained slices, unless trainable="all").
         teacher: a HookedTransformer on the same tokenizer; never changes.
-        head_map: student -> teacher head pairs (``cdist.matching``); needed when ``cka_weight`` > 0, and its
-            student heads are the trained heads unless ``heads`` is given.
+        head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when ``cka_weight``
+            > 0 and monitored whenever given; its student heads are the trained heads unless ``heads`` is given.
         train_data: task items the loss is computed on (train split).
-        eval_data: held-out items for the periodic accuracy.
+        eval_data: held-out items for the periodic accuracy, validation CE and per-pair CKA (at least 4).
         cfg: the run's settings.
         run_dir: checkpoints and metrics go here.
         heads: the student heads to train (default: the head map's student heads).
@@ -221,15 +247,29 @@ def distill(
         progress: tqdm bar.
 
     Returns:
-        ``{"config", "trainable", "metrics": [...], "wall_time_s"}`` (also written to ``run_dir``).
+        ``{"config", "trainable", "trained_heads", "pairs", "metrics": [...], "wall_time_s"}`` (also written to
+        ``run_dir``).
     """
     run_dir = Path(run_dir)
+    if len(train_data) < cfg.batch_size:
+        raise ValueError(f"{len(train_data)} training items cannot fill one batch of {cfg.batch_size}; lower "
+                         "batch_size or give more items")
+    if len(eval_data) < 4:
+        raise ValueError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy need at least 4")
+    if head_map is not None and cfg.cka_position is not None:
+        head_map = head_map.at(cfg.cka_position)
     pairs = list(head_map.pairs) if head_map is not None else []
     if cfg.cka_weight and not pairs:
         raise ValueError("cka_weight > 0 needs a head map with pairs (cdist.matching); got none")
-    train_heads = tuple(sorted(set(heads if heads is not None else (s for s, _ in pairs))))
+    train_heads = tuple(sorted(set(heads if heads is not None else (p.student for p in pairs))))
     if cfg.trainable == "heads" and not train_heads:
         raise ValueError("trainable='heads' needs heads to train: pass a head map or heads=[...]")
+    s_sites, t_sites = head_map.sites() if head_map is not None else ([], [])
+    columns = sorted({col for _, col in s_sites + t_sites} - {"pos_last"})
+    missing = sorted(set(columns) - set(train_data.column_names) | set(columns) - set(eval_data.column_names))
+    if missing:
+        raise ValueError(f"the head map reads position columns {missing} that the items lack; build the items "
+                         "with the task generator or place the pairs at existing columns (HeadMap.placed / at)")
     device = evaluate.device_of(student)
     on_gpu = device.type == "cuda"
     for p in list(student.parameters()) + list(teacher.parameters()):
@@ -246,7 +286,7 @@ def distill(
     state_path = run_dir / "state.pt"
     # What else must match for a saved run to be this run: the models it started from and the heads.
     identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
-                "heads": [str(h) for h in train_heads], "pairs": [[str(s), str(t)] for s, t in pairs]}
+                "heads": [str(h) for h in train_heads], "pairs": [str(p) for p in pairs]}
     if state_path.exists():
         state = torch.load(state_path, weights_only=False, map_location=device)
         if state["config"] != asdict(cfg):
@@ -257,61 +297,87 @@ def distill(
         (delta if delta is not None else student).load_state_dict(state["weights"])
         opt.load_state_dict(state["opt"])
         step, wall, metrics = state["step"], state["wall"], state["metrics"]
-    s_heads = sorted({s for s, _ in pairs})
-    t_heads = sorted({t for _, t in pairs})
-    columns = () if cfg.cka_position == "pos_last" else (cfg.cka_position,)
-    stream = _batches(train_data, cfg.batch_size, cfg.seed, evaluate.pad_id(student), columns)
+    pad = evaluate.pad_id(student)
+    stream = _batches(train_data, cfg.batch_size, cfg.seed, pad, columns)
     for _ in range(step):  # the data order continues where the run stopped
         next(stream)
     share = trainable_share(student, cfg, train_heads)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+
+    def losses(batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
+        """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters."""
+        ids, last = batch["input_ids"].to(device), batch["pos_last"]
+        with torch.no_grad(), autocast:
+            t_logits, t_z = head_z(teacher, ids, t_sites, batch)
+            t_logits = evaluate.logits_at(t_logits, last).float()
+        with autocast:
+            s_logits, s_z = head_z(student, ids, s_sites, batch,
+                                   params=delta.patched(student) if delta is not None else None)
+            s_logits = evaluate.logits_at(s_logits, last).float()
+        out = {"ce": F.cross_entropy(s_logits, t_logits.argmax(-1))}
+        temp = cfg.kd_temperature
+        out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1),
+                             log_target=True, reduction="batchmean") * temp**2
+        order = slice(None) if perm is None else perm.to(device)
+        terms = [linear_cka(s_z[(p.student, p.student_position)], t_z[(p.teacher, p.teacher_position)][order],
+                            debiased=cfg.debiased_cka) for p in pairs]
+        out["cka"] = torch.stack(terms) if terms else torch.zeros(0, device=device)
+        return out
+
+    def total(out: dict[str, Tensor]) -> Tensor:
+        loss = cfg.ce_weight * out["ce"]
+        if cfg.cka_weight:
+            loss = loss + cfg.cka_weight * (1 - out["cka"]).sum()
+        if cfg.kd_weight:
+            loss = loss + cfg.kd_weight * out["kd"]
+        return loss
+
+    # Fixed items for the logged diagnostics: the probe batch of training items, the teacher's view of eval_data.
+    probe = next(evaluate.batches(train_data.select(range(cfg.batch_size)), cfg.batch_size, pad, columns))
+    probe_perm = _permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher else None
+    with torch.no_grad():
+        t_labels = evaluate.predictions(teacher, eval_data)
+        t_val = head_z_dataset(teacher, eval_data, t_sites) if pairs else {}
 
     def measure() -> dict:
+        out = losses(probe, probe_perm)
+        row = {"grad_ce": _grad_norm(out["ce"], trained)}
+        if pairs:
+            grad_cka = _grad_norm((1 - out["cka"]).sum(), trained)
+            row |= {"grad_cka": grad_cka,
+                    "grad_ratio": cfg.cka_weight * grad_cka / row["grad_ce"] if row["grad_ce"] else None}
         with delta.merged(student) if delta is not None else contextlib.nullcontext(), torch.no_grad():
-            row = {"accuracy": evaluate.accuracy(student, eval_data)}
+            correct, ce, s_val = _evaluation_pass(student, eval_data, t_labels, s_sites, pad)
+            row |= {"accuracy": correct.float().mean().item(), "val_ce": ce}
+            if pairs:
+                cka_val = [float(linear_cka(s_val[(p.student, p.student_position)],
+                                            t_val[(p.teacher, p.teacher_position)], debiased=True)) for p in pairs]
+                row |= {"cka_val": cka_val, "cka_val_mean": sum(cka_val) / len(cka_val)}
             if evaluate_fn is not None:
                 row |= evaluate_fn(student)
         return row
 
     if not metrics:
         metrics.append({"step": 0, **measure()})
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="distill")
+    # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True, desc="distill")
     t0 = time.time() - wall
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
     while step < cfg.steps:
         batch = next(stream)
-        ids, last = batch["input_ids"].to(device), batch["pos_last"].to(device)
-        at = batch[cfg.cka_position]
-        with torch.no_grad(), autocast:
-            t_logits, t_z = head_z(teacher, ids, t_heads, at)
-            t_logits = evaluate.logits_at(t_logits, last).float()
-        params = delta.patched(student) if delta is not None else None
-        with autocast:
-            s_logits, s_z = head_z(student, ids, s_heads, at, params=params)
-            s_logits = evaluate.logits_at(s_logits, last).float()
-        ce = F.cross_entropy(s_logits, t_logits.argmax(-1))
-        loss = cfg.ce_weight * ce
-        cka_terms = [linear_cka(s_z[s], t_z[t], debiased=cfg.debiased_cka) for s, t in pairs]
-        if cfg.cka_weight:
-            loss = loss + cfg.cka_weight * sum(1 - c for c in cka_terms)
-        temp = cfg.kd_temperature
-        kd = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1), log_target=True,
-                      reduction="batchmean") * temp**2
-        if cfg.kd_weight:
-            loss = loss + cfg.kd_weight * kd
+        out = losses(batch, _permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None)
+        loss = total(out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(ce=f"{ce.item():.3f}")
+        bar.set_postfix(ce=f"{out['ce'].item():.3f}")
         if step % cfg.eval_every and step != cfg.steps:
             continue
-        with torch.no_grad():
-            debiased = [float(linear_cka(s_z[s], t_z[t], debiased=True)) for s, t in pairs] if len(ids) >= 4 else []
+        cka = out["cka"].detach()
         metrics.append({
-            "step": step, "loss": loss.item(), "ce": ce.item(), "kd": kd.item(),
-            "cka_mean": sum(float(c.detach()) for c in cka_terms) / len(cka_terms) if cka_terms else None,
-            "cka_debiased_mean": sum(debiased) / len(debiased) if debiased else None,
+            "step": step, "loss": loss.item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
+            "cka_mean": cka.mean().item() if len(cka) else None,
             **measure(),
         })
         weights = (delta if delta is not None else student).state_dict()
@@ -325,13 +391,38 @@ def distill(
     for p in student.parameters():
         p.requires_grad_(False)
     result = {"config": asdict(cfg), "trainable": share, "trained_heads": [str(h) for h in train_heads],
-              "pairs": [[str(s), str(t)] for s, t in pairs], "metrics": metrics,
-              "wall_time_s": round(time.time() - t0, 1)}
+              "pairs": [p.to_dict() for p in pairs], "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
     atomic_write_json(result, run_dir / "metrics.json")
     table = io.StringIO()
-    fields = sorted({k for row in metrics for k in row}, key=lambda k: (k != "step", k))
-    writer = csv.DictWriter(table, fieldnames=fields)
+    fields = sorted({k for row in metrics for k, v in row.items() if not isinstance(v, list)},
+                    key=lambda k: (k != "step", k))
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(metrics)
     atomic_write_text(table.getvalue(), run_dir / "metrics.csv")
     return result
+
+
+def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
+    """The norm of ``loss``'s gradient over ``params`` (0 where it does not reach them)."""
+    if not loss.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return float(torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None),
+                                torch.zeros((), device=params[0].device))))
+
+
+@torch.no_grad()
+def _evaluation_pass(model, data, labels: Tensor, sites, pad: int, batch_size: int = 64) -> tuple[Tensor, float, dict]:
+    """Per-item top-1 correctness, the mean CE on ``labels`` and each site's z over ``data``, in one pass."""
+    columns = sorted({col for _, col in sites} - {"pos_last"})
+    correct, ce_sum, z = [], 0.0, {site: [] for site in sites}
+    for start, batch in zip(range(0, len(data), batch_size), evaluate.batches(data, batch_size, pad, columns),
+                            strict=True):
+        logits, z_batch = head_z(model, batch["input_ids"], sites, batch)
+        last = evaluate.logits_at(logits, batch["pos_last"]).float()
+        correct.append(last.argmax(-1).cpu() == batch["answer_id"])
+        ce_sum += float(F.cross_entropy(last, labels[start : start + len(last)].to(last.device), reduction="sum"))
+        for site in sites:
+            z[site].append(z_batch[site].float().cpu())
+    return torch.cat(correct), ce_sum / len(data), {site: torch.cat(rows) for site, rows in z.items()}

@@ -1,34 +1,36 @@
-"""The paper's experiment (Tables 1 and 2) for one teacher and one student: circuits, matching, distillation
-runs, evaluation, statistics. ``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py`` are
-thin command lines over ``run_experiment``.
+"""The circuit-distillation experiment for one teacher and one student (Tables 1 and 2): circuits, positions,
+head maps and their diagnostics, hyperparameters chosen on validation items, every arm over seeds and
+training regimes, test and out-of-distribution accuracy, sample efficiency, and the declared statistics.
+``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py`` are thin command lines over ``main``.
 
-Data, all fresh from the task generator: ``train`` (train split) is what distillation learns from;
-``val`` (train split, other seed, minus any prompt in ``train``) chooses lambda and is where heads are
-matched; ``reference`` (test split) gives the mean-ablation means; ``discovery`` (test split) is where the
-circuits are found; ``test`` (test split) is where every reported accuracy comes from. The test items are
-used for nothing else.
+Data, all fresh from the task generator: a pool of training items (train split) whose first n are the
+training set of regime n (so the small set is inside the large one); ``val`` (train split, another seed,
+minus any training prompt) chooses the hyperparameters, places and matches heads, and is logged during
+training; ``reference`` (test split) gives the mean-ablation means; ``discovery`` (test split) is where the
+circuits are found; ``test`` and the out-of-distribution sets (test split, other box counts or templates)
+are where every reported accuracy comes from, and are used for nothing else.
 
-Circuits: the teacher's by its task's method (``cfg.discovery``: path patching for entity tracking, the
-mean-ablation ranking for theory of mind); the student's by the mean-ablation ranking, the smallest top-n that
-keeps ``target`` of its accuracy (``cfg.student_discovery``; the paper's other option for students).
-
-Rows (each trained from the same base student, once per seed; the seed sets the data order and the random
-head map):
-
-- ``base student`` and ``teacher``: no training.
-- ``fully distilled, CE``: every student weight, CE on the teacher's labels.
-- ``circuit distilled, CE`` / ``Align CKA`` / ``CE + Rand CKA`` / ``CE + Align CKA`` / ``KD``: only the student
-  circuit's heads (``cdist.distill``), with CE, CKA alone, CE plus CKA to randomly paired teacher heads, CE
-  plus CKA to the matched teacher heads, or logit KD.
-
-Every row reports the full model's accuracy, the student circuit's accuracy (every head outside the circuit
-the student had before training mean-ablated, with means recomputed for the trained model), the random-circuit
-accuracy and faithfulness (the accuracy logged during training is on the validation items). McNemar's exact
-test compares CE + Align CKA with circuit CE and with fully distilled CE on the test items, per seed.
+Steps, in order:
+1. Circuits: the teacher's by its task's method, the student's by the mean-ablation ranking.
+2. Positions: each teacher head's position is its circuit group's (path patching), else where its ablation
+   matters most (``matching.work_positions``), unless the user names it; pairs are read there.
+3. Head maps, one per candidate matcher (the paper's, the normalised one, CKA), each diagnosed
+   (``cdist.alignment``): flat targets and crowded teacher heads are logged and flagged in the results.
+4. Selection, on validation items with ``select_seed`` (not a table seed) at the smallest regime: the lr of
+   circuit CE; then matcher and lambda of CE + Align CKA at that lr, with each lambda's CKA:CE gradient
+   ratio at the start recorded; the sample-efficiency threshold (halfway from the base student's validation
+   accuracy to circuit CE's at the end of its selected run).
+5. The table: every arm (``cdist.arms``) for every regime and seed; per run the test accuracy of the full
+   model and of the student's circuit (means recomputed for the trained model), random circuits, the OOD
+   sets, and the validation curve. Per-item correctness of every run is kept (``per_item.json``).
+6. Statistics: the primary comparison (``arms.PRIMARY``: CE + Align CKA vs CE + Shuffled CKA at the smallest
+   regime, test accuracy) pooled over seeds by the Cochran-Mantel-Haenszel test for matched pairs, per-seed
+   McNemar beside it, and the same for the secondary comparisons.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -36,25 +38,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 
-from cdist import ablation, discovery, distill, matching, stats, tasks
+from cdist import ablation, alignment, arms, discovery, distill, matching, stats, tasks
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
 from cdist.discovery import DiscoveryConfig
+from cdist.evaluate import predictions
+from cdist.types import Head
 
-__all__ = ["ROWS", "ExperimentConfig", "main", "run_experiment"]
+__all__ = ["MATCHERS", "ExperimentConfig", "run_experiment"]
 
-ROWS = (
-    "base student",
-    "teacher",
-    "fully distilled, CE",
-    "circuit distilled, CE",
-    "circuit distilled, Align CKA",
-    "circuit distilled, CE + Rand CKA",
-    "circuit distilled, CE + Align CKA",
-    "circuit distilled, KD",
-)
+MATCHERS = ("ablation", "ablation-baseline", "cka")
 
 
 @dataclass(frozen=True)
@@ -63,46 +57,52 @@ class ExperimentConfig:
 
     task: str  # "entity_tracking" | "theory_of_mind"
     task_kwargs: dict = field(default_factory=dict)  # template, n_boxes, ... for the generator
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    select_seed: int = 100  # hyperparameter selection: data order and random maps, never a table seed
+    regimes: tuple[int, ...] = (128, 2000)  # training items; the first is the primary regime
     data_seed: int = 0
-    train_items: int = 2000
     val_items: int = 500
     test_items: int = 1000
     reference_items: int = 500
     discovery_items: int = 200
-    lambdas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    distill: distill.DistillConfig = distill.DistillConfig()
-    discovery: discovery.DiscoveryConfig = discovery.DiscoveryConfig()  # the teacher's circuit
-    # The student's: its top heads by mean-ablation impact, the smallest set that keeps `target` of its
-    # accuracy (SPEC 1.2's alternative; path patching's top-k per group need not be faithful in a warm model).
-    student_discovery: DiscoveryConfig = DiscoveryConfig(method="mean_ablation")
-    matcher: str = "ablation"  # "ablation" (the paper's) or "cka"
+    ood: tuple[tuple[str, dict], ...] = ()  # (name, generator overrides), e.g. ("10 boxes", {"n_boxes": 10})
+    ood_items: int = 500
+    min_teacher_ood: float = 0.9  # an OOD set where the teacher is below this is flagged, not read
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    lambdas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
+    matchers: tuple[str, ...] = MATCHERS
     one_to_one: bool = False
+    control_lr: float = 3e-4
+    teacher_positions: dict = field(default_factory=dict)  # teacher head name -> position column (user-named)
+    distill: distill.DistillConfig = distill.DistillConfig(steps=600, eval_every=25)
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    student_discovery: DiscoveryConfig = DiscoveryConfig(method="mean_ablation")
     n_random: int = 5
-    rows: tuple[str, ...] = ROWS
+    arms: tuple[str, ...] = tuple(a.name for a in arms.ARMS)
+
+    def __post_init__(self) -> None:
+        for name in self.arms:
+            arms.arm(name)
+        unknown = sorted(set(self.matchers) - set(MATCHERS))
+        if unknown or not self.matchers:
+            raise ValueError(f"matchers {unknown or '(none)'}; choose from {list(MATCHERS)}")
+        if not self.seeds or not self.regimes or not self.lrs or not self.lambdas:
+            raise ValueError("seeds, regimes, lrs and lambdas each need at least one value")
+        if self.select_seed in self.seeds:
+            raise ValueError(f"select_seed {self.select_seed} is a table seed; choose one outside {self.seeds}")
 
 
-def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int) -> Dataset:
+def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):
     make = tasks.entity_tracking if cfg.task == "entity_tracking" else tasks.theory_of_mind
-    return make(n, tokenizer=tokenizer, seed=seed, split=split, **cfg.task_kwargs)
+    return make(n, tokenizer=tokenizer, seed=seed, split=split, **{**cfg.task_kwargs, **overrides})
 
 
-def _method(row: str, cfg: ExperimentConfig, lam: float) -> tuple[distill.DistillConfig, str] | None:
-    """The DistillConfig and head map kind ("align", "random", None) of a trained row."""
-    base = cfg.distill
-    return {
-        "fully distilled, CE": (replace(base, trainable="all", cka_weight=0.0, kd_weight=0.0), None),
-        "circuit distilled, CE": (replace(base, cka_weight=0.0, kd_weight=0.0), None),
-        "circuit distilled, Align CKA": (replace(base, ce_weight=0.0, cka_weight=lam, kd_weight=0.0), "align"),
-        "circuit distilled, CE + Rand CKA": (replace(base, cka_weight=lam, kd_weight=0.0), "random"),
-        "circuit distilled, CE + Align CKA": (replace(base, cka_weight=lam, kd_weight=0.0), "align"),
-        "circuit distilled, KD": (replace(base, ce_weight=0.0, cka_weight=0.0, kd_weight=1.0), None),
-    }.get(row)
+def _bits(correct: torch.Tensor) -> str:
+    return "".join("1" if c else "0" for c in correct.tolist())
 
 
-def _summary(result: dict) -> dict:
-    keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness", "random_faithfulness")
-    return {k: result[k] for k in keys}
+def _unbits(bits: str) -> torch.Tensor:
+    return torch.tensor([b == "1" for b in bits])
 
 
 def run_experiment(
@@ -115,138 +115,243 @@ def run_experiment(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run the whole experiment and write ``out_dir/results.json`` (rows x seeds, tests, circuits, head map).
+    """Run the experiment (module doc); write ``results.json`` and ``per_item.json`` to ``out_dir``.
 
-    Args:
-        cfg: the experiment.
-        load_teacher, load_student: return a fresh HookedTransformer (the student is reloaded for every run).
-        out_dir: where runs, circuits, head map and results go; finished distillation runs are reused.
-        names: (teacher, student) names for the record.
-        progress: tqdm bars in the distillation runs.
-        log: where progress lines go.
+    Finished runs (their ``eval.json``) are reused when their config, pairs and heads are the same, and an
+    interrupted run resumes from its checkpoint, so calling it again continues where it stopped.
     """
     out = Path(out_dir)
     t_start = time.time()
     teacher, student = load_teacher(), load_student()
     tok = student.tokenizer
-    train = _data(cfg, tok, cfg.train_items, "train", cfg.data_seed * 10 + 1)
-    if cfg.distill.cka_position not in train.column_names:
-        positions = [c for c in train.column_names if c.startswith("pos_") and isinstance(train[0][c], int)]
-        raise ValueError(f"cka_position {cfg.distill.cka_position!r} is not a position of this task's items; "
-                         f"choose one of {positions}")
-    seen = set(train["prompt"])
+    pool = _data(cfg, tok, max(cfg.regimes), "train", cfg.data_seed * 10 + 1)
+    train = {n: pool.select(range(n)) for n in cfg.regimes}
+    seen = set(pool["prompt"])
     val = _data(cfg, tok, cfg.val_items, "train", cfg.data_seed * 10 + 2)
     val = val.select([i for i, p in enumerate(val["prompt"]) if p not in seen])
     reference = _data(cfg, tok, cfg.reference_items, "test", cfg.data_seed * 10 + 3)
     found_on = _data(cfg, tok, cfg.discovery_items, "test", cfg.data_seed * 10 + 4)
     test = _data(cfg, tok, cfg.test_items, "test", cfg.data_seed * 10 + 5)
+    ood = {name: _data(cfg, tok, cfg.ood_items, "test", cfg.data_seed * 10 + 6 + i, **kw)
+           for i, (name, kw) in enumerate(cfg.ood)}
 
-    # ---- circuits and head map
+    # ---- 1. circuits
     circuits, means = {}, {}
     for role, model in (("teacher", teacher), ("student", student)):
         means[role] = ablation.head_means(model, reference)
         rule = cfg.student_discovery if role == "student" else cfg.discovery
         circuits[role], _, _ = discovery.find_circuit(model, cfg.task, found_on, means[role], rule,
                                                       model_name=names[role == "student"])
-        circuits[role].to_json(_mkdir(out) / f"circuit-{role}.json")
         if not circuits[role].heads:
             raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {rule}; "
                              "lower --min-effect (or check that the model does the task)")
+        circuits[role].to_json(_mkdir(out) / f"circuit-{role}.json")
         log(f"{role} circuit: {len(circuits[role].heads)} heads {[str(h) for h in circuits[role].heads]}")
     s_heads, t_heads = circuits["student"].heads, circuits["teacher"].heads
-    if cfg.matcher == "ablation":
-        s_scan = ablation.head_ablation_scan(student, val, means=means["student"])
-        t_scan = ablation.head_ablation_scan(teacher, val, means=means["teacher"])
-        s_base = float(s_scan["prob_ablated"][0, 0] + s_scan["prob_drop"][0, 0])  # drop = base - ablated
-        head_map = matching.ablation_matcher(
-            s_base, {h: float(s_scan["prob_ablated"][h.layer, h.head]) for h in s_heads},
-            {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads},
-            one_to_one=cfg.one_to_one, student_model=names[1], teacher_model=names[0])
-    elif cfg.matcher == "cka":
-        head_map = matching.cka_matcher(head_z_dataset(student, val, s_heads), head_z_dataset(teacher, val, t_heads),
-                                        one_to_one=cfg.one_to_one, student_model=names[1], teacher_model=names[0])
+
+    # ---- 2. where each teacher head works
+    if circuits["teacher"].method == "path_patching":
+        positions, how = matching.circuit_positions(circuits["teacher"]), "circuit groups"
     else:
-        raise ValueError(f"matcher={cfg.matcher!r}; choose 'ablation' or 'cka'")
-    head_map.to_json(out / "head_map.json")
-    log(f"head map ({head_map.method}): " + ", ".join(f"{s}->{t}" for s, t in head_map.pairs))
+        positions, _ = matching.work_positions(teacher, found_on, t_heads, means["teacher"])
+        how = "largest ablation effect"
+    named = {Head.parse(h): col for h, col in cfg.teacher_positions.items()}
+    positions |= named
+    log("teacher head positions (" + how + (", user-named " + str(sorted(map(str, named))) if named else "")
+        + "): " + ", ".join(f"{h}@{c}" for h, c in sorted(positions.items())))
 
-    def run(row: str, seed: int, lam: float, run_dir: Path, eval_items) -> tuple[object, dict]:
-        dcfg, kind = _method(row, cfg, lam)
-        dcfg = replace(dcfg, seed=seed)
-        hmap = head_map if kind == "align" else (
-            matching.random_matcher(s_heads, t_heads, seed=seed) if kind == "random" else None)
+    # ---- 3. head maps and their diagnostics
+    maps, diagnostics = {}, {}
+    for name in cfg.matchers:
+        maps[name] = _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, means, names)
+        diagnostics[name] = alignment.diagnose(student, teacher, maps[name], val, warn=False)
+        log(f"head map ({name}): " + ", ".join(map(str, maps[name].pairs)))
+        for flag in diagnostics[name]["flags"]:
+            log(f"  warning: {flag}")
+
+    def run(arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap, run_dir: Path) -> dict:
+        dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)
+        used = matching.random_control(hmap, _all_heads(teacher), seed=seed) if arm.cka == "random" else hmap
+        record_key = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
+                      "heads": [str(h) for h in s_heads], "train_items": n_train}
+        done = run_dir / "eval.json"
+        if done.exists():
+            record = json.loads(done.read_text())
+            if {k: record.get(k) for k in record_key} == record_key:
+                return record
         model = load_student()
-        history = distill.distill(model, teacher, hmap, train, eval_items, dcfg, run_dir, heads=s_heads,
+        history = distill.distill(model, teacher, used, train[n_train], val, dcfg, run_dir, heads=s_heads,
                                   progress=progress)
-        return model, history
+        record = record_key | {"metrics": history["metrics"], "trainable": history["trainable"],
+                               "wall_time_s": history["wall_time_s"], **_evaluate(model, "student")}
+        atomic_write_json(record, done)
+        return record
 
-    # ---- lambda, chosen on the validation items (seed of the first run)
-    sweep = []
-    for lam in cfg.lambdas:
-        model, history = run("circuit distilled, CE + Align CKA", cfg.seeds[0], lam, out / "sweep" / f"lambda-{lam}",
-                             val)
-        sweep.append({"lambda": lam, "val_accuracy": history["metrics"][-1]["accuracy"]})
-        log(f"lambda {lam}: validation accuracy {sweep[-1]['val_accuracy']:.3f}")
-    lam = max(sweep, key=lambda r: (r["val_accuracy"], -r["lambda"]))["lambda"] if sweep else cfg.distill.cka_weight
+    def _evaluate(model, role: str, seed: int = 0) -> dict:
+        row_means = means[role] if model is teacher or model is student else ablation.head_means(model, reference)
+        result = ablation.evaluate_circuit(model, circuits[role], test, means=row_means, n_random=cfg.n_random,
+                                           seed=seed)
+        keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
+        return {**{k: result[k] for k in keys}, "test_full": _bits(result["full_correct"]),
+                "test_circuit": _bits(result["circuit_correct"]),
+                "ood": {name: _bits(predictions(model, d) == torch.tensor(d["answer_id"])) for name, d in ood.items()}}
 
-    # ---- the table
-    results: dict[str, list[dict]] = {row: [] for row in cfg.rows}
-    correct: dict[str, dict[int, torch.Tensor]] = {row: {} for row in cfg.rows}
-    curves: dict[str, dict[int, list]] = {}
-    for seed in cfg.seeds:
-        for row in cfg.rows:
-            if row in ("teacher", "base student"):  # untrained: the means found above still hold
-                role = "teacher" if row == "teacher" else "student"
-                model, history, row_means = (teacher if role == "teacher" else student), None, means[role]
-            else:
-                role = "student"
-                model, history = run(row, seed, lam, out / "runs" / f"{_slug(row)}-seed{seed}", val)
-                row_means = ablation.head_means(model, reference)  # a trained model has means of its own
-            result = ablation.evaluate_circuit(model, circuits[role], test, means=row_means, n_random=cfg.n_random,
-                                               seed=seed)
-            results[row].append({"seed": seed, **_summary(result)})
-            correct[row][seed] = result["full_correct"]
-            if history is not None:
-                curves.setdefault(row, {})[seed] = [(m["step"], m.get("ce")) for m in history["metrics"]]
-            log(f"seed {seed} {row}: full {result['full_accuracy']:.3f} circuit {result['circuit_accuracy']:.3f} "
-                f"random {result['random_accuracy']:.3f}")
-    tests_ = {}
-    ours = "circuit distilled, CE + Align CKA"
-    for other in ("circuit distilled, CE", "fully distilled, CE"):
-        if ours in correct and other in correct:
-            tests_[f"{ours} vs {other}"] = [{"seed": s, **stats.mcnemar(correct[ours][s], correct[other][s])}
-                                            for s in cfg.seeds]
-    share = distill.trainable_share(student, cfg.distill, s_heads)
+    # ---- 4. selection on validation items
+    small = min(cfg.regimes)
+    selection: dict = {"seed": cfg.select_seed, "train_items": small, "lr": [], "align": []}
+    ce_arm, align_arm = arms.arm("circuit distilled, CE"), arms.arm("circuit distilled, CE + Align CKA")
+    first = cfg.matchers[0]
+    for lr in cfg.lrs:
+        rec = run(ce_arm, small, cfg.select_seed, lr, 0.0, maps[first], out / "select" / f"ce-lr{lr}")
+        selection["lr"].append({"lr": lr, "val_accuracy": rec["metrics"][-1]["accuracy"],
+                                "val_curve": [(m["step"], m["accuracy"]) for m in rec["metrics"]]})
+        log(f"select lr {lr}: circuit CE validation accuracy {selection['lr'][-1]['val_accuracy']:.3f}")
+    best_lr = max(selection["lr"], key=lambda r: (r["val_accuracy"], -r["lr"]))
+    lr = best_lr["lr"]
+    for name in cfg.matchers:
+        for lam in cfg.lambdas:
+            rec = run(align_arm, small, cfg.select_seed, lr, lam, maps[name], out / "select" / f"{name}-lambda{lam}")
+            start = rec["metrics"][0]
+            selection["align"].append({"matcher": name, "lambda": lam, "val_accuracy": rec["metrics"][-1]["accuracy"],
+                                       "grad_ratio_start": start.get("grad_ratio"),
+                                       "cka_val_start": start.get("cka_val_mean"),
+                                       "cka_val_end": rec["metrics"][-1].get("cka_val_mean")})
+            log(f"select {name} lambda {lam}: validation accuracy {selection['align'][-1]['val_accuracy']:.3f}, "
+                f"CKA:CE gradient ratio at the start {start.get('grad_ratio', float('nan')):.3g}")
+    best = max(selection["align"], key=lambda r: (r["val_accuracy"], -r["lambda"]))
+    matcher, lam = best["matcher"], best["lambda"]
+    curve = best_lr["val_curve"]
+    threshold = (curve[0][1] + curve[-1][1]) / 2
+    selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "threshold": threshold},
+                  "why": "highest validation accuracy (ties: the smaller lr or lambda)"}
+    log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam}; sample-efficiency threshold {threshold:.3f}")
+    head_map = maps[matcher]
+    head_map.to_json(out / "head_map.json")
+
+    # ---- 5. the table
+    teacher_ood = {name: _unbits(bits).float().mean().item()
+                   for name, bits in _evaluate(teacher, "teacher")["ood"].items()}
+    for name, acc in teacher_ood.items():
+        log(f"OOD {name}: teacher {acc:.3f}" + ("" if acc >= cfg.min_teacher_ood else
+                                                f" (below {cfg.min_teacher_ood}: flagged, not read)"))
+    runs = []
+    for n_train in cfg.regimes:
+        for seed in cfg.seeds:
+            for a in map(arms.arm, cfg.arms):
+                if a.trained:
+                    run_dir = out / "runs" / f"n{n_train}" / f"{_slug(a.name)}-seed{seed}"
+                    rec = run(a, n_train, seed, lr, lam, head_map, run_dir)
+                else:
+                    role = "teacher" if a.name == "teacher" else "student"
+                    rec = _evaluate(teacher if role == "teacher" else student, role, seed)
+                runs.append({"arm": a.name, "train_items": n_train, "seed": seed, **rec})
+                log(f"n={n_train} seed {seed} {a.name}: full {rec['full_accuracy']:.3f} "
+                    f"circuit {rec['circuit_accuracy']:.3f}")
+
+    # ---- 6. statistics and the record
     summary = {
-        "config": _jsonable(asdict(cfg)),
-        "teacher": names[0],
-        "student": names[1],
+        "config": _jsonable(asdict(cfg)), "teacher": names[0], "student": names[1],
         "circuits": {role: c.to_dict() for role, c in circuits.items()},
-        "head_map": head_map.to_dict(),
-        "lambda_sweep": sweep,
-        "lambda": lam,
-        "trainable": share,
-        "rows": {row: {"runs": runs, **_mean_std(runs)} for row, runs in results.items()},
-        "mcnemar": tests_,
-        "ce_curves": {row: {str(s): c for s, c in v.items()} for row, v in curves.items()},
+        "teacher_positions": {str(h): c for h, c in sorted(positions.items())}, "positions_from": how,
+        "head_maps": {name: m.to_dict() for name, m in maps.items()}, "diagnostics": diagnostics,
+        "selection": selection, "head_map": head_map.to_dict(), "lambda": lam, "lr": lr,
+        "teacher_ood": teacher_ood,
+        "trainable": distill.trainable_share(student, replace(cfg.distill, trainable="heads"), s_heads),
+        "trainable_group": distill.trainable_share(student, replace(cfg.distill, kv_policy="group"), s_heads),
+        **summarise(runs, cfg, threshold),
         "wall_time_s": round(time.time() - t_start, 1),
     }
+    atomic_write_json({"eval_sets": {"test": len(test), **{k: len(v) for k, v in ood.items()}},
+                       "runs": [{k: r[k] for k in ("arm", "train_items", "seed", "test_full", "test_circuit", "ood")}
+                                for r in runs]}, out / "per_item.json")
     atomic_write_json(summary, out / "results.json")
     return summary
 
 
-def _mean_std(runs: list[dict]) -> dict:
-    out = {}
-    for key in ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness"):
-        values = [r[key] for r in runs if not math.isnan(r[key])]
-        mean = sum(values) / len(values) if values else math.nan
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        out[key] = {"mean": mean, "std": std}
-    return out
+def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict:
+    """Per arm and regime: accuracies (mean, sd over seeds), OOD accuracy, steps to the threshold, validation
+    CE curve; and the statistical tests. Everything is recomputed from the runs' per-item strings."""
+    table: dict = {}
+    for r in runs:
+        key = f"n{r['train_items']}"
+        table.setdefault(key, {}).setdefault(r["arm"], []).append(r)
+    rows = {}
+    for regime, by_arm in table.items():
+        rows[regime] = {}
+        for arm_name, recs in by_arm.items():
+            row = {k: _mean_sd([r[k] for r in recs]) for k in ("full_accuracy", "circuit_accuracy",
+                                                                 "random_accuracy", "faithfulness")}
+            row["ood"] = {name: _mean_sd([_unbits(r["ood"][name]).float().mean().item() for r in recs])
+                          for name in recs[0]["ood"]}
+            curves = [r.get("metrics") for r in recs if r.get("metrics")]
+            if curves:
+                reached = [next((m["step"] for m in c if m["accuracy"] >= threshold), None) for c in curves]
+                row["steps_to_threshold"] = reached
+                row["val_ce_curve"] = [(m["step"], sum(c[i]["val_ce"] for c in curves) / len(curves))
+                                       for i, m in enumerate(curves[0])]
+                row["val_accuracy_curve"] = [(m["step"], sum(c[i]["accuracy"] for c in curves) / len(curves))
+                                             for i, m in enumerate(curves[0])]
+                row["grad_ratio_start"] = _mean_sd([c[0].get("grad_ratio") for c in curves])
+                row["cka_val"] = {"start": _mean_sd([c[0].get("cka_val_mean") for c in curves]),
+                                  "end": _mean_sd([c[-1].get("cka_val_mean") for c in curves])}
+                row["wall_time_s"] = sum(r.get("wall_time_s", 0) for r in recs)
+            rows[regime][arm_name] = row
+    comparisons = [arms.PRIMARY, ("circuit distilled, CE + Align CKA", "circuit distilled, CE"),
+                   ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Rand CKA"),
+                   ("circuit distilled, CE + Align CKA", "circuit distilled, KD"),
+                   ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)")]
+    tests = {}
+    for regime, by_arm in table.items():
+        for a, b in comparisons:
+            if a not in by_arm or b not in by_arm:
+                continue
+            ra, rb = sorted(by_arm[a], key=lambda r: r["seed"]), sorted(by_arm[b], key=lambda r: r["seed"])
+            sets = {"test": ([_unbits(r["test_full"]) for r in ra], [_unbits(r["test_full"]) for r in rb])}
+            for name in ra[0]["ood"]:
+                sets[name] = ([_unbits(r["ood"][name]) for r in ra], [_unbits(r["ood"][name]) for r in rb])
+            tests[f"{regime}: {a} vs {b}"] = {
+                name: {"pooled": stats.mcnemar_pooled(xa, xb),
+                       "per_seed": [{"seed": r["seed"], **stats.mcnemar(x, y)}
+                                    for r, x, y in zip(ra, xa, xb, strict=True)]}
+                for name, (xa, xb) in sets.items()}
+    primary = f"n{min(cfg.regimes)}: {arms.PRIMARY[0]} vs {arms.PRIMARY[1]}"
+    return {"rows": rows, "tests": tests, "primary": primary, "threshold": threshold}
+
+
+def _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, means, names):
+    kw = {"one_to_one": cfg.one_to_one, "student_model": names[1], "teacher_model": names[0]}
+    if name == "cka":
+        columns = sorted({positions[h] for h in t_heads})
+        return matching.cka_matcher(head_z_dataset(student, val, [(h, c) for h in s_heads for c in columns]),
+                                    head_z_dataset(teacher, val, [(h, positions[h]) for h in t_heads]), **kw)
+    s_scan = ablation.head_ablation_scan(student, val, means=means["student"])
+    t_scan = ablation.head_ablation_scan(teacher, val, means=means["teacher"])
+
+    def base(scan):  # drop = base - ablated, the same for every head
+        return float(scan["prob_ablated"][0, 0] + scan["prob_drop"][0, 0])
+
+    hmap = matching.ablation_matcher(
+        base(s_scan), {h: float(s_scan["prob_ablated"][h.layer, h.head]) for h in s_heads},
+        {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads}, teacher_base=base(t_scan),
+        normalise="baseline" if name == "ablation-baseline" else None, **kw)
+    return hmap.placed(positions)
+
+
+def _all_heads(model) -> list:
+    return [Head(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
+
+def _mean_sd(values: list) -> dict:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "n": len(values)}
 
 
 def _slug(row: str) -> str:
-    return row.replace(", ", "-").replace(" + ", "+").replace(" ", "_")
+    return row.replace(", ", "-").replace(" + ", "+").replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def _mkdir(path: Path) -> Path:
@@ -260,84 +365,3 @@ def _jsonable(d):
     if isinstance(d, (list, tuple)):
         return [_jsonable(v) for v in d]
     return d
-
-
-def main(task: str, argv: list[str] | None = None) -> dict:
-    """Command line of experiments/entity_tracking.py and experiments/theory_of_mind.py."""
-    import argparse
-    import sys
-
-    from cdist import models, report, zoo
-    from cdist.provenance import git_commit
-
-    default = {"entity_tracking": ("et-teacher", "et-student"), "theory_of_mind": ("tom-teacher", "tom-student")}[task]
-    parser = argparse.ArgumentParser(description=f"Tables 1-2 of circuit distillation for {task}: a teacher and a "
-                                     "student from the zoo, or local Llama-3 checkpoint directories.")
-    parser.add_argument("--teacher", default=default[0], help="zoo name or checkpoint directory")
-    parser.add_argument("--student", default=default[1], help="zoo name or checkpoint directory")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per distillation run")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (the paper: 2e-5 for Llama-3)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lambdas", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0], help="CKA weights swept")
-    parser.add_argument("--train-items", type=int, default=2000)
-    parser.add_argument("--val-items", type=int, default=500)
-    parser.add_argument("--test-items", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=2, help="entity tracking: heads per path-patching group")
-    parser.add_argument("--min-effect", type=float, default=0.01, help="entity tracking: minimum -relative change")
-    parser.add_argument("--student-method", default="mean_ablation", choices=["auto", "path_patching", "mean_ablation"],
-                        help="how the student's circuit is found (auto: as the teacher's, by task)")
-    parser.add_argument("--matcher", choices=["ablation", "cka"], default="ablation")
-    parser.add_argument("--cka-position", default="pos_last",
-                        help="position column the heads' z is aligned at (entity tracking: pos_last, pos_prev_label)")
-    parser.add_argument("--one-to-one", action="store_true", help="assign each teacher head at most once")
-    parser.add_argument("--kv-policy", choices=["group", "qo"], default="group")
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), help="which rows to run (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=f"results/{task}", help="runs, circuits and results.json")
-    parser.add_argument("--figures", default="figures", help="where the table and figures go")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    unknown = sorted(set(args.rows) - set(ROWS))
-    if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-
-    def loader(source: str):
-        if source in zoo.names():
-            return lambda: zoo.load(source, device=args.device)[0].eval()
-        if Path(source).is_dir():
-            dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-            return lambda: models.load_llama(source, device=args.device, dtype=dtype).eval()
-        parser.error(f"{source!r} is neither a zoo model ({zoo.names()}) nor a checkpoint directory")
-
-    if args.student in zoo.names():
-        organism = zoo.manifest(args.student)["config"]
-        task_kwargs = {"template": organism["template"], **organism.get("task_kwargs", {})}
-        if task == "entity_tracking":
-            task_kwargs["n_boxes"] = organism["n_boxes"]
-    else:
-        task_kwargs = {"template": "prakash" if task == "entity_tracking" else "causaltom"}
-    cfg = ExperimentConfig(
-        task=task, task_kwargs=task_kwargs, seeds=tuple(args.seeds), train_items=args.train_items,
-        val_items=args.val_items, test_items=args.test_items, lambdas=tuple(args.lambdas),
-        distill=distill.DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                      kv_policy=args.kv_policy, eval_every=max(1, args.steps // 10),
-                                      cka_position=args.cka_position),
-        discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect),
-        student_discovery=discovery.DiscoveryConfig(method=args.student_method, k=args.k, min_effect=args.min_effect),
-        matcher=args.matcher, one_to_one=args.one_to_one, rows=tuple(r for r in ROWS if r in args.rows),
-    )
-    commit = git_commit()
-    try:
-        summary = run_experiment(cfg, loader(args.teacher), loader(args.student), args.out,
-                                 names=(args.teacher, args.student))
-    except ValueError as e:  # a stale run folder, an empty circuit, ...: say what and how, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    stem = "table1-entity-tracking" if task == "entity_tracking" else "table2-theory-of-mind"
-    for path in report.write_report(summary, args.figures, stem, command=command, commit=commit):
-        print(path)
-    print(report.markdown_table(summary))
-    return summary

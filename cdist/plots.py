@@ -83,8 +83,8 @@ def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
     scale = "Viridis_r" if head_map.kind == "distance" else "Viridis"
     fig = go.Figure(go.Heatmap(z=z, x=teachers, y=students, colorscale=scale, colorbar={"title": label},
                                hovertemplate="student %{y} / teacher %{x}: %{z:.3g}<extra></extra>"))
-    for s, t in head_map.pairs:
-        r, c = students.index(str(s)), teachers.index(str(t))
+    for pair in head_map.pairs:
+        r, c = students.index(str(pair.student)), teachers.index(str(pair.teacher))
         fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line={"color": "black", "width": 3})
     name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
     fig.update_layout(

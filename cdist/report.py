@@ -1,8 +1,10 @@
 """Tables and figures from an experiment's ``results.json`` (``cdist.experiment``): markdown, CSV, HTML, PNG.
 
-``write_report(summary, out_dir, stem)`` writes ``{stem}.md`` and ``{stem}.csv`` (rows x metrics, mean and
-spread over seeds), ``{stem}.json`` (the whole summary), ``{stem}-ce.html/.png`` (training CE over steps,
-circuit CE vs CE + Align CKA, the paper's Fig. 5) and ``{stem}-head-map.html/.png``.
+``write_report(summary, out_dir, stem)`` writes ``{stem}.md`` (the declared primary comparison first, then
+the selection, the alignment diagnostics and one table per training regime), ``{stem}.csv`` (regime x arm x
+metric, mean and sd over seeds), ``{stem}.json`` (the whole summary), ``{stem}-val-ce.html/.png`` (CE on the
+fixed validation items over steps, the paper's Fig. 5), ``{stem}-val-accuracy.html/.png`` and
+``{stem}-head-map.html/.png``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import io
 from pathlib import Path
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from cdist import plots
+from cdist import arms, plots
 from cdist.checkpoints import atomic_write_json, atomic_write_text
 from cdist.matching import HeadMap
 
@@ -21,82 +24,136 @@ __all__ = ["markdown_table", "write_report"]
 
 METRICS = (("full_accuracy", "full"), ("circuit_accuracy", "circuit"), ("random_accuracy", "random circuit"),
            ("faithfulness", "faithfulness"))
+CURVE_ARMS = {"circuit distilled, CE": "#1f77b4", "circuit distilled, CE + Align CKA": "#d62728",
+              "circuit distilled, CE + Shuffled CKA": "#2ca02c", "circuit distilled, CE + Rand CKA": "#9467bd",
+              "circuit distilled, KD": "#ff7f0e"}
 
 
 def _cell(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return "–" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
+
+
+def _test_line(name: str, test: dict) -> str:
+    pooled = test["pooled"]
+    seeds = ", ".join(f"{t['p_value']:.2g}" for t in test["per_seed"])
+    return (f"{name}: pooled B = {pooled['b']}, C = {pooled['c']} (odds ratio {pooled['odds_ratio']:.2f}), "
+            f"CMH chi2 = {pooled['statistic']:.2f}, p = {pooled['p_value_chi2']:.3g} (exact {pooled['p_value']:.3g}); "
+            f"per-seed McNemar p: {seeds}")
 
 
 def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str:
-    """The table as markdown, with its provenance, the lambda sweep and the McNemar tests."""
-    seeds = summary["config"]["seeds"]
-    task = summary["config"]["task"].replace("_", " ")
+    """The report as markdown (module doc)."""
+    cfg = summary["config"]
+    task = cfg["task"].replace("_", " ")
+    small = min(cfg["regimes"])
     lines = [f"# {task}: {summary['student']} distilled from {summary['teacher']}", ""]
     if command:
-        lines.append(f"`{command}`" + (f" at commit `{commit}`" if commit else "") + ".")
-    lines += [
-        f"Accuracy on {summary['config']['test_items']} held-out test items; mean ± standard deviation over seeds "
-        f"{', '.join(map(str, seeds))}. Circuit accuracy keeps only the student's circuit "
-        f"({_heads(summary['circuits']['student'])} heads; "
-        f"the teacher row uses the teacher's circuit). Trained: {summary['trainable']['heads']} heads, "
-        f"{summary['trainable']['params']:,} parameters ({100 * summary['trainable']['param_share']:.1f}% of the "
-        f"student). lambda = {summary['lambda']} (chosen on validation items).",
-        "",
-        "| | " + " | ".join(label for _, label in METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
-    ]
-    for row, stats_ in summary["rows"].items():
-        lines.append(f"| {row} | " + " | ".join(_cell(stats_[key]) for key, _ in METRICS) + " |")
-    lines += ["", "McNemar's exact test (full-model correctness on the test items), per seed:", ""]
-    for name, per_seed in summary["mcnemar"].items():
-        cells = ", ".join(f"seed {t['seed']}: p = {t['p_value']:.3g} (b = {t['b']}, c = {t['c']})" for t in per_seed)
-        lines.append(f"- {name}: {cells}")
-    if summary["lambda_sweep"]:
-        lines += ["", "Lambda sweep (CE + Align CKA, validation accuracy): " + ", ".join(
-            f"{r['lambda']}: {r['val_accuracy']:.3f}" for r in summary["lambda_sweep"])]
+        lines.append(f"`{command}`" + (f" at commit `{commit}`" if commit else "") +
+                     f"; {summary['wall_time_s'] / 60:.0f} min.")
+    lines += ["", f"**Primary comparison (declared before the runs):** {arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at "
+              f"{small} training items, test accuracy, pooled over seeds {cfg['seeds']} by the Cochran-Mantel-"
+              "Haenszel test for matched pairs (each item and seed a pair), per-seed McNemar beside it.", ""]
+    primary = summary["tests"].get(summary["primary"])
+    lines.append("- " + (_test_line("result", primary["test"]) if primary else "not run (an arm is missing)"))
+    sel = summary["selection"]
+    chosen = sel["chosen"]
+    lines += ["", f"## Selection (validation items, seed {sel['seed']}, {sel['train_items']} training items)", "",
+              f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, lambda {chosen['lambda']} ({sel['why']}); "
+              f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base student's validation "
+              "accuracy to circuit CE's at the end of its run).", "",
+              "| circuit CE lr | validation accuracy |", "|---|---|"]
+    lines += [f"| {r['lr']} | {r['val_accuracy']:.3f} |" for r in sel["lr"]]
+    lines += ["", "| matcher | lambda | validation accuracy | CKA:CE gradient ratio at the start | "
+              "pair CKA (debiased) start → end |", "|---|---|---|---|---|"]
+    for r in sel["align"]:
+        ratio = "–" if r["grad_ratio_start"] is None else f"{r['grad_ratio_start']:.3g}"
+        lines.append(f"| {r['matcher']} | {r['lambda']} | {r['val_accuracy']:.3f} | {ratio} | "
+                     f"{r['cka_val_start']:.3f} → {r['cka_val_end']:.3f} |")
+    lines += ["", f"## Head map `{chosen['matcher']}` and its diagnostics (validation items)", "",
+              f"Teacher head positions from {summary['positions_from']}: " +
+              ", ".join(f"{h}@{c}" for h, c in summary["teacher_positions"].items()) + ".", "",
+              "| pair | teacher variation | student variation | debiased CKA | batch CKA (paired / shuffled) |",
+              "|---|---|---|---|---|"]
+    diag = summary["diagnostics"][chosen["matcher"]]
+    for r in diag["pairs"]:
+        lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | {r['student_variation']:.3g} | "
+                     f"{r['cka_debiased']:.3f} | {r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f} |")
+    for name, d in summary["diagnostics"].items():
+        for flag in d["flags"]:
+            lines.append(f"- flag ({name}): {flag}")
+    tr, grp = summary["trainable"], summary["trainable_group"]
+    lines += ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
+              f"({100 * tr['param_share']:.1f}% of the student; kv policy `{cfg['distill']['kv_policy']}`); the "
+              f"`group` policy would train {grp['params']:,}."]
+    ood_names = list(summary["teacher_ood"])
+    if ood_names:
+        lines += ["", "Teacher out of distribution: " + ", ".join(
+            f"{k} {v:.3f}" + ("" if v >= cfg["min_teacher_ood"] else " (below the bar: not read)")
+            for k, v in summary["teacher_ood"].items()) + "."]
+    for regime, rows in summary["rows"].items():
+        lines += ["", f"## {regime[1:]} training items", "",
+                  "| arm | " + " | ".join(label for _, label in METRICS) + "".join(f" | OOD {n}" for n in ood_names)
+                  + " | steps to threshold | validation CE at the end |",
+                  "|---|" + "---|" * (len(METRICS) + len(ood_names) + 2)]
+        for arm, row in rows.items():
+            steps = row.get("steps_to_threshold")
+            reached = [s for s in steps or [] if s is not None]
+            steps_cell = "–" if steps is None else (
+                f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{len(steps)} reached)" if reached
+                else f"never (0/{len(steps)})")
+            ce = row.get("val_ce_curve")
+            lines.append(f"| {arm} | " + " | ".join(_cell(row[k]) for k, _ in METRICS)
+                         + "".join(f" | {_cell(row['ood'][n])}" for n in ood_names)
+                         + f" | {steps_cell} | {'–' if not ce else f'{ce[-1][1]:.3f}'} |")
+        lines += ["", "Tests (test items, then each OOD set):", ""]
+        for name, sets in summary["tests"].items():
+            if name.startswith(regime + ":"):
+                for set_name, test in sets.items():
+                    lines.append("- " + _test_line(f"{name[len(regime) + 2:]} [{set_name}]", test))
     return "\n".join(lines) + "\n"
 
 
-def _heads(circuit: dict) -> int:
-    return len({h for heads in circuit["groups"].values() for h in heads})
-
-
-def ce_figure(summary: dict) -> go.Figure:
-    """Training CE over steps for circuit CE and CE + Align CKA (each seed a thin line, the seed mean thick)."""
-    fig = go.Figure()
-    colours = {"circuit distilled, CE": "#1f77b4", "circuit distilled, CE + Align CKA": "#d62728"}
-    for row, colour in colours.items():
-        per_seed = summary["ce_curves"].get(row, {})
-        for seed, curve in per_seed.items():
-            pts = [(s, c) for s, c in curve if c is not None]
-            fig.add_trace(go.Scatter(x=[s for s, _ in pts], y=[c for _, c in pts], mode="lines", opacity=0.35,
-                                     line={"color": colour, "width": 1}, showlegend=False,
-                                     name=f"{row}, seed {seed}"))
-        if per_seed:
-            steps = sorted({s for curve in per_seed.values() for s, c in curve if c is not None})
-            mean = [sum(dict(curve).get(s) or 0 for curve in per_seed.values()) / len(per_seed) for s in steps]
-            fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines+markers", name=row, line={"color": colour}))
-    fig.update_layout(title="training CE (batch at each evaluation step)", xaxis_title="step",
-                      yaxis_title="cross-entropy on the teacher's labels", template="plotly_white", width=720,
-                      height=420)
+def curve_figure(summary: dict, key: str, title: str) -> go.Figure:
+    """``key`` ("val_ce_curve" or "val_accuracy_curve") over steps, seed means, one panel per regime."""
+    regimes = list(summary["rows"])
+    fig = make_subplots(rows=1, cols=len(regimes), subplot_titles=[f"{r[1:]} training items" for r in regimes])
+    for col, regime in enumerate(regimes, start=1):
+        for arm, colour in CURVE_ARMS.items():
+            curve = summary["rows"][regime].get(arm, {}).get(key)
+            if curve:
+                fig.add_trace(go.Scatter(x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines", name=arm,
+                                         line={"color": colour}, legendgroup=arm, showlegend=col == 1),
+                              row=1, col=col)
+        fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", width=460 * len(regimes) + 200, height=420)
     return fig
 
 
 def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str = "", commit: str = "") -> list[Path]:
-    """Write the markdown and CSV tables, the JSON summary and both figures; returns the paths."""
+    """Write the markdown and CSV tables, the JSON summary and the figures; returns the paths."""
     out = Path(out_dir)
-    written = []
     atomic_write_text(markdown_table(summary, command=command, commit=commit), out / f"{stem}.md")
     atomic_write_json({**summary, "command": command, "commit": commit}, out / f"{stem}.json")
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["row"] + [f"{key}_{part}" for key, _ in METRICS for part in ("mean", "std")] + ["seeds"])
-    for row, stats_ in summary["rows"].items():
-        writer.writerow([row] + [f"{stats_[key][part]:.6f}" for key, _ in METRICS for part in ("mean", "std")]
-                        + [len(stats_["runs"])])
+    ood_names = list(summary["teacher_ood"])
+    writer.writerow(["train_items", "arm"] + [f"{k}_{p}" for k, _ in METRICS for p in ("mean", "sd")]
+                    + [f"ood_{n}_{p}" for n in ood_names for p in ("mean", "sd")] + ["seeds"])
+    for regime, rows in summary["rows"].items():
+        for arm, row in rows.items():
+            stats_ = [row[k] for k, _ in METRICS] + [row["ood"][n] for n in ood_names]
+            writer.writerow([regime[1:], arm] + [_num(s[p]) for s in stats_ for p in ("mean", "sd")]
+                            + [row["full_accuracy"]["n"]])
     atomic_write_text(table.getvalue(), out / f"{stem}.csv")
-    written += [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
-    written += plots.save_figure(ce_figure(summary), out / f"{stem}-ce")
+    written = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
+    written += plots.save_figure(curve_figure(summary, "val_ce_curve", "CE on the fixed validation items (teacher's "
+                                              "labels), mean over seeds"), out / f"{stem}-val-ce")
+    written += plots.save_figure(curve_figure(summary, "val_accuracy_curve", "validation accuracy, mean over seeds"),
+                                 out / f"{stem}-val-accuracy")
     written += plots.save_figure(plots.head_map_figure(HeadMap.from_dict(summary["head_map"])),
                                  out / f"{stem}-head-map")
     return written
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{x:.6f}"

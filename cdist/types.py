@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Ablation", "Circuit", "Head", "HeadScores", "JsonRecord"]
+__all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord"]
 
 _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
 
@@ -108,6 +108,39 @@ class Head:
         if self.head >= n_heads:
             raise ValueError(f"{self} does not exist in a model with {n_heads} heads per layer")
         return self.head // (n_heads // n_kv_heads)
+
+
+@dataclass(frozen=True, order=True)
+class HeadPair:
+    """A student head aligned with a teacher head, each read at a position column of the task's items.
+
+    Printed ``a1.h0@pos_last -> a1.h7@pos_last``. CKA compares the student head's ``z`` at
+    ``student_position`` with the teacher head's ``z`` at ``teacher_position``, one row per item. The default
+    is the position where the teacher head does its work (its circuit group's position, or where its
+    ablation matters most): a head read where it does nothing is nearly constant across items, and aligning
+    with a constant teaches nothing.
+    """
+
+    student: Head
+    teacher: Head
+    student_position: str = "pos_last"
+    teacher_position: str = "pos_last"
+
+    def __str__(self) -> str:
+        return f"{self.student}@{self.student_position} -> {self.teacher}@{self.teacher_position}"
+
+    def to_dict(self) -> dict:
+        return {"student": str(self.student), "teacher": str(self.teacher),
+                "student_position": self.student_position, "teacher_position": self.teacher_position}
+
+    @classmethod
+    def from_dict(cls, d: Mapping | Sequence) -> HeadPair:
+        """Inverse of ``to_dict``; also reads the older ``["a0.h4", "a0.h3"]`` form (both at ``pos_last``)."""
+        if not isinstance(d, Mapping):
+            student, teacher = d
+            return cls(Head.parse(student), Head.parse(teacher))
+        return cls(Head.parse(d["student"]), Head.parse(d["teacher"]), d.get("student_position", "pos_last"),
+                   d.get("teacher_position", "pos_last"))
 
 
 class Ablation(str, enum.Enum):

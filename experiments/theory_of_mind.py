@@ -9,7 +9,7 @@ and head-correspondence figures; see cdist.experiment for what each row is and w
         --lr 2e-5 --device cuda
 """
 
-from cdist.experiment import main
+from cdist.experiment_cli import main
 
 if __name__ == "__main__":
     main("theory_of_mind")
