@@ -15,6 +15,10 @@ The two controls (issue 9) keep the aligned arm's gradient scale and change one 
 
 The positive control asks whether alignment alone carries task signal: Align CKA only at a small learning
 rate (``ExperimentConfig.control_lr``), correctly paired against shuffled.
+
+The "(strong)" pair repeats CE + Align CKA and CE + Shuffled CKA at the smallest lambda of the grid whose
+CKA:CE gradient ratio at the start reaches ``STRONG_RATIO`` (0.3): where validation picks a lambda at which
+the alignment barely pulls, this pair still asks whether the item pairing matters when it does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from cdist.distill import DistillConfig
 
-__all__ = ["ARMS", "PRIMARY", "Arm", "arm"]
+__all__ = ["ARMS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Arm:
         ce_weight, kd_weight: loss weights (``DistillConfig``).
         cka: None, "align", "shuffled" or "random": which head map the CKA term uses, weighted by lambda.
         control_lr: train at the positive control's small learning rate instead of the table's.
+        strong: train at the strong lambda (module doc) instead of the selected one.
     """
 
     name: str
@@ -46,6 +51,7 @@ class Arm:
     kd_weight: float = 0.0
     cka: str | None = None
     control_lr: bool = False
+    strong: bool = False
 
     def config(self, base: DistillConfig, *, lam: float, lr: float, control_lr: float, seed: int) -> DistillConfig:
         """This arm's run of ``base`` at lambda ``lam`` and the table's ``lr``."""
@@ -66,6 +72,8 @@ ARMS: tuple[Arm, ...] = (
     Arm("circuit distilled, CE + Shuffled CKA", cka="shuffled"),
     Arm("circuit distilled, CE + Rand CKA", cka="random"),
     Arm("circuit distilled, Align CKA", ce_weight=0.0, cka="align"),
+    Arm("circuit distilled, CE + Align CKA (strong)", cka="align", strong=True),
+    Arm("circuit distilled, CE + Shuffled CKA (strong)", cka="shuffled", strong=True),
     Arm("positive control, Align CKA (small lr)", ce_weight=0.0, cka="align", control_lr=True),
     Arm("positive control, Shuffled CKA (small lr)", ce_weight=0.0, cka="shuffled", control_lr=True),
 )
@@ -73,6 +81,7 @@ ARMS: tuple[Arm, ...] = (
 # The comparison declared before the runs (README, table header): CE + Align CKA against CE + Shuffled CKA at
 # the small training regime, test accuracy, pooled over seeds by the Cochran-Mantel-Haenszel test.
 PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")
+STRONG_RATIO = 0.3
 
 
 def arm(name: str) -> Arm:

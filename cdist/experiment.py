@@ -19,7 +19,8 @@ Steps, in order:
 4. Selection, on validation items with ``select_seed`` (not a table seed) at the smallest regime: the lr of
    circuit CE; then matcher and lambda of CE + Align CKA at that lr, with each lambda's CKA:CE gradient
    ratio at the start recorded; the sample-efficiency threshold (halfway from the base student's validation
-   accuracy to circuit CE's at the end of its selected run).
+   accuracy to circuit CE's at the end of its selected run); the "strong" lambda, the smallest whose ratio
+   reaches ``arms.STRONG_RATIO`` (the largest of the grid if none does).
 5. The table: every arm (``cdist.arms``) for every regime and seed; per run the test accuracy of the full
    model and of the student's circuit (means recomputed for the trained model), random circuits, the OOD
    sets, and the validation curve. Per-item correctness of every run is kept (``per_item.json``).
@@ -220,11 +221,16 @@ def run_experiment(
                 f"CKA:CE gradient ratio at the start {start.get('grad_ratio', float('nan')):.3g}")
     best = max(selection["align"], key=lambda r: (r["val_accuracy"], -r["lambda"]))
     matcher, lam = best["matcher"], best["lambda"]
+    pulling = [r["lambda"] for r in selection["align"] if r["matcher"] == matcher
+               and (r["grad_ratio_start"] or 0) >= arms.STRONG_RATIO]
+    lam_strong = min(pulling) if pulling else max(cfg.lambdas)
     curve = best_lr["val_curve"]
     threshold = (curve[0][1] + curve[-1][1]) / 2
-    selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "threshold": threshold},
+    selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "lambda_strong": lam_strong,
+                             "threshold": threshold},
                   "why": "highest validation accuracy (ties: the smaller lr or lambda)"}
-    log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam}; sample-efficiency threshold {threshold:.3f}")
+    log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); sample-efficiency threshold "
+        f"{threshold:.3f}")
     head_map = maps[matcher]
     head_map.to_json(out / "head_map.json")
 
@@ -240,7 +246,7 @@ def run_experiment(
             for a in map(arms.arm, cfg.arms):
                 if a.trained:
                     run_dir = out / "runs" / f"n{n_train}" / f"{_slug(a.name)}-seed{seed}"
-                    rec = run(a, n_train, seed, lr, lam, head_map, run_dir)
+                    rec = run(a, n_train, seed, lr, lam_strong if a.strong else lam, head_map, run_dir)
                 else:
                     role = "teacher" if a.name == "teacher" else "student"
                     rec = _evaluate(teacher if role == "teacher" else student, role, seed)
@@ -254,7 +260,8 @@ def run_experiment(
         "circuits": {role: c.to_dict() for role, c in circuits.items()},
         "teacher_positions": {str(h): c for h, c in sorted(positions.items())}, "positions_from": how,
         "head_maps": {name: m.to_dict() for name, m in maps.items()}, "diagnostics": diagnostics,
-        "selection": selection, "head_map": head_map.to_dict(), "lambda": lam, "lr": lr,
+        "selection": selection, "head_map": head_map.to_dict(), "lambda": lam, "lambda_strong": lam_strong,
+        "lr": lr,
         "teacher_ood": teacher_ood,
         "trainable": distill.trainable_share(student, replace(cfg.distill, trainable="heads"), s_heads),
         "trainable_group": distill.trainable_share(student, replace(cfg.distill, kv_policy="group"), s_heads),
@@ -299,6 +306,8 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
     comparisons = [arms.PRIMARY, ("circuit distilled, CE + Align CKA", "circuit distilled, CE"),
                    ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Rand CKA"),
                    ("circuit distilled, CE + Align CKA", "circuit distilled, KD"),
+                   ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE + Shuffled CKA (strong)"),
+                   ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE"),
                    ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)")]
     tests = {}
     for regime, by_arm in table.items():

@@ -59,6 +59,8 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
     chosen = sel["chosen"]
     lines += ["", f"## Selection (validation items, seed {sel['seed']}, {sel['train_items']} training items)", "",
               f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, lambda {chosen['lambda']} ({sel['why']}); "
+              f"the (strong) arms use lambda {chosen['lambda_strong']}, the smallest whose CKA:CE gradient ratio at "
+              f"the start reaches {arms.STRONG_RATIO}; "
               f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base student's validation "
               "accuracy to circuit CE's at the end of its run).", "",
               "| circuit CE lr | validation accuracy |", "|---|---|"]

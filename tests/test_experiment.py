@@ -1,70 +1,121 @@
-"""The Table 1-2 pipeline end to end on tiny random Llama checkpoint directories (the real-Llama code path)."""
+"""The experiment end to end on tiny random Llama checkpoint directories (the real-Llama code path): arms,
+regimes, selection on validation items, OOD sets, stored per-item results and the declared tests."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from cdist import experiment
+from cdist import arms, distill, experiment_cli, stats
 from cdist.models import new_llama, save_llama
+
+ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3", "--lambdas", "0.5",
+        "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16", "--ood-boxes", "3",
+        "--min-effect", "0", "--device", "cpu"]
+
+
+def checkpoints(tok, tmp_path, roles):
+    dirs = {}
+    for role, (layers, width, heads, seed) in roles.items():
+        model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=2, d_mlp=2 * width,
+                          vocab_size=len(tok), seed=seed, tokenizer=tok)
+        dirs[role] = str(save_llama(model, tmp_path / role, tokenizer=tok))
+    return dirs
 
 
 @pytest.mark.slow
 def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
-    dirs = {}
-    for role, (layers, width, heads, seed) in {"teacher": (3, 64, 4, 0), "student": (2, 32, 8, 1)}.items():
-        model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=2, d_mlp=2 * width,
-                          vocab_size=len(tok), seed=seed, tokenizer=tok)
-        dirs[role] = save_llama(model, tmp_path / role, tokenizer=tok)
-    figures = tmp_path / "figures"
-    argv = ["--teacher", str(dirs["teacher"]), "--student", str(dirs["student"]), "--seeds", "0", "1",
-            "--steps", "4", "--lambdas", "0.5", "2.0", "--train-items", "64", "--val-items", "24", "--test-items",
-            "40", "--min-effect", "0", "--out", str(tmp_path / "out"), "--figures", str(figures),
-            "--device", "cpu"]
-    summary = experiment.main("entity_tracking", argv)
-    assert list(summary["rows"]) == list(experiment.ROWS)
-    for row in summary["rows"].values():
-        assert [r["seed"] for r in row["runs"]] == [0, 1]
-        assert 0.0 <= row["full_accuracy"]["mean"] <= 1.0
-    assert summary["lambda"] in (0.5, 2.0) and len(summary["lambda_sweep"]) == 2
-    assert set(summary["mcnemar"]) == {"circuit distilled, CE + Align CKA vs circuit distilled, CE",
-                                       "circuit distilled, CE + Align CKA vs fully distilled, CE"}
+    dirs = checkpoints(tok, tmp_path, {"teacher": (3, 64, 4, 0), "student": (2, 32, 8, 1)})
+    figures, out = tmp_path / "figures", tmp_path / "out"
+    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1", "--regimes", "16", "32",
+            "--select-seed", "7", *ARGS, "--out", str(out), "--figures", str(figures)]
+    summary = experiment_cli.main("entity_tracking", argv)
+    assert list(summary["rows"]) == ["n16", "n32"]
+    assert list(summary["rows"]["n16"]) == [a.name for a in arms.ARMS]
     assert summary["config"]["task_kwargs"]["template"] == "prakash"
-    # the teacher's circuit by path patching, the student's by the mean-ablation ranking (within 20% of heads)
-    methods = {role: json.loads((tmp_path / "out" / f"circuit-{role}.json").read_text())["method"]
-               for role in ("teacher", "student")}
-    assert methods == {"teacher": "path_patching", "student": "mean_ablation"}
-    assert 1 <= sum(len(g) for g in summary["circuits"]["student"]["groups"].values()) <= 3  # 20% of 16
+    assert set(summary["teacher_ood"]) == {"3 boxes", "template compact"}
+    # selection: every lr for circuit CE, then every matcher x lambda, each with its starting gradient ratio
+    sel = summary["selection"]
+    assert [r["lr"] for r in sel["lr"]] == [1e-3, 3e-3] and len(sel["align"]) == 3 * 2
+    assert all(r["grad_ratio_start"] is not None for r in sel["align"])
+    assert summary["lr"] in (1e-3, 3e-3) and summary["lambda"] in (0.5, 2.0)
+    chosen = [r for r in sel["align"] if r["matcher"] == sel["chosen"]["matcher"]]
+    pulling = [r["lambda"] for r in chosen if r["grad_ratio_start"] >= arms.STRONG_RATIO]
+    assert summary["lambda_strong"] == (min(pulling) if pulling else 2.0)
+    assert sel["chosen"]["matcher"] in summary["head_maps"] and set(summary["diagnostics"]) == set(summary["head_maps"])
+    # the pairs are read where the teacher heads work: path patching's groups give their positions
+    assert summary["positions_from"] == "circuit groups"
+    teacher_groups = summary["circuits"]["teacher"]
+    for pair in summary["head_map"]["pairs"]:
+        group = next(g for g, heads in teacher_groups["groups"].items() if pair["teacher"] in heads)
+        assert pair["teacher_position"] == teacher_groups["positions"][group] == pair["student_position"]
+    # per-item results: every run's accuracies and every test are recomputed from the stored strings
+    per_item = json.loads((out / "per_item.json").read_text())
+    assert len(per_item["runs"]) == 2 * 2 * len(arms.ARMS) and per_item["eval_sets"]["test"] == 40
+    for run in per_item["runs"]:
+        row = summary["rows"][f"n{run['train_items']}"][run["arm"]]
+        runs = [r for r in per_item["runs"] if r["arm"] == run["arm"] and r["train_items"] == run["train_items"]]
+        mean = sum(r["test_full"].count("1") / 40 for r in runs) / len(runs)
+        assert row["full_accuracy"]["mean"] == pytest.approx(mean)
+        assert len(run["ood"]["3 boxes"]) == 16
+    primary = summary["tests"][summary["primary"]]["test"]
+    bits = {name: [torch.tensor([c == "1" for c in r["test_full"]]) for r in sorted(
+        (r for r in per_item["runs"] if r["arm"] == name and r["train_items"] == 16), key=lambda r: r["seed"])]
+        for name in arms.PRIMARY}
+    assert primary["pooled"] == stats.mcnemar_pooled(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]])
+    assert [t["seed"] for t in primary["per_seed"]] == [0, 1]
+    # the circuit arms train only the student circuit's query/output slices
+    assert summary["config"]["distill"]["kv_policy"] == "qo"
+    assert summary["trainable_group"]["params"] > summary["trainable"]["params"]
     table = (figures / "table1-entity-tracking.md").read_text()
-    assert "| circuit distilled, CE + Align CKA |" in table and "McNemar" in table
+    assert "Primary comparison (declared before the runs)" in table
+    assert "| circuit distilled, CE + Shuffled CKA |" in table
     saved = json.loads((figures / "table1-entity-tracking.json").read_text())
-    assert saved["commit"] and saved["command"].endswith("--device cpu")
-    assert (figures / "table1-entity-tracking.csv").read_text().startswith("row,full_accuracy_mean")
-    assert (figures / "table1-entity-tracking-ce.html").exists()
-    assert (figures / "table1-entity-tracking-head-map.html").exists()
-    # a second call reuses every finished distillation run and gives the same table
-    again = experiment.main("entity_tracking", argv)
+    assert saved["commit"] and saved["command"].endswith(str(figures))
+    assert (figures / "table1-entity-tracking.csv").read_text().startswith("train_items,arm,full_accuracy_mean")
+    for name in ("val-ce", "val-accuracy", "head-map"):
+        assert (figures / f"table1-entity-tracking-{name}.html").exists()
+    # a second call reuses every finished run and gives the same table
+    again = experiment_cli.main("entity_tracking", argv)
     assert again["rows"] == summary["rows"]
 
 
-def test_a_stale_run_folder_is_a_one_line_error(tok, tmp_path, capsys):
-    """Distillation runs of another student left in --out stop the script with one line (after the progress
-    bars), not a traceback."""
-    dirs = {}
-    for role, seed in (("teacher", 0), ("student", 1), ("other", 2)):
-        model = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=seed,
-                          tokenizer=tok)
-        dirs[role] = save_llama(model, tmp_path / role, tokenizer=tok)
-    argv = ["--teacher", str(dirs["teacher"]), "--seeds", "0", "--steps", "2", "--lambdas", "0.5", "--train-items",
-            "32", "--val-items", "16", "--test-items", "16", "--min-effect", "0", "--out", str(tmp_path / "out"),
-            "--figures", str(tmp_path / "figures"), "--device", "cpu", "--rows", "circuit distilled, CE"]
-    experiment.main("entity_tracking", ["--student", str(dirs["student"]), *argv])
-    with pytest.raises(SystemExit) as stop:
-        experiment.main("entity_tracking", ["--student", str(dirs["other"]), *argv])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err
-    assert "another student, teacher or head set" in err.strip().splitlines()[-1]
-    with pytest.raises(SystemExit):
-        experiment.main("entity_tracking", ["--student", str(dirs["student"]), *argv, "--cka-position", "pos_nowhere"])
-    assert "is not a position of this task's items" in capsys.readouterr().err.strip().splitlines()[-1]
+def test_arms_build_their_runs():
+    assert [a.name for a in arms.ARMS if a.strong] == ["circuit distilled, CE + Align CKA (strong)",
+                                                      "circuit distilled, CE + Shuffled CKA (strong)"]
+    base = distill.DistillConfig(steps=10)
+    cfg = {a.name: a.config(base, lam=0.7, lr=1e-3, control_lr=1e-4, seed=3) for a in arms.ARMS if a.trained}
+    assert cfg["circuit distilled, CE + Shuffled CKA"].shuffle_teacher
+    assert not cfg["circuit distilled, CE + Align CKA"].shuffle_teacher
+    for name in ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
+                 "circuit distilled, CE + Rand CKA"):
+        assert (cfg[name].cka_weight, cfg[name].ce_weight, cfg[name].lr) == (0.7, 1.0, 1e-3)
+    assert cfg["circuit distilled, CE"].cka_weight == 0.0 and cfg["fully distilled, CE"].trainable == "all"
+    assert cfg["circuit distilled, KD"].kd_weight == 1.0 and cfg["circuit distilled, KD"].ce_weight == 0.0
+    control = cfg["positive control, Shuffled CKA (small lr)"]
+    assert (control.lr, control.ce_weight, control.shuffle_teacher) == (1e-4, 0.0, True)
+    assert all(c.seed == 3 for c in cfg.values())
+    with pytest.raises(ValueError, match="unknown arm"):
+        arms.arm("circuit distilled, CE + Magic")
+
+
+def test_bad_input_is_one_line(tok, tmp_path, capsys):
+    """Stale run folders, unknown columns, arms and position names stop the script with one line."""
+    dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1), "other": (2, 32, 4, 2)})
+    argv = ["--teacher", dirs["teacher"], "--seeds", "0", "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas",
+            "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "figures"),
+            "--arms", "circuit distilled, CE"]
+    experiment_cli.main("entity_tracking", ["--student", dirs["student"], *argv])
+    bad = [(["--student", dirs["other"]], "another student, teacher or head set"),
+           (["--student", dirs["student"], "--cka-position", "pos_nowhere"], "position columns ['pos_nowhere']"),
+           (["--student", dirs["student"], "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
+           (["--student", dirs["student"], "--teacher-positions", "a0.h1"], "write HEAD=COLUMN"),
+           (["--student", dirs["student"], "--select-seed", "0"], "select_seed 0 is a table seed")]
+    for extra, message in bad:
+        with pytest.raises(SystemExit) as stop:
+            experiment_cli.main("entity_tracking", [*argv, *extra])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err
+        assert message in err.strip().splitlines()[-1]

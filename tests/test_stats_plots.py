@@ -68,3 +68,33 @@ def test_head_heatmap_writes_html(tmp_path):
     written = plots.save_figure(fig, tmp_path / "heat")
     assert written[0].suffix == ".html" and written[0].stat().st_size > 0
     assert all(p.exists() for p in written)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=40), min_size=1, max_size=5))
+def test_pooled_mcnemar_is_the_cmh_test_over_matched_pairs(strata):
+    """Against statsmodels' Cochran-Mantel-Haenszel test with every (item, seed) pair as its own 2x2 stratum
+    (method x correct), and against scipy's exact binomial test on the pooled discordant counts."""
+    import numpy as np
+    from statsmodels.stats.contingency_tables import StratifiedTable
+
+    a = [torch.tensor([p[0] for p in s]) for s in strata]
+    b = [torch.tensor([p[1] for p in s]) for s in strata]
+    ours = stats.mcnemar_pooled(a, b)
+    assert (ours["b"], ours["c"]) == (sum(int((x & ~y).sum()) for x, y in zip(a, b, strict=True)),
+                                      sum(int((~x & y).sum()) for x, y in zip(a, b, strict=True)))
+    n = ours["n_discordant"]
+    assert ours["p_value"] == pytest.approx(scipy_stats.binomtest(ours["b"], n, 0.5).pvalue if n else 1.0, rel=1e-9)
+    tables = [np.array([[int(x), 1 - int(x)], [int(y), 1 - int(y)]]) for s in strata for x, y in s]
+    informative = [t for t in tables if t[:, 0].sum() == 1]  # concordant pairs carry no information
+    if not informative:
+        assert ours["statistic"] == 0.0 and n == 0
+        return
+    cmh = StratifiedTable(informative).test_null_odds(correction=False)
+    assert ours["statistic"] == pytest.approx(float(cmh.statistic), rel=1e-9, abs=1e-12)
+    assert ours["p_value_chi2"] == pytest.approx(float(cmh.pvalue), rel=1e-7, abs=1e-12)
+
+
+def test_pooled_mcnemar_refuses_unmatched_strata():
+    with pytest.raises(ValueError, match="same strata"):
+        stats.mcnemar_pooled([torch.ones(3)], [torch.ones(3), torch.ones(3)])
