@@ -75,7 +75,8 @@ def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
 
 def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
     """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher heads
-    (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black box."""
+    (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black box and labelled
+    with the position column they are read at (student / teacher where the two differ)."""
     z = head_map.matrix.detach().float().cpu().numpy()
     students = [str(h) for h in head_map.student_heads]
     teachers = [str(h) for h in head_map.teacher_heads]
@@ -86,6 +87,10 @@ def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
     for pair in head_map.pairs:
         r, c = students.index(str(pair.student)), teachers.index(str(pair.teacher))
         fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line={"color": "black", "width": 3})
+        where = pair.teacher_position.removeprefix("pos_")
+        if pair.student_position != pair.teacher_position:
+            where = pair.student_position.removeprefix("pos_") + " / " + where
+        fig.add_annotation(x=c, y=r, text=where, showarrow=False, font={"size": 10, "color": "white"})
     name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
     fig.update_layout(
         title=title or f"head correspondence, {head_map.method} matcher: {name}",

@@ -200,6 +200,7 @@ def test_head_map_json_round_trip_and_figure(tmp_path):
     assert matching.HeadMap.from_dict(old).pairs == hm.pairs
     fig = plots.head_map_figure(hm)
     assert len(fig.layout.shapes) == len(hm.pairs)
+    assert [a.text for a in plots.head_map_figure(placed).layout.annotations] == ["last", "prev_label", "last"]
     assert plots.save_figure(fig, tmp_path / "map")[0].exists()
 
 
