@@ -286,10 +286,10 @@ def random_control(head_map: HeadMap, teacher_heads: Sequence[Head], *, seed: in
 
 
 def position_columns(data) -> list[str]:
-    """The task's single-position columns (``pos_*`` holding one non-negative index per item)."""
-    first = data[0]
-    return [c for c in data.column_names if c.startswith("pos_") and isinstance(first[c], int)
-            and min(data[c]) >= 0]
+    """The task's single-position columns: ``pos_*`` holding one non-negative index for *every* item (theory
+    of mind's ``pos_visibility`` is None in stories without a visibility sentence, so it is not one)."""
+    return [c for c in data.column_names if c.startswith("pos_")
+            and all(isinstance(v, int) and v >= 0 for v in data[c])]
 
 
 def circuit_positions(circuit: Circuit) -> dict[Head, str]:

@@ -119,3 +119,19 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2 and "Traceback" not in err
         assert message in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_theory_of_mind_places_pairs_where_teacher_heads_work(tok, tmp_path):
+    """A ranked (mean-ablation) teacher circuit gets each head's position from its largest ablation effect, among
+    the columns every item has (stories without a visibility sentence have no pos_visibility)."""
+    dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1)})
+    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "--regimes", "16", *ARGS,
+            "--lrs", "1e-3", "--lambdas", "0.5", "--matchers", "cka", "--arms", "circuit distilled, CE",
+            "circuit distilled, CE + Align CKA", "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")]
+    summary = experiment_cli.main("theory_of_mind", argv)
+    assert summary["positions_from"] == "largest ablation effect"
+    assert set(summary["teacher_positions"]) == set(summary["circuits"]["teacher"]["groups"]["circuit"])
+    assert set(summary["teacher_positions"].values()) <= {"pos_last", "pos_query_character", "pos_query_container"}
+    assert summary["teacher_ood"] == {}
+    assert (tmp_path / "fig" / "table2-theory-of-mind.md").exists()

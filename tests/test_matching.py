@@ -177,7 +177,10 @@ def test_work_positions_match_the_one_head_reference_scan(model, tok):
                                                               seed=6))
     heads = [Head(0, 0), Head(0, 3), Head(1, 1)]
     columns = matching.position_columns(data)
-    assert {"pos_last", "pos_prev_label", "pos_query_label"} <= set(columns)
+    assert {"pos_last", "pos_prev_label", "pos_query_label"} <= set(columns) and "pos_objects" not in columns
+    tom = tasks.theory_of_mind(24, tokenizer=tok, template="compact", seed=0)
+    assert None in tom["pos_visibility"] and "pos_visibility" not in matching.position_columns(tom)
+    assert {"pos_last", "pos_query_character", "pos_query_container"} <= set(matching.position_columns(tom))
     chosen, drops = matching.work_positions(model, data, heads, means, batch_size=5)
     for col in columns:
         reference = ablation.head_ablation_scan_reference(model, data, means=means, position=col)["prob_drop"]
