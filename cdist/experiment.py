@@ -15,7 +15,8 @@ Steps, in order:
 2. Positions: each teacher head's position is its circuit group's (path patching), else where its ablation
    matters most (``matching.work_positions``), unless the user names it; pairs are read there.
 3. Head maps, one per candidate matcher (the paper's, the normalised one, CKA), each diagnosed
-   (``cdist.alignment``): flat targets and crowded teacher heads are logged and flagged in the results.
+   (``cdist.alignment``): flat targets and crowded teacher heads are logged and flagged in the results; each
+   map is also diagnosed with every pair read at the last token, for comparison.
 4. Selection, on validation items with ``select_seed`` (not a table seed) at the smallest regime: the lr of
    circuit CE; then matcher and lambda of CE + Align CKA at that lr, with each lambda's CKA:CE gradient
    ratio at the start recorded; the sample-efficiency threshold (halfway from the base student's validation
@@ -166,9 +167,13 @@ def run_experiment(
     for name in cfg.matchers:
         maps[name] = _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, means, names)
         diagnostics[name] = alignment.diagnose(student, teacher, maps[name], val, warn=False)
+        # the same pairs all read at the last token, as the earlier design did: what the positions change
+        diagnostics[f"{name} at pos_last"] = alignment.diagnose(student, teacher, maps[name].at("pos_last"), val,
+                                                                warn=False)
         log(f"head map ({name}): " + ", ".join(map(str, maps[name].pairs)))
         for flag in diagnostics[name]["flags"]:
             log(f"  warning: {flag}")
+        log(f"  read at pos_last instead, {len(diagnostics[f'{name} at pos_last']['flags'])} flags")
 
     def run(arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap, run_dir: Path) -> dict:
         dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)

@@ -76,10 +76,10 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
               ", ".join(f"{h}@{c}" for h, c in summary["teacher_positions"].items()) + ".", "",
               "| pair | teacher variation | student variation | debiased CKA | batch CKA (paired / shuffled) |",
               "|---|---|---|---|---|"]
-    diag = summary["diagnostics"][chosen["matcher"]]
-    for r in diag["pairs"]:
-        lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | {r['student_variation']:.3g} | "
-                     f"{r['cka_debiased']:.3f} | {r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f} |")
+    for key in (chosen["matcher"], f"{chosen['matcher']} at pos_last"):
+        for r in summary["diagnostics"].get(key, {"pairs": []})["pairs"]:
+            lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | {r['student_variation']:.3g} | "
+                         f"{r['cka_debiased']:.3f} | {r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f} |")
     for name, d in summary["diagnostics"].items():
         for flag in d["flags"]:
             lines.append(f"- flag ({name}): {flag}")

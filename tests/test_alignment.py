@@ -63,3 +63,21 @@ def test_a_crowded_teacher_head_is_flagged(tok, models):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warn=False records the flags without warning
         assert alignment.diagnose(student, teacher, hm, items, warn=False)["flags"] == report["flags"]
+
+
+def test_the_shipped_object_binder_is_flat_at_the_last_token_and_real_where_it_works():
+    """et-teacher's object binder a0.h3 (issue 9): read at the last token it is flagged, read at the previous
+    mention of the label, where path patching places it, it is not."""
+    from cdist import zoo
+
+    teacher, tok = zoo.load("et-teacher")
+    student, _ = zoo.load("et-student")
+    items = tasks.entity_tracking(200, tokenizer=tok, n_boxes=7, template="adjacent", seed=9, split="test")
+    pairs = (HeadPair(Head(0, 4), Head(0, 3), "pos_prev_label", "pos_prev_label"),
+             HeadPair(Head(0, 13), Head(0, 3), "pos_last", "pos_last"))
+    hm = matching.HeadMap(pairs, (Head(0, 4), Head(0, 13)), (Head(0, 3),), torch.zeros(2, 1), "distance", "manual")
+    report = alignment.diagnose(student, teacher, hm, items, warn=False)
+    works, last = report["pairs"]
+    assert not works["flat_target"] and works["teacher_variation"] > 0.5
+    assert last["flat_target"] and last["teacher_variation"] < 2e-3
+    assert abs(last["cka_debiased"]) < abs(works["cka_debiased"])

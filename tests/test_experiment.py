@@ -44,7 +44,8 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     chosen = [r for r in sel["align"] if r["matcher"] == sel["chosen"]["matcher"]]
     pulling = [r["lambda"] for r in chosen if r["grad_ratio_start"] >= arms.STRONG_RATIO]
     assert summary["lambda_strong"] == (min(pulling) if pulling else 2.0)
-    assert sel["chosen"]["matcher"] in summary["head_maps"] and set(summary["diagnostics"]) == set(summary["head_maps"])
+    assert sel["chosen"]["matcher"] in summary["head_maps"]
+    assert set(summary["diagnostics"]) == {k + s for k in summary["head_maps"] for s in ("", " at pos_last")}
     # the pairs are read where the teacher heads work: path patching's groups give their positions
     assert summary["positions_from"] == "circuit groups"
     teacher_groups = summary["circuits"]["teacher"]
