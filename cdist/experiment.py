@@ -164,8 +164,12 @@ def run_experiment(
 
     # ---- 3. head maps and their diagnostics
     maps, diagnostics = {}, {}
+    scans = {}  # both ablation matchers read the same two scans: run them once
+    if any(m.startswith("ablation") for m in cfg.matchers):
+        scans = {role: ablation.head_ablation_scan(model, val, means=means[role])
+                 for role, model in (("student", student), ("teacher", teacher))}
     for name in cfg.matchers:
-        maps[name] = _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, means, names)
+        maps[name] = _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, scans, names)
         diagnostics[name] = alignment.diagnose(student, teacher, maps[name], val, warn=False)
         # the same pairs all read at the last token, as the earlier design did: what the positions change
         diagnostics[f"{name} at pos_last"] = alignment.diagnose(student, teacher, maps[name].at("pos_last"), val,
@@ -332,14 +336,13 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
     return {"rows": rows, "tests": tests, "primary": primary, "threshold": threshold}
 
 
-def _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, means, names):
+def _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, scans, names):
     kw = {"one_to_one": cfg.one_to_one, "student_model": names[1], "teacher_model": names[0]}
     if name == "cka":
         columns = sorted({positions[h] for h in t_heads})
         return matching.cka_matcher(head_z_dataset(student, val, [(h, c) for h in s_heads for c in columns]),
                                     head_z_dataset(teacher, val, [(h, positions[h]) for h in t_heads]), **kw)
-    s_scan = ablation.head_ablation_scan(student, val, means=means["student"])
-    t_scan = ablation.head_ablation_scan(teacher, val, means=means["teacher"])
+    s_scan, t_scan = scans["student"], scans["teacher"]
 
     def base(scan):  # drop = base - ablated, the same for every head
         return float(scan["prob_ablated"][0, 0] + scan["prob_drop"][0, 0])
