@@ -1,6 +1,6 @@
 """Heads' outputs at task positions, one row per example: what CKA compares and what matching aligns.
 
-A head's activation (SPEC section 1, our default) is its output ``z`` (``blocks.{l}.attn.hook_z``, the
+A head's activation (SPEC section 1, our default) is its output ``z`` (``cdist.models.hook_z``, the
 ``d_head`` vector before ``W_O``) at one position per example. Which position is part of the request: a
 *site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and each row is read at
 its own example's value of that column, so padding positions are never read. One forward pass serves any
@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cdist.evaluate import batches, device_of, pad_id
+from cdist.models import hook_z
 from cdist.types import Head
 
 __all__ = ["Site", "head_z", "head_z_dataset"]
@@ -57,7 +58,7 @@ def head_z(
 
     device = device_of(model)
     layers = sorted({h.layer for h, _ in sites})
-    with model.hooks(fwd_hooks=[(Head(layer, 0).hook_z, keep) for layer in layers]):
+    with model.hooks(fwd_hooks=[(hook_z(layer), keep) for layer in layers]):
         logits = functional_call(model, dict(params or {}), (input_ids.to(device),))
     rows = torch.arange(len(input_ids), device=device)
     return logits, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head] for h, col in sites}

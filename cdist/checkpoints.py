@@ -38,6 +38,11 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write bytes to a temporary file beside ``path``, then rename it into place."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(obj, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)

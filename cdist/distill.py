@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdist import evaluate
+from cdist import evaluate, models
 from cdist.activations import head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
@@ -131,17 +131,14 @@ class HeadDelta(torch.nn.Module):
         self.heads = tuple(sorted(set(heads)))
         self.index: dict[str, Tensor] = {}
         self.deltas = torch.nn.ParameterDict()
+        params = dict(model.named_parameters())
         for layer in sorted({h.layer for h in self.heads}):
             q_heads = [h.head for h in self.heads if h.layer == layer]
-            attn = model.blocks[layer].attn
-            self._add(f"blocks.{layer}.attn.W_Q", q_heads, attn.W_Q)
-            self._add(f"blocks.{layer}.attn.W_O", q_heads, attn.W_O)
-            if kv_policy == "group":
-                groups = sorted({Head(layer, h).kv_head(cfg.n_heads, n_kv) for h in q_heads})
-                gqa = cfg.n_key_value_heads is not None and cfg.n_key_value_heads != cfg.n_heads
-                suffix = ("_W_K", "_W_V") if gqa else ("W_K", "W_V")
-                for name in suffix:
-                    self._add(f"blocks.{layer}.attn.{name}", groups, getattr(attn, name))
+            names = models.head_weights(cfg, layer, ("q", "o", "k", "v") if kv_policy == "group" else ("q", "o"))
+            for kind, name in names.items():
+                rows = q_heads if kind in ("q", "o") else sorted(
+                    {Head(layer, h).kv_head(cfg.n_heads, n_kv) for h in q_heads})
+                self._add(name, rows, params[name])
 
     def _add(self, name: str, rows: list[int], weight: Tensor) -> None:
         self.index[name] = torch.tensor(rows, dtype=torch.long)

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import torch
 
-from cdist import ablation, alignment, arms, discovery, distill, matching, stats, tasks
+from cdist import alignment, arms, distill, matching, stats, tasks
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
-from cdist.discovery import DiscoveryConfig
+from cdist.discovery import DiscoveryConfig, ablation, find_circuit
 from cdist.evaluate import predictions
 from cdist.types import Head
 
@@ -142,8 +142,8 @@ def run_experiment(
     for role, model in (("teacher", teacher), ("student", student)):
         means[role] = ablation.head_means(model, reference)
         rule = cfg.student_discovery if role == "student" else cfg.discovery
-        circuits[role], _, _ = discovery.find_circuit(model, cfg.task, found_on, means[role], rule,
-                                                      model_name=names[role == "student"])
+        circuits[role] = find_circuit(model, cfg.task, found_on, means[role], rule,
+                                      model_name=names[role == "student"]).circuit
         if not circuits[role].heads:
             raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {rule}; "
                              "lower --min-effect (or check that the model does the task)")

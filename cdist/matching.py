@@ -46,9 +46,9 @@ from jaxtyping import Float
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from cdist.ablation import ablated_logits
 from cdist.activations import Site
 from cdist.cka import linear_cka
+from cdist.discovery.ablation import ablated_logits
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.types import Circuit, Head, HeadPair, JsonRecord
 
@@ -313,7 +313,7 @@ def work_positions(
         model: a HookedTransformer.
         data: task items (with the position columns).
         heads: the heads to place.
-        means: ``ablation.head_means`` of the model.
+        means: ``discovery.ablation.head_means`` of the model.
         columns: candidate columns (default: ``position_columns(data)``).
 
     Returns:

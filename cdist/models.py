@@ -51,7 +51,16 @@ __all__ = [
     "HookedTransformerConfig",
     "attention_inputs",
     "finish_layer",
+    "grouped_query",
+    "head_weights",
+    "hook_attn_out",
+    "hook_input",
+    "hook_pattern",
+    "hook_resid_mid",
+    "hook_resid_pre",
+    "hook_z",
     "frozen_head_residuals",
+    "head_writes",
     "hf_config_from_hooked",
     "hf_to_hooked_state_dict",
     "hooked_config_from_hf",
@@ -261,7 +270,7 @@ def _rearrange(w: Tensor, pattern: str | None, head_kind: str | None, cfg: Hooke
 
 def _zero_biases(cfg: HookedTransformerConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the biases TransformerLens has and Llama lacks."""
-    kv = "_" if cfg.n_key_value_heads is not None else ""
+    kv = "_" if grouped_query(cfg) else ""
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     shapes: dict[str, tuple[int, ...]] = {"unembed.b_U": (cfg.d_vocab_out,)}
     for layer in range(cfg.n_layers):
@@ -291,7 +300,7 @@ def hf_to_hooked_state_dict(hf_sd: Mapping[str, Tensor], cfg: HookedTransformerC
         KeyError: a weight is missing. ValueError: ``hf_sd`` has keys that are not a Llama's.
     """
     rest = dict(hf_sd)
-    kv = "_" if cfg.n_key_value_heads is not None else ""
+    kv = "_" if grouped_query(cfg) else ""
     sd = {"embed.W_E": rest.pop("model.embed_tokens.weight"), "ln_final.w": rest.pop("model.norm.weight")}
     lm_head = rest.pop("lm_head.weight", None)
     sd["unembed.W_U"] = einops.rearrange(sd["embed.W_E"] if lm_head is None else lm_head, UNEMBED_PATTERN)
@@ -330,7 +339,7 @@ def hooked_to_hf_state_dict(
         bias = rest.pop(key, None)
         if bias is not None and bool(bias.any()):
             raise ValueError(f"{key} is non-zero; Llama has no such bias, so it cannot be exported")
-    kv = "_" if cfg.n_key_value_heads is not None else ""
+    kv = "_" if grouped_query(cfg) else ""
     w_e, w_u = rest.pop("embed.W_E"), rest.pop("unembed.W_U")
     hf = {"model.embed_tokens.weight": w_e, "model.norm.weight": rest.pop("ln_final.w")}
     lm_head = einops.rearrange(w_u, _inverse(UNEMBED_PATTERN))
@@ -551,6 +560,71 @@ def new_llama(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hook names and head weights: the only place that knows TransformerLens' names and layouts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hook_z(layer: int) -> str:
+    """Hook of a layer's head outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one per query head."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def hook_input(layer: int, which: str) -> str:
+    """Hook of a layer's queries (``"q"``, ``[batch, pos, head_index, d_head]``) or keys/values (``"k"``,
+    ``"v"``, ``[batch, pos, kv_head_index, d_head]`` under grouped-query attention), before rotary."""
+    if which not in ("q", "k", "v"):
+        raise ValueError(f"attention input {which!r}; choose 'q', 'k' or 'v'")
+    return f"blocks.{layer}.attn.hook_{which}"
+
+
+def hook_pattern(layer: int) -> str:
+    """Hook of a layer's attention probabilities: ``[batch, head_index, query_pos, key_pos]``."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def hook_resid_pre(layer: int) -> str:
+    """Hook of the residual stream entering layer ``layer``: ``[batch, pos, d_model]``."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def hook_resid_mid(layer: int) -> str:
+    """Hook of the residual stream between layer ``layer``'s attention and its MLP."""
+    return f"blocks.{layer}.hook_resid_mid"
+
+
+def hook_attn_out(layer: int) -> str:
+    """Hook of layer ``layer``'s attention output (the sum over heads of ``z @ W_O``, plus ``b_O``)."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def grouped_query(cfg: HookedTransformerConfig) -> bool:
+    """Whether TransformerLens builds grouped-query attention, which keeps ``_W_K`` / ``_W_V`` per key/value
+    head (whenever ``n_key_value_heads`` is set, even to ``n_heads``)."""
+    return cfg.n_key_value_heads is not None
+
+
+def head_weights(cfg: HookedTransformerConfig, layer: int, kinds: Sequence[str] = ("q", "o")) -> dict[str, str]:
+    """Parameter names of a layer's per-head weight tensors, each indexed by head along its first axis.
+
+    Args:
+        cfg: the model's config.
+        layer: the layer.
+        kinds: which of ``"q"`` (``W_Q`` ``[head_index, d_model, d_head]``), ``"o"`` (``W_O`` ``[head_index,
+            d_head, d_model]``), ``"k"`` and ``"v"`` (``[kv_head_index, d_model, d_head]``: under grouped-query
+            attention the real parameters are ``_W_K`` / ``_W_V``, indexed by key/value head).
+
+    Returns:
+        kind -> the name in ``model.named_parameters()``.
+    """
+    gqa = "_" if grouped_query(cfg) else ""
+    names = {"q": "W_Q", "o": "W_O", "k": f"{gqa}W_K", "v": f"{gqa}W_V"}
+    unknown = set(kinds) - set(names)
+    if unknown:
+        raise ValueError(f"head weight kinds {sorted(unknown)}; choose from 'q', 'k', 'v', 'o'")
+    return {kind: f"blocks.{layer}.attn.{names[kind]}" for kind in kinds}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # One position at a time, with every head's output given (path patching's frozen run)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -579,9 +653,17 @@ def frozen_head_residuals(
         raise ValueError("frozen_head_residuals needs sequential attention and MLP blocks; this model is parallel")
     out = [embed]
     for layer, z_layer in enumerate(z):
-        attn = model.blocks[layer].attn
-        out.append(finish_layer(model, layer, out[-1] + torch.einsum("rhd,hdm->rm", z_layer, attn.W_O) + attn.b_O))
+        attn_out = head_writes(model, layer, z_layer) + model.blocks[layer].attn.b_O
+        out.append(finish_layer(model, layer, out[-1] + attn_out))
     return out
+
+
+def head_writes(
+    model: HookedTransformer, layer: int, z: Float[Tensor, "rows head_index d_head"]
+) -> Float[Tensor, "rows d_model"]:
+    """What a layer's heads write into the residual stream for outputs ``z``: ``sum_h z[:, h] @ W_O[h]``
+    (without ``b_O``, so that it is linear in ``z``)."""
+    return torch.einsum("rhd,hdm->rm", z, model.blocks[layer].attn.W_O)
 
 
 def finish_layer(

@@ -1,9 +1,8 @@
 """The vocabulary of cdist: attention heads, ablation kinds, circuits and per-head scores.
 
 Every other module speaks in these words, so they are plain frozen dataclasses and enums with no behaviour
-beyond naming, ordering and (de)serialising themselves. Nothing here imports TransformerLens: a ``Head``
-only *knows* the hook names TransformerLens gives its activations (``blocks.3.attn.hook_z``), as the nodes
-of EAP-IG's graph do, and the modules that run models use those names inside ``with model.hooks(...)``.
+beyond naming, ordering and (de)serialising themselves (and a scan drawing itself through ``cdist.plots``).
+Nothing here knows TransformerLens: hook names and weight layouts live in ``cdist.models`` alone.
 
 Naming follows EAP-IG: the head with index 5 of layer 3 prints as ``a3.h5`` and ``Head.parse`` reads it
 back, which is also how heads are written in JSON files and figure labels.
@@ -22,7 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord"]
+from cdist.checkpoints import atomic_write_bytes, atomic_write_text
+
+__all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord", "Scan"]
 
 _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
 
@@ -53,44 +54,6 @@ class Head:
         if match is None:
             raise ValueError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', e.g. 'a3.h5'")
         return cls(int(match[1]), int(match[2]))
-
-    def _hook(self, name: str) -> str:
-        return f"blocks.{self.layer}.attn.{name}"
-
-    @property
-    def hook_z(self) -> str:
-        """Hook of the heads' outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one row per query head."""
-        return self._hook("hook_z")
-
-    @property
-    def hook_q(self) -> str:
-        """Hook of the queries: ``[batch, pos, head_index, d_head]``."""
-        return self._hook("hook_q")
-
-    @property
-    def hook_k(self) -> str:
-        """Hook of the keys: ``[batch, pos, kv_head_index, d_head]`` (index with ``kv_head`` under GQA)."""
-        return self._hook("hook_k")
-
-    @property
-    def hook_v(self) -> str:
-        """Hook of the values: ``[batch, pos, kv_head_index, d_head]`` (index with ``kv_head`` under GQA)."""
-        return self._hook("hook_v")
-
-    @property
-    def hook_pattern(self) -> str:
-        """Hook of the attention probabilities: ``[batch, head_index, query_pos, key_pos]``."""
-        return self._hook("hook_pattern")
-
-    @property
-    def hook_result(self) -> str:
-        """Hook of per-head residual outputs ``[batch, pos, head_index, d_model]``.
-
-        Warning:
-            It only fires when the model was built with ``use_attn_result``, which costs several times the
-            attention's memory; cdist computes ``z[..., head, :] @ W_O[head]`` at the positions it needs.
-        """
-        return self._hook("hook_result")
 
     def kv_head(self, n_heads: int, n_kv_heads: int | None) -> int:
         """The key/value head this query head reads under grouped-query attention.
@@ -167,7 +130,7 @@ class JsonRecord:
         """The record as JSON text; also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(text, path)
         return text
 
     @classmethod
@@ -283,3 +246,104 @@ class HeadScores:
         order = torch.sort(flat, descending=True, stable=True).indices[:k]
         n_heads = self.scores.shape[1]
         return tuple(Head(int(i) // n_heads, int(i) % n_heads) for i in order)
+
+
+METHODS = ("mean_ablation", "path_patching", "activation_patching", "attribution_patching")
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class Scan(JsonRecord):
+    """Every head's result from one discovery scan: ``scan["prob_drop"][layer, head]``.
+
+    One record for every scan of ``cdist.discovery``, so that circuit selection (``discovery.select_heads``),
+    figures (``figure``) and files (``to_json``, ``save``) take any of them.
+
+    Attributes:
+        method: one of ``METHODS``.
+        metrics: metric name -> ``Float[Tensor, "layer head_index"]`` (float32, CPU), e.g. ``prob_drop`` and
+            ``accuracy_drop`` for mean ablation, ``relative_change`` and ``prob_change`` for patching.
+        metric: the metric heads are ranked by (``ranking``); must be in ``metrics``.
+        higher_is_important: whether large values of ``metric`` mark important heads.
+        position: the position column the heads were intervened on (None: every position).
+        receivers: path patching's receiver heads (empty: the logits).
+        receiver_input: the receivers' input that carried the path ("q", "k", "v"), or None.
+        n_items: how many items the metrics average over.
+    """
+
+    method: str
+    metrics: Mapping[str, Float[Tensor, "layer head_index"]]
+    metric: str
+    higher_is_important: bool = True
+    position: str | None = None
+    receivers: tuple[Head, ...] = ()
+    receiver_input: str | None = None
+    n_items: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"scan method {self.method!r}; choose from {METHODS}")
+        if self.metric not in self.metrics:
+            raise ValueError(f"ranking metric {self.metric!r} is not among the scan's {sorted(self.metrics)}")
+        shapes = {tuple(t.shape) for t in self.metrics.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"every metric must be one [layer, head_index] tensor; got shapes {sorted(shapes)}")
+        object.__setattr__(self, "metrics", {k: v.detach().float().cpu() for k, v in self.metrics.items()})
+        object.__setattr__(self, "receivers", _heads(self.receivers))
+
+    def __getitem__(self, metric: str) -> Float[Tensor, "layer head_index"]:
+        if metric not in self.metrics:
+            raise KeyError(f"the {self.method} scan has no metric {metric!r}; it has {sorted(self.metrics)}")
+        return self.metrics[metric]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_layers, n_heads)``."""
+        return tuple(self[self.metric].shape)
+
+    def ranking(self, metric: str | None = None) -> HeadScores:
+        """The heads ranked by ``metric`` (default: the scan's own)."""
+        metric = metric or self.metric
+        higher = self.higher_is_important if metric == self.metric else True
+        return HeadScores(self[metric], metric, higher_is_important=higher)
+
+    def figure(self, metric: str | None = None, *, marked: Iterable[Head] = (), title: str | None = None):
+        """A layer x head heatmap of ``metric`` (``cdist.plots.head_heatmap``), ``marked`` heads outlined."""
+        from cdist import plots  # plots speaks this vocabulary, so it is imported only when drawing
+
+        metric = metric or self.metric
+        where = "every position" if self.position is None else self.position
+        return plots.head_heatmap(self[metric], title=title or f"{self.method} at {where}",
+                                  colorbar=metric, marked=marked)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; tensors as nested lists, heads as names."""
+        return {"method": self.method, "metric": self.metric, "higher_is_important": self.higher_is_important,
+                "position": self.position, "receivers": [str(h) for h in self.receivers],
+                "receiver_input": self.receiver_input, "n_items": self.n_items,
+                "metrics": {k: v.tolist() for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Scan:
+        """Inverse of ``to_dict``."""
+        meta = {k: v for k, v in d.items() if k != "metrics"}
+        meta["receivers"] = tuple(meta.get("receivers", ()))
+        return cls(metrics={k: torch.tensor(v, dtype=torch.float32) for k, v in d["metrics"].items()}, **meta)
+
+    def save(self, path: str | Path) -> None:
+        """Write the scan as one safetensors file: the metrics as tensors, the rest as its metadata."""
+        from safetensors.torch import save as safetensors_bytes
+
+        meta = {k: v for k, v in self.to_dict().items() if k != "metrics"}
+        data = safetensors_bytes(dict(self.metrics), metadata={"scan": json.dumps(meta)})
+        atomic_write_bytes(data, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scan:
+        """Read a scan written by ``save``."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["scan"])
+            metrics = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        meta["receivers"] = tuple(meta.get("receivers", ()))
+        return cls(metrics=metrics, **meta)

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from cdist import ablation, patching, tasks, zoo
+from cdist import tasks, zoo
 from cdist.checkpoints import atomic_write_json
+from cdist.discovery import ablation, path_patching
 from cdist.models import new_llama
 from cdist.provenance import git_commit
 from cdist.tokenizers import llama3_tokenizer
@@ -87,15 +88,15 @@ cases = {
         lambda: ablation.head_ablation_scan_reference(model, small, means=means)["prob_drop"],
     ),
     "path_patching_logits": (
-        lambda: patching.path_patching_scan(model, small, batch_size=args.batch_size,
+        lambda: path_patching.path_patching_scan(model, small, batch_size=args.batch_size,
                                             senders_per_pass=args.heads_per_pass)["relative_change"],
-        lambda: patching.path_patching_scan_reference(model, small)["relative_change"],
+        lambda: path_patching.path_patching_scan_reference(model, small)["relative_change"],
     ),
     "path_patching_values": (
-        lambda: patching.path_patching_scan(model, small, receivers=receivers, receiver_input="v",
+        lambda: path_patching.path_patching_scan(model, small, receivers=receivers, receiver_input="v",
                                             position="pos_query_label", batch_size=args.batch_size,
                                             senders_per_pass=args.heads_per_pass)["relative_change"],
-        lambda: patching.path_patching_scan_reference(model, small, receivers=receivers, receiver_input="v",
+        lambda: path_patching.path_patching_scan_reference(model, small, receivers=receivers, receiver_input="v",
                                                       position="pos_query_label")["relative_change"],
     ),
 }

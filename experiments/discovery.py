@@ -23,14 +23,16 @@ each with the config and the commit that produced it.
 
 import argparse
 import csv
+import io
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cdist import ablation, discovery, organisms, patching, stats, zoo
+from cdist import discovery, organisms, stats, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text
+from cdist.discovery import ablation, activation_patching, attribution_patching
 from cdist.provenance import git_commit
 
 # ---------------------------------------------------------------------------- config
@@ -85,10 +87,10 @@ for name in names:
     timings["ablation_scan_s"] = time.time() - t
     scores["ablation_prob_drop"], scores["ablation_accuracy_drop"] = scan["prob_drop"], scan["accuracy_drop"]
     t = time.time()
-    act = patching.activation_patching_scan(model, found_on)
+    act = activation_patching.activation_patching_scan(model, found_on)
     timings["activation_patching_s"] = time.time() - t
     t = time.time()
-    attr = patching.attribution_patching_scan(model, found_on)
+    attr = attribution_patching.attribution_patching_scan(model, found_on)
     timings["attribution_patching_s"] = time.time() - t
     scores["activation_patching_prob_change"] = act["prob_change"]
     scores["attribution_patching_prob_change"] = attr["prob_change"]
@@ -100,9 +102,10 @@ for name in names:
         t = time.time()
         rule = discovery.DiscoveryConfig(method=method, k=args.k, min_effect=args.min_effect, budget=args.budget,
                                          target=args.target)
-        circuit, found, selection = discovery.find_circuit(model, cfg.task, found_on, means, rule,
-                                                           model_name=name, scan=scan, progress=True)
-        scores |= found
+        found = discovery.find_circuit(model, cfg.task, found_on, means, rule, model_name=name, scan=scan,
+                                       progress=True)
+        circuit, selection = found.circuit, found.record
+        scores |= {k: s[s.metric] for k, s in found.scans.items() if s.method == "path_patching"}
         timings[f"{method}_search_s"] = time.time() - t
         result = summary(ablation.evaluate_circuit(model, circuit, evaluation, means=means,
                                                    n_random=args.n_random, seed=args.seed))
@@ -127,11 +130,12 @@ atomic_write_json({"config": config, "commit": commit, "results": rows}, out / "
 columns = ["model", "task", "method", "n_heads", "n_circuit_heads", "circuit_share", "full_accuracy",
            "circuit_accuracy", "random_accuracy", "faithfulness", "random_faithfulness", "faithfulness_above_random",
            "attribution_vs_activation_spearman"]
-with open(out / "results.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns + ["circuit"], extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "circuit": " ".join(row["circuit"])})
+table = io.StringIO(newline="")
+writer = csv.DictWriter(table, fieldnames=columns + ["circuit"], extrasaction="ignore")
+writer.writeheader()
+for row in rows:
+    writer.writerow({**row, "circuit": " ".join(row["circuit"])})
+atomic_write_text(table.getvalue(), out / "results.csv")
 lines = [
     "# Circuits of the zoo",
     "",

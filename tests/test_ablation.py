@@ -8,7 +8,9 @@ import einops
 import pytest
 import torch
 
-from cdist import ablation, tasks
+from cdist import tasks
+from cdist.discovery import ablation
+from cdist.models import hook_attn_out, hook_z
 from cdist.types import Ablation, Circuit, Head, HeadScores
 
 
@@ -33,7 +35,7 @@ def ids(data):
 
 
 def attn_out(model, ids, layer, hooks=()):
-    names = [Head(layer, 0).hook_z, f"blocks.{layer}.hook_attn_out"]
+    names = [hook_z(layer), hook_attn_out(layer)]
     with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
         _, cache = model.run_with_cache(ids, names_filter=names)
     return cache[names[0]], cache[names[1]]
@@ -42,13 +44,10 @@ def attn_out(model, ids, layer, hooks=()):
 # ---- vocabulary ------------------------------------------------------------------------------------------
 
 
-def test_head_prints_parses_orders_and_names_hooks():
+def test_head_prints_parses_and_orders():
     head = Head(3, 5)
     assert str(head) == "a3.h5" and Head.parse("a3.h5") == head and Head.parse(str(Head(12, 0))) == Head(12, 0)
     assert sorted([Head(1, 0), Head(0, 7), Head(0, 2)]) == [Head(0, 2), Head(0, 7), Head(1, 0)]
-    assert head.hook_z == "blocks.3.attn.hook_z" and head.hook_pattern == "blocks.3.attn.hook_pattern"
-    assert (head.hook_q, head.hook_k, head.hook_v, head.hook_result) == tuple(
-        f"blocks.3.attn.hook_{x}" for x in ("q", "k", "v", "result"))
     assert [Head(0, h).kv_head(n_heads=8, n_kv_heads=2) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert head.kv_head(8, None) == 5
     for bad in ("L3H5", "a3.h", "a-1.h2"):
@@ -147,8 +146,9 @@ def test_batched_scan_matches_the_one_head_loop(model, data, means, position):
     fast = ablation.head_ablation_scan(model, data, means=means, batch_size=5, heads_per_pass=3,
                                        position=position)
     slow = ablation.head_ablation_scan_reference(model, data, means=means, position=position)
-    assert set(fast) == set(slow) == {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
-    for key in fast:
+    assert set(fast.metrics) == set(slow.metrics) == {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
+    assert (fast.method, fast.metric, fast.position, fast.n_items) == ("mean_ablation", "prob_drop", position, len(data))
+    for key in fast.metrics:
         assert fast[key].shape == (2, 4)
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
     assert fast["prob_drop"].abs().max() > 0 and fast["accuracy_drop"].max() > 0  # it measured something

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from cdist import ablation, discovery, tasks
+from cdist import discovery, tasks
+from cdist.discovery import ablation
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,14 @@ def test_mean_ablation_rule_grows_until_the_target_within_the_budget(tom_teacher
     items, means = tom_items(tok, 40, 5), ablation.head_means(tom_teacher, tom_items(tok, 60, 6))
     n_heads = tom_teacher.cfg.n_layers * tom_teacher.cfg.n_heads
     easy = discovery.DiscoveryConfig(method="mean_ablation", budget=0.5, target=0.0)
-    circuit, scores, record = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, easy)
+    found = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, easy)
+    circuit, record = found.circuit, found.record
     assert len(circuit.heads) == 1 and record["discovery_faithfulness"] >= 0.0
-    assert set(scores) == {"ablation_prob_drop"} and circuit.method == "mean_ablation"
+    assert set(found.scans) == {"mean_ablation"} and circuit.method == "mean_ablation"
+    assert circuit.heads == found.scans["mean_ablation"].ranking().top(1)
     unreachable = discovery.DiscoveryConfig(method="mean_ablation", budget=0.25, target=math.inf)
-    circuit, _, record = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, unreachable)
+    found = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, unreachable)
+    circuit, record = found.circuit, found.record
     assert len(circuit.heads) == math.floor(0.25 * n_heads) and record["discovery_faithfulness"] < math.inf
 
 
@@ -38,7 +42,8 @@ def test_a_model_that_gets_nothing_right_grows_to_the_budget(model, tok):
     """Faithfulness is undefined (NaN) when the full model scores 0, so the target is never met."""
     items = tom_items(tok, 16, 5)
     rule = discovery.DiscoveryConfig(method="mean_ablation", budget=0.5, target=0.0)
-    circuit, _, record = discovery.find_circuit(model, "theory_of_mind", items, ablation.head_means(model, items), rule)
+    found = discovery.find_circuit(model, "theory_of_mind", items, ablation.head_means(model, items), rule)
+    circuit, record = found.circuit, found.record
     assert math.isnan(record["discovery_faithfulness"])
     assert len(circuit.heads) <= math.floor(0.5 * model.cfg.n_layers * model.cfg.n_heads)
 
@@ -47,11 +52,12 @@ def test_auto_picks_path_patching_for_entity_tracking_and_its_search_by_template
     items = tasks.entity_tracking(6, tokenizer=tok, n_boxes=3, template="adjacent", seed=2)
     means = ablation.head_means(model, items)
     rule = discovery.DiscoveryConfig(min_effect=0.0)
-    circuit, scores, record = discovery.find_circuit(model, "entity_tracking", items, means, rule)
+    found = discovery.find_circuit(model, "entity_tracking", items, means, rule)
+    record = found.record
     assert record["method"] == "path_patching" and record["search"] == "adjacent"
-    assert "object_binder" in circuit.groups and "path_patching_value_fetcher" in scores
+    assert "object_binder" in found.circuit.groups and "path_patching_value_fetcher" in found.scans
     prakash = tasks.entity_tracking(6, tokenizer=tok, n_boxes=3, template="prakash", seed=2)
-    _, _, record = discovery.find_circuit(model, "entity_tracking", prakash, ablation.head_means(model, prakash), rule)
+    record = discovery.find_circuit(model, "entity_tracking", prakash, ablation.head_means(model, prakash), rule).record
     assert record["search"] == "prakash"
     with pytest.raises(ValueError, match="discovery method"):
-        discovery.find_circuit(model, "entity_tracking", items, means, discovery.DiscoveryConfig(method="magic"))
+        discovery.DiscoveryConfig(method="magic")

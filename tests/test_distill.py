@@ -9,7 +9,7 @@ import torch
 
 from cdist import distill, evaluate, matching, tasks
 from cdist.cka import linear_cka
-from cdist.models import new_llama
+from cdist.models import hook_z, new_llama
 from cdist.types import Head, HeadPair
 
 TRAIN = [Head(1, 0), Head(1, 3)]  # kv groups 0 and 1 of layer 1 (4 heads, 2 kv heads)
@@ -148,7 +148,7 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
 def plain_z(model, item, head, column):
     """A head's z at one item's own position, from an unpadded single-prompt cache (the slow twin)."""
     _, cache = model.run_with_cache(torch.tensor([item["input_ids"]]))
-    return cache[head.hook_z][0, item[column], head.head]
+    return cache[hook_z(head.layer)][0, item[column], head.head]
 
 
 PLACED = [HeadPair(Head(1, 0), Head(0, 1), "pos_prev_label", "pos_prev_label"),

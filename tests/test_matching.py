@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdist import ablation, activations, matching, plots, tasks
+from cdist import activations, matching, plots, tasks
+from cdist.discovery import ablation
+from cdist.models import hook_z
 from cdist.types import Circuit, Head, HeadPair
 
 S = [Head(0, 1), Head(1, 0), Head(1, 3)]
@@ -27,7 +29,7 @@ def test_head_z_reads_each_rows_own_position(model, tok):
     for i, item in enumerate(data):
         _, cache = model.run_with_cache(torch.tensor([item["input_ids"]]))
         for h in heads:
-            want = cache[h.hook_z][0, item["pos_last"], h.head]
+            want = cache[hook_z(h.layer)][0, item["pos_last"], h.head]
             assert torch.allclose(got[h][i], want, atol=1e-5)
     other = activations.head_z_dataset(model, data, heads, position="pos_query_character")
     assert not torch.allclose(other[heads[0]], got[heads[0]])
@@ -41,7 +43,7 @@ def test_sites_read_each_head_at_its_own_column(model, tok):
     for i, item in enumerate(data):
         _, cache = model.run_with_cache(torch.tensor([item["input_ids"]]))
         for h, col in sites:
-            assert torch.allclose(got[(h, col)][i], cache[h.hook_z][0, item[col], h.head], atol=1e-5)
+            assert torch.allclose(got[(h, col)][i], cache[hook_z(h.layer)][0, item[col], h.head], atol=1e-5)
     assert not torch.allclose(got[sites[0]], got[sites[1]])
     with pytest.raises(ValueError, match="no positions given"):
         activations.head_z(model, torch.tensor(data["input_ids"]), sites, {"pos_last": torch.tensor(data["pos_last"])})

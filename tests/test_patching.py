@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdist import patching, tasks
+from cdist import tasks
+from cdist.discovery import activation_patching, attribution_patching, circuits, path_patching
 from cdist.evaluate import answer_stats
-from cdist.models import new_llama
+from cdist.models import hook_z, new_llama
 from cdist.types import Circuit, Head, HeadScores
 
 TOL = 1e-5
@@ -50,15 +51,15 @@ def close(a, b, tol=TOL):
 )
 def test_batched_path_patching_matches_the_one_sender_loop(model3, data, receivers, receiver_input, position):
     kw = dict(receivers=receivers, receiver_input=receiver_input, position=position)
-    fast = patching.path_patching_scan(model3, data, batch_size=2, senders_per_pass=3, **kw)
-    slow = patching.path_patching_scan_reference(model3, data, **kw)
+    fast = path_patching.path_patching_scan(model3, data, batch_size=2, senders_per_pass=3, **kw)
+    slow = path_patching.path_patching_scan_reference(model3, data, **kw)
     close(fast["relative_change"], slow["relative_change"])
     close(fast["prob_change"], slow["prob_change"])
     assert fast["relative_change"].abs().max() > 1e-3  # the scan measured something
 
 
 def test_senders_that_cannot_reach_a_receiver_score_zero(model3, data):
-    out = patching.path_patching_scan(model3, data, receivers=[Head(1, 0)], receiver_input="q")
+    out = path_patching.path_patching_scan(model3, data, receivers=[Head(1, 0)], receiver_input="q")
     assert torch.all(out["relative_change"][1:] == 0)
     assert torch.any(out["relative_change"][0] != 0)
 
@@ -66,28 +67,28 @@ def test_senders_that_cannot_reach_a_receiver_score_zero(model3, data):
 def test_key_value_receivers_are_groups(model3, data):
     """Query heads 0 and 1 share key/value head 0: as k or v receivers they are one and the same group."""
     for receiver_input in ("k", "v"):
-        a = patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input=receiver_input,
+        a = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input=receiver_input,
                                         position="pos_query_label")
-        b = patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input=receiver_input,
+        b = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input=receiver_input,
                                         position="pos_query_label")
         assert torch.equal(a["relative_change"], b["relative_change"])
-    q0 = patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input="q")
-    q1 = patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input="q")
+    q0 = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input="q")
+    q1 = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input="q")
     assert not torch.allclose(q0["relative_change"], q1["relative_change"])
 
 
 def test_last_layer_path_to_logits_is_activation_patching(model3, data):
     """A last-layer sender has no later heads to freeze, so its path to the logits is its whole effect."""
-    path = patching.path_patching_scan(model3, data, position="pos_last")
-    act = patching.activation_patching_scan(model3, data, position="pos_last")
+    path = path_patching.path_patching_scan(model3, data, position="pos_last")
+    act = activation_patching.activation_patching_scan(model3, data, position="pos_last")
     close(path["relative_change"][-1], act["relative_change"][-1])
     assert not torch.allclose(path["relative_change"][0], act["relative_change"][0], atol=1e-4)
 
 
 @pytest.mark.parametrize("position", [None, "pos_last", "pos_query_label"])
 def test_batched_activation_patching_matches_the_one_head_loop(model3, data, position):
-    fast = patching.activation_patching_scan(model3, data, position=position, batch_size=2, heads_per_pass=5)
-    slow = patching.activation_patching_scan_reference(model3, data, position=position)
+    fast = activation_patching.activation_patching_scan(model3, data, position=position, batch_size=2, heads_per_pass=5)
+    slow = activation_patching.activation_patching_scan_reference(model3, data, position=position)
     close(fast["relative_change"], slow["relative_change"])
     close(fast["prob_change"], slow["prob_change"])
 
@@ -107,16 +108,16 @@ def test_activation_patching_agrees_with_transformer_lens(model3, data):
     theirs = tl_patching.get_act_patch_attn_head_out_all_pos(model3, clean, corrupt_cache, mean_prob)
     with torch.no_grad():
         base = mean_prob(model3(clean))
-    ours = patching.activation_patching_scan(model3, data)["prob_change"].double() + base
+    ours = activation_patching.activation_patching_scan(model3, data)["prob_change"].double() + base
     close(ours, theirs.double())
 
 
 def test_attribution_patching_is_the_directional_derivative(model3, data):
     """For a layer-0 head (whose effect also runs through later heads) the estimate matches a finite difference."""
-    est = patching.attribution_patching_scan(model3, data, batch_size=2)["prob_change"]
+    est = attribution_patching.attribution_patching_scan(model3, data, batch_size=2)["prob_change"]
     clean, corrupt = torch.tensor(data["input_ids"]), torch.tensor(data["corrupt_input_ids"])
     answer, last = torch.tensor(data["answer_id"]), torch.tensor(data["pos_last"])
-    name, head, eps = Head(0, 2).hook_z, 2, 1e-2
+    name, head, eps = hook_z(0), 2, 1e-2
     with torch.no_grad():
         _, cc = model3.run_with_cache(corrupt, names_filter=[name])
         _, kc = model3.run_with_cache(clean, names_filter=[name])
@@ -138,17 +139,17 @@ def test_attribution_patching_is_the_directional_derivative(model3, data):
 
 def test_select_heads_and_ranked_circuit():
     scores = HeadScores(torch.tensor([[-0.5, 0.1], [-0.02, -0.3]]), "relative_change", higher_is_important=False)
-    assert patching.select_heads(scores, 3) == (Head(0, 0), Head(1, 1), Head(1, 0))
-    assert patching.select_heads(scores, 3, min_effect=0.1) == (Head(0, 0), Head(1, 1))
+    assert circuits.select_heads(scores, 3) == (Head(0, 0), Head(1, 1), Head(1, 0))
+    assert circuits.select_heads(scores, 3, min_effect=0.1) == (Head(0, 0), Head(1, 1))
     drop = HeadScores(torch.tensor([[0.0, 0.2], [0.4, -0.1]]), "prob_drop")
-    circuit = patching.ranked_circuit(drop, 3, model="m")
+    circuit = circuits.ranked_circuit(drop, 3, model="m")
     assert circuit.groups["circuit"] == (Head(1, 0), Head(0, 1))  # zero and negative drops are not kept
     assert Circuit.from_json(circuit.to_json()) == circuit
 
 
-@pytest.mark.parametrize("search", [patching.ET_SEARCH, patching.ET_SEARCH_ADJACENT])
+@pytest.mark.parametrize("search", [path_patching.ET_SEARCH, path_patching.ET_SEARCH_ADJACENT])
 def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search):
-    circuit, found = patching.entity_tracking_circuit(model3, data, k=2, search=search, model_name="random")
+    circuit, found = path_patching.entity_tracking_circuit(model3, data, k=2, search=search, model_name="random")
     assert list(circuit.groups) == [step.name for step in search]
     assert circuit.positions["position_detector"] == "pos_query_label"
     assert circuit.positions["structure_reader"] == "pos_prev_label"
@@ -157,26 +158,29 @@ def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search
         receivers = circuit.groups[step.receivers]
         for h in circuit.groups[step.name]:
             assert h.layer < max(r.layer for r in receivers)  # a sender sits below a receiver it feeds
-            assert found[step.name][h] < 0
+            assert found[step.name].ranking()[h] < 0
+        if circuit.groups[step.name]:
+            assert set(found[step.name].receivers) == set(receivers)
+            assert found[step.name].receiver_input == step.receiver_input
     path = tmp_path / "circuit.json"
     circuit.to_json(path)
     assert Circuit.from_json(path) == circuit
 
 
 def test_search_steps_must_come_after_their_receivers(model3, data):
-    bad = (patching.SearchStep("a", "pos_last", "b", "q"), patching.SearchStep("b", "pos_last"))
+    bad = (path_patching.SearchStep("a", "pos_last", "b", "q"), path_patching.SearchStep("b", "pos_last"))
     with pytest.raises(ValueError, match="receives from 'b'"):
-        patching.entity_tracking_circuit(model3, data, search=bad)
+        path_patching.entity_tracking_circuit(model3, data, search=bad)
 
 
 def test_patching_refuses_misaligned_or_unlabelled_data(model3, data):
     with pytest.raises(ValueError, match="no position column 'pos_nowhere'"):
-        patching.path_patching_scan(model3, data, position="pos_nowhere")
+        path_patching.path_patching_scan(model3, data, position="pos_nowhere")
     bad = data.map(lambda row: {"corrupt_input_ids": row["corrupt_input_ids"][:-1]})
     with pytest.raises(ValueError, match="aligned token for token"):
-        patching.activation_patching_scan(model3, bad)
+        activation_patching.activation_patching_scan(model3, bad)
     with pytest.raises(ValueError, match="receiver_input='z'"):
-        patching.path_patching_scan(model3, data, receivers=[Head(1, 0)], receiver_input="z")
+        path_patching.path_patching_scan(model3, data, receivers=[Head(1, 0)], receiver_input="z")
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 - ``entity_tracking``: "The apple is in Box F, ... . Box F contains the" -> "apple" (Prakash et al. 2024).
 - ``theory_of_mind``: CausalToM belief questions, answer a drink or "unknown" (Prakash et al. 2025).
 
+Each registers a ``Task`` record (``get_task(name)``) that the rest of cdist asks instead of comparing names.
+
 Both work with any fast Hugging Face tokenizer whose vocabulary has every word as one token: the word-level
 organism tokenizer built from ``organism_vocabulary()``, or Llama-3's.
 """
@@ -24,6 +26,7 @@ from cdist.tasks.entity_tracking import (
     render_entity_tracking,
     render_query,
 )
+from cdist.tasks.registry import TASKS, Task, UnknownTaskError, get_task, register
 from cdist.tasks.theory_of_mind import (
     TOM_TEMPLATES,
     UNKNOWN,
@@ -38,10 +41,12 @@ from cdist.tasks.theory_of_mind import (
 )
 
 __all__ = [
-    "ET_TEMPLATES", "TOM_TEMPLATES", "TEST_FRACTION", "UNKNOWN", "VISIBILITIES", "EntityTrackingTemplate",
-    "TheoryOfMindTemplate", "belief", "entity_tracking", "entity_tracking_words", "item_split",
-    "organism_vocabulary", "render_context", "render_entity_tracking", "render_query", "render_question",
-    "render_story", "render_theory_of_mind", "single_token_id", "theory_of_mind", "theory_of_mind_words",
+    "ET_TEMPLATES", "TASKS", "TEST_FRACTION", "TOM_TEMPLATES", "UNKNOWN", "VISIBILITIES",
+    "EntityTrackingTemplate", "Task", "TheoryOfMindTemplate", "UnknownTaskError", "belief",
+    "entity_tracking", "entity_tracking_words", "get_task", "item_split", "organism_vocabulary",
+    "register", "render_context", "render_entity_tracking", "render_query", "render_question",
+    "render_story", "render_theory_of_mind", "single_token_id", "theory_of_mind",
+    "theory_of_mind_words",
 ]
 
 

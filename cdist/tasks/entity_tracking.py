@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_token_id, task_rng
+from cdist.tasks.registry import Task, register
 
 OBJECTS = (
     "apple", "bag", "ball", "bell", "belt", "boat", "bone", "book", "bottle", "bowl", "bread", "brush",
@@ -246,3 +247,24 @@ def entity_tracking(
             "template": t.name,
         })
     return Dataset.from_list(rows)
+
+
+def _search(items) -> str:
+    # The organisms' adjacent form needs the object binders (``discovery.path_patching.ET_SEARCH_ADJACENT``).
+    adjacent = "template" in items.column_names and items[0]["template"] == "adjacent"
+    return "adjacent" if adjacent else "prakash"
+
+
+def _default_ood(organism: bool) -> tuple:
+    # Other box counts, and a template the models were not trained on (the organisms' own bridge form, or the
+    # compact form for a real model read in Prakash et al.'s).
+    return (("3 boxes", {"n_boxes": 3}), ("10 boxes", {"n_boxes": 10}),
+            ("template bridge_context" if organism else "template compact",
+             {"template": "bridge_context" if organism else "compact"}))
+
+
+TASK = register(Task(
+    name="entity_tracking", generate=entity_tracking, templates=ET_TEMPLATES, real_template="prakash",
+    discovery_method="path_patching", discovery_methods=("path_patching", "mean_ablation"), search=_search,
+    organism_kwargs=("n_boxes",), default_ood=_default_ood,
+))

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_token_id, task_rng
+from cdist.tasks.registry import Task, register
 
 CHARACTERS = (
     "Alice", "Anna", "Ben", "Bob", "Carla", "Chris", "Dan", "David", "Emma", "Eric", "Eva", "Frank",
@@ -310,3 +311,9 @@ def theory_of_mind(
             "template": t.name,
         })
     return Dataset.from_list(rows)
+
+
+TASK = register(Task(
+    name="theory_of_mind", generate=theory_of_mind, templates=TOM_TEMPLATES, real_template="causaltom",
+    discovery_method="mean_ablation", discovery_methods=("mean_ablation",),
+))

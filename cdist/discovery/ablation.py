@@ -1,6 +1,6 @@
 """Mean ablation of attention heads: knock heads out, scan every head's effect, score a circuit.
 
-A head is knocked out by replacing its output ``z`` (``blocks.{l}.attn.hook_z``, the ``d_head`` vector it
+A head is knocked out by replacing its output ``z`` (``cdist.models.hook_z``, the ``d_head`` vector it
 computes before ``W_O``) with its mean over a reference set of prompts, position by position. This is the
 ablation of Prakash et al. 2024 ("Fine-tuning enhances existing mechanisms") and of circuit distillation's
 head matching (Wadhwa et al. 2025): the head keeps its average, task-generic contribution and loses what it
@@ -23,22 +23,24 @@ Choices that are ours:
   and top-1 correctness, averaged over the examples.
 
 Everything here works through the model object's own methods (``model.hooks``, ``model.run_with_cache``,
-``model.cfg``); only ``cdist.models`` imports TransformerLens. Hooks are ``(name, fn)`` pairs used inside
-``with model.hooks(fwd_hooks=...)``, so nothing outlives the ``with`` block.
+``model.cfg``) and the hook names of ``cdist.models``. Hooks are ``(name, fn)`` pairs used inside
+``with model.hooks(fwd_hooks=...)``, so nothing outlives the ``with`` block. The batched scan runs on
+``cdist.discovery.engine``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist.discovery.engine import Hook, one_head_scan, replace_heads
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import finish_layer, unembed
-from cdist.types import Circuit, Head
+from cdist.models import hook_z
+from cdist.types import Circuit, Head, Scan
 
 __all__ = [
     "ablated_logits",
@@ -49,12 +51,7 @@ __all__ = [
     "head_means",
     "make_mean_ablation_hook",
     "mean_ablation_hooks",
-    "one_head_scan",
-    "one_head_variants",
-    "replace_heads",
 ]
-
-Hook = tuple[str, Callable]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +81,7 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
     width = max(len(ids) for ids in reference_data["input_ids"])
     sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64, device=device)
     counts = torch.zeros(width, dtype=torch.float64, device=device)
-    names = [Head(layer, 0).hook_z for layer in range(cfg.n_layers)]  # a layer's heads share its hook
+    names = [hook_z(layer) for layer in range(cfg.n_layers)]  # a layer's heads share its hook
     for batch in batches(reference_data, batch_size, pad_id(model)):
         ids = batch["input_ids"].to(device)
         n_pos = ids.shape[1]
@@ -95,124 +92,6 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
             sums[layer, :n_pos] += z.sum(0)
         counts[:n_pos] += real.sum(0)
     return (sums / counts[None, :, None, None]).to(cfg.dtype)
-
-
-def replace_heads(
-    z: Float[Tensor, "batch pos head_index d_head"],
-    heads: Bool[Tensor, "*batch_pos head_index"],
-    source: Float[Tensor, "*batch pos head_index d_head"],
-    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
-) -> Float[Tensor, "batch pos head_index d_head"]:
-    """``z`` with the chosen heads' vectors (at the chosen positions) taken from ``source``.
-
-    The one replacement rule behind mean ablation (``source`` = the reference means, ``[pos, head_index,
-    d_head]``) and activation and path patching (``source`` = another run's ``z``, ``[batch, pos, head_index,
-    d_head]``).
-
-    Args:
-        z: one layer's head outputs.
-        heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a different
-            variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
-        source: the replacement values, broadcastable to ``z``.
-        positions: where to replace: every position (None), one position per row (``[batch]`` indices), or a
-            ``[batch, pos]`` mask.
-    """
-    n_batch, n_pos, n_heads, _ = z.shape
-    heads = heads.to(z.device)
-    if heads.shape[-1] != n_heads:
-        raise ValueError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
-    if heads.ndim == 1:  # [head_index]
-        mask = heads[None, None, :]
-    elif heads.ndim == 2:  # [batch, head_index]: one variant per row
-        mask = heads[:, None, :]
-    elif heads.ndim == 3:  # [batch, pos, head_index]
-        mask = heads
-    else:
-        raise ValueError(f"head mask must be [head_index], [batch, head_index] or [batch, pos, head_index]; "
-                         f"got shape {tuple(heads.shape)}")
-    if positions is not None:
-        positions = positions.to(z.device)
-        if positions.dtype == torch.bool:  # [batch, pos]
-            at = positions
-        else:  # [batch]: one position per row
-            at = torch.arange(n_pos, device=z.device)[None, :] == positions[:, None]
-        mask = mask & at[:, :, None]
-    return torch.where(mask.expand(n_batch, n_pos, n_heads)[..., None], source.to(z.device, z.dtype), z)
-
-
-def one_head_variants(
-    chunk: Int[Tensor, " copies"], n_heads: int, n_rows: int
-) -> dict[int, Bool[Tensor, "rows head_index"]]:
-    """Row masks for a batched one-head-at-a-time scan: copy ``j`` of a batch touches head ``chunk[j]`` only.
-
-    ``chunk`` holds flat head indices (``layer * n_heads + head``); the batch of ``n_rows`` prompts is stacked
-    ``len(chunk)`` times along the batch axis, copy ``j`` being rows ``j * n_rows .. (j + 1) * n_rows - 1``.
-    Returns, for each layer that has a head in ``chunk``, the ``[copies * n_rows, head_index]`` mask to give
-    ``replace_heads``.
-    """
-    out = {}
-    for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
-        variant = torch.zeros(len(chunk), n_heads, dtype=torch.bool)  # copy j touches chunk[j] ...
-        in_layer = chunk // n_heads == layer  # ... if that head is in this layer
-        variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
-        out[layer] = variant.repeat_interleave(n_rows, dim=0)
-    return out
-
-
-def one_head_scan(
-    model,
-    ids: Int[Tensor, "batch pos"],
-    answer_id: Int[Tensor, " batch"],
-    pos_last: Int[Tensor, " batch"],
-    hook_for: Callable[[int, Bool[Tensor, "rows head_index"], int], Hook],
-    *,
-    heads_per_pass: int = 8,
-) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
-    """Intervene on every head alone, many heads per forward pass; the engine of the batched head scans.
-
-    A pass stacks ``n_copies`` copies of the batch along the batch axis, copy ``j`` intervening on head ``j``
-    of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where ``rows`` is the
-    ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the layers below the chunk's are
-    untouched, the pass starts at its layer from the clean run's cached ``hook_resid_pre``, and only
-    ``pos_last`` is unembedded. A last-layer head needs no pass at all: its hook is applied to the cached
-    ``z`` and the change at ``pos_last`` goes through ``W_O`` and that position's MLP (``finish_layer``).
-    ``hook_for`` must return a hook that changes only its layer's ``hook_z``, whatever its ``hook`` argument.
-
-    Returns:
-        Clean answer probability and correctness ``[batch]``, and the same for each head's intervention,
-        ``[layer * n_heads + head, batch]``; float64 on the CPU.
-    """
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    n_rows = len(ids)
-    top = n_layers - 1
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    top_names = [Head(top, 0).hook_z, f"blocks.{top}.hook_resid_mid"]
-    logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
-    p_base, c_base = answer_stats(logits, answer_id, pos_last)
-    prob = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
-    correct = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
-    for layer in range(n_layers):
-        for chunk in (layer * n_heads + torch.arange(n_heads)).split(heads_per_pass):
-            n_copies = len(chunk)
-            rows = one_head_variants(chunk, n_heads, n_rows)[layer]
-            name, fn = hook_for(layer, rows, n_copies)
-            last = pos_last.repeat(n_copies).to(cache[names[0]].device)
-            at = torch.arange(n_copies * n_rows, device=last.device)
-            if layer == top:
-                # Nothing reads the last layer's other positions, so the change of its z at pos_last, through
-                # W_O and that position's MLP, is the whole effect: one position instead of a forward pass.
-                z = cache[name].repeat(n_copies, 1, 1, 1)
-                dz = (fn(z, None) - z)[at, last]  # [rows, head_index, d_head]
-                mid_last = cache[top_names[1]][torch.arange(n_rows, device=last.device), pos_last.to(last.device)]
-                mid = mid_last.repeat(n_copies, 1) + torch.einsum("rhd,hdm->rm", dz, model.blocks[top].attn.W_O)
-                final = finish_layer(model, top, mid)
-            else:
-                with model.hooks(fwd_hooks=[(name, fn)]):
-                    final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
-                                  stop_at_layer=n_layers)[at, last]
-            p, c = answer_stats(unembed(model, final), answer_id.repeat(n_copies))
-            prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
-    return p_base, c_base, prob, correct
 
 
 def make_mean_ablation_hook(
@@ -253,7 +132,7 @@ def make_mean_ablation_hook(
             )
         return replace_heads(z, heads, layer_means[:n_pos], positions)
 
-    return Head(layer, 0).hook_z, mean_ablate
+    return hook_z(layer), mean_ablate
 
 
 def mean_ablation_hooks(
@@ -285,9 +164,14 @@ def ablated_logits(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _scan_result(base: Tensor, ablated: Tensor, n_layers: int, n_heads: int, n: int, kind: str) -> dict:
-    ablated = (ablated / n).reshape(n_layers, n_heads)
-    return {f"{kind}_drop": (base / n - ablated).float(), f"{kind}_ablated": ablated.float()}
+def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int, shape: tuple[int, int],
+                   position: str | None) -> Scan:
+    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability and correctness."""
+    metrics = {}
+    for kind, (base, ablated) in (("prob", prob), ("accuracy", correct)):
+        ablated = (ablated / n).reshape(shape)
+        metrics |= {f"{kind}_drop": base / n - ablated, f"{kind}_ablated": ablated}
+    return Scan("mean_ablation", metrics, "prob_drop", position=position, n_items=n)
 
 
 @torch.no_grad()
@@ -299,7 +183,7 @@ def head_ablation_scan(
     batch_size: int = 32,
     heads_per_pass: int = 8,
     position: str | None = None,
-) -> dict[str, Float[Tensor, "layer head_index"]]:
+) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
 
     Batched: each forward pass stacks ``heads_per_pass`` copies of a batch of ``batch_size`` prompts along
@@ -316,7 +200,8 @@ def head_ablation_scan(
         position: a position column; ablate only there (default: every position).
 
     Returns:
-        ``[layer, head_index]`` float32 tensors on the CPU: ``prob_drop`` (mean over examples of the answer's
+        A ``Scan`` (method "mean_ablation", ranked by ``prob_drop``) of ``[layer, head_index]`` float32 CPU
+        tensors: ``prob_drop`` (mean over examples of the answer's
         probability at ``pos_last``, base minus ablated), ``accuracy_drop`` (base minus ablated accuracy),
         and ``prob_ablated`` / ``accuracy_ablated`` (the ablated values themselves, which the teacher side of
         head matching needs: dP_t = P_s_base - P_t_abl).
@@ -340,10 +225,8 @@ def head_ablation_scan(
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         prob_abl += p_abl.sum(1)
         correct_abl += c_abl.sum(1)
-    n = len(data)
-    return _scan_result(prob_base, prob_abl, n_layers, n_heads, n, "prob") | _scan_result(
-        correct_base, correct_abl, n_layers, n_heads, n, "accuracy"
-    )
+    return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data), (n_layers, n_heads),
+                          position)
 
 
 @torch.no_grad()
@@ -353,7 +236,7 @@ def head_ablation_scan_reference(
     *,
     means: Float[Tensor, "layer pos head_index d_head"],
     position: str | None = None,
-) -> dict[str, Float[Tensor, "layer head_index"]]:
+) -> Scan:
     """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward pass at a time.
 
     It writes the mean into ``z`` by plain indexing instead of the masks of ``make_mean_ablation_hook``,
@@ -378,17 +261,13 @@ def head_ablation_scan_reference(
                     z[0, at, head] = means[layer, : z.shape[1], head][at].to(z)
                     return z
 
-                with model.hooks(fwd_hooks=[(Head(layer, head).hook_z, replace)]):
+                with model.hooks(fwd_hooks=[(hook_z(layer), replace)]):
                     p, c = answer_stats(model(ids), answer, last)
                 prob_abl[layer, head] += p.item()
                 correct_abl[layer, head] += c.item()
-    n = len(data)
-    return {
-        "prob_drop": ((prob_base - prob_abl) / n).float(),
-        "prob_ablated": (prob_abl / n).float(),
-        "accuracy_drop": ((correct_base - correct_abl) / n).float(),
-        "accuracy_ablated": (correct_abl / n).float(),
-    }
+    return _ablation_scan((torch.tensor(prob_base, dtype=torch.float64), prob_abl),
+                          (torch.tensor(correct_base, dtype=torch.float64), correct_abl), len(data),
+                          (n_layers, n_heads), position)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The scan engine that every head scan of ``cdist.discovery`` runs on: replace heads, one head per copy.
+
+Mean ablation, activation patching and path patching all replace some heads' outputs ``z`` (the ``d_head``
+vector a head computes before ``W_O``, at ``cdist.models.hook_z``) by other values: reference means, or the
+``z`` of a counterfactual run. ``replace_heads`` is that one rule. A scan asks the question for every head
+alone; ``one_head_scan`` batches it, stacking copies of a batch of prompts along the batch axis with copy
+``j`` intervening on head ``j`` (``one_head_variants``), starting each pass at the intervened layer from the
+clean run's cached residual stream and unembedding only ``pos_last``. Each scan keeps a slow, plain twin
+(``*_reference``) in its own module that the tests hold it to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from cdist.evaluate import answer_stats
+from cdist.models import finish_layer, head_writes, hook_resid_mid, hook_resid_pre, hook_z, unembed
+from cdist.types import Scan
+
+__all__ = ["Hook", "check_items", "one_head_scan", "one_head_variants", "patch_scan", "replace_heads",
+           "replacing"]
+
+Hook = tuple[str, Callable]
+
+
+def replace_heads(
+    z: Float[Tensor, "batch pos head_index d_head"],
+    heads: Bool[Tensor, "*batch_pos head_index"],
+    source: Float[Tensor, "*batch pos head_index d_head"],
+    positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """``z`` with the chosen heads' vectors (at the chosen positions) taken from ``source``.
+
+    The one replacement rule behind mean ablation (``source`` = the reference means, ``[pos, head_index,
+    d_head]``) and activation and path patching (``source`` = another run's ``z``, ``[batch, pos, head_index,
+    d_head]``).
+
+    Args:
+        z: one layer's head outputs.
+        heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a different
+            variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
+        source: the replacement values, broadcastable to ``z``.
+        positions: where to replace: every position (None), one position per row (``[batch]`` indices), or a
+            ``[batch, pos]`` mask.
+    """
+    n_batch, n_pos, n_heads, _ = z.shape
+    heads = heads.to(z.device)
+    if heads.shape[-1] != n_heads:
+        raise ValueError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
+    if heads.ndim == 1:  # [head_index]
+        mask = heads[None, None, :]
+    elif heads.ndim == 2:  # [batch, head_index]: one variant per row
+        mask = heads[:, None, :]
+    elif heads.ndim == 3:  # [batch, pos, head_index]
+        mask = heads
+    else:
+        raise ValueError(f"head mask must be [head_index], [batch, head_index] or [batch, pos, head_index]; "
+                         f"got shape {tuple(heads.shape)}")
+    if positions is not None:
+        positions = positions.to(z.device)
+        if positions.dtype == torch.bool:  # [batch, pos]
+            at = positions
+        else:  # [batch]: one position per row
+            at = torch.arange(n_pos, device=z.device)[None, :] == positions[:, None]
+        mask = mask & at[:, :, None]
+    return torch.where(mask.expand(n_batch, n_pos, n_heads)[..., None], source.to(z.device, z.dtype), z)
+
+
+def one_head_variants(
+    chunk: Int[Tensor, " copies"], n_heads: int, n_rows: int
+) -> dict[int, Bool[Tensor, "rows head_index"]]:
+    """Row masks for a batched one-head-at-a-time scan: copy ``j`` of a batch touches head ``chunk[j]`` only.
+
+    ``chunk`` holds flat head indices (``layer * n_heads + head``); the batch of ``n_rows`` prompts is stacked
+    ``len(chunk)`` times along the batch axis, copy ``j`` being rows ``j * n_rows .. (j + 1) * n_rows - 1``.
+    Returns, for each layer that has a head in ``chunk``, the ``[copies * n_rows, head_index]`` mask to give
+    ``replace_heads``.
+    """
+    out = {}
+    for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
+        variant = torch.zeros(len(chunk), n_heads, dtype=torch.bool)  # copy j touches chunk[j] ...
+        in_layer = chunk // n_heads == layer  # ... if that head is in this layer
+        variant[in_layer.nonzero()[:, 0], chunk[in_layer] % n_heads] = True
+        out[layer] = variant.repeat_interleave(n_rows, dim=0)
+    return out
+
+
+def one_head_scan(
+    model,
+    ids: Int[Tensor, "batch pos"],
+    answer_id: Int[Tensor, " batch"],
+    pos_last: Int[Tensor, " batch"],
+    hook_for: Callable[[int, Bool[Tensor, "rows head_index"], int], Hook],
+    *,
+    heads_per_pass: int = 8,
+) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
+    """Intervene on every head alone, many heads per forward pass; the engine of the batched head scans.
+
+    A pass stacks ``n_copies`` copies of the batch along the batch axis, copy ``j`` intervening on head ``j``
+    of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where ``rows`` is the
+    ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the layers below the chunk's are
+    untouched, the pass starts at its layer from the clean run's cached ``hook_resid_pre``, and only
+    ``pos_last`` is unembedded. A last-layer head needs no pass at all: its hook is applied to the cached
+    ``z`` and the change at ``pos_last`` goes through ``W_O`` and that position's MLP (``finish_layer``).
+    ``hook_for`` must return a hook that changes only its layer's ``hook_z``, whatever its ``hook`` argument.
+
+    Returns:
+        Clean answer probability and correctness ``[batch]``, and the same for each head's intervention,
+        ``[layer * n_heads + head, batch]``; float64 on the CPU.
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_rows = len(ids)
+    top = n_layers - 1
+    names = [hook_resid_pre(layer) for layer in range(n_layers)]
+    top_names = [hook_z(top), hook_resid_mid(top)]
+    logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
+    p_base, c_base = answer_stats(logits, answer_id, pos_last)
+    prob = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
+    correct = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
+    for layer in range(n_layers):
+        for chunk in (layer * n_heads + torch.arange(n_heads)).split(heads_per_pass):
+            n_copies = len(chunk)
+            rows = one_head_variants(chunk, n_heads, n_rows)[layer]
+            name, fn = hook_for(layer, rows, n_copies)
+            last = pos_last.repeat(n_copies).to(cache[names[0]].device)
+            at = torch.arange(n_copies * n_rows, device=last.device)
+            if layer == top:
+                # Nothing reads the last layer's other positions, so the change of its z at pos_last, through
+                # W_O and that position's MLP, is the whole effect: one position instead of a forward pass.
+                z = cache[name].repeat(n_copies, 1, 1, 1)
+                dz = (fn(z, None) - z)[at, last]  # [rows, head_index, d_head]
+                mid_last = cache[top_names[1]][torch.arange(n_rows, device=last.device), pos_last.to(last.device)]
+                mid = mid_last.repeat(n_copies, 1) + head_writes(model, top, dz)
+                final = finish_layer(model, top, mid)
+            else:
+                with model.hooks(fwd_hooks=[(name, fn)]):
+                    final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
+                                  stop_at_layer=n_layers)[at, last]
+            p, c = answer_stats(unembed(model, final), answer_id.repeat(n_copies))
+            prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
+    return p_base, c_base, prob, correct
+
+
+def replacing(heads: Tensor, source: Tensor, positions: Tensor | None) -> Callable:
+    """A hook that writes ``source`` into the chosen heads (and positions) of its activation."""
+    return lambda x, hook: replace_heads(x, heads, source, positions)
+
+
+def patch_scan(
+    method: str,
+    total_rel: Float[Tensor, " heads"],
+    total_diff: Float[Tensor, " heads"],
+    n: int,
+    shape: tuple[int, int],
+    **where,
+) -> Scan:
+    """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the relative and absolute change
+    of the answer probability; the relative change is Prakash et al.'s score (most negative: most important).
+    """
+    metrics = {"relative_change": (total_rel / n).reshape(shape), "prob_change": (total_diff / n).reshape(shape)}
+    return Scan(method, metrics, "relative_change", higher_is_important=False, n_items=n, **where)
+
+
+def check_items(data, position: str | None) -> None:
+    if len(data) == 0:
+        raise ValueError("patching needs at least one item; the dataset is empty")
+    if position is not None and position not in data.column_names:
+        raise ValueError(f"the data has no position column {position!r}; it has {data.column_names}")

@@ -1,0 +1,88 @@
+"""The task registry: one ``Task`` record per task, looked up by name.
+
+Every module that needs to know something about a task (which generator makes its items, how its circuit is
+found by default, which template a pretrained model reads) asks the registry instead of comparing task
+names. A task module registers itself when imported (``cdist.tasks`` imports them all), so a new task, say
+IOI, is one file that ends with ``register(Task(...))`` plus its import in ``cdist/tasks/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["TASKS", "Task", "UnknownTaskError", "get_task", "register"]
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not registered; the message lists the registered ones."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything cdist needs to know about one task.
+
+    Attributes:
+        name: the registry key, e.g. ``"entity_tracking"``.
+        generate: ``generate(n, *, tokenizer, seed, split, template, **kwargs) -> datasets.Dataset`` of items
+            with ``input_ids``, ``answer_id``, ``pos_last`` and the task's position columns.
+        templates: template name -> template record.
+        real_template: the template a pretrained (real) model is tested on; organisms name their own.
+        discovery_method: how its circuit is found by default: ``"path_patching"`` or ``"mean_ablation"``.
+        discovery_methods: every method ``experiments/discovery.py`` runs for it (the default first).
+        search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that suits
+            a set of items; None where the task has no path-patching search.
+        organism_kwargs: the fields of an organism's config that are keyword arguments of ``generate``
+            besides ``template`` (entity tracking: ``n_boxes``).
+        default_ood: ``default_ood(organism)`` -> the out-of-distribution sets tested by default, as
+            ``(label, generate overrides)`` pairs; ``organism`` says whether the models are zoo organisms.
+    """
+
+    name: str
+    generate: Callable
+    templates: dict
+    real_template: str
+    discovery_method: str
+    discovery_methods: tuple[str, ...]
+    search: Callable | None = None
+    organism_kwargs: tuple[str, ...] = ()
+    default_ood: Callable[[bool], tuple] = lambda organism: ()
+
+    def __post_init__(self) -> None:
+        if self.discovery_method not in ("path_patching", "mean_ablation"):
+            raise ValueError(f"task {self.name!r}: discovery method {self.discovery_method!r}; choose "
+                             "'path_patching' or 'mean_ablation'")
+        if self.discovery_methods[0] != self.discovery_method:
+            raise ValueError(f"task {self.name!r}: discovery_methods must start with {self.discovery_method!r}")
+        if "path_patching" in self.discovery_methods and self.search is None:
+            raise ValueError(f"task {self.name!r} runs path patching but names no search")
+        if self.real_template not in self.templates:
+            raise ValueError(f"task {self.name!r}: real_template {self.real_template!r} is not a template")
+
+    def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
+        """``n`` items of the task (``generate``'s arguments)."""
+        return self.generate(n, tokenizer=tokenizer, seed=seed, split=split, **kwargs)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the registry (once per name)."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str | Task) -> Task:
+    """The registered task called ``name`` (a ``Task`` is returned as it is).
+
+    Raises:
+        UnknownTaskError: ``name`` is not registered; the message lists the registered names.
+    """
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise UnknownTaskError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
