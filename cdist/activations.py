@@ -29,7 +29,7 @@ def head_z(
     model,
     input_ids: Int[Tensor, "batch pos"],
     sites: Iterable[Site],
-    positions: Mapping[str, Int[Tensor, " batch"]],
+    positions: Mapping[str, Tensor],
     *,
     params: Mapping[str, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Site, Float[Tensor, "batch d_head"]]]:
@@ -39,7 +39,8 @@ def head_z(
         model: a HookedTransformer.
         input_ids: the prompts (right-padded).
         sites: ``(head, column)`` pairs to read.
-        positions: column name -> each row's position (a batch of ``cdist.evaluate.batches`` has them).
+        positions: column name -> each row's position, ``[batch]`` (a batch of
+            ``cdist.evaluate.batches`` has them, beside other columns such as its ``input_ids``).
         params: replaces some of the model's parameters for this call (``torch.func.functional_call``), as
             masked-head training does with base + delta weights.
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from cdist import evaluate, experiment_cli, zoo
-from cdist.organisms import OrganismConfig, held_out
+from cdist.zoo.organisms import OrganismConfig, held_out
 
 
 def zoo_table(items: int, seed: int) -> list[dict]:
@@ -20,7 +20,7 @@ def zoo_table(items: int, seed: int) -> list[dict]:
     rows = []
     for name in zoo.names():
         manifest = zoo.manifest(name)
-        cfg = OrganismConfig(**{**manifest["config"], "stop_window": None})
+        cfg = OrganismConfig.from_dict({**manifest["config"], "stop_window": None})
         model, tokenizer = zoo.load(name)
         started = time.time()
         acc = evaluate.accuracy(model, held_out(cfg, tokenizer, items, seed=seed))

@@ -52,11 +52,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdist import evaluate, models
-from cdist.activations import head_z, head_z_dataset
+from cdist.activations import Site, head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
-from cdist.types import Head
+from cdist.types import Head, HeadPair
 
 __all__ = ["DistillConfig", "HeadDelta", "distill", "trainable_share"]
 
@@ -215,42 +215,21 @@ def _permutation(m: int, seed: int, step: int) -> Tensor:
     return torch.randperm(m, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
 
 
-def distill(
-    student,
-    teacher,
-    head_map: HeadMap | None,
-    train_data,
-    eval_data,
-    cfg: DistillConfig,
-    run_dir: str | Path,
-    *,
-    heads: Sequence[Head] | None = None,
-    evaluate_fn=None,
-    progress: bool = True,
-) -> dict:
-    """Distil ``teacher`` into ``student`` in place (module doc); resumes from ``run_dir``.
+@dataclass(frozen=True)
+class _Plan:
+    """What a run reads and trains, checked against its inputs before any model is touched."""
 
-    Args:
-        student: a HookedTransformer; its weights change (only the trained slices, unless trainable="all").
-        teacher: a HookedTransformer on the same tokenizer; never changes.
-        head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when ``cka_weight``
-            > 0 and monitored whenever given; its student heads are the trained heads unless ``heads`` is given.
-        train_data: task items the loss is computed on (train split).
-        eval_data: held-out items for the periodic accuracy, validation CE and per-pair CKA (at least 4).
-        cfg: the run's settings.
-        run_dir: checkpoints and metrics go here.
-        heads: the student heads to train (default: the head map's student heads).
-        evaluate_fn: optional ``f(student) -> dict`` of extra metrics at each evaluation (e.g. circuit accuracy).
-        progress: tqdm bar.
+    pairs: list[HeadPair]
+    heads: tuple[Head, ...]  # the student heads trained when trainable="heads"
+    student_sites: list[Site]
+    teacher_sites: list[Site]
+    columns: list[str]  # position columns the batches must carry
 
-    Returns:
-        ``{"config", "trainable", "trained_heads", "pairs", "metrics": [...], "wall_time_s"}`` (also written to
-        ``run_dir``).
-    """
-    run_dir = Path(run_dir)
+
+def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillConfig) -> _Plan:
     if len(train_data) < cfg.batch_size:
-        raise ValueError(f"{len(train_data)} training items cannot fill one batch of {cfg.batch_size}; lower "
-                         "batch_size or give more items")
+        raise ValueError(f"{len(train_data)} training items cannot fill one batch of {cfg.batch_size}; "
+                         "lower batch_size or give more items")
     if len(eval_data) < 4:
         raise ValueError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy need at least 4")
     if head_map is not None and cfg.cka_position is not None:
@@ -267,49 +246,77 @@ def distill(
     if missing:
         raise ValueError(f"the head map reads position columns {missing} that the items lack; build the items "
                          "with the task generator or place the pairs at existing columns (HeadMap.placed / at)")
-    device = evaluate.device_of(student)
-    on_gpu = device.type == "cuda"
-    for p in list(student.parameters()) + list(teacher.parameters()):
-        p.requires_grad_(False)
-    delta = HeadDelta(student, train_heads, cfg.kv_policy) if cfg.trainable == "heads" else None
-    if delta is not None:
-        trained = list(delta.parameters())
-    else:
-        trained = [p for name, p in student.named_parameters() if not _zero_bias(name, p)]
-        for p in trained:
-            p.requires_grad_(True)
-    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, wall, metrics = 0, 0.0, []
-    state_path = run_dir / "state.pt"
-    # What else must match for a saved run to be this run: the models it started from and the heads.
-    identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
-                "heads": [str(h) for h in train_heads], "pairs": [str(p) for p in pairs]}
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=device)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{run_dir} holds a run with another config; use a new run_dir or the same config")
-        if state.get("identity") != identity:
-            raise ValueError(f"{run_dir} holds a run of another student, teacher or head set; use a new run_dir "
-                             "(or delete that one)")
-        (delta if delta is not None else student).load_state_dict(state["weights"])
-        opt.load_state_dict(state["opt"])
-        step, wall, metrics = state["step"], state["wall"], state["metrics"]
-    pad = evaluate.pad_id(student)
-    stream = _batches(train_data, cfg.batch_size, cfg.seed, pad, columns)
-    for _ in range(step):  # the data order continues where the run stopped
-        next(stream)
-    share = trainable_share(student, cfg, train_heads)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    return _Plan(pairs, train_heads, s_sites, t_sites, columns)
 
-    def losses(batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
+
+class _Run:
+    """One distillation run's state and steps: the losses, the logged diagnostics, checkpoints, results.
+
+    The student's weights change only through ``trained`` (``HeadDelta``'s slices, or every parameter that is
+    not a zero bias); the teacher is only ever read under ``torch.no_grad``.
+    """
+
+    def __init__(self, student, teacher, plan: _Plan, cfg: DistillConfig, train_data, eval_data, evaluate_fn):
+        self.student, self.teacher, self.plan, self.cfg = student, teacher, plan, cfg
+        self.eval_data, self.evaluate_fn = eval_data, evaluate_fn
+        self.device = evaluate.device_of(student)
+        self.pad = evaluate.pad_id(student)
+        self.delta = HeadDelta(student, plan.heads, cfg.kv_policy) if cfg.trainable == "heads" else None
+        if self.delta is not None:
+            self.trained = list(self.delta.parameters())
+        else:
+            self.trained = [p for name, p in student.named_parameters() if not _zero_bias(name, p)]
+            for p in self.trained:
+                p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        on_gpu = self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+        # What else must match for a saved run to be this run: the models it started from and the heads.
+        self.identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
+                         "heads": [str(h) for h in plan.heads], "pairs": [str(p) for p in plan.pairs]}
+        # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's view of
+        # eval_data.
+        probe_items = train_data.select(range(cfg.batch_size))
+        self.probe = next(evaluate.batches(probe_items, cfg.batch_size, self.pad, plan.columns))
+        self.probe_perm = _permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher else None
+        with torch.no_grad():
+            self.t_labels = evaluate.predictions(teacher, eval_data)
+            self.t_val = head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs else {}
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        return self.delta if self.delta is not None else self.student
+
+    def resume(self, state_path: Path) -> tuple[int, float, list[dict]]:
+        """(step, wall time, metrics) of the saved run at ``state_path``, loaded into the run; zeros if none."""
+        if not state_path.exists():
+            return 0, 0.0, []
+        state = torch.load(state_path, weights_only=False, map_location=self.device)
+        if state["config"] != asdict(self.cfg):
+            raise ValueError(f"{state_path.parent} holds a run with another config; use a new run_dir or the "
+                             "same config")
+        if state.get("identity") != self.identity:
+            raise ValueError(f"{state_path.parent} holds a run of another student, teacher or head set; use a "
+                             "new run_dir (or delete that one)")
+        self.weights.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["opt"])
+        return state["step"], state["wall"], state["metrics"]
+
+    def save(self, state_path: Path, step: int, wall: float, metrics: list[dict]) -> None:
+        atomic_torch_save({"config": asdict(self.cfg), "weights": self.weights.state_dict(),
+                           "opt": self.opt.state_dict(), "step": step, "wall": wall, "metrics": metrics,
+                           "identity": self.identity}, state_path)
+
+    def losses(self, batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
         """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters."""
+        cfg, device = self.cfg, self.device
         ids, last = batch["input_ids"].to(device), batch["pos_last"]
-        with torch.no_grad(), autocast:
-            t_logits, t_z = head_z(teacher, ids, t_sites, batch)
+        with torch.no_grad(), self.autocast:
+            t_logits, t_z = head_z(self.teacher, ids, self.plan.teacher_sites, batch)
             t_logits = evaluate.logits_at(t_logits, last).float()
-        with autocast:
-            s_logits, s_z = head_z(student, ids, s_sites, batch,
-                                   params=delta.patched(student) if delta is not None else None)
+        with self.autocast:
+            params = self.delta.patched(self.student) if self.delta is not None else None
+            s_logits, s_z = head_z(self.student, ids, self.plan.student_sites, batch, params=params)
             s_logits = evaluate.logits_at(s_logits, last).float()
         out = {"ce": F.cross_entropy(s_logits, t_logits.argmax(-1))}
         temp = cfg.kd_temperature
@@ -317,11 +324,13 @@ def distill(
                              log_target=True, reduction="batchmean") * temp**2
         order = slice(None) if perm is None else perm.to(device)
         terms = [linear_cka(s_z[(p.student, p.student_position)], t_z[(p.teacher, p.teacher_position)][order],
-                            debiased=cfg.debiased_cka) for p in pairs]
+                            debiased=cfg.debiased_cka) for p in self.plan.pairs]
         out["cka"] = torch.stack(terms) if terms else torch.zeros(0, device=device)
         return out
 
-    def total(out: dict[str, Tensor]) -> Tensor:
+    def total(self, out: dict[str, Tensor]) -> Tensor:
+        """The weighted loss (module doc)."""
+        cfg = self.cfg
         loss = cfg.ce_weight * out["ce"]
         if cfg.cka_weight:
             loss = loss + cfg.cka_weight * (1 - out["cka"]).sum()
@@ -329,67 +338,125 @@ def distill(
             loss = loss + cfg.kd_weight * out["kd"]
         return loss
 
-    # Fixed items for the logged diagnostics: the probe batch of training items, the teacher's view of eval_data.
-    probe = next(evaluate.batches(train_data.select(range(cfg.batch_size)), cfg.batch_size, pad, columns))
-    probe_perm = _permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher else None
-    with torch.no_grad():
-        t_labels = evaluate.predictions(teacher, eval_data)
-        t_val = head_z_dataset(teacher, eval_data, t_sites) if pairs else {}
-
-    def measure() -> dict:
-        out = losses(probe, probe_perm)
-        row = {"grad_ce": _grad_norm(out["ce"], trained)}
+    def measure(self) -> dict:
+        """The logged diagnostics: gradient norms on the probe batch, then accuracy, validation CE and each
+        pair's debiased CKA on ``eval_data``."""
+        pairs = self.plan.pairs
+        out = self.losses(self.probe, self.probe_perm)
+        row = {"grad_ce": _grad_norm(out["ce"], self.trained)}
         if pairs:
-            grad_cka = _grad_norm((1 - out["cka"]).sum(), trained)
-            row |= {"grad_cka": grad_cka,
-                    "grad_ratio": cfg.cka_weight * grad_cka / row["grad_ce"] if row["grad_ce"] else None}
-        with delta.merged(student) if delta is not None else contextlib.nullcontext(), torch.no_grad():
-            correct, ce, s_val = _evaluation_pass(student, eval_data, t_labels, s_sites, pad)
+            grad_cka = _grad_norm((1 - out["cka"]).sum(), self.trained)
+            ratio = self.cfg.cka_weight * grad_cka / row["grad_ce"] if row["grad_ce"] else None
+            row |= {"grad_cka": grad_cka, "grad_ratio": ratio}
+        merged = self.delta.merged(self.student) if self.delta is not None else contextlib.nullcontext()
+        with merged, torch.no_grad():
+            correct, ce, s_val = _evaluation_pass(self.student, self.eval_data, self.t_labels,
+                                                  self.plan.student_sites, self.pad)
             row |= {"accuracy": correct.float().mean().item(), "val_ce": ce}
             if pairs:
                 cka_val = [float(linear_cka(s_val[(p.student, p.student_position)],
-                                            t_val[(p.teacher, p.teacher_position)], debiased=True)) for p in pairs]
+                                            self.t_val[(p.teacher, p.teacher_position)], debiased=True))
+                           for p in pairs]
                 row |= {"cka_val": cka_val, "cka_val_mean": sum(cka_val) / len(cka_val)}
-            if evaluate_fn is not None:
-                row |= evaluate_fn(student)
+            if self.evaluate_fn is not None:
+                row |= self.evaluate_fn(self.student)
         return row
 
-    if not metrics:
-        metrics.append({"step": 0, **measure()})
-    # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
-    bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True, desc="distill")
-    t0 = time.time() - wall
-    while step < cfg.steps:
-        batch = next(stream)
-        out = losses(batch, _permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None)
-        loss = total(out)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(ce=f"{out['ce'].item():.3f}")
-        if step % cfg.eval_every and step != cfg.steps:
-            continue
-        cka = out["cka"].detach()
-        metrics.append({
-            "step": step, "loss": loss.item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
-            "cka_mean": cka.mean().item() if len(cka) else None,
-            **measure(),
-        })
-        weights = (delta if delta is not None else student).state_dict()
-        atomic_torch_save({"config": asdict(cfg), "weights": weights, "opt": opt.state_dict(), "step": step,
-                           "wall": time.time() - t0, "metrics": metrics, "identity": identity}, state_path)
-    bar.close()
-    if delta is not None:  # the student keeps what it learnt
-        with torch.no_grad():
-            for name, value in delta.patched(student).items():
-                dict(student.named_parameters())[name].copy_(value)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    result = {"config": asdict(cfg), "trainable": share, "trained_heads": [str(h) for h in train_heads],
-              "pairs": [p.to_dict() for p in pairs], "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
+    def keep(self) -> None:
+        """Write the trained slices into the student's own weights, so that it keeps what it learnt."""
+        if self.delta is not None:
+            params = dict(self.student.named_parameters())
+            with torch.no_grad():
+                for name, value in self.delta.patched(self.student).items():
+                    params[name].copy_(value)
+
+
+def distill(
+    student,
+    teacher,
+    head_map: HeadMap | None,
+    train_data,
+    eval_data,
+    cfg: DistillConfig,
+    run_dir: str | Path,
+    *,
+    heads: Sequence[Head] | None = None,
+    evaluate_fn=None,
+    progress: bool = True,
+) -> dict:
+    """Distil ``teacher`` into ``student`` in place (module doc); resumes from ``run_dir``.
+
+    Args:
+        student: a HookedTransformer; its weights change (only the trained slices, unless trainable="all");
+            its parameters' ``requires_grad`` flags are as they were when ``distill`` returns.
+        teacher: a HookedTransformer on the same tokenizer; never changes, not even its flags.
+        head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when
+            ``cka_weight`` > 0 and monitored whenever given; its student heads are the trained heads unless
+            ``heads`` is given.
+        train_data: task items the loss is computed on (train split).
+        eval_data: held-out items for the periodic accuracy, validation CE and per-pair CKA (at least 4).
+        cfg: the run's settings.
+        run_dir: checkpoints and metrics go here.
+        heads: the student heads to train (default: the head map's student heads).
+        evaluate_fn: optional ``f(student) -> dict`` of extra metrics at each evaluation (e.g. circuit
+            accuracy).
+        progress: tqdm bar.
+
+    Returns:
+        ``{"config", "trainable", "trained_heads", "pairs", "metrics": [...], "wall_time_s"}`` (also written
+        to ``run_dir``).
+    """
+    run_dir, state_path = Path(run_dir), Path(run_dir) / "state.pt"
+    plan = _plan(head_map, heads, train_data, eval_data, cfg)
+    flags = [p.requires_grad for p in student.parameters()]
+    try:
+        # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set below.
+        student.requires_grad_(False)
+        run = _Run(student, teacher, plan, cfg, train_data, eval_data, evaluate_fn)
+        step, wall, metrics = run.resume(state_path)
+        stream = _batches(train_data, cfg.batch_size, cfg.seed, run.pad, plan.columns)
+        for _ in range(step):  # the data order continues where the run stopped
+            next(stream)
+        if not metrics:
+            metrics.append({"step": 0, **run.measure()})
+        # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
+        bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True, desc="distill")
+        t0 = time.time() - wall
+        while step < cfg.steps:
+            perm = _permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None
+            out = run.losses(next(stream), perm)
+            loss = run.total(out)
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(ce=f"{out['ce'].item():.3f}")
+            if step % cfg.eval_every and step != cfg.steps:
+                continue
+            cka = out["cka"].detach()
+            metrics.append({
+                "step": step, "loss": loss.item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
+                "cka_mean": cka.mean().item() if len(cka) else None,
+                **run.measure(),
+            })
+            run.save(state_path, step, time.time() - t0, metrics)
+        bar.close()
+        run.keep()
+    finally:
+        for p, flag in zip(student.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    result = {"config": asdict(cfg), "trainable": trainable_share(student, cfg, plan.heads),
+              "trained_heads": [str(h) for h in plan.heads], "pairs": [p.to_dict() for p in plan.pairs],
+              "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
+    _write_results(result, run_dir)
+    return result
+
+
+def _write_results(result: dict, run_dir: Path) -> None:
+    """``metrics.json`` (everything) and ``metrics.csv`` (the scalar columns of each evaluation)."""
     atomic_write_json(result, run_dir / "metrics.json")
+    metrics = result["metrics"]
     table = io.StringIO()
     fields = sorted({k for row in metrics for k, v in row.items() if not isinstance(v, list)},
                     key=lambda k: (k != "step", k))
@@ -397,7 +464,6 @@ def distill(
     writer.writeheader()
     writer.writerows(metrics)
     atomic_write_text(table.getvalue(), run_dir / "metrics.csv")
-    return result
 
 
 def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:

@@ -57,7 +57,7 @@ MATCHERS = ("ablation", "ablation-baseline", "cka")
 class ExperimentConfig:
     """Everything that defines one table (written next to its results)."""
 
-    task: str  # "entity_tracking" | "theory_of_mind"
+    task: str  # a registered task (cdist.tasks.get_task)
     task_kwargs: dict = field(default_factory=dict)  # template, n_boxes, ... for the generator
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     select_seed: int = 100  # hyperparameter selection: data order and random maps, never a table seed
@@ -83,6 +83,7 @@ class ExperimentConfig:
     arms: tuple[str, ...] = tuple(a.name for a in arms.ARMS)
 
     def __post_init__(self) -> None:
+        tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
         for name in self.arms:
             arms.arm(name)
         unknown = sorted(set(self.matchers) - set(MATCHERS))
@@ -95,8 +96,8 @@ class ExperimentConfig:
 
 
 def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):
-    make = tasks.entity_tracking if cfg.task == "entity_tracking" else tasks.theory_of_mind
-    return make(n, tokenizer=tokenizer, seed=seed, split=split, **{**cfg.task_kwargs, **overrides})
+    return tasks.get_task(cfg.task).items(n, tokenizer=tokenizer, seed=seed, split=split,
+                                          **{**cfg.task_kwargs, **overrides})
 
 
 def _bits(correct: torch.Tensor) -> str:
@@ -105,6 +106,220 @@ def _bits(correct: torch.Tensor) -> str:
 
 def _unbits(bits: str) -> torch.Tensor:
     return torch.tensor([b == "1" for b in bits])
+
+
+@dataclass
+class _Data:
+    """The item sets of one experiment, each from its own seed; validation items never repeat training ones."""
+
+    train: dict  # regime (training items) -> the first that many of one pool
+    val: object
+    reference: object  # for the head means of mean ablation
+    found_on: object  # circuits are discovered here
+    test: object
+    ood: dict
+
+    @classmethod
+    def make(cls, cfg: ExperimentConfig, tok) -> _Data:
+        pool = _data(cfg, tok, max(cfg.regimes), "train", cfg.data_seed * 10 + 1)
+        seen = set(pool["prompt"])
+        val = _data(cfg, tok, cfg.val_items, "train", cfg.data_seed * 10 + 2)
+        return cls(
+            train={n: pool.select(range(n)) for n in cfg.regimes},
+            val=val.select([i for i, p in enumerate(val["prompt"]) if p not in seen]),
+            reference=_data(cfg, tok, cfg.reference_items, "test", cfg.data_seed * 10 + 3),
+            found_on=_data(cfg, tok, cfg.discovery_items, "test", cfg.data_seed * 10 + 4),
+            test=_data(cfg, tok, cfg.test_items, "test", cfg.data_seed * 10 + 5),
+            ood={name: _data(cfg, tok, cfg.ood_items, "test", cfg.data_seed * 10 + 6 + i, **kw)
+                 for i, (name, kw) in enumerate(cfg.ood)},
+        )
+
+
+class _Experiment:
+    """The steps of ``run_experiment``, in order, sharing the models, the items and what earlier steps found."""
+
+    def __init__(self, cfg: ExperimentConfig, load_teacher, load_student, out: Path, names, progress, log):
+        self.cfg, self.load_student, self.out, self.names = cfg, load_student, out, names
+        self.progress, self.log = progress, log
+        self.teacher, self.student = load_teacher(), load_student()
+        self.data = _Data.make(cfg, self.student.tokenizer)
+
+    # ---- 1. circuits
+    def find_circuits(self) -> None:
+        cfg, data = self.cfg, self.data
+        self.circuits, self.means = {}, {}
+        for role, model in (("teacher", self.teacher), ("student", self.student)):
+            self.means[role] = ablation.head_means(model, data.reference)
+            rule = cfg.student_discovery if role == "student" else cfg.discovery
+            circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
+                                   model_name=self.names[role == "student"]).circuit
+            if not circuit.heads:
+                raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {rule}; "
+                                 "lower --min-effect (or check that the model does the task)")
+            circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
+            self.circuits[role] = circuit
+            self.log(f"{role} circuit: {len(circuit.heads)} heads {[str(h) for h in circuit.heads]}")
+        self.s_heads, self.t_heads = self.circuits["student"].heads, self.circuits["teacher"].heads
+
+    # ---- 2. where each teacher head works
+    def place_teacher_heads(self) -> None:
+        teacher_circuit = self.circuits["teacher"]
+        if teacher_circuit.method == "path_patching":
+            positions, how = matching.circuit_positions(teacher_circuit), "circuit groups"
+        else:
+            positions, _ = matching.work_positions(self.teacher, self.data.found_on, self.t_heads,
+                                                   self.means["teacher"])
+            how = "largest ablation effect"
+        named = {Head.parse(h): col for h, col in self.cfg.teacher_positions.items()}
+        self.positions, self.positions_from = positions | named, how
+        user = ", user-named " + str(sorted(map(str, named))) if named else ""
+        self.log(f"teacher head positions ({how}{user}): "
+                 + ", ".join(f"{h}@{c}" for h, c in sorted(self.positions.items())))
+
+    # ---- 3. head maps and their diagnostics
+    def match(self) -> None:
+        cfg, val = self.cfg, self.data.val
+        self.maps, self.diagnostics = {}, {}
+        scans = {}  # both ablation matchers read the same two scans: run them once
+        if any(m.startswith("ablation") for m in cfg.matchers):
+            scans = {role: ablation.head_ablation_scan(model, val, means=self.means[role])
+                     for role, model in (("student", self.student), ("teacher", self.teacher))}
+        for name in cfg.matchers:
+            hmap = _head_map(name, cfg, self.student, self.teacher, self.s_heads, self.t_heads,
+                             self.positions, val, scans, self.names)
+            self.maps[name] = hmap
+            self.diagnostics[name] = alignment.diagnose(self.student, self.teacher, hmap, val, warn=False)
+            # the same pairs all read at the last token, as the earlier design did: what positions change
+            last = alignment.diagnose(self.student, self.teacher, hmap.at("pos_last"), val, warn=False)
+            self.diagnostics[f"{name} at pos_last"] = last
+            self.log(f"head map ({name}): " + ", ".join(map(str, hmap.pairs)))
+            for flag in self.diagnostics[name]["flags"]:
+                self.log(f"  warning: {flag}")
+            self.log(f"  read at pos_last instead, {len(last['flags'])} flags")
+
+    def run(self, arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap, run_dir: Path) -> dict:
+        """One trained run's record, reused from ``run_dir/eval.json`` when it is the same run."""
+        cfg = self.cfg
+        dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)
+        used = hmap
+        if arm.cka == "random":
+            used = matching.random_control(hmap, _all_heads(self.teacher), seed=seed)
+        record_key = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
+                      "heads": [str(h) for h in self.s_heads], "train_items": n_train}
+        done = run_dir / "eval.json"
+        if done.exists():
+            record = json.loads(done.read_text())
+            if {k: record.get(k) for k in record_key} == record_key:
+                return record
+        model = self.load_student()
+        history = distill.distill(model, self.teacher, used, self.data.train[n_train], self.data.val, dcfg,
+                                  run_dir, heads=self.s_heads, progress=self.progress)
+        record = record_key | {"metrics": history["metrics"], "trainable": history["trainable"],
+                               "wall_time_s": history["wall_time_s"], **self.evaluate(model, "student")}
+        atomic_write_json(record, done)
+        return record
+
+    def evaluate(self, model, role: str, seed: int = 0) -> dict:
+        """Test accuracy of the full model and of ``role``'s circuit, and per-item bits (test and OOD)."""
+        data = self.data
+        known = model is self.teacher or model is self.student
+        means = self.means[role] if known else ablation.head_means(model, data.reference)
+        result = ablation.evaluate_circuit(model, self.circuits[role], data.test, means=means,
+                                           n_random=self.cfg.n_random, seed=seed)
+        keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
+        ood = {name: _bits(predictions(model, d) == torch.tensor(d["answer_id"])) for name, d in data.ood.items()}
+        return {**{k: result[k] for k in keys}, "test_full": _bits(result["full_correct"]),
+                "test_circuit": _bits(result["circuit_correct"]), "ood": ood}
+
+    # ---- 4. selection on validation items
+    def select(self) -> None:
+        cfg, out = self.cfg, self.out
+        small = min(cfg.regimes)
+        selection: dict = {"seed": cfg.select_seed, "train_items": small, "lr": [], "align": []}
+        ce_arm, align_arm = arms.arm("circuit distilled, CE"), arms.arm("circuit distilled, CE + Align CKA")
+        first = self.maps[cfg.matchers[0]]
+        for lr in cfg.lrs:
+            rec = self.run(ce_arm, small, cfg.select_seed, lr, 0.0, first, out / "select" / f"ce-lr{lr}")
+            selection["lr"].append({"lr": lr, "val_accuracy": rec["metrics"][-1]["accuracy"],
+                                    "val_curve": [(m["step"], m["accuracy"]) for m in rec["metrics"]]})
+            self.log(f"select lr {lr}: circuit CE validation accuracy {selection['lr'][-1]['val_accuracy']:.3f}")
+        best_lr = max(selection["lr"], key=lambda r: (r["val_accuracy"], -r["lr"]))
+        lr = best_lr["lr"]
+        for name in cfg.matchers:
+            for lam in cfg.lambdas:
+                rec = self.run(align_arm, small, cfg.select_seed, lr, lam, self.maps[name],
+                               out / "select" / f"{name}-lambda{lam}")
+                start, end = rec["metrics"][0], rec["metrics"][-1]
+                selection["align"].append({"matcher": name, "lambda": lam, "val_accuracy": end["accuracy"],
+                                           "grad_ratio_start": start.get("grad_ratio"),
+                                           "cka_val_start": start.get("cka_val_mean"),
+                                           "cka_val_end": end.get("cka_val_mean")})
+                self.log(f"select {name} lambda {lam}: validation accuracy {end['accuracy']:.3f}, "
+                         f"CKA:CE gradient ratio at the start {start.get('grad_ratio', float('nan')):.3g}")
+        best = max(selection["align"], key=lambda r: (r["val_accuracy"], -r["lambda"]))
+        matcher, lam = best["matcher"], best["lambda"]
+        pulling = [r["lambda"] for r in selection["align"] if r["matcher"] == matcher
+                   and (r["grad_ratio_start"] or 0) >= arms.STRONG_RATIO]
+        lam_strong = min(pulling) if pulling else max(cfg.lambdas)
+        curve = best_lr["val_curve"]
+        threshold = (curve[0][1] + curve[-1][1]) / 2
+        selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "lambda_strong": lam_strong,
+                                 "threshold": threshold},
+                      "why": "highest validation accuracy (ties: the smaller lr or lambda)"}
+        self.log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); sample-efficiency "
+                 f"threshold {threshold:.3f}")
+        self.selection, self.lr, self.lam, self.lam_strong = selection, lr, lam, lam_strong
+        self.threshold, self.head_map = threshold, self.maps[matcher]
+        self.head_map.to_json(out / "head_map.json")
+
+    # ---- 5. the table
+    def table(self) -> list[dict]:
+        cfg = self.cfg
+        teacher_ood = self.evaluate(self.teacher, "teacher")["ood"]
+        self.teacher_ood = {name: _unbits(bits).float().mean().item() for name, bits in teacher_ood.items()}
+        for name, acc in self.teacher_ood.items():
+            flag = "" if acc >= cfg.min_teacher_ood else f" (below {cfg.min_teacher_ood}: flagged, not read)"
+            self.log(f"OOD {name}: teacher {acc:.3f}{flag}")
+        runs = []
+        for n_train in cfg.regimes:
+            for seed in cfg.seeds:
+                for a in map(arms.arm, cfg.arms):
+                    if a.trained:
+                        run_dir = self.out / "runs" / f"n{n_train}" / f"{_slug(a.name)}-seed{seed}"
+                        lam = self.lam_strong if a.strong else self.lam
+                        rec = self.run(a, n_train, seed, self.lr, lam, self.head_map, run_dir)
+                    else:
+                        role = "teacher" if a.name == "teacher" else "student"
+                        rec = self.evaluate(self.teacher if role == "teacher" else self.student, role, seed)
+                    runs.append({"arm": a.name, "train_items": n_train, "seed": seed, **rec})
+                    self.log(f"n={n_train} seed {seed} {a.name}: full {rec['full_accuracy']:.3f} "
+                             f"circuit {rec['circuit_accuracy']:.3f}")
+        return runs
+
+    # ---- 6. statistics and the record
+    def record(self, runs: list[dict], wall: float) -> dict:
+        cfg, data = self.cfg, self.data
+        summary = {
+            "config": _jsonable(asdict(cfg)), "teacher": self.names[0], "student": self.names[1],
+            "circuits": {role: c.to_dict() for role, c in self.circuits.items()},
+            "teacher_positions": {str(h): c for h, c in sorted(self.positions.items())},
+            "positions_from": self.positions_from,
+            "head_maps": {name: m.to_dict() for name, m in self.maps.items()}, "diagnostics": self.diagnostics,
+            "selection": self.selection, "head_map": self.head_map.to_dict(), "lambda": self.lam,
+            "lambda_strong": self.lam_strong, "lr": self.lr,
+            "teacher_ood": self.teacher_ood,
+            "trainable": distill.trainable_share(self.student, replace(cfg.distill, trainable="heads"),
+                                                 self.s_heads),
+            "trainable_group": distill.trainable_share(self.student, replace(cfg.distill, kv_policy="group"),
+                                                       self.s_heads),
+            **summarise(runs, cfg, self.threshold),
+            "wall_time_s": round(wall, 1),
+        }
+        keep = ("arm", "train_items", "seed", "test_full", "test_circuit", "ood")
+        atomic_write_json({"eval_sets": {"test": len(data.test), **{k: len(v) for k, v in data.ood.items()}},
+                           "runs": [{k: r[k] for k in keep} for r in runs]}, self.out / "per_item.json")
+        atomic_write_json(summary, self.out / "results.json")
+        return summary
 
 
 def run_experiment(
@@ -122,166 +337,14 @@ def run_experiment(
     Finished runs (their ``eval.json``) are reused when their config, pairs and heads are the same, and an
     interrupted run resumes from its checkpoint, so calling it again continues where it stopped.
     """
-    out = Path(out_dir)
     t_start = time.time()
-    teacher, student = load_teacher(), load_student()
-    tok = student.tokenizer
-    pool = _data(cfg, tok, max(cfg.regimes), "train", cfg.data_seed * 10 + 1)
-    train = {n: pool.select(range(n)) for n in cfg.regimes}
-    seen = set(pool["prompt"])
-    val = _data(cfg, tok, cfg.val_items, "train", cfg.data_seed * 10 + 2)
-    val = val.select([i for i, p in enumerate(val["prompt"]) if p not in seen])
-    reference = _data(cfg, tok, cfg.reference_items, "test", cfg.data_seed * 10 + 3)
-    found_on = _data(cfg, tok, cfg.discovery_items, "test", cfg.data_seed * 10 + 4)
-    test = _data(cfg, tok, cfg.test_items, "test", cfg.data_seed * 10 + 5)
-    ood = {name: _data(cfg, tok, cfg.ood_items, "test", cfg.data_seed * 10 + 6 + i, **kw)
-           for i, (name, kw) in enumerate(cfg.ood)}
-
-    # ---- 1. circuits
-    circuits, means = {}, {}
-    for role, model in (("teacher", teacher), ("student", student)):
-        means[role] = ablation.head_means(model, reference)
-        rule = cfg.student_discovery if role == "student" else cfg.discovery
-        circuits[role] = find_circuit(model, cfg.task, found_on, means[role], rule,
-                                      model_name=names[role == "student"]).circuit
-        if not circuits[role].heads:
-            raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {rule}; "
-                             "lower --min-effect (or check that the model does the task)")
-        circuits[role].to_json(_mkdir(out) / f"circuit-{role}.json")
-        log(f"{role} circuit: {len(circuits[role].heads)} heads {[str(h) for h in circuits[role].heads]}")
-    s_heads, t_heads = circuits["student"].heads, circuits["teacher"].heads
-
-    # ---- 2. where each teacher head works
-    if circuits["teacher"].method == "path_patching":
-        positions, how = matching.circuit_positions(circuits["teacher"]), "circuit groups"
-    else:
-        positions, _ = matching.work_positions(teacher, found_on, t_heads, means["teacher"])
-        how = "largest ablation effect"
-    named = {Head.parse(h): col for h, col in cfg.teacher_positions.items()}
-    positions |= named
-    log("teacher head positions (" + how + (", user-named " + str(sorted(map(str, named))) if named else "")
-        + "): " + ", ".join(f"{h}@{c}" for h, c in sorted(positions.items())))
-
-    # ---- 3. head maps and their diagnostics
-    maps, diagnostics = {}, {}
-    scans = {}  # both ablation matchers read the same two scans: run them once
-    if any(m.startswith("ablation") for m in cfg.matchers):
-        scans = {role: ablation.head_ablation_scan(model, val, means=means[role])
-                 for role, model in (("student", student), ("teacher", teacher))}
-    for name in cfg.matchers:
-        maps[name] = _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, scans, names)
-        diagnostics[name] = alignment.diagnose(student, teacher, maps[name], val, warn=False)
-        # the same pairs all read at the last token, as the earlier design did: what the positions change
-        diagnostics[f"{name} at pos_last"] = alignment.diagnose(student, teacher, maps[name].at("pos_last"), val,
-                                                                warn=False)
-        log(f"head map ({name}): " + ", ".join(map(str, maps[name].pairs)))
-        for flag in diagnostics[name]["flags"]:
-            log(f"  warning: {flag}")
-        log(f"  read at pos_last instead, {len(diagnostics[f'{name} at pos_last']['flags'])} flags")
-
-    def run(arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap, run_dir: Path) -> dict:
-        dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)
-        used = matching.random_control(hmap, _all_heads(teacher), seed=seed) if arm.cka == "random" else hmap
-        record_key = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
-                      "heads": [str(h) for h in s_heads], "train_items": n_train}
-        done = run_dir / "eval.json"
-        if done.exists():
-            record = json.loads(done.read_text())
-            if {k: record.get(k) for k in record_key} == record_key:
-                return record
-        model = load_student()
-        history = distill.distill(model, teacher, used, train[n_train], val, dcfg, run_dir, heads=s_heads,
-                                  progress=progress)
-        record = record_key | {"metrics": history["metrics"], "trainable": history["trainable"],
-                               "wall_time_s": history["wall_time_s"], **_evaluate(model, "student")}
-        atomic_write_json(record, done)
-        return record
-
-    def _evaluate(model, role: str, seed: int = 0) -> dict:
-        row_means = means[role] if model is teacher or model is student else ablation.head_means(model, reference)
-        result = ablation.evaluate_circuit(model, circuits[role], test, means=row_means, n_random=cfg.n_random,
-                                           seed=seed)
-        keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
-        return {**{k: result[k] for k in keys}, "test_full": _bits(result["full_correct"]),
-                "test_circuit": _bits(result["circuit_correct"]),
-                "ood": {name: _bits(predictions(model, d) == torch.tensor(d["answer_id"])) for name, d in ood.items()}}
-
-    # ---- 4. selection on validation items
-    small = min(cfg.regimes)
-    selection: dict = {"seed": cfg.select_seed, "train_items": small, "lr": [], "align": []}
-    ce_arm, align_arm = arms.arm("circuit distilled, CE"), arms.arm("circuit distilled, CE + Align CKA")
-    first = cfg.matchers[0]
-    for lr in cfg.lrs:
-        rec = run(ce_arm, small, cfg.select_seed, lr, 0.0, maps[first], out / "select" / f"ce-lr{lr}")
-        selection["lr"].append({"lr": lr, "val_accuracy": rec["metrics"][-1]["accuracy"],
-                                "val_curve": [(m["step"], m["accuracy"]) for m in rec["metrics"]]})
-        log(f"select lr {lr}: circuit CE validation accuracy {selection['lr'][-1]['val_accuracy']:.3f}")
-    best_lr = max(selection["lr"], key=lambda r: (r["val_accuracy"], -r["lr"]))
-    lr = best_lr["lr"]
-    for name in cfg.matchers:
-        for lam in cfg.lambdas:
-            rec = run(align_arm, small, cfg.select_seed, lr, lam, maps[name], out / "select" / f"{name}-lambda{lam}")
-            start = rec["metrics"][0]
-            selection["align"].append({"matcher": name, "lambda": lam, "val_accuracy": rec["metrics"][-1]["accuracy"],
-                                       "grad_ratio_start": start.get("grad_ratio"),
-                                       "cka_val_start": start.get("cka_val_mean"),
-                                       "cka_val_end": rec["metrics"][-1].get("cka_val_mean")})
-            log(f"select {name} lambda {lam}: validation accuracy {selection['align'][-1]['val_accuracy']:.3f}, "
-                f"CKA:CE gradient ratio at the start {start.get('grad_ratio', float('nan')):.3g}")
-    best = max(selection["align"], key=lambda r: (r["val_accuracy"], -r["lambda"]))
-    matcher, lam = best["matcher"], best["lambda"]
-    pulling = [r["lambda"] for r in selection["align"] if r["matcher"] == matcher
-               and (r["grad_ratio_start"] or 0) >= arms.STRONG_RATIO]
-    lam_strong = min(pulling) if pulling else max(cfg.lambdas)
-    curve = best_lr["val_curve"]
-    threshold = (curve[0][1] + curve[-1][1]) / 2
-    selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "lambda_strong": lam_strong,
-                             "threshold": threshold},
-                  "why": "highest validation accuracy (ties: the smaller lr or lambda)"}
-    log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); sample-efficiency threshold "
-        f"{threshold:.3f}")
-    head_map = maps[matcher]
-    head_map.to_json(out / "head_map.json")
-
-    # ---- 5. the table
-    teacher_ood = {name: _unbits(bits).float().mean().item()
-                   for name, bits in _evaluate(teacher, "teacher")["ood"].items()}
-    for name, acc in teacher_ood.items():
-        log(f"OOD {name}: teacher {acc:.3f}" + ("" if acc >= cfg.min_teacher_ood else
-                                                f" (below {cfg.min_teacher_ood}: flagged, not read)"))
-    runs = []
-    for n_train in cfg.regimes:
-        for seed in cfg.seeds:
-            for a in map(arms.arm, cfg.arms):
-                if a.trained:
-                    run_dir = out / "runs" / f"n{n_train}" / f"{_slug(a.name)}-seed{seed}"
-                    rec = run(a, n_train, seed, lr, lam_strong if a.strong else lam, head_map, run_dir)
-                else:
-                    role = "teacher" if a.name == "teacher" else "student"
-                    rec = _evaluate(teacher if role == "teacher" else student, role, seed)
-                runs.append({"arm": a.name, "train_items": n_train, "seed": seed, **rec})
-                log(f"n={n_train} seed {seed} {a.name}: full {rec['full_accuracy']:.3f} "
-                    f"circuit {rec['circuit_accuracy']:.3f}")
-
-    # ---- 6. statistics and the record
-    summary = {
-        "config": _jsonable(asdict(cfg)), "teacher": names[0], "student": names[1],
-        "circuits": {role: c.to_dict() for role, c in circuits.items()},
-        "teacher_positions": {str(h): c for h, c in sorted(positions.items())}, "positions_from": how,
-        "head_maps": {name: m.to_dict() for name, m in maps.items()}, "diagnostics": diagnostics,
-        "selection": selection, "head_map": head_map.to_dict(), "lambda": lam, "lambda_strong": lam_strong,
-        "lr": lr,
-        "teacher_ood": teacher_ood,
-        "trainable": distill.trainable_share(student, replace(cfg.distill, trainable="heads"), s_heads),
-        "trainable_group": distill.trainable_share(student, replace(cfg.distill, kv_policy="group"), s_heads),
-        **summarise(runs, cfg, threshold),
-        "wall_time_s": round(time.time() - t_start, 1),
-    }
-    atomic_write_json({"eval_sets": {"test": len(test), **{k: len(v) for k, v in ood.items()}},
-                       "runs": [{k: r[k] for k in ("arm", "train_items", "seed", "test_full", "test_circuit", "ood")}
-                                for r in runs]}, out / "per_item.json")
-    atomic_write_json(summary, out / "results.json")
-    return summary
+    exp = _Experiment(cfg, load_teacher, load_student, Path(out_dir), names, progress, log)
+    exp.find_circuits()
+    exp.place_teacher_heads()
+    exp.match()
+    exp.select()
+    runs = exp.table()
+    return exp.record(runs, time.time() - t_start)
 
 
 def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict:

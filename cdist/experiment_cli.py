@@ -13,22 +13,25 @@ from pathlib import Path
 
 import torch
 
-from cdist import arms, discovery, distill, models, report, zoo
+from cdist import arms, discovery, distill, models, report, tasks, zoo
 from cdist.experiment import MATCHERS, ExperimentConfig, run_experiment
 from cdist.provenance import git_commit
 
 __all__ = ["main"]
 
-DEFAULTS = {"entity_tracking": ("et-teacher", "et-student"), "theory_of_mind": ("tom-teacher", "tom-student")}
-STEMS = {"entity_tracking": "table1-entity-tracking", "theory_of_mind": "table2-theory-of-mind"}
+# The kinds of OOD set that --ood-boxes and --ood-templates name: generator keyword -> label.
+_OOD_LABELS = {"n_boxes": "{} boxes", "template": "template {}"}
 
 
 def _parser(task: str) -> argparse.ArgumentParser:
+    spec = tasks.get_task(task)
+    teacher, student = spec.default_models or (None, None)
     p = argparse.ArgumentParser(description=f"Circuit distillation for {task}: every arm over seeds and training "
                                 "regimes, hyperparameters chosen on validation items (cdist.experiment).")
     g = p.add_argument_group("models and output")
-    g.add_argument("--teacher", default=DEFAULTS[task][0], help="zoo name or checkpoint directory")
-    g.add_argument("--student", default=DEFAULTS[task][1], help="zoo name or checkpoint directory")
+    for role, default in (("teacher", teacher), ("student", student)):
+        g.add_argument(f"--{role}", default=default, required=default is None,
+                       help="zoo name or checkpoint directory")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     g.add_argument("--out", default=f"results/{task}", help="runs, circuits, results.json and per_item.json")
     g.add_argument("--figures", default="figures", help="where the tables and figures go")
@@ -42,9 +45,12 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--test-items", type=int, default=1000, help="test items (7 boxes for entity tracking)")
     g.add_argument("--ood-items", type=int, default=500, help="items per out-of-distribution set")
     g.add_argument("--ood-boxes", type=int, nargs="*", default=None,
-                   help="entity tracking: other box counts tested (default 3 10)")
+                   help="other box counts tested, replacing the task's default ones (entity "
+                   "tracking: 3 10); ignored by a task that tests none by default")
     g.add_argument("--ood-templates", nargs="*", default=None,
-                   help="entity tracking: other templates tested (default: bridge_context for the zoo, compact else)")
+                   help="other templates tested, replacing the task's default ones (entity "
+                   "tracking: bridge_context for the zoo, compact else); ignored by a task that "
+                   "tests none by default")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     g.add_argument("--eval-every", type=int, default=25, help="steps between validation evaluations")
@@ -67,6 +73,21 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--teacher-positions", nargs="*", default=[], metavar="HEAD=COLUMN",
                    help="name a teacher head's position, e.g. a0.h3=pos_prev_label")
     return p
+
+
+def _ood(spec: tasks.Task, organism: bool, given: dict) -> tuple[tuple[str, dict], ...]:
+    """The task's default out-of-distribution sets, each kind (``n_boxes``, ``template``) replaced
+    by the values ``given`` for it (a flag's values; None keeps the defaults), kinds in the
+    defaults' order."""
+    defaults = spec.default_ood(organism)
+    kinds = dict.fromkeys(key for _, overrides in defaults for key in overrides)
+    ood = []
+    for kind in kinds:
+        if given.get(kind) is None:
+            ood += [s for s in defaults if kind in s[1]]
+        else:
+            ood += [(_OOD_LABELS[kind].format(v), {kind: v}) for v in given[kind]]
+    return tuple(ood)
 
 
 def main(task: str, argv: list[str] | None = None) -> dict:
@@ -95,20 +116,14 @@ def main(task: str, argv: list[str] | None = None) -> dict:
             return lambda: models.load_llama(source, device=args.device, dtype=dtype).eval()
         parser.error(f"{source!r} is neither a zoo model ({zoo.names()}) nor a checkpoint directory")
 
+    spec = tasks.get_task(task)
     organism = zoo.manifest(args.student)["config"] if args.student in zoo.names() else None
     if organism:
         task_kwargs = {"template": organism["template"], **organism.get("task_kwargs", {})}
-        if task == "entity_tracking":
-            task_kwargs["n_boxes"] = organism["n_boxes"]
+        task_kwargs |= {k: organism[k] for k in spec.organism_kwargs}
     else:
-        task_kwargs = {"template": "prakash" if task == "entity_tracking" else "causaltom"}
-    ood = ()
-    if task == "entity_tracking":
-        boxes = [3, 10] if args.ood_boxes is None else args.ood_boxes
-        templates = args.ood_templates if args.ood_templates is not None else (
-            ["bridge_context"] if organism else ["compact"])
-        ood = tuple((f"{n} boxes", {"n_boxes": n}) for n in boxes) + tuple(
-            (f"template {t}", {"template": t}) for t in templates)
+        task_kwargs = {"template": spec.real_template}
+    ood = _ood(spec, bool(organism), {"n_boxes": args.ood_boxes, "template": args.ood_templates})
     try:
         base = distill.DistillConfig(steps=args.steps, batch_size=args.batch_size, kv_policy=args.kv_policy,
                                      eval_every=args.eval_every, cka_position=args.cka_position)
@@ -132,7 +147,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     except ValueError as e:  # a stale run folder, an empty circuit, a missing column: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    for path in report.write_report(summary, args.figures, STEMS[task], command=command, commit=commit):
+    for path in report.write_report(summary, args.figures, spec.table_stem, command=command,
+                                    commit=commit):
         print(path)
     print(report.markdown_table(summary))
     return summary

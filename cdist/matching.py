@@ -303,7 +303,7 @@ def circuit_positions(circuit: Circuit) -> dict[Head, str]:
 
 @torch.no_grad()
 def work_positions(
-    model, data, heads: Iterable[Head], means: Float[Tensor, "layer pos head_index d_head"], *,
+    model, data, heads: Iterable[Head], means: Float[Tensor, "layer ref_pos head_index d_head"], *,
     columns: Sequence[str] | None = None, batch_size: int = 64,
 ) -> tuple[dict[Head, str], dict[Head, dict[str, float]]]:
     """Where each head does its work: the position column where mean-ablating the head *only there* lowers

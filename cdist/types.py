@@ -157,16 +157,17 @@ class Circuit(JsonRecord):
     them as read-only.
 
     Attributes:
-        groups: group name -> its heads.
+        groups: group name -> its heads (given as ``Head``s or names; held as tuples of ``Head``).
         positions: group name -> position column (default ``"pos_last"`` for every group).
-        scores: optional head -> the score it was selected by (the method's metric).
+        scores: optional head -> the score it was selected by (the method's metric); heads as in
+            ``groups``.
         model: name of the model the circuit belongs to.
         method: how it was found ("path_patching", "mean_ablation", ...).
     """
 
-    groups: Mapping[str, tuple[Head, ...]]
+    groups: Mapping[str, Sequence[Head | str]]
     positions: Mapping[str, str] = field(default_factory=dict)
-    scores: Mapping[Head, float] | None = None
+    scores: Mapping[Head | str, float] | None = None
     model: str = ""
     method: str = ""
 
@@ -265,7 +266,8 @@ class Scan(JsonRecord):
         metric: the metric heads are ranked by (``ranking``); must be in ``metrics``.
         higher_is_important: whether large values of ``metric`` mark important heads.
         position: the position column the heads were intervened on (None: every position).
-        receivers: path patching's receiver heads (empty: the logits).
+        receivers: path patching's receiver heads (empty: the logits); given as ``Head``s or names,
+            held as a tuple of ``Head``.
         receiver_input: the receivers' input that carried the path ("q", "k", "v"), or None.
         n_items: how many items the metrics average over.
     """
@@ -275,7 +277,7 @@ class Scan(JsonRecord):
     metric: str
     higher_is_important: bool = True
     position: str | None = None
-    receivers: tuple[Head, ...] = ()
+    receivers: Sequence[Head | str] = ()
     receiver_input: str | None = None
     n_items: int = 0
 

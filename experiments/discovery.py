@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from cdist import discovery, organisms, stats, zoo
+from cdist import discovery, stats, tasks, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text
 from cdist.discovery import ablation, activation_patching, attribution_patching
 from cdist.provenance import git_commit
+from cdist.zoo import organisms
 
 # ---------------------------------------------------------------------------- config
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +75,7 @@ def summary(result: dict) -> dict:
 rows = []
 for name in names:
     model, tokenizer = zoo.load(name)
-    cfg = organisms.OrganismConfig(**zoo.manifest(name)["config"])
+    cfg = organisms.OrganismConfig.from_dict(zoo.manifest(name)["config"])
     item_sets = {part: organisms.held_out(cfg, tokenizer, n, seed=args.seed * 3 + 101 + i)
                  for i, (part, n) in enumerate([("reference", args.reference_items),
                                                 ("discovery", args.discovery_items), ("eval", args.eval_items)])}
@@ -96,7 +97,7 @@ for name in names:
     scores["attribution_patching_prob_change"] = attr["prob_change"]
     rho = stats.spearman(act["prob_change"], attr["prob_change"])
 
-    methods = ["path_patching", "mean_ablation"] if cfg.task == "entity_tracking" else ["mean_ablation"]
+    methods = tasks.get_task(cfg.task).discovery_methods
     circuits = {}
     for method in methods:
         t = time.time()

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from cdist import evaluate, organisms, zoo
+from cdist import evaluate, zoo
 from cdist.provenance import git_commit
+from cdist.zoo import organisms
 
 # ---------------------------------------------------------------------------- config
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

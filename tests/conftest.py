@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
 
 # Nothing in the test suite may reach the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def unchecked():
+    """Runtime type checking off (the suite runs with jaxtyping + beartype): a function's own
+    argument checks and messages, as a caller without the checker meets them."""
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Tiny transformers Llama checkpoints (cdist.models tests)

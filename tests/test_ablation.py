@@ -10,6 +10,7 @@ import torch
 
 from cdist import tasks
 from cdist.discovery import ablation
+from cdist.evaluate import answer_stats
 from cdist.models import hook_attn_out, hook_z
 from cdist.types import Ablation, Circuit, Head, HeadScores
 
@@ -147,7 +148,8 @@ def test_batched_scan_matches_the_one_head_loop(model, data, means, position):
                                        position=position)
     slow = ablation.head_ablation_scan_reference(model, data, means=means, position=position)
     assert set(fast.metrics) == set(slow.metrics) == {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
-    assert (fast.method, fast.metric, fast.position, fast.n_items) == ("mean_ablation", "prob_drop", position, len(data))
+    expected = ("mean_ablation", "prob_drop", position, len(data))
+    assert (fast.method, fast.metric, fast.position, fast.n_items) == expected
     for key in fast.metrics:
         assert fast[key].shape == (2, 4)
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
@@ -182,7 +184,43 @@ def test_circuit_evaluation(model, data, means):
     b = ablation.evaluate_circuit(model, circuit.heads, labelled, means=means, n_random=3, seed=7)
     assert a["circuit_accuracy"] == b["circuit_accuracy"] and a["random_accuracies"] == b["random_accuracies"]
     assert a["faithfulness"] == pytest.approx(a["circuit_accuracy"]) and len(a["random_accuracies"]) == 3
-    strict = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=1, keep_at_positions=True)
-    assert 0.0 <= strict["circuit_accuracy"] <= 1.0
     wrong = labelled.remove_columns("answer_id").add_column("answer_id", [0] * len(labelled))
     assert math.isnan(ablation.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)["faithfulness"])
+
+
+def test_circuit_kept_only_at_its_positions(model, data, means):
+    """``keep_at`` keeps each circuit head at its own positions only, as a plain indexing hook
+    does, and ``keep_at_positions`` builds it from the circuit's groups."""
+    labelled = teacher_labelled(model, data)
+    circuit = Circuit({"movers": (Head(1, 0), Head(1, 3)), "detectors": (Head(0, 2),)},
+                      positions={"detectors": "pos_query_label"})
+    ids = torch.tensor(labelled["input_ids"])
+    answer, last = torch.tensor(labelled["answer_id"]), torch.tensor(labelled["pos_last"])
+    query = torch.tensor(labelled["pos_query_label"])
+    where = {Head(1, 0): last, Head(1, 3): last, Head(0, 2): query}
+    rows = torch.arange(len(ids))
+
+    def ablate_all_but_the_circuit_at(layer):
+        def hook(z, hook):
+            out = means[layer, : z.shape[1]].expand_as(z).clone()
+            for h, at in where.items():
+                if h.layer == layer:
+                    out[rows, at, h.head] = z[rows, at, h.head]
+            return out
+
+        return hook_z(layer), hook
+
+    with torch.no_grad():
+        with model.hooks(fwd_hooks=[ablate_all_but_the_circuit_at(layer) for layer in range(2)]):
+            by_hand = model(ids)
+        keep_at = {h: [at] for h, at in where.items()}
+        kept = ablation.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
+        everywhere = ablation.circuit_logits(model, ids, circuit.heads, means)
+    torch.testing.assert_close(kept, by_hand, atol=1e-5, rtol=1e-5)
+    # The restriction bites: keeping the heads everywhere gives other logits.
+    assert not torch.allclose(kept[rows, last], everywhere[rows, last], atol=1e-3)
+    strict = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=1,
+                                       keep_at_positions=True)
+    correct = answer_stats(by_hand, answer, last)[1]
+    assert torch.equal(strict["circuit_correct"], correct.bool())
+    assert strict["circuit_accuracy"] == correct.float().mean().item()

@@ -40,9 +40,14 @@ def snapshot(model):
 
 def test_only_the_trained_slices_change(tok, items, tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
+    teacher.blocks[0].attn.W_Q.requires_grad_(False)  # the caller's flags, mixed on purpose
+    student.blocks[1].attn.W_O.requires_grad_(False)
+    flags = {m: [p.requires_grad for p in m.parameters()] for m in (student, teacher)}
     before, teacher_before = snapshot(student), snapshot(teacher)
     distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False)
     after = snapshot(student)
+    for m, was in flags.items():  # neither model's requires_grad flags are left changed
+        assert [p.requires_grad for p in m.parameters()] == was
     moved = {"blocks.1.attn.W_Q": [0, 3], "blocks.1.attn.W_O": [0, 3], "blocks.1.attn._W_K": [0, 1],
              "blocks.1.attn._W_V": [0, 1]}
     for name, value in after.items():

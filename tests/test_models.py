@@ -14,7 +14,15 @@ from transformers import LlamaForCausalLM
 from cdist.models import (
     CheckpointNotFoundError,
     HookedTransformer,
+    grouped_query,
+    head_weights,
     hf_to_hooked_state_dict,
+    hook_attn_out,
+    hook_input,
+    hook_pattern,
+    hook_resid_mid,
+    hook_resid_pre,
+    hook_z,
     hooked_to_hf_state_dict,
     load_llama,
     new_llama,
@@ -219,3 +227,30 @@ def test_frozen_head_residuals_rebuild_the_clean_stream(model):
             for n in "qkv":
                 assert torch.allclose(inputs[n], cache[f"blocks.{layer}.attn.hook_{n}"][:, pos], atol=1e-5)
         assert torch.allclose(unembed(model, resid[-1]), logits[:, pos], atol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "plain"])
+def test_hook_and_weight_names_are_the_models_own(n_kv_heads):
+    """Every name ``cdist.models`` hands out is a hook or a parameter of the model, with the
+    documented head axis: query heads for z, q, W_Q and W_O; key/value heads for k, v, W_K, W_V."""
+    model = new_llama(n_layers=2, d_model=16, n_heads=4, n_kv_heads=n_kv_heads, d_mlp=32,
+                      vocab_size=20)
+    assert grouped_query(model.cfg) == (n_kv_heads != 4)
+    params = dict(model.named_parameters())
+    heads = {"z": 4, "q": 4, "o": 4, "k": n_kv_heads, "v": n_kv_heads}
+    names = [hook_z(1)] + [hook_input(1, which) for which in "qkv"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.arange(5)[None], names_filter=names)
+    assert [cache[name].shape[2] for name in names] == [heads[k] for k in "zqkv"]
+    for layer in range(2):
+        hooks = [hook_z(layer), hook_pattern(layer), hook_resid_pre(layer), hook_resid_mid(layer),
+                 hook_attn_out(layer)] + [hook_input(layer, which) for which in "qkv"]
+        assert [name for name in hooks if name not in model.hook_dict] == []
+        weights = head_weights(model.cfg, layer, kinds=("q", "k", "v", "o"))
+        assert set(weights.values()) <= set(params), sorted(set(weights.values()) - set(params))
+        assert {kind: params[name].shape[0] for kind, name in weights.items()} == {
+            kind: heads[kind] for kind in weights}
+    with pytest.raises(ValueError, match="choose 'q', 'k' or 'v'"):
+        hook_input(0, "z")
+    with pytest.raises(ValueError, match="head weight kinds"):
+        head_weights(model.cfg, 0, kinds=("q", "x"))

@@ -1,12 +1,15 @@
-"""Task generators: determinism, disjoint splits, answers re-derived from the prompt text, token positions."""
+"""Task generators (determinism, disjoint splits, answers re-derived from the prompt text, token
+positions) and the task registry."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from conftest import unchecked
 
 from cdist import tasks
+from cdist.tasks import registry
 from cdist.tasks.entity_tracking import OBJECTS
 from cdist.tokenizers import word_tokenizer
 
@@ -243,3 +246,66 @@ def test_entity_tracking_bad_options(kwargs, word_tok):
 def test_theory_of_mind_bad_options(kwargs, word_tok):
     with pytest.raises(ValueError):
         tasks.theory_of_mind(3, tokenizer=word_tok, **kwargs)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_get_task_returns_the_registered_records():
+    generators = {"entity_tracking": tasks.entity_tracking, "theory_of_mind": tasks.theory_of_mind}
+    for name, make in generators.items():
+        task = tasks.get_task(name)
+        assert task is tasks.TASKS[name] and task.name == name and task.generate is make
+        assert tasks.get_task(task) is task  # a record passes through
+    et, tom = tasks.get_task("entity_tracking"), tasks.get_task("theory_of_mind")
+    assert et.discovery_methods == ("path_patching", "mean_ablation")
+    assert tom.discovery_methods == ("mean_ablation",)
+    assert (et.real_template, tom.real_template) == ("prakash", "causaltom")
+    assert (et.table_stem, tom.table_stem) == ("table1-entity-tracking", "table2-theory-of-mind")
+    assert (et.curriculum, et.warmup_boxes) == (True, None)
+    assert (tom.curriculum, tom.warmup_boxes) == (False, 2)
+
+
+def test_unknown_task_names_the_registered_ones():
+    with pytest.raises(tasks.UnknownTaskError) as info:
+        tasks.get_task("ioi")
+    assert isinstance(info.value, ValueError)
+    assert "'ioi'" in str(info.value) and "'entity_tracking'" in str(info.value)
+    assert "'theory_of_mind'" in str(info.value)
+
+
+def _toy(**changes) -> tasks.Task:
+    fields = dict(name="toy", generate=tasks.entity_tracking, templates=tasks.ET_TEMPLATES,
+                  real_template="prakash", discovery_method="mean_ablation",
+                  discovery_methods=("mean_ablation",), table_stem="table-toy")
+    return tasks.Task(**{**fields, **changes})
+
+
+def test_a_task_registers_once(monkeypatch, word_tok):
+    monkeypatch.setattr(registry, "TASKS", dict(registry.TASKS))  # restored after the test
+    toy = registry.register(_toy())
+    assert tasks.get_task("toy") is toy
+    assert toy.items(3, tokenizer=word_tok, seed=1)["prompt"] == tasks.entity_tracking(
+        3, tokenizer=word_tok, seed=1)["prompt"]
+    with pytest.raises(ValueError, match="'toy' is already registered"):
+        registry.register(_toy())
+    with pytest.raises(ValueError, match="'entity_tracking' is already registered"):
+        registry.register(_toy(name="entity_tracking"))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"discovery_method": "greedy"}, "discovery method 'greedy'"),
+    ({"discovery_methods": ("path_patching", "mean_ablation")}, "must start with 'mean_ablation'"),
+    ({"discovery_method": "path_patching", "discovery_methods": ("path_patching",)},
+     "names no search"),
+    ({"real_template": "causaltom"}, "real_template 'causaltom' is not a template"),
+    ({"table_stem": ""}, "table_stem is empty"),
+    ({"default_models": ("et-teacher",)}, "give (teacher, student)"),
+    ({"organism_rows": "stories"}, "organism_rows 'stories'"),
+    ({"warmup_boxes": 1}, "warmup_boxes 1"),
+    ({"curriculum": True}, "not in organism_kwargs"),
+])
+def test_task_refuses_inconsistent_records(changes, message):
+    # Its own checks, as a caller without the type checker meets them.
+    with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
+        _toy(**changes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import unchecked
 from transformers import LlamaForCausalLM
 
-from cdist import cli, evaluate, organisms, tasks, zoo
+from cdist import cli, evaluate, tasks, zoo
 from cdist.checkpoints import atomic_directory
 from cdist.models import load_llama
+from cdist.zoo import organisms
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = zoo.names()
@@ -47,6 +51,7 @@ def test_training_script_beats_chance(use_zoo):
     assert zoo.names() == ["et-tiny"]
 
 
+@pytest.mark.slow
 def test_zoo_load_and_export_round_trip(use_zoo, tmp_path):
     model, tokenizer = zoo.load("et-tiny")
     tokens = torch.as_tensor(organisms.held_out(zoo.TINY_CONFIG, tokenizer, 8)["input_ids"])
@@ -58,6 +63,7 @@ def test_zoo_load_and_export_round_trip(use_zoo, tmp_path):
         assert (hf(input_ids=tokens).logits - model(tokens)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_zoo_accuracy_matches_manifest_through_hooked_transformer(use_zoo):
     """The HookedTransformer copy scores the trained transformers model's exact held-out set the same."""
     model, tokenizer = zoo.load("et-tiny")
@@ -66,12 +72,14 @@ def test_zoo_accuracy_matches_manifest_through_hooked_transformer(use_zoo):
     assert evaluate.accuracy(model, data) == pytest.approx(manifest["accuracy"]["value"], abs=1e-9)
 
 
-def test_unknown_zoo_model_is_one_line_error(use_zoo):
+def test_unknown_zoo_model_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDIST_ZOO", str(tmp_path))  # an empty zoo: no training to miss a name
     with pytest.raises(FileNotFoundError) as err:
         zoo.load("et-giant")
     assert "\n" not in str(err.value) and "et-giant" in str(err.value) and "experiments/zoo.py" in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_demo_prints_zoo_table(use_zoo, capsys):
     assert cli.main(["demo", "--items", "100", "--no-distill"]) == 0
     out = capsys.readouterr().out
@@ -116,13 +124,93 @@ def test_early_stop_needs_a_confirming_second_evaluation(tmp_path, monkeypatch):
 def test_multi_query_batches_supervise_only_answers():
     tokenizer = zoo.organism_tokenizer()
     cfg = replace(zoo.ZOO_CONFIGS["et-teacher"], n_queries=3, batch_size=4, warmup_templates=())
-    ids, targets = organisms.training_batch(cfg, 5, __import__("random").Random(0), tokenizer)
+    ids, targets = organisms.training_batch(cfg, 5, random.Random(0), tokenizer)
     objects = {tokenizer.convert_tokens_to_ids(o) for o in tasks.entity_tracking_words()[0]}
     for row, tgt in zip(ids.tolist(), targets.tolist(), strict=True):
         answers = [(i, t) for i, t in enumerate(tgt) if t != organisms.IGNORE]
         assert len(answers) == 3
         for i, t in answers:  # the target is the next token, and it is an object
             assert row[i + 1] == t and t in objects
+
+
+def test_whole_warmup_batches_work_for_item_tasks():
+    """Theory of mind with warmup_whole_batches: each batch is all warm-up rows or all stories."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.ZOO_CONFIGS["tom-teacher-dense"], batch_size=4, warmup_whole_batches=True)
+    rng, believe = random.Random(0), tokenizer.convert_tokens_to_ids("believe")
+    kinds = set()
+    for _ in range(8):
+        ids, _ = organisms.training_batch(cfg, 7, rng, tokenizer)
+        stories = [believe in row for row in ids.tolist()]
+        assert len(stories) == 4 and len(set(stories)) == 1
+        kinds.add(stories[0])
+    assert kinds == {True, False}
+
+
+def test_zoo_dir_is_the_repository_zoo_folder(monkeypatch):
+    monkeypatch.delenv("CDIST_ZOO", raising=False)
+    assert zoo.zoo_dir() == REPO / "zoo"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_manifests_still_make_configs(name):
+    """A manifest stores its training config, which must keep loading as the class grows."""
+    config = zoo.manifest(name)["config"]
+    cfg = organisms.OrganismConfig.from_dict(config)
+    assert cfg.name == name and cfg.task == config["task"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"task": "ioi"}, "unknown task 'ioi'; choose from ['entity_tracking', 'theory_of_mind'"),
+    ({"template": "causaltom"}, "template 'causaltom' is not a template of entity_tracking"),
+    ({"warmup_templates": ("causaltom",)}, "warmup_templates ['causaltom'] are not entity"),
+    ({"batch_size": 0}, "batch_size=0; it must be at least 1"),
+    ({"steps": -1}, "steps=-1; it must be at least 0"),
+    ({"head_sparsity": -0.1}, "head_sparsity=-0.1; it must be at least 0"),
+    ({"lr": 0.0}, "lr=0.0; it must be positive"),
+    ({"n_kv_heads": 3}, "must be a multiple of n_kv_heads=3"),
+    ({"curriculum_start": 3}, "curriculum_start=3; use None or 2 to n_boxes=2"),
+    ({"curriculum_threshold": 1.5}, "curriculum_threshold=1.5 is not in [0, 1]"),
+    ({"stop_window": (0.7, 0.4)}, "stop_window=(0.7, 0.4); give (low, high)"),
+    ({"free_heads": ("k6",)}, "'k6' is not a head name"),
+    ({"free_heads": ("a2.h0",)}, "free head a2.h0 is outside the model (2 layers x 8 heads)"),
+    ({"self_distill": True}, "self_distill fits the init_from model's outputs"),
+])
+def test_organism_config_refuses_bad_values(changes, message):
+    # Its own checks, as a caller without the type checker meets them.
+    with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
+        replace(zoo.TINY_CONFIG, **changes)
+
+
+def test_training_leaves_no_hooks_on_the_model(tmp_path, monkeypatch):
+    """The head-output penalty's hooks go when training ends, normally or by an error: the returned
+    model (and one whose training failed) collects nothing."""
+    tokenizer = zoo.organism_tokenizer()
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=2,
+                  eval_every=1, eval_items=10, head_sparsity=0.2)
+
+    def hooked(model) -> list:
+        modules = [m for layer in model.model.layers for m in (layer, layer.self_attn.o_proj)]
+        return [m for m in modules if m._forward_pre_hooks or m._forward_hooks]
+
+    model, _ = organisms.train_organism(cfg, tokenizer, tmp_path / "a", progress=False)
+    assert hooked(model) == []
+    made, new_organism = [], organisms.new_organism
+
+    def recorded(*args):
+        made.append(new_organism(*args))
+        return made[-1]
+
+    monkeypatch.setattr(organisms, "new_organism", recorded)
+
+    def interrupted(*args, **kwargs):
+        assert hooked(made[0]) != []  # the penalty is collecting while training runs
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(organisms.evaluate, "accuracy", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        organisms.train_organism(cfg, tokenizer, tmp_path / "b", progress=False)
+    assert len(made) == 1 and hooked(made[0]) == []
 
 
 def test_atomic_directory_refuses_a_foreign_folder(tmp_path):
@@ -139,7 +227,7 @@ def test_atomic_directory_refuses_a_foreign_folder(tmp_path):
 def test_shipped_model_accuracy_matches_manifest(name):
     model, tokenizer = zoo.load(name)
     manifest = zoo.manifest(name)
-    cfg = organisms.OrganismConfig(**{**manifest["config"], "stop_window": None})
+    cfg = organisms.OrganismConfig.from_dict({**manifest["config"], "stop_window": None})
     fresh = organisms.held_out(cfg, tokenizer, 1000, seed=99)  # not the manifest's seed
     assert abs(evaluate.accuracy(model, fresh) - manifest["accuracy"]["value"]) <= 0.03
 
@@ -302,7 +390,7 @@ def test_shipped_organisms_have_small_faithful_circuits(name):
     from cdist.discovery import ablation, circuits
 
     model, tokenizer = zoo.load(name)
-    cfg = organisms.OrganismConfig(**zoo.manifest(name)["config"])
+    cfg = organisms.OrganismConfig.from_dict(zoo.manifest(name)["config"])
     reference, found_on, evaluation = (organisms.held_out(cfg, tokenizer, n, seed=seed)
                                        for n, seed in ((500, 71), (200, 72), (1000, 73)))
     means = ablation.head_means(model, reference)

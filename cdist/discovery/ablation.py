@@ -16,7 +16,9 @@ Choices that are ours:
 - Means are per absolute position. Entity-tracking prompts of one template and box count all have the same
   length, so the mean at position ``p`` is over every reference prompt. When lengths differ (theory of
   mind), the mean at ``p`` is over the reference prompts that reach ``p``; padding never enters a mean.
-  A prompt longer than every reference prompt cannot be ablated and raises an error.
+  A prompt longer than every reference prompt cannot be ablated and raises an error. The means'
+  position axis is named ``ref_pos`` in signatures: it spans the longest reference prompt, not the
+  input.
 - Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep a
   circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
 - Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in float32)
@@ -60,7 +62,9 @@ __all__ = [
 
 
 @torch.no_grad()
-def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, "layer pos head_index d_head"]:
+def head_means(
+    model, reference_data, *, batch_size: int = 64
+) -> Float[Tensor, "layer ref_pos head_index d_head"]:
     """Every head's mean output ``z`` per position over a reference set of prompts.
 
     Only ``hook_z`` is cached (one ``[batch, pos, head_index, d_head]`` tensor per layer), and sums are kept
@@ -97,7 +101,7 @@ def head_means(model, reference_data, *, batch_size: int = 64) -> Float[Tensor, 
 def make_mean_ablation_hook(
     layer: int,
     heads: Bool[Tensor, "*batch_pos head_index"] | Sequence[int],
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
 ) -> Hook:
     """A ``hook_z`` hook of one layer that replaces chosen heads' outputs by their reference means.
@@ -137,7 +141,7 @@ def make_mean_ablation_hook(
 
 def mean_ablation_hooks(
     heads: Iterable[Head],
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
 ) -> list[Hook]:
     """One ``make_mean_ablation_hook`` per layer that has a head in ``heads``; none for an empty set."""
@@ -151,7 +155,7 @@ def ablated_logits(
     model,
     input_ids: Int[Tensor, "batch pos"],
     heads: Iterable[Head],
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """The model's logits with ``heads`` mean-ablated (at ``positions``, default all)."""
@@ -179,7 +183,7 @@ def head_ablation_scan(
     model,
     data,
     *,
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     batch_size: int = 32,
     heads_per_pass: int = 8,
     position: str | None = None,
@@ -234,7 +238,7 @@ def head_ablation_scan_reference(
     model,
     data,
     *,
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     position: str | None = None,
 ) -> Scan:
     """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward pass at a time.
@@ -279,7 +283,7 @@ def circuit_logits(
     model,
     input_ids: Int[Tensor, "batch pos"],
     circuit_heads: Iterable[Head],
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     *,
     keep_at: Mapping[Head, Sequence[Int[Tensor, " batch"]]] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
@@ -356,7 +360,7 @@ def evaluate_circuit(
     circuit_heads: Circuit | Iterable[Head],
     data,
     *,
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     n_random: int = 5,
     seed: int = 0,
     batch_size: int = 64,

@@ -102,7 +102,7 @@ def find_circuit(
     model,
     task: str,
     items,
-    means: Float[Tensor, "layer pos head_index d_head"],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
     cfg: DiscoveryConfig = DiscoveryConfig(),
     *,
     model_name: str = "",

@@ -30,7 +30,7 @@ Hook = tuple[str, Callable]
 def replace_heads(
     z: Float[Tensor, "batch pos head_index d_head"],
     heads: Bool[Tensor, "*batch_pos head_index"],
-    source: Float[Tensor, "*batch pos head_index d_head"],
+    source: Float[Tensor, "*#batch #pos head_index d_head"],
     positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos head_index d_head"]:
     """``z`` with the chosen heads' vectors (at the chosen positions) taken from ``source``.
@@ -43,7 +43,8 @@ def replace_heads(
         z: one layer's head outputs.
         heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a different
             variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
-        source: the replacement values, broadcastable to ``z``.
+        source: the replacement values, broadcastable to ``z`` (``#``: a size-1 axis broadcasts, as
+            path patching's ``[batch, 1, head_index, d_head]`` does).
         positions: where to replace: every position (None), one position per row (``[batch]`` indices), or a
             ``[batch, pos]`` mask.
     """

@@ -266,5 +266,6 @@ def _default_ood(organism: bool) -> tuple:
 TASK = register(Task(
     name="entity_tracking", generate=entity_tracking, templates=ET_TEMPLATES, real_template="prakash",
     discovery_method="path_patching", discovery_methods=("path_patching", "mean_ablation"), search=_search,
-    organism_kwargs=("n_boxes",), default_ood=_default_ood,
+    organism_kwargs=("n_boxes",), default_ood=_default_ood, table_stem="table1-entity-tracking",
+    default_models=("et-teacher", "et-student"), organism_rows="multi_query", curriculum=True,
 ))

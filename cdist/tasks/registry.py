@@ -30,12 +30,22 @@ class Task:
         real_template: the template a pretrained (real) model is tested on; organisms name their own.
         discovery_method: how its circuit is found by default: ``"path_patching"`` or ``"mean_ablation"``.
         discovery_methods: every method ``experiments/discovery.py`` runs for it (the default first).
+        table_stem: the file stem of its experiment's table, e.g. ``"table1-entity-tracking"``.
         search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that suits
             a set of items; None where the task has no path-patching search.
         organism_kwargs: the fields of an organism's config that are keyword arguments of ``generate``
             besides ``template`` (entity tracking: ``n_boxes``).
         default_ood: ``default_ood(organism)`` -> the out-of-distribution sets tested by default, as
             ``(label, generate overrides)`` pairs; ``organism`` says whether the models are zoo organisms.
+        default_models: the zoo (teacher, student) its experiment runs on unless told otherwise;
+            None: the command line must name them.
+        organism_rows: how an organism's batches are made (``cdist.zoo.organisms``): ``"items"``,
+            the generator's train-split items with only the answer after ``pos_last`` supervised;
+            ``"multi_query"``, entity-tracking contexts each followed by ``n_queries`` queries.
+        warmup_boxes: boxes in the entity-tracking warm-up rows that an organism's
+            ``warmup_templates`` mix into its batches; None: the curriculum's current number.
+        curriculum: organisms grow ``n_boxes`` from ``curriculum_start`` as held-out accuracy
+            allows (needs ``n_boxes`` in ``organism_kwargs``); otherwise they train on ``n_boxes``.
     """
 
     name: str
@@ -44,9 +54,14 @@ class Task:
     real_template: str
     discovery_method: str
     discovery_methods: tuple[str, ...]
+    table_stem: str
     search: Callable | None = None
     organism_kwargs: tuple[str, ...] = ()
     default_ood: Callable[[bool], tuple] = lambda organism: ()
+    default_models: tuple[str, str] | None = None
+    organism_rows: str = "items"
+    warmup_boxes: int | None = None
+    curriculum: bool = False
 
     def __post_init__(self) -> None:
         if self.discovery_method not in ("path_patching", "mean_ablation"):
@@ -58,6 +73,21 @@ class Task:
             raise ValueError(f"task {self.name!r} runs path patching but names no search")
         if self.real_template not in self.templates:
             raise ValueError(f"task {self.name!r}: real_template {self.real_template!r} is not a template")
+        where = f"task {self.name!r}"
+        if not self.table_stem:
+            raise ValueError(f"{where}: table_stem is empty; name its table's file stem")
+        if self.default_models is not None and len(self.default_models) != 2:
+            raise ValueError(f"{where}: default_models {self.default_models!r}; give "
+                             "(teacher, student)")
+        if self.organism_rows not in ("items", "multi_query"):
+            raise ValueError(f"{where}: organism_rows {self.organism_rows!r}; choose 'items' or "
+                             "'multi_query'")
+        if self.warmup_boxes is not None and self.warmup_boxes < 2:
+            raise ValueError(f"{where}: warmup_boxes {self.warmup_boxes} leaves nothing to track; "
+                             "use 2 or more (or None)")
+        if self.curriculum and "n_boxes" not in self.organism_kwargs:
+            raise ValueError(f"{where}: a curriculum grows n_boxes, which is not in "
+                             "organism_kwargs")
 
     def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
         """``n`` items of the task (``generate``'s arguments)."""

@@ -316,4 +316,7 @@ def theory_of_mind(
 TASK = register(Task(
     name="theory_of_mind", generate=theory_of_mind, templates=TOM_TEMPLATES, real_template="causaltom",
     discovery_method="mean_ablation", discovery_methods=("mean_ablation",),
+    table_stem="table2-theory-of-mind",
+    # Its stories bind two containers to two states, so its entity-tracking warm-up uses two boxes.
+    default_models=("tom-teacher", "tom-student"), warmup_boxes=2,
 ))

@@ -6,7 +6,8 @@ its measured accuracies. Because the zoo is stored in the same format as a real 
 loaded by the very code path that loads one (``cdist.models.load_llama``).
 
 The zoo lives in ``zoo/`` at the repository root; set ``CDIST_ZOO`` to use another folder. The models are
-trained by ``experiments/zoo.py`` from the configs in ``ZOO_CONFIGS``.
+trained by ``experiments/zoo.py`` from the configs in ``ZOO_CONFIGS``, with the training loop of
+``cdist.zoo.organisms``; this package is the catalog (configs, storage, loading).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from transformers import LlamaForCausalLM
 from cdist import tasks
 from cdist.checkpoints import atomic_directory, atomic_write_json
 from cdist.models import HookedTransformer, load_llama, save_llama
-from cdist.organisms import OrganismConfig
 from cdist.tokenizers import word_tokenizer
+from cdist.zoo.organisms import OrganismConfig
 
 ET_STUDENT_WINDOW = (0.45, 0.70)
 # Theory of mind: always answering "unknown" scores 5/12 = 0.42, so a warm student must clearly beat that.
@@ -29,13 +30,13 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 
 # Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads (enough for
 # a circuit search to choose from). Entity tracking grows its boxes from 2 to 7; theory of mind mixes two-box
-# entity tracking into training (see cdist.organisms). Entity-tracking organisms use the adjacent form
+# entity tracking into training (see cdist.zoo.organisms). Entity-tracking organisms use the adjacent form
 # (" apple F , pen Q . F" -> "apple"): with the compact form every run but one sat at chance on two boxes for
 # 5,000-13,000 steps (see README, "The zoo and its deviation").
 #
 # Trained on one task alone, an organism spreads the answer over every head of a layer, so no circuit of 20% of
 # its heads is faithful (README, "The zoo"). Real models hold many tasks and a task's circuit is a few heads;
-# the concave head-output penalty (cdist.organisms.HeadOutputPenalty) makes the organisms alike:
+# the concave head-output penalty (cdist.zoo.organisms.HeadOutputPenalty) makes the organisms alike:
 # - et-teacher trains with it from scratch (weight HEAD_SPARSITY).
 # - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so the
 #   penalty-free tom-teacher-dense is trained first and fine-tuned with the penalty on in two stages
@@ -104,7 +105,7 @@ TINY_CONFIG = OrganismConfig(
 
 def zoo_dir() -> Path:
     """The folder that holds the zoo (``$CDIST_ZOO`` or ``zoo/`` at the repository root)."""
-    return Path(os.environ.get("CDIST_ZOO", Path(__file__).resolve().parents[1] / "zoo"))
+    return Path(os.environ.get("CDIST_ZOO", Path(__file__).resolve().parents[2] / "zoo"))
 
 
 def organism_tokenizer(save_dir: str | Path | None = None):

@@ -33,13 +33,18 @@ Choices that are ours:
   its answer distribution (``self_distill``, KL at the answer positions) under the penalty, so most heads fall
   silent while the behaviour, warmth included, stays (``cdist.zoo`` has the measured reasons).
 - The training state is checkpointed atomically every evaluation, and a run resumes from it.
+
+What differs between tasks is read from the task's registry record (``cdist.tasks.get_task``),
+never from its name: ``organism_rows`` (multi-query entity-tracking rows or the generator's items),
+``warmup_boxes`` and ``curriculum``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -57,10 +62,10 @@ CONFIRM_SEED = 54321  # held-out items that confirm an early stop; evaluation us
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """Shape, data and schedule of one zoo model."""
+    """Shape, data and schedule of one zoo model; a bad value fails here, in one line naming it."""
 
     name: str
-    task: str  # "entity_tracking" | "theory_of_mind"
+    task: str  # a registered task (cdist.tasks.get_task)
     template: str = "compact"
     n_boxes: int = 7
     n_layers: int = 2
@@ -93,6 +98,61 @@ class OrganismConfig:
     seed: int = 0
     task_kwargs: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, config: dict) -> OrganismConfig:
+        """The config a manifest stores (``asdict`` as JSON, so its tuples read back as lists)."""
+        tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v
+                      for k, v in config.items()})
+
+    def __post_init__(self) -> None:
+        task = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
+        where = f"organism {self.name!r}"
+        if self.template not in task.templates:
+            raise ValueError(f"{where}: template {self.template!r} is not a template of "
+                             f"{task.name}; choose from {sorted(task.templates)}")
+        # The warm-up rows are entity-tracking contexts, whatever the task.
+        unknown = sorted(set(self.warmup_templates) - set(tasks.ET_TEMPLATES))
+        if unknown:
+            raise ValueError(f"{where}: warmup_templates {unknown} are not entity-tracking "
+                             f"templates; choose from {sorted(tasks.ET_TEMPLATES)}")
+        least = {"n_layers": 1, "d_model": 1, "n_heads": 1, "n_kv_heads": 1, "d_mlp": 1,
+                 "batch_size": 1, "n_queries": 1, "warmup": 1, "eval_every": 1, "eval_items": 1,
+                 "confirm_items": 1, "n_boxes": 2, "steps": 0, "stop_after": 0,
+                 "head_sparsity_ramp": 0, "weight_decay": 0.0, "head_sparsity": 0.0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{where}: {name}={getattr(self, name)}; it must be at least "
+                                 f"{low}")
+        for name in ("lr", "head_sparsity_power"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{where}: {name}={getattr(self, name)}; it must be positive")
+        if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
+            raise ValueError(f"{where}: n_heads={self.n_heads} must be a multiple of "
+                             f"n_kv_heads={self.n_kv_heads}, and d_model={self.d_model} a "
+                             "multiple of n_heads")
+        for name in ("curriculum_start", "train_boxes"):
+            value = getattr(self, name)
+            if value is not None and not 2 <= value <= self.n_boxes:
+                raise ValueError(f"{where}: {name}={value}; use None or 2 to "
+                                 f"n_boxes={self.n_boxes}")
+        if not 0 <= self.curriculum_threshold <= 1:
+            raise ValueError(f"{where}: curriculum_threshold={self.curriculum_threshold} is not "
+                             "in [0, 1]")
+        window = self.stop_window
+        if window is not None and (len(window) != 2 or not 0 <= window[0] <= window[1] <= 1):
+            raise ValueError(f"{where}: stop_window={window}; give (low, high) with "
+                             "0 <= low <= high <= 1")
+        for head in map(Head.parse, self.free_heads):  # a bad name raises ValueError
+            if head.layer >= self.n_layers or head.head >= self.n_heads:
+                raise ValueError(f"{where}: free head {head} is outside the model "
+                                 f"({self.n_layers} layers x {self.n_heads} heads)")
+        if self.self_distill and self.init_from is None:
+            raise ValueError(f"{where}: self_distill fits the init_from model's outputs; set "
+                             "init_from too")
+        if not isinstance(self.task_kwargs, dict):
+            raise ValueError(f"{where}: task_kwargs must be a dict of generator arguments")
+
 
 def new_organism(cfg: OrganismConfig, vocab_size: int) -> LlamaForCausalLM:
     """A randomly initialised Llama of the organism's shape (seeded by ``cfg.seed``)."""
@@ -104,6 +164,14 @@ def new_organism(cfg: OrganismConfig, vocab_size: int) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return LlamaForCausalLM(config)
+
+
+def _generate_kwargs(cfg: OrganismConfig, n_boxes: int | None = None) -> dict:
+    """The generator's keyword arguments for the organism's items (``n_boxes``: other boxes)."""
+    kwargs = {k: getattr(cfg, k) for k in tasks.get_task(cfg.task).organism_kwargs}
+    if n_boxes and "n_boxes" in kwargs:
+        kwargs["n_boxes"] = n_boxes
+    return {"template": cfg.template, **kwargs, **cfg.task_kwargs}
 
 
 def _entity_tracking_rows(cfg: OrganismConfig, n: int, n_boxes: int, rng: random.Random, tokenizer, templates):
@@ -124,11 +192,16 @@ def _entity_tracking_rows(cfg: OrganismConfig, n: int, n_boxes: int, rng: random
     return rows
 
 
-def _theory_of_mind_rows(cfg: OrganismConfig, n: int, rng: random.Random, tokenizer):
-    data = tasks.theory_of_mind(
-        n, tokenizer=tokenizer, seed=rng.randrange(2**31), split="train", template=cfg.template,
-        **cfg.task_kwargs,
-    )
+def _multi_query_rows(cfg: OrganismConfig, n: int, n_boxes: int, rng: random.Random, tokenizer):
+    return _entity_tracking_rows(cfg, n, n_boxes, rng, tokenizer, [cfg.template])
+
+
+def _item_rows(cfg: OrganismConfig, n: int, n_boxes: int, rng: random.Random, tokenizer):
+    if not n:  # a warm-up-only batch (warmup_whole_batches): no items, and no draw from rng
+        return []
+    seed = rng.randrange(2**31)
+    data = tasks.get_task(cfg.task).items(n, tokenizer=tokenizer, seed=seed, split="train",
+                                          **_generate_kwargs(cfg, n_boxes))
     rows = []
     for ids, answer, last in zip(data["input_ids"], data["answer_id"], data["pos_last"], strict=True):
         targets = [IGNORE] * len(ids)
@@ -137,19 +210,20 @@ def _theory_of_mind_rows(cfg: OrganismConfig, n: int, rng: random.Random, tokeni
     return rows
 
 
+# Task.organism_rows -> how a batch's task rows are made: (cfg, n, n_boxes, rng, tokenizer).
+_ROWS = {"multi_query": _multi_query_rows, "items": _item_rows}
+
+
 def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokenizer):
     """One batch of (input ids, next-token targets), right-padded; targets are IGNORE except at answers."""
     n_aux = cfg.batch_size // 2 if cfg.warmup_templates else 0
     if cfg.warmup_templates and cfg.warmup_whole_batches:
         n_aux = cfg.batch_size if rng.random() < 0.5 else 0
     n_main = cfg.batch_size - n_aux
-    if cfg.task == "entity_tracking":
-        rows = _entity_tracking_rows(cfg, n_main, n_boxes, rng, tokenizer, [cfg.template])
-    else:
-        rows = _theory_of_mind_rows(cfg, n_main, rng, tokenizer)
+    task = tasks.get_task(cfg.task)
+    rows = _ROWS[task.organism_rows](cfg, n_main, n_boxes, rng, tokenizer)
     if n_aux:
-        # Theory-of-mind stories bind two containers to two states: their warm-up uses two boxes.
-        aux_boxes = n_boxes if cfg.task == "entity_tracking" else 2
+        aux_boxes = task.warmup_boxes or n_boxes
         rows += _entity_tracking_rows(cfg, n_aux, aux_boxes, rng, tokenizer, cfg.warmup_templates)
     ids = evaluate.pad_right([r[0] for r in rows], tokenizer.pad_token_id)
     targets = evaluate.pad_right([r[1] for r in rows], IGNORE)
@@ -157,11 +231,11 @@ def training_batch(cfg: OrganismConfig, n_boxes: int, rng: random.Random, tokeni
 
 
 def held_out(cfg: OrganismConfig, tokenizer, n: int, *, n_boxes: int | None = None, seed: int = 12345):
-    """Fresh single-query test-split items of the organism's task."""
-    common = dict(tokenizer=tokenizer, seed=seed, split="test", template=cfg.template)
-    if cfg.task == "entity_tracking":
-        return tasks.entity_tracking(n, n_boxes=n_boxes or cfg.n_boxes, **common)
-    return tasks.theory_of_mind(n, **common, **cfg.task_kwargs)
+    """Fresh single-query test-split items of the organism's task (``n_boxes``: another box count,
+    where the task has one)."""
+    kwargs = _generate_kwargs(cfg, n_boxes)
+    task = tasks.get_task(cfg.task)
+    return task.items(n, tokenizer=tokenizer, seed=seed, split="test", **kwargs)
 
 
 class HeadOutputPenalty:
@@ -177,7 +251,8 @@ class HeadOutputPenalty:
     answer from four heads writing a quarter each (on et-teacher, 5 heads were still needed); with ``power``
     0.5 the sum is concave and favours few heads, as Voita et al. 2019's head gates do. Hooks on each decoder
     layer and its ``o_proj`` collect it during a training-mode forward pass; ``take()`` returns the sum and
-    resets.
+    resets. The hooks are registered on construction and removed by ``remove()``, or on leaving a
+    ``with`` block (``with HeadOutputPenalty(model) as penalty: ...``).
     """
 
     def __init__(self, model: LlamaForCausalLM, power: float = 0.5, free_heads: tuple[str, ...] = ()):
@@ -217,8 +292,16 @@ class HeadOutputPenalty:
         return total
 
     def remove(self) -> None:
+        """Remove the hooks (the model stops collecting terms)."""
         for h in self.handles:
             h.remove()
+        self.handles, self.terms = [], []
+
+    def __enter__(self) -> HeadOutputPenalty:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 class LogitsOf(torch.nn.Module):
@@ -247,8 +330,6 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         The trained ``LlamaForCausalLM`` (eval mode) and a manifest (config, steps, wall time, history).
     """
     state_path = Path(run_dir) / "train_state.pt"
-    if cfg.self_distill and cfg.init_from is None:
-        raise ValueError(f"{cfg.name}: self_distill fits the init_from model's outputs; set init_from too")
     if (init is None) != (cfg.init_from is None):
         raise ValueError(f"{cfg.name}: pass init= exactly when the config has init_from (it is {cfg.init_from!r})")
     model = new_organism(cfg, len(tokenizer))
@@ -260,7 +341,8 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         reference.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
-    n_boxes = cfg.curriculum_start if cfg.task == "entity_tracking" and cfg.curriculum_start else cfg.n_boxes
+    grows = tasks.get_task(cfg.task).curriculum and cfg.curriculum_start
+    n_boxes = cfg.curriculum_start if grows else cfg.n_boxes
     step, wall, history = 0, 0.0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -269,56 +351,66 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         rng.setstate(state["rng"])
         step, wall, history, n_boxes = state["step"], state["wall"], state["history"], state["n_boxes"]
     logits_of = LogitsOf(model, tokenizer)
-    penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads) if cfg.head_sparsity else None
     tests = {k: held_out(cfg, tokenizer, cfg.eval_items, n_boxes=k) for k in {n_boxes, cfg.n_boxes}}
     done = bool(history) and history[-1].get("stop", False)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
     t0 = time.time() - wall
-    model.train()
-    while step < cfg.steps and not done:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        ids, targets = training_batch(cfg, n_boxes, rng, tokenizer)
-        logits = logits_of(ids)
-        if reference is None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        else:
-            loss = _answer_kl(logits, reference(input_ids=ids).logits, targets != IGNORE)
-        head_penalty = penalty.take() if penalty else torch.zeros(())
-        weight = cfg.head_sparsity * min(1.0, (step + 1) / cfg.head_sparsity_ramp if cfg.head_sparsity_ramp else 1.0)
-        objective = loss + weight * head_penalty
-        opt.zero_grad(set_to_none=True)
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % cfg.eval_every and step != cfg.steps:
-            continue
-        model.eval()
-        acc_now = evaluate.accuracy(logits_of, tests[n_boxes])
-        acc = evaluate.accuracy(logits_of, tests[cfg.n_boxes]) if n_boxes != cfg.n_boxes else acc_now
+    # The penalty's hooks live only while training runs: none are left after it, error or not.
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=cfg.name)
+    penalty = None
+    if cfg.head_sparsity:
+        penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads)
+    with penalty or contextlib.nullcontext(), bar:
         model.train()
-        history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
-                        "head_penalty": round(head_penalty.item(), 4), "head_penalty_weight": round(weight, 6),
-                        "train_boxes_accuracy": acc_now, "test_accuracy": acc})
-        bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-        if step >= cfg.stop_after and _in_window(acc, cfg):
-            if "confirm" not in tests:
-                tests["confirm"] = held_out(cfg, tokenizer, cfg.confirm_items, seed=CONFIRM_SEED)
+        while step < cfg.steps and not done:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            ids, targets = training_batch(cfg, n_boxes, rng, tokenizer)
+            logits = logits_of(ids)
+            if reference is None:
+                flat = logits.flatten(0, 1)
+                loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE)
+            else:
+                loss = _answer_kl(logits, reference(input_ids=ids).logits, targets != IGNORE)
+            head_penalty = penalty.take() if penalty else torch.zeros(())
+            ramp = (step + 1) / cfg.head_sparsity_ramp if cfg.head_sparsity_ramp else 1.0
+            weight = cfg.head_sparsity * min(1.0, ramp)
+            objective = loss + weight * head_penalty
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.eval_every and step != cfg.steps:
+                continue
             model.eval()
-            history[-1]["confirm_accuracy"] = evaluate.accuracy(logits_of, tests["confirm"])
+            acc_now = evaluate.accuracy(logits_of, tests[n_boxes])
+            acc = acc_now
+            if n_boxes != cfg.n_boxes:
+                acc = evaluate.accuracy(logits_of, tests[cfg.n_boxes])
             model.train()
-            done = history[-1]["stop"] = _in_window(history[-1]["confirm_accuracy"], cfg)
-        if n_boxes < (cfg.train_boxes or cfg.n_boxes) and acc_now >= cfg.curriculum_threshold:
-            n_boxes += 1
-            tests.setdefault(n_boxes, held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes))
-        atomic_torch_save(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(), "step": step,
-             "wall": time.time() - t0, "history": history, "n_boxes": n_boxes},
-            state_path,
-        )
-    bar.close()
+            history.append({"step": step, "n_boxes": n_boxes, "loss": round(loss.item(), 4),
+                            "head_penalty": round(head_penalty.item(), 4),
+                            "head_penalty_weight": round(weight, 6),
+                            "train_boxes_accuracy": acc_now, "test_accuracy": acc})
+            bar.set_postfix(boxes=n_boxes, loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+            if step >= cfg.stop_after and _in_window(acc, cfg):
+                if "confirm" not in tests:
+                    tests["confirm"] = held_out(cfg, tokenizer, cfg.confirm_items,
+                                                seed=CONFIRM_SEED)
+                model.eval()
+                history[-1]["confirm_accuracy"] = evaluate.accuracy(logits_of, tests["confirm"])
+                model.train()
+                done = history[-1]["stop"] = _in_window(history[-1]["confirm_accuracy"], cfg)
+            if n_boxes < (cfg.train_boxes or cfg.n_boxes) and acc_now >= cfg.curriculum_threshold:
+                n_boxes += 1
+                more = held_out(cfg, tokenizer, cfg.eval_items, n_boxes=n_boxes)
+                tests.setdefault(n_boxes, more)
+            atomic_torch_save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                 "step": step, "wall": time.time() - t0, "history": history, "n_boxes": n_boxes},
+                state_path,
+            )
     manifest = {"config": asdict(cfg), "steps": step, "wall_time_s": round(time.time() - t0, 1),
                 "stopped_early": done and step < cfg.steps, "history": history}
     return model.eval(), manifest
