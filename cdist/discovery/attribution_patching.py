@@ -80,16 +80,16 @@ def attribution_patching_scan_reference(model, data, *, position: str | None = N
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     rel = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     diff = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    names = [hook_z(layer) for layer in range(n_layers)]
     for item in data:
         ids = torch.tensor([item["input_ids"]], device=device)
         answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
         at = slice(None) if position is None else item[position]
         with torch.no_grad():
-            _, clean = model.run_with_cache(ids, names_filter=[hook_z(layer) for layer in range(n_layers)])
+            _, clean = model.run_with_cache(ids, names_filter=names)
             _, corrupt = model.run_with_cache(torch.tensor([item["corrupt_input_ids"]], device=device),
-                                              names_filter=[hook_z(layer) for layer in range(n_layers)])
-        for layer in range(n_layers):
-            name = hook_z(layer)
+                                              names_filter=names)
+        for layer, name in enumerate(names):
             for head in range(n_heads):
                 leaf = clean[name][0, :, head].clone().requires_grad_(True)  # [pos, d_head]
 
