@@ -1,10 +1,11 @@
-"""Heads' outputs at task positions, one row per example: what CKA compares and what matching aligns.
+"""Heads' outputs at task positions, one row per example: what CKA compares and what matching
+aligns.
 
 A head's activation (SPEC section 1, our default) is its output ``z`` (``cdist.models.hook_z``, the
-``d_head`` vector before ``W_O``) at one position per example. Which position is part of the request: a
-*site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and each row is read at
-its own example's value of that column, so padding positions are never read. One forward pass serves any
-number of sites, of any heads and positions.
+``d_head`` vector before ``W_O``) at one position per example. Which position is part of the
+request: a *site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and
+each row is read at its own example's value of that column, so padding positions are never read. One
+forward pass serves any number of sites, of any heads and positions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cdist.evaluate import batches, device_of, pad_id
-from cdist.models import hook_z
+from cdist.models import HookedTransformer, hook_z
 from cdist.types import Head
 
 __all__ = ["Site", "head_z", "head_z_dataset"]
@@ -26,14 +27,15 @@ Site = tuple[Head, str]  # (head, position column of the task's items)
 
 
 def head_z(
-    model,
+    model: HookedTransformer,
     input_ids: Int[Tensor, "batch pos"],
     sites: Iterable[Site],
     positions: Mapping[str, Tensor],
     *,
     params: Mapping[str, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Site, Float[Tensor, "batch d_head"]]]:
-    """Run the model once and return its logits and each site's ``z``, row ``i`` at ``positions[column][i]``.
+    """Run the model once and return its logits and each site's ``z``, row ``i`` at
+    ``positions[column][i]``.
 
     Args:
         model: a HookedTransformer.
@@ -41,17 +43,19 @@ def head_z(
         sites: ``(head, column)`` pairs to read.
         positions: column name -> each row's position, ``[batch]`` (a batch of
             ``cdist.evaluate.batches`` has them, beside other columns such as its ``input_ids``).
-        params: replaces some of the model's parameters for this call (``torch.func.functional_call``), as
-            masked-head training does with base + delta weights.
+        params: replaces some of the model's parameters for this call
+            (``torch.func.functional_call``), as masked-head training does with base + delta
+            weights.
 
     Returns:
-        The logits and ``{site: z}``. Gradients flow through both when the caller has them on (training);
-        nothing is detached.
+        The logits and ``{site: z}``. Gradients flow through both when the caller has them on
+        (training); nothing is detached.
     """
     sites = list(dict.fromkeys(sites))
     missing = sorted({column for _, column in sites} - set(positions))
     if missing:
-        raise ValueError(f"no positions given for columns {missing}; build the batch with those columns")
+        raise ValueError(f"no positions given for columns {missing}; "
+                         "build the batch with those columns")
     kept: dict[int, Tensor] = {}
 
     def keep(z, hook):
@@ -62,17 +66,23 @@ def head_z(
     with model.hooks(fwd_hooks=[(hook_z(layer), keep) for layer in layers]):
         logits = functional_call(model, dict(params or {}), (input_ids.to(device),))
     rows = torch.arange(len(input_ids), device=device)
-    return logits, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head] for h, col in sites}
+    return logits, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head]
+                    for h, col in sites}
 
 
 @torch.no_grad()
 def head_z_dataset(
-    model, data, sites: Iterable[Site | Head], *, position: str = "pos_last", batch_size: int = 64
+    model: HookedTransformer,
+    data,
+    sites: Iterable[Site | Head],
+    *,
+    position: str = "pos_last",
+    batch_size: int = 64,
 ) -> dict:
     """Each site's ``z`` for every item of a task dataset, ``[n, d_head]`` in float32 on the CPU.
 
-    ``sites`` are ``(head, column)`` pairs, keyed so in the result; a bare ``Head`` is read at ``position``
-    and keyed by the head alone.
+    ``sites`` are ``(head, column)`` pairs, keyed so in the result; a bare ``Head`` is read at
+    ``position`` and keyed by the head alone.
     """
     keys = list(sites)
     asked: dict = {k: (k, position) if isinstance(k, Head) else k for k in keys}

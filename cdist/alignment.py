@@ -1,22 +1,25 @@
 """Can a head map teach anything? Diagnostics of the alignment target before training.
 
-CKA aligns a student head's ``z`` with a teacher head's ``z`` across the items of a batch. That carries task
-information only if the teacher head's ``z`` *varies* with the item at the position it is read: a head read
-where it does nothing (et-teacher's object binder a0.h3 at the last token) is the same vector for every
-item up to 8e-4 of its norm, so CKA with it is noise, the plain estimator's small-batch bias (about 0.2 for
-unrelated data at m = 32) included. ``diagnose`` measures, for every pair on held-out items:
+CKA aligns a student head's ``z`` with a teacher head's ``z`` across the items of a batch. That
+carries task information only if the teacher head's ``z`` *varies* with the item at the position it
+is read: a head read where it does nothing (et-teacher's object binder a0.h3 at the last token) is
+the same vector for every item up to 8e-4 of its norm, so CKA with it is noise, the plain
+estimator's small-batch bias (about 0.2 for unrelated data at m = 32) included. ``diagnose``
+measures, for every pair on held-out items:
 
-- ``teacher_variation`` and ``student_variation``: the spread of the head's ``z`` across items relative to
-  its size, sqrt(mean_i |z_i - mean z|^2) / mean_i |z_i| (0 for a constant, about 1 for zero-mean noise).
-  Below ``MIN_VARIATION`` (0.01, over ten times the 7.7e-4 of the object binder read at the last token;
-  et-teacher's three circuit heads read at their own positions vary by about 1.0) the target is flagged.
+- ``teacher_variation`` and ``student_variation``: the spread of the head's ``z`` across items
+  relative to its size, sqrt(mean_i |z_i - mean z|^2) / mean_i |z_i| (0 for a constant, about 1 for
+  zero-mean noise). Below ``MIN_VARIATION`` (0.01, over ten times the 7.7e-4 of the object binder
+  read at the last token; et-teacher's three circuit heads read at their own positions vary by about
+  1.0) the target is flagged.
 - ``cka_debiased``: the debiased CKA of the pair on all the items (about 0 when unrelated).
-- ``cka_batch`` and ``cka_batch_shuffled``: the plain CKA that training sees, averaged over batches of
-  ``batch_size`` items, with the teacher's rows in item order and permuted; their gap is what the pairing
-  of items adds over the small-batch bias.
+- ``cka_batch`` and ``cka_batch_shuffled``: the plain CKA that training sees, averaged over batches
+  of ``batch_size`` items, with the teacher's rows in item order and permuted; their gap is what the
+  pairing of items adds over the small-batch bias.
 
-and for the map, the teacher heads that more than half the student heads are sent to (``HeadMap.crowded``).
-Each problem is also raised as an ``AlignmentWarning`` naming the pair and the fix.
+and for the map, the teacher heads that more than half the student heads are sent to
+(``HeadMap.crowded``). Each problem is also raised as an ``AlignmentWarning`` naming the pair and
+the fix.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor
 from cdist.activations import head_z_dataset
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
+from cdist.models import HookedTransformer
 
 __all__ = ["MIN_VARIATION", "AlignmentWarning", "diagnose", "variation"]
 
@@ -37,11 +41,13 @@ MIN_VARIATION = 0.01
 
 
 class AlignmentWarning(UserWarning):
-    """A head map whose alignment cannot carry task information (a flat target, or a crowded teacher head)."""
+    """A head map whose alignment cannot carry task information (a flat target, or a crowded teacher
+    head)."""
 
 
 def variation(z: Float[Tensor, "m d_head"]) -> float:
-    """Spread of ``z`` across its rows relative to their mean norm (module doc); 0 for no rows' worth of spread."""
+    """Spread of ``z`` across its rows relative to their mean norm (module doc); 0 for no rows'
+    worth of spread."""
     z = z.double()
     size = z.norm(dim=1).mean()
     if z.shape[0] < 2 or size == 0:
@@ -50,21 +56,31 @@ def variation(z: Float[Tensor, "m d_head"]) -> float:
 
 
 def _batch_cka(x: Tensor, y: Tensor, batch_size: int) -> float:
-    chunks = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x) - batch_size + 1, batch_size)]
+    starts = range(0, len(x) - batch_size + 1, batch_size)
+    chunks = [(x[i : i + batch_size], y[i : i + batch_size]) for i in starts]
     return sum(float(linear_cka(a, b)) for a, b in chunks) / len(chunks) if chunks else float("nan")
 
 
 @torch.no_grad()
 def diagnose(
-    student, teacher, head_map: HeadMap, items, *, min_variation: float = MIN_VARIATION, batch_size: int = 32,
-    seed: int = 0, warn: bool = True,
+    student: HookedTransformer,
+    teacher: HookedTransformer,
+    head_map: HeadMap,
+    items,
+    *,
+    min_variation: float = MIN_VARIATION,
+    batch_size: int = 32,
+    seed: int = 0,
+    warn: bool = True,
 ) -> dict:
-    """Measure every pair of ``head_map`` on ``items`` (held-out task items) and flag what cannot teach.
+    """Measure every pair of ``head_map`` on ``items`` (held-out task items) and flag what cannot
+    teach.
 
     Args:
         student, teacher: HookedTransformers on one tokenizer.
         head_map: the pairs, with their positions.
-        items: held-out task items with the pairs' position columns (at least 4 for the debiased CKA).
+        items: held-out task items with the pairs' position columns (at least 4 for the debiased
+            CKA).
         min_variation: a teacher head varying less than this across items is a flat target.
         batch_size: the m of the plain CKA that training sees.
         seed: the permutation of ``cka_batch_shuffled``.
@@ -80,22 +96,26 @@ def diagnose(
     records, flags = [], []
     for p in head_map.pairs:
         x, y = zs[(p.student, p.student_position)], zt[(p.teacher, p.teacher_position)]
-        rec = {"pair": str(p), **p.to_dict(), "teacher_variation": variation(y), "student_variation": variation(x),
+        rec = {"pair": str(p), **p.to_dict(),
+               "teacher_variation": variation(y), "student_variation": variation(x),
                "cka_debiased": float(linear_cka(x, y, debiased=True)),
-               "cka_batch": _batch_cka(x, y, batch_size), "cka_batch_shuffled": _batch_cka(x, y[perm], batch_size),
+               "cka_batch": _batch_cka(x, y, batch_size),
+               "cka_batch_shuffled": _batch_cka(x, y[perm], batch_size),
                "flat_target": variation(y) < min_variation}
         records.append(rec)
         if rec["flat_target"]:
-            flags.append(f"flat alignment target {p}: the teacher head varies by {rec['teacher_variation']:.2g} of "
-                         f"its norm across items (< {min_variation}), so CKA with it teaches nothing; read the pair "
-                         "where the teacher head works (HeadMap.placed with matching.circuit_positions or "
-                         "matching.work_positions) or leave it out")
+            flags.append(f"flat alignment target {p}: the teacher head varies by "
+                         f"{rec['teacher_variation']:.2g} of its norm across items "
+                         f"(< {min_variation}), so CKA with it teaches nothing; read the pair "
+                         "where the teacher head works (HeadMap.placed with "
+                         "matching.circuit_positions or matching.work_positions) or leave it out")
     crowded = head_map.crowded()
     n_students = len({p.student for p in head_map.pairs})
     for t, n in crowded.items():
-        flags.append(f"head map {head_map.method} sends {n} of {n_students} student heads to teacher head {t}; "
-                     "most of the student's circuit would copy one head: try another matcher ('ablation', "
-                     "'ablation-baseline', 'cka') or one_to_one=True")
+        flags.append(f"head map {head_map.method} sends {n} of {n_students} student heads to "
+                     f"teacher head {t}; most of the student's circuit would copy one head: "
+                     "try another matcher ('ablation', 'ablation-baseline', 'cka') "
+                     "or one_to_one=True")
     if warn:
         for message in flags:
             warnings.warn(message, AlignmentWarning, stacklevel=2)

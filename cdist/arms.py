@@ -1,24 +1,25 @@
-"""The arms of the circuit-distillation experiment: one record per row of the table, from which the CLI takes
-its choices and ``cdist.experiment`` builds each run's ``DistillConfig``.
+"""The arms of the circuit-distillation experiment: one record per row of the table, from which the
+CLI takes its choices and ``cdist.experiment`` builds each run's ``DistillConfig``.
 
-Every trained arm starts from the same base student, once per seed and training regime; the seed sets the
-data order, the shuffled control's permutations and the random control's teacher heads. Circuit arms train
-only the student circuit's heads (``kv_policy`` of the experiment, "qo" by default: nothing else changes
-function). The head map of every circuit arm is passed to training, so its pairs' CKA is monitored even
-where it is not in the loss.
+Every trained arm starts from the same base student, once per seed and training regime; the seed
+sets the data order, the shuffled control's permutations and the random control's teacher heads.
+Circuit arms train only the student circuit's heads (``kv_policy`` of the experiment, "qo" by
+default: nothing else changes function). The head map of every circuit arm is passed to training, so
+its pairs' CKA is monitored even where it is not in the loss.
 
 The two controls (issue 9) keep the aligned arm's gradient scale and change one thing each:
 - ``CE + Shuffled CKA``: the aligned pairs, the teacher's rows permuted within each batch (no item
   correspondence);
-- ``CE + Rand CKA``: each aligned pair's student head and positions, with a teacher head drawn without
-  replacement from the teacher heads outside the aligned map (``matching.random_control``).
+- ``CE + Rand CKA``: each aligned pair's student head and positions, with a teacher head drawn
+  without replacement from the teacher heads outside the aligned map (``matching.random_control``).
 
-The positive control asks whether alignment alone carries task signal: Align CKA only at a small learning
-rate (``ExperimentConfig.control_lr``), correctly paired against shuffled.
+The positive control asks whether alignment alone carries task signal: Align CKA only at a small
+learning rate (``ExperimentConfig.control_lr``), correctly paired against shuffled.
 
-The "(strong)" pair repeats CE + Align CKA and CE + Shuffled CKA at the smallest lambda of the grid whose
-CKA:CE gradient ratio at the start reaches ``STRONG_RATIO`` (0.3): where validation picks a lambda at which
-the alignment barely pulls, this pair still asks whether the item pairing matters when it does.
+The "(strong)" pair repeats CE + Align CKA and CE + Shuffled CKA at the smallest lambda of the grid
+whose CKA:CE gradient ratio at the start reaches ``STRONG_RATIO`` (0.3): where validation picks a
+lambda at which the alignment barely pulls, this pair still asks whether the item pairing matters
+when it does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Arm:
         trained: False for the base student and the teacher.
         trainable: "heads" (the student circuit) or "all" (fully distilled).
         ce_weight, kd_weight: loss weights (``DistillConfig``).
-        cka: None, "align", "shuffled" or "random": which head map the CKA term uses, weighted by lambda.
+        cka: None, "align", "shuffled" or "random": which head map the CKA term uses, weighted by
+            lambda.
         control_lr: train at the positive control's small learning rate instead of the table's.
         strong: train at the strong lambda (module doc) instead of the selected one.
     """
@@ -53,12 +55,14 @@ class Arm:
     control_lr: bool = False
     strong: bool = False
 
-    def config(self, base: DistillConfig, *, lam: float, lr: float, control_lr: float, seed: int) -> DistillConfig:
+    def config(self, base: DistillConfig, *, lam: float, lr: float, control_lr: float,
+               seed: int) -> DistillConfig:
         """This arm's run of ``base`` at lambda ``lam`` and the table's ``lr``."""
         if not self.trained:
             raise ValueError(f"{self.name!r} is not trained")
-        return replace(base, trainable=self.trainable, ce_weight=self.ce_weight, kd_weight=self.kd_weight,
-                       cka_weight=lam if self.cka else 0.0, shuffle_teacher=self.cka == "shuffled",
+        return replace(base, trainable=self.trainable, ce_weight=self.ce_weight,
+                       kd_weight=self.kd_weight, cka_weight=lam if self.cka else 0.0,
+                       shuffle_teacher=self.cka == "shuffled",
                        lr=control_lr if self.control_lr else lr, seed=seed)
 
 
@@ -75,11 +79,13 @@ ARMS: tuple[Arm, ...] = (
     Arm("circuit distilled, CE + Align CKA (strong)", cka="align", strong=True),
     Arm("circuit distilled, CE + Shuffled CKA (strong)", cka="shuffled", strong=True),
     Arm("positive control, Align CKA (small lr)", ce_weight=0.0, cka="align", control_lr=True),
-    Arm("positive control, Shuffled CKA (small lr)", ce_weight=0.0, cka="shuffled", control_lr=True),
+    Arm("positive control, Shuffled CKA (small lr)", ce_weight=0.0, cka="shuffled",
+        control_lr=True),
 )
 
-# The comparison declared before the runs (README, table header): CE + Align CKA against CE + Shuffled CKA at
-# the small training regime, test accuracy, pooled over seeds by the Cochran-Mantel-Haenszel test.
+# The comparison declared before the runs (README, table header): CE + Align CKA against
+# CE + Shuffled CKA at the small training regime, test accuracy, pooled over seeds by the
+# Cochran-Mantel-Haenszel test.
 PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")
 STRONG_RATIO = 0.3
 

@@ -1,7 +1,7 @@
 """Atomic writes: a file is either its old version or its complete new one, never half of each.
 
-Every result or checkpoint cdist writes goes through here, so an interrupted run never leaves a truncated
-file that a resume would then trust.
+Every result or checkpoint cdist writes goes through here, so an interrupted run never leaves a
+truncated file that a resume would then trust.
 """
 
 from __future__ import annotations
@@ -49,15 +49,19 @@ def atomic_write_json(obj, path: str | Path) -> None:
 
 
 def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a fresh temporary directory beside ``out_dir`` with ``write(tmp)``, then swap it into place.
+    """Fill a fresh temporary directory beside ``out_dir`` with ``write(tmp)``, then swap it into
+    place.
 
-    ``out_dir`` is always either its old complete contents or the new ones. An existing ``out_dir`` is only
-    replaced if it is empty or holds a ``config.json`` (a checkpoint), so a wrong path never wipes a folder.
+    ``out_dir`` is always either its old complete contents or the new ones. An existing
+    ``out_dir`` is only replaced if it is empty or holds a ``config.json`` (a checkpoint), so a
+    wrong path never wipes a folder.
     """
     out_dir = Path(out_dir)
-    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
+    replaceable = out_dir.is_dir() and (not any(out_dir.iterdir())
+                                        or (out_dir / "config.json").exists())
     if out_dir.exists() and not replaceable:
-        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; refusing to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not a checkpoint directory; "
+                              "refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     old = None

@@ -1,30 +1,33 @@
-"""Linear centred kernel alignment (CKA): how similar two sets of representations of the same examples are.
+"""Linear centred kernel alignment (CKA): how similar two sets of representations of the same
+examples are.
 
-Circuit distillation aligns a student head with its matched teacher head by maximising the CKA between their
-activations over a batch of m examples (Kornblith et al. 2019; Wadhwa et al. 2025, SPEC section 1.4):
+Circuit distillation aligns a student head with its matched teacher head by maximising the CKA
+between their activations over a batch of m examples (Kornblith et al. 2019; Wadhwa et al. 2025,
+SPEC section 1.4):
 
     K = X X^T,  L = Y Y^T,  H = I - 11^T / m,  HSIC(K, L) = tr(K H L H) / (m - 1)^2,
     CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)).
 
-X is [m, p1] and Y is [m, p2]; the widths may differ (a student head of d_head 24 against a teacher head of
-d_head 16), since only the m x m Gram matrices meet. CKA is invariant to orthogonal transforms and isotropic
-scaling of either side, and lies in [0, 1].
+X is [m, p1] and Y is [m, p2]; the widths may differ (a student head of d_head 24 against a teacher
+head of d_head 16), since only the m x m Gram matrices meet. CKA is invariant to orthogonal
+transforms and isotropic scaling of either side, and lies in [0, 1].
 
-The plain ("biased") estimator above is what the paper trains with. It is biased upwards on small batches:
-for unrelated data it is about p / m rather than 0. The debiased estimator replaces HSIC by Song et al.'s
-(2012) unbiased U-statistic, which needs m >= 4 and can be slightly negative; report it next to the biased
-one. Neither is ever clamped.
+The plain ("biased") estimator above is what the paper trains with. It is biased upwards on small
+batches: for unrelated data it is about p / m rather than 0. The debiased estimator replaces HSIC by
+Song et al.'s (2012) unbiased U-statistic, which needs m >= 4 and can be slightly negative; report
+it next to the biased one. Neither is ever clamped.
 
 Rules for degenerate input (each gives a finite value and finite gradients):
-- A side with no variance over the batch (a constant block, all zeros, or m = 1) shares no structure with
-  anything: CKA is 0.
+- A side with no variance over the batch (a constant block, all zeros, or m = 1) shares no structure
+  with anything: CKA is 0.
 - Debiased, with a self-similarity HSIC(K, K) or HSIC(L, L) that is not positive (which the unbiased
   estimator allows on tiny or near-constant batches): 0, as above.
-- Debiased with m < 4, where the U-statistic is undefined: ``ValueError``, since silently returning another
-  estimator would mislabel the number.
+- Debiased with m < 4, where the U-statistic is undefined: ``ValueError``, since silently returning
+  another estimator would mislabel the number.
 
-Everything is computed in float32 whatever the input dtype (bf16 Gram matrices lose the small differences
-CKA is made of), with autocast off, and gradients flow to both X and Y: nothing here detaches.
+Everything is computed in float32 whatever the input dtype (bf16 Gram matrices lose the small
+differences CKA is made of), with autocast off, and gradients flow to both X and Y: nothing here
+detaches.
 """
 
 from __future__ import annotations
@@ -40,25 +43,31 @@ def _gram(x: Float[Tensor, "m p"]) -> Float[Tensor, "m m"]:
     return x @ x.T
 
 
-def hsic(k: Float[Tensor, "m m"], l: Float[Tensor, "m m"], *, debiased: bool = False) -> Float[Tensor, ""]:  # noqa: E741
-    """HSIC of two Gram matrices: the plain estimator tr(KHLH) / (m - 1)^2, or Song et al.'s unbiased one."""
+def hsic(
+    k: Float[Tensor, "m m"], l: Float[Tensor, "m m"], *, debiased: bool = False  # noqa: E741
+) -> Float[Tensor, ""]:
+    """HSIC of two Gram matrices: the plain estimator tr(KHLH) / (m - 1)^2, or Song et al.'s
+    unbiased one."""
     m = k.shape[0]
     if not debiased:
         kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()  # H K H
         return (kc * l).sum() / (m - 1) ** 2
     if m < 4:
-        raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} (use debiased=False or a larger batch)")
+        raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} "
+                         "(use debiased=False or a larger batch)")
     k = k - torch.diag_embed(torch.diagonal(k))  # K~: zero diagonal
     l = l - torch.diag_embed(torch.diagonal(l))  # noqa: E741
     ones_k, ones_l = k.sum(1), l.sum(1)  # K~ 1, L~ 1
-    term = (k * l).sum() + ones_k.sum() * ones_l.sum() / ((m - 1) * (m - 2)) - 2 * (ones_k @ ones_l) / (m - 2)
+    term = ((k * l).sum() + ones_k.sum() * ones_l.sum() / ((m - 1) * (m - 2))
+            - 2 * (ones_k @ ones_l) / (m - 2))
     return term / (m * (m - 3))
 
 
 def linear_cka(
     x: Float[Tensor, "m p1"], y: Float[Tensor, "m p2"], *, debiased: bool = False
 ) -> Float[Tensor, ""]:
-    """Linear CKA between two representations of the same ``m`` examples (module doc: estimators, rules).
+    """Linear CKA between two representations of the same ``m`` examples (module doc: estimators,
+    rules).
 
     Args:
         x: one row per example (e.g. a student head's z at the task position).
@@ -69,23 +78,28 @@ def linear_cka(
         A float32 scalar tensor, differentiable with respect to both inputs.
     """
     if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(f"linear_cka takes [examples, features] matrices; got shapes {tuple(x.shape)} and "
-                         f"{tuple(y.shape)} (flatten the other axes first)")
+        raise ValueError("linear_cka takes [examples, features] matrices; got shapes "
+                         f"{tuple(x.shape)} and {tuple(y.shape)} (flatten the other axes first)")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; CKA compares the same examples")
+        raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; "
+                         "CKA compares the same examples")
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = x.float(), y.float()
-        # Centring the features first (what H K H does to a linear kernel) also keeps float32 cancellation
-        # small when activations have a large common mean.
+        # Centring the features first (what H K H does to a linear kernel) also keeps float32
+        # cancellation small when activations have a large common mean.
         xc, yc = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
-        # "No variance": what is left after centring is rounding noise of the raw values (or nothing at all).
+        # "No variance": what is left after centring is rounding noise of the raw values (or nothing
+        # at all).
         varied = (_norm(xc) > 1e-5 * _norm(x) + 1e-30) & (_norm(yc) > 1e-5 * _norm(y) + 1e-30)
         k, l = _gram(xc), _gram(yc)  # noqa: E741
-        if x.shape[0] < 2:  # a single example: nothing to estimate, and HSIC's (m - 1) would divide by 0
+        # a single example: nothing to estimate, and HSIC's (m - 1) would divide by 0
+        if x.shape[0] < 2:
             return (k.sum() + l.sum()) * 0.0
-        xy, xx, yy = hsic(k, l, debiased=debiased), hsic(k, k, debiased=debiased), hsic(l, l, debiased=debiased)
+        xy = hsic(k, l, debiased=debiased)
+        xx, yy = hsic(k, k, debiased=debiased), hsic(l, l, debiased=debiased)
         ok = varied & (xx > 0) & (yy > 0)
-        safe = torch.where(ok, xx * yy, torch.ones_like(xx))  # where() alone would still send NaN gradients
+        # where() alone would still send NaN gradients
+        safe = torch.where(ok, xx * yy, torch.ones_like(xx))
         return torch.where(ok, xy / safe.sqrt(), torch.zeros_like(xy))
 
 

@@ -6,33 +6,34 @@ The loss (SPEC section 1.4), per batch of m prompts:
         + cka_weight * sum over matched pairs (s, t) of (1 - CKA(z_s, z_t))
         + kd_weight * T^2 * KL(teacher || student at temperature T)
 
-where z_s and z_t are the heads' outputs at the pair's own positions (``HeadPair.student_position`` and
-``teacher_position``: where the teacher head does its work), one row per prompt, never a padding position;
-``cka_position`` puts every pair at one column instead. CE only, Align CKA only, CE + Align CKA, CE + Rand CKA
-(a ``matching.random_control`` map), CE + Shuffled CKA (``shuffle_teacher``: the aligned pairs, the teacher's
-rows permuted within each batch, so the gradient has the same scale but no item correspondence) and logit KD
-are all settings of one ``DistillConfig``.
+where z_s and z_t are the heads' outputs at the pair's own positions (``HeadPair.student_position``
+and ``teacher_position``: where the teacher head does its work), one row per prompt, never a padding
+position; ``cka_position`` puts every pair at one column instead. CE only, Align CKA only,
+CE + Align CKA, CE + Rand CKA (a ``matching.random_control`` map), CE + Shuffled CKA
+(``shuffle_teacher``: the aligned pairs, the teacher's rows permuted within each batch, so the
+gradient has the same scale but no item correspondence) and logit KD are all settings of one
+``DistillConfig``.
 
-Only the chosen student heads change (``trainable="heads"``). They are trained as a frozen base plus a
-trainable delta: for each head its ``W_Q`` and ``W_O`` slices (``kv_policy="qo"``, the default, so only the
-trained heads change function), or also the ``W_K`` / ``W_V`` slices of its key/value group
+Only the chosen student heads change (``trainable="heads"``). They are trained as a frozen base plus
+a trainable delta: for each head its ``W_Q`` and ``W_O`` slices (``kv_policy="qo"``, the default, so
+only the trained heads change function), or also the ``W_K`` / ``W_V`` slices of its key/value group
 (``kv_policy="group"``), which under grouped-query attention the group's other query heads share: on
 et-student that changes 24 of its 32 heads' keys and values. The deltas are the only parameters the
-optimizer sees, so AdamW's moments are as small as what is trained and weight decay cannot move a frozen
-weight; the forward pass uses ``torch.func.functional_call`` with base + delta, so every TransformerLens hook
-still fires. ``trainable="all"`` trains every weight (the "fully distilled" rows); TransformerLens's zero
-biases, which Llama does not have, stay frozen either way.
+optimizer sees, so AdamW's moments are as small as what is trained and weight decay cannot move a
+frozen weight; the forward pass uses ``torch.func.functional_call`` with base + delta, so every
+TransformerLens hook still fires. ``trainable="all"`` trains every weight (the "fully distilled"
+rows); TransformerLens's zero biases, which Llama does not have, stay frozen either way.
 
-Every ``eval_every`` steps (and at step 0) the run logs, on the held-out ``eval_data``: accuracy, the CE on
-the teacher's labels (``val_ce``, the paper's Fig. 5 on fixed items) and each pair's debiased CKA
-(``cka_val``); and on a fixed probe batch of training items, the gradient norms of the CE term and of the
-CKA term on the trained parameters (``grad_ce``, ``grad_cka``) and their weighted ratio
-``grad_ratio = cka_weight * grad_cka / grad_ce``: how hard the alignment pulls against the task. A head map
-passed with ``cka_weight=0`` is monitored the same way without entering the loss.
+Every ``eval_every`` steps (and at step 0) the run logs, on the held-out ``eval_data``: accuracy,
+the CE on the teacher's labels (``val_ce``, the paper's Fig. 5 on fixed items) and each pair's
+debiased CKA (``cka_val``); and on a fixed probe batch of training items, the gradient norms of the
+CE term and of the CKA term on the trained parameters (``grad_ce``, ``grad_cka``) and their weighted
+ratio ``grad_ratio = cka_weight * grad_cka / grad_ce``: how hard the alignment pulls against the
+task. A head map passed with ``cka_weight=0`` is monitored the same way without entering the loss.
 
-Runs are resumable: the deltas (or the whole state), optimizer, data order and metrics are checkpointed
-atomically every evaluation. Metrics go to ``metrics.json`` and ``metrics.csv``. bfloat16 autocast on a GPU,
-float32 on the CPU.
+Runs are resumable: the deltas (or the whole state), optimizer, data order and metrics are
+checkpointed atomically every evaluation. Metrics go to ``metrics.json`` and ``metrics.csv``.
+bfloat16 autocast on a GPU, float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from cdist.activations import Site, head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
+from cdist.models import HookedTransformer
 from cdist.types import Head, HeadPair
 
 __all__ = ["DistillConfig", "HeadDelta", "distill", "trainable_share"]
@@ -67,20 +69,24 @@ class DistillConfig:
 
     Attributes:
         steps: optimizer steps.
-        lr: AdamW learning rate. The paper uses 2e-5 for Llama; the zoo's students need about 1e-3 for CE to
-            move in a few hundred steps, and at that rate Adam also follows a CKA target with no task signal
-            (Align CKA only fell to 0.02 at 1e-3 with a flat target): pick lr and ``cka_weight`` on
-            validation items and read ``grad_ratio``.
+        lr: AdamW learning rate. The paper uses 2e-5 for Llama; the zoo's students need about 1e-3
+            for CE to move in a few hundred steps, and at that rate Adam also follows a CKA target
+            with no task signal (Align CKA only fell to 0.02 at 1e-3 with a flat target): pick lr
+            and ``cka_weight`` on validation items and read ``grad_ratio``.
         batch_size: prompts per step (also the m of CKA).
         ce_weight: weight of CE on the teacher's labels (0 for "Align CKA only").
         cka_weight: lambda, the weight of sum (1 - CKA) over the head map's pairs (0 for "CE only").
-        kd_weight: weight of logit KD (the standard-distillation baseline); temperature ``kd_temperature``.
+        kd_weight: weight of logit KD (the standard-distillation baseline); temperature
+            ``kd_temperature``.
         trainable: "heads" (the head map's student heads) or "all" (full-parameter training).
         kv_policy: "qo" (only the heads' W_Q and W_O) or "group" (their key/value groups train too).
         cka_position: None (each pair at its own positions) or one position column for every pair.
-        shuffle_teacher: permute the teacher's rows within each batch before CKA (the Shuffled CKA control).
-        debiased_cka: train on the debiased estimator instead of the plain one (the plain one is logged too).
-        weight_decay: AdamW weight decay on the trained parameters (deltas decay towards the base weights).
+        shuffle_teacher: permute the teacher's rows within each batch before CKA (the Shuffled CKA
+            control).
+        debiased_cka: train on the debiased estimator instead of the plain one (the plain one is
+            logged too).
+        weight_decay: AdamW weight decay on the trained parameters (deltas decay towards the base
+            weights).
         eval_every: steps between evaluations (and checkpoints).
         seed: data order and the shuffled control's permutations.
     """
@@ -111,20 +117,21 @@ class DistillConfig:
         if min(self.ce_weight, self.cka_weight, self.kd_weight) < 0:
             raise ValueError("loss weights must be >= 0")
         if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or not self.lr > 0:
-            raise ValueError(f"steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; got steps={self.steps}, "
-                             f"batch_size={self.batch_size}, eval_every={self.eval_every}, lr={self.lr}")
+            raise ValueError("steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; "
+                             f"got steps={self.steps}, batch_size={self.batch_size}, "
+                             f"eval_every={self.eval_every}, lr={self.lr}")
 
 
 class HeadDelta(torch.nn.Module):
     """Trainable additions to some heads' weight slices, on top of a frozen model.
 
-    For each trained query head: ``q[layer]`` ([heads, d_model, d_head], added to ``W_Q``) and ``o[layer]``
-    ([heads, d_head, d_model], added to ``W_O``); with ``kv_policy="group"`` also ``k[layer]`` and
-    ``v[layer]`` ([kv heads, d_model, d_head], added to ``_W_K`` / ``_W_V``) for the heads' key/value groups.
-    All start at zero, so the patched model starts as the student.
+    For each trained query head: ``q[layer]`` ([heads, d_model, d_head], added to ``W_Q``) and
+    ``o[layer]`` ([heads, d_head, d_model], added to ``W_O``); with ``kv_policy="group"`` also
+    ``k[layer]`` and ``v[layer]`` ([kv heads, d_model, d_head], added to ``_W_K`` / ``_W_V``) for
+    the heads' key/value groups. All start at zero, so the patched model starts as the student.
     """
 
-    def __init__(self, model, heads: Sequence[Head], kv_policy: str = "group"):
+    def __init__(self, model: HookedTransformer, heads: Sequence[Head], kv_policy: str = "group"):
         super().__init__()
         cfg = model.cfg
         n_kv = cfg.n_key_value_heads or cfg.n_heads
@@ -132,9 +139,10 @@ class HeadDelta(torch.nn.Module):
         self.index: dict[str, Tensor] = {}
         self.deltas = torch.nn.ParameterDict()
         params = dict(model.named_parameters())
+        kinds = ("q", "o", "k", "v") if kv_policy == "group" else ("q", "o")
         for layer in sorted({h.layer for h in self.heads}):
             q_heads = [h.head for h in self.heads if h.layer == layer]
-            names = models.head_weights(cfg, layer, ("q", "o", "k", "v") if kv_policy == "group" else ("q", "o"))
+            names = models.head_weights(cfg, layer, kinds)
             for kind, name in names.items():
                 rows = q_heads if kind in ("q", "o") else sorted(
                     {Head(layer, h).kv_head(cfg.n_heads, n_kv) for h in q_heads})
@@ -146,7 +154,7 @@ class HeadDelta(torch.nn.Module):
             torch.zeros(len(rows), *weight.shape[1:], dtype=torch.float32, device=weight.device)
         )
 
-    def patched(self, model) -> dict[str, Tensor]:
+    def patched(self, model: HookedTransformer) -> dict[str, Tensor]:
         """Parameter name -> base + delta, for ``functional_call``; only the touched tensors."""
         params = dict(model.named_parameters())
         out = {}
@@ -157,8 +165,9 @@ class HeadDelta(torch.nn.Module):
         return out
 
     @contextlib.contextmanager
-    def merged(self, model) -> Iterator[None]:
-        """Within the block, the model's own weights are base + delta (for evaluation with any code)."""
+    def merged(self, model: HookedTransformer) -> Iterator[None]:
+        """Within the block, the model's own weights are base + delta (for evaluation with any
+        code)."""
         params = dict(model.named_parameters())
         saved = {name: params[name].detach().clone() for name in self.index}
         with torch.no_grad():
@@ -175,7 +184,7 @@ class HeadDelta(torch.nn.Module):
         return sum(p.numel() for p in self.deltas.values())
 
 
-def trainable_share(model, cfg: DistillConfig, heads: Sequence[Head]) -> dict:
+def trainable_share(model: HookedTransformer, cfg: DistillConfig, heads: Sequence[Head]) -> dict:
     """Trained heads and parameters, and their shares of the model's heads and parameters."""
     n_total = sum(p.numel() for p in model.parameters())
     n_heads = model.cfg.n_layers * model.cfg.n_heads
@@ -187,8 +196,9 @@ def trainable_share(model, cfg: DistillConfig, heads: Sequence[Head]) -> dict:
             "param_share": n / n_total}
 
 
-def _fingerprint(model) -> list[float]:
-    """Two sums over all weights, in float64: equal for the same model, apart for almost any other."""
+def _fingerprint(model: HookedTransformer) -> list[float]:
+    """Two sums over all weights, in float64: equal for the same model, apart for almost any
+    other."""
     with torch.no_grad():
         total = sum(p.double().sum() for p in model.parameters())
         squares = sum(p.double().square().sum() for p in model.parameters())
@@ -201,17 +211,20 @@ def _zero_bias(name: str, p: Tensor) -> bool:
 
 
 def _batches(data, batch_size: int, seed: int, pad: int, columns: Sequence[str]) -> Iterator[dict]:
-    """Endless shuffled batches (a new order every epoch, from ``seed``); the last short batch is dropped."""
+    """Endless shuffled batches (a new order every epoch, from ``seed``); the last short batch is
+    dropped."""
     rng = random.Random(seed)
     order = list(range(len(data)))
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield next(evaluate.batches(data.select(order[start : start + batch_size]), batch_size, pad, columns))
+            items = data.select(order[start : start + batch_size])
+            yield next(evaluate.batches(items, batch_size, pad, columns))
 
 
 def _permutation(m: int, seed: int, step: int) -> Tensor:
-    """The shuffled control's permutation of a batch's teacher rows at ``step`` (the same after a resume)."""
+    """The shuffled control's permutation of a batch's teacher rows at ``step`` (the same after a
+    resume)."""
     return torch.randperm(m, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
 
 
@@ -228,10 +241,11 @@ class _Plan:
 
 def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillConfig) -> _Plan:
     if len(train_data) < cfg.batch_size:
-        raise ValueError(f"{len(train_data)} training items cannot fill one batch of {cfg.batch_size}; "
-                         "lower batch_size or give more items")
+        raise ValueError(f"{len(train_data)} training items cannot fill one batch of "
+                         f"{cfg.batch_size}; lower batch_size or give more items")
     if len(eval_data) < 4:
-        raise ValueError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy need at least 4")
+        raise ValueError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy "
+                         "need at least 4")
     if head_map is not None and cfg.cka_position is not None:
         head_map = head_map.at(cfg.cka_position)
     pairs = list(head_map.pairs) if head_map is not None else []
@@ -242,26 +256,31 @@ def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillCo
         raise ValueError("trainable='heads' needs heads to train: pass a head map or heads=[...]")
     s_sites, t_sites = head_map.sites() if head_map is not None else ([], [])
     columns = sorted({col for _, col in s_sites + t_sites} - {"pos_last"})
-    missing = sorted(set(columns) - set(train_data.column_names) | set(columns) - set(eval_data.column_names))
+    missing = sorted(set(columns) - set(train_data.column_names)
+                     | set(columns) - set(eval_data.column_names))
     if missing:
-        raise ValueError(f"the head map reads position columns {missing} that the items lack; build the items "
-                         "with the task generator or place the pairs at existing columns (HeadMap.placed / at)")
+        raise ValueError(f"the head map reads position columns {missing} that the items lack; "
+                         "build the items with the task generator or place the pairs at existing "
+                         "columns (HeadMap.placed / at)")
     return _Plan(pairs, train_heads, s_sites, t_sites, columns)
 
 
 class _Run:
-    """One distillation run's state and steps: the losses, the logged diagnostics, checkpoints, results.
+    """One distillation run's state and steps: the losses, the logged diagnostics, checkpoints,
+    results.
 
-    The student's weights change only through ``trained`` (``HeadDelta``'s slices, or every parameter that is
-    not a zero bias); the teacher is only ever read under ``torch.no_grad``.
+    The student's weights change only through ``trained`` (``HeadDelta``'s slices, or every
+    parameter that is not a zero bias); the teacher is only ever read under ``torch.no_grad``.
     """
 
-    def __init__(self, student, teacher, plan: _Plan, cfg: DistillConfig, train_data, eval_data, evaluate_fn):
+    def __init__(self, student: HookedTransformer, teacher: HookedTransformer, plan: _Plan,
+                 cfg: DistillConfig, train_data, eval_data, evaluate_fn):
         self.student, self.teacher, self.plan, self.cfg = student, teacher, plan, cfg
         self.eval_data, self.evaluate_fn = eval_data, evaluate_fn
         self.device = evaluate.device_of(student)
         self.pad = evaluate.pad_id(student)
-        self.delta = HeadDelta(student, plan.heads, cfg.kv_policy) if cfg.trainable == "heads" else None
+        heads_only = cfg.trainable == "heads"
+        self.delta = HeadDelta(student, plan.heads, cfg.kv_policy) if heads_only else None
         if self.delta is not None:
             self.trained = list(self.delta.parameters())
         else:
@@ -270,42 +289,48 @@ class _Run:
                 p.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         on_gpu = self.device.type == "cuda"
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
-        # What else must match for a saved run to be this run: the models it started from and the heads.
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
+                         else contextlib.nullcontext())
+        # What else must match for a saved run to be this run: the models it started from and the
+        # heads.
         self.identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
-                         "heads": [str(h) for h in plan.heads], "pairs": [str(p) for p in plan.pairs]}
-        # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's view of
-        # eval_data.
+                         "heads": [str(h) for h in plan.heads],
+                         "pairs": [str(p) for p in plan.pairs]}
+        # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's
+        # view of eval_data.
         probe_items = train_data.select(range(cfg.batch_size))
         self.probe = next(evaluate.batches(probe_items, cfg.batch_size, self.pad, plan.columns))
-        self.probe_perm = _permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher else None
+        self.probe_perm = (_permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher
+                           else None)
         with torch.no_grad():
             self.t_labels = evaluate.predictions(teacher, eval_data)
-            self.t_val = head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs else {}
+            self.t_val = (head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs
+                          else {})
 
     @property
     def weights(self) -> torch.nn.Module:
         return self.delta if self.delta is not None else self.student
 
     def resume(self, state_path: Path) -> tuple[int, float, list[dict]]:
-        """(step, wall time, metrics) of the saved run at ``state_path``, loaded into the run; zeros if none."""
+        """(step, wall time, metrics) of the saved run at ``state_path``, loaded into the run; zeros
+        if none."""
         if not state_path.exists():
             return 0, 0.0, []
         state = torch.load(state_path, weights_only=False, map_location=self.device)
         if state["config"] != asdict(self.cfg):
-            raise ValueError(f"{state_path.parent} holds a run with another config; use a new run_dir or the "
-                             "same config")
+            raise ValueError(f"{state_path.parent} holds a run with another config; use a new "
+                             "run_dir or the same config")
         if state.get("identity") != self.identity:
-            raise ValueError(f"{state_path.parent} holds a run of another student, teacher or head set; use a "
-                             "new run_dir (or delete that one)")
+            raise ValueError(f"{state_path.parent} holds a run of another student, teacher or head "
+                             "set; use a new run_dir (or delete that one)")
         self.weights.load_state_dict(state["weights"])
         self.opt.load_state_dict(state["opt"])
         return state["step"], state["wall"], state["metrics"]
 
     def save(self, state_path: Path, step: int, wall: float, metrics: list[dict]) -> None:
         atomic_torch_save({"config": asdict(self.cfg), "weights": self.weights.state_dict(),
-                           "opt": self.opt.state_dict(), "step": step, "wall": wall, "metrics": metrics,
-                           "identity": self.identity}, state_path)
+                           "opt": self.opt.state_dict(), "step": step, "wall": wall,
+                           "metrics": metrics, "identity": self.identity}, state_path)
 
     def losses(self, batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
         """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters."""
@@ -323,7 +348,8 @@ class _Run:
         out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1),
                              log_target=True, reduction="batchmean") * temp**2
         order = slice(None) if perm is None else perm.to(device)
-        terms = [linear_cka(s_z[(p.student, p.student_position)], t_z[(p.teacher, p.teacher_position)][order],
+        terms = [linear_cka(s_z[(p.student, p.student_position)],
+                            t_z[(p.teacher, p.teacher_position)][order],
                             debiased=cfg.debiased_cka) for p in self.plan.pairs]
         out["cka"] = torch.stack(terms) if terms else torch.zeros(0, device=device)
         return out
@@ -339,8 +365,8 @@ class _Run:
         return loss
 
     def measure(self) -> dict:
-        """The logged diagnostics: gradient norms on the probe batch, then accuracy, validation CE and each
-        pair's debiased CKA on ``eval_data``."""
+        """The logged diagnostics: gradient norms on the probe batch, then accuracy, validation CE
+        and each pair's debiased CKA on ``eval_data``."""
         pairs = self.plan.pairs
         out = self.losses(self.probe, self.probe_perm)
         row = {"grad_ce": _grad_norm(out["ce"], self.trained)}
@@ -348,14 +374,16 @@ class _Run:
             grad_cka = _grad_norm((1 - out["cka"]).sum(), self.trained)
             ratio = self.cfg.cka_weight * grad_cka / row["grad_ce"] if row["grad_ce"] else None
             row |= {"grad_cka": grad_cka, "grad_ratio": ratio}
-        merged = self.delta.merged(self.student) if self.delta is not None else contextlib.nullcontext()
+        merged = (self.delta.merged(self.student) if self.delta is not None
+                  else contextlib.nullcontext())
         with merged, torch.no_grad():
             correct, ce, s_val = _evaluation_pass(self.student, self.eval_data, self.t_labels,
                                                   self.plan.student_sites, self.pad)
             row |= {"accuracy": correct.float().mean().item(), "val_ce": ce}
             if pairs:
                 cka_val = [float(linear_cka(s_val[(p.student, p.student_position)],
-                                            self.t_val[(p.teacher, p.teacher_position)], debiased=True))
+                                            self.t_val[(p.teacher, p.teacher_position)],
+                                            debiased=True))
                            for p in pairs]
                 row |= {"cka_val": cka_val, "cka_val_mean": sum(cka_val) / len(cka_val)}
             if self.evaluate_fn is not None:
@@ -363,7 +391,8 @@ class _Run:
         return row
 
     def keep(self) -> None:
-        """Write the trained slices into the student's own weights, so that it keeps what it learnt."""
+        """Write the trained slices into the student's own weights, so that it keeps what it
+        learnt."""
         if self.delta is not None:
             params = dict(self.student.named_parameters())
             with torch.no_grad():
@@ -372,8 +401,8 @@ class _Run:
 
 
 def distill(
-    student,
-    teacher,
+    student: HookedTransformer,
+    teacher: HookedTransformer,
     head_map: HeadMap | None,
     train_data,
     eval_data,
@@ -387,30 +416,33 @@ def distill(
     """Distil ``teacher`` into ``student`` in place (module doc); resumes from ``run_dir``.
 
     Args:
-        student: a HookedTransformer; its weights change (only the trained slices, unless trainable="all");
-            its parameters' ``requires_grad`` flags are as they were when ``distill`` returns.
+        student: a HookedTransformer; its weights change (only the trained slices, unless
+            trainable="all"); its parameters' ``requires_grad`` flags are as they were when
+            ``distill`` returns.
         teacher: a HookedTransformer on the same tokenizer; never changes, not even its flags.
         head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when
-            ``cka_weight`` > 0 and monitored whenever given; its student heads are the trained heads unless
-            ``heads`` is given.
+            ``cka_weight`` > 0 and monitored whenever given; its student heads are the trained heads
+            unless ``heads`` is given.
         train_data: task items the loss is computed on (train split).
-        eval_data: held-out items for the periodic accuracy, validation CE and per-pair CKA (at least 4).
+        eval_data: held-out items for the periodic accuracy, validation CE and per-pair CKA (at
+            least 4).
         cfg: the run's settings.
         run_dir: checkpoints and metrics go here.
         heads: the student heads to train (default: the head map's student heads).
-        evaluate_fn: optional ``f(student) -> dict`` of extra metrics at each evaluation (e.g. circuit
-            accuracy).
+        evaluate_fn: optional ``f(student) -> dict`` of extra metrics at each evaluation (e.g.
+            circuit accuracy).
         progress: tqdm bar.
 
     Returns:
-        ``{"config", "trainable", "trained_heads", "pairs", "metrics": [...], "wall_time_s"}`` (also written
-        to ``run_dir``).
+        ``{"config", "trainable", "trained_heads", "pairs", "metrics": [...], "wall_time_s"}`` (also
+        written to ``run_dir``).
     """
     run_dir, state_path = Path(run_dir), Path(run_dir) / "state.pt"
     plan = _plan(head_map, heads, train_data, eval_data, cfg)
     flags = [p.requires_grad for p in student.parameters()]
     try:
-        # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set below.
+        # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set
+        # below.
         student.requires_grad_(False)
         run = _Run(student, teacher, plan, cfg, train_data, eval_data, evaluate_fn)
         step, wall, metrics = run.resume(state_path)
@@ -420,7 +452,8 @@ def distill(
         if not metrics:
             metrics.append({"step": 0, **run.measure()})
         # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
-        bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True, desc="distill")
+        bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True,
+                   desc="distill")
         t0 = time.time() - wall
         while step < cfg.steps:
             perm = _permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None
@@ -447,7 +480,8 @@ def distill(
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     result = {"config": asdict(cfg), "trainable": trainable_share(student, cfg, plan.heads),
-              "trained_heads": [str(h) for h in plan.heads], "pairs": [p.to_dict() for p in plan.pairs],
+              "trained_heads": [str(h) for h in plan.heads],
+              "pairs": [p.to_dict() for p in plan.pairs],
               "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
     _write_results(result, run_dir)
     return result
@@ -476,16 +510,20 @@ def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:
 
 
 @torch.no_grad()
-def _evaluation_pass(model, data, labels: Tensor, sites, pad: int, batch_size: int = 64) -> tuple[Tensor, float, dict]:
-    """Per-item top-1 correctness, the mean CE on ``labels`` and each site's z over ``data``, in one pass."""
+def _evaluation_pass(model: HookedTransformer, data, labels: Tensor, sites, pad: int,
+                     batch_size: int = 64) -> tuple[Tensor, float, dict]:
+    """Per-item top-1 correctness, the mean CE on ``labels`` and each site's z over ``data``, in one
+    pass."""
     columns = sorted({col for _, col in sites} - {"pos_last"})
     correct, ce_sum, z = [], 0.0, {site: [] for site in sites}
-    for start, batch in zip(range(0, len(data), batch_size), evaluate.batches(data, batch_size, pad, columns),
-                            strict=True):
+    starts = range(0, len(data), batch_size)
+    for start, batch in zip(starts, evaluate.batches(data, batch_size, pad, columns), strict=True):
         logits, z_batch = head_z(model, batch["input_ids"], sites, batch)
         last = evaluate.logits_at(logits, batch["pos_last"]).float()
         correct.append(last.argmax(-1).cpu() == batch["answer_id"])
-        ce_sum += float(F.cross_entropy(last, labels[start : start + len(last)].to(last.device), reduction="sum"))
+        batch_labels = labels[start : start + len(last)].to(last.device)
+        ce_sum += float(F.cross_entropy(last, batch_labels, reduction="sum"))
         for site in sites:
             z[site].append(z_batch[site].float().cpu())
-    return torch.cat(correct), ce_sum / len(data), {site: torch.cat(rows) for site, rows in z.items()}
+    z_all = {site: torch.cat(rows) for site, rows in z.items()}
+    return torch.cat(correct), ce_sum / len(data), z_all

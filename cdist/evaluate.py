@@ -1,8 +1,9 @@
 """Task accuracy: does the model put its top logit on the answer token at the last prompt position?
 
-Prompts of one dataset may differ in length (theory-of-mind stories with and without a visibility sentence),
-so batches are right-padded. Under causal attention a pad token to the right of ``pos_last`` cannot change the
-logits at ``pos_last``, so no attention mask is needed; the logits are read at each row's own ``pos_last``.
+Prompts of one dataset may differ in length (theory-of-mind stories with and without a visibility
+sentence), so batches are right-padded. Under causal attention a pad token to the right of
+``pos_last`` cannot change the logits at ``pos_last``, so no attention mask is needed; the logits
+are read at each row's own ``pos_last``.
 """
 
 from __future__ import annotations
@@ -25,21 +26,25 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> Int[Tensor, "batch 
     return out
 
 
-def pad_id(model) -> int:
+def pad_id(model: torch.nn.Module) -> int:
     """The id used for right padding: the tokenizer's pad id, else 0.
 
-    Any id works, since pads sit right of every position read and causal attention never looks right; the
-    tokenizer's own pad id keeps decoded batches readable.
+    Any id works, since pads sit right of every position read and causal attention never looks
+    right; the tokenizer's own pad id keeps decoded batches readable.
     """
     tokenizer = getattr(model, "tokenizer", None)
-    return tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    has_pad = tokenizer is not None and tokenizer.pad_token_id is not None
+    return tokenizer.pad_token_id if has_pad else 0
 
 
-def batches(data, batch_size: int, pad: int, columns: Sequence[str] = (), *, corrupt: bool = False) -> Iterator[Batch]:
-    """Right-padded ``input_ids`` plus ``length``, ``answer_id``, ``pos_last`` and integer ``columns``, in order.
+def batches(data, batch_size: int, pad: int, columns: Sequence[str] = (), *,
+            corrupt: bool = False) -> Iterator[Batch]:
+    """Right-padded ``input_ids`` plus ``length``, ``answer_id``, ``pos_last`` and integer
+    ``columns``, in order.
 
-    With ``corrupt``, also ``corrupt_input_ids`` padded to the same width; each item's clean and corrupt
-    prompts must have the same length, since patching moves activations between them position by position.
+    With ``corrupt``, also ``corrupt_input_ids`` padded to the same width; each item's clean and
+    corrupt prompts must have the same length, since patching moves activations between them
+    position by position.
     """
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
@@ -49,18 +54,21 @@ def batches(data, batch_size: int, pad: int, columns: Sequence[str] = (), *, cor
         }
         if corrupt:
             if "corrupt_input_ids" not in rows:
-                raise ValueError("patching needs a corrupt_input_ids column; build the data with cdist.tasks")
-            for i, (a, b) in enumerate(zip(rows["input_ids"], rows["corrupt_input_ids"], strict=True)):
+                raise ValueError("patching needs a corrupt_input_ids column; build the data with "
+                                 "cdist.tasks")
+            pairs = zip(rows["input_ids"], rows["corrupt_input_ids"], strict=True)
+            for i, (a, b) in enumerate(pairs):
                 if len(a) != len(b):
-                    raise ValueError(f"item {start + i}: clean and corrupt prompts have {len(a)} and {len(b)} "
-                                     "tokens; patching needs them aligned token for token (same template)")
+                    raise ValueError(f"item {start + i}: clean and corrupt prompts have {len(a)} "
+                                     f"and {len(b)} tokens; patching needs them aligned token for "
+                                     "token (same template)")
             out["corrupt_input_ids"] = pad_right(rows["corrupt_input_ids"], pad)
         for name in {"answer_id", "pos_last", *columns}:
             out[name] = torch.as_tensor(rows[name], dtype=torch.long)
         yield out
 
 
-def device_of(model) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     """The device of the model's parameters."""
     return next(model.parameters()).device
 
@@ -70,10 +78,11 @@ def answer_stats(
     answer_id: Int[Tensor, " batch"],
     pos: Int[Tensor, " batch"] | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-    """(probability of the answer, 1.0 where it is the top-1 token), read at each row's ``pos``; float64, CPU.
+    """(probability of the answer, 1.0 where it is the top-1 token), read at each row's ``pos``;
+    float64, CPU.
 
-    ``pos=None`` means the logits are already one row per example (``[batch, d_vocab]``). The softmax runs
-    in float32 even for a bfloat16 model.
+    ``pos=None`` means the logits are already one row per example (``[batch, d_vocab]``). The
+    softmax runs in float32 even for a bfloat16 model.
     """
     last = (logits if pos is None else logits_at(logits, pos)).float()
     answer = answer_id.to(last.device)[:, None]
@@ -82,13 +91,14 @@ def answer_stats(
     return prob.double().cpu(), correct.double().cpu()
 
 
-def logits_at(logits: Float[Tensor, "batch pos d_vocab"], pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+def logits_at(logits: Float[Tensor, "batch pos d_vocab"],
+              pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
     """Each row's logits at its own position."""
     return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
 
 
 @torch.no_grad()
-def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
+def predictions(model: torch.nn.Module, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
     device = device_of(model)
     preds = []
@@ -98,7 +108,7 @@ def predictions(model, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     return torch.cat(preds)
 
 
-def accuracy(model, data, *, batch_size: int = 64) -> float:
+def accuracy(model: torch.nn.Module, data, *, batch_size: int = 64) -> float:
     """Share of items whose top-1 prediction at ``pos_last`` is ``answer_id``.
 
     Args:

@@ -1,33 +1,38 @@
-"""The circuit-distillation experiment for one teacher and one student (Tables 1 and 2): circuits, positions,
-head maps and their diagnostics, hyperparameters chosen on validation items, every arm over seeds and
-training regimes, test and out-of-distribution accuracy, sample efficiency, and the declared statistics.
-``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py`` are thin command lines over ``main``.
+"""The circuit-distillation experiment for one teacher and one student (Tables 1 and 2): circuits,
+positions, head maps and their diagnostics, hyperparameters chosen on validation items, every arm
+over seeds and training regimes, test and out-of-distribution accuracy, sample efficiency, and the
+declared statistics. ``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py`` are
+thin command lines over ``main``.
 
-Data, all fresh from the task generator: a pool of training items (train split) whose first n are the
-training set of regime n (so the small set is inside the large one); ``val`` (train split, another seed,
-minus any training prompt) chooses the hyperparameters, places and matches heads, and is logged during
-training; ``reference`` (test split) gives the mean-ablation means; ``discovery`` (test split) is where the
-circuits are found; ``test`` and the out-of-distribution sets (test split, other box counts or templates)
-are where every reported accuracy comes from, and are used for nothing else.
+Data, all fresh from the task generator: a pool of training items (train split) whose first n are
+the training set of regime n (so the small set is inside the large one); ``val`` (train split,
+another seed, minus any training prompt) chooses the hyperparameters, places and matches heads, and
+is logged during training; ``reference`` (test split) gives the mean-ablation means; ``discovery``
+(test split) is where the circuits are found; ``test`` and the out-of-distribution sets (test split,
+other box counts or templates) are where every reported accuracy comes from, and are used for
+nothing else.
 
 Steps, in order:
 1. Circuits: the teacher's by its task's method, the student's by the mean-ablation ranking.
-2. Positions: each teacher head's position is its circuit group's (path patching), else where its ablation
-   matters most (``matching.work_positions``), unless the user names it; pairs are read there.
+2. Positions: each teacher head's position is its circuit group's (path patching), else where its
+   ablation matters most (``matching.work_positions``), unless the user names it; pairs are read
+   there.
 3. Head maps, one per candidate matcher (the paper's, the normalised one, CKA), each diagnosed
-   (``cdist.alignment``): flat targets and crowded teacher heads are logged and flagged in the results; each
-   map is also diagnosed with every pair read at the last token, for comparison.
-4. Selection, on validation items with ``select_seed`` (not a table seed) at the smallest regime: the lr of
-   circuit CE; then matcher and lambda of CE + Align CKA at that lr, with each lambda's CKA:CE gradient
-   ratio at the start recorded; the sample-efficiency threshold (halfway from the base student's validation
-   accuracy to circuit CE's at the end of its selected run); the "strong" lambda, the smallest whose ratio
-   reaches ``arms.STRONG_RATIO`` (the largest of the grid if none does).
-5. The table: every arm (``cdist.arms``) for every regime and seed; per run the test accuracy of the full
-   model and of the student's circuit (means recomputed for the trained model), random circuits, the OOD
-   sets, and the validation curve. Per-item correctness of every run is kept (``per_item.json``).
-6. Statistics: the primary comparison (``arms.PRIMARY``: CE + Align CKA vs CE + Shuffled CKA at the smallest
-   regime, test accuracy) pooled over seeds by the Cochran-Mantel-Haenszel test for matched pairs, per-seed
-   McNemar beside it, and the same for the secondary comparisons.
+   (``cdist.alignment``): flat targets and crowded teacher heads are logged and flagged in the
+   results; each map is also diagnosed with every pair read at the last token, for comparison.
+4. Selection, on validation items with ``select_seed`` (not a table seed) at the smallest regime:
+   the lr of circuit CE; then matcher and lambda of CE + Align CKA at that lr, with each lambda's
+   CKA:CE gradient ratio at the start recorded; the sample-efficiency threshold (halfway from the
+   base student's validation accuracy to circuit CE's at the end of its selected run); the "strong"
+   lambda, the smallest whose ratio reaches ``arms.STRONG_RATIO`` (the largest of the grid if none
+   does).
+5. The table: every arm (``cdist.arms``) for every regime and seed; per run the test accuracy of the
+   full model and of the student's circuit (means recomputed for the trained model), random
+   circuits, the OOD sets, and the validation curve. Per-item correctness of every run is kept
+   (``per_item.json``).
+6. Statistics: the primary comparison (``arms.PRIMARY``: CE + Align CKA vs CE + Shuffled CKA at the
+   smallest regime, test accuracy) pooled over seeds by the Cochran-Mantel-Haenszel test for matched
+   pairs, per-seed McNemar beside it, and the same for the secondary comparisons.
 """
 
 from __future__ import annotations
@@ -45,12 +50,15 @@ from cdist import alignment, arms, distill, matching, stats, tasks
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
 from cdist.discovery import DiscoveryConfig, ablation, find_circuit
+from cdist.distill import DistillConfig
 from cdist.evaluate import predictions
+from cdist.models import HookedTransformer
 from cdist.types import Head
 
 __all__ = ["MATCHERS", "ExperimentConfig", "run_experiment"]
 
 MATCHERS = ("ablation", "ablation-baseline", "cka")
+_ARM_NAMES = tuple(a.name for a in arms.ARMS)
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,16 @@ class ExperimentConfig:
     task: str  # a registered task (cdist.tasks.get_task)
     task_kwargs: dict = field(default_factory=dict)  # template, n_boxes, ... for the generator
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    select_seed: int = 100  # hyperparameter selection: data order and random maps, never a table seed
+    # hyperparameter selection: data order and random maps, never a table seed
+    select_seed: int = 100
     regimes: tuple[int, ...] = (128, 2000)  # training items; the first is the primary regime
     data_seed: int = 0
     val_items: int = 500
     test_items: int = 1000
     reference_items: int = 500
     discovery_items: int = 200
-    ood: tuple[tuple[str, dict], ...] = ()  # (name, generator overrides), e.g. ("10 boxes", {"n_boxes": 10})
+    # (name, generator overrides), e.g. ("10 boxes", {"n_boxes": 10})
+    ood: tuple[tuple[str, dict], ...] = ()
     ood_items: int = 500
     min_teacher_ood: float = 0.9  # an OOD set where the teacher is below this is flagged, not read
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
@@ -75,12 +85,13 @@ class ExperimentConfig:
     matchers: tuple[str, ...] = MATCHERS
     one_to_one: bool = False
     control_lr: float = 3e-4
-    teacher_positions: dict = field(default_factory=dict)  # teacher head name -> position column (user-named)
-    distill: distill.DistillConfig = distill.DistillConfig(steps=600, eval_every=25)
+    # teacher head name -> position column (user-named)
+    teacher_positions: dict = field(default_factory=dict)
+    distill: DistillConfig = DistillConfig(steps=600, eval_every=25)
     discovery: DiscoveryConfig = DiscoveryConfig()
     student_discovery: DiscoveryConfig = DiscoveryConfig(method="mean_ablation")
     n_random: int = 5
-    arms: tuple[str, ...] = tuple(a.name for a in arms.ARMS)
+    arms: tuple[str, ...] = _ARM_NAMES
 
     def __post_init__(self) -> None:
         tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
@@ -92,7 +103,8 @@ class ExperimentConfig:
         if not self.seeds or not self.regimes or not self.lrs or not self.lambdas:
             raise ValueError("seeds, regimes, lrs and lambdas each need at least one value")
         if self.select_seed in self.seeds:
-            raise ValueError(f"select_seed {self.select_seed} is a table seed; choose one outside {self.seeds}")
+            raise ValueError(f"select_seed {self.select_seed} is a table seed; "
+                             f"choose one outside {self.seeds}")
 
 
 def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):
@@ -110,7 +122,8 @@ def _unbits(bits: str) -> torch.Tensor:
 
 @dataclass
 class _Data:
-    """The item sets of one experiment, each from its own seed; validation items never repeat training ones."""
+    """The item sets of one experiment, each from its own seed; validation items never repeat
+    training ones."""
 
     train: dict  # regime (training items) -> the first that many of one pool
     val: object
@@ -136,9 +149,11 @@ class _Data:
 
 
 class _Experiment:
-    """The steps of ``run_experiment``, in order, sharing the models, the items and what earlier steps found."""
+    """The steps of ``run_experiment``, in order, sharing the models, the items and what earlier
+    steps found."""
 
-    def __init__(self, cfg: ExperimentConfig, load_teacher, load_student, out: Path, names, progress, log):
+    def __init__(self, cfg: ExperimentConfig, load_teacher, load_student, out: Path, names,
+                 progress, log):
         self.cfg, self.load_student, self.out, self.names = cfg, load_student, out, names
         self.progress, self.log = progress, log
         self.teacher, self.student = load_teacher(), load_student()
@@ -154,11 +169,13 @@ class _Experiment:
             circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
                                    model_name=self.names[role == "student"]).circuit
             if not circuit.heads:
-                raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery rule {rule}; "
-                                 "lower --min-effect (or check that the model does the task)")
+                raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
+                                 f"rule {rule}; lower --min-effect (or check that the model does "
+                                 "the task)")
             circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
             self.circuits[role] = circuit
-            self.log(f"{role} circuit: {len(circuit.heads)} heads {[str(h) for h in circuit.heads]}")
+            self.log(f"{role} circuit: {len(circuit.heads)} heads "
+                     f"{[str(h) for h in circuit.heads]}")
         self.s_heads, self.t_heads = self.circuits["student"].heads, self.circuits["teacher"].heads
 
     # ---- 2. where each teacher head works
@@ -188,16 +205,20 @@ class _Experiment:
             hmap = _head_map(name, cfg, self.student, self.teacher, self.s_heads, self.t_heads,
                              self.positions, val, scans, self.names)
             self.maps[name] = hmap
-            self.diagnostics[name] = alignment.diagnose(self.student, self.teacher, hmap, val, warn=False)
-            # the same pairs all read at the last token, as the earlier design did: what positions change
-            last = alignment.diagnose(self.student, self.teacher, hmap.at("pos_last"), val, warn=False)
+            self.diagnostics[name] = alignment.diagnose(self.student, self.teacher, hmap, val,
+                                                        warn=False)
+            # the same pairs all read at the last token, as the earlier design did: what positions
+            # change
+            last = alignment.diagnose(self.student, self.teacher, hmap.at("pos_last"), val,
+                                      warn=False)
             self.diagnostics[f"{name} at pos_last"] = last
             self.log(f"head map ({name}): " + ", ".join(map(str, hmap.pairs)))
             for flag in self.diagnostics[name]["flags"]:
                 self.log(f"  warning: {flag}")
             self.log(f"  read at pos_last instead, {len(last['flags'])} flags")
 
-    def run(self, arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap, run_dir: Path) -> dict:
+    def run(self, arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap,
+            run_dir: Path) -> dict:
         """One trained run's record, reused from ``run_dir/eval.json`` when it is the same run."""
         cfg = self.cfg
         dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)
@@ -212,22 +233,26 @@ class _Experiment:
             if {k: record.get(k) for k in record_key} == record_key:
                 return record
         model = self.load_student()
-        history = distill.distill(model, self.teacher, used, self.data.train[n_train], self.data.val, dcfg,
-                                  run_dir, heads=self.s_heads, progress=self.progress)
+        history = distill.distill(model, self.teacher, used, self.data.train[n_train],
+                                  self.data.val, dcfg, run_dir, heads=self.s_heads,
+                                  progress=self.progress)
         record = record_key | {"metrics": history["metrics"], "trainable": history["trainable"],
-                               "wall_time_s": history["wall_time_s"], **self.evaluate(model, "student")}
+                               "wall_time_s": history["wall_time_s"],
+                               **self.evaluate(model, "student")}
         atomic_write_json(record, done)
         return record
 
-    def evaluate(self, model, role: str, seed: int = 0) -> dict:
-        """Test accuracy of the full model and of ``role``'s circuit, and per-item bits (test and OOD)."""
+    def evaluate(self, model: HookedTransformer, role: str, seed: int = 0) -> dict:
+        """Test accuracy of the full model and of ``role``'s circuit, and per-item bits (test and
+        OOD)."""
         data = self.data
         known = model is self.teacher or model is self.student
         means = self.means[role] if known else ablation.head_means(model, data.reference)
         result = ablation.evaluate_circuit(model, self.circuits[role], data.test, means=means,
                                            n_random=self.cfg.n_random, seed=seed)
         keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
-        ood = {name: _bits(predictions(model, d) == torch.tensor(d["answer_id"])) for name, d in data.ood.items()}
+        ood = {name: _bits(predictions(model, d) == torch.tensor(d["answer_id"]))
+               for name, d in data.ood.items()}
         return {**{k: result[k] for k in keys}, "test_full": _bits(result["full_correct"]),
                 "test_circuit": _bits(result["circuit_correct"]), "ood": ood}
 
@@ -236,13 +261,17 @@ class _Experiment:
         cfg, out = self.cfg, self.out
         small = min(cfg.regimes)
         selection: dict = {"seed": cfg.select_seed, "train_items": small, "lr": [], "align": []}
-        ce_arm, align_arm = arms.arm("circuit distilled, CE"), arms.arm("circuit distilled, CE + Align CKA")
+        ce_arm = arms.arm("circuit distilled, CE")
+        align_arm = arms.arm("circuit distilled, CE + Align CKA")
         first = self.maps[cfg.matchers[0]]
         for lr in cfg.lrs:
-            rec = self.run(ce_arm, small, cfg.select_seed, lr, 0.0, first, out / "select" / f"ce-lr{lr}")
+            rec = self.run(ce_arm, small, cfg.select_seed, lr, 0.0, first,
+                           out / "select" / f"ce-lr{lr}")
             selection["lr"].append({"lr": lr, "val_accuracy": rec["metrics"][-1]["accuracy"],
-                                    "val_curve": [(m["step"], m["accuracy"]) for m in rec["metrics"]]})
-            self.log(f"select lr {lr}: circuit CE validation accuracy {selection['lr'][-1]['val_accuracy']:.3f}")
+                                    "val_curve": [(m["step"], m["accuracy"])
+                                                  for m in rec["metrics"]]})
+            self.log(f"select lr {lr}: circuit CE validation accuracy "
+                     f"{selection['lr'][-1]['val_accuracy']:.3f}")
         best_lr = max(selection["lr"], key=lambda r: (r["val_accuracy"], -r["lr"]))
         lr = best_lr["lr"]
         for name in cfg.matchers:
@@ -250,12 +279,14 @@ class _Experiment:
                 rec = self.run(align_arm, small, cfg.select_seed, lr, lam, self.maps[name],
                                out / "select" / f"{name}-lambda{lam}")
                 start, end = rec["metrics"][0], rec["metrics"][-1]
-                selection["align"].append({"matcher": name, "lambda": lam, "val_accuracy": end["accuracy"],
+                selection["align"].append({"matcher": name, "lambda": lam,
+                                           "val_accuracy": end["accuracy"],
                                            "grad_ratio_start": start.get("grad_ratio"),
                                            "cka_val_start": start.get("cka_val_mean"),
                                            "cka_val_end": end.get("cka_val_mean")})
                 self.log(f"select {name} lambda {lam}: validation accuracy {end['accuracy']:.3f}, "
-                         f"CKA:CE gradient ratio at the start {start.get('grad_ratio', float('nan')):.3g}")
+                         "CKA:CE gradient ratio at the start "
+                         f"{start.get('grad_ratio', float('nan')):.3g}")
         best = max(selection["align"], key=lambda r: (r["val_accuracy"], -r["lambda"]))
         matcher, lam = best["matcher"], best["lambda"]
         pulling = [r["lambda"] for r in selection["align"] if r["matcher"] == matcher
@@ -263,11 +294,11 @@ class _Experiment:
         lam_strong = min(pulling) if pulling else max(cfg.lambdas)
         curve = best_lr["val_curve"]
         threshold = (curve[0][1] + curve[-1][1]) / 2
-        selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam, "lambda_strong": lam_strong,
-                                 "threshold": threshold},
+        selection |= {"chosen": {"lr": lr, "matcher": matcher, "lambda": lam,
+                                 "lambda_strong": lam_strong, "threshold": threshold},
                       "why": "highest validation accuracy (ties: the smaller lr or lambda)"}
-        self.log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); sample-efficiency "
-                 f"threshold {threshold:.3f}")
+        self.log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); "
+                 f"sample-efficiency threshold {threshold:.3f}")
         self.selection, self.lr, self.lam, self.lam_strong = selection, lr, lam, lam_strong
         self.threshold, self.head_map = threshold, self.maps[matcher]
         self.head_map.to_json(out / "head_map.json")
@@ -276,9 +307,11 @@ class _Experiment:
     def table(self) -> list[dict]:
         cfg = self.cfg
         teacher_ood = self.evaluate(self.teacher, "teacher")["ood"]
-        self.teacher_ood = {name: _unbits(bits).float().mean().item() for name, bits in teacher_ood.items()}
+        self.teacher_ood = {name: _unbits(bits).float().mean().item()
+                            for name, bits in teacher_ood.items()}
         for name, acc in self.teacher_ood.items():
-            flag = "" if acc >= cfg.min_teacher_ood else f" (below {cfg.min_teacher_ood}: flagged, not read)"
+            flag = ("" if acc >= cfg.min_teacher_ood
+                    else f" (below {cfg.min_teacher_ood}: flagged, not read)")
             self.log(f"OOD {name}: teacher {acc:.3f}{flag}")
         runs = []
         for n_train in cfg.regimes:
@@ -290,7 +323,8 @@ class _Experiment:
                         rec = self.run(a, n_train, seed, self.lr, lam, self.head_map, run_dir)
                     else:
                         role = "teacher" if a.name == "teacher" else "student"
-                        rec = self.evaluate(self.teacher if role == "teacher" else self.student, role, seed)
+                        model = self.teacher if role == "teacher" else self.student
+                        rec = self.evaluate(model, role, seed)
                     runs.append({"arm": a.name, "train_items": n_train, "seed": seed, **rec})
                     self.log(f"n={n_train} seed {seed} {a.name}: full {rec['full_accuracy']:.3f} "
                              f"circuit {rec['circuit_accuracy']:.3f}")
@@ -299,25 +333,27 @@ class _Experiment:
     # ---- 6. statistics and the record
     def record(self, runs: list[dict], wall: float) -> dict:
         cfg, data = self.cfg, self.data
+        heads_only = replace(cfg.distill, trainable="heads")
+        kv_group = replace(cfg.distill, kv_policy="group")
         summary = {
             "config": _jsonable(asdict(cfg)), "teacher": self.names[0], "student": self.names[1],
             "circuits": {role: c.to_dict() for role, c in self.circuits.items()},
             "teacher_positions": {str(h): c for h, c in sorted(self.positions.items())},
             "positions_from": self.positions_from,
-            "head_maps": {name: m.to_dict() for name, m in self.maps.items()}, "diagnostics": self.diagnostics,
+            "head_maps": {name: m.to_dict() for name, m in self.maps.items()},
+            "diagnostics": self.diagnostics,
             "selection": self.selection, "head_map": self.head_map.to_dict(), "lambda": self.lam,
             "lambda_strong": self.lam_strong, "lr": self.lr,
             "teacher_ood": self.teacher_ood,
-            "trainable": distill.trainable_share(self.student, replace(cfg.distill, trainable="heads"),
-                                                 self.s_heads),
-            "trainable_group": distill.trainable_share(self.student, replace(cfg.distill, kv_policy="group"),
-                                                       self.s_heads),
+            "trainable": distill.trainable_share(self.student, heads_only, self.s_heads),
+            "trainable_group": distill.trainable_share(self.student, kv_group, self.s_heads),
             **summarise(runs, cfg, self.threshold),
             "wall_time_s": round(wall, 1),
         }
         keep = ("arm", "train_items", "seed", "test_full", "test_circuit", "ood")
-        atomic_write_json({"eval_sets": {"test": len(data.test), **{k: len(v) for k, v in data.ood.items()}},
-                           "runs": [{k: r[k] for k in keep} for r in runs]}, self.out / "per_item.json")
+        eval_sets = {"test": len(data.test), **{k: len(v) for k, v in data.ood.items()}}
+        atomic_write_json({"eval_sets": eval_sets, "runs": [{k: r[k] for k in keep} for r in runs]},
+                          self.out / "per_item.json")
         atomic_write_json(summary, self.out / "results.json")
         return summary
 
@@ -334,8 +370,9 @@ def run_experiment(
 ) -> dict:
     """Run the experiment (module doc); write ``results.json`` and ``per_item.json`` to ``out_dir``.
 
-    Finished runs (their ``eval.json``) are reused when their config, pairs and heads are the same, and an
-    interrupted run resumes from its checkpoint, so calling it again continues where it stopped.
+    Finished runs (their ``eval.json``) are reused when their config, pairs and heads are the same,
+    and an interrupted run resumes from its checkpoint, so calling it again continues where it
+    stopped.
     """
     t_start = time.time()
     exp = _Experiment(cfg, load_teacher, load_student, Path(out_dir), names, progress, log)
@@ -348,8 +385,9 @@ def run_experiment(
 
 
 def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict:
-    """Per arm and regime: accuracies (mean, sd over seeds), OOD accuracy, steps to the threshold, validation
-    CE curve; and the statistical tests. Everything is recomputed from the runs' per-item strings."""
+    """Per arm and regime: accuracies (mean, sd over seeds), OOD accuracy, steps to the threshold,
+    validation CE curve; and the statistical tests. Everything is recomputed from the runs' per-item
+    strings."""
     table: dict = {}
     for r in runs:
         key = f"n{r['train_items']}"
@@ -360,15 +398,19 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
         for arm_name, recs in by_arm.items():
             row = {k: _mean_sd([r[k] for r in recs]) for k in ("full_accuracy", "circuit_accuracy",
                                                                  "random_accuracy", "faithfulness")}
-            row["ood"] = {name: _mean_sd([_unbits(r["ood"][name]).float().mean().item() for r in recs])
+            row["ood"] = {name: _mean_sd([_unbits(r["ood"][name]).float().mean().item()
+                                          for r in recs])
                           for name in recs[0]["ood"]}
             curves = [r.get("metrics") for r in recs if r.get("metrics")]
             if curves:
-                reached = [next((m["step"] for m in c if m["accuracy"] >= threshold), None) for c in curves]
+                reached = [next((m["step"] for m in c if m["accuracy"] >= threshold), None)
+                           for c in curves]
                 row["steps_to_threshold"] = reached
-                row["val_ce_curve"] = [(m["step"], sum(c[i]["val_ce"] for c in curves) / len(curves))
+                row["val_ce_curve"] = [(m["step"],
+                                        sum(c[i]["val_ce"] for c in curves) / len(curves))
                                        for i, m in enumerate(curves[0])]
-                row["val_accuracy_curve"] = [(m["step"], sum(c[i]["accuracy"] for c in curves) / len(curves))
+                row["val_accuracy_curve"] = [(m["step"],
+                                              sum(c[i]["accuracy"] for c in curves) / len(curves))
                                              for i, m in enumerate(curves[0])]
                 row["grad_ratio_start"] = _mean_sd([c[0].get("grad_ratio") for c in curves])
                 row["cka_val"] = {"start": _mean_sd([c[0].get("cka_val_mean") for c in curves]),
@@ -378,18 +420,23 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
     comparisons = [arms.PRIMARY, ("circuit distilled, CE + Align CKA", "circuit distilled, CE"),
                    ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Rand CKA"),
                    ("circuit distilled, CE + Align CKA", "circuit distilled, KD"),
-                   ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE + Shuffled CKA (strong)"),
+                   ("circuit distilled, CE + Align CKA (strong)",
+                    "circuit distilled, CE + Shuffled CKA (strong)"),
                    ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE"),
-                   ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)")]
+                   ("positive control, Align CKA (small lr)",
+                    "positive control, Shuffled CKA (small lr)")]
     tests = {}
     for regime, by_arm in table.items():
         for a, b in comparisons:
             if a not in by_arm or b not in by_arm:
                 continue
-            ra, rb = sorted(by_arm[a], key=lambda r: r["seed"]), sorted(by_arm[b], key=lambda r: r["seed"])
-            sets = {"test": ([_unbits(r["test_full"]) for r in ra], [_unbits(r["test_full"]) for r in rb])}
+            ra = sorted(by_arm[a], key=lambda r: r["seed"])
+            rb = sorted(by_arm[b], key=lambda r: r["seed"])
+            sets = {"test": ([_unbits(r["test_full"]) for r in ra],
+                             [_unbits(r["test_full"]) for r in rb])}
             for name in ra[0]["ood"]:
-                sets[name] = ([_unbits(r["ood"][name]) for r in ra], [_unbits(r["ood"][name]) for r in rb])
+                sets[name] = ([_unbits(r["ood"][name]) for r in ra],
+                              [_unbits(r["ood"][name]) for r in rb])
             tests[f"{regime}: {a} vs {b}"] = {
                 name: {"pooled": stats.mcnemar_pooled(xa, xb),
                        "per_seed": [{"seed": r["seed"], **stats.mcnemar(x, y)}
@@ -399,12 +446,14 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
     return {"rows": rows, "tests": tests, "primary": primary, "threshold": threshold}
 
 
-def _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, scans, names):
+def _head_map(name, cfg, student: HookedTransformer, teacher: HookedTransformer, s_heads, t_heads,
+              positions, val, scans, names):
     kw = {"one_to_one": cfg.one_to_one, "student_model": names[1], "teacher_model": names[0]}
     if name == "cka":
         columns = sorted({positions[h] for h in t_heads})
-        return matching.cka_matcher(head_z_dataset(student, val, [(h, c) for h in s_heads for c in columns]),
-                                    head_z_dataset(teacher, val, [(h, positions[h]) for h in t_heads]), **kw)
+        student_z = head_z_dataset(student, val, [(h, c) for h in s_heads for c in columns])
+        teacher_z = head_z_dataset(teacher, val, [(h, positions[h]) for h in t_heads])
+        return matching.cka_matcher(student_z, teacher_z, **kw)
     s_scan, t_scan = scans["student"], scans["teacher"]
 
     def base(scan):  # drop = base - ablated, the same for every head
@@ -412,12 +461,13 @@ def _head_map(name, cfg, student, teacher, s_heads, t_heads, positions, val, sca
 
     hmap = matching.ablation_matcher(
         base(s_scan), {h: float(s_scan["prob_ablated"][h.layer, h.head]) for h in s_heads},
-        {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads}, teacher_base=base(t_scan),
+        {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads},
+        teacher_base=base(t_scan),
         normalise="baseline" if name == "ablation-baseline" else None, **kw)
     return hmap.placed(positions)
 
 
-def _all_heads(model) -> list:
+def _all_heads(model: HookedTransformer) -> list:
     return [Head(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
@@ -426,12 +476,14 @@ def _mean_sd(values: list) -> dict:
     if not values:
         return {"mean": None, "sd": None, "n": 0}
     mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    sd = ((sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+          if len(values) > 1 else 0.0)
     return {"mean": mean, "sd": sd, "n": len(values)}
 
 
 def _slug(row: str) -> str:
-    return row.replace(", ", "-").replace(" + ", "+").replace(" ", "_").replace("(", "").replace(")", "")
+    return (row.replace(", ", "-").replace(" + ", "+").replace(" ", "_")
+            .replace("(", "").replace(")", ""))
 
 
 def _mkdir(path: Path) -> Path:

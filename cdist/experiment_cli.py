@@ -1,12 +1,14 @@
-"""Command line of ``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py`` (``cdist.experiment``).
+"""Command line of ``experiments/entity_tracking.py`` and ``experiments/theory_of_mind.py``
+(``cdist.experiment``).
 
-Zoo names or local Llama checkpoint directories; every choice of the experiment is a flag, grouped as the
-experiment's steps are, and the resolved config is written beside the results.
+Zoo names or local Llama checkpoint directories; every choice of the experiment is a flag, grouped
+as the experiment's steps are, and the resolved config is written beside the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,23 +28,32 @@ _OOD_LABELS = {"n_boxes": "{} boxes", "template": "template {}"}
 def _parser(task: str) -> argparse.ArgumentParser:
     spec = tasks.get_task(task)
     teacher, student = spec.default_models or (None, None)
-    p = argparse.ArgumentParser(description=f"Circuit distillation for {task}: every arm over seeds and training "
-                                "regimes, hyperparameters chosen on validation items (cdist.experiment).")
+    description = (f"Circuit distillation for {task}: every arm over seeds and training regimes, "
+                   "hyperparameters chosen on validation items (cdist.experiment).")
+    p = argparse.ArgumentParser(description=description)
     g = p.add_argument_group("models and output")
     for role, default in (("teacher", teacher), ("student", student)):
         g.add_argument(f"--{role}", default=default, required=default is None,
                        help="zoo name or checkpoint directory")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    g.add_argument("--out", default=f"results/{task}", help="runs, circuits, results.json and per_item.json")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+    g.add_argument("--out", default=f"results/{task}",
+                   help="runs, circuits, results.json and per_item.json")
     g.add_argument("--figures", default="figures", help="where the tables and figures go")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = p.add_argument_group("design")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the table's seeds")
-    g.add_argument("--select-seed", type=int, default=100, help="seed of the selection runs (not a table seed)")
-    g.add_argument("--regimes", type=int, nargs="+", default=[128, 2000], help="training items; the first is primary")
-    g.add_argument("--arms", nargs="+", default=[a.name for a in arms.ARMS], help="which arms (default: all)")
-    g.add_argument("--val-items", type=int, default=500, help="validation items (selection and curves)")
-    g.add_argument("--test-items", type=int, default=1000, help="test items (7 boxes for entity tracking)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="the table's seeds")
+    g.add_argument("--select-seed", type=int, default=100,
+                   help="seed of the selection runs (not a table seed)")
+    g.add_argument("--regimes", type=int, nargs="+", default=[128, 2000],
+                   help="training items; the first is primary")
+    g.add_argument("--arms", nargs="+", default=[a.name for a in arms.ARMS],
+                   help="which arms (default: all)")
+    g.add_argument("--val-items", type=int, default=500,
+                   help="validation items (selection and curves)")
+    g.add_argument("--test-items", type=int, default=1000,
+                   help="test items (7 boxes for entity tracking)")
     g.add_argument("--ood-items", type=int, default=500, help="items per out-of-distribution set")
     g.add_argument("--ood-boxes", type=int, nargs="*", default=None,
                    help="other box counts tested, replacing the task's default ones (entity "
@@ -53,23 +64,32 @@ def _parser(task: str) -> argparse.ArgumentParser:
                    "tests none by default")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    g.add_argument("--eval-every", type=int, default=25, help="steps between validation evaluations")
+    g.add_argument("--eval-every", type=int, default=25,
+                   help="steps between validation evaluations")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per step (the m of CKA)")
     g.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="learning rates tried for circuit CE (the paper: 2e-5 for Llama-3)")
-    g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0], help="CKA weights tried")
-    g.add_argument("--control-lr", type=float, default=3e-4, help="learning rate of the positive control")
+    g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="CKA weights tried")
+    g.add_argument("--control-lr", type=float, default=3e-4,
+                   help="learning rate of the positive control")
     g.add_argument("--kv-policy", choices=["qo", "group"], default="qo",
                    help="qo: only the heads' W_Q/W_O train; group: their key/value groups too")
     g = p.add_argument_group("circuits and matching")
-    g.add_argument("--k", type=int, default=2, help="entity tracking: heads per path-patching group")
-    g.add_argument("--min-effect", type=float, default=0.01, help="entity tracking: minimum -relative change")
-    g.add_argument("--student-method", default="mean_ablation", choices=["auto", "path_patching", "mean_ablation"],
+    g.add_argument("--k", type=int, default=2,
+                   help="entity tracking: heads per path-patching group")
+    g.add_argument("--min-effect", type=float, default=0.01,
+                   help="entity tracking: minimum -relative change")
+    g.add_argument("--student-method", default="mean_ablation",
+                   choices=["auto", "path_patching", "mean_ablation"],
                    help="how the student's circuit is found (auto: as the teacher's, by task)")
-    g.add_argument("--matchers", nargs="+", choices=MATCHERS, default=list(MATCHERS), help="matchers tried")
-    g.add_argument("--one-to-one", action="store_true", help="assign each teacher head at most once")
+    g.add_argument("--matchers", nargs="+", choices=MATCHERS, default=list(MATCHERS),
+                   help="matchers tried")
+    g.add_argument("--one-to-one", action="store_true",
+                   help="assign each teacher head at most once")
     g.add_argument("--cka-position", default=None,
-                   help="read every pair at this position column instead of its teacher head's position")
+                   help="read every pair at this position column instead of its teacher head's "
+                   "position")
     g.add_argument("--teacher-positions", nargs="*", default=[], metavar="HEAD=COLUMN",
                    help="name a teacher head's position, e.g. a0.h3=pos_prev_label")
     return p
@@ -91,7 +111,8 @@ def _ood(spec: tasks.Task, organism: bool, given: dict) -> tuple[tuple[str, dict
 
 
 def main(task: str, argv: list[str] | None = None) -> dict:
-    """Parse ``argv``, run the experiment, write its report; bad input exits with status 2 and one line."""
+    """Parse ``argv``, run the experiment, write its report; bad input exits with status 2 and one
+    line."""
     parser = _parser(task)
     args = parser.parse_args(argv)
     if args.threads:
@@ -105,7 +126,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     for item in args.teacher_positions:
         head, sep, column = item.partition("=")
         if not sep or not column.startswith("pos_"):
-            parser.error(f"--teacher-positions {item!r}: write HEAD=COLUMN, e.g. a0.h3=pos_prev_label")
+            parser.error(f"--teacher-positions {item!r}: write HEAD=COLUMN, "
+                         "e.g. a0.h3=pos_prev_label")
         positions[head] = column
 
     def loader(source: str):
@@ -114,7 +136,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         if Path(source).is_dir():
             dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
             return lambda: models.load_llama(source, device=args.device, dtype=dtype).eval()
-        parser.error(f"{source!r} is neither a zoo model ({zoo.names()}) nor a checkpoint directory")
+        parser.error(f"{source!r} is neither a zoo model ({zoo.names()}) nor a checkpoint "
+                     "directory")
 
     spec = tasks.get_task(task)
     organism = zoo.manifest(args.student)["config"] if args.student in zoo.names() else None
@@ -125,16 +148,19 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         task_kwargs = {"template": spec.real_template}
     ood = _ood(spec, bool(organism), {"n_boxes": args.ood_boxes, "template": args.ood_templates})
     try:
-        base = distill.DistillConfig(steps=args.steps, batch_size=args.batch_size, kv_policy=args.kv_policy,
-                                     eval_every=args.eval_every, cka_position=args.cka_position)
+        base = distill.DistillConfig(steps=args.steps, batch_size=args.batch_size,
+                                     kv_policy=args.kv_policy, eval_every=args.eval_every,
+                                     cka_position=args.cka_position)
         cfg = ExperimentConfig(
-            task=task, task_kwargs=task_kwargs, seeds=tuple(args.seeds), select_seed=args.select_seed,
-            regimes=tuple(args.regimes), val_items=args.val_items, test_items=args.test_items, ood=ood,
+            task=task, task_kwargs=task_kwargs, seeds=tuple(args.seeds),
+            select_seed=args.select_seed, regimes=tuple(args.regimes), val_items=args.val_items,
+            test_items=args.test_items, ood=ood,
             ood_items=args.ood_items, lrs=tuple(args.lrs), lambdas=tuple(args.lambdas),
             matchers=tuple(args.matchers), one_to_one=args.one_to_one, control_lr=args.control_lr,
-            teacher_positions=positions, distill=base, discovery=discovery.DiscoveryConfig(k=args.k,
-                                                                                           min_effect=args.min_effect),
-            student_discovery=replace(ExperimentConfig.student_discovery, method=args.student_method, k=args.k,
+            teacher_positions=positions, distill=base,
+            discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect),
+            student_discovery=replace(ExperimentConfig.student_discovery,
+                                      method=args.student_method, k=args.k,
                                       min_effect=args.min_effect),
             arms=tuple(a.name for a in arms.ARMS if a.name in args.arms),
         )
@@ -144,9 +170,11 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     try:
         summary = run_experiment(cfg, loader(args.teacher), loader(args.student), args.out,
                                  names=(args.teacher, args.student))
-    except ValueError as e:  # a stale run folder, an empty circuit, a missing column: one line, not a traceback
+    except ValueError as e:
+        # a stale run folder, an empty circuit, a missing column: one line, not a traceback
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     for path in report.write_report(summary, args.figures, spec.table_stem, command=command,
                                     commit=commit):
         print(path)

@@ -1,37 +1,42 @@
-"""Head matching: which teacher head each relevant student head should learn from, and where to read the pair.
+"""Head matching: which teacher head each relevant student head should learn from, and where to read
+the pair.
 
-Three matchers, each returning a ``HeadMap`` (student heads x teacher heads, the matrix the choice was made
-on, and the chosen ``HeadPair``s):
+Three matchers, each returning a ``HeadMap`` (student heads x teacher heads, the matrix the choice
+was made on, and the chosen ``HeadPair``s):
 
-- ``ablation_matcher``, the paper's (SPEC section 1.3): mean-ablate each head alone; with P_s_base the
-  student's answer probability, dP_s(h_s) = P_s_base - P_s_abl(h_s) and dP_t(h_t) = P_s_base - P_t_abl(h_t)
-  (the teacher's ablated probability is read against the *student's* baseline, as the paper defines it);
-  d(h_s, h_t) = |dP_s(h_s) - dP_t(h_t)|. Each student head maps to the teacher head(s) with the smallest d
-  (many-to-one allowed; ties keep every minimiser).
-  ``normalise="baseline"`` is our variant: each model's drop is read against *its own* baseline and divided
-  by it, dP(h) = (P_base - P_abl(h)) / P_base, the share of the model's answer probability the head carries.
-  With a much stronger teacher the paper's rule compares a weak student's small drops with the teacher's
-  (P_s_base - P_t_abl), which is negative for every teacher head that ablation does not break, so most
-  student heads go to the one teacher head that does (measured on the zoo: all 6 of et-student's heads to
-  et-teacher's a0.h3). Relative drops compare like with like.
-- ``cka_matcher``: the linear CKA between each student head's and each teacher head's activations on the
-  same prompts (``cdist.activations``), each pair read at the teacher head's position; each student head maps
-  to the most similar teacher head.
-- ``random_matcher``: each student head gets a different random teacher head, drawn without replacement
-  from the teacher heads not excluded (the paper's "Rand CKA" control; ``random_control`` builds it from an
-  aligned map, excluding the aligned teacher heads and keeping each pair's positions).
+- ``ablation_matcher``, the paper's (SPEC section 1.3): mean-ablate each head alone; with P_s_base
+  the student's answer probability, dP_s(h_s) = P_s_base - P_s_abl(h_s) and
+  dP_t(h_t) = P_s_base - P_t_abl(h_t) (the teacher's ablated probability is read against the
+  *student's* baseline, as the paper defines it); d(h_s, h_t) = |dP_s(h_s) - dP_t(h_t)|. Each
+  student head maps to the teacher head(s) with the smallest d (many-to-one allowed; ties keep every
+  minimiser).
+  ``normalise="baseline"`` is our variant: each model's drop is read against *its own* baseline and
+  divided by it, dP(h) = (P_base - P_abl(h)) / P_base, the share of the model's answer probability
+  the head carries. With a much stronger teacher the paper's rule compares a weak student's small
+  drops with the teacher's (P_s_base - P_t_abl), which is negative for every teacher head that
+  ablation does not break, so most student heads go to the one teacher head that does (measured on
+  the zoo: all 6 of et-student's heads to et-teacher's a0.h3). Relative drops compare like with
+  like.
+- ``cka_matcher``: the linear CKA between each student head's and each teacher head's activations on
+  the same prompts (``cdist.activations``), each pair read at the teacher head's position; each
+  student head maps to the most similar teacher head.
+- ``random_matcher``: each student head gets a different random teacher head, drawn without
+  replacement from the teacher heads not excluded (the paper's "Rand CKA" control;
+  ``random_control`` builds it from an aligned map, excluding the aligned teacher heads and keeping
+  each pair's positions).
 
-``one_to_one=True`` (ablation and CKA matchers) instead solves the assignment problem (Hungarian algorithm,
-``scipy.optimize.linear_sum_assignment``): each teacher head is used at most once and the total distance is
-minimal (or total similarity maximal). With more student than teacher heads, the unassigned student heads
-are left out of the pairs.
+``one_to_one=True`` (ablation and CKA matchers) instead solves the assignment problem (Hungarian
+algorithm, ``scipy.optimize.linear_sum_assignment``): each teacher head is used at most once and the
+total distance is minimal (or total similarity maximal). With more student than teacher heads, the
+unassigned student heads are left out of the pairs.
 
-Positions: a pair is read where its teacher head does its work (SPEC section 1, and issue 9's measurement:
-et-teacher's object binder read at the last token varies by 8e-4 of its norm across items, so aligning with
-it there teaches nothing). ``circuit_positions`` gives each head of a path-patched circuit its group's
-position; ``work_positions`` finds, for heads of a ranked circuit, the position column where ablating the
-head alone hurts most; ``HeadMap.placed`` writes them into the pairs (``HeadMap.at`` puts every pair at one
-column). The ablation and random matchers leave every pair at ``pos_last`` until placed.
+Positions: a pair is read where its teacher head does its work (SPEC section 1, and issue 9's
+measurement: et-teacher's object binder read at the last token varies by 8e-4 of its norm across
+items, so aligning with it there teaches nothing). ``circuit_positions`` gives each head of a
+path-patched circuit its group's position; ``work_positions`` finds, for heads of a ranked circuit,
+the position column where ablating the head alone hurts most; ``HeadMap.placed`` writes them into
+the pairs (``HeadMap.at`` puts every pair at one column). The ablation and random matchers leave
+every pair at ``pos_last`` until placed.
 """
 
 from __future__ import annotations
@@ -50,10 +55,11 @@ from cdist.activations import Site
 from cdist.cka import linear_cka
 from cdist.discovery.ablation import ablated_logits
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadPair, JsonRecord
 
-__all__ = ["HeadMap", "ablation_matcher", "circuit_positions", "cka_matcher", "position_columns", "random_control",
-           "random_matcher", "work_positions"]
+__all__ = ["HeadMap", "ablation_matcher", "circuit_positions", "cka_matcher", "position_columns",
+           "random_control", "random_matcher", "work_positions"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,13 +67,16 @@ class HeadMap(JsonRecord):
     """Student heads paired with teacher heads, each pair with the positions it is read at.
 
     Attributes:
-        pairs: ``HeadPair``s; a student head may appear more than once (ties, or many teacher heads).
+        pairs: ``HeadPair``s; a student head may appear more than once (ties, or many teacher
+            heads).
         student_heads: the rows of ``matrix``.
         teacher_heads: its columns.
-        matrix: ``[student, teacher]`` float32: a distance (``kind="distance"``, smaller is closer) or a
-            similarity (``kind="similarity"``, larger is closer); for the random matcher, zeros.
+        matrix: ``[student, teacher]`` float32: a distance (``kind="distance"``, smaller is closer)
+            or a similarity (``kind="similarity"``, larger is closer); for the random matcher,
+            zeros.
         kind: "distance" or "similarity".
-        method: "ablation", "ablation-baseline", "cka" or "random" (with "+one_to_one" when assigned one to one).
+        method: "ablation", "ablation-baseline", "cka" or "random" (with "+one_to_one" when
+            assigned one to one).
         student_model, teacher_model: names, for the record.
     """
 
@@ -89,13 +98,14 @@ class HeadMap(JsonRecord):
         return (list(dict.fromkeys((p.student, p.student_position) for p in self.pairs)),
                 list(dict.fromkeys((p.teacher, p.teacher_position) for p in self.pairs)))
 
-    def placed(self, teacher_positions: Mapping[Head, str], student_positions: Mapping[Head, str] | None = None,
-               ) -> HeadMap:
-        """The same pairs, each read at its teacher head's position (``teacher_positions``) on both sides,
-        unless ``student_positions`` names the student side."""
+    def placed(self, teacher_positions: Mapping[Head, str],
+               student_positions: Mapping[Head, str] | None = None) -> HeadMap:
+        """The same pairs, each read at its teacher head's position (``teacher_positions``) on both
+        sides, unless ``student_positions`` names the student side."""
         missing = sorted(str(p.teacher) for p in self.pairs if p.teacher not in teacher_positions)
         if missing:
-            raise ValueError(f"no position for teacher heads {missing}; give every paired teacher head one")
+            raise ValueError(f"no position for teacher heads {missing}; "
+                             "give every paired teacher head one")
         student_positions = student_positions or {}
         return replace(self, pairs=tuple(
             replace(p, teacher_position=teacher_positions[p.teacher],
@@ -103,15 +113,17 @@ class HeadMap(JsonRecord):
             for p in self.pairs))
 
     def at(self, position: str) -> HeadMap:
-        """The same pairs, every one read at ``position`` on both sides (the single-position default of old)."""
-        return replace(self, pairs=tuple(replace(p, student_position=position, teacher_position=position)
+        """The same pairs, every one read at ``position`` on both sides (the single-position default
+        of old)."""
+        return replace(self, pairs=tuple(replace(p, student_position=position,
+                                                 teacher_position=position)
                                          for p in self.pairs))
 
     def crowded(self) -> dict[Head, int]:
         """Teacher heads that more than half of the paired student heads map to, with how many do.
 
-        The paper's matcher does this with a much stronger teacher; aligning most of a student's circuit with
-        one teacher head is rarely what a user wants, so ``cdist.alignment`` flags it.
+        The paper's matcher does this with a much stronger teacher; aligning most of a student's
+        circuit with one teacher head is rarely what a user wants, so ``cdist.alignment`` flags it.
         """
         students = {p.student for p in self.pairs}
         counts = Counter(t for _, t in {(p.student, p.teacher) for p in self.pairs})
@@ -146,16 +158,20 @@ class HeadMap(JsonRecord):
 
 def _check(student_heads: Sequence[Head], teacher_heads: Sequence[Head]) -> None:
     if not student_heads or not teacher_heads:
-        raise ValueError(f"matching needs student and teacher heads; got {len(student_heads)} student and "
-                         f"{len(teacher_heads)} teacher heads (is a circuit empty?)")
+        raise ValueError("matching needs student and teacher heads; "
+                         f"got {len(student_heads)} student and {len(teacher_heads)} teacher heads "
+                         "(is a circuit empty?)")
 
 
-def _pairs(matrix: Tensor, students, teachers, *, minimise: bool, one_to_one: bool) -> tuple[HeadPair, ...]:
+def _pairs(
+    matrix: Tensor, students, teachers, *, minimise: bool, one_to_one: bool
+) -> tuple[HeadPair, ...]:
     if one_to_one:
         rows, cols = linear_sum_assignment(matrix.double().numpy(), maximize=not minimise)
         chosen = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
     else:
-        best = matrix.min(1, keepdim=True).values if minimise else matrix.max(1, keepdim=True).values
+        best = (matrix.min(1, keepdim=True).values if minimise
+                else matrix.max(1, keepdim=True).values)
         chosen = (matrix == best).nonzero().tolist()
     return tuple(HeadPair(students[r], teachers[c]) for r, c in chosen)
 
@@ -175,11 +191,14 @@ def ablation_matcher(
 
     Args:
         student_base: P_s_base, the student's mean answer probability on the matching prompts.
-        student_ablated: relevant student head -> P_s_abl, its mean answer probability with that head
-            mean-ablated (``head_ablation_scan(...)["prob_ablated"]``).
-        teacher_ablated: teacher circuit head -> P_t_abl, the same for the teacher on the same prompts.
-        teacher_base: P_t_base, the teacher's own answer probability; needed by ``normalise="baseline"``.
-        normalise: None (the paper's rule) or "baseline" (each model's relative drop against its own baseline).
+        student_ablated: relevant student head -> P_s_abl, its mean answer probability with that
+            head mean-ablated (``head_ablation_scan(...)["prob_ablated"]``).
+        teacher_ablated: teacher circuit head -> P_t_abl, the same for the teacher on the same
+            prompts.
+        teacher_base: P_t_base, the teacher's own answer probability; needed by
+            ``normalise="baseline"``.
+        normalise: None (the paper's rule) or "baseline" (each model's relative drop against its
+            own baseline).
         one_to_one: assign each teacher head at most once (Hungarian) instead of the nearest one.
     """
     students, teachers = tuple(student_ablated), tuple(teacher_ablated)
@@ -192,12 +211,14 @@ def ablation_matcher(
         d_s, d_t = student_base - s_abl, student_base - t_abl
     else:
         if teacher_base is None or teacher_base <= 0 or student_base <= 0:
-            raise ValueError("normalise='baseline' needs positive student_base and teacher_base probabilities")
+            raise ValueError("normalise='baseline' needs positive student_base and teacher_base "
+                             "probabilities")
         d_s, d_t = (student_base - s_abl) / student_base, (teacher_base - t_abl) / teacher_base
     matrix = (d_s[:, None] - d_t[None, :]).abs()
     pairs = _pairs(matrix, students, teachers, minimise=True, one_to_one=one_to_one)
     method = "ablation" + ("-baseline" if normalise else "") + ("+one_to_one" if one_to_one else "")
-    return HeadMap(pairs, students, teachers, matrix.float(), "distance", method, student_model, teacher_model)
+    return HeadMap(pairs, students, teachers, matrix.float(), "distance", method, student_model,
+                   teacher_model)
 
 
 def cka_matcher(
@@ -212,14 +233,15 @@ def cka_matcher(
     """Match by representational similarity: CKA between every student and every teacher head.
 
     Args:
-        student_z: student activations on m prompts (``head_z_dataset``), keyed by ``(head, column)`` sites
-            or by bare heads (read at one position).
-        teacher_z: teacher activations on the same m prompts, in the same order, keyed the same way. With
-            sites, student head s is compared with teacher site (t, column) through ``student_z[(s, column)]``,
-            so ``student_z`` must hold every student head at every teacher column; the pairs keep the column.
+        student_z: student activations on m prompts (``head_z_dataset``), keyed by
+            ``(head, column)`` sites or by bare heads (read at one position).
+        teacher_z: teacher activations on the same m prompts, in the same order, keyed the same way.
+            With sites, student head s is compared with teacher site (t, column) through
+            ``student_z[(s, column)]``, so ``student_z`` must hold every student head at every
+            teacher column; the pairs keep the column.
         one_to_one: assign each teacher head at most once, maximising total similarity.
-        debiased: use the debiased CKA (default: matching is a measurement, not a training signal, and the
-            plain estimator's small-sample bias inflates every entry alike).
+        debiased: use the debiased CKA (default: matching is a measurement, not a training signal,
+            and the plain estimator's small-sample bias inflates every entry alike).
     """
     def split(key) -> Site:
         return (key, "pos_last") if isinstance(key, Head) else key
@@ -235,22 +257,29 @@ def cka_matcher(
         raise ValueError("each teacher head may appear at one position only in teacher_z")
     try:
         with torch.no_grad():
-            matrix = torch.tensor([[float(linear_cka(read(student_z, (s, col)), read(teacher_z, (t, col)),
+            matrix = torch.tensor([[float(linear_cka(read(student_z, (s, col)),
+                                                     read(teacher_z, (t, col)),
                                                      debiased=debiased)) for t, col in t_sites]
                                    for s in students], dtype=torch.float64)
     except KeyError as missing:
-        raise ValueError(f"student_z lacks the site {missing}; read every student head at every teacher "
-                         "head's position") from None
+        raise ValueError(f"student_z lacks the site {missing}; "
+                         "read every student head at every teacher head's position") from None
     position = dict(t_sites)
+    chosen = _pairs(matrix, students, teachers, minimise=False, one_to_one=one_to_one)
     pairs = tuple(HeadPair(p.student, p.teacher, position[p.teacher], position[p.teacher])
-                  for p in _pairs(matrix, students, teachers, minimise=False, one_to_one=one_to_one))
+                  for p in chosen)
     return HeadMap(pairs, students, teachers, matrix.float(), "similarity",
                    "cka" + ("+one_to_one" if one_to_one else ""), student_model, teacher_model)
 
 
 def random_matcher(
-    student_heads: Sequence[Head], teacher_heads: Sequence[Head], *, seed: int, exclude: Iterable[Head] = (),
-    student_model: str = "", teacher_model: str = "",
+    student_heads: Sequence[Head],
+    teacher_heads: Sequence[Head],
+    *,
+    seed: int,
+    exclude: Iterable[Head] = (),
+    student_model: str = "",
+    teacher_model: str = "",
 ) -> HeadMap:
     """Each student head paired with a different teacher head, drawn without replacement by
     ``random.Random(seed)`` from ``teacher_heads`` minus ``exclude``; every pair at ``pos_last``."""
@@ -259,41 +288,48 @@ def random_matcher(
     pool = tuple(h for h in teacher_heads if h not in excluded)
     _check(students, pool)
     if len(pool) < len(students):
-        raise ValueError(f"{len(students)} student heads need as many distinct random teacher heads; only "
-                         f"{len(pool)} remain after excluding {len(excluded)} (use a larger pool)")
+        raise ValueError(f"{len(students)} student heads need as many distinct random teacher "
+                         f"heads; only {len(pool)} remain after excluding {len(excluded)} "
+                         "(use a larger pool)")
     drawn = random.Random(seed).sample(pool, len(students))
     pairs = tuple(HeadPair(s, t) for s, t in zip(students, drawn, strict=True))
-    return HeadMap(pairs, students, pool, torch.zeros(len(students), len(pool)), "distance", "random",
-                   student_model, teacher_model)
+    return HeadMap(pairs, students, pool, torch.zeros(len(students), len(pool)), "distance",
+                   "random", student_model, teacher_model)
 
 
 def random_control(head_map: HeadMap, teacher_heads: Sequence[Head], *, seed: int) -> HeadMap:
-    """The "CE + Rand CKA" map of an aligned ``head_map``: each of its pairs keeps its student head and its
-    positions but gets a teacher head drawn without replacement from ``teacher_heads`` outside the aligned
-    teacher heads, so no random pair shares a teacher head with an aligned one."""
+    """The "CE + Rand CKA" map of an aligned ``head_map``: each of its pairs keeps its student head
+    and its positions but gets a teacher head drawn without replacement from ``teacher_heads``
+    outside the aligned teacher heads, so no random pair shares a teacher head with an aligned
+    one."""
     aligned = {p.teacher for p in head_map.pairs}
-    slots = [Head(0, i) for i in range(len(head_map.pairs))]  # one draw per pair, even for a repeated student
+    # one draw per pair, even for a repeated student
+    slots = [Head(0, i) for i in range(len(head_map.pairs))]
     drawn = random_matcher(slots, teacher_heads, seed=seed, exclude=aligned)
-    pairs = tuple(replace(p, teacher=d.teacher) for p, d in zip(head_map.pairs, drawn.pairs, strict=True))
+    pairs = tuple(replace(p, teacher=d.teacher)
+                  for p, d in zip(head_map.pairs, drawn.pairs, strict=True))
     students = tuple(dict.fromkeys(p.student for p in pairs))
-    return HeadMap(pairs, students, drawn.teacher_heads, torch.zeros(len(students), len(drawn.teacher_heads)),
-                   "distance", "random", head_map.student_model, head_map.teacher_model)
+    matrix = torch.zeros(len(students), len(drawn.teacher_heads))
+    return HeadMap(pairs, students, drawn.teacher_heads, matrix, "distance", "random",
+                   head_map.student_model, head_map.teacher_model)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Positions
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def position_columns(data) -> list[str]:
-    """The task's single-position columns: ``pos_*`` holding one non-negative index for *every* item (theory
-    of mind's ``pos_visibility`` is None in stories without a visibility sentence, so it is not one)."""
+    """The task's single-position columns: ``pos_*`` holding one non-negative index for *every* item
+    (theory of mind's ``pos_visibility`` is None in stories without a visibility sentence, so it is
+    not one)."""
     return [c for c in data.column_names if c.startswith("pos_")
             and all(isinstance(v, int) and v >= 0 for v in data[c])]
 
 
 def circuit_positions(circuit: Circuit) -> dict[Head, str]:
-    """Each head of ``circuit`` -> the position of the first group (in the circuit's order) that holds it."""
+    """Each head of ``circuit`` -> the position of the first group (in the circuit's order) that
+    holds it."""
     out: dict[Head, str] = {}
     for name, heads in circuit.groups.items():
         for h in heads:
@@ -303,11 +339,16 @@ def circuit_positions(circuit: Circuit) -> dict[Head, str]:
 
 @torch.no_grad()
 def work_positions(
-    model, data, heads: Iterable[Head], means: Float[Tensor, "layer ref_pos head_index d_head"], *,
-    columns: Sequence[str] | None = None, batch_size: int = 64,
+    model: HookedTransformer,
+    data,
+    heads: Iterable[Head],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
+    *,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 64,
 ) -> tuple[dict[Head, str], dict[Head, dict[str, float]]]:
-    """Where each head does its work: the position column where mean-ablating the head *only there* lowers
-    the answer's probability most (ties: the first column).
+    """Where each head does its work: the position column where mean-ablating the head *only there*
+    lowers the answer's probability most (ties: the first column).
 
     Args:
         model: a HookedTransformer.
@@ -327,6 +368,8 @@ def work_positions(
         base, _ = answer_stats(model(ids.to(device_of(model))), answer, last)
         for h in heads:
             for col in columns:
-                prob, _ = answer_stats(ablated_logits(model, ids, [h], means, batch[col]), answer, last)
+                ablated = ablated_logits(model, ids, [h], means, batch[col])
+                prob, _ = answer_stats(ablated, answer, last)
                 drops[h][col] += float((base - prob).sum()) / len(data)
-    return {h: max(columns, key=lambda c, h=h: (drops[h][c], -columns.index(c))) for h in heads}, drops
+    chosen = {h: max(columns, key=lambda c, h=h: (drops[h][c], -columns.index(c))) for h in heads}
+    return chosen, drops

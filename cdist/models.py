@@ -3,26 +3,30 @@
 This is the only module of cdist that imports ``transformer_lens`` (3.9, the last release with
 ``HookedTransformer``), so that moving to TransformerLens 4's bridge is one module's change.
 
-``HookedTransformer.from_pretrained`` only takes official model names and then downloads them. cdist instead
-reads a local transformers ``LlamaForCausalLM`` directory (``config.json`` plus ``*.safetensors``, sharded or
-not, plus tokenizer files), or finds an official Llama-3 name in the local Hugging Face cache, and never
-touches the network. The conversion is two pure functions over state dicts, ``hf_to_hooked_state_dict`` and
-its exact inverse ``hooked_to_hf_state_dict``, which rename keys and rearrange weights with named einops
-patterns (as TransformerLens' own ``convert_llama_weights`` does):
+``HookedTransformer.from_pretrained`` only takes official model names and then downloads them. cdist
+instead reads a local transformers ``LlamaForCausalLM`` directory (``config.json`` plus
+``*.safetensors``, sharded or not, plus tokenizer files), or finds an official Llama-3 name in the
+local Hugging Face cache, and never touches the network. The conversion is two pure functions over
+state dicts, ``hf_to_hooked_state_dict`` and its exact inverse ``hooked_to_hf_state_dict``, which
+rename keys and rearrange weights with named einops patterns (as TransformerLens' own
+``convert_llama_weights`` does):
 
-- ``q_proj`` ``[(head_index d_head), d_model]`` -> ``W_Q`` ``[head_index, d_model, d_head]``, and the same for
-  ``k_proj``/``v_proj`` with the key/value heads. Under grouped-query attention (Llama 3: 8 key/value heads)
-  TransformerLens keeps the real parameters as ``attn._W_K``/``attn._W_V`` ``[n_kv, d_model, d_head]`` and
-  query head ``h`` reads key/value head ``h // (n_heads // n_kv)``, as transformers does.
-- ``o_proj`` ``[d_model, (head_index d_head)]`` -> ``W_O`` ``[head_index, d_head, d_model]``; the MLP and the
-  unembedding are transposed; RMS-norm weights keep their names' meaning.
-- TransformerLens has biases that Llama lacks; they are loaded as zeros and must stay zero (the inverse
-  refuses to drop a non-zero one). Tied embeddings (Llama-3.2) become a copy: ``W_U = W_E.T``.
+- ``q_proj`` ``[(head_index d_head), d_model]`` -> ``W_Q`` ``[head_index, d_model, d_head]``, and
+  the same for ``k_proj``/``v_proj`` with the key/value heads. Under grouped-query attention
+  (Llama 3: 8 key/value heads) TransformerLens keeps the real parameters as
+  ``attn._W_K``/``attn._W_V`` ``[n_kv, d_model, d_head]`` and query head ``h`` reads key/value head
+  ``h // (n_heads // n_kv)``, as transformers does.
+- ``o_proj`` ``[d_model, (head_index d_head)]`` -> ``W_O`` ``[head_index, d_head, d_model]``; the
+  MLP and the unembedding are transposed; RMS-norm weights keep their names' meaning.
+- TransformerLens has biases that Llama lacks; they are loaded as zeros and must stay zero (the
+  inverse refuses to drop a non-zero one). Tied embeddings (Llama-3.2) become a copy:
+  ``W_U = W_E.T``.
 
-Our choices: ``n_ctx`` (where TransformerLens truncates ``to_tokens``) is capped at ``MAX_N_CTX`` = 8192
-rather than Llama-3.1's 131072, since the cdist tasks are short and TransformerLens grows its rotary tables
-on demand anyway; pass ``n_ctx`` to change it. The weights are loaded unprocessed (no LayerNorm folding or
-centring), so a saved model is the loaded one bit for bit.
+Our choices: ``n_ctx`` (where TransformerLens truncates ``to_tokens``) is capped at
+``MAX_N_CTX`` = 8192 rather than Llama-3.1's 131072, since the cdist tasks are short and
+TransformerLens grows its rotary tables on demand anyway; pass ``n_ctx`` to change it. The weights
+are loaded unprocessed (no LayerNorm folding or centring), so a saved model is the loaded one bit
+for bit.
 """
 
 from __future__ import annotations
@@ -80,14 +84,16 @@ OFFICIAL_LLAMA3 = tuple(
     for suffix in ("", "-Instruct")
 )
 
-# HF weight -> TransformerLens weight. Axis names are TransformerLens'; each inverse swaps the two sides.
+# HF weight -> TransformerLens weight. Axis names are TransformerLens';
+# each inverse swaps the two sides.
 QKV_PATTERN = "(head_index d_head) d_model -> head_index d_model d_head"
 OUT_PATTERN = "d_model (head_index d_head) -> head_index d_head d_model"
 MLP_IN_PATTERN = "d_mlp d_model -> d_model d_mlp"
 MLP_OUT_PATTERN = "d_model d_mlp -> d_mlp d_model"
 UNEMBED_PATTERN = "d_vocab d_model -> d_model d_vocab"
 
-# Per layer: HF key suffix, TL key suffix, pattern (None: same layout), which head count the pattern splits.
+# Per layer: HF key suffix, TL key suffix, pattern (None: same layout),
+# which head count the pattern splits.
 _LAYER_KEYS = (
     ("input_layernorm.weight", "ln1.w", None, None),
     ("self_attn.q_proj.weight", "attn.W_Q", QKV_PATTERN, "q"),
@@ -113,7 +119,8 @@ def _inverse(pattern: str) -> str:
 
 
 def _rope(hf_config: LlamaConfig) -> tuple[float, dict | None]:
-    """(rope_theta, rope scaling dict or None), for transformers 4 (rope_scaling) and 5 (rope_parameters)."""
+    """(rope_theta, rope scaling dict or None), for transformers 4 (rope_scaling) and 5
+    (rope_parameters)."""
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
     params = dict(params or {})
     theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
@@ -121,7 +128,9 @@ def _rope(hf_config: LlamaConfig) -> tuple[float, dict | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
-        raise ValueError(f"rope type {rope_type!r} is not supported; cdist converts default and llama3 rope")
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported; cdist converts default and llama3 rope"
+        )
     return float(theta), params
 
 
@@ -134,9 +143,10 @@ def hooked_config_from_hf(
 ) -> HookedTransformerConfig:
     """The HookedTransformerConfig of a transformers Llama config.
 
-    Mirrors TransformerLens' own table for Llama-3.x (RMS norm, NeoX-style rotary over the whole head,
-    gated SiLU MLP, grouped-query attention, llama3 "NTK-by-parts" rope scaling), but reads every number
-    from ``hf_config``, including ``head_dim`` where it differs from ``hidden_size / num_attention_heads``.
+    Mirrors TransformerLens' own table for Llama-3.x (RMS norm, NeoX-style rotary over the whole
+    head, gated SiLU MLP, grouped-query attention, llama3 "NTK-by-parts" rope scaling), but reads
+    every number from ``hf_config``, including ``head_dim`` where it differs from
+    ``hidden_size / num_attention_heads``.
 
     Args:
         hf_config: the checkpoint's config; ``model_type`` must be "llama".
@@ -145,7 +155,8 @@ def hooked_config_from_hf(
         n_ctx: context length; default ``min(max_position_embeddings, MAX_N_CTX)``.
 
     Returns:
-        The config, with ``original_architecture="LlamaForCausalLM"`` and ``default_prepend_bos=True``.
+        The config, with ``original_architecture="LlamaForCausalLM"`` and
+        ``default_prepend_bos=True``.
     """
     if getattr(hf_config, "model_type", None) != "llama":
         model_type = getattr(hf_config, "model_type", None)
@@ -156,7 +167,10 @@ def hooked_config_from_hf(
             "only bias-free SiLU Llamas are supported (hidden_act='silu', no attention/mlp bias)"
         )
     theta, scaling = _rope(hf_config)
-    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    d_head = (
+        getattr(hf_config, "head_dim", None)
+        or hf_config.hidden_size // hf_config.num_attention_heads
+    )
     n_kv = hf_config.num_key_value_heads or hf_config.num_attention_heads
     kwargs = {}
     if scaling is not None:  # the same fields TransformerLens fills for Llama-3.1/3.2
@@ -176,7 +190,8 @@ def hooked_config_from_hf(
         d_model=hf_config.hidden_size,
         n_heads=hf_config.num_attention_heads,
         d_head=d_head,
-        # TransformerLens takes GQA's code path whenever this is set, so plain multi-head attention is None.
+        # TransformerLens takes GQA's code path whenever this is set,
+        # so plain multi-head attention is None.
         n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
         d_mlp=hf_config.intermediate_size,
         d_vocab=hf_config.vocab_size,
@@ -205,7 +220,8 @@ def hf_config_from_hooked(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
 ) -> LlamaConfig:
-    """The transformers LlamaConfig of a Llama-shaped HookedTransformerConfig; inverts hooked_config_from_hf.
+    """The transformers LlamaConfig of a Llama-shaped HookedTransformerConfig; inverts
+    hooked_config_from_hf.
 
     Args:
         cfg: a config made by ``hooked_config_from_hf`` (or of the same shape).
@@ -226,7 +242,9 @@ def hf_config_from_hooked(
         and cfg.d_vocab_out == cfg.d_vocab
     )
     if not llama_like:
-        raise ValueError("config is not Llama-shaped (needs RMS norm, full NeoX rotary, gated SiLU MLP)")
+        raise ValueError(
+            "config is not Llama-shaped (needs RMS norm, full NeoX rotary, gated SiLU MLP)"
+        )
     rope_scaling = None
     if cfg.use_NTK_by_parts_rope:
         rope_scaling = {
@@ -236,6 +254,7 @@ def hf_config_from_hooked(
             "high_freq_factor": cfg.NTK_by_parts_high_freq_factor,
             "original_max_position_embeddings": cfg.NTK_original_ctx_len,
         }
+    tied = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
     return LlamaConfig(
         vocab_size=cfg.d_vocab,
         hidden_size=cfg.d_model,
@@ -251,7 +270,7 @@ def hf_config_from_hooked(
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings,
+        tie_word_embeddings=tied,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         torch_dtype=cfg.dtype,
@@ -259,7 +278,9 @@ def hf_config_from_hooked(
     )
 
 
-def _rearrange(w: Tensor, pattern: str | None, head_kind: str | None, cfg: HookedTransformerConfig) -> Tensor:
+def _rearrange(
+    w: Tensor, pattern: str | None, head_kind: str | None, cfg: HookedTransformerConfig
+) -> Tensor:
     if pattern is None:
         return w
     if head_kind is None:
@@ -285,25 +306,32 @@ def _zero_biases(cfg: HookedTransformerConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_to_hooked_state_dict(hf_sd: Mapping[str, Tensor], cfg: HookedTransformerConfig) -> dict[str, Tensor]:
+def hf_to_hooked_state_dict(
+    hf_sd: Mapping[str, Tensor], cfg: HookedTransformerConfig
+) -> dict[str, Tensor]:
     """Rename and rearrange a transformers Llama state dict into TransformerLens' layout.
 
     Args:
-        hf_sd: ``LlamaForCausalLM.state_dict()`` keys (``model.layers.0.self_attn.q_proj.weight``, ...);
-            ``lm_head.weight`` may be missing when the embeddings are tied.
+        hf_sd: ``LlamaForCausalLM.state_dict()`` keys (``model.layers.0.self_attn.q_proj.weight``,
+            ...); ``lm_head.weight`` may be missing when the embeddings are tied.
         cfg: the target config (from ``hooked_config_from_hf``).
 
     Returns:
-        Every parameter of ``HookedTransformer(cfg)``, zero biases included, in ``cfg.dtype``; no buffers.
+        Every parameter of ``HookedTransformer(cfg)``, zero biases included, in ``cfg.dtype``; no
+        buffers.
 
     Raises:
         KeyError: a weight is missing. ValueError: ``hf_sd`` has keys that are not a Llama's.
     """
     rest = dict(hf_sd)
     kv = "_" if grouped_query(cfg) else ""
-    sd = {"embed.W_E": rest.pop("model.embed_tokens.weight"), "ln_final.w": rest.pop("model.norm.weight")}
+    sd = {
+        "embed.W_E": rest.pop("model.embed_tokens.weight"),
+        "ln_final.w": rest.pop("model.norm.weight"),
+    }
     lm_head = rest.pop("lm_head.weight", None)
-    sd["unembed.W_U"] = einops.rearrange(sd["embed.W_E"] if lm_head is None else lm_head, UNEMBED_PATTERN)
+    unembedding = sd["embed.W_E"] if lm_head is None else lm_head
+    sd["unembed.W_U"] = einops.rearrange(unembedding, UNEMBED_PATTERN)
     for layer in range(cfg.n_layers):
         for hf_key, tl_key, pattern, head_kind in _LAYER_KEYS:
             w = rest.pop(f"model.layers.{layer}.{hf_key}")
@@ -320,19 +348,22 @@ def hf_to_hooked_state_dict(hf_sd: Mapping[str, Tensor], cfg: HookedTransformerC
 def hooked_to_hf_state_dict(
     state_dict: Mapping[str, Tensor], cfg: HookedTransformerConfig
 ) -> dict[str, Tensor]:
-    """The exact inverse of ``hf_to_hooked_state_dict``: a transformers ``LlamaForCausalLM`` state dict.
+    """The exact inverse of ``hf_to_hooked_state_dict``: a transformers ``LlamaForCausalLM`` state
+    dict.
 
     Args:
-        state_dict: ``model.state_dict()`` of a Llama-shaped HookedTransformer (buffers are ignored).
+        state_dict: ``model.state_dict()`` of a Llama-shaped HookedTransformer (buffers are
+            ignored).
         cfg: its config.
 
     Returns:
-        Contiguous tensors. ``lm_head.weight`` is left out when ``cfg.tie_word_embeddings`` is set and
-        ``W_U`` still equals ``W_E.T`` exactly.
+        Contiguous tensors. ``lm_head.weight`` is left out when ``cfg.tie_word_embeddings`` is set
+        and ``W_U`` still equals ``W_E.T`` exactly.
 
     Warning:
-        A tied model whose ``W_U`` and ``W_E`` were trained apart comes back untied (``lm_head.weight`` set):
-        build its config with ``tie_word_embeddings="lm_head.weight" not in result``, as ``save_llama`` does.
+        A tied model whose ``W_U`` and ``W_E`` were trained apart comes back untied
+        (``lm_head.weight`` set): build its config with
+        ``tie_word_embeddings="lm_head.weight" not in result``, as ``save_llama`` does.
     """
     rest = dict(state_dict)
     for key in _zero_biases(cfg):
@@ -357,11 +388,13 @@ def hooked_to_hf_state_dict(
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
-    """The local directory of a Llama checkpoint: ``source`` itself, or an official name in the HF cache.
+    """The local directory of a Llama checkpoint: ``source`` itself, or an official name in the HF
+    cache.
 
-    Official names are those of ``OFFICIAL_LLAMA3``, written "meta-llama/Llama-3.2-1B", "Llama-3.2-1B" or
-    "3.2-1B" (case-insensitive). The cache is ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-    ``~/.cache/huggingface/hub``; the snapshot named by ``refs/main`` wins, else the newest one.
+    Official names are those of ``OFFICIAL_LLAMA3``, written "meta-llama/Llama-3.2-1B",
+    "Llama-3.2-1B" or "3.2-1B" (case-insensitive). The cache is ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; the snapshot named by ``refs/main`` wins,
+    else the newest one.
 
     Raises:
         CheckpointNotFoundError: one line saying where it looked.
@@ -376,8 +409,9 @@ def resolve_checkpoint(source: str | Path) -> Path:
     name = aliases.get(str(source).lower())
     if name is None:
         raise CheckpointNotFoundError(
-            f"no checkpoint directory at {path}; pass a local Llama directory (config.json, *.safetensors) "
-            f"or one of {', '.join(OFFICIAL_LLAMA3)} present in the Hugging Face cache"
+            f"no checkpoint directory at {path}; pass a local Llama directory "
+            f"(config.json, *.safetensors) or one of {', '.join(OFFICIAL_LLAMA3)} present in the "
+            "Hugging Face cache"
         )
     if os.environ.get("HF_HUB_CACHE"):
         cache = Path(os.environ["HF_HUB_CACHE"])
@@ -392,8 +426,8 @@ def resolve_checkpoint(source: str | Path) -> Path:
         return repo / "snapshots" / ref.read_text().strip()
     if not snapshots:
         raise CheckpointNotFoundError(
-            f"{name} is not in the Hugging Face cache (looked in {repo / 'snapshots'}); cdist never "
-            f"downloads: copy the checkpoint there or pass its local directory"
+            f"{name} is not in the Hugging Face cache (looked in {repo / 'snapshots'}); "
+            f"cdist never downloads: copy the checkpoint there or pass its local directory"
         )
     return max(snapshots, key=lambda p: p.stat().st_mtime)
 
@@ -406,17 +440,22 @@ def _read_safetensors(ckpt: Path, dtype: torch.dtype) -> dict[str, Tensor]:
         files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise CheckpointNotFoundError(
-            f"no *.safetensors in {ckpt}; cdist reads safetensors only (re-save with safe_serialization=True)"
+            f"no *.safetensors in {ckpt}; cdist reads safetensors only "
+            "(re-save with safe_serialization=True)"
         )
     sd: dict[str, Tensor] = {}
-    for file in files:  # one shard at a time, cast as it comes, to keep bf16 -> fp32 peaks to one shard
+    # one shard at a time, cast as it comes, to keep bf16 -> fp32 peaks to one shard
+    for file in files:
         sd |= {k: v.to(dtype) for k, v in load_file(file).items()}
     return sd
 
 
-def _hooked(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase | None) -> HookedTransformer:
-    # TransformerLens 3.9 warns on every HookedTransformer that 4.0 replaces it with TransformerBridge; cdist
-    # pins <4 and keeps that move to this module (see the module docstring), so the warning is noise here.
+def _hooked(
+    cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> HookedTransformer:
+    # TransformerLens 3.9 warns on every HookedTransformer that 4.0 replaces it with
+    # TransformerBridge; cdist pins <4 and keeps that move to this module (see the module
+    # docstring), so the warning is noise here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         return HookedTransformer(cfg, tokenizer=tokenizer)
@@ -433,8 +472,9 @@ def load_llama(
     """Load a local Llama checkpoint as a HookedTransformer, without the network.
 
     Args:
-        source: a directory with ``config.json`` and ``*.safetensors`` (a ``model.safetensors.index.json``
-            names the shards), or an official Llama-3 name found in the HF cache (see ``resolve_checkpoint``).
+        source: a directory with ``config.json`` and ``*.safetensors`` (a
+            ``model.safetensors.index.json`` names the shards), or an official Llama-3 name found in
+            the HF cache (see ``resolve_checkpoint``).
         device: where the model goes.
         dtype: its dtype (weights are cast on load).
         tokenizer: default: the checkpoint's own tokenizer files, if it has any, else no tokenizer.
@@ -444,7 +484,8 @@ def load_llama(
         The model in eval mode, with raw (unfolded) weights.
 
     Warning:
-        The converted state dict and the model coexist while loading: peak memory is about twice the model's.
+        The converted state dict and the model coexist while loading: peak memory is about twice the
+        model's.
     """
     ckpt = resolve_checkpoint(source)
     if not (ckpt / "config.json").is_file():
@@ -453,16 +494,20 @@ def load_llama(
         )
     model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
     if model_type != "llama":
-        raise ValueError(f"{ckpt / 'config.json'} has model_type={model_type!r}; cdist loads 'llama' only")
+        raise ValueError(
+            f"{ckpt / 'config.json'} has model_type={model_type!r}; cdist loads 'llama' only"
+        )
     hf_config = LlamaConfig.from_pretrained(ckpt, local_files_only=True)
     cfg = hooked_config_from_hf(hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
     hf_sd = _read_safetensors(ckpt, dtype)
-    if tokenizer is None and any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    if tokenizer is None and any((ckpt / f).is_file() for f in tokenizer_files):
         tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     cfg.init_weights = False  # about to be overwritten: skip the (slow, for 8B) random init
     model = _hooked(cfg, tokenizer)
     model.cfg.init_weights = True
-    # Start from the model's own state dict so that its buffers (masks, rotary tables) are kept as built.
+    # Start from the model's own state dict so that its buffers (masks, rotary tables)
+    # are kept as built.
     full = model.state_dict()
     full.update(hf_to_hooked_state_dict(hf_sd, cfg))
     del hf_sd
@@ -471,19 +516,23 @@ def load_llama(
 
 
 def save_llama(
-    model: HookedTransformer, out_dir: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None
+    model: HookedTransformer,
+    out_dir: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write ``model`` as a transformers ``LlamaForCausalLM`` folder that ``load_llama`` reads back exactly.
+    """Write ``model`` as a transformers ``LlamaForCausalLM`` folder that ``load_llama`` reads back
+    exactly.
 
-    The directory holds ``config.json``, ``model.safetensors`` (in the model's dtype) and the tokenizer files
-    (of ``tokenizer``, else of ``model.tokenizer``, if any). It is written into a temporary directory beside
-    ``out_dir`` and renamed into place, so ``out_dir`` is always either the old checkpoint or the complete
-    new one.
+    The directory holds ``config.json``, ``model.safetensors`` (in the model's dtype) and the
+    tokenizer files (of ``tokenizer``, else of ``model.tokenizer``, if any). It is written into a
+    temporary directory beside ``out_dir`` and renamed into place, so ``out_dir`` is always either
+    the old checkpoint or the complete new one.
 
     Args:
         model: a Llama-shaped HookedTransformer whose extra biases are still zero.
-        out_dir: the checkpoint directory; an existing one is replaced only if it is empty or holds a
-            ``config.json`` (so a wrong path never wipes an unrelated folder).
+        out_dir: the checkpoint directory; an existing one is replaced only if it is empty or holds
+            a ``config.json`` (so a wrong path never wipes an unrelated folder).
         tokenizer: overrides ``model.tokenizer``.
 
     Returns:
@@ -526,9 +575,10 @@ def new_llama(
 ) -> HookedTransformer:
     """A randomly initialised Llama-shaped HookedTransformer (untied embeddings, no rope scaling).
 
-    The shape goes through a transformers LlamaConfig and ``hooked_config_from_hf``, so whatever is built
-    here can be saved with ``save_llama`` and loaded by transformers. Weights use TransformerLens' default
-    initialisation (normal, std 0.8/sqrt(d_model)), drawn from ``seed`` without touching the global RNG.
+    The shape goes through a transformers LlamaConfig and ``hooked_config_from_hf``, so whatever is
+    built here can be saved with ``save_llama`` and loaded by transformers. Weights use
+    TransformerLens' default initialisation (normal, std 0.8/sqrt(d_model)), drawn from ``seed``
+    without touching the global RNG.
 
     Args:
         n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab_size, n_ctx, rope_theta: the shape.
@@ -559,19 +609,21 @@ def new_llama(
         return _hooked(cfg, tokenizer)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hook names and head weights: the only place that knows TransformerLens' names and layouts
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def hook_z(layer: int) -> str:
-    """Hook of a layer's head outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one per query head."""
+    """Hook of a layer's head outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one per
+    query head."""
     return f"blocks.{layer}.attn.hook_z"
 
 
 def hook_input(layer: int, which: str) -> str:
-    """Hook of a layer's queries (``"q"``, ``[batch, pos, head_index, d_head]``) or keys/values (``"k"``,
-    ``"v"``, ``[batch, pos, kv_head_index, d_head]`` under grouped-query attention), before rotary."""
+    """Hook of a layer's queries (``"q"``, ``[batch, pos, head_index, d_head]``) or keys/values
+    (``"k"``, ``"v"``, ``[batch, pos, kv_head_index, d_head]`` under grouped-query attention),
+    before rotary."""
     if which not in ("q", "k", "v"):
         raise ValueError(f"attention input {which!r}; choose 'q', 'k' or 'v'")
     return f"blocks.{layer}.attn.hook_{which}"
@@ -593,25 +645,30 @@ def hook_resid_mid(layer: int) -> str:
 
 
 def hook_attn_out(layer: int) -> str:
-    """Hook of layer ``layer``'s attention output (the sum over heads of ``z @ W_O``, plus ``b_O``)."""
+    """Hook of layer ``layer``'s attention output (the sum over heads of ``z @ W_O``, plus
+    ``b_O``)."""
     return f"blocks.{layer}.hook_attn_out"
 
 
 def grouped_query(cfg: HookedTransformerConfig) -> bool:
-    """Whether TransformerLens builds grouped-query attention, which keeps ``_W_K`` / ``_W_V`` per key/value
-    head (whenever ``n_key_value_heads`` is set, even to ``n_heads``)."""
+    """Whether TransformerLens builds grouped-query attention, which keeps ``_W_K`` / ``_W_V`` per
+    key/value head (whenever ``n_key_value_heads`` is set, even to ``n_heads``)."""
     return cfg.n_key_value_heads is not None
 
 
-def head_weights(cfg: HookedTransformerConfig, layer: int, kinds: Sequence[str] = ("q", "o")) -> dict[str, str]:
-    """Parameter names of a layer's per-head weight tensors, each indexed by head along its first axis.
+def head_weights(
+    cfg: HookedTransformerConfig, layer: int, kinds: Sequence[str] = ("q", "o")
+) -> dict[str, str]:
+    """Parameter names of a layer's per-head weight tensors, each indexed by head along its first
+    axis.
 
     Args:
         cfg: the model's config.
         layer: the layer.
-        kinds: which of ``"q"`` (``W_Q`` ``[head_index, d_model, d_head]``), ``"o"`` (``W_O`` ``[head_index,
-            d_head, d_model]``), ``"k"`` and ``"v"`` (``[kv_head_index, d_model, d_head]``: under grouped-query
-            attention the real parameters are ``_W_K`` / ``_W_V``, indexed by key/value head).
+        kinds: which of ``"q"`` (``W_Q`` ``[head_index, d_model, d_head]``), ``"o"`` (``W_O``
+            ``[head_index, d_head, d_model]``), ``"k"`` and ``"v"``
+            (``[kv_head_index, d_model, d_head]``: under grouped-query attention the real
+            parameters are ``_W_K`` / ``_W_V``, indexed by key/value head).
 
     Returns:
         kind -> the name in ``model.named_parameters()``.
@@ -624,9 +681,9 @@ def head_weights(cfg: HookedTransformerConfig, layer: int, kinds: Sequence[str] 
     return {kind: f"blocks.{layer}.attn.{names[kind]}" for kind in kinds}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One position at a time, with every head's output given (path patching's frozen run)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def frozen_head_residuals(
@@ -634,23 +691,29 @@ def frozen_head_residuals(
     embed: Float[Tensor, "rows d_model"],
     z: Sequence[Float[Tensor, "rows head_index d_head"]],
 ) -> list[Float[Tensor, "rows d_model"]]:
-    """The residual stream at one position when every head's output ``z`` is given and only MLPs recompute.
+    """The residual stream at one position when every head's output ``z`` is given and only MLPs
+    recompute.
 
-    With every head's ``z`` fixed, nothing moves information between positions (attention is the only
-    thing that does), so one position's residual stream depends on that position alone: its embedding, the
-    given ``z`` through ``W_O``, and its own MLPs. Path patching's first run is exactly this, which lets it
-    skip the attention of every layer and every other position.
+    With every head's ``z`` fixed, nothing moves information between positions (attention is the
+    only thing that does), so one position's residual stream depends on that position alone: its
+    embedding, the given ``z`` through ``W_O``, and its own MLPs. Path patching's first run is
+    exactly this, which lets it skip the attention of every layer and every other position.
 
     Args:
-        model: a HookedTransformer with sequential attention and MLP (Llama; not ``parallel_attn_mlp``).
+        model: a HookedTransformer with sequential attention and MLP (Llama; not
+            ``parallel_attn_mlp``).
         embed: the residual stream entering layer 0 at the position (``blocks.0.hook_resid_pre``).
-        z: per layer from the first, the heads' outputs at the position; as many layers as are wanted.
+        z: per layer from the first, the heads' outputs at the position; as many layers as are
+            wanted.
 
     Returns:
         ``len(z) + 1`` tensors: the residual stream entering layer 0, 1, ..., ``len(z)``.
     """
     if model.cfg.parallel_attn_mlp:
-        raise ValueError("frozen_head_residuals needs sequential attention and MLP blocks; this model is parallel")
+        raise ValueError(
+            "frozen_head_residuals needs sequential attention and MLP blocks; "
+            "this model is parallel"
+        )
     out = [embed]
     for layer, z_layer in enumerate(z):
         attn_out = head_writes(model, layer, z_layer) + model.blocks[layer].attn.b_O
@@ -661,15 +724,16 @@ def frozen_head_residuals(
 def head_writes(
     model: HookedTransformer, layer: int, z: Float[Tensor, "rows head_index d_head"]
 ) -> Float[Tensor, "rows d_model"]:
-    """What a layer's heads write into the residual stream for outputs ``z``: ``sum_h z[:, h] @ W_O[h]``
-    (without ``b_O``, so that it is linear in ``z``)."""
+    """What a layer's heads write into the residual stream for outputs ``z``:
+    ``sum_h z[:, h] @ W_O[h]`` (without ``b_O``, so that it is linear in ``z``)."""
     return torch.einsum("rhd,hdm->rm", z, model.blocks[layer].attn.W_O)
 
 
 def finish_layer(
     model: HookedTransformer, layer: int, resid_mid: Float[Tensor, "rows d_model"]
 ) -> Float[Tensor, "rows d_model"]:
-    """The residual stream after layer ``layer``'s MLP, given the stream between its attention and MLP."""
+    """The residual stream after layer ``layer``'s MLP, given the stream between its attention and
+    MLP."""
     block = model.blocks[layer]
     mid = resid_mid[:, None, :]
     return (mid + block.mlp(block.ln2(mid)))[:, 0]
@@ -678,9 +742,11 @@ def finish_layer(
 def attention_inputs(
     model: HookedTransformer, layer: int, resid: Float[Tensor, "rows d_model"]
 ) -> dict[str, Float[Tensor, "rows head_index d_head"]]:
-    """Layer ``layer``'s ``hook_q``, ``hook_k`` and ``hook_v`` values (before rotary) for a residual stream.
+    """Layer ``layer``'s ``hook_q``, ``hook_k`` and ``hook_v`` values (before rotary) for a residual
+    stream.
 
-    Under grouped-query attention ``k`` and ``v`` have one row per key/value head, as their hooks do.
+    Under grouped-query attention ``k`` and ``v`` have one row per key/value head, as their hooks
+    do.
     """
     block = model.blocks[layer]
     x = block.ln1(resid[:, None, :])
@@ -688,6 +754,8 @@ def attention_inputs(
     return {"q": q[:, 0], "k": k[:, 0], "v": v[:, 0]}
 
 
-def unembed(model: HookedTransformer, resid: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
+def unembed(
+    model: HookedTransformer, resid: Float[Tensor, "rows d_model"]
+) -> Float[Tensor, "rows d_vocab"]:
     """The logits of a final residual stream (final norm, then unembedding)."""
     return model.unembed(model.ln_final(resid[:, None, :]))[:, 0]

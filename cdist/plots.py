@@ -1,8 +1,9 @@
 """Figures: layer x head heatmaps of per-head scores, written as interactive HTML and static PNG.
 
-HTML files load plotly.js from its CDN (a few kB each instead of 4 MB); the PNG beside each one needs no
-network. PNG export uses kaleido, which drives a Chromium (Debian: ``apt install chromium``); without them
-``save_figure`` writes the HTML and says, in one line, what to install for the PNG.
+HTML files load plotly.js from its CDN (a few kB each instead of 4 MB); the PNG beside each one
+needs no network. PNG export uses kaleido, which drives a Chromium (Debian:
+``apt install chromium``); without them ``save_figure`` writes the HTML and says, in one line, what
+to install for the PNG.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def head_heatmap(
     marked: Iterable[Head] = (),
     diverging: bool = True,
 ) -> go.Figure:
-    """A layer (rows, layer 0 at the top) x head (columns) heatmap; ``marked`` heads get a black box.
+    """A layer (rows, layer 0 at the top) x head (columns) heatmap; ``marked`` heads get a black
+    box.
 
     Args:
         scores: one number per head.
@@ -38,7 +40,8 @@ def head_heatmap(
     """
     z = scores.detach().float().cpu().numpy()
     n_layers, n_heads = z.shape
-    text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)] for layer in range(n_layers)]
+    text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)]
+            for layer in range(n_layers)]
     limit = float(abs(z).max()) or 1.0
     heat = go.Heatmap(
         z=z, x=list(range(n_heads)), y=list(range(n_layers)), text=text, hoverinfo="text",
@@ -47,20 +50,21 @@ def head_heatmap(
     )
     fig = go.Figure(heat)
     for h in marked:
-        fig.add_shape(type="rect", x0=h.head - 0.5, x1=h.head + 0.5, y0=h.layer - 0.5, y1=h.layer + 0.5,
-                      line={"color": "black", "width": 3})
+        fig.add_shape(type="rect", x0=h.head - 0.5, x1=h.head + 0.5, y0=h.layer - 0.5,
+                      y1=h.layer + 0.5, line={"color": "black", "width": 3})
     fig.update_layout(
         title={"text": f"{title}<br><sup>{colorbar}</sup>"},
         xaxis={"title": "head", "dtick": 1, "constrain": "domain"},
         yaxis={"title": "layer", "dtick": 1, "autorange": "reversed", "scaleanchor": "x"},
-        width=max(560, 160 + 44 * n_heads), height=max(300, 200 + 44 * n_layers), template="plotly_white",
-        margin={"t": 90},
+        width=max(560, 160 + 44 * n_heads), height=max(300, 200 + 44 * n_layers),
+        template="plotly_white", margin={"t": 90},
     )
     return fig
 
 
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem.html`` and, when kaleido and Chromium are available, ``stem.png``; returns the paths written."""
+    """Write ``stem.html`` and, when kaleido and Chromium are available, ``stem.png``; returns the
+    paths written."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     html = stem.with_suffix(".html")
@@ -68,34 +72,40 @@ def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
     try:
         fig.write_image(stem.with_suffix(".png"), scale=2)
     except Exception as err:  # kaleido missing, or no Chromium for it to drive
-        print(f"PNG skipped for {stem.name} ({type(err).__name__}): pip install kaleido; apt install chromium")
+        print(f"PNG skipped for {stem.name} ({type(err).__name__}): pip install kaleido; "
+              "apt install chromium")
         return [html]
     return [html, stem.with_suffix(".png")]
 
 
 def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
-    """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher heads
-    (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black box and labelled
-    with the position column they are read at (student / teacher where the two differ)."""
+    """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher
+    heads (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black
+    box and labelled with the position column they are read at (student / teacher where the two
+    differ)."""
     z = head_map.matrix.detach().float().cpu().numpy()
     students = [str(h) for h in head_map.student_heads]
     teachers = [str(h) for h in head_map.teacher_heads]
     label = "distance |dP_s - dP_t|" if head_map.kind == "distance" else "similarity (CKA)"
     scale = "Viridis_r" if head_map.kind == "distance" else "Viridis"
-    fig = go.Figure(go.Heatmap(z=z, x=teachers, y=students, colorscale=scale, colorbar={"title": label},
-                               hovertemplate="student %{y} / teacher %{x}: %{z:.3g}<extra></extra>"))
+    heat = go.Heatmap(z=z, x=teachers, y=students, colorscale=scale, colorbar={"title": label},
+                      hovertemplate="student %{y} / teacher %{x}: %{z:.3g}<extra></extra>")
+    fig = go.Figure(heat)
     for pair in head_map.pairs:
         r, c = students.index(str(pair.student)), teachers.index(str(pair.teacher))
-        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line={"color": "black", "width": 3})
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5,
+                      line={"color": "black", "width": 3})
         where = pair.teacher_position.removeprefix("pos_")
         if pair.student_position != pair.teacher_position:
             where = pair.student_position.removeprefix("pos_") + " / " + where
-        fig.add_annotation(x=c, y=r, text=where, showarrow=False, font={"size": 10, "color": "white"})
+        fig.add_annotation(x=c, y=r, text=where, showarrow=False,
+                           font={"size": 10, "color": "white"})
     name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
     fig.update_layout(
         title=title or f"head correspondence, {head_map.method} matcher: {name}",
         xaxis={"title": "teacher head", "type": "category"},
         yaxis={"title": "student head", "type": "category", "autorange": "reversed"},
-        width=max(520, 220 + 46 * len(teachers)), height=max(320, 180 + 36 * len(students)), template="plotly_white",
+        width=max(520, 220 + 46 * len(teachers)), height=max(320, 180 + 36 * len(students)),
+        template="plotly_white",
     )
     return fig

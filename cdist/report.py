@@ -1,10 +1,11 @@
-"""Tables and figures from an experiment's ``results.json`` (``cdist.experiment``): markdown, CSV, HTML, PNG.
+"""Tables and figures from an experiment's ``results.json`` (``cdist.experiment``): markdown, CSV,
+HTML, PNG.
 
-``write_report(summary, out_dir, stem)`` writes ``{stem}.md`` (the declared primary comparison first, then
-the selection, the alignment diagnostics and one table per training regime), ``{stem}.csv`` (regime x arm x
-metric, mean and sd over seeds), ``{stem}.json`` (the whole summary), ``{stem}-val-ce.html/.png`` (CE on the
-fixed validation items over steps, the paper's Fig. 5), ``{stem}-val-accuracy.html/.png`` and
-``{stem}-head-map.html/.png``.
+``write_report(summary, out_dir, stem)`` writes ``{stem}.md`` (the declared primary comparison
+first, then the selection, the alignment diagnostics and one table per training regime),
+``{stem}.csv`` (regime x arm x metric, mean and sd over seeds), ``{stem}.json`` (the whole summary),
+``{stem}-val-ce.html/.png`` (CE on the fixed validation items over steps, the paper's Fig. 5),
+``{stem}-val-accuracy.html/.png`` and ``{stem}-head-map.html/.png``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from cdist.matching import HeadMap
 
 __all__ = ["markdown_table", "write_report"]
 
-METRICS = (("full_accuracy", "full"), ("circuit_accuracy", "circuit"), ("random_accuracy", "random circuit"),
-           ("faithfulness", "faithfulness"))
+METRICS = (("full_accuracy", "full"), ("circuit_accuracy", "circuit"),
+           ("random_accuracy", "random circuit"), ("faithfulness", "faithfulness"))
 CURVE_ARMS = {"circuit distilled, CE": "#1f77b4", "circuit distilled, CE + Align CKA": "#d62728",
-              "circuit distilled, CE + Shuffled CKA": "#2ca02c", "circuit distilled, CE + Rand CKA": "#9467bd",
-              "circuit distilled, KD": "#ff7f0e"}
+              "circuit distilled, CE + Shuffled CKA": "#2ca02c",
+              "circuit distilled, CE + Rand CKA": "#9467bd", "circuit distilled, KD": "#ff7f0e"}
 
 
 def _cell(stat: dict) -> str:
@@ -36,8 +37,10 @@ def _cell(stat: dict) -> str:
 def _test_line(name: str, test: dict) -> str:
     pooled = test["pooled"]
     seeds = ", ".join(f"{t['p_value']:.2g}" for t in test["per_seed"])
-    return (f"{name}: pooled B = {pooled['b']}, C = {pooled['c']} (odds ratio {pooled['odds_ratio']:.2f}), "
-            f"CMH chi2 = {pooled['statistic']:.2f}, p = {pooled['p_value_chi2']:.3g} (exact {pooled['p_value']:.3g}); "
+    return (f"{name}: pooled B = {pooled['b']}, C = {pooled['c']} "
+            f"(odds ratio {pooled['odds_ratio']:.2f}), "
+            f"CMH chi2 = {pooled['statistic']:.2f}, p = {pooled['p_value_chi2']:.3g} "
+            f"(exact {pooled['p_value']:.3g}); "
             f"per-seed McNemar p: {seeds}")
 
 
@@ -50,19 +53,23 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
     if command:
         lines.append(f"`{command}`" + (f" at commit `{commit}`" if commit else "") +
                      f"; {summary['wall_time_s'] / 60:.0f} min.")
-    lines += ["", f"**Primary comparison (declared before the runs):** {arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at "
-              f"{small} training items, test accuracy, pooled over seeds {cfg['seeds']} by the Cochran-Mantel-"
-              "Haenszel test for matched pairs (each item and seed a pair), per-seed McNemar beside it.", ""]
+    lines += ["", "**Primary comparison (declared before the runs):** "
+              f"{arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at {small} training items, test accuracy, "
+              f"pooled over seeds {cfg['seeds']} by the Cochran-Mantel-Haenszel test for matched "
+              "pairs (each item and seed a pair), per-seed McNemar beside it.", ""]
     primary = summary["tests"].get(summary["primary"])
-    lines.append("- " + (_test_line("result", primary["test"]) if primary else "not run (an arm is missing)"))
+    result = _test_line("result", primary["test"]) if primary else "not run (an arm is missing)"
+    lines.append("- " + result)
     sel = summary["selection"]
     chosen = sel["chosen"]
-    lines += ["", f"## Selection (validation items, seed {sel['seed']}, {sel['train_items']} training items)", "",
-              f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, lambda {chosen['lambda']} ({sel['why']}); "
-              f"the (strong) arms use lambda {chosen['lambda_strong']}, the smallest whose CKA:CE gradient ratio at "
-              f"the start reaches {arms.STRONG_RATIO}; "
-              f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base student's validation "
-              "accuracy to circuit CE's at the end of its run).", "",
+    lines += ["", f"## Selection (validation items, seed {sel['seed']}, "
+              f"{sel['train_items']} training items)", "",
+              f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, "
+              f"lambda {chosen['lambda']} ({sel['why']}); "
+              f"the (strong) arms use lambda {chosen['lambda_strong']}, the smallest "
+              f"whose CKA:CE gradient ratio at the start reaches {arms.STRONG_RATIO}; "
+              f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base "
+              "student's validation accuracy to circuit CE's at the end of its run).", "",
               "| circuit CE lr | validation accuracy |", "|---|---|"]
     lines += [f"| {r['lr']} | {r['val_accuracy']:.3f} |" for r in sel["lr"]]
     lines += ["", "| matcher | lambda | validation accuracy | CKA:CE gradient ratio at the start | "
@@ -74,18 +81,21 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
     lines += ["", f"## Head map `{chosen['matcher']}` and its diagnostics (validation items)", "",
               f"Teacher head positions from {summary['positions_from']}: " +
               ", ".join(f"{h}@{c}" for h, c in summary["teacher_positions"].items()) + ".", "",
-              "| pair | teacher variation | student variation | debiased CKA | batch CKA (paired / shuffled) |",
+              "| pair | teacher variation | student variation | debiased CKA | "
+              "batch CKA (paired / shuffled) |",
               "|---|---|---|---|---|"]
     for key in (chosen["matcher"], f"{chosen['matcher']} at pos_last"):
         for r in summary["diagnostics"].get(key, {"pairs": []})["pairs"]:
-            lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | {r['student_variation']:.3g} | "
-                         f"{r['cka_debiased']:.3f} | {r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f} |")
+            lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | "
+                         f"{r['student_variation']:.3g} | {r['cka_debiased']:.3f} | "
+                         f"{r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f} |")
     for name, d in summary["diagnostics"].items():
         for flag in d["flags"]:
             lines.append(f"- flag ({name}): {flag}")
     tr, grp = summary["trainable"], summary["trainable_group"]
     lines += ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
-              f"({100 * tr['param_share']:.1f}% of the student; kv policy `{cfg['distill']['kv_policy']}`); the "
+              f"({100 * tr['param_share']:.1f}% of the student; "
+              f"kv policy `{cfg['distill']['kv_policy']}`); the "
               f"`group` policy would train {grp['params']:,}."]
     ood_names = list(summary["teacher_ood"])
     if ood_names:
@@ -94,15 +104,16 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
             for k, v in summary["teacher_ood"].items()) + "."]
     for regime, rows in summary["rows"].items():
         lines += ["", f"## {regime[1:]} training items", "",
-                  "| arm | " + " | ".join(label for _, label in METRICS) + "".join(f" | OOD {n}" for n in ood_names)
+                  "| arm | " + " | ".join(label for _, label in METRICS)
+                  + "".join(f" | OOD {n}" for n in ood_names)
                   + " | steps to threshold | validation CE at the end |",
                   "|---|" + "---|" * (len(METRICS) + len(ood_names) + 2)]
         for arm, row in rows.items():
             steps = row.get("steps_to_threshold")
             reached = [s for s in steps or [] if s is not None]
             steps_cell = "–" if steps is None else (
-                f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{len(steps)} reached)" if reached
-                else f"never (0/{len(steps)})")
+                f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{len(steps)} reached)"
+                if reached else f"never (0/{len(steps)})")
             ce = row.get("val_ce_curve")
             lines.append(f"| {arm} | " + " | ".join(_cell(row[k]) for k, _ in METRICS)
                          + "".join(f" | {_cell(row['ood'][n])}" for n in ood_names)
@@ -116,22 +127,27 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
 
 
 def curve_figure(summary: dict, key: str, title: str) -> go.Figure:
-    """``key`` ("val_ce_curve" or "val_accuracy_curve") over steps, seed means, one panel per regime."""
+    """``key`` ("val_ce_curve" or "val_accuracy_curve") over steps, seed means, one panel per
+    regime."""
     regimes = list(summary["rows"])
-    fig = make_subplots(rows=1, cols=len(regimes), subplot_titles=[f"{r[1:]} training items" for r in regimes])
+    titles = [f"{r[1:]} training items" for r in regimes]
+    fig = make_subplots(rows=1, cols=len(regimes), subplot_titles=titles)
     for col, regime in enumerate(regimes, start=1):
         for arm, colour in CURVE_ARMS.items():
             curve = summary["rows"][regime].get(arm, {}).get(key)
             if curve:
-                fig.add_trace(go.Scatter(x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines", name=arm,
-                                         line={"color": colour}, legendgroup=arm, showlegend=col == 1),
-                              row=1, col=col)
+                trace = go.Scatter(x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines",
+                                   name=arm, line={"color": colour}, legendgroup=arm,
+                                   showlegend=col == 1)
+                fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
-    fig.update_layout(title=title, template="plotly_white", width=460 * len(regimes) + 200, height=420)
+    fig.update_layout(title=title, template="plotly_white", width=460 * len(regimes) + 200,
+                      height=420)
     return fig
 
 
-def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str = "", commit: str = "") -> list[Path]:
+def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str = "",
+                 commit: str = "") -> list[Path]:
     """Write the markdown and CSV tables, the JSON summary and the figures; returns the paths."""
     out = Path(out_dir)
     atomic_write_text(markdown_table(summary, command=command, commit=commit), out / f"{stem}.md")
@@ -139,7 +155,8 @@ def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str 
     table = io.StringIO()
     writer = csv.writer(table)
     ood_names = list(summary["teacher_ood"])
-    writer.writerow(["train_items", "arm"] + [f"{k}_{p}" for k, _ in METRICS for p in ("mean", "sd")]
+    writer.writerow(["train_items", "arm"]
+                    + [f"{k}_{p}" for k, _ in METRICS for p in ("mean", "sd")]
                     + [f"ood_{n}_{p}" for n in ood_names for p in ("mean", "sd")] + ["seeds"])
     for regime, rows in summary["rows"].items():
         for arm, row in rows.items():
@@ -148,10 +165,12 @@ def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str 
                             + [row["full_accuracy"]["n"]])
     atomic_write_text(table.getvalue(), out / f"{stem}.csv")
     written = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
-    written += plots.save_figure(curve_figure(summary, "val_ce_curve", "CE on the fixed validation items (teacher's "
-                                              "labels), mean over seeds"), out / f"{stem}-val-ce")
-    written += plots.save_figure(curve_figure(summary, "val_accuracy_curve", "validation accuracy, mean over seeds"),
-                                 out / f"{stem}-val-accuracy")
+    val_ce = curve_figure(summary, "val_ce_curve",
+                          "CE on the fixed validation items (teacher's labels), mean over seeds")
+    written += plots.save_figure(val_ce, out / f"{stem}-val-ce")
+    val_accuracy = curve_figure(summary, "val_accuracy_curve",
+                                "validation accuracy, mean over seeds")
+    written += plots.save_figure(val_accuracy, out / f"{stem}-val-accuracy")
     written += plots.save_figure(plots.head_map_figure(HeadMap.from_dict(summary["head_map"])),
                                  out / f"{stem}-head-map")
     return written

@@ -2,13 +2,15 @@
 
 Two kinds are used in cdist:
 
-- a word-level tokenizer for the model organisms (the zoo): one token per word or punctuation mark, so that
-  an entity-tracking prompt is ~50 tokens and every object, label and state is a single token;
-- the real Llama-3 tokenizer, built offline from the tiktoken file that the PyPI package ``llama-models``
-  ships (see ``llama3_tokenizer``).
+- a word-level tokenizer for the model organisms (the zoo): one token per word or punctuation mark,
+  so that an entity-tracking prompt is ~50 tokens and every object, label and state is a single
+  token;
+- the real Llama-3 tokenizer, built offline from the tiktoken file that the PyPI package
+  ``llama-models`` ships (see ``llama3_tokenizer``).
 
-TransformerLens tries the model hub whenever it is handed a tokenizer it has to re-create, so every tokenizer
-made here is saved with ``save_pretrained`` and reloaded from that directory before it is returned.
+TransformerLens tries the model hub whenever it is handed a tokenizer it has to re-create, so every
+tokenizer made here is saved with ``save_pretrained`` and reloaded from that directory before it is
+returned.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
 
-def word_tokenizer(words: Iterable[str], save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+def word_tokenizer(
+    words: Iterable[str], save_dir: str | Path | None = None
+) -> PreTrainedTokenizerFast:
     """Build a word-level tokenizer whose vocabulary is the special tokens followed by ``words``.
 
-    Text is split on whitespace and punctuation, so "Box F, the" is ["Box", "F", ",", "the"]. Every encoded
-    text starts with ``<bos>`` (as Llama-3's tokenizer starts with ``<|begin_of_text|>``).
+    Text is split on whitespace and punctuation, so "Box F, the" is ["Box", "F", ",", "the"]. Every
+    encoded text starts with ``<bos>`` (as Llama-3's tokenizer starts with ``<|begin_of_text|>``).
 
     Args:
-        words: the vocabulary, in id order after the four special tokens; duplicates are dropped, first wins.
+        words: the vocabulary, in id order after the four special tokens; duplicates are dropped,
+            first wins.
         save_dir: where to save it; a temporary directory when None.
 
     Returns:
@@ -41,15 +46,25 @@ def word_tokenizer(words: Iterable[str], save_dir: str | Path | None = None) -> 
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *words):
         if not word or any(c.isspace() for c in word):
-            raise ValueError(f"word-level vocabulary entry {word!r} is empty or has whitespace; give single words")
+            raise ValueError(f"word-level vocabulary entry {word!r} is empty or has whitespace; "
+                             "give single words")
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
-    save_dir = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix="cdist-tok-"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    save_dir = (Path(save_dir) if save_dir is not None
+                else Path(tempfile.mkdtemp(prefix="cdist-tok-")))
     fast.save_pretrained(save_dir)
     return PreTrainedTokenizerFast.from_pretrained(save_dir)
 
@@ -59,28 +74,34 @@ LLAMA3_EOS = "<|end_of_text|>"
 
 
 def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The real Llama-3 tokenizer (128,256 ids), built offline from the tiktoken file in ``llama-models``.
+    """The real Llama-3 tokenizer (128,256 ids), built offline from the tiktoken file in
+    ``llama-models``.
 
-    It gives the ids of ``llama_models.llama3.tokenizer.Tokenizer().encode(text, bos=True, eos=False)`` and
-    of meta-llama/Llama-3.2-1B's own tokenizer: the same byte-level BPE, split pattern and special tokens
-    (``<|begin_of_text|>`` = 128000, ``<|end_of_text|>`` = 128001, ... ``<|eot_id|>`` = 128009, then the
-    reserved ones), and a post-processor that puts ``<|begin_of_text|>`` first. Our choices: the eos token is
-    ``<|end_of_text|>`` (the base models'; the -Instruct ones end turns with ``<|eot_id|>``), there is no chat
-    template, and ``clean_up_tokenization_spaces`` is off so that ``decode`` gives back the text exactly.
+    It gives the ids of
+    ``llama_models.llama3.tokenizer.Tokenizer().encode(text, bos=True, eos=False)`` and of
+    meta-llama/Llama-3.2-1B's own tokenizer: the same byte-level BPE, split pattern and special
+    tokens (``<|begin_of_text|>`` = 128000, ``<|end_of_text|>`` = 128001, ... ``<|eot_id|>`` =
+    128009, then the reserved ones), and a post-processor that puts ``<|begin_of_text|>`` first. Our
+    choices: the eos token is ``<|end_of_text|>`` (the base models'; the -Instruct ones end turns
+    with ``<|eot_id|>``), there is no chat template, and ``clean_up_tokenization_spaces`` is off so
+    that ``decode`` gives back the text exactly.
 
-    The conversion takes a few seconds, so the result is saved once under ``cache_dir`` and reloaded from
-    there (which TransformerLens also needs: it re-creates tokenizers from their saved directory).
+    The conversion takes a few seconds, so the result is saved once under ``cache_dir`` and reloaded
+    from there (which TransformerLens also needs: it re-creates tokenizers from their saved
+    directory).
 
     Args:
-        cache_dir: where the converted tokenizer lives; default ``$CDIST_CACHE/llama3-tokenizer``, or
-            ``~/.cache/cdist/llama3-tokenizer`` when ``CDIST_CACHE`` is unset.
+        cache_dir: where the converted tokenizer lives; default
+            ``$CDIST_CACHE/llama3-tokenizer``, or ``~/.cache/cdist/llama3-tokenizer`` when
+            ``CDIST_CACHE`` is unset.
 
     Returns:
         The tokenizer, loaded from ``cache_dir``.
 
     Warning:
-        Special-token text inside a string (say "<|eot_id|>") becomes the special token here, whereas
-        ``llama_models``' ``encode`` (with its default ``allowed_special``) reads it as plain text.
+        Special-token text inside a string (say "<|eot_id|>") becomes the special token here,
+        whereas ``llama_models``' ``encode`` (with its default ``allowed_special``) reads it as
+        plain text.
     """
     if cache_dir is None:
         root = os.environ.get("CDIST_CACHE")
@@ -100,13 +121,14 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
     model_file = Path(meta.__file__).parent / "tokenizer.model"
     reference = meta.Tokenizer(model_file)
     specials = sorted(reference.special_tokens, key=reference.special_tokens.get)
-    # The converter appends the special tokens after the 128,000 BPE ranks, in the order given, which is
-    # how Meta numbers them; checked below rather than trusted.
+    # The converter appends the special tokens after the 128,000 BPE ranks, in the order given,
+    # which is how Meta numbers them; checked below rather than trusted.
     tok = TikTokenConverter(
         vocab_file=str(model_file), pattern=reference.pat_str, extra_special_tokens=specials
     ).converted()
     if tok.token_to_id(LLAMA3_BOS) != reference.bos_id or tok.get_vocab_size() != reference.n_words:
-        raise RuntimeError(f"converted Llama-3 tokenizer disagrees with {model_file} on special-token ids")
+        raise RuntimeError(f"converted Llama-3 tokenizer disagrees with {model_file} "
+                           "on special-token ids")
     tok.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
@@ -125,8 +147,8 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
         model_input_names=["input_ids", "attention_mask"],
         model_max_length=131072,
     )
-    # Written beside the cache and renamed into place, so a concurrent or interrupted build never leaves a
-    # half-written cache that later calls would trust.
+    # Written beside the cache and renamed into place, so a concurrent or interrupted build never
+    # leaves a half-written cache that later calls would trust.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
@@ -136,7 +158,8 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
         try:
             os.replace(tmp, out_dir)
         except OSError:
-            if not (out_dir / "tokenizer.json").is_file():  # not a concurrent build that finished first
+            # not a concurrent build that finished first
+            if not (out_dir / "tokenizer.json").is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

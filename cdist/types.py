@@ -1,11 +1,12 @@
 """The vocabulary of cdist: attention heads, ablation kinds, circuits and per-head scores.
 
-Every other module speaks in these words, so they are plain frozen dataclasses and enums with no behaviour
-beyond naming, ordering and (de)serialising themselves (and a scan drawing itself through ``cdist.plots``).
-Nothing here knows TransformerLens: hook names and weight layouts live in ``cdist.models`` alone.
+Every other module speaks in these words, so they are plain frozen dataclasses and enums with no
+behaviour beyond naming, ordering and (de)serialising themselves (and a scan drawing itself through
+``cdist.plots``). Nothing here knows TransformerLens: hook names and weight layouts live in
+``cdist.models`` alone.
 
-Naming follows EAP-IG: the head with index 5 of layer 3 prints as ``a3.h5`` and ``Head.parse`` reads it
-back, which is also how heads are written in JSON files and figure labels.
+Naming follows EAP-IG: the head with index 5 of layer 3 prints as ``a3.h5`` and ``Head.parse`` reads
+it back, which is also how heads are written in JSON files and figure labels.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
 class Head:
     """One attention (query) head: ``Head(3, 5)``, printed ``a3.h5``; sorts by layer, then head.
 
-    Under grouped-query attention a head is a *query* head. Its output ``z`` (the ``d_head`` vector before
-    ``W_O``) is its own, while its keys and values are shared with the other query heads of its group
-    (see ``kv_head``).
+    Under grouped-query attention a head is a *query* head. Its output ``z`` (the ``d_head`` vector
+    before ``W_O``) is its own, while its keys and values are shared with the other query heads of
+    its group (see ``kv_head``).
     """
 
     layer: int
@@ -42,7 +43,8 @@ class Head:
 
     def __post_init__(self) -> None:
         if self.layer < 0 or self.head < 0:
-            raise ValueError(f"Head({self.layer}, {self.head}): layer and head must be non-negative")
+            raise ValueError(f"Head({self.layer}, {self.head}): layer and head must be "
+                             "non-negative")
 
     def __str__(self) -> str:
         return f"a{self.layer}.h{self.head}"
@@ -52,22 +54,25 @@ class Head:
         """The head named ``text``, as printed by ``str``: ``Head.parse("a3.h5") == Head(3, 5)``."""
         match = _HEAD_RE.match(text.strip())
         if match is None:
-            raise ValueError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', e.g. 'a3.h5'")
+            raise ValueError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', "
+                             "e.g. 'a3.h5'")
         return cls(int(match[1]), int(match[2]))
 
     def kv_head(self, n_heads: int, n_kv_heads: int | None) -> int:
         """The key/value head this query head reads under grouped-query attention.
 
-        Query heads are split into ``n_kv_heads`` consecutive groups, as in transformers and TransformerLens:
-        query head ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.
+        Query heads are split into ``n_kv_heads`` consecutive groups, as in transformers and
+        TransformerLens: query head ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``.
 
         Args:
             n_heads: query heads per layer.
-            n_kv_heads: key/value heads per layer; ``None`` (plain multi-head attention) means ``n_heads``.
+            n_kv_heads: key/value heads per layer; ``None`` (plain multi-head attention) means
+                ``n_heads``.
         """
         n_kv_heads = n_kv_heads or n_heads
         if n_heads % n_kv_heads:
-            raise ValueError(f"{n_heads} query heads cannot be split evenly over {n_kv_heads} key/value heads")
+            raise ValueError(f"{n_heads} query heads cannot be split evenly over {n_kv_heads} "
+                             "key/value heads")
         if self.head >= n_heads:
             raise ValueError(f"{self} does not exist in a model with {n_heads} heads per layer")
         return self.head // (n_heads // n_kv_heads)
@@ -75,13 +80,14 @@ class Head:
 
 @dataclass(frozen=True, order=True)
 class HeadPair:
-    """A student head aligned with a teacher head, each read at a position column of the task's items.
+    """A student head aligned with a teacher head, each read at a position column of the task's
+    items.
 
     Printed ``a1.h0@pos_last -> a1.h7@pos_last``. CKA compares the student head's ``z`` at
-    ``student_position`` with the teacher head's ``z`` at ``teacher_position``, one row per item. The default
-    is the position where the teacher head does its work (its circuit group's position, or where its
-    ablation matters most): a head read where it does nothing is nearly constant across items, and aligning
-    with a constant teaches nothing.
+    ``student_position`` with the teacher head's ``z`` at ``teacher_position``, one row per item.
+    The default is the position where the teacher head does its work (its circuit group's position,
+    or where its ablation matters most): a head read where it does nothing is nearly constant across
+    items, and aligning with a constant teaches nothing.
     """
 
     student: Head
@@ -94,22 +100,25 @@ class HeadPair:
 
     def to_dict(self) -> dict:
         return {"student": str(self.student), "teacher": str(self.teacher),
-                "student_position": self.student_position, "teacher_position": self.teacher_position}
+                "student_position": self.student_position,
+                "teacher_position": self.teacher_position}
 
     @classmethod
     def from_dict(cls, d: Mapping | Sequence) -> HeadPair:
-        """Inverse of ``to_dict``; also reads the older ``["a0.h4", "a0.h3"]`` form (both at ``pos_last``)."""
+        """Inverse of ``to_dict``; also reads the older ``["a0.h4", "a0.h3"]`` form (both at
+        ``pos_last``)."""
         if not isinstance(d, Mapping):
             student, teacher = d
             return cls(Head.parse(student), Head.parse(teacher))
-        return cls(Head.parse(d["student"]), Head.parse(d["teacher"]), d.get("student_position", "pos_last"),
-                   d.get("teacher_position", "pos_last"))
+        return cls(Head.parse(d["student"]), Head.parse(d["teacher"]),
+                   d.get("student_position", "pos_last"), d.get("teacher_position", "pos_last"))
 
 
 class Ablation(str, enum.Enum):
     """What replaces a knocked-out head's output ``z``.
 
-    - ``MEAN``: its mean over a reference set of prompts, per position (Prakash et al. 2024; cdist's default).
+    - ``MEAN``: its mean over a reference set of prompts, per position (Prakash et al. 2024; cdist's
+      default).
     - ``ZERO``: zeros (moves the residual stream off-distribution; kept for comparison).
     - ``RESAMPLE``: its value on another prompt (the corrupted run of path patching).
     """
@@ -124,7 +133,8 @@ def _heads(items: Iterable[Head | str]) -> tuple[Head, ...]:
 
 
 class JsonRecord:
-    """``to_json`` / ``from_json`` for a class with ``to_dict`` / ``from_dict`` (circuits, head maps)."""
+    """``to_json`` / ``from_json`` for a class with ``to_dict`` / ``from_dict`` (circuits, head
+    maps)."""
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text; also written to ``path`` when given."""
@@ -135,7 +145,8 @@ class JsonRecord:
 
     @classmethod
     def from_json(cls, source: str | Path):
-        """Read a record from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from JSON text."""
+        """Read a record from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from
+        JSON text."""
         text = str(source)
         if isinstance(source, Path) or not text.lstrip().startswith("{"):
             text = Path(source).read_text()
@@ -144,17 +155,18 @@ class JsonRecord:
 
 @dataclass(frozen=True)
 class Circuit(JsonRecord):
-    """A task circuit: named groups of heads, the prompt position each group acts at, and how it was found.
+    """A task circuit: named groups of heads, the prompt position each group acts at, and how it was
+    found.
 
-    Entity tracking's circuit (Prakash et al. 2024) has four groups, e.g. ``{"value_fetcher": (a5.h3, ...),
-    "position_transmitter": ..., "position_detector": ..., "structure_reader": ...}``, acting at
-    ``pos_last``, ``pos_last``, ``pos_query_label`` and ``pos_prev_label``; a circuit found by mean ablation
-    alone has one group. Positions are names of a task dataset's position columns, so that one circuit
-    applies to every prompt of the task.
+    Entity tracking's circuit (Prakash et al. 2024) has four groups, e.g. ``{"value_fetcher":
+    (a5.h3, ...), "position_transmitter": ..., "position_detector": ..., "structure_reader": ...}``,
+    acting at ``pos_last``, ``pos_last``, ``pos_query_label`` and ``pos_prev_label``; a circuit
+    found by mean ablation alone has one group. Positions are names of a task dataset's position
+    columns, so that one circuit applies to every prompt of the task.
 
-    Heads may be given as ``Head``s or names (``"a3.h5"``); within a group they keep their given order
-    (best first, by convention). ``groups``, ``positions`` and ``scores`` are dicts for easy reading; treat
-    them as read-only.
+    Heads may be given as ``Head``s or names (``"a3.h5"``); within a group they keep their given
+    order (best first, by convention). ``groups``, ``positions`` and ``scores`` are dicts for easy
+    reading; treat them as read-only.
 
     Attributes:
         groups: group name -> its heads (given as ``Head``s or names; held as tuples of ``Head``).
@@ -175,12 +187,14 @@ class Circuit(JsonRecord):
         groups = {str(name): _heads(heads) for name, heads in self.groups.items()}
         unknown = set(self.positions) - set(groups)
         if unknown:
-            raise ValueError(f"positions name groups {sorted(unknown)} that the circuit does not have")
+            raise ValueError(f"positions name groups {sorted(unknown)} that the circuit does not "
+                             "have")
         positions = {name: str(self.positions.get(name, "pos_last")) for name in groups}
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "positions", positions)
         if self.scores is not None:
-            scores = {Head.parse(h) if isinstance(h, str) else h: float(s) for h, s in self.scores.items()}
+            scores = {Head.parse(h) if isinstance(h, str) else h: float(s)
+                      for h, s in self.scores.items()}
             object.__setattr__(self, "scores", scores)
 
     @property
@@ -213,15 +227,16 @@ class Circuit(JsonRecord):
         )
 
 
-@dataclass(frozen=True, eq=False)  # tensors have no single truth value, so scores compare by identity
+# tensors have no single truth value, so scores compare by identity
+@dataclass(frozen=True, eq=False)
 class HeadScores:
     """One number per head of a model, from a discovery method: ``scores[layer, head]``.
 
     Attributes:
         scores: ``Float[Tensor, "layer head_index"]``.
         metric: what the number is ("prob_drop", "relative_prob_change", ...).
-        higher_is_important: whether large scores mark important heads (a probability drop) or small ones
-            (path patching's relative change, where most negative is most important).
+        higher_is_important: whether large scores mark important heads (a probability drop) or small
+            ones (path patching's relative change, where most negative is most important).
     """
 
     scores: Float[Tensor, "layer head_index"]
@@ -230,7 +245,8 @@ class HeadScores:
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2:
-            raise ValueError(f"scores must be [layer, head_index]; got shape {tuple(self.scores.shape)}")
+            raise ValueError("scores must be [layer, head_index]; "
+                             f"got shape {tuple(self.scores.shape)}")
 
     def __getitem__(self, head: Head) -> float:
         return float(self.scores[head.layer, head.head])
@@ -243,7 +259,8 @@ class HeadScores:
         flat = self.scores.detach().flatten().double().cpu()
         flat = flat if self.higher_is_important else -flat
         flat = torch.nan_to_num(flat, nan=-float("inf"))
-        # A stable sort keeps ties in (layer, head) order, so the result never depends on the backend.
+        # A stable sort keeps ties in (layer, head) order, so the result never depends on the
+        # backend.
         order = torch.sort(flat, descending=True, stable=True).indices[:k]
         n_heads = self.scores.shape[1]
         return tuple(Head(int(i) // n_heads, int(i) % n_heads) for i in order)
@@ -256,13 +273,15 @@ METHODS = ("mean_ablation", "path_patching", "activation_patching", "attribution
 class Scan(JsonRecord):
     """Every head's result from one discovery scan: ``scan["prob_drop"][layer, head]``.
 
-    One record for every scan of ``cdist.discovery``, so that circuit selection (``discovery.select_heads``),
-    figures (``figure``) and files (``to_json``, ``save``) take any of them.
+    One record for every scan of ``cdist.discovery``, so that circuit selection
+    (``discovery.select_heads``), figures (``figure``) and files (``to_json``, ``save``) take any of
+    them.
 
     Attributes:
         method: one of ``METHODS``.
-        metrics: metric name -> ``Float[Tensor, "layer head_index"]`` (float32, CPU), e.g. ``prob_drop`` and
-            ``accuracy_drop`` for mean ablation, ``relative_change`` and ``prob_change`` for patching.
+        metrics: metric name -> ``Float[Tensor, "layer head_index"]`` (float32, CPU), e.g.
+            ``prob_drop`` and ``accuracy_drop`` for mean ablation, ``relative_change`` and
+            ``prob_change`` for patching.
         metric: the metric heads are ranked by (``ranking``); must be in ``metrics``.
         higher_is_important: whether large values of ``metric`` mark important heads.
         position: the position column the heads were intervened on (None: every position).
@@ -285,16 +304,20 @@ class Scan(JsonRecord):
         if self.method not in METHODS:
             raise ValueError(f"scan method {self.method!r}; choose from {METHODS}")
         if self.metric not in self.metrics:
-            raise ValueError(f"ranking metric {self.metric!r} is not among the scan's {sorted(self.metrics)}")
+            raise ValueError(f"ranking metric {self.metric!r} is not among the scan's "
+                             f"{sorted(self.metrics)}")
         shapes = {tuple(t.shape) for t in self.metrics.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"every metric must be one [layer, head_index] tensor; got shapes {sorted(shapes)}")
-        object.__setattr__(self, "metrics", {k: v.detach().float().cpu() for k, v in self.metrics.items()})
+            raise ValueError("every metric must be one [layer, head_index] tensor; "
+                             f"got shapes {sorted(shapes)}")
+        metrics = {k: v.detach().float().cpu() for k, v in self.metrics.items()}
+        object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "receivers", _heads(self.receivers))
 
     def __getitem__(self, metric: str) -> Float[Tensor, "layer head_index"]:
         if metric not in self.metrics:
-            raise KeyError(f"the {self.method} scan has no metric {metric!r}; it has {sorted(self.metrics)}")
+            raise KeyError(f"the {self.method} scan has no metric {metric!r}; "
+                           f"it has {sorted(self.metrics)}")
         return self.metrics[metric]
 
     @property
@@ -308,8 +331,10 @@ class Scan(JsonRecord):
         higher = self.higher_is_important if metric == self.metric else True
         return HeadScores(self[metric], metric, higher_is_important=higher)
 
-    def figure(self, metric: str | None = None, *, marked: Iterable[Head] = (), title: str | None = None):
-        """A layer x head heatmap of ``metric`` (``cdist.plots.head_heatmap``), ``marked`` heads outlined."""
+    def figure(self, metric: str | None = None, *, marked: Iterable[Head] = (),
+               title: str | None = None):
+        """A layer x head heatmap of ``metric`` (``cdist.plots.head_heatmap``), ``marked`` heads
+        outlined."""
         from cdist import plots  # plots speaks this vocabulary, so it is imported only when drawing
 
         metric = metric or self.metric
@@ -319,7 +344,8 @@ class Scan(JsonRecord):
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; tensors as nested lists, heads as names."""
-        return {"method": self.method, "metric": self.metric, "higher_is_important": self.higher_is_important,
+        return {"method": self.method, "metric": self.metric,
+                "higher_is_important": self.higher_is_important,
                 "position": self.position, "receivers": [str(h) for h in self.receivers],
                 "receiver_input": self.receiver_input, "n_items": self.n_items,
                 "metrics": {k: v.tolist() for k, v in self.metrics.items()}}
@@ -329,10 +355,12 @@ class Scan(JsonRecord):
         """Inverse of ``to_dict``."""
         meta = {k: v for k, v in d.items() if k != "metrics"}
         meta["receivers"] = tuple(meta.get("receivers", ()))
-        return cls(metrics={k: torch.tensor(v, dtype=torch.float32) for k, v in d["metrics"].items()}, **meta)
+        metrics = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["metrics"].items()}
+        return cls(metrics=metrics, **meta)
 
     def save(self, path: str | Path) -> None:
-        """Write the scan as one safetensors file: the metrics as tensors, the rest as its metadata."""
+        """Write the scan as one safetensors file: the metrics as tensors, the rest as its
+        metadata."""
         from safetensors.torch import save as safetensors_bytes
 
         meta = {k: v for k, v in self.to_dict().items() if k != "metrics"}
@@ -346,6 +374,7 @@ class Scan(JsonRecord):
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["scan"])
-            metrics = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            # SIM118 does not apply: safe_open is not a dict
+            metrics = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta["receivers"] = tuple(meta.get("receivers", ()))
         return cls(metrics=metrics, **meta)

@@ -1,10 +1,11 @@
 """Draw the project's figures from saved results (HTML and PNG under figures/).
 
-    python experiments/figures.py discovery     # results/discovery/scores/*.json -> figures/discovery/
+    python experiments/figures.py discovery  # results/discovery/scores/*.json -> figures/discovery/
 
-One layer x head heatmap per model and score: the mean-ablation drops (the mean-ablation circuit outlined),
-activation patching and its attribution estimate (the task's own circuit outlined: path patching for entity
-tracking), and the path-patching score of each entity-tracking group (that group's heads outlined).
+One layer x head heatmap per model and score: the mean-ablation drops (the mean-ablation circuit
+outlined), activation patching and its attribution estimate (the task's own circuit outlined: path
+patching for entity tracking), and the path-patching score of each entity-tracking group (that
+group's heads outlined).
 """
 
 import argparse
@@ -24,9 +25,11 @@ LABELS = {
     "attribution_patching_prob_change": ("attribution estimate of that change", True),
 }
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("what", choices=["discovery"], help="which figures")
-parser.add_argument("--results", default="results/discovery", help="folder written by experiments/discovery.py")
+parser.add_argument("--results", default="results/discovery",
+                    help="folder written by experiments/discovery.py")
 parser.add_argument("--out", default="figures/discovery", help="output folder")
 args = parser.parse_args()
 
@@ -41,8 +44,10 @@ for path in files:
     for key, values in saved["scores"].items():
         if key.startswith("path_patching_"):
             group, found = key.removeprefix("path_patching_"), circuits["path_patching"]
-            label = f"relative change of p(answer), senders at {found.positions[group]} (- = important)"
-            marked, title = found.groups[group], f"{name}: path patching, {group.replace('_', ' ')}s"
+            label = (f"relative change of p(answer), senders at {found.positions[group]} "
+                     "(- = important)")
+            marked = found.groups[group]
+            title = f"{name}: path patching, {group.replace('_', ' ')}s"
         else:
             label, _ = LABELS[key]
             circuit = circuits["mean_ablation"] if key.startswith("ablation_") else own

@@ -1,12 +1,13 @@
 """Table 2 of circuit distillation, theory of mind: python experiments/theory_of_mind.py --help
 
 Every row of the paper's table for a teacher and a student (zoo names or local Llama-3 checkpoint
-directories), over several seeds, with McNemar's tests, a lambda sweep on validation items, and the CE-curve
-and head-correspondence figures; see cdist.experiment for what each row is and which items it uses.
+directories), over several seeds, with McNemar's tests, a lambda sweep on validation items, and the
+CE-curve and head-correspondence figures; see cdist.experiment for what each row is and which items
+it uses.
 
-    python experiments/theory_of_mind.py                                 # the zoo, 3 seeds, all rows
-    python experiments/theory_of_mind.py --teacher /ckpt/Llama-3.1-8B --student /ckpt/Llama-3.2-1B \
-        --lr 2e-5 --device cuda
+    python experiments/theory_of_mind.py  # the zoo, 3 seeds, all rows
+    python experiments/theory_of_mind.py --teacher /ckpt/Llama-3.1-8B \
+        --student /ckpt/Llama-3.2-1B --lr 2e-5 --device cuda
 """
 
 from cdist.experiment_cli import main

@@ -1,11 +1,12 @@
 """Train the model-organism zoo and write it to zoo/ (weights, tokenizer, manifest.json per model).
 
     python experiments/zoo.py                       # every model in cdist.zoo.ZOO_CONFIGS
-    python experiments/zoo.py --only tom-teacher    # one model; an interrupted run resumes from runs/zoo/
+    python experiments/zoo.py --only tom-teacher    # one model; an interrupted run resumes from
+                                                    # runs/zoo/
     python experiments/zoo.py --tiny                # a seconds-long smoke run (writes zoo/et-tiny)
 
-Each model's manifest records its config, seed, steps, wall time, training history, the commit that trained
-it, and its accuracy on --eval-items fresh held-out items.
+Each model's manifest records its config, seed, steps, wall time, training history, the commit that
+trained it, and its accuracy on --eval-items fresh held-out items.
 """
 
 import argparse
@@ -19,13 +20,17 @@ from cdist.provenance import git_commit
 from cdist.zoo import organisms
 
 # ---------------------------------------------------------------------------- config
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--only", nargs="*", default=None, help="names to train (default: all)")
 parser.add_argument("--run-dir", default="runs/zoo", help="where training state is checkpointed")
-parser.add_argument("--eval-items", type=int, default=1000, help="held-out items for the final accuracy")
+parser.add_argument("--eval-items", type=int, default=1000,
+                    help="held-out items for the final accuracy")
 parser.add_argument("--eval-seed", type=int, default=2024, help="seed of the held-out items")
-parser.add_argument("--tiny", action="store_true", help="train only zoo.TINY_CONFIG (a seconds-long smoke run)")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+parser.add_argument("--tiny", action="store_true",
+                    help="train only zoo.TINY_CONFIG (a seconds-long smoke run)")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's)")
 args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -42,11 +47,13 @@ def depth(name: str) -> int:
     return 0 if base is None else 1 + depth(base)
 
 
-names.sort(key=depth)  # a model that starts from another (init_from) is trained after it, along any chain
+# a model that starts from another (init_from) is trained after it, along any chain
+names.sort(key=depth)
 for name in names:
     base = configs[name].init_from
     if base and base not in names and base not in zoo.names():
-        parser.error(f"{name} starts from {base}, which is not in {zoo.zoo_dir()}; add it: --only {base} {name}")
+        parser.error(f"{name} starts from {base}, which is not in {zoo.zoo_dir()}; "
+                     f"add it: --only {base} {name}")
 
 # ---------------------------------------------------------------------------- train, measure, save
 commit = git_commit()  # the code that trains, read before anything else can change the tree
@@ -54,7 +61,8 @@ tokenizer = zoo.organism_tokenizer()
 for name in names:
     cfg = configs[name]
     started = time.time()
-    model, manifest = organisms.train_organism(cfg, tokenizer, f"{args.run_dir}/{name}", init=zoo.init_weights(cfg))
+    model, manifest = organisms.train_organism(cfg, tokenizer, f"{args.run_dir}/{name}",
+                                               init=zoo.init_weights(cfg))
     test = organisms.held_out(cfg, tokenizer, args.eval_items, seed=args.eval_seed)
     acc = evaluate.accuracy(organisms.LogitsOf(model, tokenizer), test)
     manifest |= {
@@ -66,5 +74,6 @@ for name in names:
         "config": dataclasses.asdict(cfg),
     }
     path = zoo.save(model, tokenizer, name, manifest)
-    print(f"{name}: accuracy {acc:.3f} on {args.eval_items} held-out items, {manifest['steps']} steps, "
+    print(f"{name}: accuracy {acc:.3f} on {args.eval_items} held-out items, "
+          f"{manifest['steps']} steps, "
           f"{time.time() - started:.0f}s -> {path}")

@@ -17,8 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @contextlib.contextmanager
 def unchecked():
-    """Runtime type checking off (the suite runs with jaxtyping + beartype): a function's own
-    argument checks and messages, as a caller without the checker meets them."""
+    """Runtime type checking off (the suite runs with jaxtyping + beartype): a function's
+    own argument checks and messages, as a caller without the checker meets them."""
     before = jaxtyping.config.jaxtyping_disable
     jaxtyping.config.update("jaxtyping_disable", True)
     try:
@@ -27,18 +27,21 @@ def unchecked():
         jaxtyping.config.update("jaxtyping_disable", before)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tiny transformers Llama checkpoints (cdist.models tests)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-# name -> LlamaConfig overrides. Each shape exercises one conversion path; all are 2 layers, vocab 101.
+# name -> LlamaConfig overrides. Each shape exercises one conversion path; all are 2 layers,
+# vocab 101.
 LLAMA_SHAPES: dict[str, dict] = {
     "gqa": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2),
     "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4),
-    # head_dim 32 with 4 heads: the attention width (128) is not hidden_size (64), as in Gemma/Qwen3.
+    # head_dim 32 with 4 heads: the attention width (128) is not hidden_size (64), as in
+    # Gemma/Qwen3.
     "wide_heads": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    # llama3 rope scaling with a short original context, so that low and medium frequencies are rescaled
-    # within the head_dim 16 rotary bands (the wavelengths range from 2pi to ~2pi * 500000**(14/16)).
+    # llama3 rope scaling with a short original context, so that low and medium frequencies are
+    # rescaled within the head_dim 16 rotary bands (the wavelengths range from 2pi to
+    # ~2pi * 500000**(14/16)).
     "llama3_rope": dict(
         hidden_size=64,
         num_attention_heads=4,
@@ -53,7 +56,8 @@ LLAMA_SHAPES: dict[str, dict] = {
             "original_max_position_embeddings": 64,
         },
     ),
-    "tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 tie_word_embeddings=True),
 }
 
 
@@ -74,8 +78,8 @@ def make_hf_llama(shape: str, seed: int = 0):
     kwargs |= LLAMA_SHAPES[shape]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
-    # transformers' init (std 0.02, unit norms) makes near-uniform logits that hide conversion bugs; larger
-    # random weights and non-unit norm scales make every weight matter to the logits.
+    # transformers' init (std 0.02, unit norms) makes near-uniform logits that hide conversion
+    # bugs; larger random weights and non-unit norm scales make every weight matter to the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -93,21 +97,24 @@ def save_hf_llama(model, path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_llama_dir(tmp_path_factory):
-    """Factory: ``hf_llama_dir(shape)`` -> (folder holding the checkpoint, the LlamaForCausalLM), cached."""
+    """Factory: ``hf_llama_dir(shape)`` -> (folder holding the checkpoint, the
+    LlamaForCausalLM), cached."""
     made: dict[str, tuple[Path, object]] = {}
 
     def make(shape: str):
         if shape not in made:
             model = make_hf_llama(shape)
-            made[shape] = (save_hf_llama(model, tmp_path_factory.mktemp(f"llama-{shape}")), model)
+            folder = save_hf_llama(model, tmp_path_factory.mktemp(f"llama-{shape}"))
+            made[shape] = (folder, model)
         return made[shape]
 
     return make
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The organism tokenizer and a tiny random GQA HookedTransformer over it (evaluation and ablation tests)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# The organism tokenizer and a tiny random GQA HookedTransformer over it (evaluation and
+# ablation tests)
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -121,5 +128,5 @@ def tok():
 def model(tok):
     from cdist.models import new_llama
 
-    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=3,
-                     tokenizer=tok).eval()
+    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                     vocab_size=len(tok), seed=3, tokenizer=tok).eval()

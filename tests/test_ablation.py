@@ -1,4 +1,5 @@
-"""Mean ablation on a tiny random GQA Llama: batched scan vs its slow twin, and exact invariants of hook_z."""
+"""Mean ablation on a tiny random GQA Llama: batched scan vs its slow twin, and exact invariants
+of hook_z."""
 
 from __future__ import annotations
 
@@ -42,14 +43,16 @@ def attn_out(model, ids, layer, hooks=()):
     return cache[names[0]], cache[names[1]]
 
 
-# ---- vocabulary ------------------------------------------------------------------------------------------
+# ---- vocabulary ----------------------------------------------------------------------------------
 
 
 def test_head_prints_parses_and_orders():
     head = Head(3, 5)
-    assert str(head) == "a3.h5" and Head.parse("a3.h5") == head and Head.parse(str(Head(12, 0))) == Head(12, 0)
+    assert str(head) == "a3.h5" and Head.parse("a3.h5") == head
+    assert Head.parse(str(Head(12, 0))) == Head(12, 0)
     assert sorted([Head(1, 0), Head(0, 7), Head(0, 2)]) == [Head(0, 2), Head(0, 7), Head(1, 0)]
-    assert [Head(0, h).kv_head(n_heads=8, n_kv_heads=2) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    kv_heads = [Head(0, h).kv_head(n_heads=8, n_kv_heads=2) for h in range(8)]
+    assert kv_heads == [0, 0, 0, 0, 1, 1, 1, 1]
     assert head.kv_head(8, None) == 5
     for bad in ("L3H5", "a3.h", "a-1.h2"):
         with pytest.raises(ValueError, match="a<layer>.h<head>"):
@@ -66,7 +69,8 @@ def test_circuit_json_round_trip(tmp_path):
         method="path_patching",
     )
     assert circuit.heads == (Head(0, 1), Head(0, 3), Head(1, 2)) and len(circuit) == 3
-    assert circuit.positions == {"value_fetcher": "pos_last", "position_detector": "pos_query_label"}
+    assert circuit.positions == {"value_fetcher": "pos_last",
+                                 "position_detector": "pos_query_label"}
     assert Circuit.from_json(circuit.to_json(tmp_path / "c.json")) == circuit
     assert Circuit.from_json(tmp_path / "c.json") == circuit
     assert Circuit.from_json(str(tmp_path / "c.json")) == circuit
@@ -75,10 +79,11 @@ def test_circuit_json_round_trip(tmp_path):
 def test_head_scores_top():
     scores = HeadScores(torch.tensor([[0.1, 0.5], [float("nan"), 0.5]]), metric="prob_drop")
     assert scores.top(3) == (Head(0, 1), Head(1, 1), Head(0, 0)) and scores[Head(0, 1)] == 0.5
-    assert HeadScores(-scores.scores, "relative_change", higher_is_important=False).top(1) == (Head(0, 1),)
+    lower_first = HeadScores(-scores.scores, "relative_change", higher_is_important=False)
+    assert lower_first.top(1) == (Head(0, 1),)
 
 
-# ---- TransformerLens invariants the ablation relies on -------------------------------------------------
+# ---- TransformerLens invariants the ablation relies on -------------------------------------------
 
 
 def test_head_outputs_sum_to_attn_out(model, ids):
@@ -86,11 +91,12 @@ def test_head_outputs_sum_to_attn_out(model, ids):
         z, out = attn_out(model, ids, layer)
         attn = model.blocks[layer].attn
         per_head = einops.einsum(z, attn.W_O,
-                                 "batch pos head_index d_head, head_index d_head d_model -> batch pos d_model")
+                                 "batch pos head_index d_head, head_index d_head d_model"
+                                 " -> batch pos d_model")
         torch.testing.assert_close(per_head + attn.b_O, out, atol=1e-5, rtol=1e-5)
 
 
-# ---- mean ablation ----------------------------------------------------------------------------------------
+# ---- mean ablation -------------------------------------------------------------------------------
 
 
 def test_empty_ablation_changes_nothing(model, ids, means):
@@ -104,16 +110,19 @@ def test_empty_ablation_changes_nothing(model, ids, means):
 
 def test_ablating_all_heads_of_a_layer_leaves_mean_output(model, ids, means):
     attn = model.blocks[0].attn
-    z, out = attn_out(model, ids, 0, ablation.mean_ablation_hooks([Head(0, h) for h in range(4)], means))
-    expected = einops.einsum(means[0, : ids.shape[1]], attn.W_O,
-                             "pos head_index d_head, head_index d_head d_model -> pos d_model") + attn.b_O
+    hooks = ablation.mean_ablation_hooks([Head(0, h) for h in range(4)], means)
+    z, out = attn_out(model, ids, 0, hooks)
+    mean_per_head = einops.einsum(means[0, : ids.shape[1]], attn.W_O,
+                                  "pos head_index d_head, head_index d_head d_model -> pos d_model")
+    expected = mean_per_head + attn.b_O
     torch.testing.assert_close(out, expected.expand_as(out), atol=1e-5, rtol=1e-5)
 
 
 def test_ablation_at_one_position_only_touches_that_position(model, ids, data, means):
     last = torch.tensor(data["pos_last"])
     clean_z, _ = attn_out(model, ids, 0)
-    z, _ = attn_out(model, ids, 0, [ablation.make_mean_ablation_hook(0, [2], means, positions=last)])
+    hook = ablation.make_mean_ablation_hook(0, [2], means, positions=last)
+    z, _ = attn_out(model, ids, 0, [hook])
     rows = torch.arange(len(ids))
     torch.testing.assert_close(z[rows, last, 2], means[0, last, 2])
     z[rows, last, 2] = clean_z[rows, last, 2]
@@ -128,7 +137,8 @@ def test_mean_ablation_keeps_the_reference_mean(model, reference, means):
 
 
 def test_means_ignore_padding_and_cover_the_longest_prompt(model, tok):
-    # Theory-of-mind stories differ in length: each position's mean is over the prompts that reach it.
+    # Theory-of-mind stories differ in length: each position's mean is over the prompts that
+    # reach it.
     stories = tasks.theory_of_mind(30, tokenizer=tok, template="compact", seed=4)
     lengths = [len(x) for x in stories["input_ids"]]
     means = ablation.head_means(model, stories, batch_size=3)
@@ -136,31 +146,38 @@ def test_means_ignore_padding_and_cover_the_longest_prompt(model, tok):
     longest = stories.select([i for i, n in enumerate(lengths) if n == max(lengths)])
     shorter = max(n for n in lengths if n < max(lengths))
     alone = ablation.head_means(model, longest)
-    torch.testing.assert_close(means[:, shorter:], alone[:, shorter:])  # only the longest reach there
+    # only the longest reach there
+    torch.testing.assert_close(means[:, shorter:], alone[:, shorter:])
+    too_long = torch.zeros(1, max(lengths) + 1, dtype=torch.long)
     with pytest.raises(ValueError, match="at least as long"):
-        ablation.ablated_logits(model, torch.zeros(1, max(lengths) + 1, dtype=torch.long), [Head(0, 0)], means)
+        ablation.ablated_logits(model, too_long, [Head(0, 0)], means)
 
 
 @pytest.mark.parametrize("position", [None, "pos_query_label"])
 def test_batched_scan_matches_the_one_head_loop(model, data, means, position):
-    data = teacher_labelled(model, data)  # accuracy 1 before ablation, so accuracy drops are not all zero
+    # accuracy 1 before ablation, so accuracy drops are not all zero
+    data = teacher_labelled(model, data)
     fast = ablation.head_ablation_scan(model, data, means=means, batch_size=5, heads_per_pass=3,
                                        position=position)
     slow = ablation.head_ablation_scan_reference(model, data, means=means, position=position)
-    assert set(fast.metrics) == set(slow.metrics) == {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
+    metrics = {"prob_drop", "prob_ablated", "accuracy_drop", "accuracy_ablated"}
+    assert set(fast.metrics) == set(slow.metrics) == metrics
     expected = ("mean_ablation", "prob_drop", position, len(data))
     assert (fast.method, fast.metric, fast.position, fast.n_items) == expected
     for key in fast.metrics:
         assert fast[key].shape == (2, 4)
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
-    assert fast["prob_drop"].abs().max() > 0 and fast["accuracy_drop"].max() > 0  # it measured something
+    # it measured something
+    assert fast["prob_drop"].abs().max() > 0 and fast["accuracy_drop"].max() > 0
 
 
 def teacher_labelled(model, data):
-    """``data`` answered by the model itself (as distillation labels are), so that its accuracy is 1."""
+    """``data`` answered by the model itself (as distillation labels are), so that its accuracy
+    is 1."""
     from cdist import evaluate
 
-    return data.remove_columns("answer_id").add_column("answer_id", evaluate.predictions(model, data).tolist())
+    answers = evaluate.predictions(model, data).tolist()
+    return data.remove_columns("answer_id").add_column("answer_id", answers)
 
 
 def test_full_circuit_is_perfectly_faithful(model, data, means):
@@ -177,15 +194,19 @@ def test_circuit_evaluation(model, data, means):
     circuit = Circuit({"movers": (Head(1, 0), Head(1, 3)), "detectors": (Head(0, 2),)},
                       positions={"detectors": "pos_query_label"})
     ids = torch.tensor(labelled["input_ids"])
-    others = [Head(layer, h) for layer in range(2) for h in range(4) if Head(layer, h) not in circuit.heads]
+    others = [Head(layer, h) for layer in range(2) for h in range(4)
+              if Head(layer, h) not in circuit.heads]
     torch.testing.assert_close(ablation.circuit_logits(model, ids, circuit.heads, means),
                                ablation.ablated_logits(model, ids, others, means))
     a = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=3, seed=7)
     b = ablation.evaluate_circuit(model, circuit.heads, labelled, means=means, n_random=3, seed=7)
-    assert a["circuit_accuracy"] == b["circuit_accuracy"] and a["random_accuracies"] == b["random_accuracies"]
-    assert a["faithfulness"] == pytest.approx(a["circuit_accuracy"]) and len(a["random_accuracies"]) == 3
+    assert a["circuit_accuracy"] == b["circuit_accuracy"]
+    assert a["random_accuracies"] == b["random_accuracies"]
+    assert a["faithfulness"] == pytest.approx(a["circuit_accuracy"])
+    assert len(a["random_accuracies"]) == 3
     wrong = labelled.remove_columns("answer_id").add_column("answer_id", [0] * len(labelled))
-    assert math.isnan(ablation.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)["faithfulness"])
+    unfaithful = ablation.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)
+    assert math.isnan(unfaithful["faithfulness"])
 
 
 def test_circuit_kept_only_at_its_positions(model, data, means):

@@ -1,4 +1,5 @@
-"""Linear CKA against float64 textbook formulas, its invariances, its gradients and its degenerate cases."""
+"""Linear CKA against float64 textbook formulas, its invariances, its gradients and its degenerate
+cases."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from cdist.cka import hsic, linear_cka
 
 
 def textbook_cka(x, y):
-    """SPEC 1.4 literally, in float64: K = XX^T, L = YY^T, H = I - 11^T/m, HSIC = tr(KHLH)/(m-1)^2."""
+    """SPEC 1.4 literally, in float64: K = XX^T, L = YY^T, H = I - 11^T/m,
+    HSIC = tr(KHLH)/(m-1)^2."""
     x, y = x.double(), y.double()
     m = x.shape[0]
     h = torch.eye(m, dtype=torch.float64) - torch.ones(m, m, dtype=torch.float64) / m
@@ -27,7 +29,8 @@ def textbook_cka(x, y):
 
 
 def u_statistic_hsic(k, l):  # noqa: E741
-    """Song et al.'s unbiased HSIC as the U-statistic it is: means over tuples of distinct indices."""
+    """Song et al.'s unbiased HSIC as the U-statistic it is: means over tuples of distinct
+    indices."""
     m = k.shape[0]
     idx = range(m)
     pairs = [(i, j) for i, j in itertools.permutations(idx, 2)]
@@ -53,7 +56,8 @@ def test_matches_the_float64_textbook_formula():
 
 def test_debiased_hsic_is_the_u_statistic():
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 5, generator=g, dtype=torch.float64)
     k, l = x @ x.T, y @ y.T  # noqa: E741
     want, _ = u_statistic_hsic(k, l)
     assert float(hsic(k, l, debiased=True)) == pytest.approx(float(want), rel=1e-9, abs=1e-12)
@@ -78,8 +82,10 @@ def test_invariant_to_orthogonal_maps_and_isotropic_scaling():
     for debiased in (False, True):
         base = float(linear_cka(x, y, debiased=debiased))
         assert float(linear_cka(x @ q, y, debiased=debiased)) == pytest.approx(base, abs=1e-5)
-        assert float(linear_cka(3.7 * x, 0.01 * y, debiased=debiased)) == pytest.approx(base, abs=1e-5)
-        assert float(linear_cka(x + 5.0, y, debiased=debiased)) == pytest.approx(base, abs=1e-4)  # centring
+        scaled = float(linear_cka(3.7 * x, 0.01 * y, debiased=debiased))
+        assert scaled == pytest.approx(base, abs=1e-5)
+        shifted = float(linear_cka(x + 5.0, y, debiased=debiased))
+        assert shifted == pytest.approx(base, abs=1e-4)  # centring
     assert float(linear_cka(x, x)) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -88,14 +94,17 @@ def test_low_precision_inputs_are_computed_in_float32():
     x, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g) + 0.5
     ours = linear_cka(x.bfloat16(), y.bfloat16())
     assert ours.dtype == torch.float32
-    assert float(ours) == pytest.approx(float(textbook_cka(x.bfloat16().float(), y.bfloat16().float())), abs=1e-5)
+    want = textbook_cka(x.bfloat16().float(), y.bfloat16().float())
+    assert float(ours) == pytest.approx(float(want), abs=1e-5)
 
 
 def test_gradient_reaches_both_sides_and_the_student_parameters():
-    """A public re-implementation detached the student side and trained nothing; here both sides learn."""
+    """A public re-implementation detached the student side and trained nothing; here both sides
+    learn."""
     g = torch.Generator().manual_seed(5)
     student = torch.nn.Linear(10, 6)
-    inputs, teacher = torch.randn(16, 10, generator=g), torch.randn(16, 4, generator=g, requires_grad=True)
+    inputs = torch.randn(16, 10, generator=g)
+    teacher = torch.randn(16, 4, generator=g, requires_grad=True)
     loss = 1 - linear_cka(student(inputs), teacher)
     loss.backward()
     assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
@@ -113,7 +122,8 @@ def test_gradient_reaches_both_sides_and_the_student_parameters():
 def test_degenerate_inputs_give_zero_with_finite_gradients(debiased):
     g = torch.Generator().manual_seed(6)
     y = torch.randn(8, 5, generator=g)
-    for x in (torch.zeros(8, 3), torch.full((8, 3), 0.1), torch.ones(8, 1) * torch.randn(1, 3, generator=g)):
+    for x in (torch.zeros(8, 3), torch.full((8, 3), 0.1),
+              torch.ones(8, 1) * torch.randn(1, 3, generator=g)):
         x = x.clone().requires_grad_(True)
         value = linear_cka(x, y, debiased=debiased)
         value.backward()

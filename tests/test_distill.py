@@ -1,4 +1,5 @@
-"""Masked-head training: only the chosen slices move, optimizer state is delta-sized, runs resume exactly."""
+"""Masked-head training: only the chosen slices move, optimizer state is delta-sized, runs resume
+exactly."""
 
 from __future__ import annotations
 
@@ -17,21 +18,24 @@ TRAIN = [Head(1, 0), Head(1, 3)]  # kv groups 0 and 1 of layer 1 (4 heads, 2 kv 
 
 @pytest.fixture(scope="module")
 def items(tok):
-    train = tasks.entity_tracking(48, tokenizer=tok, n_boxes=3, template="compact", seed=0, split="train")
-    test = tasks.entity_tracking(16, tokenizer=tok, n_boxes=3, template="compact", seed=1, split="test")
+    train = tasks.entity_tracking(48, tokenizer=tok, n_boxes=3, template="compact", seed=0,
+                                  split="train")
+    test = tasks.entity_tracking(16, tokenizer=tok, n_boxes=3, template="compact", seed=1,
+                                 split="test")
     return train, test
 
 
 def fresh(tok, seed):
-    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=seed,
-                     tokenizer=tok).eval()
+    return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                     vocab_size=len(tok), seed=seed, tokenizer=tok).eval()
 
 
 def head_map():
     return matching.random_matcher(TRAIN, [Head(0, 1), Head(1, 2)], seed=0)
 
 
-CFG = distill.DistillConfig(steps=6, lr=3e-2, batch_size=8, cka_weight=1.0, eval_every=3, kv_policy="group")
+CFG = distill.DistillConfig(steps=6, lr=3e-2, batch_size=8, cka_weight=1.0, eval_every=3,
+                            kv_policy="group")
 
 
 def snapshot(model):
@@ -48,8 +52,8 @@ def test_only_the_trained_slices_change(tok, items, tmp_path):
     after = snapshot(student)
     for m, was in flags.items():  # neither model's requires_grad flags are left changed
         assert [p.requires_grad for p in m.parameters()] == was
-    moved = {"blocks.1.attn.W_Q": [0, 3], "blocks.1.attn.W_O": [0, 3], "blocks.1.attn._W_K": [0, 1],
-             "blocks.1.attn._W_V": [0, 1]}
+    moved = {"blocks.1.attn.W_Q": [0, 3], "blocks.1.attn.W_O": [0, 3],
+             "blocks.1.attn._W_K": [0, 1], "blocks.1.attn._W_V": [0, 1]}
     for name, value in after.items():
         rows = moved.get(name, [])
         for r in range(value.shape[0] if value.ndim else 0):
@@ -64,7 +68,8 @@ def test_query_output_policy_is_the_default_and_leaves_keys_and_values(tok, item
     assert distill.DistillConfig().kv_policy == "qo"
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     before = snapshot(student)
-    distill.distill(student, teacher, head_map(), *items, replace(CFG, kv_policy="qo"), tmp_path, progress=False)
+    distill.distill(student, teacher, head_map(), *items, replace(CFG, kv_policy="qo"), tmp_path,
+                    progress=False)
     after = snapshot(student)
     for name in ("blocks.1.attn._W_K", "blocks.1.attn._W_V"):
         assert torch.equal(after[name], before[name])
@@ -75,10 +80,12 @@ def test_optimizer_state_is_the_size_of_what_is_trained(tok, items, tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     result = distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False)
     d_model, d_head = 32, 8
-    expected = 2 * 2 * d_model * d_head + 2 * 2 * d_model * d_head  # (W_Q + W_O) x 2 heads, (K + V) x 2 groups
+    # (W_Q + W_O) x 2 heads, (K + V) x 2 groups
+    expected = 2 * 2 * d_model * d_head + 2 * 2 * d_model * d_head
     assert result["trainable"]["params"] == expected and result["trainable"]["heads"] == 2
     state = torch.load(tmp_path / "state.pt", weights_only=False)
-    moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in state["opt"]["state"].values())
+    moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
+                  for s in state["opt"]["state"].values())
     assert moments == 2 * expected
     total = sum(p.numel() for p in student.parameters())
     assert result["trainable"]["param_share"] == pytest.approx(expected / total)
@@ -86,7 +93,8 @@ def test_optimizer_state_is_the_size_of_what_is_trained(tok, items, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
-    distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "straight", progress=False)
+    distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "straight",
+                    progress=False)
 
     calls = []
 
@@ -102,7 +110,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
                         evaluate_fn=crash_at_second_evaluation)
     assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 3
     resumed = fresh(tok, 1)
-    out = distill.distill(resumed, teacher, head_map(), *items, CFG, tmp_path / "cut", progress=False)
+    out = distill.distill(resumed, teacher, head_map(), *items, CFG, tmp_path / "cut",
+                          progress=False)
     assert [m["step"] for m in out["metrics"]] == [0, 3, 6]
     for (name, a), b in zip(student.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -111,12 +120,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
 def test_alignment_raises_cka_and_full_training_moves_everything(tok, items, tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     cfg = replace(CFG, steps=30, ce_weight=0.0, cka_weight=1.0, eval_every=30)
-    out = distill.distill(student, teacher, head_map(), *items, cfg, tmp_path / "align", progress=False)
-    first = distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(cfg, steps=1, eval_every=1),
+    out = distill.distill(student, teacher, head_map(), *items, cfg, tmp_path / "align",
+                          progress=False)
+    first = distill.distill(fresh(tok, 1), teacher, head_map(), *items,
+                            replace(cfg, steps=1, eval_every=1),
                             tmp_path / "one", progress=False)["metrics"][-1]["cka_mean"]
     assert out["metrics"][-1]["cka_mean"] > first + 0.05
     full, before = fresh(tok, 1), snapshot(fresh(tok, 1))
-    out = distill.distill(full, teacher, None, *items, replace(CFG, cka_weight=0.0, trainable="all"),
+    out = distill.distill(full, teacher, None, *items,
+                          replace(CFG, cka_weight=0.0, trainable="all"),
                           tmp_path / "all", progress=False)
     for name, p in full.named_parameters():
         if torch.any(before[name]) or name.split(".")[-1].startswith("W"):
@@ -134,24 +146,27 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
     with pytest.raises(ValueError, match="every loss weight is 0"):
         distill.DistillConfig(ce_weight=0.0)
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        distill.distill(student, teacher, head_map(), items[0].select(range(4)), items[1], CFG, tmp_path / "x",
-                        progress=False)
+        distill.distill(student, teacher, head_map(), items[0].select(range(4)), items[1], CFG,
+                        tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="position columns"):
-        distill.distill(student, teacher, head_map().at("pos_nowhere"), *items, CFG, tmp_path / "y", progress=False)
+        distill.distill(student, teacher, head_map().at("pos_nowhere"), *items, CFG, tmp_path / "y",
+                        progress=False)
     distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="another config"):
-        distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3), tmp_path / "a",
-                        progress=False)
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3),
+                        tmp_path / "a", progress=False)
     # the same config on another student, or with other heads, is not silently resumed
     with pytest.raises(ValueError, match="another student, teacher or head set"):
-        distill.distill(fresh(tok, 3), teacher, head_map(), *items, CFG, tmp_path / "a", progress=False)
+        distill.distill(fresh(tok, 3), teacher, head_map(), *items, CFG, tmp_path / "a",
+                        progress=False)
     with pytest.raises(ValueError, match="another student, teacher or head set"):
         distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path / "a",
                         heads=[Head(0, 0)], progress=False)
 
 
 def plain_z(model, item, head, column):
-    """A head's z at one item's own position, from an unpadded single-prompt cache (the slow twin)."""
+    """A head's z at one item's own position, from an unpadded single-prompt cache (the slow
+    twin)."""
     _, cache = model.run_with_cache(torch.tensor([item["input_ids"]]))
     return cache[hook_z(head.layer)][0, item[column], head.head]
 
@@ -161,45 +176,56 @@ PLACED = [HeadPair(Head(1, 0), Head(0, 1), "pos_prev_label", "pos_prev_label"),
 
 
 def placed_map():
-    return matching.HeadMap(tuple(PLACED), tuple(TRAIN), (Head(0, 1), Head(1, 2)), torch.zeros(2, 2), "distance",
-                            "manual")
+    return matching.HeadMap(tuple(PLACED), tuple(TRAIN), (Head(0, 1), Head(1, 2)),
+                            torch.zeros(2, 2), "distance", "manual")
 
 
 def test_each_pair_is_read_at_its_own_positions(tok, items, tmp_path):
-    """The per-pair validation CKA at step 0 equals a plain loop over items, each read at the pair's columns."""
+    """The per-pair validation CKA at step 0 equals a plain loop over items, each read at the
+    pair's columns."""
     student, teacher = fresh(tok, 1), fresh(tok, 2)
-    out = distill.distill(student, teacher, placed_map(), *items, replace(CFG, steps=1), tmp_path, progress=False)
+    out = distill.distill(student, teacher, placed_map(), *items, replace(CFG, steps=1), tmp_path,
+                          progress=False)
     eval_items = items[1]
     with torch.no_grad():
         for pair, got in zip(PLACED, out["metrics"][0]["cka_val"], strict=True):
-            x = torch.stack([plain_z(fresh(tok, 1), it, pair.student, pair.student_position) for it in eval_items])
-            y = torch.stack([plain_z(teacher, it, pair.teacher, pair.teacher_position) for it in eval_items])
+            x = torch.stack([plain_z(fresh(tok, 1), it, pair.student, pair.student_position)
+                             for it in eval_items])
+            y = torch.stack([plain_z(teacher, it, pair.teacher, pair.teacher_position)
+                             for it in eval_items])
             assert got == pytest.approx(float(linear_cka(x, y, debiased=True)), abs=1e-4)
     # one column for every pair instead
-    at_last = distill.distill(fresh(tok, 1), teacher, placed_map(), *items, replace(CFG, steps=1,
-                              cka_position="pos_last"), tmp_path / "last", progress=False)
+    at_last = distill.distill(fresh(tok, 1), teacher, placed_map(), *items,
+                              replace(CFG, steps=1, cka_position="pos_last"), tmp_path / "last",
+                              progress=False)
     assert [p["teacher_position"] for p in at_last["pairs"]] == ["pos_last", "pos_last"]
     assert at_last["metrics"][0]["cka_val"] != out["metrics"][0]["cka_val"]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_the_shuffled_control_permutes_the_teachers_rows(tok, items, tmp_path, shuffle):
-    """The CKA term of the first step, recomputed by a plain loop on the first batch: with the teacher's rows
-    in item order, or permuted by the step's permutation (which is not the identity)."""
+    """The CKA term of the first step, recomputed by a plain loop on the first batch: with the
+    teacher's rows in item order, or permuted by the step's permutation (which is not the
+    identity)."""
     cfg = replace(CFG, steps=1, eval_every=1, shuffle_teacher=shuffle, seed=4)
-    out = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items, cfg, tmp_path, progress=False)
+    out = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items, cfg, tmp_path,
+                          progress=False)
     columns = ["pos_prev_label", "pos_query_label"]
-    first = next(distill._batches(items[0], cfg.batch_size, cfg.seed, evaluate.pad_id(fresh(tok, 1)), columns))
-    order = [items[0]["input_ids"].index(list(row[: int(n)])) for row, n in zip(first["input_ids"].tolist(),
-                                                                                first["length"], strict=True)]
-    perm = distill._permutation(cfg.batch_size, cfg.seed, 0) if shuffle else torch.arange(cfg.batch_size)
+    pad = evaluate.pad_id(fresh(tok, 1))
+    first = next(distill._batches(items[0], cfg.batch_size, cfg.seed, pad, columns))
+    order = [items[0]["input_ids"].index(list(row[: int(n)]))
+             for row, n in zip(first["input_ids"].tolist(), first["length"], strict=True)]
+    perm = (distill._permutation(cfg.batch_size, cfg.seed, 0) if shuffle
+            else torch.arange(cfg.batch_size))
     assert shuffle == (not torch.equal(perm, torch.arange(cfg.batch_size)))
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     want = []
     with torch.no_grad():
         for pair in PLACED:
-            x = torch.stack([plain_z(student, items[0][i], pair.student, pair.student_position) for i in order])
-            y = torch.stack([plain_z(teacher, items[0][i], pair.teacher, pair.teacher_position) for i in order])
+            x = torch.stack([plain_z(student, items[0][i], pair.student, pair.student_position)
+                             for i in order])
+            y = torch.stack([plain_z(teacher, items[0][i], pair.teacher, pair.teacher_position)
+                             for i in order])
             want.append(float(linear_cka(x, y[perm])))
     assert out["metrics"][1]["cka_mean"] == pytest.approx(sum(want) / len(want), abs=1e-4)
     assert not torch.equal(distill._permutation(8, 4, 0), distill._permutation(8, 4, 1))
@@ -207,14 +233,15 @@ def test_the_shuffled_control_permutes_the_teachers_rows(tok, items, tmp_path, s
 
 def test_gradient_ratio_and_validation_ce_are_logged(tok, items, tmp_path):
     cfg = replace(CFG, steps=2, eval_every=1, cka_weight=0.5)
-    out = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items, cfg, tmp_path, progress=False)
+    out = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items, cfg, tmp_path,
+                          progress=False)
     for row in out["metrics"]:
         assert row["grad_ce"] > 0 and row["grad_cka"] > 0
         assert row["grad_ratio"] == pytest.approx(0.5 * row["grad_cka"] / row["grad_ce"])
         assert row["val_ce"] > 0 and len(row["cka_val"]) == 2
     # a head map with cka_weight 0 is monitored without entering the loss
-    ce_only = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items, replace(cfg, cka_weight=0.0),
-                              tmp_path / "ce", progress=False)
+    ce_only = distill.distill(fresh(tok, 1), fresh(tok, 2), placed_map(), *items,
+                              replace(cfg, cka_weight=0.0), tmp_path / "ce", progress=False)
     assert ce_only["metrics"][0]["grad_ratio"] == 0.0 and ce_only["metrics"][0]["cka_val"]
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "grad_ratio" in header and "cka_val" not in header and "cka_val_mean" in header

@@ -13,8 +13,8 @@ def test_padded_batches_match_unpadded_prompts(model, tok):
     data = tasks.theory_of_mind(40, tokenizer=tok, seed=5, template="compact")
     assert len({len(ids) for ids in data["input_ids"]}) > 1
     with torch.no_grad():
-        slow = [model(torch.tensor([ids]))[0, last].argmax().item() for ids, last in zip(data["input_ids"],
-                                                                                      data["pos_last"], strict=True)]
+        slow = [model(torch.tensor([ids]))[0, last].argmax().item()
+                for ids, last in zip(data["input_ids"], data["pos_last"], strict=True)]
     assert evaluate.predictions(model, data, batch_size=16).tolist() == slow
     expected = sum(p == a for p, a in zip(slow, data["answer_id"], strict=True)) / len(slow)
     assert evaluate.accuracy(model, data, batch_size=7) == pytest.approx(expected)
@@ -31,7 +31,8 @@ def test_accuracy_of_an_oracle_is_one(tok):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
-            self.answers = {tuple(i): a for i, a in zip(data["input_ids"], data["answer_id"], strict=True)}
+            self.answers = {tuple(i): a
+                            for i, a in zip(data["input_ids"], data["answer_id"], strict=True)}
 
         def forward(self, ids):
             out = torch.zeros(*ids.shape, len(tok))

@@ -1,5 +1,6 @@
-"""The experiment end to end on tiny random Llama checkpoint directories (the real-Llama code path): arms,
-regimes, selection on validation items, OOD sets, stored per-item results and the declared tests."""
+"""The experiment end to end on tiny random Llama checkpoint directories (the real-Llama code
+path): arms, regimes, selection on validation items, OOD sets, stored per-item results and the
+declared tests."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import torch
 from cdist import arms, distill, experiment_cli, stats
 from cdist.models import new_llama, save_llama
 
-ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3", "--lambdas", "0.5",
-        "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16", "--ood-boxes", "3",
-        "--min-effect", "0", "--device", "cpu"]
+ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
+        "--lambdas", "0.5", "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16",
+        "--ood-boxes", "3", "--min-effect", "0", "--device", "cpu"]
 
 
 def checkpoints(tok, tmp_path, roles):
     dirs = {}
     for role, (layers, width, heads, seed) in roles.items():
-        model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=2, d_mlp=2 * width,
-                          vocab_size=len(tok), seed=seed, tokenizer=tok)
+        model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=2,
+                          d_mlp=2 * width, vocab_size=len(tok), seed=seed, tokenizer=tok)
         dirs[role] = str(save_llama(model, tmp_path / role, tokenizer=tok))
     return dirs
 
@@ -29,14 +30,16 @@ def checkpoints(tok, tmp_path, roles):
 def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     dirs = checkpoints(tok, tmp_path, {"teacher": (3, 64, 4, 0), "student": (2, 32, 8, 1)})
     figures, out = tmp_path / "figures", tmp_path / "out"
-    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1", "--regimes", "16", "32",
-            "--select-seed", "7", *ARGS, "--out", str(out), "--figures", str(figures)]
+    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1",
+            "--regimes", "16", "32", "--select-seed", "7", *ARGS, "--out", str(out),
+            "--figures", str(figures)]
     summary = experiment_cli.main("entity_tracking", argv)
     assert list(summary["rows"]) == ["n16", "n32"]
     assert list(summary["rows"]["n16"]) == [a.name for a in arms.ARMS]
     assert summary["config"]["task_kwargs"]["template"] == "prakash"
     assert set(summary["teacher_ood"]) == {"3 boxes", "template compact"}
-    # selection: every lr for circuit CE, then every matcher x lambda, each with its starting gradient ratio
+    # selection: every lr for circuit CE, then every matcher x lambda, each with its starting
+    # gradient ratio
     sel = summary["selection"]
     assert [r["lr"] for r in sel["lr"]] == [1e-3, 3e-3] and len(sel["align"]) == 3 * 2
     assert all(r["grad_ratio_start"] is not None for r in sel["align"])
@@ -45,25 +48,32 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     pulling = [r["lambda"] for r in chosen if r["grad_ratio_start"] >= arms.STRONG_RATIO]
     assert summary["lambda_strong"] == (min(pulling) if pulling else 2.0)
     assert sel["chosen"]["matcher"] in summary["head_maps"]
-    assert set(summary["diagnostics"]) == {k + s for k in summary["head_maps"] for s in ("", " at pos_last")}
-    # the pairs are read where the teacher heads work: path patching's groups give their positions
+    assert set(summary["diagnostics"]) == {k + s for k in summary["head_maps"]
+                                           for s in ("", " at pos_last")}
+    # the pairs are read where the teacher heads work: path patching's groups give their
+    # positions
     assert summary["positions_from"] == "circuit groups"
     teacher_groups = summary["circuits"]["teacher"]
     for pair in summary["head_map"]["pairs"]:
         group = next(g for g, heads in teacher_groups["groups"].items() if pair["teacher"] in heads)
-        assert pair["teacher_position"] == teacher_groups["positions"][group] == pair["student_position"]
-    # per-item results: every run's accuracies and every test are recomputed from the stored strings
+        assert (pair["teacher_position"] == teacher_groups["positions"][group]
+                == pair["student_position"])
+    # per-item results: every run's accuracies and every test are recomputed from the stored
+    # strings
     per_item = json.loads((out / "per_item.json").read_text())
-    assert len(per_item["runs"]) == 2 * 2 * len(arms.ARMS) and per_item["eval_sets"]["test"] == 40
+    assert len(per_item["runs"]) == 2 * 2 * len(arms.ARMS)
+    assert per_item["eval_sets"]["test"] == 40
     for run in per_item["runs"]:
         row = summary["rows"][f"n{run['train_items']}"][run["arm"]]
-        runs = [r for r in per_item["runs"] if r["arm"] == run["arm"] and r["train_items"] == run["train_items"]]
+        runs = [r for r in per_item["runs"]
+                if r["arm"] == run["arm"] and r["train_items"] == run["train_items"]]
         mean = sum(r["test_full"].count("1") / 40 for r in runs) / len(runs)
         assert row["full_accuracy"]["mean"] == pytest.approx(mean)
         assert len(run["ood"]["3 boxes"]) == 16
     primary = summary["tests"][summary["primary"]]["test"]
     bits = {name: [torch.tensor([c == "1" for c in r["test_full"]]) for r in sorted(
-        (r for r in per_item["runs"] if r["arm"] == name and r["train_items"] == 16), key=lambda r: r["seed"])]
+        (r for r in per_item["runs"] if r["arm"] == name and r["train_items"] == 16),
+        key=lambda r: r["seed"])]
         for name in arms.PRIMARY}
     assert primary["pooled"] == stats.mcnemar_pooled(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]])
     assert [t["seed"] for t in primary["per_seed"]] == [0, 1]
@@ -75,7 +85,8 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     assert "| circuit distilled, CE + Shuffled CKA |" in table
     saved = json.loads((figures / "table1-entity-tracking.json").read_text())
     assert saved["commit"] and saved["command"].endswith(str(figures))
-    assert (figures / "table1-entity-tracking.csv").read_text().startswith("train_items,arm,full_accuracy_mean")
+    csv_text = (figures / "table1-entity-tracking.csv").read_text()
+    assert csv_text.startswith("train_items,arm,full_accuracy_mean")
     for name in ("val-ce", "val-accuracy", "head-map"):
         assert (figures / f"table1-entity-tracking-{name}.html").exists()
     # a second call reuses every finished run and gives the same table
@@ -84,17 +95,21 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
 
 
 def test_arms_build_their_runs():
-    assert [a.name for a in arms.ARMS if a.strong] == ["circuit distilled, CE + Align CKA (strong)",
-                                                      "circuit distilled, CE + Shuffled CKA (strong)"]
+    strong = [a.name for a in arms.ARMS if a.strong]
+    assert strong == ["circuit distilled, CE + Align CKA (strong)",
+                      "circuit distilled, CE + Shuffled CKA (strong)"]
     base = distill.DistillConfig(steps=10)
-    cfg = {a.name: a.config(base, lam=0.7, lr=1e-3, control_lr=1e-4, seed=3) for a in arms.ARMS if a.trained}
+    cfg = {a.name: a.config(base, lam=0.7, lr=1e-3, control_lr=1e-4, seed=3)
+           for a in arms.ARMS if a.trained}
     assert cfg["circuit distilled, CE + Shuffled CKA"].shuffle_teacher
     assert not cfg["circuit distilled, CE + Align CKA"].shuffle_teacher
     for name in ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
                  "circuit distilled, CE + Rand CKA"):
         assert (cfg[name].cka_weight, cfg[name].ce_weight, cfg[name].lr) == (0.7, 1.0, 1e-3)
-    assert cfg["circuit distilled, CE"].cka_weight == 0.0 and cfg["fully distilled, CE"].trainable == "all"
-    assert cfg["circuit distilled, KD"].kd_weight == 1.0 and cfg["circuit distilled, KD"].ce_weight == 0.0
+    assert cfg["circuit distilled, CE"].cka_weight == 0.0
+    assert cfg["fully distilled, CE"].trainable == "all"
+    assert cfg["circuit distilled, KD"].kd_weight == 1.0
+    assert cfg["circuit distilled, KD"].ce_weight == 0.0
     control = cfg["positive control, Shuffled CKA (small lr)"]
     assert (control.lr, control.ce_weight, control.shuffle_teacher) == (1e-4, 0.0, True)
     assert all(c.seed == 3 for c in cfg.values())
@@ -104,13 +119,15 @@ def test_arms_build_their_runs():
 
 def test_bad_input_is_one_line(tok, tmp_path, capsys):
     """Stale run folders, unknown columns, arms and position names stop the script with one line."""
-    dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1), "other": (2, 32, 4, 2)})
-    argv = ["--teacher", dirs["teacher"], "--seeds", "0", "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas",
-            "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "figures"),
-            "--arms", "circuit distilled, CE"]
+    dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1),
+                                       "other": (2, 32, 4, 2)})
+    argv = ["--teacher", dirs["teacher"], "--seeds", "0", "--regimes", "16", *ARGS, "--lrs", "1e-3",
+            "--lambdas", "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"),
+            "--figures", str(tmp_path / "figures"), "--arms", "circuit distilled, CE"]
     experiment_cli.main("entity_tracking", ["--student", dirs["student"], *argv])
     bad = [(["--student", dirs["other"]], "another student, teacher or head set"),
-           (["--student", dirs["student"], "--cka-position", "pos_nowhere"], "position columns ['pos_nowhere']"),
+           (["--student", dirs["student"], "--cka-position", "pos_nowhere"],
+            "position columns ['pos_nowhere']"),
            (["--student", dirs["student"], "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
            (["--student", dirs["student"], "--teacher-positions", "a0.h1"], "write HEAD=COLUMN"),
            (["--student", dirs["student"], "--select-seed", "0"], "select_seed 0 is a table seed")]
@@ -124,15 +141,19 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_theory_of_mind_places_pairs_where_teacher_heads_work(tok, tmp_path):
-    """A ranked (mean-ablation) teacher circuit gets each head's position from its largest ablation effect, among
-    the columns every item has (stories without a visibility sentence have no pos_visibility)."""
+    """A ranked (mean-ablation) teacher circuit gets each head's position from its largest ablation
+    effect, among the columns every item has (stories without a visibility sentence have no
+    pos_visibility)."""
     dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1)})
-    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "--regimes", "16", *ARGS,
-            "--lrs", "1e-3", "--lambdas", "0.5", "--matchers", "cka", "--arms", "circuit distilled, CE",
-            "circuit distilled, CE + Align CKA", "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")]
+    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0",
+            "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas", "0.5", "--matchers", "cka",
+            "--arms", "circuit distilled, CE", "circuit distilled, CE + Align CKA",
+            "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")]
     summary = experiment_cli.main("theory_of_mind", argv)
     assert summary["positions_from"] == "largest ablation effect"
-    assert set(summary["teacher_positions"]) == set(summary["circuits"]["teacher"]["groups"]["circuit"])
-    assert set(summary["teacher_positions"].values()) <= {"pos_last", "pos_query_character", "pos_query_container"}
+    teacher_circuit = summary["circuits"]["teacher"]["groups"]["circuit"]
+    assert set(summary["teacher_positions"]) == set(teacher_circuit)
+    assert set(summary["teacher_positions"].values()) <= {"pos_last", "pos_query_character",
+                                                          "pos_query_container"}
     assert summary["teacher_ood"] == {}
     assert (tmp_path / "fig" / "table2-theory-of-mind.md").exists()

@@ -76,7 +76,8 @@ def test_cached_call_reloads_without_building_and_is_equal(built, record_propert
     print(f"llama3_tokenizer: build {first:.2f} s, cached {second:.2f} s")  # information only
     assert again.get_vocab() == tok.get_vocab()
     assert [again.encode(t) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
-    assert not any(p.name.startswith(".") for p in cache.parent.iterdir())  # no temporary folders left
+    # no temporary folders left
+    assert not any(p.name.startswith(".") for p in cache.parent.iterdir())
 
 
 def test_default_cache_dir_follows_cdist_cache(built, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Head activations, the three matchers, one-to-one assignment against brute force, and the head map figure."""
+"""Head activations, the three matchers, one-to-one assignment against brute force, and the head
+map figure."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def per_head(heads, values):
 
 
 def test_head_z_reads_each_rows_own_position(model, tok):
-    data = tasks.theory_of_mind(6, tokenizer=tok, template="compact", seed=3)  # prompts of several lengths
+    # prompts of several lengths
+    data = tasks.theory_of_mind(6, tokenizer=tok, template="compact", seed=3)
     heads = [Head(0, 1), Head(1, 2)]
     got = activations.head_z_dataset(model, data, heads, batch_size=4)
     for i, item in enumerate(data):
@@ -36,17 +38,21 @@ def test_head_z_reads_each_rows_own_position(model, tok):
 
 
 def test_sites_read_each_head_at_its_own_column(model, tok):
-    """One pass reads several (head, column) sites; each row checked against a plain per-item cache."""
+    """One pass reads several (head, column) sites; each row checked against a plain per-item
+    cache."""
     data = tasks.entity_tracking(5, tokenizer=tok, n_boxes=3, template="compact", seed=2)
-    sites = [(Head(0, 1), "pos_prev_label"), (Head(0, 1), "pos_last"), (Head(1, 2), "pos_query_label")]
+    sites = [(Head(0, 1), "pos_prev_label"), (Head(0, 1), "pos_last"),
+             (Head(1, 2), "pos_query_label")]
     got = activations.head_z_dataset(model, data, sites, batch_size=2)
     for i, item in enumerate(data):
         _, cache = model.run_with_cache(torch.tensor([item["input_ids"]]))
         for h, col in sites:
-            assert torch.allclose(got[(h, col)][i], cache[hook_z(h.layer)][0, item[col], h.head], atol=1e-5)
+            want = cache[hook_z(h.layer)][0, item[col], h.head]
+            assert torch.allclose(got[(h, col)][i], want, atol=1e-5)
     assert not torch.allclose(got[sites[0]], got[sites[1]])
+    ids, last = torch.tensor(data["input_ids"]), torch.tensor(data["pos_last"])
     with pytest.raises(ValueError, match="no positions given"):
-        activations.head_z(model, torch.tensor(data["input_ids"]), sites, {"pos_last": torch.tensor(data["pos_last"])})
+        activations.head_z(model, ids, sites, {"pos_last": last})
 
 
 def test_head_z_keeps_gradients(model, tok):
@@ -61,24 +67,30 @@ def test_head_z_keeps_gradients(model, tok):
 def test_ablation_matcher_uses_the_students_baseline():
     # dP_s = 0.5 - P_s_abl: 0.1, 0.3, 0.0; dP_t = 0.5 - P_t_abl: 0.32, 0.05
     hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]))
-    assert torch.allclose(hm.matrix, torch.tensor([[0.22, 0.05], [0.02, 0.25], [0.32, 0.05]]), atol=1e-6)
-    assert hm.pairs == (HeadPair(S[0], T[1]), HeadPair(S[1], T[0]), HeadPair(S[2], T[1]))  # many-to-one allowed
+    want = torch.tensor([[0.22, 0.05], [0.02, 0.25], [0.32, 0.05]])
+    assert torch.allclose(hm.matrix, want, atol=1e-6)
+    # many-to-one allowed
+    assert hm.pairs == (HeadPair(S[0], T[1]), HeadPair(S[1], T[0]), HeadPair(S[2], T[1]))
     assert hm.kind == "distance" and hm.method == "ablation"
-    one = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]), one_to_one=True)
+    one = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]),
+                                    one_to_one=True)
     assert len(one.pairs) == 2 and len({p.teacher for p in one.pairs}) == 2
 
 
 def test_normalised_matcher_reads_each_model_against_its_own_baseline():
-    # relative drops: student (0.5 - [0.4, 0.2, 0.5]) / 0.5 = 0.2, 0.6, 0.0; teacher (1.0 - [0.1, 0.9]) / 1.0 = 0.9, 0.1
-    hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.1, 0.9]), teacher_base=1.0,
-                                   normalise="baseline")
+    # relative drops: student (0.5 - [0.4, 0.2, 0.5]) / 0.5 = 0.2, 0.6, 0.0;
+    # teacher (1.0 - [0.1, 0.9]) / 1.0 = 0.9, 0.1
+    hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.1, 0.9]),
+                                   teacher_base=1.0, normalise="baseline")
     assert torch.allclose(hm.matrix, torch.tensor([[0.7, 0.1], [0.3, 0.5], [0.9, 0.1]]), atol=1e-6)
     assert [p.teacher for p in hm.pairs] == [T[1], T[0], T[1]] and hm.method == "ablation-baseline"
-    # the paper's rule on the same numbers: the teacher's drops against the student's baseline (0.4, -0.4)
+    # the paper's rule on the same numbers: the teacher's drops against the student's baseline
+    # (0.4, -0.4)
     paper = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.1, 0.9]))
     assert [p.teacher for p in paper.pairs] == [T[0], T[0], T[0], T[1]]  # S[2] ties at 0.4
     with pytest.raises(ValueError, match="teacher_base"):
-        matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.1, 0.9]), normalise="baseline")
+        matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.1, 0.9]),
+                                  normalise="baseline")
 
 
 def test_ties_keep_every_minimiser():
@@ -94,11 +106,14 @@ def test_one_to_one_is_the_cheapest_assignment(n_s, n_t, seed):
     students = [Head(0, i) for i in range(n_s)]
     teachers = [Head(1, i) for i in range(n_t)]
     hm = matching.ablation_matcher(1.0, per_head(students, torch.rand(n_s, generator=g).tolist()),
-                                   per_head(teachers, torch.rand(n_t, generator=g).tolist()), one_to_one=True)
-    cost = sum(float(hm.matrix[students.index(p.student), teachers.index(p.teacher)]) for p in hm.pairs)
+                                   per_head(teachers, torch.rand(n_t, generator=g).tolist()),
+                                   one_to_one=True)
+    cost = sum(float(hm.matrix[students.index(p.student), teachers.index(p.teacher)])
+               for p in hm.pairs)
     k = min(n_s, n_t)
     best = min(sum(float(hm.matrix[r, c]) for r, c in zip(rows, cols, strict=True))
-               for rows in itertools.permutations(range(n_s), k) for cols in itertools.combinations(range(n_t), k))
+               for rows in itertools.permutations(range(n_s), k)
+               for cols in itertools.combinations(range(n_t), k))
     assert len(hm.pairs) == k and cost == pytest.approx(best, abs=1e-6)
 
 
@@ -108,9 +123,11 @@ def test_cka_matcher_recovers_rotated_copies():
     rot = [torch.linalg.qr(torch.randn(8, 8, generator=g))[0] for _ in range(3)]
     student = {S[i]: acts[i] for i in range(3)}
     perm = [2, 0, 1]
-    teacher = {Head(3, j): 2.0 * acts[perm[j]] @ rot[j] for j in range(3)}  # teacher head j copies student perm[j]
+    # teacher head j copies student perm[j]
+    teacher = {Head(3, j): 2.0 * acts[perm[j]] @ rot[j] for j in range(3)}
     hm = matching.cka_matcher(student, teacher)
-    assert {(p.student, p.teacher) for p in hm.pairs} == {(S[perm[j]], Head(3, j)) for j in range(3)}
+    assert ({(p.student, p.teacher) for p in hm.pairs}
+            == {(S[perm[j]], Head(3, j)) for j in range(3)})
     assert hm.kind == "similarity" and torch.all(hm.matrix.diagonal() <= 1.0 + 1e-5)
     assert matching.cka_matcher(student, teacher, one_to_one=True).pairs == tuple(sorted(hm.pairs))
 
@@ -124,7 +141,8 @@ def test_cka_matcher_compares_at_each_teacher_heads_position():
                (T[1], "pos_b"): 3.0 * at["pos_b"]}
     hm = matching.cka_matcher(student, teacher)
     assert hm.teachers_of(S[1]) == (T[0],)
-    assert all(p.student_position == p.teacher_position == {T[0]: "pos_a", T[1]: "pos_b"}[p.teacher] for p in hm.pairs)
+    column = {T[0]: "pos_a", T[1]: "pos_b"}
+    assert all(p.student_position == p.teacher_position == column[p.teacher] for p in hm.pairs)
     with pytest.raises(ValueError, match="lacks the site"):
         matching.cka_matcher({(S[0], "pos_a"): at["pos_a"]}, teacher)
 
@@ -141,27 +159,30 @@ def test_random_matcher_draws_distinct_heads_and_is_seeded():
 
 def test_random_control_is_disjoint_from_the_aligned_map_and_keeps_positions():
     teachers = [Head(layer, h) for layer in range(2) for h in range(8)]
-    aligned = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T[:1] + [Head(1, 3)], [0.1, 0.4]))
+    aligned = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]),
+                                        per_head(T[:1] + [Head(1, 3)], [0.1, 0.4]))
     aligned = aligned.placed({T[0]: "pos_prev_label", Head(1, 3): "pos_last"})
     for seed in range(20):
         rand = matching.random_control(aligned, teachers, seed=seed)
         assert not {p.teacher for p in rand.pairs} & {p.teacher for p in aligned.pairs}
         assert len({p.teacher for p in rand.pairs}) == len(rand.pairs) == len(aligned.pairs)
         for r, a in zip(rand.pairs, aligned.pairs, strict=True):
-            assert (r.student, r.student_position, r.teacher_position) == (a.student, a.student_position,
-                                                                            a.teacher_position)
-    assert matching.random_control(aligned, teachers, seed=1).pairs == matching.random_control(aligned, teachers,
-                                                                                                seed=1).pairs
+            assert ((r.student, r.student_position, r.teacher_position)
+                    == (a.student, a.student_position, a.teacher_position))
+    first = matching.random_control(aligned, teachers, seed=1).pairs
+    assert first == matching.random_control(aligned, teachers, seed=1).pairs
 
 
 def test_placed_at_and_crowded():
     hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]))
     placed = hm.placed({T[0]: "pos_prev_label", T[1]: "pos_last"}, {S[2]: "pos_query_label"})
     assert [(p.student_position, p.teacher_position) for p in placed.pairs] == [
-        ("pos_last", "pos_last"), ("pos_prev_label", "pos_prev_label"), ("pos_query_label", "pos_last")]
+        ("pos_last", "pos_last"), ("pos_prev_label", "pos_prev_label"),
+        ("pos_query_label", "pos_last")]
     assert {p.teacher_position for p in placed.at("pos_x").pairs} == {"pos_x"}
     assert placed.crowded() == {T[1]: 2}  # 2 of 3 student heads
-    assert matching.ablation_matcher(0.5, per_head(S[:2], [0.4, 0.2]), per_head(T, [0.18, 0.45])).crowded() == {}
+    two = matching.ablation_matcher(0.5, per_head(S[:2], [0.4, 0.2]), per_head(T, [0.18, 0.45]))
+    assert two.crowded() == {}
     with pytest.raises(ValueError, match="no position for teacher heads"):
         hm.placed({T[0]: "pos_last"})
 
@@ -175,17 +196,20 @@ def test_circuit_positions_take_each_heads_first_group():
 
 def test_work_positions_match_the_one_head_reference_scan(model, tok):
     data = tasks.entity_tracking(12, tokenizer=tok, n_boxes=3, template="compact", seed=5)
-    means = ablation.head_means(model, tasks.entity_tracking(24, tokenizer=tok, n_boxes=3, template="compact",
-                                                              seed=6))
+    reference = tasks.entity_tracking(24, tokenizer=tok, n_boxes=3, template="compact", seed=6)
+    means = ablation.head_means(model, reference)
     heads = [Head(0, 0), Head(0, 3), Head(1, 1)]
     columns = matching.position_columns(data)
-    assert {"pos_last", "pos_prev_label", "pos_query_label"} <= set(columns) and "pos_objects" not in columns
+    assert {"pos_last", "pos_prev_label", "pos_query_label"} <= set(columns)
+    assert "pos_objects" not in columns
     tom = tasks.theory_of_mind(24, tokenizer=tok, template="compact", seed=0)
     assert None in tom["pos_visibility"] and "pos_visibility" not in matching.position_columns(tom)
-    assert {"pos_last", "pos_query_character", "pos_query_container"} <= set(matching.position_columns(tom))
+    tom_columns = set(matching.position_columns(tom))
+    assert {"pos_last", "pos_query_character", "pos_query_container"} <= tom_columns
     chosen, drops = matching.work_positions(model, data, heads, means, batch_size=5)
     for col in columns:
-        reference = ablation.head_ablation_scan_reference(model, data, means=means, position=col)["prob_drop"]
+        scan = ablation.head_ablation_scan_reference(model, data, means=means, position=col)
+        reference = scan["prob_drop"]
         for h in heads:
             assert drops[h][col] == pytest.approx(float(reference[h.layer, h.head]), abs=1e-5)
     for h in heads:
@@ -198,14 +222,17 @@ def test_head_map_json_round_trip_and_figure(tmp_path):
                                    student_model="s", teacher_model="t")
     hm.to_json(tmp_path / "map.json")
     back = matching.HeadMap.from_json(tmp_path / "map.json")
-    assert back.pairs == hm.pairs and torch.allclose(back.matrix, hm.matrix) and back.method == hm.method
+    assert back.pairs == hm.pairs and torch.allclose(back.matrix, hm.matrix)
+    assert back.method == hm.method
     placed = hm.placed({T[0]: "pos_prev_label", T[1]: "pos_last"})
     assert matching.HeadMap.from_json(placed.to_json()).pairs == placed.pairs
-    old = hm.to_dict() | {"pairs": [[str(p.student), str(p.teacher)] for p in hm.pairs]}  # files of the old format
+    # files of the old format
+    old = hm.to_dict() | {"pairs": [[str(p.student), str(p.teacher)] for p in hm.pairs]}
     assert matching.HeadMap.from_dict(old).pairs == hm.pairs
     fig = plots.head_map_figure(hm)
     assert len(fig.layout.shapes) == len(hm.pairs)
-    assert [a.text for a in plots.head_map_figure(placed).layout.annotations] == ["last", "prev_label", "last"]
+    labels = [a.text for a in plots.head_map_figure(placed).layout.annotations]
+    assert labels == ["last", "prev_label", "last"]
     assert plots.save_figure(fig, tmp_path / "map")[0].exists()
 
 

@@ -1,4 +1,5 @@
-"""cdist.models: Llama checkpoints <-> HookedTransformer, checked against transformers on tiny Llamas."""
+"""cdist.models: Llama checkpoints <-> HookedTransformer, checked against transformers on tiny
+Llamas."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from cdist.models import (
 from cdist.tokenizers import word_tokenizer
 
 TOL = 1e-4
-SEQ = 96  # longer than the llama3_rope shape's original context (64), so rope scaling changes the logits
+# longer than the llama3_rope shape's original context (64), so rope scaling changes the logits
+SEQ = 96
 
 
 def _tokens(vocab: int = 101, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -59,15 +61,18 @@ def test_llama3_rope_scaling_is_exercised(hf_llama_dir):
     path, hf_model = hf_llama_dir("llama3_rope")
     model = load_llama(path)
     cfg = model.cfg
-    assert (cfg.use_NTK_by_parts_rope, cfg.NTK_by_parts_factor, cfg.NTK_original_ctx_len) == (True, 8.0, 64)
-    assert (cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor, cfg.rotary_base) == (
+    assert (cfg.use_NTK_by_parts_rope, cfg.NTK_by_parts_factor,
+            cfg.NTK_original_ctx_len) == (True, 8.0, 64)
+    assert (cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor,
+            cfg.rotary_base) == (
         1.0,
         4.0,
         500000.0,
     )
     with pytest.warns(DeprecationWarning):
         plain = HookedTransformer(dataclasses.replace(cfg, use_NTK_by_parts_rope=False))
-    plain.load_state_dict(dict(model.named_parameters()), strict=False)  # its own rotary tables stay
+    # its own rotary tables stay
+    plain.load_state_dict(dict(model.named_parameters()), strict=False)
     assert _max_diff(hf_model, plain, _tokens()) > 0.1
 
 
@@ -90,7 +95,9 @@ def test_state_dict_conversion_is_an_exact_inverse(shape, hf_llama_dir):
     path, hf_model = hf_llama_dir(shape)
     cfg = load_llama(path).cfg
     hf_sd = {
-        k: v for k, v in hf_model.state_dict().items() if not (shape == "tied" and k == "lm_head.weight")
+        k: v
+        for k, v in hf_model.state_dict().items()
+        if not (shape == "tied" and k == "lm_head.weight")
     }
     back = hooked_to_hf_state_dict(hf_to_hooked_state_dict(hf_sd, cfg), cfg)
     assert back.keys() == hf_sd.keys()
@@ -109,7 +116,8 @@ def test_save_round_trip(shape, hf_llama_dir, tmp_path):
     assert config["tie_word_embeddings"] == (shape == "tied")
     reloaded_hf = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert _max_diff(reloaded_hf, model, tokens) <= TOL
-    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no temporary folders left behind
+    # no temporary folders left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]
 
 
 def test_save_replaces_a_checkpoint_but_not_other_folders(hf_llama_dir, tmp_path):
@@ -151,7 +159,8 @@ def test_tokenizer_travels_with_the_checkpoint(hf_llama_dir, tmp_path):
     shutil.copytree(path, ckpt)
     word_tokenizer(["Box", "F", "contains", "the", "apple"], save_dir=ckpt)
     model = load_llama(ckpt)
-    assert model.to_tokens("Box F contains the").tolist() == [[0, 4, 5, 6, 7]]  # one <bos>, then the words
+    # one <bos>, then the words
+    assert model.to_tokens("Box F contains the").tolist() == [[0, 4, 5, 6, 7]]
     out = save_llama(model, tmp_path / "saved")
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
@@ -172,13 +181,15 @@ def test_official_name_missing_from_empty_cache(tmp_path, monkeypatch):
     with pytest.raises(CheckpointNotFoundError) as err:
         load_llama("Llama-3.2-1B")
     message = str(err.value)
-    assert str(tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B") in message and "\n" not in message
+    assert str(tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B") in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("use_hf_home", [False, True])
 def test_official_name_found_in_cache(use_hf_home, hf_llama_dir, tmp_path, monkeypatch):
     path, hf_model = hf_llama_dir("tied")
-    shutil.copytree(path, tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc")
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc"
+    shutil.copytree(path, snapshot)
     if use_hf_home:
         monkeypatch.delenv("HF_HUB_CACHE", raising=False)
         monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -203,29 +214,34 @@ def test_new_llama_is_seeded_and_exportable(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     assert torch.equal(new_llama(**shape, seed=7).embed.W_E, model.embed.W_E)
     assert not torch.equal(new_llama(**shape, seed=8).embed.W_E, model.embed.W_E)
-    assert model.cfg.d_head == 8 and model.cfg.n_key_value_heads == 2 and not model.cfg.tie_word_embeddings
+    assert model.cfg.d_head == 8 and model.cfg.n_key_value_heads == 2
+    assert not model.cfg.tie_word_embeddings
     out = save_llama(model, tmp_path / "organism")
     hf_model = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert _max_diff(hf_model, model.eval(), _tokens(vocab=50)[:, :64]) <= TOL
 
 
 def test_frozen_head_residuals_rebuild_the_clean_stream(model):
-    """Given a run's own z, the one-position recomputation reproduces that run's residual stream and logits."""
+    """Given a run's own z, the one-position recomputation reproduces that run's residual stream
+    and logits."""
     from cdist.models import attention_inputs, frozen_head_residuals, unembed
 
     ids = torch.randint(4, model.cfg.d_vocab, (3, 9), generator=torch.Generator().manual_seed(0))
     names = [f"blocks.{i}.attn.hook_{n}" for i in range(model.cfg.n_layers) for n in "zqkv"]
-    names += [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)] + ["ln_final.hook_normalized"]
+    names += ([f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.n_layers)]
+              + ["ln_final.hook_normalized"])
     with torch.no_grad():
         logits, cache = model.run_with_cache(ids, names_filter=names)
         pos = 6
         z = [cache[f"blocks.{i}.attn.hook_z"][:, pos] for i in range(model.cfg.n_layers)]
         resid = frozen_head_residuals(model, cache["blocks.0.hook_resid_pre"][:, pos], z)
         for layer in range(model.cfg.n_layers):
-            assert torch.allclose(resid[layer], cache[f"blocks.{layer}.hook_resid_pre"][:, pos], atol=1e-5)
+            assert torch.allclose(resid[layer], cache[f"blocks.{layer}.hook_resid_pre"][:, pos],
+                                  atol=1e-5)
             inputs = attention_inputs(model, layer, resid[layer])
             for n in "qkv":
-                assert torch.allclose(inputs[n], cache[f"blocks.{layer}.attn.hook_{n}"][:, pos], atol=1e-5)
+                assert torch.allclose(inputs[n], cache[f"blocks.{layer}.attn.hook_{n}"][:, pos],
+                                      atol=1e-5)
         assert torch.allclose(unembed(model, resid[-1]), logits[:, pos], atol=1e-4)
 
 

@@ -1,7 +1,8 @@
 """Path, activation and attribution patching on a tiny random three-layer GQA Llama.
 
-The batched scans are held to their one-sender-one-prompt twins, activation patching to TransformerLens's own
-``transformer_lens.patching`` helper, and attribution patching to a finite difference.
+The batched scans are held to their one-sender-one-prompt twins, activation patching to
+TransformerLens's own ``transformer_lens.patching`` helper, and attribution patching to a finite
+difference.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def model3(tok):
     # Larger weights than the default init, so that heads matter and probabilities move measurably.
-    model = new_llama(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=len(tok), seed=5,
-                      tokenizer=tok).eval()
+    model = new_llama(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                      vocab_size=len(tok), seed=5, tokenizer=tok).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("W_Q", "W_K", "_W_K", "W_V", "_W_V", "W_O")):
@@ -50,7 +51,8 @@ def close(a, b, tol=TOL):
         ((Head(2, 2),), "v", "pos_prev_label"),
     ],
 )
-def test_batched_path_patching_matches_the_one_sender_loop(model3, data, receivers, receiver_input, position):
+def test_batched_path_patching_matches_the_one_sender_loop(model3, data, receivers, receiver_input,
+                                                           position):
     kw = dict(receivers=receivers, receiver_input=receiver_input, position=position)
     fast = path_patching.path_patching_scan(model3, data, batch_size=2, senders_per_pass=3, **kw)
     slow = path_patching.path_patching_scan_reference(model3, data, **kw)
@@ -66,12 +68,15 @@ def test_senders_that_cannot_reach_a_receiver_score_zero(model3, data):
 
 
 def test_key_value_receivers_are_groups(model3, data):
-    """Query heads 0 and 1 share key/value head 0: as k or v receivers they are one and the same group."""
+    """Query heads 0 and 1 share key/value head 0: as k or v receivers they are one and the same
+    group."""
     for receiver_input in ("k", "v"):
-        a = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input=receiver_input,
-                                        position="pos_query_label")
-        b = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input=receiver_input,
-                                        position="pos_query_label")
+        a = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 0)],
+                                             receiver_input=receiver_input,
+                                             position="pos_query_label")
+        b = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)],
+                                             receiver_input=receiver_input,
+                                             position="pos_query_label")
         assert torch.equal(a["relative_change"], b["relative_change"])
     q0 = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 0)], receiver_input="q")
     q1 = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)], receiver_input="q")
@@ -79,7 +84,8 @@ def test_key_value_receivers_are_groups(model3, data):
 
 
 def test_last_layer_path_to_logits_is_activation_patching(model3, data):
-    """A last-layer sender has no later heads to freeze, so its path to the logits is its whole effect."""
+    """A last-layer sender has no later heads to freeze, so its path to the logits is its whole
+    effect."""
     path = path_patching.path_patching_scan(model3, data, position="pos_last")
     act = activation_patching.activation_patching_scan(model3, data, position="pos_last")
     close(path["relative_change"][-1], act["relative_change"][-1])
@@ -88,7 +94,8 @@ def test_last_layer_path_to_logits_is_activation_patching(model3, data):
 
 @pytest.mark.parametrize("position", [None, "pos_last", "pos_query_label"])
 def test_batched_activation_patching_matches_the_one_head_loop(model3, data, position):
-    fast = activation_patching.activation_patching_scan(model3, data, position=position, batch_size=2, heads_per_pass=5)
+    fast = activation_patching.activation_patching_scan(model3, data, position=position,
+                                                        batch_size=2, heads_per_pass=5)
     slow = activation_patching.activation_patching_scan_reference(model3, data, position=position)
     close(fast["relative_change"], slow["relative_change"])
     close(fast["prob_change"], slow["prob_change"])
@@ -107,7 +114,8 @@ def test_activation_patching_agrees_with_transformer_lens(model3, data):
 
     # TransformerLens runs its first argument and patches in activations from the cache it is given.
     _, corrupt_cache = model3.run_with_cache(corrupt)
-    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(model3, clean, corrupt_cache, mean_prob)
+    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(model3, clean, corrupt_cache,
+                                                             mean_prob)
     with torch.no_grad():
         base = mean_prob(model3(clean))
     ours = activation_patching.activation_patching_scan(model3, data)["prob_change"].double() + base
@@ -140,7 +148,8 @@ def test_batched_attribution_patching_matches_the_one_head_loop(model3, uneven, 
 
 
 def test_attribution_patching_is_the_directional_derivative(model3, data):
-    """For a layer-0 head (whose effect also runs through later heads) the estimate matches a finite difference."""
+    """For a layer-0 head (whose effect also runs through later heads) the estimate matches a
+    finite difference."""
     est = attribution_patching.attribution_patching_scan(model3, data, batch_size=2)["prob_change"]
     clean, corrupt = torch.tensor(data["input_ids"]), torch.tensor(data["corrupt_input_ids"])
     answer, last = torch.tensor(data["answer_id"]), torch.tensor(data["pos_last"])
@@ -160,23 +169,27 @@ def test_attribution_patching_is_the_directional_derivative(model3, data):
                 return answer_stats(model3(clean), answer, last)[0]
 
         finite = ((nudge(1) - nudge(-1)) / (2 * eps)).mean()
-    assert abs(float(est[0, head]) - float(finite)) <= 1e-2 * abs(float(finite))  # central difference, eps 1e-2
+    # central difference, eps 1e-2
+    assert abs(float(est[0, head]) - float(finite)) <= 1e-2 * abs(float(finite))
     assert est.abs().max() > 0
 
 
 def test_select_heads_and_ranked_circuit():
-    scores = HeadScores(torch.tensor([[-0.5, 0.1], [-0.02, -0.3]]), "relative_change", higher_is_important=False)
+    scores = HeadScores(torch.tensor([[-0.5, 0.1], [-0.02, -0.3]]), "relative_change",
+                        higher_is_important=False)
     assert circuits.select_heads(scores, 3) == (Head(0, 0), Head(1, 1), Head(1, 0))
     assert circuits.select_heads(scores, 3, min_effect=0.1) == (Head(0, 0), Head(1, 1))
     drop = HeadScores(torch.tensor([[0.0, 0.2], [0.4, -0.1]]), "prob_drop")
     circuit = circuits.ranked_circuit(drop, 3, model="m")
-    assert circuit.groups["circuit"] == (Head(1, 0), Head(0, 1))  # zero and negative drops are not kept
+    # zero and negative drops are not kept
+    assert circuit.groups["circuit"] == (Head(1, 0), Head(0, 1))
     assert Circuit.from_json(circuit.to_json()) == circuit
 
 
 @pytest.mark.parametrize("search", [path_patching.ET_SEARCH, path_patching.ET_SEARCH_ADJACENT])
 def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search):
-    circuit, found = path_patching.entity_tracking_circuit(model3, data, k=2, search=search, model_name="random")
+    circuit, found = path_patching.entity_tracking_circuit(model3, data, k=2, search=search,
+                                                           model_name="random")
     assert list(circuit.groups) == [step.name for step in search]
     assert circuit.positions["position_detector"] == "pos_query_label"
     assert circuit.positions["structure_reader"] == "pos_prev_label"
@@ -184,7 +197,8 @@ def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search
     for step in search[1:]:
         receivers = circuit.groups[step.receivers]
         for h in circuit.groups[step.name]:
-            assert h.layer < max(r.layer for r in receivers)  # a sender sits below a receiver it feeds
+            # a sender sits below a receiver it feeds
+            assert h.layer < max(r.layer for r in receivers)
             assert found[step.name].ranking()[h] < 0
         if circuit.groups[step.name]:
             assert set(found[step.name].receivers) == set(receivers)
@@ -195,7 +209,8 @@ def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search
 
 
 def test_search_steps_must_come_after_their_receivers(model3, data):
-    bad = (path_patching.SearchStep("a", "pos_last", "b", "q"), path_patching.SearchStep("b", "pos_last"))
+    bad = (path_patching.SearchStep("a", "pos_last", "b", "q"),
+           path_patching.SearchStep("b", "pos_last"))
     with pytest.raises(ValueError, match="receives from 'b'"):
         path_patching.entity_tracking_circuit(model3, data, search=bad)
 
@@ -213,19 +228,21 @@ def test_patching_refuses_misaligned_or_unlabelled_data(model3, data):
 
 @pytest.mark.slow
 def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path):
-    """The benchmark runs end to end on a zoo model and records, per scan, times whose ratio is the speed-up
-    and a batched-vs-reference difference within the twins' tolerance."""
+    """The benchmark runs end to end on a zoo model and records, per scan, times whose ratio is
+    the speed-up and a batched-vs-reference difference within the twins' tolerance."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(repo / "experiments" / "bench_discovery.py"), "--items", "16", "--reference-items",
-           "4", "--repeats", "2", "--threads", "1"]
+    cmd = [sys.executable, str(repo / "experiments" / "bench_discovery.py"), "--items", "16",
+           "--reference-items", "4", "--repeats", "2", "--threads", "1"]
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
-    saved = json.loads((tmp_path / "results" / "bench_discovery-et-teacher-cpu.json").read_text())
+    results = tmp_path / "results" / "bench_discovery-et-teacher-cpu.json"
+    saved = json.loads(results.read_text())
     for name in ("ablation_scan", "path_patching_logits", "path_patching_values"):
         r = saved["results"][name]
-        assert r["speedup"] == pytest.approx(r["reference_s"] / r["batched_s"]) and r["max_abs_diff"] < 1e-5
+        assert r["speedup"] == pytest.approx(r["reference_s"] / r["batched_s"])
+        assert r["max_abs_diff"] < 1e-5
     assert saved["results"]["full_ablation_scan"]["items"] == 16

@@ -39,7 +39,7 @@ def decoded(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id]).strip()
 
 
-# ---------------------------------------------------------------- independent parsers of the prompt text
+# ----------------------------------------------------------- independent parsers of the prompt text
 
 
 def parse_et(prompt: str, template: str) -> tuple[dict[str, str], str]:
@@ -48,7 +48,8 @@ def parse_et(prompt: str, template: str) -> tuple[dict[str, str], str]:
         context, query = prompt.rsplit(". ", 1)
         clauses = [c.split() for c in context.split(", ")]
         return {words[-1]: words[1] for words in clauses}, query.split()[1]
-    # Short forms: " apple in F , pen in Q . F contains", " apple F , pen Q . F", ...: object first, label last.
+    # Short forms: " apple in F , pen in Q . F contains", " apple F , pen Q . F", ...: object
+    # first, label last.
     context, query = prompt.rsplit(" . ", 1)
     clauses = [c.split() for c in context.strip().split(" , ")]
     return {words[-1]: words[0] for words in clauses}, query.split()[0]
@@ -65,13 +66,14 @@ def tom_answer(prompt: str, template: str) -> str:
     """The belief asked for, re-derived from the story text."""
     fill, observe = TOM_PATTERNS[template]
     filled = {container: (who, state) for who, container, state in re.findall(fill, prompt)}
-    sees = {(observer, actor) for observer, verb, actor in re.findall(observe, prompt) if verb == "can"}
+    sees = {(observer, actor) for observer, verb, actor in re.findall(observe, prompt)
+            if verb == "can"}
     character, container = re.search(r"What does (\w+) believe the (\w+) contains", prompt).groups()
     filler, state = filled[container]
     return state if character == filler or (character, filler) in sees else "unknown"
 
 
-# ---------------------------------------------------------------- determinism and splits
+# ----------------------------------------------------------- determinism and splits
 
 
 @pytest.mark.parametrize("make", [tasks.entity_tracking, tasks.theory_of_mind])
@@ -83,7 +85,8 @@ def test_same_seed_same_items_and_prefix_stable(make, word_tok):
 
 
 def test_entity_tracking_train_test_share_no_item(word_tok):
-    # 5P3 * 4P3 * 3 queries = 4320 items: 2000 draws per split repeat items, so an overlap would show.
+    # 5P3 * 4P3 * 3 queries = 4320 items: 2000 draws per split repeat items, so an overlap would
+    # show.
     kw = dict(tokenizer=word_tok, n_boxes=3, template="compact", objects=OBJECTS[:5], labels="ABCD")
     keys = {}
     for split in ("train", "test"):
@@ -95,9 +98,10 @@ def test_entity_tracking_train_test_share_no_item(word_tok):
 
 
 def test_theory_of_mind_train_test_share_no_item(word_tok):
-    kw = dict(tokenizer=word_tok, template="compact", characters=["Bob", "Carla"], containers=["cup", "jar"],
-              states=["tea", "milk", "beer"])
-    cols = ["characters", "containers", "states", "visibility", "query_character", "query_container"]
+    kw = dict(tokenizer=word_tok, template="compact", characters=["Bob", "Carla"],
+              containers=["cup", "jar"], states=["tea", "milk", "beer"])
+    cols = ["characters", "containers", "states", "visibility", "query_character",
+            "query_container"]
     keys = {}
     for split in ("train", "test"):
         data = tasks.theory_of_mind(2000, split=split, **kw)
@@ -111,7 +115,7 @@ def test_item_split_is_stable_across_runs():
     assert tasks.item_split((["apple", "pen"], ["A", "B"], "B")) == "train"
 
 
-# ---------------------------------------------------------------- entity tracking
+# ----------------------------------------------------------- entity tracking
 
 
 @pytest.mark.parametrize("template", ET_TEMPLATE_NAMES)
@@ -151,7 +155,7 @@ def test_context_and_query_tokens_concatenate_to_prompt(template, any_tok):
     assert pieces == row["input_ids"]
 
 
-# ---------------------------------------------------------------- theory of mind
+# ----------------------------------------------------------- theory of mind
 
 
 @pytest.mark.parametrize("template", TOM_TEMPLATE_NAMES)
@@ -160,7 +164,8 @@ def test_theory_of_mind_answers_from_text(template, word_tok):
     for row in data:
         assert tom_answer(row["prompt"], template) == row["answer"]
         assert tom_answer(row["corrupt_prompt"], template) == row["corrupt_answer"]
-        changed = {"character": "query_character", "container": "query_container"}[row["corrupt_kind"]]
+        column_of = {"character": "query_character", "container": "query_container"}
+        changed = column_of[row["corrupt_kind"]]
         clean_words, corrupt_words = row["prompt"].split(), row["corrupt_prompt"].split()
         diff = [(a, b) for a, b in zip(clean_words, corrupt_words, strict=True) if a != b]
         assert len(diff) == 1 and diff[0][0].startswith(row[changed])
@@ -198,7 +203,7 @@ def test_unknown_rate_matches_documented_mix(visibility, expected, word_tok):
     assert set(data["visibility"]) == set(visibility)
 
 
-# ---------------------------------------------------------------- vocabularies and errors
+# ----------------------------------------------------------- vocabularies and errors
 
 
 @pytest.mark.parametrize(
@@ -240,15 +245,15 @@ def test_entity_tracking_bad_options(kwargs, word_tok):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(template="nope"), dict(visibility=("sometimes",)), dict(visibility=()), dict(corrupt="state"),
-     dict(states=["tea", "unknown"]), dict(characters=["Bob", "cup"])],
+    [dict(template="nope"), dict(visibility=("sometimes",)), dict(visibility=()),
+     dict(corrupt="state"), dict(states=["tea", "unknown"]), dict(characters=["Bob", "cup"])],
 )
 def test_theory_of_mind_bad_options(kwargs, word_tok):
     with pytest.raises(ValueError):
         tasks.theory_of_mind(3, tokenizer=word_tok, **kwargs)
 
 
-# ---------------------------------------------------------------- the registry
+# ----------------------------------------------------------- the registry
 
 
 def test_get_task_returns_the_registered_records():

@@ -30,7 +30,8 @@ def tiny_zoo(tmp_path_factory) -> Path:
     """Run the training script itself on its tiny config, into a temporary zoo."""
     root = tmp_path_factory.mktemp("zoo")
     env = {**os.environ, "CDIST_ZOO": str(root / "zoo")}
-    cmd = [sys.executable, "experiments/zoo.py", "--tiny", "--run-dir", str(root / "runs"), "--eval-items", "300"]
+    cmd = [sys.executable, "experiments/zoo.py", "--tiny", "--run-dir", str(root / "runs"),
+           "--eval-items", "300"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     return root / "zoo"
 
@@ -46,7 +47,8 @@ def test_training_script_beats_chance(use_zoo):
     manifest = zoo.manifest("et-tiny")
     # Two boxes: chance is 0.5. The manifest's accuracy is on 300 fresh held-out items.
     assert manifest["accuracy"]["value"] >= 0.75, manifest["history"]
-    assert manifest["steps"] == zoo.TINY_CONFIG.steps and manifest["config"]["seed"] == zoo.TINY_CONFIG.seed
+    assert manifest["steps"] == zoo.TINY_CONFIG.steps
+    assert manifest["config"]["seed"] == zoo.TINY_CONFIG.seed
     assert manifest["commit"] != "" and manifest["wall_time_s"] > 0
     assert zoo.names() == ["et-tiny"]
 
@@ -65,7 +67,8 @@ def test_zoo_load_and_export_round_trip(use_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_zoo_accuracy_matches_manifest_through_hooked_transformer(use_zoo):
-    """The HookedTransformer copy scores the trained transformers model's exact held-out set the same."""
+    """The HookedTransformer copy scores the trained transformers model's exact held-out set the
+    same."""
     model, tokenizer = zoo.load("et-tiny")
     manifest = zoo.manifest("et-tiny")
     data = organisms.held_out(zoo.TINY_CONFIG, tokenizer, 300, seed=manifest["accuracy"]["seed"])
@@ -76,7 +79,8 @@ def test_unknown_zoo_model_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CDIST_ZOO", str(tmp_path))  # an empty zoo: no training to miss a name
     with pytest.raises(FileNotFoundError) as err:
         zoo.load("et-giant")
-    assert "\n" not in str(err.value) and "et-giant" in str(err.value) and "experiments/zoo.py" in str(err.value)
+    message = str(err.value)
+    assert "\n" not in message and "et-giant" in message and "experiments/zoo.py" in message
 
 
 @pytest.mark.slow
@@ -88,31 +92,34 @@ def test_cli_demo_prints_zoo_table(use_zoo, capsys):
 
 def test_training_resumes_bit_identically(tmp_path):
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=12, eval_every=4,
-                  eval_items=20)
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=12,
+                  eval_every=4, eval_items=20)
     straight, _ = organisms.train_organism(cfg, tokenizer, tmp_path / "a", progress=False)
     organisms.train_organism(replace(cfg, steps=8), tokenizer, tmp_path / "b", progress=False)
     resumed, manifest = organisms.train_organism(cfg, tokenizer, tmp_path / "b", progress=False)
     assert manifest["steps"] == 12 and [h["step"] for h in manifest["history"]] == [4, 8, 12]
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
         assert torch.equal(a, b), name
 
 
 def test_student_stops_inside_its_window(tmp_path):
-    """Early stopping: with a window that any accuracy satisfies, training ends at the first evaluation."""
+    """Early stopping: with a window that any accuracy satisfies, training ends at the first
+    evaluation."""
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
-                  eval_items=20, confirm_items=20, stop_window=(0.0, 1.0))
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50,
+                  eval_every=5, eval_items=20, confirm_items=20, stop_window=(0.0, 1.0))
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     assert manifest["steps"] == 5 and manifest["stopped_early"]
     assert manifest["history"][-1]["stop"] and "confirm_accuracy" in manifest["history"][-1]
 
 
 def test_early_stop_needs_a_confirming_second_evaluation(tmp_path, monkeypatch):
-    """An evaluation inside the window whose confirmation falls outside it does not stop training."""
+    """An evaluation inside the window whose confirmation falls outside it does not stop
+    training."""
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
-                  eval_items=20, confirm_items=20, stop_window=(0.4, 0.6))
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50,
+                  eval_every=5, eval_items=20, confirm_items=20, stop_window=(0.4, 0.6))
     # evaluations in order: in window, confirmation out; out; in window, confirmation in
     scores = iter([0.5, 0.9, 0.2, 0.55, 0.45])
     monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: next(scores))
@@ -175,11 +182,54 @@ def test_shipped_manifests_still_make_configs(name):
     ({"free_heads": ("k6",)}, "'k6' is not a head name"),
     ({"free_heads": ("a2.h0",)}, "free head a2.h0 is outside the model (2 layers x 8 heads)"),
     ({"self_distill": True}, "self_distill fits the init_from model's outputs"),
+    ({"betas": (0.9, 1.0)}, "betas=(0.9, 1.0); give two numbers in [0, 1)"),
+    ({"grad_clip": 0.0}, "grad_clip=0.0; it must be positive"),
+    ({"max_positions": 1}, "max_positions=1; it must be at least 2"),
 ])
 def test_organism_config_refuses_bad_values(changes, message):
     # Its own checks, as a caller without the type checker meets them.
     with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
         replace(zoo.TINY_CONFIG, **changes)
+
+
+class _Vocabulary:
+    """A stand-in tokenizer whose special tokens are not the word tokenizer's 0, 1, 2."""
+
+    bos_token_id, eos_token_id, pad_token_id = 7, 5, 3
+
+    def __len__(self) -> int:
+        return 40
+
+
+def test_new_organism_takes_its_special_ids_from_the_tokenizer():
+    config = organisms.new_organism(replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2,
+                                            d_mlp=64), _Vocabulary()).config
+    assert (config.vocab_size, config.bos_token_id, config.eos_token_id,
+            config.pad_token_id) == (40, 7, 5, 3)
+    tokenizer = zoo.organism_tokenizer()
+    config = organisms.new_organism(zoo.TINY_CONFIG, tokenizer).config
+    assert (config.bos_token_id, config.pad_token_id) == (tokenizer.bos_token_id,
+                                                          tokenizer.pad_token_id)
+
+
+def test_training_uses_the_configured_betas_and_clipping(tmp_path, monkeypatch):
+    seen = {}
+    real_clip, real_adamw = torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
+
+    def clip(parameters, max_norm):
+        seen.setdefault("clip", max_norm)
+        return real_clip(parameters, max_norm)
+
+    def adamw(params, **kw):
+        seen.setdefault("betas", kw["betas"])
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=1,
+                  eval_items=10, betas=(0.8, 0.9), grad_clip=0.25)
+    organisms.train_organism(cfg, zoo.organism_tokenizer(), tmp_path, progress=False)
+    assert seen == {"clip": 0.25, "betas": (0.8, 0.9)}
 
 
 def test_training_leaves_no_hooks_on_the_model(tmp_path, monkeypatch):
@@ -249,7 +299,8 @@ def test_shipped_teachers_have_learnt_the_task(name):
 
 
 def test_shipped_zoo_is_small():
-    size = sum(f.stat().st_size for f in zoo.zoo_dir().rglob("*") if f.is_file()) if SHIPPED else 0
+    size = (sum(f.stat().st_size for f in zoo.zoo_dir().rglob("*") if f.is_file())
+            if SHIPPED else 0)
     assert size < 40e6
     for name in SHIPPED:
         assert json.loads((zoo.zoo_dir() / name / "manifest.json").read_text())["name"] == name
@@ -263,12 +314,13 @@ def _penalty_of(model, ids, power):
 
 
 def test_head_output_penalty_ignores_the_stream_scale_and_evaluation_passes():
-    """Scaling the whole residual stream (embeddings, o_proj, down_proj) by c leaves the penalty unchanged;
-    silencing any one head's o_proj lowers it; eval-mode passes add nothing."""
+    """Scaling the whole residual stream (embeddings, o_proj, down_proj) by c leaves the penalty
+    unchanged; silencing any one head's o_proj lowers it; eval-mode passes add nothing."""
     tokenizer = zoo.organism_tokenizer()
     cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64)
-    model = organisms.new_organism(cfg, len(tokenizer))
-    for module in model.modules():  # the norms' epsilon is the only thing that sees the stream's scale
+    model = organisms.new_organism(cfg, tokenizer)
+    # the norms' epsilon is the only thing that sees the stream's scale
+    for module in model.modules():
         if hasattr(module, "variance_epsilon"):
             module.variance_epsilon = 1e-20
     ids = torch.randint(4, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
@@ -306,19 +358,24 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
     env = {**os.environ, "CDIST_ZOO": str(use_zoo)}
     out = tmp_path / "discovery"
     cmd = [sys.executable, "experiments/discovery.py", "--models", "et-tiny", "--out", str(out),
-           "--reference-items", "60", "--discovery-items", "16", "--eval-items", "60", "--n-random", "2"]
+           "--reference-items", "60", "--discovery-items", "16", "--eval-items", "60",
+           "--n-random", "2"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results["results"]] == ["path_patching", "mean_ablation"]  # both, for ET
+    # both, for ET
+    assert [r["method"] for r in results["results"]] == ["path_patching", "mean_ablation"]
     for row in results["results"]:
-        assert row["model"] == "et-tiny" and results["commit"] and results["config"]["eval_items"] == 60
+        assert row["model"] == "et-tiny" and results["commit"]
+        assert results["config"]["eval_items"] == 60
         assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
         assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
         circuit = Circuit.from_json(out / "circuits" / f"et-tiny-{row['method']}.json")
-        assert [str(h) for h in circuit.heads] == row["circuit"] and circuit.method == row["method"]
+        assert [str(h) for h in circuit.heads] == row["circuit"]
+        assert circuit.method == row["method"]
         assert f"| et-tiny | {row['method']} |" in (out / "results.md").read_text()
     figures = tmp_path / "figures"
-    cmd = [sys.executable, "experiments/figures.py", "discovery", "--results", str(out), "--out", str(figures)]
+    cmd = [sys.executable, "experiments/figures.py", "discovery", "--results", str(out),
+           "--out", str(figures)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     assert (figures / "et-tiny-path_patching_value_fetcher.html").exists()
     assert (figures / "et-tiny-ablation_prob_drop.html").exists()
@@ -326,18 +383,21 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
 
 def test_early_stop_waits_for_stop_after(tmp_path, monkeypatch):
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50, eval_every=5,
-                  eval_items=20, confirm_items=20, stop_window=(0.4, 0.6), stop_after=10)
-    monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: 0.5)  # always inside the window
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=50,
+                  eval_every=5, eval_items=20, confirm_items=20, stop_window=(0.4, 0.6),
+                  stop_after=10)
+    # always inside the window
+    monkeypatch.setattr(organisms.evaluate, "accuracy", lambda *a, **k: 0.5)
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     assert manifest["steps"] == 10 and manifest["stopped_early"]
 
 
 def test_free_heads_are_spared_by_the_penalty_and_only_they():
-    """The penalty with some heads spared equals the full penalty minus exactly those heads' terms."""
+    """The penalty with some heads spared equals the full penalty minus exactly those heads'
+    terms."""
     tokenizer = zoo.organism_tokenizer()
     cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64)
-    model = organisms.new_organism(cfg, len(tokenizer))
+    model = organisms.new_organism(cfg, tokenizer)
     ids = torch.randint(4, len(tokenizer), (3, 11), generator=torch.Generator().manual_seed(0))
     full, _ = _penalty_of(model, ids, 0.5)
     spared = organisms.HeadOutputPenalty(model, 0.5, ("a1.h2",))
@@ -357,7 +417,7 @@ def test_free_heads_are_spared_by_the_penalty_and_only_they():
 def test_init_from_starts_at_the_given_weights_and_is_required(tmp_path):
     tokenizer = zoo.organism_tokenizer()
     cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=0)
-    base = organisms.new_organism(replace(cfg, seed=7), len(tokenizer)).state_dict()
+    base = organisms.new_organism(replace(cfg, seed=7), tokenizer).state_dict()
     tuned = replace(cfg, init_from="base")
     model, _ = organisms.train_organism(tuned, tokenizer, tmp_path / "a", init=base, progress=False)
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
@@ -368,25 +428,28 @@ def test_init_from_starts_at_the_given_weights_and_is_required(tmp_path):
 
 
 def test_self_distillation_fits_the_init_model_not_the_labels(tmp_path):
-    """Its loss is KL(init || model) at the answers: 0 on the first step (the model is its init), > 0 once the
-    penalty has moved it; without init_from it is refused."""
+    """Its loss is KL(init || model) at the answers: 0 on the first step (the model is its init),
+    > 0 once the penalty has moved it; without init_from it is refused."""
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6, eval_every=1,
-                  eval_items=20, head_sparsity=1.0, init_from="base", self_distill=True, lr=1e-2, warmup=1)
-    base = organisms.new_organism(replace(cfg, seed=7), len(tokenizer)).state_dict()
-    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path / "a", init=base, progress=False)
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6,
+                  eval_every=1, eval_items=20, head_sparsity=1.0, init_from="base",
+                  self_distill=True, lr=1e-2, warmup=1)
+    base = organisms.new_organism(replace(cfg, seed=7), tokenizer).state_dict()
+    _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path / "a", init=base,
+                                           progress=False)
     losses = [h["loss"] for h in manifest["history"]]
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 1e-4
     with pytest.raises(ValueError, match="self_distill"):
-        organisms.train_organism(replace(cfg, init_from=None), tokenizer, tmp_path / "b", progress=False)
+        organisms.train_organism(replace(cfg, init_from=None), tokenizer, tmp_path / "b",
+                                 progress=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith(("-teacher", "-student"))])
 def test_shipped_organisms_have_small_faithful_circuits(name):
-    """The zoo's point (SPEC 3, issue 3's aim): the top 20% of the heads by mean-ablation impact, ranked on
-    some items, keep at least 0.8 of the accuracy on others and beat random circuits of their size. The
-    *-dense models are the ones that do not (README, "The zoo")."""
+    """The zoo's point (SPEC 3, issue 3's aim): the top 20% of the heads by mean-ablation impact,
+    ranked on some items, keep at least 0.8 of the accuracy on others and beat random circuits of
+    their size. The *-dense models are the ones that do not (README, "The zoo")."""
     from cdist.discovery import ablation, circuits
 
     model, tokenizer = zoo.load(name)
@@ -403,8 +466,8 @@ def test_shipped_organisms_have_small_faithful_circuits(name):
 
 def test_head_penalty_weight_ramps_up_linearly(tmp_path):
     tokenizer = zoo.organism_tokenizer()
-    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6, eval_every=1,
-                  eval_items=10, head_sparsity=0.2, head_sparsity_ramp=4)
+    cfg = replace(zoo.TINY_CONFIG, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, steps=6,
+                  eval_every=1, eval_items=10, head_sparsity=0.2, head_sparsity_ramp=4)
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     weights = [h["head_penalty_weight"] for h in manifest["history"]]
     assert weights == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])

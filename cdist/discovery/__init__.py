@@ -1,13 +1,27 @@
 """Circuit discovery: score every head of a model on a task, then choose its circuit.
 
-The modules follow the data: ``engine`` (replace heads' outputs, one head per stacked copy of a batch) runs
-the scans of ``ablation`` (mean ablation, and the circuit's own evaluation), ``path_patching`` (and the
-entity-tracking search), ``activation_patching`` and ``attribution_patching``; each scan returns a
-``cdist.types.Scan`` and keeps a slow twin. ``circuits`` turns scans into ``Circuit``s (``find_circuit``).
+The modules follow the data: ``engine`` (replace heads' outputs, one head per stacked copy of a
+batch) runs the scans of ``ablation`` (mean ablation, and the circuit's own evaluation),
+``path_patching`` (and the entity-tracking search), ``activation_patching`` and
+``attribution_patching``; each scan returns a ``cdist.types.Scan`` and keeps a slow twin.
+``circuits`` turns scans into ``Circuit``s (``find_circuit``).
 """
 
-from cdist.discovery import ablation, activation_patching, attribution_patching, circuits, engine, path_patching
-from cdist.discovery.circuits import Discovery, DiscoveryConfig, find_circuit, ranked_circuit, select_heads
+from cdist.discovery import (
+    ablation,
+    activation_patching,
+    attribution_patching,
+    circuits,
+    engine,
+    path_patching,
+)
+from cdist.discovery.circuits import (
+    Discovery,
+    DiscoveryConfig,
+    find_circuit,
+    ranked_circuit,
+    select_heads,
+)
 
 __all__ = [
     "Discovery",

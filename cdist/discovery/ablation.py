@@ -1,33 +1,34 @@
 """Mean ablation of attention heads: knock heads out, scan every head's effect, score a circuit.
 
-A head is knocked out by replacing its output ``z`` (``cdist.models.hook_z``, the ``d_head`` vector it
-computes before ``W_O``) with its mean over a reference set of prompts, position by position. This is the
-ablation of Prakash et al. 2024 ("Fine-tuning enhances existing mechanisms") and of circuit distillation's
-head matching (Wadhwa et al. 2025): the head keeps its average, task-generic contribution and loses what it
-computes from the particular prompt, which keeps the residual stream closer to its usual distribution than
-zeroing does.
+A head is knocked out by replacing its output ``z`` (``cdist.models.hook_z``, the ``d_head`` vector
+it computes before ``W_O``) with its mean over a reference set of prompts, position by position.
+This is the ablation of Prakash et al. 2024 ("Fine-tuning enhances existing mechanisms") and of
+circuit distillation's head matching (Wadhwa et al. 2025): the head keeps its average, task-generic
+contribution and loses what it computes from the particular prompt, which keeps the residual stream
+closer to its usual distribution than zeroing does.
 
-Why ``hook_z``: a layer's attention output is ``sum_h z[..., h, :] @ W_O[h] + b_O``, so replacing one
-head's ``z`` removes exactly that head's term and nothing else. Under grouped-query attention ``z`` is still
-per *query* head (only keys and values are shared), so a query head can be ablated without touching its
-siblings. Ablating ``z`` rather than ``hook_result`` also avoids TransformerLens' ``use_attn_result`` mode.
+Why ``hook_z``: a layer's attention output is ``sum_h z[..., h, :] @ W_O[h] + b_O``, so replacing
+one head's ``z`` removes exactly that head's term and nothing else. Under grouped-query attention
+``z`` is still per *query* head (only keys and values are shared), so a query head can be ablated
+without touching its siblings. Ablating ``z`` rather than ``hook_result`` also avoids
+TransformerLens' ``use_attn_result`` mode.
 
 Choices that are ours:
-- Means are per absolute position. Entity-tracking prompts of one template and box count all have the same
-  length, so the mean at position ``p`` is over every reference prompt. When lengths differ (theory of
-  mind), the mean at ``p`` is over the reference prompts that reach ``p``; padding never enters a mean.
-  A prompt longer than every reference prompt cannot be ablated and raises an error. The means'
-  position axis is named ``ref_pos`` in signatures: it spans the longest reference prompt, not the
-  input.
-- Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep a
-  circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
-- Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in float32)
-  and top-1 correctness, averaged over the examples.
+- Means are per absolute position. Entity-tracking prompts of one template and box count all have
+  the same length, so the mean at position ``p`` is over every reference prompt. When lengths differ
+  (theory of mind), the mean at ``p`` is over the reference prompts that reach ``p``; padding never
+  enters a mean. A prompt longer than every reference prompt cannot be ablated and raises an error.
+  The means' position axis is named ``ref_pos`` in signatures: it spans the longest reference
+  prompt, not the input.
+- Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep
+  a circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
+- Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in
+  float32) and top-1 correctness, averaged over the examples.
 
-Everything here works through the model object's own methods (``model.hooks``, ``model.run_with_cache``,
-``model.cfg``) and the hook names of ``cdist.models``. Hooks are ``(name, fn)`` pairs used inside
-``with model.hooks(fwd_hooks=...)``, so nothing outlives the ``with`` block. The batched scan runs on
-``cdist.discovery.engine``.
+Everything here works through the model object's own methods (``model.hooks``,
+``model.run_with_cache``, ``model.cfg``) and the hook names of ``cdist.models``. Hooks are
+``(name, fn)`` pairs used inside ``with model.hooks(fwd_hooks=...)``, so nothing outlives the
+``with`` block. The batched scan runs on ``cdist.discovery.engine``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from cdist.discovery.engine import Hook, one_head_scan, replace_heads
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import hook_z
+from cdist.models import HookedTransformer, hook_z
 from cdist.types import Circuit, Head, Scan
 
 __all__ = [
@@ -56,19 +57,19 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Means and hooks
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def head_means(
-    model, reference_data, *, batch_size: int = 64
+    model: HookedTransformer, reference_data, *, batch_size: int = 64
 ) -> Float[Tensor, "layer ref_pos head_index d_head"]:
     """Every head's mean output ``z`` per position over a reference set of prompts.
 
-    Only ``hook_z`` is cached (one ``[batch, pos, head_index, d_head]`` tensor per layer), and sums are kept
-    in float64 so that the mean does not depend on the batch size.
+    Only ``hook_z`` is cached (one ``[batch, pos, head_index, d_head]`` tensor per layer), and sums
+    are kept in float64 so that the mean does not depend on the batch size.
 
     Args:
         model: a HookedTransformer.
@@ -76,14 +77,15 @@ def head_means(
         batch_size: prompts per forward pass.
 
     Returns:
-        ``means[layer, pos]``: the mean over the reference prompts at least ``pos + 1`` tokens long, for
-        ``pos`` up to the longest prompt; in the model's dtype and on its device.
+        ``means[layer, pos]``: the mean over the reference prompts at least ``pos + 1`` tokens long,
+        for ``pos`` up to the longest prompt; in the model's dtype and on its device.
     """
     if len(reference_data) == 0:
         raise ValueError("head_means needs at least one reference prompt; the dataset is empty")
     cfg, device = model.cfg, device_of(model)
     width = max(len(ids) for ids in reference_data["input_ids"])
-    sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64, device=device)
+    sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64,
+                       device=device)
     counts = torch.zeros(width, dtype=torch.float64, device=device)
     names = [hook_z(layer) for layer in range(cfg.n_layers)]  # a layer's heads share its hook
     for batch in batches(reference_data, batch_size, pad_id(model)):
@@ -108,12 +110,12 @@ def make_mean_ablation_hook(
 
     Args:
         layer: the layer.
-        heads: which heads to ablate: head indices, a ``[head_index]`` mask (the same for every row), a
-            ``[batch, head_index]`` mask (a different ablation per row, for batched scans) or a
-            ``[batch, pos, head_index]`` mask (anything else).
+        heads: which heads to ablate: head indices, a ``[head_index]`` mask (the same for every
+            row), a ``[batch, head_index]`` mask (a different ablation per row, for batched scans)
+            or a ``[batch, pos, head_index]`` mask (anything else).
         means: from ``head_means``; positions beyond the input are not used.
-        positions: where to ablate: every position (None), one position per row (``[batch]`` indices such as
-            a dataset's ``pos_last``), or a ``[batch, pos]`` mask.
+        positions: where to ablate: every position (None), one position per row (``[batch]`` indices
+            such as a dataset's ``pos_last``), or a ``[batch, pos]`` mask.
 
     Returns:
         ``(name, fn)`` for ``model.hooks(fwd_hooks=[...])``.
@@ -131,8 +133,8 @@ def make_mean_ablation_hook(
         n_pos = z.shape[1]
         if n_pos > layer_means.shape[0]:
             raise ValueError(
-                f"the input has {n_pos} positions but the means cover {layer_means.shape[0]}; compute "
-                "head_means on reference prompts at least as long as the prompts you ablate"
+                f"the input has {n_pos} positions but the means cover {layer_means.shape[0]}; "
+                "compute head_means on reference prompts at least as long as the prompts you ablate"
             )
         return replace_heads(z, heads, layer_means[:n_pos], positions)
 
@@ -144,7 +146,9 @@ def mean_ablation_hooks(
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     positions: Int[Tensor, " batch"] | Bool[Tensor, "batch pos"] | None = None,
 ) -> list[Hook]:
-    """One ``make_mean_ablation_hook`` per layer that has a head in ``heads``; none for an empty set."""
+    """One ``make_mean_ablation_hook`` per layer that has a head in ``heads``; none for an
+    empty set.
+    """
     by_layer: dict[int, list[int]] = {}
     for h in sorted(set(heads)):
         by_layer.setdefault(h.layer, []).append(h.head)
@@ -152,7 +156,7 @@ def mean_ablation_hooks(
 
 
 def ablated_logits(
-    model,
+    model: HookedTransformer,
     input_ids: Int[Tensor, "batch pos"],
     heads: Iterable[Head],
     means: Float[Tensor, "layer ref_pos head_index d_head"],
@@ -163,14 +167,16 @@ def ablated_logits(
         return model(input_ids.to(device_of(model)))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scanning every head
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int, shape: tuple[int, int],
-                   position: str | None) -> Scan:
-    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability and correctness."""
+def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int,
+                   shape: tuple[int, int], position: str | None) -> Scan:
+    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability
+    and correctness.
+    """
     metrics = {}
     for kind, (base, ablated) in (("prob", prob), ("accuracy", correct)):
         ablated = (ablated / n).reshape(shape)
@@ -180,7 +186,7 @@ def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], 
 
 @torch.no_grad()
 def head_ablation_scan(
-    model,
+    model: HookedTransformer,
     data,
     *,
     means: Float[Tensor, "layer ref_pos head_index d_head"],
@@ -190,25 +196,27 @@ def head_ablation_scan(
 ) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
 
-    Batched: each forward pass stacks ``heads_per_pass`` copies of a batch of ``batch_size`` prompts along
-    the batch axis, and copy ``j`` ablates a different head (the hooks take a ``[rows, head_index]`` mask),
-    so a model with ``n_layers * n_heads`` heads needs about ``n_layers * n_heads / heads_per_pass + 1``
-    passes per batch. ``head_ablation_scan_reference`` is its one-head-one-prompt-at-a-time twin.
+    Batched: each forward pass stacks ``heads_per_pass`` copies of a batch of ``batch_size`` prompts
+    along the batch axis, and copy ``j`` ablates a different head (the hooks take a
+    ``[rows, head_index]`` mask), so a model with ``n_layers * n_heads`` heads needs about
+    ``n_layers * n_heads / heads_per_pass + 1`` passes per batch. ``head_ablation_scan_reference``
+    is its one-head-one-prompt-at-a-time twin.
 
     Args:
         model: a HookedTransformer.
-        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and ``position`` if given).
+        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and ``position``
+            if given).
         means: from ``head_means``.
         batch_size: prompts per batch; a pass holds ``batch_size * heads_per_pass`` rows.
         heads_per_pass: ablation variants per forward pass.
         position: a position column; ablate only there (default: every position).
 
     Returns:
-        A ``Scan`` (method "mean_ablation", ranked by ``prob_drop``) of ``[layer, head_index]`` float32 CPU
-        tensors: ``prob_drop`` (mean over examples of the answer's
-        probability at ``pos_last``, base minus ablated), ``accuracy_drop`` (base minus ablated accuracy),
-        and ``prob_ablated`` / ``accuracy_ablated`` (the ablated values themselves, which the teacher side of
-        head matching needs: dP_t = P_s_base - P_t_abl).
+        A ``Scan`` (method "mean_ablation", ranked by ``prob_drop``) of ``[layer, head_index]``
+        float32 CPU tensors: ``prob_drop`` (mean over examples of the answer's probability at
+        ``pos_last``, base minus ablated), ``accuracy_drop`` (base minus ablated accuracy), and
+        ``prob_ablated`` / ``accuracy_ablated`` (the ablated values themselves, which the teacher
+        side of head matching needs: dP_t = P_s_base - P_t_abl).
     """
     if len(data) == 0:
         raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
@@ -229,22 +237,24 @@ def head_ablation_scan(
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         prob_abl += p_abl.sum(1)
         correct_abl += c_abl.sum(1)
-    return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data), (n_layers, n_heads),
-                          position)
+    return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
+                          (n_layers, n_heads), position)
 
 
 @torch.no_grad()
 def head_ablation_scan_reference(
-    model,
+    model: HookedTransformer,
     data,
     *,
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     position: str | None = None,
 ) -> Scan:
-    """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward pass at a time.
+    """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward
+    pass at a time.
 
-    It writes the mean into ``z`` by plain indexing instead of the masks of ``make_mean_ablation_hook``,
-    so the two share nothing but the model. A test oracle; use ``head_ablation_scan`` for real work.
+    It writes the mean into ``z`` by plain indexing instead of the masks of
+    ``make_mean_ablation_hook``, so the two share nothing but the model. A test oracle; use
+    ``head_ablation_scan`` for real work.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     device = device_of(model)
@@ -274,31 +284,34 @@ def head_ablation_scan_reference(
                           (n_layers, n_heads), position)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Circuits
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def circuit_logits(
-    model,
+    model: HookedTransformer,
     input_ids: Int[Tensor, "batch pos"],
     circuit_heads: Iterable[Head],
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     *,
     keep_at: Mapping[Head, Sequence[Int[Tensor, " batch"]]] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
-    """The logits of the circuit alone: every head *not* in ``circuit_heads`` is mean-ablated everywhere.
+    """The logits of the circuit alone: every head *not* in ``circuit_heads`` is mean-ablated
+    everywhere.
 
     Args:
         model: a HookedTransformer.
         input_ids: the prompts.
         circuit_heads: the heads to keep.
         means: from ``head_means``.
-        keep_at: optional head -> row positions (``[batch]`` index tensors) where that circuit head is kept;
-            it is mean-ablated at every other position. Circuit heads missing from it are kept everywhere.
+        keep_at: optional head -> row positions (``[batch]`` index tensors) where that circuit head
+            is kept; it is mean-ablated at every other position. Circuit heads missing from it are
+            kept everywhere.
 
     Returns:
-        The logits; exactly the unablated model's when ``circuit_heads`` is every head and ``keep_at`` is None.
+        The logits; exactly the unablated model's when ``circuit_heads`` is every head and
+        ``keep_at`` is None.
     """
     n_layers, _, n_heads, _ = means.shape
     n_batch, n_pos = input_ids.shape
@@ -321,22 +334,30 @@ def circuit_logits(
         return model(input_ids.to(device_of(model)))
 
 
-def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int, generator: torch.Generator) -> Circuit:
-    """As many distinct random heads as ``circuit`` has, dealt into groups of its sizes and positions."""
+def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int,
+                    generator: torch.Generator) -> Circuit:
+    """As many distinct random heads as ``circuit`` has, dealt into groups of its sizes
+    and positions.
+    """
     n = len(circuit.heads)
-    picked = [Head(int(i) // n_heads, int(i) % n_heads) for i in torch.randperm(n_layers * n_heads,
-                                                                                 generator=generator)[:n]]
+    order = torch.randperm(n_layers * n_heads, generator=generator)
+    picked = [Head(int(i) // n_heads, int(i) % n_heads) for i in order[:n]]
     groups, start = {}, 0
     for name, heads in circuit.groups.items():
-        # Wrapping around keeps every picked head in some group when a head of ``circuit`` is in two groups.
+        # Wrapping around keeps every picked head in some group when a head of ``circuit`` is
+        # in two groups.
         groups[name] = tuple(picked[(start + j) % n] for j in range(len(heads))) if n else ()
         start += len(heads)
     return Circuit(groups, positions=circuit.positions, model=circuit.model, method="random")
 
 
-def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_at_positions: bool) -> Tensor:
-    """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full model)."""
-    columns = sorted(set(circuit.positions.values())) if circuit is not None and keep_at_positions else []
+def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, batch_size: int,
+             keep_at_positions: bool) -> Tensor:
+    """Per-item top-1 correctness, with everything outside ``circuit`` ablated
+    (None: the full model).
+    """
+    at_positions = circuit is not None and keep_at_positions
+    columns = sorted(set(circuit.positions.values())) if at_positions else []
     out = []
     for batch in batches(data, batch_size, pad_id(model), columns):
         ids = batch["input_ids"]
@@ -356,7 +377,7 @@ def _correct(model, data, circuit: Circuit | None, means, batch_size: int, keep_
 
 @torch.no_grad()
 def evaluate_circuit(
-    model,
+    model: HookedTransformer,
     circuit_heads: Circuit | Iterable[Head],
     data,
     *,
@@ -366,34 +387,37 @@ def evaluate_circuit(
     batch_size: int = 64,
     keep_at_positions: bool = False,
 ) -> dict:
-    """Full, circuit and random-circuit accuracy, and faithfulness (circuit distillation's evaluation).
+    """Full, circuit and random-circuit accuracy, and faithfulness (circuit distillation's
+    evaluation).
 
     The circuit's accuracy is the model's with every head outside the circuit mean-ablated at every
-    position. The random baseline keeps as many heads, drawn uniformly without replacement from all heads
-    (circuit heads included) with ``torch.Generator().manual_seed(seed)``, averaged over ``n_random`` draws.
+    position. The random baseline keeps as many heads, drawn uniformly without replacement from all
+    heads (circuit heads included) with ``torch.Generator().manual_seed(seed)``, averaged over
+    ``n_random`` draws.
 
     Args:
         model: a HookedTransformer.
         circuit_heads: a ``Circuit`` or any collection of heads.
-        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and the circuit's position columns
-            when ``keep_at_positions``).
+        data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and the circuit's position
+            columns when ``keep_at_positions``).
         means: from ``head_means`` over a reference set.
         n_random: random head sets to average.
         seed: their seed.
         batch_size: prompts per forward pass.
-        keep_at_positions: keep each circuit head only at its group's position column (Prakash et al.'s
-            stricter circuit), mean-ablating it elsewhere; needs a ``Circuit``. Random circuits then get the
-            same group sizes and positions.
+        keep_at_positions: keep each circuit head only at its group's position column (Prakash
+            et al.'s stricter circuit), mean-ablating it elsewhere; needs a ``Circuit``. Random
+            circuits then get the same group sizes and positions.
 
     Returns:
-        ``full_accuracy``, ``circuit_accuracy``, ``random_accuracy`` (mean), ``random_accuracies`` (list),
-        ``faithfulness`` = circuit / full, ``random_faithfulness`` = random / full,
+        ``full_accuracy``, ``circuit_accuracy``, ``random_accuracy`` (mean), ``random_accuracies``
+        (list), ``faithfulness`` = circuit / full, ``random_faithfulness`` = random / full,
         ``faithfulness_above_random`` = (circuit - random) / (full - random), ``n_circuit_heads``,
-        ``n_heads`` (in the model), and per-item ``full_correct`` / ``circuit_correct`` (bool tensors, for
-        McNemar's test between methods).
+        ``n_heads`` (in the model), and per-item ``full_correct`` / ``circuit_correct`` (bool
+        tensors, for McNemar's test between methods).
 
     Warning:
-        Faithfulness is undefined when the full model gets nothing right: both ratios are then ``nan``.
+        Faithfulness is undefined when the full model gets nothing right: both ratios are then
+        ``nan``.
         Faithfulness can exceed 1 (a circuit may do better without the heads it leaves out).
     """
     if len(data) == 0:
@@ -402,15 +426,16 @@ def evaluate_circuit(
         circuit = circuit_heads
     else:
         if keep_at_positions:
-            raise ValueError("keep_at_positions needs a Circuit (its groups name the positions); got bare heads")
+            raise ValueError("keep_at_positions needs a Circuit (its groups name the positions); "
+                             "got bare heads")
         circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     full_correct = _correct(model, data, None, means, batch_size, keep_at_positions)
     circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions)
     generator = torch.Generator().manual_seed(seed)
     randoms = [
-        _correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator), means, batch_size,
-                 keep_at_positions).float().mean().item()
+        _correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator), means,
+                 batch_size, keep_at_positions).float().mean().item()
         for _ in range(n_random)
     ]
     full = full_correct.float().mean().item()
@@ -423,10 +448,12 @@ def evaluate_circuit(
         "random_accuracies": randoms,
         "faithfulness": circuit_acc / full if full > 0 else math.nan,
         "random_faithfulness": random_acc / full if full > 0 else math.nan,
-        # How much of what the full model does beyond random circuits the circuit keeps: with an answer that
-        # ablation leaves as the default (theory of mind's "unknown"), plain faithfulness is high for anything.
-        "faithfulness_above_random": (circuit_acc - random_acc) / (full - random_acc) if full > random_acc
-        else math.nan,
+        # How much of what the full model does beyond random circuits the circuit keeps: with an
+        # answer that ablation leaves as the default (theory of mind's "unknown"), plain
+        # faithfulness is high for anything.
+        "faithfulness_above_random": (
+            (circuit_acc - random_acc) / (full - random_acc) if full > random_acc else math.nan
+        ),
         "n_circuit_heads": len(circuit.heads),
         "n_heads": n_layers * n_heads,
         "full_correct": full_correct,

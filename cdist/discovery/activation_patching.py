@@ -1,11 +1,12 @@
 """Activation patching of attention heads: each head's *total* effect.
 
-One head's output ``z`` (``cdist.models.hook_z``) comes from the run on the corrupt prompt (the item's
-counterfactual, aligned token for token), the rest of the network recomputes, and the change of the clean
-answer's probability at ``pos_last`` is the head's score: ``relative_change`` = (p_patched - p_clean) /
-p_clean and ``prob_change`` = p_patched - p_clean, averaged over the items. Batched on
-``cdist.discovery.engine`` (copy ``j`` of a stacked batch patches head ``j``, each pass starting at the
-patched layer); ``activation_patching_scan_reference`` is its one-head-one-prompt twin.
+One head's output ``z`` (``cdist.models.hook_z``) comes from the run on the corrupt prompt (the
+item's counterfactual, aligned token for token), the rest of the network recomputes, and the change
+of the clean answer's probability at ``pos_last`` is the head's score:
+``relative_change`` = (p_patched - p_clean) / p_clean and ``prob_change`` = p_patched - p_clean,
+averaged over the items. Batched on ``cdist.discovery.engine`` (copy ``j`` of a stacked batch
+patches head ``j``, each pass starting at the patched layer); ``activation_patching_scan_reference``
+is its one-head-one-prompt twin.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from cdist.discovery.engine import check_items, one_head_scan, patch_scan, replacing
+from cdist.discovery.engine import (
+    PatchSums,
+    check_items,
+    one_head_scan,
+    one_item_runs,
+    patch_scan,
+    replacing,
+)
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import hook_z
+from cdist.models import HookedTransformer, hook_z
 from cdist.types import Scan
 
 __all__ = ["activation_patching_scan", "activation_patching_scan_reference"]
@@ -23,7 +31,7 @@ __all__ = ["activation_patching_scan", "activation_patching_scan_reference"]
 
 @torch.no_grad()
 def activation_patching_scan(
-    model,
+    model: HookedTransformer,
     data,
     *,
     position: str | None = None,
@@ -31,14 +39,15 @@ def activation_patching_scan(
     heads_per_pass: int = 8,
     progress: bool = False,
 ) -> Scan:
-    """Patch each head's ``z`` from the corrupt run into the clean run, alone, and measure the answer.
+    """Patch each head's ``z`` from the corrupt run into the clean run, alone, and
+    measure the answer.
 
     Batched like ``head_ablation_scan`` (copy ``j`` of a stacked batch patches head ``j``).
 
     Args:
         model: a HookedTransformer.
-        data: a task dataset with ``input_ids``, ``corrupt_input_ids``, ``answer_id``, ``pos_last`` (and
-            ``position`` if given).
+        data: a task dataset with ``input_ids``, ``corrupt_input_ids``, ``answer_id``, ``pos_last``
+            (and ``position`` if given).
         position: position column to patch at; None patches every position.
         batch_size: prompts per batch.
         heads_per_pass: heads per forward pass.
@@ -63,43 +72,34 @@ def activation_patching_scan(
 
         def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
             at = None if position is None else batch[position].repeat(n_copies)
-            return names[layer], replacing(rows, corrupt[names[layer]].repeat(n_copies, 1, 1, 1), at)
+            source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
+            return names[layer], replacing(rows, source, at)
 
         p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
                                          heads_per_pass=heads_per_pass)
         base = p_clean[None, :]
         rel += ((p - base) / base).sum(1)
         diff += (p - base).sum(1)
-    return patch_scan("activation_patching", rel, diff, len(data), (n_layers, n_heads), position=position)
+    return patch_scan("activation_patching", rel, diff, len(data), (n_layers, n_heads),
+                      position=position)
 
 
 @torch.no_grad()
-def activation_patching_scan_reference(model, data, *, position: str | None = None) -> Scan:
+def activation_patching_scan_reference(
+    model: HookedTransformer, data, *, position: str | None = None
+) -> Scan:
     """The slow twin of ``activation_patching_scan``: one head, one unpadded prompt at a time."""
-    check_items(data, position)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    rel = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    diff = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    names = [hook_z(layer) for layer in range(n_layers)]
-    for item in data:
-        ids = torch.tensor([item["input_ids"]], device=device)
-        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
-        at = slice(None) if position is None else item[position]
-        p_clean = answer_stats(model(ids), answer, last)[0].item()
-        _, corrupt = model.run_with_cache(torch.tensor([item["corrupt_input_ids"]], device=device),
-                                          names_filter=names)
-        for layer in range(n_layers):
-            for head in range(n_heads):
+    sums = PatchSums(model)
+    for run in one_item_runs(model, data, position):
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
 
-                def patch(z, hook, head=head, corrupt=corrupt, at=at):
+                def patch(z, hook, head=head, run=run):
                     z = z.clone()
-                    z[0, at, head] = corrupt[hook.name][0, at, head]
+                    z[0, run.at, head] = run.corrupt[hook.name][0, run.at, head]
                     return z
 
-                with model.hooks(fwd_hooks=[(names[layer], patch)]):
-                    p = answer_stats(model(ids), answer, last)[0].item()
-                rel[layer, head] += (p - p_clean) / p_clean
-                diff[layer, head] += p - p_clean
-    return patch_scan("activation_patching", rel.flatten(), diff.flatten(), len(data), (n_layers, n_heads),
-                      position=position)
+                with model.hooks(fwd_hooks=[(hook_z(layer), patch)]):
+                    p = answer_stats(model(run.ids), run.answer, run.last)[0].item()
+                sums.add(layer, head, p - run.p_clean, run.p_clean)
+    return sums.scan("activation_patching", len(data), position=position)

@@ -1,12 +1,15 @@
-"""Attribution patching (Nanda 2023): the first-order Taylor estimate of activation patching for every head.
+"""Attribution patching (Nanda 2023): the first-order Taylor estimate of activation patching
+for every head.
 
-For item ``i`` and head ``h``: ``prob_change ~ sum_pos (z_corrupt - z_clean)[i, pos, h] . d p_i / d z[i, pos,
-h]`` (over ``position`` only, if given), and ``relative_change`` = that / p_i, where ``z`` is the head's
-output (``cdist.models.hook_z``) and ``p_i`` the clean answer's probability at ``pos_last``. One clean forward
-and backward and one corrupt forward per batch, whatever the number of heads: a fast pre-filter whose rank
-agreement with the exact ``activation_patching_scan`` is measured, not assumed.
-``attribution_patching_scan_reference`` is its plain twin: the same product, one head and one unpadded
-prompt at a time, with the gradient taken of ``z`` itself through a full forward pass per head.
+For item ``i`` and head ``h``:
+``prob_change ~ sum_pos (z_corrupt - z_clean)[i, pos, h] . d p_i / d z[i, pos, h]`` (over
+``position`` only, if given), and ``relative_change`` = that / p_i, where ``z`` is the head's output
+(``cdist.models.hook_z``) and ``p_i`` the clean answer's probability at ``pos_last``. One clean
+forward and backward and one corrupt forward per batch, whatever the number of heads: a fast
+pre-filter whose rank agreement with the exact ``activation_patching_scan`` is measured, not
+assumed. ``attribution_patching_scan_reference`` is its plain twin: the same product, one head and
+one unpadded prompt at a time, with the gradient taken of ``z`` itself through a full forward pass
+per head.
 """
 
 from __future__ import annotations
@@ -14,21 +17,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cdist.discovery.engine import check_items, patch_scan
+from cdist.discovery.engine import PatchSums, check_items, one_item_runs, patch_scan
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import hook_z
+from cdist.models import HookedTransformer, hook_z
 from cdist.types import Scan
 
 __all__ = ["attribution_patching_scan", "attribution_patching_scan_reference"]
 
 
-def attribution_patching_scan(model, data, *, position: str | None = None, batch_size: int = 32) -> Scan:
+def attribution_patching_scan(
+    model: HookedTransformer, data, *, position: str | None = None, batch_size: int = 32
+) -> Scan:
     """First-order estimate of ``activation_patching_scan`` for every head at once.
 
-    For example i and head h: ``prob_change ~ sum_pos (z_corrupt - z_clean)[i, pos, h] . d p_i / d z[i, pos,
-    h]`` (over ``position`` only, if given), and ``relative_change`` = that / p_i. One clean forward and
-    backward and one corrupt forward per batch, whatever the number of heads. Parameter gradients are not
-    accumulated (only ``z`` is differentiated).
+    For example i and head h:
+    ``prob_change ~ sum_pos (z_corrupt - z_clean)[i, pos, h] . d p_i / d z[i, pos, h]`` (over
+    ``position`` only, if given), and ``relative_change`` = that / p_i. One clean forward and
+    backward and one corrupt forward per batch, whatever the number of heads. Parameter gradients
+    are not accumulated (only ``z`` is differentiated).
     """
     check_items(data, position)
     cfg, device = model.cfg, device_of(model)
@@ -40,13 +46,15 @@ def attribution_patching_scan(model, data, *, position: str | None = None, batch
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids = batch["input_ids"].to(device)
         with torch.no_grad():
-            _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
+            _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                              names_filter=names)
         clean: dict[str, Tensor] = {}
         probes: dict[str, Tensor] = {}
 
         def probe(z, hook, clean=clean, probes=probes):
-            # z + a zero leaf: d p / d leaf = d p / d z along every downstream path, including those through
-            # later heads, whether or not the parameters require gradients (and none accumulate in .grad).
+            # z + a zero leaf: d p / d leaf = d p / d z along every downstream path, including those
+            # through later heads, whether or not the parameters require gradients (and none
+            # accumulate in .grad).
             clean[hook.name] = z.detach()
             probes[hook.name] = torch.zeros_like(z, requires_grad=True)
             return z + probes[hook.name]
@@ -65,33 +73,26 @@ def attribution_patching_scan(model, data, *, position: str | None = None, batch
                 est = delta.sum((1, 3)).double().cpu()  # [batch, head_index]
                 diff[layer] += est.sum(0)
                 rel[layer] += (est / p.detach().double().cpu()[:, None]).sum(0)
-    return patch_scan("attribution_patching", rel.flatten(), diff.flatten(), len(data), (n_layers, n_heads),
-                      position=position)
+    return patch_scan("attribution_patching", rel.flatten(), diff.flatten(), len(data),
+                      (n_layers, n_heads), position=position)
 
 
-def attribution_patching_scan_reference(model, data, *, position: str | None = None) -> Scan:
-    """The slow twin of ``attribution_patching_scan``: one head, one unpadded prompt, one backward at a time.
+def attribution_patching_scan_reference(
+    model: HookedTransformer, data, *, position: str | None = None
+) -> Scan:
+    """The slow twin of ``attribution_patching_scan``: one head, one unpadded prompt,
+    one backward at a time.
 
-    The head's clean ``z`` is replaced by a leaf equal to it, whose gradient is the derivative of the
-    answer's probability; nothing is shared with the fast path but the model and ``answer_stats``.
+    The head's clean ``z`` is replaced by a leaf equal to it, whose gradient is the derivative of
+    the answer's probability; nothing is shared with the fast path but the model and
+    ``answer_stats``.
     """
-    check_items(data, position)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    rel = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    diff = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    names = [hook_z(layer) for layer in range(n_layers)]
-    for item in data:
-        ids = torch.tensor([item["input_ids"]], device=device)
-        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
-        at = slice(None) if position is None else item[position]
-        with torch.no_grad():
-            _, clean = model.run_with_cache(ids, names_filter=names)
-            _, corrupt = model.run_with_cache(torch.tensor([item["corrupt_input_ids"]], device=device),
-                                              names_filter=names)
-        for layer, name in enumerate(names):
-            for head in range(n_heads):
-                leaf = clean[name][0, :, head].clone().requires_grad_(True)  # [pos, d_head]
+    sums = PatchSums(model)
+    for run in one_item_runs(model, data, position):
+        for layer in range(model.cfg.n_layers):
+            name = hook_z(layer)
+            for head in range(model.cfg.n_heads):
+                leaf = run.clean[name][0, :, head].clone().requires_grad_(True)  # [pos, d_head]
 
                 def swap(z, hook, head=head, leaf=leaf):
                     z = z.clone()
@@ -99,11 +100,8 @@ def attribution_patching_scan_reference(model, data, *, position: str | None = N
                     return z
 
                 with torch.enable_grad(), model.hooks(fwd_hooks=[(name, swap)]):
-                    p = answer_stats(model(ids), answer, last)[0].sum()
+                    p = answer_stats(model(run.ids), run.answer, run.last)[0].sum()
                     (grad,) = torch.autograd.grad(p, leaf)
-                delta = (corrupt[name][0, :, head] - clean[name][0, :, head]) * grad
-                est = float(delta[at].sum())
-                diff[layer, head] += est
-                rel[layer, head] += est / p.item()
-    return patch_scan("attribution_patching", rel.flatten(), diff.flatten(), len(data), (n_layers, n_heads),
-                      position=position)
+                delta = (run.corrupt[name][0, :, head] - run.clean[name][0, :, head]) * grad
+                sums.add(layer, head, float(delta[run.at].sum()), p.item())
+    return sums.scan("attribution_patching", len(data), position=position)

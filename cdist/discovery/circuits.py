@@ -1,15 +1,18 @@
-"""From scans to circuits: select heads, and find a model's task circuit the paper's way for its task.
+"""From scans to circuits: select heads, and find a model's task circuit the paper's way
+for its task.
 
-- Entity tracking: Prakash et al.'s path-patching search (``path_patching.entity_tracking_circuit``), ``k``
-  heads per group whose relative change is at most ``-min_effect``; on the organisms' adjacent form the
-  search also looks for the object binders (``path_patching.ET_SEARCH_ADJACENT``).
+- Entity tracking: Prakash et al.'s path-patching search
+  (``path_patching.entity_tracking_circuit``), ``k`` heads per group whose relative change is at
+  most ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
+  (``path_patching.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
-  probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items reaches
-  ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no defined
-  faithfulness, so its circuit grows to the budget).
+  probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items
+  reaches ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no
+  defined faithfulness, so its circuit grows to the budget).
 
-Which method and search a task uses by default is its registry entry's (``cdist.tasks.get_task``). The items
-a circuit is chosen on must not be the items it is evaluated on; callers pass separate sets.
+Which method and search a task uses by default is its registry entry's (``cdist.tasks.get_task``).
+The items a circuit is chosen on must not be the items it is evaluated on; callers pass
+separate sets.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from jaxtyping import Float
 from torch import Tensor
 
+from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadScores, Scan
 
 __all__ = ["METHODS", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit", "ranked_circuit",
@@ -34,9 +38,11 @@ def select_heads(scores: Scan | HeadScores, k: int, min_effect: float = 0.0) -> 
 
     A ``Scan`` is ranked by its own metric (``Scan.ranking``).
 
-    For scores where low is important (``higher_is_important=False``, path patching's relative change) a
-    head qualifies when its score is at most ``-min_effect``; otherwise when it is at least ``min_effect``.
-    With ``min_effect=0`` a head must still move the metric in the important direction (not exactly 0).
+    For scores where low is important (``higher_is_important=False``, path patching's relative
+    change) a head qualifies when its score is at most ``-min_effect``; otherwise when it is at
+    least ``min_effect``.
+    With ``min_effect=0`` a head must still move the metric in the important direction
+    (not exactly 0).
     """
     if isinstance(scores, Scan):
         scores = scores.ranking()
@@ -50,15 +56,18 @@ def select_heads(scores: Scan | HeadScores, k: int, min_effect: float = 0.0) -> 
 
 
 def ranked_circuit(
-    scores: Scan | HeadScores, n: int, *, position: str = "pos_last", model: str = "", method: str = "",
-    min_effect: float = 0.0,
+    scores: Scan | HeadScores, n: int, *, position: str = "pos_last", model: str = "",
+    method: str = "", min_effect: float = 0.0,
 ) -> Circuit:
-    """A one-group circuit of the top-``n`` heads of a scan (theory of mind's circuits, students' circuits)."""
+    """A one-group circuit of the top-``n`` heads of a scan (theory of mind's circuits,
+    students' circuits).
+    """
     if isinstance(scores, Scan):
         method, scores = method or scores.method, scores.ranking()
     heads = select_heads(scores, n, min_effect)
-    return Circuit({"circuit": heads}, positions={"circuit": position}, scores={h: scores[h] for h in heads},
-                   model=model, method=method or scores.metric)
+    return Circuit({"circuit": heads}, positions={"circuit": position},
+                   scores={h: scores[h] for h in heads}, model=model,
+                   method=method or scores.metric)
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ class DiscoveryConfig:
     """How a circuit is chosen (module doc)."""
 
     method: str = "auto"  # "auto" (the task's), "path_patching" or "mean_ablation"
-    search: str = "auto"  # path patching: "auto" (the task's, by the items' template), "prakash" or "adjacent"
+    # path patching: "auto" (the task's, by the items' template), "prakash" or "adjacent"
+    search: str = "auto"
     k: int = 2
     min_effect: float = 0.01
     budget: float = 0.2
@@ -78,19 +88,24 @@ class DiscoveryConfig:
         if self.search not in SEARCHES:
             raise ValueError(f"path-patching search {self.search!r}; choose from {SEARCHES}")
         if self.k < 1 or self.min_effect < 0:
-            raise ValueError(f"k >= 1 and min_effect >= 0 are needed; got k={self.k}, min_effect={self.min_effect}")
+            raise ValueError(f"k >= 1 and min_effect >= 0 are needed; got k={self.k}, "
+                             f"min_effect={self.min_effect}")
         if not 0 < self.budget <= 1 or not self.target >= 0:
-            raise ValueError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, {self.target}")
+            raise ValueError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
+                             f"{self.target}")
 
 
 @dataclass(frozen=True, eq=False)
 class Discovery:
-    """What ``find_circuit`` found: the circuit, the scans it was chosen from, and how it was chosen.
+    """What ``find_circuit`` found: the circuit, the scans it was chosen from, and how
+    it was chosen.
 
     Attributes:
         circuit: the circuit.
-        scans: scan name -> ``Scan`` (``path_patching_<group>`` per searched group, or ``mean_ablation``).
-        record: the method, its parameters, and for mean ablation the faithfulness on the discovery items.
+        scans: scan name -> ``Scan`` (``path_patching_<group>`` per searched group, or
+            ``mean_ablation``).
+        record: the method, its parameters, and for mean ablation the faithfulness on the
+            discovery items.
     """
 
     circuit: Circuit
@@ -99,7 +114,7 @@ class Discovery:
 
 
 def find_circuit(
-    model,
+    model: HookedTransformer,
     task: str,
     items,
     means: Float[Tensor, "layer ref_pos head_index d_head"],
@@ -124,7 +139,8 @@ def find_circuit(
     Returns:
         A ``Discovery``: the circuit, the scans it was chosen from, and a record of the selection.
     """
-    # The scans import this module (select_heads), so they are imported when a circuit is searched for.
+    # The scans import this module (select_heads), so they are imported when a circuit is
+    # searched for.
     from cdist.discovery import ablation, path_patching
     from cdist.tasks import get_task
 
@@ -136,14 +152,17 @@ def find_circuit(
             model, items, k=cfg.k, min_effect=cfg.min_effect, search=path_patching.SEARCHES[search],
             model_name=model_name, progress=progress)
         return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
-                         {"method": method, "search": search, "k": cfg.k, "min_effect": cfg.min_effect})
+                         {"method": method, "search": search, "k": cfg.k,
+                          "min_effect": cfg.min_effect})
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     faith = math.nan
     for n in range(1, limit + 1):
         circuit = ranked_circuit(scan, n, model=model_name, method="mean_ablation")
-        faith = ablation.evaluate_circuit(model, circuit, items, means=means, n_random=0)["faithfulness"]
+        evaluation = ablation.evaluate_circuit(model, circuit, items, means=means, n_random=0)
+        faith = evaluation["faithfulness"]
         if faith >= cfg.target:
             break
-    return Discovery(circuit, {"mean_ablation": scan}, {"method": method, "budget": cfg.budget,
-                                                        "target": cfg.target, "discovery_faithfulness": faith})
+    return Discovery(circuit, {"mean_ablation": scan},
+                     {"method": method, "budget": cfg.budget, "target": cfg.target,
+                      "discovery_faithfulness": faith})

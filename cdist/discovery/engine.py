@@ -1,28 +1,39 @@
-"""The scan engine that every head scan of ``cdist.discovery`` runs on: replace heads, one head per copy.
+"""The scan engine that every head scan of ``cdist.discovery`` runs on: replace heads,
+one head per copy.
 
-Mean ablation, activation patching and path patching all replace some heads' outputs ``z`` (the ``d_head``
-vector a head computes before ``W_O``, at ``cdist.models.hook_z``) by other values: reference means, or the
-``z`` of a counterfactual run. ``replace_heads`` is that one rule. A scan asks the question for every head
-alone; ``one_head_scan`` batches it, stacking copies of a batch of prompts along the batch axis with copy
-``j`` intervening on head ``j`` (``one_head_variants``), starting each pass at the intervened layer from the
-clean run's cached residual stream and unembedding only ``pos_last``. Each scan keeps a slow, plain twin
-(``*_reference``) in its own module that the tests hold it to.
+Mean ablation, activation patching and path patching all replace some heads' outputs ``z`` (the
+``d_head`` vector a head computes before ``W_O``, at ``cdist.models.hook_z``) by other values:
+reference means, or the ``z`` of a counterfactual run. ``replace_heads`` is that one rule. A scan
+asks the question for every head alone; ``one_head_scan`` batches it, stacking copies of a batch of
+prompts along the batch axis with copy ``j`` intervening on head ``j`` (``one_head_variants``),
+starting each pass at the intervened layer from the clean run's cached residual stream and
+unembedding only ``pos_last``. Each scan keeps a slow, plain twin (``*_reference``) in its own
+module that the tests hold it to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cdist.evaluate import answer_stats
-from cdist.models import finish_layer, head_writes, hook_resid_mid, hook_resid_pre, hook_z, unembed
+from cdist.evaluate import answer_stats, device_of
+from cdist.models import (
+    HookedTransformer,
+    finish_layer,
+    head_writes,
+    hook_resid_mid,
+    hook_resid_pre,
+    hook_z,
+    unembed,
+)
 from cdist.types import Scan
 
-__all__ = ["Hook", "check_items", "one_head_scan", "one_head_variants", "patch_scan", "replace_heads",
-           "replacing"]
+__all__ = ["Hook", "OneItem", "PatchSums", "check_items", "one_head_scan", "one_head_variants",
+           "one_item_runs", "patch_scan", "replace_heads", "replacing"]
 
 Hook = tuple[str, Callable]
 
@@ -35,18 +46,18 @@ def replace_heads(
 ) -> Float[Tensor, "batch pos head_index d_head"]:
     """``z`` with the chosen heads' vectors (at the chosen positions) taken from ``source``.
 
-    The one replacement rule behind mean ablation (``source`` = the reference means, ``[pos, head_index,
-    d_head]``) and activation and path patching (``source`` = another run's ``z``, ``[batch, pos, head_index,
-    d_head]``).
+    The one replacement rule behind mean ablation (``source`` = the reference means,
+    ``[pos, head_index, d_head]``) and activation and path patching (``source`` = another run's
+    ``z``, ``[batch, pos, head_index, d_head]``).
 
     Args:
         z: one layer's head outputs.
-        heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a different
-            variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
+        heads: a ``[head_index]`` mask (the same for every row), a ``[batch, head_index]`` mask (a
+            different variant per row, for batched scans) or a ``[batch, pos, head_index]`` mask.
         source: the replacement values, broadcastable to ``z`` (``#``: a size-1 axis broadcasts, as
             path patching's ``[batch, 1, head_index, d_head]`` does).
-        positions: where to replace: every position (None), one position per row (``[batch]`` indices), or a
-            ``[batch, pos]`` mask.
+        positions: where to replace: every position (None), one position per row (``[batch]``
+            indices), or a ``[batch, pos]`` mask.
     """
     n_batch, n_pos, n_heads, _ = z.shape
     heads = heads.to(z.device)
@@ -59,8 +70,8 @@ def replace_heads(
     elif heads.ndim == 3:  # [batch, pos, head_index]
         mask = heads
     else:
-        raise ValueError(f"head mask must be [head_index], [batch, head_index] or [batch, pos, head_index]; "
-                         f"got shape {tuple(heads.shape)}")
+        raise ValueError("head mask must be [head_index], [batch, head_index] or "
+                         f"[batch, pos, head_index]; got shape {tuple(heads.shape)}")
     if positions is not None:
         positions = positions.to(z.device)
         if positions.dtype == torch.bool:  # [batch, pos]
@@ -68,18 +79,20 @@ def replace_heads(
         else:  # [batch]: one position per row
             at = torch.arange(n_pos, device=z.device)[None, :] == positions[:, None]
         mask = mask & at[:, :, None]
-    return torch.where(mask.expand(n_batch, n_pos, n_heads)[..., None], source.to(z.device, z.dtype), z)
+    replace = mask.expand(n_batch, n_pos, n_heads)[..., None]
+    return torch.where(replace, source.to(z.device, z.dtype), z)
 
 
 def one_head_variants(
     chunk: Int[Tensor, " copies"], n_heads: int, n_rows: int
 ) -> dict[int, Bool[Tensor, "rows head_index"]]:
-    """Row masks for a batched one-head-at-a-time scan: copy ``j`` of a batch touches head ``chunk[j]`` only.
+    """Row masks for a batched one-head-at-a-time scan: copy ``j`` of a batch touches head
+    ``chunk[j]`` only.
 
-    ``chunk`` holds flat head indices (``layer * n_heads + head``); the batch of ``n_rows`` prompts is stacked
-    ``len(chunk)`` times along the batch axis, copy ``j`` being rows ``j * n_rows .. (j + 1) * n_rows - 1``.
-    Returns, for each layer that has a head in ``chunk``, the ``[copies * n_rows, head_index]`` mask to give
-    ``replace_heads``.
+    ``chunk`` holds flat head indices (``layer * n_heads + head``); the batch of ``n_rows`` prompts
+    is stacked ``len(chunk)`` times along the batch axis, copy ``j`` being rows
+    ``j * n_rows .. (j + 1) * n_rows - 1``. Returns, for each layer that has a head in ``chunk``,
+    the ``[copies * n_rows, head_index]`` mask to give ``replace_heads``.
     """
     out = {}
     for layer in chunk.div(n_heads, rounding_mode="floor").unique().tolist():
@@ -91,7 +104,7 @@ def one_head_variants(
 
 
 def one_head_scan(
-    model,
+    model: HookedTransformer,
     ids: Int[Tensor, "batch pos"],
     answer_id: Int[Tensor, " batch"],
     pos_last: Int[Tensor, " batch"],
@@ -99,19 +112,21 @@ def one_head_scan(
     *,
     heads_per_pass: int = 8,
 ) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
-    """Intervene on every head alone, many heads per forward pass; the engine of the batched head scans.
+    """Intervene on every head alone, many heads per forward pass; the engine of the
+    batched head scans.
 
-    A pass stacks ``n_copies`` copies of the batch along the batch axis, copy ``j`` intervening on head ``j``
-    of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where ``rows`` is the
-    ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the layers below the chunk's are
-    untouched, the pass starts at its layer from the clean run's cached ``hook_resid_pre``, and only
-    ``pos_last`` is unembedded. A last-layer head needs no pass at all: its hook is applied to the cached
-    ``z`` and the change at ``pos_last`` goes through ``W_O`` and that position's MLP (``finish_layer``).
-    ``hook_for`` must return a hook that changes only its layer's ``hook_z``, whatever its ``hook`` argument.
+    A pass stacks ``n_copies`` copies of the batch along the batch axis, copy ``j`` intervening on
+    head ``j`` of a chunk of one layer's heads through ``hook_for(layer, rows, n_copies)``, where
+    ``rows`` is the ``[n_copies * batch, head_index]`` mask of ``one_head_variants``. Since the
+    layers below the chunk's are untouched, the pass starts at its layer from the clean run's cached
+    ``hook_resid_pre``, and only ``pos_last`` is unembedded. A last-layer head needs no pass at all:
+    its hook is applied to the cached ``z`` and the change at ``pos_last`` goes through ``W_O`` and
+    that position's MLP (``finish_layer``). ``hook_for`` must return a hook that changes only its
+    layer's ``hook_z``, whatever its ``hook`` argument.
 
     Returns:
-        Clean answer probability and correctness ``[batch]``, and the same for each head's intervention,
-        ``[layer * n_heads + head, batch]``; float64 on the CPU.
+        Clean answer probability and correctness ``[batch]``, and the same for each head's
+        intervention, ``[layer * n_heads + head, batch]``; float64 on the CPU.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_rows = len(ids)
@@ -130,11 +145,13 @@ def one_head_scan(
             last = pos_last.repeat(n_copies).to(cache[names[0]].device)
             at = torch.arange(n_copies * n_rows, device=last.device)
             if layer == top:
-                # Nothing reads the last layer's other positions, so the change of its z at pos_last, through
-                # W_O and that position's MLP, is the whole effect: one position instead of a forward pass.
+                # Nothing reads the last layer's other positions, so the change of its z at
+                # pos_last, through W_O and that position's MLP, is the whole effect: one position
+                # instead of a forward pass.
                 z = cache[name].repeat(n_copies, 1, 1, 1)
                 dz = (fn(z, None) - z)[at, last]  # [rows, head_index, d_head]
-                mid_last = cache[top_names[1]][torch.arange(n_rows, device=last.device), pos_last.to(last.device)]
+                clean_rows = torch.arange(n_rows, device=last.device)
+                mid_last = cache[top_names[1]][clean_rows, pos_last.to(last.device)]
                 mid = mid_last.repeat(n_copies, 1) + head_writes(model, top, dz)
                 final = finish_layer(model, top, mid)
             else:
@@ -159,10 +176,12 @@ def patch_scan(
     shape: tuple[int, int],
     **where,
 ) -> Scan:
-    """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the relative and absolute change
-    of the answer probability; the relative change is Prakash et al.'s score (most negative: most important).
+    """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the relative and
+    absolute change of the answer probability; the relative change is Prakash et al.'s score (most
+    negative: most important).
     """
-    metrics = {"relative_change": (total_rel / n).reshape(shape), "prob_change": (total_diff / n).reshape(shape)}
+    metrics = {"relative_change": (total_rel / n).reshape(shape),
+               "prob_change": (total_diff / n).reshape(shape)}
     return Scan(method, metrics, "relative_change", higher_is_important=False, n_items=n, **where)
 
 
@@ -170,4 +189,57 @@ def check_items(data, position: str | None) -> None:
     if len(data) == 0:
         raise ValueError("patching needs at least one item; the dataset is empty")
     if position is not None and position not in data.column_names:
-        raise ValueError(f"the data has no position column {position!r}; it has {data.column_names}")
+        raise ValueError(f"the data has no position column {position!r}; "
+                         f"it has {data.column_names}")
+
+
+# --------------------------------------------------------------------------------------------------
+# What the slow twins of the patching scans share: items one at a time, and per-head sums.
+
+
+class OneItem(NamedTuple):
+    """One item as a slow twin reads it: a batch of one, unpadded, with its clean and corrupt
+    runs."""
+
+    ids: Int[Tensor, "1 pos"]
+    answer: Int[Tensor, " 1"]
+    last: Int[Tensor, " 1"]
+    at: slice | int  # the item's position column, or every position
+    clean: dict  # hook_z name -> the clean run's z
+    corrupt: dict  # hook_z name -> the corrupt run's z
+    p_clean: float  # the clean run's answer probability
+
+
+def one_item_runs(model: HookedTransformer, data, position: str | None) -> Iterator[OneItem]:
+    """Each item of ``data`` with its clean and corrupt ``z`` of every layer, unbatched and
+    unpadded, for the slow twins; the fast scans never use it. ``data`` is checked first."""
+    check_items(data, position)
+    device = device_of(model)
+    names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
+    for item in data:
+        ids = torch.tensor([item["input_ids"]], device=device)
+        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
+        with torch.no_grad():  # closed before the yield, so the caller's grad mode is its own
+            logits, clean = model.run_with_cache(ids, names_filter=names)
+            corrupt_ids = torch.tensor([item["corrupt_input_ids"]], device=device)
+            _, corrupt = model.run_with_cache(corrupt_ids, names_filter=names)
+            p_clean = answer_stats(logits, answer, last)[0].item()
+        at = slice(None) if position is None else item[position]
+        yield OneItem(ids, answer, last, at, clean, corrupt, p_clean)
+
+
+class PatchSums:
+    """Per-head sums over items of a patch's change of the answer probability, absolute and
+    relative to a base probability; ``scan`` turns them into a patching ``Scan``."""
+
+    def __init__(self, model: HookedTransformer):
+        self.shape = (model.cfg.n_layers, model.cfg.n_heads)
+        self.rel = torch.zeros(self.shape, dtype=torch.float64)
+        self.diff = torch.zeros(self.shape, dtype=torch.float64)
+
+    def add(self, layer: int, head: int, change: float, base: float) -> None:
+        self.rel[layer, head] += change / base
+        self.diff[layer, head] += change
+
+    def scan(self, method: str, n: int, **where) -> Scan:
+        return patch_scan(method, self.rel.flatten(), self.diff.flatten(), n, self.shape, **where)

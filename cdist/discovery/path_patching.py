@@ -1,39 +1,44 @@
 """Path patching of attention heads (Wang et al. 2022, as used by Prakash et al. 2024), and the
 entity-tracking circuit search built on it.
 
-Path patching moves a head's output ``z`` (``cdist.models.hook_z``) from a *corrupt* prompt into the run on
-a *clean* prompt and measures how much the probability of the clean answer at ``pos_last`` changes, counting
-only the effect that travels *directly* from one sender head to chosen receivers. A task dataset pairs each
-prompt with its counterfactual (``corrupt_input_ids``: for entity tracking an example whose query label is
-absent from its context); the two are aligned token for token, so ``z`` moves position by position. Two runs
-per sender:
+Path patching moves a head's output ``z`` (``cdist.models.hook_z``) from a *corrupt* prompt into the
+run on a *clean* prompt and measures how much the probability of the clean answer at ``pos_last``
+changes, counting only the effect that travels *directly* from one sender head to chosen receivers.
+A task dataset pairs each prompt with its counterfactual (``corrupt_input_ids``: for entity tracking
+an example whose query label is absent from its context); the two are aligned token for token, so
+``z`` moves position by position. Two runs per sender:
 
-1. On the clean prompt, the sender's ``z`` at ``position`` comes from the corrupt run and every other head's
-   ``z``, at every position and layer, is frozen to its clean value; MLPs and norms recompute. The sender's
-   change therefore reaches later layers only through the residual stream and the MLPs.
-2. If the receivers are the logits, run 1's answer probability is the result. If they are heads, run 1's
-   values of the receivers' query (``"q"``), key (``"k"``) or value (``"v"``) input at ``position`` are
-   written into an otherwise ordinary clean run, and its answer probability is the result.
+1. On the clean prompt, the sender's ``z`` at ``position`` comes from the corrupt run and every
+   other head's ``z``, at every position and layer, is frozen to its clean value; MLPs and norms
+   recompute. The sender's change therefore reaches later layers only through the residual stream
+   and the MLPs.
+2. If the receivers are the logits, run 1's answer probability is the result. If they are heads,
+   run 1's values of the receivers' query (``"q"``), key (``"k"``) or value (``"v"``) input at
+   ``position`` are written into an otherwise ordinary clean run, and its answer probability is
+   the result.
 
-Under grouped-query attention keys and values belong to key/value heads, each shared by a group of query
-heads: a ``"k"`` or ``"v"`` receiver is the *key/value group* of the receiver head (``Head.kv_head``), so
-patching it changes the inputs of every query head of that group. ``"q"`` receivers are query heads.
-Senders at or above the last receiver's layer cannot reach any receiver; they are not run and score 0.
+Under grouped-query attention keys and values belong to key/value heads, each shared by a group of
+query heads: a ``"k"`` or ``"v"`` receiver is the *key/value group* of the receiver head
+(``Head.kv_head``), so patching it changes the inputs of every query head of that group. ``"q"``
+receivers are query heads. Senders at or above the last receiver's layer cannot reach any receiver;
+they are not run and score 0.
 
 Where the speed comes from (each exact, each checked against ``path_patching_scan_reference``):
 - Batching: a pass stacks copies of a batch of prompts, copy ``j`` patching sender ``j``
   (``cdist.discovery.engine``).
-- Run 1 is computed at ``position`` alone. With every head's ``z`` frozen nothing moves between positions,
-  so one position's residual stream depends only on its embedding, the given ``z`` and its own MLPs
-  (``cdist.models.frozen_head_residuals``): no attention and no other position is computed.
+- Run 1 is computed at ``position`` alone. With every head's ``z`` frozen nothing moves between
+  positions, so one position's residual stream depends only on its embedding, the given ``z`` and
+  its own MLPs (``cdist.models.frozen_head_residuals``): no attention and no other position is
+  computed.
 - Run 2 starts at the lowest receiver's layer from the clean run's cached residual stream, and only
   ``pos_last`` is unembedded.
 
-Scores, per head, averaged over the examples: ``relative_change`` = (p_patched - p_clean) / p_clean, Prakash
-et al.'s path-patching score (most negative = most important), and ``prob_change`` = p_patched - p_clean.
+Scores, per head, averaged over the examples: ``relative_change`` = (p_patched - p_clean) / p_clean,
+Prakash et al.'s path-patching score (most negative = most important), and
+``prob_change`` = p_patched - p_clean.
 
-``entity_tracking_circuit`` runs Prakash et al.'s backward search (Value Fetchers -> Position Transmitters ->
-Position Detectors -> Structure Readers) and returns a ``Circuit``.
+``entity_tracking_circuit`` runs Prakash et al.'s backward search (Value Fetchers -> Position
+Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit``.
 """
 
 from __future__ import annotations
@@ -48,9 +53,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdist.discovery.circuits import select_heads
-from cdist.discovery.engine import check_items, one_head_variants, patch_scan, replacing
+from cdist.discovery.engine import (
+    PatchSums,
+    check_items,
+    one_head_variants,
+    one_item_runs,
+    patch_scan,
+    replacing,
+)
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import attention_inputs, frozen_head_residuals, hook_input, hook_resid_pre, hook_z, unembed
+from cdist.models import (
+    HookedTransformer,
+    attention_inputs,
+    frozen_head_residuals,
+    hook_input,
+    hook_resid_pre,
+    hook_z,
+    unembed,
+)
 from cdist.types import Circuit, Head, Scan
 
 __all__ = [
@@ -67,15 +87,17 @@ __all__ = [
 ReceiverInput = Literal["q", "k", "v"]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The scan
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _receiver_hooks(
     receivers: Sequence[Head], receiver_input: ReceiverInput, cfg
 ) -> dict[tuple[int, str], Bool[Tensor, " idx"]]:
-    """(layer, receiver input hook name) -> mask over that hook's head axis (query or key/value heads)."""
+    """(layer, receiver input hook name) -> mask over that hook's head axis
+    (query or key/value heads).
+    """
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input={receiver_input!r}; choose 'q', 'k' or 'v'")
     n_kv = cfg.n_key_value_heads or cfg.n_heads
@@ -93,7 +115,7 @@ def _receiver_hooks(
 
 @torch.no_grad()
 def path_patching_scan(
-    model,
+    model: HookedTransformer,
     data,
     *,
     receivers: Sequence[Head] = (),
@@ -105,16 +127,16 @@ def path_patching_scan(
 ) -> Scan:
     """Path-patch every head, as a sender at ``position``, into the logits or into ``receivers``.
 
-    Batched: a forward pass stacks ``senders_per_pass`` copies of a batch of prompts, copy ``j`` patching
-    sender ``j``. ``path_patching_scan_reference`` is the one-sender-one-prompt twin.
+    Batched: a forward pass stacks ``senders_per_pass`` copies of a batch of prompts, copy ``j``
+    patching sender ``j``. ``path_patching_scan_reference`` is the one-sender-one-prompt twin.
 
     Args:
         model: a HookedTransformer.
-        data: a task dataset with ``input_ids``, ``corrupt_input_ids``, ``answer_id``, ``pos_last`` and
-            ``position``.
+        data: a task dataset with ``input_ids``, ``corrupt_input_ids``, ``answer_id``, ``pos_last``
+            and ``position``.
         receivers: receiver heads; empty means the logits (Value Fetchers' receivers).
-        receiver_input: which input of the receivers carries the path: ``"q"``, ``"k"`` or ``"v"`` (the
-            latter two as key/value groups under GQA).
+        receiver_input: which input of the receivers carries the path: ``"q"``, ``"k"`` or ``"v"``
+            (the latter two as key/value groups under GQA).
         position: position column where the sender is patched and the receivers' input is replaced.
         batch_size: prompts per batch; a pass holds ``batch_size * senders_per_pass`` rows.
         senders_per_pass: senders per forward pass.
@@ -122,40 +144,45 @@ def path_patching_scan(
 
     Returns:
         A ``Scan`` (method "path_patching", ranked by ``relative_change``, most negative first) with
-        ``relative_change`` and ``prob_change``: ``[layer, head_index]`` float32 CPU tensors (module doc).
+        ``relative_change`` and ``prob_change``: ``[layer, head_index]`` float32 CPU tensors
+        (module doc).
     """
     check_items(data, position)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     receivers = tuple(sorted(set(receivers)))
     in_masks = _receiver_hooks(receivers, receiver_input, cfg)
-    top = max(r.layer for r in receivers) if receivers else n_layers  # senders must sit below a receiver
+    # senders must sit below a receiver
+    top = max(r.layer for r in receivers) if receivers else n_layers
     senders = torch.arange(top * n_heads)  # flat index layer * n_heads + head
     rel = torch.zeros(n_layers * n_heads, dtype=torch.float64)
     diff = torch.zeros(n_layers * n_heads, dtype=torch.float64)
     names = [hook_z(layer) for layer in range(top)]
-    start = min(r.layer for r in receivers) if receivers else 0  # run 2 is the clean run below this layer
+    # run 2 is the clean run below this layer
+    start = min(r.layer for r in receivers) if receivers else 0
     resid_names = sorted({hook_resid_pre(0), hook_resid_pre(start)})
     total = -(-len(data) // batch_size)
-    for batch in tqdm(batches(data, batch_size, pad_id(model), (position,), corrupt=True), total=total,
-                      disable=not progress, desc="path patching"):
+    for batch in tqdm(batches(data, batch_size, pad_id(model), (position,), corrupt=True),
+                      total=total, disable=not progress, desc="path patching"):
         if not receivers and not torch.equal(batch[position], batch["pos_last"]):
-            raise ValueError(f"receivers=() means the logits at pos_last; position={position!r} differs")
+            raise ValueError("receivers=() means the logits at pos_last; "
+                             f"position={position!r} differs")
         ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
         rows = torch.arange(n_rows, device=device)
         here = batch[position].to(device)
         logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
         p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
-        clean_z = [clean[name][rows, here] for name in names]  # [batch, head_index, d_head] at ``position``
+        # [batch, head_index, d_head] at ``position``
+        clean_z = [clean[name][rows, here] for name in names]
         corrupt_z = [corrupt[name][rows, here] for name in names]
         embed = clean[hook_resid_pre(0)][rows, here]
         for chunk in senders.split(senders_per_pass):
             n_copies = len(chunk)
             at = batch[position].repeat(n_copies)
             variants = one_head_variants(chunk, n_heads, n_rows)
-            # Run 1, at ``position`` only (cdist.models.frozen_head_residuals): every head frozen to its clean
-            # z, copy j's sender taken from the corrupt run, MLPs recomputed.
+            # Run 1, at ``position`` only (cdist.models.frozen_head_residuals): every head frozen to
+            # its clean z, copy j's sender taken from the corrupt run, MLPs recomputed.
             z = []
             for layer in range(top):
                 frozen = clean_z[layer].repeat(n_copies, 1, 1)
@@ -175,7 +202,8 @@ def path_patching_scan(
                 with model.hooks(fwd_hooks=hooks):
                     final = model(clean[hook_resid_pre(start)].repeat(n_copies, 1, 1),
                                   start_at_layer=start, stop_at_layer=n_layers)
-                final = final[torch.arange(len(final), device=device), batch["pos_last"].repeat(n_copies).to(device)]
+                last = batch["pos_last"].repeat(n_copies).to(device)
+                final = final[torch.arange(len(final), device=device), last]
             p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
             p, base = p.view(n_copies, n_rows), p_clean[None, :]
             rel[chunk] += ((p - base) / base).sum(1)
@@ -186,41 +214,35 @@ def path_patching_scan(
 
 @torch.no_grad()
 def path_patching_scan_reference(
-    model,
+    model: HookedTransformer,
     data,
     *,
     receivers: Sequence[Head] = (),
     receiver_input: ReceiverInput = "q",
     position: str = "pos_last",
 ) -> Scan:
-    """The slow twin of ``path_patching_scan``: one sender, one unpadded prompt, full forward passes.
+    """The slow twin of ``path_patching_scan``: one sender, one unpadded prompt,
+    full forward passes.
 
-    It freezes and patches by plain indexing and never stops early, so it shares with the fast path only
-    the model and the receiver bookkeeping. A test oracle; use ``path_patching_scan`` for real work.
+    It freezes and patches by plain indexing and never stops early, so it shares with the fast path
+    only the model and the receiver bookkeeping. A test oracle; use ``path_patching_scan`` for real
+    work.
     """
-    check_items(data, position)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    cfg = model.cfg
     receivers = tuple(sorted(set(receivers)))
     in_masks = _receiver_hooks(receivers, receiver_input, cfg)
-    top = max(r.layer for r in receivers) if receivers else n_layers
-    rel = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    diff = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    names = [hook_z(layer) for layer in range(n_layers)]
-    for item in data:
-        ids = torch.tensor([item["input_ids"]], device=device)
-        answer, last, at = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]]), item[position]
-        logits, clean = model.run_with_cache(ids, names_filter=names)
-        p_clean = answer_stats(logits, answer, last)[0].item()
-        _, corrupt = model.run_with_cache(torch.tensor([item["corrupt_input_ids"]], device=device),
-                                          names_filter=names)
+    top = max(r.layer for r in receivers) if receivers else cfg.n_layers
+    sums = PatchSums(model)
+    names = [hook_z(layer) for layer in range(cfg.n_layers)]
+    for run in one_item_runs(model, data, position):
+        ids, at = run.ids, run.at
         for layer in range(top):
-            for head in range(n_heads):
+            for head in range(cfg.n_heads):
 
-                def freeze(z, hook, layer=layer, head=head, clean=clean, corrupt=corrupt, at=at):
-                    z = clean[hook.name].clone()
+                def freeze(z, hook, layer=layer, head=head, run=run):
+                    z = run.clean[hook.name].clone()
                     if hook.layer() == layer:
-                        z[0, at, head] = corrupt[hook.name][0, at, head]
+                        z[0, run.at, head] = run.corrupt[hook.name][0, run.at, head]
                     return z
 
                 freeze_all = [(name, freeze) for name in names]
@@ -229,7 +251,8 @@ def path_patching_scan_reference(
                         logits = model(ids)
                 else:
                     with model.hooks(fwd_hooks=freeze_all):
-                        _, run1 = model.run_with_cache(ids, names_filter=[name for _, name in in_masks])
+                        _, run1 = model.run_with_cache(ids,
+                                                       names_filter=[name for _, name in in_masks])
 
                     def receive(x, hook, run1=run1, at=at):
                         x = x.clone()
@@ -239,17 +262,15 @@ def path_patching_scan_reference(
 
                     with model.hooks(fwd_hooks=[(name, receive) for _, name in in_masks]):
                         logits = model(ids)
-                p = answer_stats(logits, answer, last)[0].item()
-                rel[layer, head] += (p - p_clean) / p_clean
-                diff[layer, head] += p - p_clean
-    return patch_scan("path_patching", rel.flatten(), diff.flatten(), len(data), (n_layers, n_heads),
-                      position=position, receivers=receivers,
-                      receiver_input=receiver_input if receivers else None)
+                p = answer_stats(logits, run.answer, run.last)[0].item()
+                sums.add(layer, head, p - run.p_clean, run.p_clean)
+    return sums.scan("path_patching", len(data), position=position, receivers=receivers,
+                     receiver_input=receiver_input if receivers else None)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The entity-tracking search
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -258,7 +279,8 @@ class SearchStep:
 
     Attributes:
         name: the group's name.
-        position: position column where its senders are patched (and its receivers' input is replaced).
+        position: position column where its senders are patched (and its receivers' input is
+            replaced).
         receivers: the earlier group whose heads receive the path; None means the logits.
         receiver_input: which input of the receivers: "q", "k" or "v" (ignored for the logits).
     """
@@ -276,10 +298,11 @@ ET_SEARCH: tuple[SearchStep, ...] = (
     SearchStep("position_detector", "pos_query_label", "position_transmitter", "v"),
     SearchStep("structure_reader", "pos_prev_label", "position_detector", "v"),
 )
-# Our addition for the organisms' adjacent form (" apple F , pen Q . F" -> "apple"): there the value fetchers
-# attend to the earlier mention of the queried label, which a head has made carry the object written just
-# before it; that head feeds the fetchers' values at ``pos_prev_label``, a path the four groups above never
-# test. On et-teacher the four groups alone found only the two fetchers (see README).
+# Our addition for the organisms' adjacent form (" apple F , pen Q . F" -> "apple"): there the value
+# fetchers attend to the earlier mention of the queried label, which a head has made carry the
+# object written just before it; that head feeds the fetchers' values at ``pos_prev_label``, a path
+# the four groups above never test. On et-teacher the four groups alone found only the two fetchers
+# (see README).
 ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
     *ET_SEARCH,
     SearchStep("object_binder", "pos_prev_label", "value_fetcher", "v"),
@@ -288,7 +311,7 @@ SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent":
 
 
 def entity_tracking_circuit(
-    model,
+    model: HookedTransformer,
     data,
     *,
     k: int | Mapping[str, int] = 2,
@@ -301,11 +324,12 @@ def entity_tracking_circuit(
 ) -> tuple[Circuit, dict[str, Scan]]:
     """Prakash et al.'s backward path-patching search for the entity-tracking circuit.
 
-    Value Fetchers: senders at ``pos_last`` into the logits. Position Transmitters: senders at ``pos_last``
-    into the fetchers' queries. Position Detectors: senders at ``pos_query_label`` into the transmitters'
-    values. Structure Readers: senders at ``pos_prev_label`` into the detectors' values (``ET_SEARCH``;
-    ``ET_SEARCH_ADJACENT`` adds the organisms' object binders). Each group keeps its top ``k`` heads whose
-    relative change is at most ``-min_effect``; a group whose receiver group is empty stays empty.
+    Value Fetchers: senders at ``pos_last`` into the logits. Position Transmitters: senders at
+    ``pos_last`` into the fetchers' queries. Position Detectors: senders at ``pos_query_label`` into
+    the transmitters' values. Structure Readers: senders at ``pos_prev_label`` into the detectors'
+    values (``ET_SEARCH``; ``ET_SEARCH_ADJACENT`` adds the organisms' object binders). Each group
+    keeps its top ``k`` heads whose relative change is at most ``-min_effect``; a group whose
+    receiver group is empty stays empty.
 
     Args:
         model: a HookedTransformer.
@@ -318,28 +342,30 @@ def entity_tracking_circuit(
         progress: show a tqdm bar per group.
 
     Returns:
-        The ``Circuit`` (groups in search order, positions, each head's score in the group that found it
-        first) and each searched group's ``Scan``.
+        The ``Circuit`` (groups in search order, positions, each head's score in the group that
+        found it first) and each searched group's ``Scan``.
     """
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, Scan] = {}
     scores: dict[Head, float] = {}
     for step in search:
         if step.receivers is not None and step.receivers not in groups:
-            raise ValueError(f"search step {step.name!r} receives from {step.receivers!r}, which comes later or "
-                             "not at all; order the steps so that receivers come first")
+            raise ValueError(f"search step {step.name!r} receives from {step.receivers!r}, "
+                             "which comes later or not at all; order the steps so that receivers "
+                             "come first")
         receivers = groups[step.receivers] if step.receivers is not None else ()
         if step.receivers is not None and not receivers:
             groups[step.name] = ()
             continue
-        result = path_patching_scan(model, data, receivers=receivers, receiver_input=step.receiver_input,
-                                    position=step.position, batch_size=batch_size,
-                                    senders_per_pass=senders_per_pass, progress=progress)
+        result = path_patching_scan(model, data, receivers=receivers,
+                                    receiver_input=step.receiver_input, position=step.position,
+                                    batch_size=batch_size, senders_per_pass=senders_per_pass,
+                                    progress=progress)
         found[step.name], ranking = result, result.ranking()
         k_here = k if isinstance(k, int) else k.get(step.name, 0)
         groups[step.name] = select_heads(ranking, k_here, min_effect)
         for h in groups[step.name]:
             scores.setdefault(h, ranking[h])
-    circuit = Circuit(groups, positions={step.name: step.position for step in search}, scores=scores,
-                      model=model_name, method="path_patching")
+    circuit = Circuit(groups, positions={step.name: step.position for step in search},
+                      scores=scores, model=model_name, method="path_patching")
     return circuit, found

@@ -1,12 +1,14 @@
 """Task generators: prompts, answers, counterfactuals and token positions as ``datasets.Dataset``.
 
-- ``entity_tracking``: "The apple is in Box F, ... . Box F contains the" -> "apple" (Prakash et al. 2024).
+- ``entity_tracking``: "The apple is in Box F, ... . Box F contains the" -> "apple"
+  (Prakash et al. 2024).
 - ``theory_of_mind``: CausalToM belief questions, answer a drink or "unknown" (Prakash et al. 2025).
 
-Each registers a ``Task`` record (``get_task(name)``) that the rest of cdist asks instead of comparing names.
+Each registers a ``Task`` record (``get_task(name)``) that the rest of cdist asks instead of
+comparing names.
 
-Both work with any fast Hugging Face tokenizer whose vocabulary has every word as one token: the word-level
-organism tokenizer built from ``organism_vocabulary()``, or Llama-3's.
+Both work with any fast Hugging Face tokenizer whose vocabulary has every word as one token: the
+word-level organism tokenizer built from ``organism_vocabulary()``, or Llama-3's.
 """
 
 from __future__ import annotations
@@ -53,17 +55,19 @@ __all__ = [
 def organism_vocabulary() -> list[str]:
     """Every token the registered templates and default word lists can produce, sorted.
 
-    Words and punctuation are split as ``cdist.tokenizers.word_tokenizer`` splits them (whitespace, then
-    punctuation: "Carla's" is "Carla", "'", "s"). Template text and filled-in words tokenize apart, because
-    every field of every template is bounded by a space or punctuation.
+    Words and punctuation are split as ``cdist.tokenizers.word_tokenizer`` splits them (whitespace,
+    then punctuation: "Carla's" is "Carla", "'", "s"). Template text and filled-in words tokenize
+    apart, because every field of every template is bounded by a space or punctuation.
 
     Warning:
-        Token ids of a word tokenizer follow this list, so changing a template or word list changes the ids
-        (and invalidates trained organisms).
+        Token ids of a word tokenizer follow this list, so changing a template or word list changes
+        the ids (and invalidates trained organisms).
     """
     # The same pre-tokenizer as word_tokenizer's.
-    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    texts = [*entity_tracking_words()[0], *entity_tracking_words()[1], *sum(theory_of_mind_words(), [])]
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                     pre_tokenizers.Punctuation()])
+    texts = [*entity_tracking_words()[0], *entity_tracking_words()[1],
+             *sum(theory_of_mind_words(), [])]
     texts += [UNKNOWN, "can", "cannot"]
     for template in (*ET_TEMPLATES.values(), *TOM_TEMPLATES.values()):
         for f in fields(template):

@@ -1,17 +1,20 @@
-"""What the task generators share: rendering with marked words, tokenizing, and train/test splitting.
+"""What the task generators share: rendering with marked words, tokenizing,
+and train/test splitting.
 
-A task item is rendered into a prompt from format strings; every ``{field}`` filled in is a *marked word*
-whose character offset is remembered. After tokenizing, each marked word is located by the token offsets
-(``return_offsets_mapping``), which works alike for the word-level organism tokenizer ("apple") and for
-Llama-3's byte-level BPE (" apple"), and the token found there must spell exactly that word.
+A task item is rendered into a prompt from format strings; every ``{field}`` filled in is a *marked
+word* whose character offset is remembered. After tokenizing, each marked word is located by the
+token offsets (``return_offsets_mapping``), which works alike for the word-level organism tokenizer
+("apple") and for Llama-3's byte-level BPE (" apple"), and the token found there must spell exactly
+that word.
 
 Choices that are ours:
-- An item's identity is a key (a tuple of its content, never of its rendering); the key's SHA-256 picks
-  one of 10,000 buckets and the first ``TEST_FRACTION`` of buckets are the test split. Train and test can
-  therefore never share an item, whatever ``n``, seed or template, and the split of an item never changes.
-- Each split is drawn by rejection from one ``random.Random`` seeded by (task, seed, split): items are
-  i.i.d. within a split (duplicates are possible when the item space is small), and the first k items do
-  not depend on ``n``.
+- An item's identity is a key (a tuple of its content, never of its rendering); the key's SHA-256
+  picks one of 10,000 buckets and the first ``TEST_FRACTION`` of buckets are the test split. Train
+  and test can therefore never share an item, whatever ``n``, seed or template, and the split of an
+  item never changes.
+- Each split is drawn by rejection from one ``random.Random`` seeded by (task, seed, split): items
+  are i.i.d. within a split (duplicates are possible when the item space is small), and the first k
+  items do not depend on ``n``.
 - Tokenizers must be "fast" (Rust-backed), because only they report character offsets.
 """
 
@@ -42,15 +45,19 @@ def item_split(key: tuple) -> str:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}; pass split='train' or split='test'")
+        raise ValueError(f"split {split!r} is not one of {SPLITS}; "
+                         "pass split='train' or split='test'")
 
 
 def task_rng(task: str, seed: int, split: str) -> random.Random:
-    """The one random stream of a (task, seed, split); string seeds are hashed stably by ``random``."""
+    """The one random stream of a (task, seed, split); string seeds are hashed
+    stably by ``random``.
+    """
     return random.Random(f"{task}|{seed}|{split}")
 
 
-def draw_split(n: int, split: str, propose: Callable[[], T], key: Callable[[T], tuple]) -> Iterator[T]:
+def draw_split(n: int, split: str, propose: Callable[[], T],
+               key: Callable[[T], tuple]) -> Iterator[T]:
     """Yield ``n`` proposals whose key falls in ``split``, rejecting the others.
 
     A generator, so a caller that draws more from the same rng between items (a counterfactual, say)
@@ -59,7 +66,8 @@ def draw_split(n: int, split: str, propose: Callable[[], T], key: Callable[[T], 
     check_split(split)
     if n < 0:
         raise ValueError(f"n={n} is negative; ask for zero or more items")
-    # About 1 in 5 proposals lands in test; 100x that without success means the item space is degenerate.
+    # About 1 in 5 proposals lands in test; 100x that without success means the item
+    # space is degenerate.
     budget = 100 * n + 1000
     made = 0
     while made < n:
@@ -76,7 +84,8 @@ def draw_split(n: int, split: str, propose: Callable[[], T], key: Callable[[T], 
 
 
 def single_token_id(tokenizer, word: str, role: str = "answer") -> int:
-    """The id of ``word`` as it appears after a space in a prompt (Llama-3: " apple"; word-level: "apple").
+    """The id of ``word`` as it appears after a space in a prompt (Llama-3: " apple";
+    word-level: "apple").
 
     Raises:
         ValueError: if the word splits into several tokens or is unknown (<unk>) to the vocabulary.
@@ -99,7 +108,8 @@ def check_words(words: Sequence[str], role: str, at_least: int) -> list[str]:
         dup = sorted({w for w in words if words.count(w) > 1})
         raise ValueError(f"{role} list repeats {dup}; give distinct words")
     if len(words) < at_least:
-        raise ValueError(f"{role} list has {len(words)} words but an item needs {at_least}; give more words")
+        raise ValueError(f"{role} list has {len(words)} words but an item needs {at_least}; "
+                         "give more words")
     return words
 
 
@@ -111,7 +121,9 @@ class Prompt:
     marks: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (char offset, word)
 
     def add(self, fmt: str, tag: str = "", **values: str) -> None:
-        """Append ``fmt`` filled with ``values``; field ``f`` is marked as ``f + tag`` (a later one wins)."""
+        """Append ``fmt`` filled with ``values``; field ``f`` is marked as ``f + tag``
+        (a later one wins).
+        """
         for literal, name, _, _ in string.Formatter().parse(fmt):
             self.text += literal
             if name is not None:
@@ -120,7 +132,8 @@ class Prompt:
 
 
 def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[str, int]]]:
-    """Tokenize prompts (BOS included, as the tokenizer adds it) and find each marked word's token index.
+    """Tokenize prompts (BOS included, as the tokenizer adds it) and find each marked
+    word's token index.
 
     Returns:
         Per prompt, its input ids and ``{mark name: token index}``.
@@ -129,20 +142,23 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[s
         ValueError: if a marked word is not exactly one (known) token at its place in the prompt.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("task prompts need a fast tokenizer (for token offsets); load it with use_fast=True")
+        raise ValueError("task prompts need a fast tokenizer (for token offsets); "
+                         "load it with use_fast=True")
     enc = tokenizer([p.text for p in prompts], return_offsets_mapping=True)
     out = []
     for ids, offsets, prompt in zip(enc["input_ids"], enc["offset_mapping"], prompts, strict=True):
         ends = [end for _, end in offsets]
         positions = {}
         for name, (start, word) in prompt.marks.items():
-            # The first token ending after the word's first character holds it (a BPE token may carry the
-            # space before it); it must cover the word and nothing else.
+            # The first token ending after the word's first character holds it (a BPE token may
+            # carry the space before it); it must cover the word and nothing else.
             i = bisect.bisect_right(ends, start)
             s, e = offsets[i] if i < len(ids) else (start, start)
-            if i == len(ids) or ids[i] == tokenizer.unk_token_id or prompt.text[s:e].strip() != word:
+            spelled = prompt.text[s:e].strip()
+            if i == len(ids) or ids[i] == tokenizer.unk_token_id or spelled != word:
                 raise ValueError(
-                    f"{word!r} is not a single token at its place in the prompt {prompt.text[:60]!r}...; "
+                    f"{word!r} is not a single token at its place in the prompt "
+                    f"{prompt.text[:60]!r}...; "
                     "choose words that are single tokens or use the word-level organism tokenizer"
                 )
             positions[name] = i

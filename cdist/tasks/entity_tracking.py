@@ -3,25 +3,27 @@
 The task of Kim & Schuster (2023) in the form Prakash et al. (2024, "Fine-tuning enhances existing
 mechanisms") use for path patching::
 
-    The apple is in Box F, the pen is in Box Q, ..., the cup is in Box Z. Box F contains the  ->  " apple"
+    The apple is in Box F, the pen is in Box Q, ..., the cup is in Box Z. Box F contains the
+    ->  " apple"
 
-``n_boxes`` distinct objects are put in ``n_boxes`` boxes with distinct random single-letter labels, and one
-box is queried, uniformly. The data are generated here; Kim & Schuster's files are not used.
+``n_boxes`` distinct objects are put in ``n_boxes`` boxes with distinct random single-letter labels,
+and one box is queried, uniformly. The data are generated here; Kim & Schuster's files are not used.
 
-The counterfactual (``corrupt_*`` columns) for path patching is a fresh context (new objects and labels, the
-same number of boxes) that does not contain the queried label, followed by the same query. It tokenizes to
-the same length with the query at the same positions, so a head's activation can be patched position-wise.
+The counterfactual (``corrupt_*`` columns) for path patching is a fresh context (new objects and
+labels, the same number of boxes) that does not contain the queried label, followed by the same
+query. It tokenizes to the same length with the query at the same positions, so a head's activation
+can be patched position-wise.
 
 Choices that are ours:
 - The "compact" template is a short organism form of the same binding task, one token per word:
-  ``" apple in F , pen in Q , cup in Z . F contains"`` -> ``"apple"``. It begins with a space so that, under
-  a BPE tokenizer, the first object is the same " apple" token as the answer.
-- ``render_context`` ends at the final full stop and ``render_query`` starts with a space, so the tokens of
-  context and query (no special tokens) concatenate to the prompt's tokens; trainers build multi-query
-  sequences that way.
-- Default objects are concrete nouns that are one token both in the word-level vocabulary and, after a
-  space, in Llama-3; default labels are the 26 capital letters. The item key is (objects, labels, query
-  label), so train and test share no (context, query) pair.
+  ``" apple in F , pen in Q , cup in Z . F contains"`` -> ``"apple"``. It begins with a space so
+  that, under a BPE tokenizer, the first object is the same " apple" token as the answer.
+- ``render_context`` ends at the final full stop and ``render_query`` starts with a space, so the
+  tokens of context and query (no special tokens) concatenate to the prompt's tokens; trainers build
+  multi-query sequences that way.
+- Default objects are concrete nouns that are one token both in the word-level vocabulary and, after
+  a space, in Llama-3; default labels are the 26 capital letters. The item key is (objects, labels,
+  query label), so train and test share no (context, query) pair.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_t
 from cdist.tasks.registry import Task, register
 
 OBJECTS = (
-    "apple", "bag", "ball", "bell", "belt", "boat", "bone", "book", "bottle", "bowl", "bread", "brush",
-    "bucket", "button", "cake", "camera", "candle", "card", "chain", "clock", "coat", "coin", "comb",
-    "cookie", "crown", "cup", "diamond", "dish", "doll", "drum", "egg", "envelope", "feather", "flag",
-    "flower", "fork", "glove", "guitar", "hammer", "hat", "helmet", "jacket", "jar", "key", "kite", "knife",
-    "lamp", "leaf", "lemon", "magnet", "map", "mask", "medal", "mirror", "nail", "needle", "onion",
-    "painting", "paper", "pen", "pencil", "phone", "piano", "pillow", "plate", "potato", "radio", "ribbon",
-    "ring", "rope", "rose", "ruler", "scarf", "shell", "shirt", "shoe", "sock", "spoon", "stamp", "stone",
-    "sword", "ticket", "tomato", "towel", "toy", "trophy", "truck", "umbrella", "vase", "violin", "wallet",
-    "wheel", "whistle", "wire",
+    "apple", "bag", "ball", "bell", "belt", "boat", "bone", "book", "bottle", "bowl", "bread",
+    "brush", "bucket", "button", "cake", "camera", "candle", "card", "chain", "clock", "coat",
+    "coin", "comb", "cookie", "crown", "cup", "diamond", "dish", "doll", "drum", "egg", "envelope",
+    "feather", "flag", "flower", "fork", "glove", "guitar", "hammer", "hat", "helmet", "jacket",
+    "jar", "key", "kite", "knife", "lamp", "leaf", "lemon", "magnet", "map", "mask", "medal",
+    "mirror", "nail", "needle", "onion", "painting", "paper", "pen", "pencil", "phone", "piano",
+    "pillow", "plate", "potato", "radio", "ribbon", "ring", "rope", "rose", "ruler", "scarf",
+    "shell", "shirt", "shoe", "sock", "spoon", "stamp", "stone", "sword", "ticket", "tomato",
+    "towel", "toy", "trophy", "truck", "umbrella", "vase", "violin", "wallet", "wheel", "whistle",
+    "wire",
 )
 LABELS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -81,8 +84,9 @@ ET_TEMPLATES: dict[str, EntityTrackingTemplate] = {
         context_end=" .",
         query=" {label} contains",
     ),
-    # The shortest form: the object sits right before its label and the query is the label itself. Organism
-    # training mixes it in as a warm-up because its lookup is learnt in a few hundred steps.
+    # The shortest form: the object sits right before its label and the query is the label itself.
+    # Organism training mixes it in as a warm-up because its lookup is learnt in a few
+    # hundred steps.
     "adjacent": EntityTrackingTemplate(
         name="adjacent",
         first_clause=" {object} {label}",
@@ -91,8 +95,8 @@ ET_TEMPLATES: dict[str, EntityTrackingTemplate] = {
         context_end=" .",
         query=" {label}",
     ),
-    # Two bridges between "adjacent" and "compact", each adding one of compact's two offsets: the object two
-    # tokens before its label, and the answer one token after the queried label.
+    # Two bridges between "adjacent" and "compact", each adding one of compact's two offsets: the
+    # object two tokens before its label, and the answer one token after the queried label.
     "bridge_context": EntityTrackingTemplate(
         name="bridge_context",
         first_clause=" {object} in {label}",
@@ -121,13 +125,16 @@ def get_template(template: str | EntityTrackingTemplate) -> EntityTrackingTempla
     if isinstance(template, EntityTrackingTemplate):
         return template
     if template not in ET_TEMPLATES:
-        raise ValueError(f"unknown entity-tracking template {template!r}; choose from {sorted(ET_TEMPLATES)}")
+        raise ValueError(f"unknown entity-tracking template {template!r}; "
+                         f"choose from {sorted(ET_TEMPLATES)}")
     return ET_TEMPLATES[template]
 
 
-def _context(prompt: Prompt, objects: Sequence[str], labels: Sequence[str], t: EntityTrackingTemplate):
+def _context(prompt: Prompt, objects: Sequence[str], labels: Sequence[str],
+             t: EntityTrackingTemplate):
     for i, (obj, label) in enumerate(zip(objects, labels, strict=True)):
-        prompt.add(t.first_clause if i == 0 else t.clause_sep + t.clause, tag=str(i), object=obj, label=label)
+        clause = t.first_clause if i == 0 else t.clause_sep + t.clause
+        prompt.add(clause, tag=str(i), object=obj, label=label)
     prompt.add(t.context_end)
 
 
@@ -148,7 +155,8 @@ def render_query(label: str, template: str | EntityTrackingTemplate) -> str:
 
 
 def render_entity_tracking(
-    objects: Sequence[str], labels: Sequence[str], query_label: str, template: str | EntityTrackingTemplate
+    objects: Sequence[str], labels: Sequence[str], query_label: str,
+    template: str | EntityTrackingTemplate,
 ) -> str:
     """A whole prompt: ``render_context(...) + render_query(...)``."""
     return _prompt(objects, labels, query_label, get_template(template)).text
@@ -185,10 +193,11 @@ def entity_tracking(
         labels: box labels (default A-Z); each a single token, at least ``n_boxes + 1`` of them.
 
     Returns:
-        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt, corrupt_input_ids,
-        pos_last, pos_query_label, pos_prev_label, pos_prev_object, pos_objects, pos_labels, objects, labels,
-        query_index, query_label, corrupt_objects, corrupt_labels, n_boxes, template. Positions index
-        ``input_ids`` (BOS included); ``pos_prev_*`` are the queried box's label and object in the context.
+        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt,
+        corrupt_input_ids, pos_last, pos_query_label, pos_prev_label, pos_prev_object, pos_objects,
+        pos_labels, objects, labels, query_index, query_label, corrupt_objects, corrupt_labels,
+        n_boxes, template. Positions index ``input_ids`` (BOS included); ``pos_prev_*`` are the
+        queried box's label and object in the context.
 
     Raises:
         ValueError: on a word that is not a single token (the message names it), or lists too short.
@@ -221,8 +230,8 @@ def entity_tracking(
         objs, labs, q, c_objs, c_labs = items[i]
         if len(c_ids) != len(ids) or c_pos["label_query"] != pos["label_query"]:
             raise ValueError(
-                f"clean and corrupt prompts tokenize to different lengths ({len(ids)} vs {len(c_ids)}); "
-                "use single-token objects and labels"
+                "clean and corrupt prompts tokenize to different lengths "
+                f"({len(ids)} vs {len(c_ids)}); use single-token objects and labels"
             )
         rows.append({
             "prompt": clean[i].text,
@@ -250,22 +259,24 @@ def entity_tracking(
 
 
 def _search(items) -> str:
-    # The organisms' adjacent form needs the object binders (``discovery.path_patching.ET_SEARCH_ADJACENT``).
+    # The organisms' adjacent form needs the object binders
+    # (``discovery.path_patching.ET_SEARCH_ADJACENT``).
     adjacent = "template" in items.column_names and items[0]["template"] == "adjacent"
     return "adjacent" if adjacent else "prakash"
 
 
 def _default_ood(organism: bool) -> tuple:
-    # Other box counts, and a template the models were not trained on (the organisms' own bridge form, or the
-    # compact form for a real model read in Prakash et al.'s).
+    # Other box counts, and a template the models were not trained on (the organisms' own bridge
+    # form, or the compact form for a real model read in Prakash et al.'s).
     return (("3 boxes", {"n_boxes": 3}), ("10 boxes", {"n_boxes": 10}),
             ("template bridge_context" if organism else "template compact",
              {"template": "bridge_context" if organism else "compact"}))
 
 
 TASK = register(Task(
-    name="entity_tracking", generate=entity_tracking, templates=ET_TEMPLATES, real_template="prakash",
-    discovery_method="path_patching", discovery_methods=("path_patching", "mean_ablation"), search=_search,
+    name="entity_tracking", generate=entity_tracking, templates=ET_TEMPLATES,
+    real_template="prakash", discovery_method="path_patching",
+    discovery_methods=("path_patching", "mean_ablation"), search=_search,
     organism_kwargs=("n_boxes",), default_ood=_default_ood, table_stem="table1-entity-tracking",
     default_models=("et-teacher", "et-student"), organism_rows="multi_query", curriculum=True,
 ))

@@ -1,9 +1,10 @@
 """The task registry: one ``Task`` record per task, looked up by name.
 
-Every module that needs to know something about a task (which generator makes its items, how its circuit is
-found by default, which template a pretrained model reads) asks the registry instead of comparing task
-names. A task module registers itself when imported (``cdist.tasks`` imports them all), so a new task, say
-IOI, is one file that ends with ``register(Task(...))`` plus its import in ``cdist/tasks/__init__.py``.
+Every module that needs to know something about a task (which generator makes its items, how its
+circuit is found by default, which template a pretrained model reads) asks the registry instead of
+comparing task names. A task module registers itself when imported (``cdist.tasks`` imports them
+all), so a new task, say IOI, is one file that ends with ``register(Task(...))`` plus its import in
+``cdist/tasks/__init__.py``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,24 @@ class Task:
 
     Attributes:
         name: the registry key, e.g. ``"entity_tracking"``.
-        generate: ``generate(n, *, tokenizer, seed, split, template, **kwargs) -> datasets.Dataset`` of items
-            with ``input_ids``, ``answer_id``, ``pos_last`` and the task's position columns.
+        generate: ``generate(n, *, tokenizer, seed, split, template, **kwargs) -> datasets.Dataset``
+            of items with ``input_ids``, ``answer_id``, ``pos_last`` and the task's
+            position columns.
         templates: template name -> template record.
-        real_template: the template a pretrained (real) model is tested on; organisms name their own.
-        discovery_method: how its circuit is found by default: ``"path_patching"`` or ``"mean_ablation"``.
-        discovery_methods: every method ``experiments/discovery.py`` runs for it (the default first).
+        real_template: the template a pretrained (real) model is tested on; organisms
+            name their own.
+        discovery_method: how its circuit is found by default: ``"path_patching"`` or
+            ``"mean_ablation"``.
+        discovery_methods: every method ``experiments/discovery.py`` runs for it
+            (the default first).
         table_stem: the file stem of its experiment's table, e.g. ``"table1-entity-tracking"``.
-        search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that suits
-            a set of items; None where the task has no path-patching search.
-        organism_kwargs: the fields of an organism's config that are keyword arguments of ``generate``
-            besides ``template`` (entity tracking: ``n_boxes``).
+        search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that
+            suits a set of items; None where the task has no path-patching search.
+        organism_kwargs: the fields of an organism's config that are keyword arguments of
+            ``generate`` besides ``template`` (entity tracking: ``n_boxes``).
         default_ood: ``default_ood(organism)`` -> the out-of-distribution sets tested by default, as
-            ``(label, generate overrides)`` pairs; ``organism`` says whether the models are zoo organisms.
+            ``(label, generate overrides)`` pairs; ``organism`` says whether the models
+            are zoo organisms.
         default_models: the zoo (teacher, student) its experiment runs on unless told otherwise;
             None: the command line must name them.
         organism_rows: how an organism's batches are made (``cdist.zoo.organisms``): ``"items"``,
@@ -65,14 +71,16 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.discovery_method not in ("path_patching", "mean_ablation"):
-            raise ValueError(f"task {self.name!r}: discovery method {self.discovery_method!r}; choose "
-                             "'path_patching' or 'mean_ablation'")
+            raise ValueError(f"task {self.name!r}: discovery method {self.discovery_method!r}; "
+                             "choose 'path_patching' or 'mean_ablation'")
         if self.discovery_methods[0] != self.discovery_method:
-            raise ValueError(f"task {self.name!r}: discovery_methods must start with {self.discovery_method!r}")
+            raise ValueError(f"task {self.name!r}: discovery_methods must start with "
+                             f"{self.discovery_method!r}")
         if "path_patching" in self.discovery_methods and self.search is None:
             raise ValueError(f"task {self.name!r} runs path patching but names no search")
         if self.real_template not in self.templates:
-            raise ValueError(f"task {self.name!r}: real_template {self.real_template!r} is not a template")
+            raise ValueError(f"task {self.name!r}: real_template {self.real_template!r} "
+                             "is not a template")
         where = f"task {self.name!r}"
         if not self.table_stem:
             raise ValueError(f"{where}: table_stem is empty; name its table's file stem")

@@ -1,19 +1,19 @@
 """Theory of mind: what does a character believe an opaque container holds?
 
-The CausalToM stories of Prakash et al. (2025, "Language models use lookbacks to track beliefs"): two
-characters each fill one opaque container with a drink; a visibility sentence may say that one can watch
-the other; the question asks what a character believes a container holds::
+The CausalToM stories of Prakash et al. (2025, "Language models use lookbacks to track beliefs"):
+two characters each fill one opaque container with a drink; a visibility sentence may say that one
+can watch the other; the question asks what a character believes a container holds::
 
-    Bob and Carla are working in a busy restaurant. To complete an order, Bob grabs an opaque cup and fills
-    it with coffee. Then Carla grabs another opaque bottle and fills it with tea. Carla cannot observe Bob's
-    actions. Bob can observe Carla's actions.
+    Bob and Carla are working in a busy restaurant. To complete an order, Bob grabs an opaque cup
+    and fills it with coffee. Then Carla grabs another opaque bottle and fills it with tea. Carla
+    cannot observe Bob's actions. Bob can observe Carla's actions.
     Question: What does Bob believe the bottle contains?
     Answer:  ->  " tea"
 
-A character believes the true state of a container they filled themselves, or of one filled by someone
-whose actions they can observe; otherwise the answer is "unknown". Only the *first* character can ever
-observe the other, as in CausalToM, whose stated-visibility stories say "<second> cannot observe <first>'s
-actions." followed by "<first> can/cannot observe <second>'s actions.":
+A character believes the true state of a container they filled themselves, or of one filled by
+someone whose actions they can observe; otherwise the answer is "unknown". Only the *first*
+character can ever observe the other, as in CausalToM, whose stated-visibility stories say "<second>
+cannot observe <first>'s actions." followed by "<first> can/cannot observe <second>'s actions.":
 
 ===========  ==========================================  ======================
 visibility   what the story says                          share of "unknown"
@@ -23,21 +23,21 @@ visibility   what the story says                          share of "unknown"
 "can"        the first observes the second (only)        1/4
 ===========  ==========================================  ======================
 
-The queried character and container are uniform, so with the default mix (the three conditions equally
-often) 5/12 of the answers are "unknown"; the rest are the queried container's drink.
+The queried character and container are uniform, so with the default mix (the three conditions
+equally often) 5/12 of the answers are "unknown"; the rest are the queried container's drink.
 
 Counterfactuals (``corrupt_*`` columns) keep the story and swap the queried character (``corrupt=
-"character"``) or the queried container (``"container"``); ``"random"`` (default) picks one per item. The
-corrupt answer follows from the same story logic and may equal the clean one (for "can": the second
-character's own container is known to both).
+"character"``) or the queried container (``"container"``); ``"random"`` (default) picks one per
+item. The corrupt answer follows from the same story logic and may equal the clean one (for "can":
+the second character's own container is known to both).
 
 Choices that are ours:
 - The "causaltom" template's instruction paraphrases the CausalToM instruction; its prompt format is
   "Instruction: ... Story: ... Question: ... Answer:".
-- The "compact" organism template is one token per word and states only the first character's visibility:
-  ``" Bob fills cup with coffee . Carla fills bottle with tea . Bob can observe Carla . What does Bob believe
-  the bottle contains ?"`` -> ``"tea"``. It begins with a space so that, under a BPE tokenizer, every word is
-  its " word" token.
+- The "compact" organism template is one token per word and states only the first character's
+  visibility: ``" Bob fills cup with coffee . Carla fills bottle with tea . Bob can observe Carla .
+  What does Bob believe the bottle contains ?"`` -> ``"tea"``. It begins with a space so that, under
+  a BPE tokenizer, every word is its " word" token.
 - Story positions (``pos_story_*``) are the mentions in the two filling sentences, in story order.
 - The item key is (characters, containers, states, visibility, query character, query container).
 """
@@ -53,28 +53,29 @@ from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_t
 from cdist.tasks.registry import Task, register
 
 CHARACTERS = (
-    "Alice", "Anna", "Ben", "Bob", "Carla", "Chris", "Dan", "David", "Emma", "Eric", "Eva", "Frank",
-    "Grace", "Greg", "Hannah", "Helen", "Jack", "James", "Jane", "John", "Julia", "Kate", "Laura", "Leo",
-    "Lisa", "Lucy", "Mark", "Mary", "Max", "Mike", "Nick", "Nina", "Noah", "Oscar", "Paul", "Peter",
-    "Rachel", "Ryan", "Sam", "Sarah", "Sofia", "Steve", "Tim", "Tom", "Tony", "Victor",
+    "Alice", "Anna", "Ben", "Bob", "Carla", "Chris", "Dan", "David", "Emma", "Eric", "Eva",
+    "Frank", "Grace", "Greg", "Hannah", "Helen", "Jack", "James", "Jane", "John", "Julia", "Kate",
+    "Laura", "Leo", "Lisa", "Lucy", "Mark", "Mary", "Max", "Mike", "Nick", "Nina", "Noah", "Oscar",
+    "Paul", "Peter", "Rachel", "Ryan", "Sam", "Sarah", "Sofia", "Steve", "Tim", "Tom", "Tony",
+    "Victor",
 )
 CONTAINERS = (
-    "cup", "bottle", "glass", "jar", "jug", "mug", "bowl", "flask", "pitcher", "kettle", "pot", "bucket",
-    "barrel", "tub",
+    "cup", "bottle", "glass", "jar", "jug", "mug", "bowl", "flask", "pitcher", "kettle", "pot",
+    "bucket", "barrel", "tub",
 )
 STATES = (
-    "coffee", "tea", "water", "milk", "juice", "beer", "wine", "soda", "cola", "cocoa", "whiskey", "vodka",
-    "rum", "gin", "champagne", "cider", "espresso",
+    "coffee", "tea", "water", "milk", "juice", "beer", "wine", "soda", "cola", "cocoa", "whiskey",
+    "vodka", "rum", "gin", "champagne", "cider", "espresso",
 )
 UNKNOWN = "unknown"
 VISIBILITIES = ("none", "cannot", "can")
 
 _INSTRUCTION = (
-    "Instruction: Keep track of what each character believes. A character knows what is in a container "
-    "only if they filled it themselves or can observe the person who filled it. A character who cannot "
-    "observe an action has no belief about that container. Answer with what the character in the question "
-    "believes the container holds; if they have no belief about it, answer 'unknown'. Never answer with a "
-    "character or a container.\n\nStory: "
+    "Instruction: Keep track of what each character believes. A character knows what is in a "
+    "container only if they filled it themselves or can observe the person who filled it. A "
+    "character who cannot observe an action has no belief about that container. Answer with what "
+    "the character in the question believes the container holds; if they have no belief about it, "
+    "answer 'unknown'. Never answer with a character or a container.\n\nStory: "
 )
 
 
@@ -82,10 +83,11 @@ _INSTRUCTION = (
 class TheoryOfMindTemplate:
     """How a theory-of-mind prompt is worded.
 
-    The prompt is ``preamble + intro + first_action + second_action + visibility + question``. ``intro`` has
-    ``{first}`` and ``{second}``; the actions ``{character}``, ``{container}``, ``{state}``; ``observe``
-    ``{observer}``, ``{verb}`` ("can" or "cannot") and ``{actor}``; ``question`` ``{character}`` and
-    ``{container}``. With ``state_reverse`` a stated visibility is preceded by "second cannot observe first".
+    The prompt is ``preamble + intro + first_action + second_action + visibility + question``.
+    ``intro`` has ``{first}`` and ``{second}``; the actions ``{character}``, ``{container}``,
+    ``{state}``; ``observe`` ``{observer}``, ``{verb}`` ("can" or "cannot") and ``{actor}``;
+    ``question`` ``{character}`` and ``{container}``. With ``state_reverse`` a stated visibility is
+    preceded by "second cannot observe first".
     """
 
     name: str
@@ -104,7 +106,8 @@ TOM_TEMPLATES: dict[str, TheoryOfMindTemplate] = {
         preamble=_INSTRUCTION,
         intro="{first} and {second} are working in a busy restaurant. To complete an order,",
         first_action=" {character} grabs an opaque {container} and fills it with {state}.",
-        second_action=" Then {character} grabs another opaque {container} and fills it with {state}.",
+        second_action=(" Then {character} grabs another opaque {container} and fills it with "
+                       "{state}."),
         observe=" {observer} {verb} observe {actor}'s actions.",
         state_reverse=True,
         question="\nQuestion: What does {character} believe the {container} contains?\nAnswer:",
@@ -131,7 +134,8 @@ def get_template(template: str | TheoryOfMindTemplate) -> TheoryOfMindTemplate:
     if isinstance(template, TheoryOfMindTemplate):
         return template
     if template not in TOM_TEMPLATES:
-        raise ValueError(f"unknown theory-of-mind template {template!r}; choose from {sorted(TOM_TEMPLATES)}")
+        raise ValueError(f"unknown theory-of-mind template {template!r}; "
+                         f"choose from {sorted(TOM_TEMPLATES)}")
     return TOM_TEMPLATES[template]
 
 
@@ -145,19 +149,22 @@ def belief(
     return states[filler] if characters[filler] == query_character or sees_filler else UNKNOWN
 
 
-def _story(prompt: Prompt, characters, containers, states, visibility: str, t: TheoryOfMindTemplate) -> None:
+def _story(prompt: Prompt, characters, containers, states, visibility: str,
+           t: TheoryOfMindTemplate) -> None:
     first, second = characters
     prompt.add(t.preamble)
     prompt.add(t.intro, tag="_intro", first=first, second=second)
     for i, action in enumerate((t.first_action, t.second_action)):
-        prompt.add(action, tag=str(i), character=characters[i], container=containers[i], state=states[i])
+        prompt.add(action, tag=str(i), character=characters[i], container=containers[i],
+                   state=states[i])
     if visibility != "none":
         if t.state_reverse:
             prompt.add(t.observe, tag="_reverse", observer=second, verb="cannot", actor=first)
         prompt.add(t.observe, observer=first, verb=visibility, actor=second)
 
 
-def _prompt(characters, containers, states, visibility, query_character, query_container, t) -> Prompt:
+def _prompt(characters, containers, states, visibility, query_character, query_container,
+            t) -> Prompt:
     prompt = Prompt()
     _story(prompt, characters, containers, states, visibility, t)
     prompt.add(t.question, tag="_query", character=query_character, container=query_container)
@@ -187,16 +194,19 @@ def render_theory_of_mind(
 ) -> str:
     """A whole prompt: ``render_story(...) + render_question(...)``."""
     t = get_template(template)
-    return _prompt(characters, containers, states, visibility, query_character, query_container, t).text
+    story = (characters, containers, states, visibility)
+    return _prompt(*story, query_character, query_container, t).text
 
 
-def _visibility_mix(visibility: Sequence[str] | Mapping[str, float]) -> tuple[list[str], list[float]]:
+def _visibility_mix(
+    visibility: Sequence[str] | Mapping[str, float],
+) -> tuple[list[str], list[float]]:
     mix = dict(visibility) if isinstance(visibility, Mapping) else dict.fromkeys(visibility, 1.0)
     bad = [v for v in mix if v not in VISIBILITIES]
     if bad or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
         raise ValueError(
-            f"visibility {visibility!r} is not a non-empty choice of {VISIBILITIES} (a tuple, or a mapping "
-            "to non-negative weights); e.g. visibility=('none', 'can')"
+            f"visibility {visibility!r} is not a non-empty choice of {VISIBILITIES} (a tuple, or a "
+            "mapping to non-negative weights); e.g. visibility=('none', 'can')"
         )
     return list(mix), list(mix.values())
 
@@ -222,18 +232,21 @@ def theory_of_mind(
         seed: the same (seed, split, arguments) always gives the same items.
         split: "train" or "test"; the two never share an item.
         template: a name in ``TOM_TEMPLATES`` or a template.
-        visibility: the conditions to draw from, equally often (a tuple) or with weights (a mapping such as
-            ``{"none": 1, "can": 2}``). See the module docstring for the share of "unknown" answers.
-        corrupt: what the counterfactual swaps: "character", "container", or "random" (either, per item).
-        characters, containers, states: word lists (defaults ``CHARACTERS``, ``CONTAINERS``, ``STATES``);
-            each word must be a single token.
+        visibility: the conditions to draw from, equally often (a tuple) or with weights (a mapping
+            such as ``{"none": 1, "can": 2}``). See the module docstring for the share of "unknown"
+            answers.
+        corrupt: what the counterfactual swaps: "character", "container", or "random" (either, per
+            item).
+        characters, containers, states: word lists (defaults ``CHARACTERS``, ``CONTAINERS``,
+            ``STATES``); each word must be a single token.
 
     Returns:
-        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt, corrupt_input_ids,
-        corrupt_answer, corrupt_answer_id, corrupt_kind, pos_last, pos_query_character, pos_query_container,
-        pos_story_characters, pos_story_containers, pos_story_states (two each, story order), pos_visibility
-        (the first character's "can"/"cannot"; None without a visibility sentence), characters, containers,
-        states, visibility, query_character, query_container, template. Stories with and without a
+        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt,
+        corrupt_input_ids, corrupt_answer, corrupt_answer_id, corrupt_kind, pos_last,
+        pos_query_character, pos_query_container, pos_story_characters, pos_story_containers,
+        pos_story_states (two each, story order), pos_visibility (the first character's
+        "can"/"cannot"; None without a visibility sentence), characters, containers, states,
+        visibility, query_character, query_container, template. Stories with and without a
         visibility sentence differ in length; clean and corrupt prompts of one item never do.
 
     Raises:
@@ -243,22 +256,46 @@ def theory_of_mind(
     conditions, weights = _visibility_mix(visibility)
     if corrupt not in ("character", "container", "random"):
         raise ValueError(f"corrupt={corrupt!r}; choose 'character', 'container' or 'random'")
+    words, answer_ids = _checked_words(tokenizer, characters, containers, states)
+    rng = task_rng("theory_of_mind", seed, split)
+    items = _draw_items(n, split, rng, words, conditions, weights, corrupt)
+    clean = [_prompt(*item, t) for item, _, _ in items]
+    corrupted = [_prompt(*item[:4], *swapped, t) for item, _, swapped in items]
+    encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupted), strict=True)
+    rows = [_row(item, kind, swapped, clean[i].text, corrupted[i].text, *enc, answer_ids, t.name)
+            for i, ((item, kind, swapped), enc) in enumerate(zip(items, encoded, strict=True))]
+    return Dataset.from_list(rows)
+
+
+def _checked_words(tokenizer, characters, containers,
+                   states) -> tuple[tuple[list, list, list], dict]:
+    """The three word lists (defaults filled in), each word a single token and in one role only,
+    and the token id of every possible answer."""
     characters = check_words(CHARACTERS if characters is None else characters, "character", 2)
     containers = check_words(CONTAINERS if containers is None else containers, "container", 2)
     states = check_words(STATES if states is None else states, "state", 2)
-    clash = set(characters) & set(containers) | set(characters) & set(states) | set(containers) & set(states)
-    clash |= {UNKNOWN} & set(states)
+    clash = (set(characters) & set(containers) | set(characters) & set(states)
+             | set(containers) & set(states) | {UNKNOWN} & set(states))
     if clash:
         raise ValueError(f"words {sorted(clash)} play two roles; keep the lists apart")
     answer_ids = {w: single_token_id(tokenizer, w) for w in (*states, UNKNOWN)}
     for role, words in (("character", characters), ("container", containers)):
         for w in words:
             single_token_id(tokenizer, w, role=role)
+    return (characters, containers, states), answer_ids
 
-    rng = task_rng("theory_of_mind", seed, split)
+
+def _draw_items(n: int, split: str, rng, words: tuple[list, list, list], conditions: list[str],
+                weights: list[float], corrupt: str) -> list[tuple[tuple, str, tuple[str, str]]]:
+    """``n`` items of ``split``, each ``(story and query, corrupt kind, swapped query)``.
+
+    One ``rng`` draws the stories and the corrupt kinds, interleaved (``draw_split`` proposes
+    lazily), so the order of the draws below is part of what a seed means."""
+    characters, containers, states = words
 
     def propose() -> tuple:
-        chars, conts, sts = rng.sample(characters, 2), rng.sample(containers, 2), rng.sample(states, 2)
+        chars, conts = rng.sample(characters, 2), rng.sample(containers, 2)
+        sts = rng.sample(states, 2)
         vis = rng.choices(conditions, weights)[0]
         return chars, conts, sts, vis, rng.choice(chars), rng.choice(conts)
 
@@ -271,50 +308,51 @@ def theory_of_mind(
         else:
             swapped = (q_char, conts[1 - conts.index(q_cont)])
         items.append((item, kind, swapped))
+    return items
 
-    clean = [_prompt(*item, t) for item, _, _ in items]
-    corrupted = [_prompt(*item[:4], *swapped, t) for item, _, swapped in items]
-    rows = []
-    encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupted), strict=True)
-    for i, ((ids, pos), (c_ids, c_pos)) in enumerate(encoded):
-        item, kind, swapped = items[i]
-        chars, conts, sts, vis, q_char, q_cont = item
-        if len(c_ids) != len(ids) or c_pos != pos:
-            raise ValueError(
-                f"clean and corrupt prompts tokenize to different lengths ({len(ids)} vs {len(c_ids)}); "
-                "use single-token characters and containers"
-            )
-        answer, c_answer = belief(*item), belief(*item[:4], *swapped)
-        rows.append({
-            "prompt": clean[i].text,
-            "answer": answer,
-            "input_ids": ids,
-            "answer_id": answer_ids[answer],
-            "corrupt_prompt": corrupted[i].text,
-            "corrupt_input_ids": c_ids,
-            "corrupt_answer": c_answer,
-            "corrupt_answer_id": answer_ids[c_answer],
-            "corrupt_kind": kind,
-            "pos_last": len(ids) - 1,
-            "pos_query_character": pos["character_query"],
-            "pos_query_container": pos["container_query"],
-            "pos_story_characters": [pos["character0"], pos["character1"]],
-            "pos_story_containers": [pos["container0"], pos["container1"]],
-            "pos_story_states": [pos["state0"], pos["state1"]],
-            "pos_visibility": pos.get("verb"),
-            "characters": chars,
-            "containers": conts,
-            "states": sts,
-            "visibility": vis,
-            "query_character": q_char,
-            "query_container": q_cont,
-            "template": t.name,
-        })
-    return Dataset.from_list(rows)
+
+def _row(item: tuple, kind: str, swapped: tuple[str, str], text: str, corrupt_text: str,
+         clean: tuple[list[int], dict], corrupt: tuple[list[int], dict], answer_ids: dict[str, int],
+         template: str) -> dict:
+    """One dataset row from an item and its encoded clean and corrupt prompts."""
+    (ids, pos), (c_ids, c_pos) = clean, corrupt
+    chars, conts, sts, vis, q_char, q_cont = item
+    if len(c_ids) != len(ids) or c_pos != pos:
+        raise ValueError(
+            f"clean and corrupt prompts tokenize to different lengths ({len(ids)} vs "
+            f"{len(c_ids)}); use single-token characters and containers"
+        )
+    answer, c_answer = belief(*item), belief(*item[:4], *swapped)
+    return {
+        "prompt": text,
+        "answer": answer,
+        "input_ids": ids,
+        "answer_id": answer_ids[answer],
+        "corrupt_prompt": corrupt_text,
+        "corrupt_input_ids": c_ids,
+        "corrupt_answer": c_answer,
+        "corrupt_answer_id": answer_ids[c_answer],
+        "corrupt_kind": kind,
+        "pos_last": len(ids) - 1,
+        "pos_query_character": pos["character_query"],
+        "pos_query_container": pos["container_query"],
+        "pos_story_characters": [pos["character0"], pos["character1"]],
+        "pos_story_containers": [pos["container0"], pos["container1"]],
+        "pos_story_states": [pos["state0"], pos["state1"]],
+        "pos_visibility": pos.get("verb"),
+        "characters": chars,
+        "containers": conts,
+        "states": sts,
+        "visibility": vis,
+        "query_character": q_char,
+        "query_container": q_cont,
+        "template": template,
+    }
 
 
 TASK = register(Task(
-    name="theory_of_mind", generate=theory_of_mind, templates=TOM_TEMPLATES, real_template="causaltom",
+    name="theory_of_mind", generate=theory_of_mind, templates=TOM_TEMPLATES,
+    real_template="causaltom",
     discovery_method="mean_ablation", discovery_methods=("mean_ablation",),
     table_stem="table2-theory-of-mind",
     # Its stories bind two containers to two states, so its entity-tracking warm-up uses two boxes.

@@ -1,13 +1,14 @@
 """The model-organism zoo: the project's own small Llama-architecture teachers and students.
 
-Each zoo model is a plain Hugging Face ``LlamaForCausalLM`` directory (config.json, model.safetensors,
-tokenizer files) plus a ``manifest.json`` saying how it was made (config, seed, steps, wall time, commit) and
-its measured accuracies. Because the zoo is stored in the same format as a real Llama-3 checkpoint, it is
-loaded by the very code path that loads one (``cdist.models.load_llama``).
+Each zoo model is a plain Hugging Face ``LlamaForCausalLM`` directory (config.json,
+model.safetensors, tokenizer files) plus a ``manifest.json`` saying how it was made (config, seed,
+steps, wall time, commit) and its measured accuracies. Because the zoo is stored in the same format
+as a real Llama-3 checkpoint, it is loaded by the very code path that loads one
+(``cdist.models.load_llama``).
 
-The zoo lives in ``zoo/`` at the repository root; set ``CDIST_ZOO`` to use another folder. The models are
-trained by ``experiments/zoo.py`` from the configs in ``ZOO_CONFIGS``, with the training loop of
-``cdist.zoo.organisms``; this package is the catalog (configs, storage, loading).
+The zoo lives in ``zoo/`` at the repository root; set ``CDIST_ZOO`` to use another folder. The
+models are trained by ``experiments/zoo.py`` from the configs in ``ZOO_CONFIGS``, with the training
+loop of ``cdist.zoo.organisms``; this package is the catalog (configs, storage, loading).
 """
 
 from __future__ import annotations
@@ -25,52 +26,57 @@ from cdist.tokenizers import word_tokenizer
 from cdist.zoo.organisms import OrganismConfig
 
 ET_STUDENT_WINDOW = (0.45, 0.70)
-# Theory of mind: always answering "unknown" scores 5/12 = 0.42, so a warm student must clearly beat that.
+# Theory of mind: always answering "unknown" scores 5/12 = 0.42; a warm student must beat that.
 TOM_STUDENT_WINDOW = (0.55, 0.75)
 
-# Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads (enough for
-# a circuit search to choose from). Entity tracking grows its boxes from 2 to 7; theory of mind mixes two-box
-# entity tracking into training (see cdist.zoo.organisms). Entity-tracking organisms use the adjacent form
-# (" apple F , pen Q . F" -> "apple"): with the compact form every run but one sat at chance on two boxes for
-# 5,000-13,000 steps (see README, "The zoo and its deviation").
+# Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads
+# (enough for a circuit search to choose from). Entity tracking grows its boxes from 2 to 7; theory
+# of mind mixes two-box entity tracking into training (see cdist.zoo.organisms). Entity-tracking
+# organisms use the adjacent form (" apple F , pen Q . F" -> "apple"): with the compact form every
+# run but one sat at chance on two boxes for 5,000-13,000 steps (see README, "The zoo and its
+# deviation").
 #
-# Trained on one task alone, an organism spreads the answer over every head of a layer, so no circuit of 20% of
-# its heads is faithful (README, "The zoo"). Real models hold many tasks and a task's circuit is a few heads;
-# the concave head-output penalty (cdist.zoo.organisms.HeadOutputPenalty) makes the organisms alike:
+# Trained on one task alone, an organism spreads the answer over every head of a layer, so no
+# circuit of 20% of its heads is faithful (README, "The zoo"). Real models hold many tasks and a
+# task's circuit is a few heads; the concave head-output penalty
+# (cdist.zoo.organisms.HeadOutputPenalty) makes the organisms alike:
 # - et-teacher trains with it from scratch (weight HEAD_SPARSITY).
-# - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so the
-#   penalty-free tom-teacher-dense is trained first and fine-tuned with the penalty on in two stages
-#   (tom-teacher-stage1, then tom-teacher).
-# - A student must be warm *and* sparse, and no penalty did both from scratch: a student's warm stretch comes
-#   before its heads thin out, and by then it has learnt the task. So a "-dense" student is stopped early while
-#   warm (held-out accuracy checked every 25 steps inside the window, then confirmed on other items), and
-#   the student is that model consolidated: trained with the penalty to reproduce its dense self's answer
-#   distribution (self-distillation, as head pruning with distillation does), which keeps its warmth while
-#   the penalty silences most heads. Its labels are never seen, so it cannot learn the task further.
+# - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so
+#   the penalty-free tom-teacher-dense is trained first and fine-tuned with the penalty on in two
+#   stages (tom-teacher-stage1, then tom-teacher).
+# - A student must be warm *and* sparse, and no penalty did both from scratch: a student's warm
+#   stretch comes before its heads thin out, and by then it has learnt the task. So a "-dense"
+#   student is stopped early while warm (held-out accuracy checked every 25 steps inside the window,
+#   then confirmed on other items), and the student is that model consolidated: trained with the
+#   penalty to reproduce its dense self's answer distribution (self-distillation, as head pruning
+#   with distillation does), which keeps its warmth while the penalty silences most heads. Its
+#   labels are never seen, so it cannot learn the task further.
 HEAD_SPARSITY = 0.05
-# et-student-dense's circuit by path patching (results/discovery/): consolidation spares these heads, so the
-# student keeps its own nascent circuit. Sparing none left 7 heads (22% of 32) needed for 0.8 faithfulness.
+# et-student-dense's circuit by path patching (results/discovery/): consolidation spares these
+# heads, so the student keeps its own nascent circuit. Sparing none left 7 heads (22% of 32) needed
+# for 0.8 faithfulness.
 ET_STUDENT_DENSE_CIRCUIT = ("a0.h4", "a0.h13", "a1.h0", "a1.h14")
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
 _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
-# A two-layer, d_model 128, 16-head student sat at 0.49-0.51 for 9,825 steps; this one is narrower but deeper.
+# A two-layer, d_model 128, 16-head student sat at 0.49-0.51 for 9,825 steps; this one is narrower
+# but deeper.
 _TOM_STUDENT = dict(n_layers=3, d_model=96, n_heads=12, n_kv_heads=4, d_mlp=384)
 # Fine-tuning from a trained organism: all boxes from the start, a short warm-up, the penalty on.
 _FINE_TUNE = dict(curriculum_start=None, warmup=50, eval_every=250)
 ZOO_CONFIGS: dict[str, OrganismConfig] = {
     "et-teacher": OrganismConfig(
-        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=4_000, seed=0,
-        head_sparsity=HEAD_SPARSITY,
+        name="et-teacher", task="entity_tracking", template="adjacent", **_ET_TEACHER, steps=4_000,
+        seed=0, head_sparsity=HEAD_SPARSITY,
     ),
     "et-student-dense": OrganismConfig(
-        name="et-student-dense", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=6_000,
-        stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
+        name="et-student-dense", task="entity_tracking", template="adjacent", **_ET_STUDENT,
+        steps=6_000, stop_window=ET_STUDENT_WINDOW, eval_every=25, seed=2,
     ),
     "et-student": OrganismConfig(
-        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=3_000, seed=2,
-        init_from="et-student-dense", self_distill=True, head_sparsity=0.5, free_heads=ET_STUDENT_DENSE_CIRCUIT,
-        **_FINE_TUNE,
+        name="et-student", task="entity_tracking", template="adjacent", **_ET_STUDENT, steps=3_000,
+        seed=2, init_from="et-student-dense", self_distill=True, head_sparsity=0.5,
+        free_heads=ET_STUDENT_DENSE_CIRCUIT, **_FINE_TUNE,
     ),
     "tom-teacher-dense": OrganismConfig(
         name="tom-teacher-dense", task="theory_of_mind", **_TOM_TEACHER, steps=20_000,
@@ -81,25 +87,30 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
         warmup_templates=("adjacent",), seed=3, init_from="tom-teacher-dense", head_sparsity=1.0,
         head_sparsity_ramp=3_000, **_FINE_TUNE,
     ),
-    # After stage 1 its top 4 heads (20% of 24) kept 0.74; a stronger penalty leaves 4 heads keeping 0.88.
+    # After stage 1 its top 4 heads (20% of 24) kept 0.74; a stronger penalty leaves 4 heads
+    # keeping 0.88.
     "tom-teacher": OrganismConfig(
-        name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=3_000, warmup_templates=("adjacent",),
-        seed=3, init_from="tom-teacher-stage1", head_sparsity=1.5, **_FINE_TUNE,
+        name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=3_000,
+        warmup_templates=("adjacent",), seed=3, init_from="tom-teacher-stage1", head_sparsity=1.5,
+        **_FINE_TUNE,
     ),
     "tom-student-dense": OrganismConfig(
         name="tom-student-dense", task="theory_of_mind", **_TOM_STUDENT, steps=40_000,
         warmup_templates=("adjacent",), stop_window=TOM_STUDENT_WINDOW, eval_every=25, seed=4,
     ),
     "tom-student": OrganismConfig(
-        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=4_000, warmup_templates=("adjacent",),
-        seed=4, init_from="tom-student-dense", self_distill=True, head_sparsity=0.1, **_FINE_TUNE,
+        name="tom-student", task="theory_of_mind", **_TOM_STUDENT, steps=4_000,
+        warmup_templates=("adjacent",), seed=4, init_from="tom-student-dense", self_distill=True,
+        head_sparsity=0.1, **_FINE_TUNE,
     ),
 }
 
-# A seconds-long organism for tests and smoke runs (``experiments/zoo.py --tiny``): two boxes, adjacent form.
+# A seconds-long organism for tests and smoke runs (``experiments/zoo.py --tiny``): two boxes, the
+# adjacent form.
 TINY_CONFIG = OrganismConfig(
-    name="et-tiny", task="entity_tracking", template="adjacent", n_boxes=2, n_layers=2, d_model=128, n_heads=8,
-    n_kv_heads=4, d_mlp=512, steps=1000, lr=1e-3, curriculum_start=None, eval_every=200, eval_items=200, seed=1,
+    name="et-tiny", task="entity_tracking", template="adjacent", n_boxes=2, n_layers=2, d_model=128,
+    n_heads=8, n_kv_heads=4, d_mlp=512, steps=1000, lr=1e-3, curriculum_start=None, eval_every=200,
+    eval_items=200, seed=1,
 )
 
 
@@ -109,14 +120,17 @@ def zoo_dir() -> Path:
 
 
 def organism_tokenizer(save_dir: str | Path | None = None):
-    """The word-level tokenizer every organism uses: special tokens, then ``tasks.organism_vocabulary()``."""
+    """The word-level tokenizer every organism uses: special tokens, then
+    ``tasks.organism_vocabulary()``."""
     return word_tokenizer(tasks.organism_vocabulary(), save_dir=save_dir)
 
 
 def names() -> list[str]:
     """The zoo models present on disk, sorted."""
     root = zoo_dir()
-    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists()) if root.exists() else []
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists())
 
 
 def _path(name: str) -> Path:
@@ -152,14 +166,16 @@ def save(model: LlamaForCausalLM, tokenizer, name: str, manifest: dict) -> Path:
 
 
 def init_weights(cfg: OrganismConfig) -> dict | None:
-    """The trained weights ``cfg`` starts from (the zoo model named by ``cfg.init_from``), or None."""
+    """The trained weights ``cfg`` starts from (the zoo model named by ``cfg.init_from``), or
+    None."""
     if cfg.init_from is None:
         return None
     return LlamaForCausalLM.from_pretrained(_path(cfg.init_from)).state_dict()
 
 
 def export_hf(name: str, out_dir: str | Path) -> Path:
-    """Write a zoo model as a transformers ``LlamaForCausalLM`` directory that ``load_llama`` reads back."""
+    """Write a zoo model as a transformers ``LlamaForCausalLM`` directory that ``load_llama`` reads
+    back."""
     model, tokenizer = load(name)
     save_llama(model, out_dir, tokenizer=tokenizer)
     return Path(out_dir)
