@@ -105,6 +105,20 @@ class ExperimentConfig:
         if self.select_seed in self.seeds:
             raise ValueError(f"select_seed {self.select_seed} is a table seed; "
                              f"choose one outside {self.seeds}")
+        for name in ("val_items", "test_items", "reference_items", "discovery_items", "ood_items",
+                     "n_random"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; it must be at least 1")
+        small = [n for n in self.regimes if n < 1]
+        bad = [x for x in (*self.lrs, *self.lambdas, self.control_lr) if not x > 0]
+        if small or bad:
+            raise ValueError(f"regimes {small}, lrs/lambdas/control_lr {bad}: each must be "
+                             "positive")
+        for head, column in self.teacher_positions.items():
+            Head.parse(head)  # a bad name raises ValueError naming it
+            if not str(column).startswith("pos_"):
+                raise ValueError(f"teacher_positions[{head!r}] = {column!r}: name a position "
+                                 "column, e.g. 'pos_prev_label'")
 
 
 def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):

@@ -5,11 +5,13 @@ declared tests."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from cdist import arms, distill, experiment_cli, stats
+from cdist.experiment import ExperimentConfig
 from cdist.models import new_llama, save_llama
 
 ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
@@ -115,6 +117,23 @@ def test_arms_build_their_runs():
     assert all(c.seed == 3 for c in cfg.values())
     with pytest.raises(ValueError, match="unknown arm"):
         arms.arm("circuit distilled, CE + Magic")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"task": "ioi"}, "unknown task 'ioi'"),
+    ({"matchers": ("magic",)}, "matchers ['magic']; choose from"),
+    ({"arms": ("CE + Magic",)}, "unknown arm 'CE + Magic'"),
+    ({"seeds": ()}, "seeds, regimes, lrs and lambdas each need at least one value"),
+    ({"select_seed": 0}, "select_seed 0 is a table seed"),
+    ({"val_items": 0}, "val_items=0; it must be at least 1"),
+    ({"regimes": (128, 0)}, "regimes [0], lrs/lambdas/control_lr []: each must be positive"),
+    ({"lambdas": (0.1, -1.0)}, "regimes [], lrs/lambdas/control_lr [-1.0]"),
+    ({"teacher_positions": {"k6": "pos_last"}}, "'k6' is not a head name"),
+    ({"teacher_positions": {"a0.h1": "last"}}, "teacher_positions['a0.h1'] = 'last': name a"),
+])
+def test_experiment_config_refuses_bad_values_before_any_model(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExperimentConfig(**{"task": "entity_tracking", **changes})
 
 
 def test_bad_input_is_one_line(tok, tmp_path, capsys):
