@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
+import json
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -196,6 +198,13 @@ def trainable_share(model: HookedTransformer, cfg: DistillConfig, heads: Sequenc
             "param_share": n / n_total}
 
 
+def _items_fingerprint(data) -> list:
+    """How many training items, and a hash of their token ids and answers."""
+    ids = [[int(t) for t in row] for row in data["input_ids"]]
+    digest = hashlib.sha256(json.dumps([ids, [int(a) for a in data["answer_id"]]]).encode())
+    return [len(data), digest.hexdigest()]
+
+
 def _fingerprint(model: HookedTransformer) -> list[float]:
     """Two sums over all weights, in float64: equal for the same model, apart for almost any
     other."""
@@ -291,11 +300,13 @@ class _Run:
         on_gpu = self.device.type == "cuda"
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
                          else contextlib.nullcontext())
-        # What else must match for a saved run to be this run: the models it started from and the
-        # heads.
+        # What else must match for a saved run to be this run: the models it started from, the
+        # heads and the training items (a finished run resumed on other items would be relabelled
+        # as trained on them).
         self.identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
                          "heads": [str(h) for h in plan.heads],
-                         "pairs": [str(p) for p in plan.pairs]}
+                         "pairs": [str(p) for p in plan.pairs],
+                         "train": _items_fingerprint(train_data)}
         # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's
         # view of eval_data.
         probe_items = train_data.select(range(cfg.batch_size))
@@ -321,8 +332,8 @@ class _Run:
             raise ValueError(f"{state_path.parent} holds a run with another config; use a new "
                              "run_dir or the same config")
         if state.get("identity") != self.identity:
-            raise ValueError(f"{state_path.parent} holds a run of another student, teacher or head "
-                             "set; use a new run_dir (or delete that one)")
+            raise ValueError(f"{state_path.parent} holds a run of another student, teacher, head "
+                             "set or training set; use a new run_dir (or delete that one)")
         self.weights.load_state_dict(state["weights"])
         self.opt.load_state_dict(state["opt"])
         return state["step"], state["wall"], state["metrics"]

@@ -156,12 +156,17 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
         distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3),
                         tmp_path / "a", progress=False)
     # the same config on another student, or with other heads, is not silently resumed
-    with pytest.raises(ValueError, match="another student, teacher or head set"):
+    with pytest.raises(ValueError, match="another student, teacher, head set or training set"):
         distill.distill(fresh(tok, 3), teacher, head_map(), *items, CFG, tmp_path / "a",
                         progress=False)
-    with pytest.raises(ValueError, match="another student, teacher or head set"):
+    with pytest.raises(ValueError, match="another student, teacher, head set or training set"):
         distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path / "a",
                         heads=[Head(0, 0)], progress=False)
+    # a finished run is not resumed (and relabelled) on other training items
+    other = items[0].select(range(len(items[0]) - 1))
+    with pytest.raises(ValueError, match="another student, teacher, head set or training set"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), other, items[1], CFG, tmp_path / "a",
+                        progress=False)
 
 
 def plain_z(model, item, head, column):

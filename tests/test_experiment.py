@@ -144,7 +144,7 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
             "--lambdas", "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"),
             "--figures", str(tmp_path / "figures"), "--arms", "circuit distilled, CE"]
     experiment_cli.main("entity_tracking", ["--student", dirs["student"], *argv])
-    bad = [(["--student", dirs["other"]], "another student, teacher or head set"),
+    bad = [(["--student", dirs["other"]], "another student, teacher, head set or training set"),
            (["--student", dirs["student"], "--cka-position", "pos_nowhere"],
             "position columns ['pos_nowhere']"),
            (["--student", dirs["student"], "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
