@@ -262,8 +262,8 @@ def theory_of_mind(
     clean = [_prompt(*item, t) for item, _, _ in items]
     corrupted = [_prompt(*item[:4], *swapped, t) for item, _, swapped in items]
     encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupted), strict=True)
-    rows = [_row(item, kind, swapped, clean[i].text, corrupted[i].text, *enc, answer_ids, t.name)
-            for i, ((item, kind, swapped), enc) in enumerate(zip(items, encoded, strict=True))]
+    rows = [_row(*item, c.text, x.text, *enc, answer_ids, t.name)
+            for item, c, x, enc in zip(items, clean, corrupted, encoded, strict=True)]
     return Dataset.from_list(rows)
 
 
