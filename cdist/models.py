@@ -31,8 +31,7 @@ for bit.
 
 from __future__ import annotations
 
-import json
-import os
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,12 +39,19 @@ from pathlib import Path
 import einops
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from cdist.checkpoints import atomic_directory
+from cdist.llama_files import (
+    OFFICIAL_LLAMA3,
+    SPECIAL_TOKEN_FIELDS,
+    CheckpointNotFoundError,
+    open_llama,
+    resolve_checkpoint,
+)
 
 __all__ = [
     "MAX_N_CTX",
@@ -53,6 +59,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "HookedTransformer",
     "HookedTransformerConfig",
+    "attach_tokenizer",
     "attention_inputs",
     "finish_layer",
     "grouped_query",
@@ -67,22 +74,18 @@ __all__ = [
     "head_writes",
     "hf_config_from_hooked",
     "hf_to_hooked_state_dict",
+    "hf_to_hooked_tensor",
     "hooked_config_from_hf",
     "hooked_to_hf_state_dict",
     "load_llama",
     "new_llama",
     "resolve_checkpoint",
     "save_llama",
+    "tokenizer_prepends_bos",
     "unembed",
 ]
 
 MAX_N_CTX = 8192
-
-OFFICIAL_LLAMA3 = tuple(
-    f"{name}{suffix}"
-    for name in ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Meta-Llama-3-8B")
-    for suffix in ("", "-Instruct")
-)
 
 # HF weight -> TransformerLens weight. Axis names are TransformerLens';
 # each inverse swaps the two sides.
@@ -107,10 +110,6 @@ _LAYER_KEYS = (
 )
 # TransformerLens buffers, rebuilt by the model itself and never part of a checkpoint.
 _TL_BUFFERS = ("attn.mask", "attn.IGNORE", "attn.rotary_sin", "attn.rotary_cos")
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No Llama checkpoint where we looked; the message says where, in one line."""
 
 
 def _inverse(pattern: str) -> str:
@@ -217,8 +216,7 @@ def hf_config_from_hooked(
     cfg: HookedTransformerConfig,
     *,
     tie_word_embeddings: bool | None = None,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    token_ids: Mapping[str, int | list[int] | None] | None = None,
 ) -> LlamaConfig:
     """The transformers LlamaConfig of a Llama-shaped HookedTransformerConfig; inverts
     hooked_config_from_hf.
@@ -226,8 +224,8 @@ def hf_config_from_hooked(
     Args:
         cfg: a config made by ``hooked_config_from_hf`` (or of the same shape).
         tie_word_embeddings: default ``cfg.tie_word_embeddings``.
-        bos_token_id: written into the config (transformers' defaults, 1 and 2, are not Llama-3's).
-        eos_token_id: likewise.
+        token_ids: ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``unk_token_id``, written
+            into the config as given (transformers' defaults, 1 and 2, are not Llama-3's).
 
     Returns:
         The config; ``max_position_embeddings`` is ``cfg.n_ctx`` (the uncapped value is not kept).
@@ -271,8 +269,7 @@ def hf_config_from_hooked(
         attention_bias=False,
         mlp_bias=False,
         tie_word_embeddings=tied,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
+        **{field: (token_ids or {}).get(field) for field in SPECIAL_TOKEN_FIELDS},
         torch_dtype=cfg.dtype,
         architectures=["LlamaForCausalLM"],
     )
@@ -306,14 +303,52 @@ def _zero_biases(cfg: HookedTransformerConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def hf_to_hooked_tensor(
+    name: str, weight: Tensor, cfg: HookedTransformerConfig
+) -> tuple[str, Tensor] | None:
+    """One transformers Llama weight as its TransformerLens name and layout.
+
+    Args:
+        name: its ``LlamaForCausalLM`` name (``model.layers.0.self_attn.q_proj.weight``, ...).
+        weight: the tensor, in any dtype (kept).
+        cfg: the target config (from ``hooked_config_from_hf``).
+
+    Returns:
+        ``(TransformerLens name, tensor)``, a view where the layout allows; None for old
+        checkpoints' stored rotary frequencies, which TransformerLens recomputes. ``lm_head.weight``
+        becomes ``unembed.W_U``; a tied checkpoint has none, and ``W_U`` is then ``W_E.T``.
+
+    Raises:
+        ValueError: ``name`` is not a weight of a bias-free Llama of this shape.
+    """
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name == "model.embed_tokens.weight":
+        return "embed.W_E", weight
+    if name == "model.norm.weight":
+        return "ln_final.w", weight
+    if name == "lm_head.weight":
+        return "unembed.W_U", einops.rearrange(weight, UNEMBED_PATTERN)
+    prefix, _, suffix = name.partition(".layers.")
+    layer, _, hf_key = suffix.partition(".")
+    if prefix == "model" and layer.isdigit() and int(layer) < cfg.n_layers:
+        for key, tl_key, pattern, head_kind in _LAYER_KEYS:
+            if key == hf_key:
+                kv = "_" if grouped_query(cfg) else ""
+                return (f"blocks.{layer}.{tl_key.format(kv=kv)}",
+                        _rearrange(weight, pattern, head_kind, cfg))
+    raise ValueError(f"{name!r} is not a weight of a bias-free {cfg.n_layers}-layer Llama")
+
+
 def hf_to_hooked_state_dict(
     hf_sd: Mapping[str, Tensor], cfg: HookedTransformerConfig
 ) -> dict[str, Tensor]:
-    """Rename and rearrange a transformers Llama state dict into TransformerLens' layout.
+    """Rename and rearrange a whole transformers Llama state dict into TransformerLens' layout
+    (``hf_to_hooked_tensor`` on each weight).
 
     Args:
-        hf_sd: ``LlamaForCausalLM.state_dict()`` keys (``model.layers.0.self_attn.q_proj.weight``,
-            ...); ``lm_head.weight`` may be missing when the embeddings are tied.
+        hf_sd: ``LlamaForCausalLM.state_dict()``; ``lm_head.weight`` may be missing when the
+            embeddings are tied.
         cfg: the target config (from ``hooked_config_from_hf``).
 
     Returns:
@@ -323,26 +358,24 @@ def hf_to_hooked_state_dict(
     Raises:
         KeyError: a weight is missing. ValueError: ``hf_sd`` has keys that are not a Llama's.
     """
-    rest = dict(hf_sd)
-    kv = "_" if grouped_query(cfg) else ""
-    sd = {
-        "embed.W_E": rest.pop("model.embed_tokens.weight"),
-        "ln_final.w": rest.pop("model.norm.weight"),
-    }
-    lm_head = rest.pop("lm_head.weight", None)
-    unembedding = sd["embed.W_E"] if lm_head is None else lm_head
-    sd["unembed.W_U"] = einops.rearrange(unembedding, UNEMBED_PATTERN)
-    for layer in range(cfg.n_layers):
-        for hf_key, tl_key, pattern, head_kind in _LAYER_KEYS:
-            w = rest.pop(f"model.layers.{layer}.{hf_key}")
-            sd[f"blocks.{layer}.{tl_key.format(kv=kv)}"] = _rearrange(w, pattern, head_kind, cfg)
-    # Old checkpoints store rotary frequencies; TransformerLens recomputes its own.
-    leftover = [k for k in rest if not k.endswith("rotary_emb.inv_freq")]
-    if leftover:
-        raise ValueError(f"{len(leftover)} keys are not a bias-free Llama's, e.g. {leftover[0]!r}")
+    sd = dict(filter(None, (hf_to_hooked_tensor(k, v, cfg) for k, v in hf_sd.items())))
+    if "unembed.W_U" not in sd:
+        sd["unembed.W_U"] = einops.rearrange(sd["embed.W_E"], UNEMBED_PATTERN)
     for key, shape in _zero_biases(cfg).items():
         sd[key] = torch.zeros(shape)
+    missing = sorted(_hooked_weight_names(cfg) - set(sd))
+    if missing:
+        raise KeyError(f"{len(missing)} weights are missing, e.g. {missing[0]!r}")
     return {k: v.to(cfg.dtype) for k, v in sd.items()}
+
+
+def _hooked_weight_names(cfg: HookedTransformerConfig) -> set[str]:
+    """The TransformerLens names of a Llama's own weights (no zero biases, no buffers)."""
+    kv = "_" if grouped_query(cfg) else ""
+    return {"embed.W_E", "ln_final.w", "unembed.W_U"} | {
+        f"blocks.{layer}.{tl_key.format(kv=kv)}"
+        for layer in range(cfg.n_layers) for _, tl_key, _, _ in _LAYER_KEYS
+    }
 
 
 def hooked_to_hf_state_dict(
@@ -387,78 +420,46 @@ def hooked_to_hf_state_dict(
     return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
-def resolve_checkpoint(source: str | Path) -> Path:
-    """The local directory of a Llama checkpoint: ``source`` itself, or an official name in the HF
-    cache.
-
-    Official names are those of ``OFFICIAL_LLAMA3``, written "meta-llama/Llama-3.2-1B",
-    "Llama-3.2-1B" or "3.2-1B" (case-insensitive). The cache is ``$HF_HUB_CACHE``, else
-    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; the snapshot named by ``refs/main`` wins,
-    else the newest one.
-
-    Raises:
-        CheckpointNotFoundError: one line saying where it looked.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    aliases = {}
-    for name in OFFICIAL_LLAMA3:
-        for alias in (name, f"meta-llama/{name}", name.split("Llama-", 1)[1]):
-            aliases[alias.lower()] = name
-    name = aliases.get(str(source).lower())
-    if name is None:
-        raise CheckpointNotFoundError(
-            f"no checkpoint directory at {path}; pass a local Llama directory "
-            f"(config.json, *.safetensors) or one of {', '.join(OFFICIAL_LLAMA3)} present in the "
-            "Hugging Face cache"
-        )
-    if os.environ.get("HF_HUB_CACHE"):
-        cache = Path(os.environ["HF_HUB_CACHE"])
-    elif os.environ.get("HF_HOME"):
-        cache = Path(os.environ["HF_HOME"]) / "hub"
-    else:
-        cache = Path.home() / ".cache" / "huggingface" / "hub"
-    repo = cache.expanduser() / f"models--meta-llama--{name}"
-    snapshots = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
-    ref = repo / "refs" / "main"
-    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
-        return repo / "snapshots" / ref.read_text().strip()
-    if not snapshots:
-        raise CheckpointNotFoundError(
-            f"{name} is not in the Hugging Face cache (looked in {repo / 'snapshots'}); "
-            f"cdist never downloads: copy the checkpoint there or pass its local directory"
-        )
-    return max(snapshots, key=lambda p: p.stat().st_mtime)
-
-
-def _read_safetensors(ckpt: Path, dtype: torch.dtype) -> dict[str, Tensor]:
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise CheckpointNotFoundError(
-            f"no *.safetensors in {ckpt}; cdist reads safetensors only "
-            "(re-save with safe_serialization=True)"
-        )
-    sd: dict[str, Tensor] = {}
-    # one shard at a time, cast as it comes, to keep bf16 -> fp32 peaks to one shard
-    for file in files:
-        sd |= {k: v.to(dtype) for k, v in load_file(file).items()}
-    return sd
-
-
 def _hooked(
     cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase | None
 ) -> HookedTransformer:
     # TransformerLens 3.9 warns on every HookedTransformer that 4.0 replaces it with
     # TransformerBridge; cdist pins <4 and keeps that move to this module (see the module
-    # docstring), so the warning is noise here.
-    with warnings.catch_warnings():
+    # docstring), so the warning is noise here. The parameters are made on the model's device
+    # directly (no host copy on the way to a GPU).
+    with warnings.catch_warnings(), torch.device(cfg.device):
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer=tokenizer)
+        model = HookedTransformer(cfg)
+    if tokenizer is not None:
+        attach_tokenizer(model, tokenizer)
+    return model
+
+
+def tokenizer_prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` puts a BOS token before a text on its own (Llama-3's does,
+    SmolLM2's does not)."""
+    return len(tokenizer("", add_special_tokens=True).input_ids) > 0
+
+
+def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make ``tokenizer`` the model's tokenizer, BOS prepended exactly when it does so itself.
+
+    TransformerLens' own ``set_tokenizer`` swaps in a copy that always prepends a BOS token, which
+    for a checkpoint trained without one (SmolLM2 makes ``<|im_start|>``, a chat token, its BOS)
+    changes every prompt and is what ``save_llama`` would then write. cdist keeps the checkpoint's
+    tokenizer, so ``model.to_tokens``, the task generators and transformers all tokenize alike.
+    ``model.checkpoint_tokenizer`` is the tokenizer as given (what ``save_llama`` writes);
+    ``model.tokenizer`` is the same object, or, when it has no pad token (Llama-3), a copy whose
+    pad token is its EOS token, because TransformerLens pads every call.
+    """
+    model.checkpoint_tokenizer = tokenizer
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    model.tokenizer = tokenizer
+    prepends = tokenizer_prepends_bos(tokenizer)
+    model.cfg.default_prepend_bos = prepends
+    model.cfg.tokenizer_prepends_bos = prepends
 
 
 def load_llama(
@@ -471,47 +472,55 @@ def load_llama(
 ) -> HookedTransformer:
     """Load a local Llama checkpoint as a HookedTransformer, without the network.
 
+    The model is made empty on ``device`` and filled one checkpoint tensor at a time, each cast to
+    ``dtype`` as it is read, so the peak host memory is the model plus its largest tensor (for a
+    bf16 model loaded as bf16 there is never a float32 copy), and a GPU model never passes through
+    host memory whole.
+
     Args:
         source: a directory with ``config.json`` and ``*.safetensors`` (a
-            ``model.safetensors.index.json`` names the shards), or an official Llama-3 name found in
-            the HF cache (see ``resolve_checkpoint``).
+            ``model.safetensors.index.json`` names the shards), a ``.gguf`` file (dequantized;
+            needs the ``gguf`` package), or an official Llama-3 name found in the HF cache (see
+            ``cdist.llama_files.resolve_checkpoint``).
         device: where the model goes.
-        dtype: its dtype (weights are cast on load).
-        tokenizer: default: the checkpoint's own tokenizer files, if it has any, else no tokenizer.
+        dtype: its dtype.
+        tokenizer: default: the checkpoint's own tokenizer, if it has one, else no tokenizer. It is
+            attached unchanged (see ``attach_tokenizer``).
         n_ctx: context length; default ``min(max_position_embeddings, MAX_N_CTX)``.
 
     Returns:
-        The model in eval mode, with raw (unfolded) weights.
-
-    Warning:
-        The converted state dict and the model coexist while loading: peak memory is about twice the
-        model's.
+        The model in eval mode, with raw (unfolded) weights; ``model.hf_token_ids`` keeps the
+        checkpoint's special-token ids for ``save_llama``.
     """
-    ckpt = resolve_checkpoint(source)
-    if not (ckpt / "config.json").is_file():
-        raise CheckpointNotFoundError(
-            f"no config.json in {ckpt}; pass a transformers Llama checkpoint folder"
-        )
-    model_type = json.loads((ckpt / "config.json").read_text()).get("model_type")
-    if model_type != "llama":
-        raise ValueError(
-            f"{ckpt / 'config.json'} has model_type={model_type!r}; cdist loads 'llama' only"
-        )
-    hf_config = LlamaConfig.from_pretrained(ckpt, local_files_only=True)
-    cfg = hooked_config_from_hf(hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
-    hf_sd = _read_safetensors(ckpt, dtype)
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
-    if tokenizer is None and any((ckpt / f).is_file() for f in tokenizer_files):
-        tokenizer = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
+    ckpt = open_llama(source)
+    cfg = hooked_config_from_hf(ckpt.hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
     cfg.init_weights = False  # about to be overwritten: skip the (slow, for 8B) random init
-    model = _hooked(cfg, tokenizer)
+    model = _hooked(cfg, tokenizer if tokenizer is not None else ckpt.tokenizer())
     model.cfg.init_weights = True
-    # Start from the model's own state dict so that its buffers (masks, rotary tables)
-    # are kept as built.
-    full = model.state_dict()
-    full.update(hf_to_hooked_state_dict(hf_sd, cfg))
-    del hf_sd
-    model.load_state_dict(full, strict=True)
+    params = dict(model.named_parameters())
+    filled = set()
+    with torch.no_grad():
+        for name, weight in ckpt.tensors(dtype):
+            converted = hf_to_hooked_tensor(name, weight, cfg)
+            if converted is None:
+                continue
+            key, value = converted
+            if params[key].shape != value.shape:
+                raise ValueError(f"{ckpt.path}: {name} has shape {tuple(value.shape)}, but the "
+                                 f"config makes it {tuple(params[key].shape)}")
+            params[key].copy_(value)
+            filled.add(key)
+            del weight, value, converted
+        if "unembed.W_U" not in filled and cfg.tie_word_embeddings:
+            params["unembed.W_U"].copy_(params["embed.W_E"].T)
+            filled.add("unembed.W_U")
+        missing = sorted(_hooked_weight_names(cfg) - filled)
+        if missing:
+            raise ValueError(f"{ckpt.path} lacks {len(missing)} weights, e.g. the one that "
+                             f"becomes {missing[0]!r}; is the checkpoint complete?")
+        for key in _zero_biases(cfg):
+            params[key].zero_()
+    model.hf_token_ids = ckpt.special_token_ids
     return model.eval()
 
 
@@ -525,7 +534,10 @@ def save_llama(
     exactly.
 
     The directory holds ``config.json``, ``model.safetensors`` (in the model's dtype) and the
-    tokenizer files (of ``tokenizer``, else of ``model.tokenizer``, if any). It is written into a
+    tokenizer files (of ``tokenizer``, else of ``model.checkpoint_tokenizer``, else of
+    ``model.tokenizer``, if any), written as they are;
+    the config's special-token ids are those of the checkpoint the model was loaded from
+    (``model.hf_token_ids``), else of the tokenizer. It is written into a
     temporary directory beside ``out_dir`` and renamed into place, so ``out_dir`` is always either
     the old checkpoint or the complete new one.
 
@@ -538,13 +550,15 @@ def save_llama(
     Returns:
         ``out_dir``.
     """
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    token_ids = getattr(model, "hf_token_ids", None) if tokenizer is None else None
+    if tokenizer is None:
+        tokenizer = getattr(model, "checkpoint_tokenizer", None) or model.tokenizer
     hf_sd = hooked_to_hf_state_dict(model.state_dict(), model.cfg)
+    token_ids = token_ids or {
+        field: getattr(tokenizer, field, None) for field in SPECIAL_TOKEN_FIELDS
+    }
     hf_config = hf_config_from_hooked(
-        model.cfg,
-        tie_word_embeddings="lm_head.weight" not in hf_sd,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        model.cfg, tie_word_embeddings="lm_head.weight" not in hf_sd, token_ids=token_ids
     )
 
     def write(tmp: Path) -> None:

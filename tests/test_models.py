@@ -167,6 +167,84 @@ def test_tokenizer_travels_with_the_checkpoint(hf_llama_dir, tmp_path):
     assert load_llama(out).tokenizer.convert_ids_to_tokens([8]) == ["apple"]
 
 
+def test_bos_follows_the_checkpoints_tokenizer(hf_llama_dir, tmp_path):
+    """A tokenizer that adds no BOS (SmolLM2's) stays so: TransformerLens would prepend one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path, _ = hf_llama_dir("gqa")
+    ckpt = tmp_path / "no-bos"
+    shutil.copytree(path, ckpt)
+    tok = word_tokenizer(["Box", "F", "contains", "the", "apple"])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    tok.save_pretrained(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, "unk_token_id": 3}
+    (ckpt / "config.json").write_text(json.dumps(config | ids))
+
+    model = load_llama(ckpt)
+    assert not model.cfg.default_prepend_bos
+    assert model.to_tokens("Box F contains the").tolist() == [[4, 5, 6, 7]]
+    out = save_llama(model, tmp_path / "saved")
+    saved = json.loads((out / "config.json").read_text())
+    assert {k: saved[k] for k in ids} == ids  # pad and unk kept, not nulled or dropped
+    text = "Box F contains the apple"
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded(text).input_ids == tok(text).input_ids == [4, 5, 6, 7, 8]
+
+
+def test_a_tokenizer_without_pad_is_saved_without_one(hf_llama_dir, tmp_path):
+    """TransformerLens needs a pad token to tokenize; the model gets a copy that has one, and the
+    checkpoint keeps the tokenizer as it was."""
+    path, _ = hf_llama_dir("gqa")
+    ckpt = tmp_path / "no-pad"
+    shutil.copytree(path, ckpt)
+    tok = word_tokenizer(["Box", "F"])
+    tok.pad_token = None
+    tok.save_pretrained(ckpt)
+    model = load_llama(ckpt)
+    assert model.to_tokens(["Box F", "F"]).shape == (2, 3)
+    assert model.checkpoint_tokenizer.pad_token is None
+    assert load_llama(save_llama(model, tmp_path / "saved")).checkpoint_tokenizer.pad_token is None
+
+
+def test_incomplete_checkpoint_is_named(hf_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_llama_dir("gqa")
+    ckpt = tmp_path / "incomplete"
+    shutil.copytree(path, ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=r"incomplete lacks 1 weights.*blocks.1.mlp.W_in"):
+        load_llama(ckpt)
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(3, 3\)"):
+        load_llama(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_reads_one_tensor_at_a_time(dtype, hf_llama_dir):
+    """The checkpoint's tensors come cast one by one; the loaded model is the converted state dict
+    exactly, in the requested dtype."""
+    from safetensors.torch import load_file
+
+    from cdist.llama_files import open_llama
+
+    path, _ = hf_llama_dir("tied")
+    source = open_llama(path)
+    stream = source.tensors(dtype)
+    first_name, first = next(stream)
+    assert first.dtype == dtype and first_name in load_file(path / "model.safetensors")
+    model = load_llama(path, dtype=dtype)
+    whole = {k: v.to(dtype) for k, v in load_file(path / "model.safetensors").items()}
+    expected = hf_to_hooked_state_dict(whole, model.cfg)
+    for key, value in expected.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_missing_directory_says_where_it_looked():
     with pytest.raises(CheckpointNotFoundError) as err:
         load_llama("/nonexistent")

@@ -1,0 +1,209 @@
+"""Where a Llama checkpoint's config, tokenizer and tensors come from, read one tensor at a time.
+
+A source is a transformers checkpoint directory (``config.json``, ``*.safetensors``, sharded or
+not, tokenizer files), an official Llama-3 name already in the local Hugging Face cache, or a
+``.gguf`` file (llama.cpp's format, as shipped by many packages), whose quantized tensors are
+dequantized with transformers' GGUF support (the ``gguf`` package). Nothing here touches the
+network or TransformerLens; ``cdist.models.load_llama`` turns what this module yields into a
+HookedTransformer.
+
+Why tensors come one at a time: a checkpoint read whole next to the model it fills doubles the peak
+memory (a Llama-3.1-8B is 16 GB in bf16). ``safetensors.safe_open`` memory-maps the file, and every
+page it reads stays resident until the file is closed, which is the same doubling in another form;
+so safetensors files are read here with plain ``readinto`` calls into one fresh tensor at a time.
+GGUF files are dequantized by transformers as one dict (the file itself is mapped, but it is a
+quantized fraction of the model's size); its entries are handed out and dropped one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+__all__ = [
+    "OFFICIAL_LLAMA3",
+    "SPECIAL_TOKEN_FIELDS",
+    "CheckpointNotFoundError",
+    "LlamaSource",
+    "open_llama",
+    "resolve_checkpoint",
+]
+
+OFFICIAL_LLAMA3 = tuple(
+    f"{name}{suffix}"
+    for name in ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B", "Meta-Llama-3-8B")
+    for suffix in ("", "-Instruct")
+)
+# The config's token ids, kept from load to save so that a round trip writes them back unchanged.
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No Llama checkpoint where we looked; the message says where, in one line."""
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The local checkpoint of ``source``: a directory or ``.gguf`` file itself, or an official
+    name in the HF cache.
+
+    Official names are those of ``OFFICIAL_LLAMA3``, written "meta-llama/Llama-3.2-1B",
+    "Llama-3.2-1B" or "3.2-1B" (case-insensitive). The cache is ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; the snapshot named by ``refs/main`` wins,
+    else the newest one.
+
+    Raises:
+        CheckpointNotFoundError: one line saying where it looked.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return path
+    aliases = {}
+    for name in OFFICIAL_LLAMA3:
+        for alias in (name, f"meta-llama/{name}", name.split("Llama-", 1)[1]):
+            aliases[alias.lower()] = name
+    name = aliases.get(str(source).lower())
+    if name is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint directory or .gguf file at {path}; pass a local Llama directory "
+            f"(config.json, *.safetensors), a .gguf file, or one of {', '.join(OFFICIAL_LLAMA3)} "
+            "present in the Hugging Face cache"
+        )
+    if os.environ.get("HF_HUB_CACHE"):
+        cache = Path(os.environ["HF_HUB_CACHE"])
+    elif os.environ.get("HF_HOME"):
+        cache = Path(os.environ["HF_HOME"]) / "hub"
+    else:
+        cache = Path.home() / ".cache" / "huggingface" / "hub"
+    repo = cache.expanduser() / f"models--meta-llama--{name}"
+    snapshots = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file()]
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    if not snapshots:
+        raise CheckpointNotFoundError(
+            f"{name} is not in the Hugging Face cache (looked in {repo / 'snapshots'}); "
+            f"cdist never downloads: copy the checkpoint there or pass its local directory"
+        )
+    return max(snapshots, key=lambda p: p.stat().st_mtime)
+
+
+def _safetensors_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointNotFoundError(
+            f"no *.safetensors in {ckpt}; cdist reads safetensors only "
+            "(re-save with safe_serialization=True)"
+        )
+    return files
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """A safetensors file's tensors in file order, each read into its own fresh CPU tensor (no
+    memory map, so nothing read stays resident once the caller drops it)."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            if end > start:
+                f.seek(8 + length + start)
+                f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+            yield name, tensor
+
+
+@dataclass(frozen=True)
+class LlamaSource:
+    """An opened checkpoint: its config (with the file's special-token ids), its tokenizer, and
+    its tensors on demand."""
+
+    path: Path
+    hf_config: LlamaConfig
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+    @property
+    def special_token_ids(self) -> dict:
+        return {f: getattr(self.hf_config, f, None) for f in SPECIAL_TOKEN_FIELDS}
+
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The checkpoint's own tokenizer, unchanged (None when a directory has no tokenizer
+        files)."""
+        if self.is_gguf:
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        if any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        return None
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+        """``(transformers name, tensor in dtype)`` pairs, one resident at a time (CPU)."""
+        if not self.is_gguf:
+            for file in _safetensors_files(self.path):
+                for name, tensor in read_safetensors(file):
+                    yield name, tensor.to(dtype)
+            return
+        from transformers import LlamaForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        # The GGUF -> transformers name map is read off a model; an empty one on "meta" costs
+        # nothing.
+        with torch.device("meta"):
+            skeleton = LlamaForCausalLM(self.hf_config)
+        tensors = load_gguf_checkpoint(
+            str(self.path), return_tensors=True, model_to_load=skeleton, torch_dtype=dtype
+        )["tensors"]
+        while tensors:
+            name = next(iter(tensors))
+            yield name, tensors.pop(name).to(dtype)
+
+
+def open_llama(source: str | Path) -> LlamaSource:
+    """Open a Llama checkpoint (see ``resolve_checkpoint``) and read its config.
+
+    Raises:
+        CheckpointNotFoundError: nothing there, or no ``config.json`` in the directory.
+        ValueError: the checkpoint is not a Llama (names the file and its model type).
+    """
+    path = resolve_checkpoint(source)
+    if path.suffix == ".gguf":
+        where, kwargs = path, {"gguf_file": path.name}
+        try:
+            config_dict, _ = LlamaConfig.get_config_dict(path.parent, **kwargs)
+        except (ValueError, KeyError, OSError) as err:  # an unsupported or unreadable GGUF
+            raise ValueError(f"{path} is not a GGUF file transformers can read: {err}") from err
+    else:
+        where, kwargs = path / "config.json", {"local_files_only": True}
+        if not where.is_file():
+            raise CheckpointNotFoundError(
+                f"no config.json in {path}; pass a transformers Llama checkpoint folder"
+            )
+        config_dict = json.loads(where.read_text())
+    if config_dict.get("model_type") != "llama":
+        raise ValueError(
+            f"{where} has model_type={config_dict.get('model_type')!r}; cdist loads 'llama' only"
+        )
+    hf_config = LlamaConfig.from_pretrained(path if path.is_dir() else path.parent, **kwargs)
+    # A GGUF's tensors come out dequantized, as plain floats: nothing of its quantization is kept.
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    return LlamaSource(path, hf_config)
