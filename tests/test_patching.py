@@ -174,6 +174,70 @@ def test_attribution_patching_is_the_directional_derivative(model3, data):
     assert est.abs().max() > 0
 
 
+@pytest.mark.parametrize(
+    "receivers, receiver_input, position",
+    [
+        ((), "q", "pos_last"),
+        ((Head(2, 1), Head(1, 3)), "q", "pos_last"),
+        ((Head(2, 0),), "k", "pos_query_label"),
+        ((Head(2, 2),), "v", "pos_prev_label"),
+    ],
+)
+def test_path_attribution_is_the_derivative_of_path_patching(model3, data, receivers,
+                                                             receiver_input, position):
+    """The batched first-order estimate equals the derivative of the plain path-patching twin along
+    z_clean + t (z_corrupt - z_clean)."""
+    kw = dict(receivers=receivers, receiver_input=receiver_input, position=position)
+    fast = attribution_patching.path_attribution_scan(model3, data, batch_size=2, **kw)
+    slow = attribution_patching.path_attribution_scan_reference(model3, data, **kw)
+    close(fast["prob_change"], slow["prob_change"])
+    close(fast["relative_change"], slow["relative_change"])
+    assert fast.receivers == tuple(sorted(receivers))
+    assert fast["relative_change"].abs().max() > 1e-5  # the estimate measured something
+
+
+def test_path_attribution_ranks_like_path_patching(model3, data):
+    """A first-order estimate, so not equal, but it must track the exact scan on a small model."""
+    from cdist.stats import spearman
+
+    exact = path_patching.path_patching_scan(model3, data)["prob_change"].flatten()
+    est = attribution_patching.path_attribution_scan(model3, data)["prob_change"].flatten()
+    assert spearman(exact, est) > 0.5
+    assert not torch.allclose(exact, est, atol=1e-6)
+
+
+def test_scans_of_some_heads_leave_the_others_nan(model3, data):
+    some = [Head(0, 1), Head(1, 3), Head(2, 2)]
+    full = path_patching.path_patching_scan(model3, data)
+    part = path_patching.path_patching_scan(model3, data, senders=some, senders_per_pass=2)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    for h in some:
+        mask[h.layer, h.head] = True
+    for metric in ("relative_change", "prob_change", "relative_change_se"):
+        close(part[metric][mask], full[metric][mask])
+        assert torch.isnan(part[metric][~mask]).all()
+    assert part.ranking().top(3) == tuple(sorted(some, key=lambda h: full.ranking()[h]))
+    act_full = activation_patching.activation_patching_scan(model3, data)
+    act = activation_patching.activation_patching_scan(model3, data, heads=["a1.h3", "a2.h2"])
+    close(act["prob_change"][1, 3], act_full["prob_change"][1, 3])
+    assert torch.isnan(act["prob_change"][0]).all()
+    with pytest.raises(ValueError, match="a9.h0 is not in a model of 3 layers x 4 heads"):
+        path_patching.path_patching_scan(model3, data, senders=[Head(9, 0)])
+
+
+def test_standard_errors_are_those_of_the_items(model3, data):
+    """relative_change_se is the standard error of the mean of the per-item relative changes."""
+    scan = path_patching.path_patching_scan(model3, data, receivers=[Head(2, 1)])
+    per_item = torch.stack([
+        path_patching.path_patching_scan(model3, data.select([i]), receivers=[Head(2, 1)])[
+            "relative_change"] for i in range(len(data))])
+    expected = per_item.double().std(0, unbiased=True) / len(data) ** 0.5
+    close(scan["relative_change_se"], expected.float(), tol=1e-4)
+    assert scan["relative_change_se"][0].min() > 0
+    single = path_patching.path_patching_scan(model3, data.select([0]))
+    assert torch.isnan(single["relative_change_se"]).all()
+
+
 def test_select_heads_and_ranked_circuit():
     scores = HeadScores(torch.tensor([[-0.5, 0.1], [-0.02, -0.3]]), "relative_change",
                         higher_is_important=False)

@@ -11,20 +11,23 @@ is its one-head-one-prompt twin.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
 from cdist.discovery.engine import (
     PatchSums,
     check_items,
+    flat_heads,
     one_head_scan,
     one_item_runs,
-    patch_scan,
+    passes_per_batch,
     replacing,
 )
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
-from cdist.types import Scan
+from cdist.types import Head, Scan
 
 __all__ = ["activation_patching_scan", "activation_patching_scan_reference"]
 
@@ -37,6 +40,7 @@ def activation_patching_scan(
     position: str | None = None,
     batch_size: int = 32,
     heads_per_pass: int = 8,
+    heads: Sequence[Head | str] | None = None,
     progress: bool = False,
 ) -> Scan:
     """Patch each head's ``z`` from the corrupt run into the clean run, alone, and
@@ -51,22 +55,26 @@ def activation_patching_scan(
         position: position column to patch at; None patches every position.
         batch_size: prompts per batch.
         heads_per_pass: heads per forward pass.
-        progress: show a tqdm bar over batches.
+        heads: the heads to patch (e.g. a pre-filter's candidates); default every head. The
+            others score NaN.
+        progress: show a tqdm bar over forward passes.
 
     Returns:
-        A ``Scan`` (method "activation_patching") with ``relative_change`` and ``prob_change``
-        (``[layer, head_index]``, float32, CPU).
+        A ``Scan`` (method "activation_patching") with ``relative_change``, ``prob_change`` and
+        ``relative_change_se`` (``[layer, head_index]``, float32, CPU).
     """
     check_items(data, position)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    rel = torch.zeros(n_layers * n_heads, dtype=torch.float64)
-    diff = torch.zeros(n_layers * n_heads, dtype=torch.float64)
+    scanned = flat_heads(heads, n_layers, n_heads)
+    every = torch.arange(n_layers * n_heads) if scanned is None else scanned
+    sums = PatchSums(model)
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = () if position is None else (position,)
-    total = -(-len(data) // batch_size)
-    for batch in tqdm(batches(data, batch_size, pad_id(model), columns, corrupt=True), total=total,
-                      disable=not progress, desc="activation patching"):
+    total = -(-len(data) // batch_size) * passes_per_batch(scanned, n_layers, n_heads,
+                                                          heads_per_pass)
+    bar = tqdm(total=total, disable=not progress, desc="activation patching", unit="pass")
+    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids = batch["input_ids"].to(device)
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
 
@@ -76,12 +84,11 @@ def activation_patching_scan(
             return names[layer], replacing(rows, source, at)
 
         p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
-                                         heads_per_pass=heads_per_pass)
-        base = p_clean[None, :]
-        rel += ((p - base) / base).sum(1)
-        diff += (p - base).sum(1)
-    return patch_scan("activation_patching", rel, diff, len(data), (n_layers, n_heads),
-                      position=position)
+                                         heads_per_pass=heads_per_pass, heads=scanned,
+                                         on_pass=bar.update)
+        sums.add_batch(every, p[every] - p_clean[None, :], p_clean)
+    bar.close()
+    return sums.scan("activation_patching", len(data), position=position)
 
 
 @torch.no_grad()

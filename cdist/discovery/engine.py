@@ -30,10 +30,11 @@ from cdist.models import (
     hook_z,
     unembed,
 )
-from cdist.types import Scan
+from cdist.types import Head, Scan
 
-__all__ = ["Hook", "OneItem", "PatchSums", "check_items", "one_head_scan", "one_head_variants",
-           "one_item_runs", "patch_scan", "replace_heads", "replacing"]
+__all__ = ["Hook", "OneItem", "PatchSums", "check_items", "flat_heads", "one_head_scan",
+           "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan", "replace_heads",
+           "replacing"]
 
 Hook = tuple[str, Callable]
 
@@ -111,6 +112,8 @@ def one_head_scan(
     hook_for: Callable[[int, Bool[Tensor, "rows head_index"], int], Hook],
     *,
     heads_per_pass: int = 8,
+    heads: Int[Tensor, " scanned"] | None = None,
+    on_pass: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
     """Intervene on every head alone, many heads per forward pass; the engine of the
     batched head scans.
@@ -124,6 +127,11 @@ def one_head_scan(
     that position's MLP (``finish_layer``). ``hook_for`` must return a hook that changes only its
     layer's ``hook_z``, whatever its ``hook`` argument.
 
+    Args:
+        heads: flat indices (``layer * n_heads + head``) of the heads to intervene on; default
+            every head. The others are not run and come back NaN.
+        on_pass: called after each pass (progress bars).
+
     Returns:
         Clean answer probability and correctness ``[batch]``, and the same for each head's
         intervention, ``[layer * n_heads + head, batch]``; float64 on the CPU.
@@ -135,10 +143,12 @@ def one_head_scan(
     top_names = [hook_z(top), hook_resid_mid(top)]
     logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
     p_base, c_base = answer_stats(logits, answer_id, pos_last)
-    prob = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
-    correct = torch.zeros(n_layers * n_heads, n_rows, dtype=torch.float64)
+    prob = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
+    correct = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
+    scanned = torch.arange(n_layers * n_heads) if heads is None else heads.unique().cpu()
     for layer in range(n_layers):
-        for chunk in (layer * n_heads + torch.arange(n_heads)).split(heads_per_pass):
+        in_layer = scanned[scanned // n_heads == layer]
+        for chunk in in_layer.split(heads_per_pass) if len(in_layer) else ():
             n_copies = len(chunk)
             rows = one_head_variants(chunk, n_heads, n_rows)[layer]
             name, fn = hook_for(layer, rows, n_copies)
@@ -160,7 +170,34 @@ def one_head_scan(
                                   stop_at_layer=n_layers)[at, last]
             p, c = answer_stats(unembed(model, final), answer_id.repeat(n_copies))
             prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
+            if on_pass is not None:
+                on_pass()
     return p_base, c_base, prob, correct
+
+
+def passes_per_batch(scanned: Tensor | None, n_layers: int, n_heads: int, per_pass: int) -> int:
+    """How many passes ``one_head_scan`` makes per batch (for progress bars)."""
+    scanned = torch.arange(n_layers * n_heads) if scanned is None else scanned
+    per_layer = torch.bincount(scanned // n_heads, minlength=n_layers)
+    return int((-(-per_layer // per_pass)).sum())
+
+
+def flat_heads(heads, n_layers: int, n_heads: int) -> Int[Tensor, " scanned"] | None:
+    """Heads (``Head``s or names) as sorted flat indices ``layer * n_heads + head``; None stays
+    None (every head).
+
+    Raises:
+        ValueError: a head outside the model (named).
+    """
+    if heads is None:
+        return None
+    out = set()
+    for h in heads:
+        h = Head.parse(h) if isinstance(h, str) else h
+        if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads):
+            raise ValueError(f"head {h} is not in a model of {n_layers} layers x {n_heads} heads")
+        out.add(h.layer * n_heads + h.head)
+    return torch.tensor(sorted(out), dtype=torch.long)
 
 
 def replacing(heads: Tensor, source: Tensor, positions: Tensor | None) -> Callable:
@@ -174,14 +211,21 @@ def patch_scan(
     total_diff: Float[Tensor, " heads"],
     n: int,
     shape: tuple[int, int],
+    total_rel_sq: Float[Tensor, " heads"] | None = None,
     **where,
 ) -> Scan:
     """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the relative and
     absolute change of the answer probability; the relative change is Prakash et al.'s score (most
-    negative: most important).
+    negative: most important). With the sums of squares, ``relative_change_se`` is each head's
+    standard error of the mean over items (NaN with one item): the noise ``select_heads`` compares
+    effects with.
     """
     metrics = {"relative_change": (total_rel / n).reshape(shape),
                "prob_change": (total_diff / n).reshape(shape)}
+    if total_rel_sq is not None:
+        mean = total_rel / n
+        var = (total_rel_sq / n - mean**2).clamp(min=0) * n / (n - 1) if n > 1 else mean * torch.nan
+        metrics["relative_change_se"] = (var / n).sqrt().reshape(shape)
     return Scan(method, metrics, "relative_change", higher_is_important=False, n_items=n, **where)
 
 
@@ -229,17 +273,34 @@ def one_item_runs(model: HookedTransformer, data, position: str | None) -> Itera
 
 
 class PatchSums:
-    """Per-head sums over items of a patch's change of the answer probability, absolute and
-    relative to a base probability; ``scan`` turns them into a patching ``Scan``."""
+    """Per-head sums over items of a patch's change of the answer probability (absolute, relative
+    to the clean probability, and the relative change squared); ``scan`` turns them into a patching
+    ``Scan``, NaN for heads never added."""
 
     def __init__(self, model: HookedTransformer):
         self.shape = (model.cfg.n_layers, model.cfg.n_heads)
-        self.rel = torch.zeros(self.shape, dtype=torch.float64)
-        self.diff = torch.zeros(self.shape, dtype=torch.float64)
+        n = self.shape[0] * self.shape[1]
+        self.rel, self.diff, self.rel_sq = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+        self.scanned = torch.zeros(n, dtype=torch.bool)
+
+    def add_batch(self, heads: Int[Tensor, " k"], change: Float[Tensor, "k batch"],
+                  base: Float[Tensor, " batch"]) -> None:
+        """Add a batch: ``change[j, i]`` is head ``heads[j]``'s (flat index) change on item ``i``,
+        whose clean probability is ``base[i]``."""
+        change = change.double().cpu()
+        rel = change / base.double().cpu()[None, :]
+        heads = heads.cpu()
+        self.rel[heads] += rel.sum(1)
+        self.diff[heads] += change.sum(1)
+        self.rel_sq[heads] += (rel**2).sum(1)
+        self.scanned[heads] = True
 
     def add(self, layer: int, head: int, change: float, base: float) -> None:
-        self.rel[layer, head] += change / base
-        self.diff[layer, head] += change
+        """Add one head's change on one item (the slow twins)."""
+        self.add_batch(torch.tensor([layer * self.shape[1] + head]),
+                       torch.tensor([[change]]), torch.tensor([base]))
 
     def scan(self, method: str, n: int, **where) -> Scan:
-        return patch_scan(method, self.rel.flatten(), self.diff.flatten(), n, self.shape, **where)
+        nan = torch.where(self.scanned, 0.0, torch.nan)
+        return patch_scan(method, self.rel + nan, self.diff + nan, n, self.shape,
+                          self.rel_sq + nan, **where)

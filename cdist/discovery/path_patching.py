@@ -43,7 +43,7 @@ Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,11 +54,12 @@ from tqdm.auto import tqdm
 
 from cdist.discovery.circuits import select_heads
 from cdist.discovery.engine import (
+    OneItem,
     PatchSums,
     check_items,
+    flat_heads,
     one_head_variants,
     one_item_runs,
-    patch_scan,
     replacing,
 )
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
@@ -80,8 +81,11 @@ __all__ = [
     "ReceiverInput",
     "SearchStep",
     "entity_tracking_circuit",
+    "path_patched_prob",
     "path_patching_scan",
     "path_patching_scan_reference",
+    "receiver_masks",
+    "reference_path_scan",
 ]
 
 ReceiverInput = Literal["q", "k", "v"]
@@ -92,7 +96,7 @@ ReceiverInput = Literal["q", "k", "v"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _receiver_hooks(
+def receiver_masks(
     receivers: Sequence[Head], receiver_input: ReceiverInput, cfg
 ) -> dict[tuple[int, str], Bool[Tensor, " idx"]]:
     """(layer, receiver input hook name) -> mask over that hook's head axis
@@ -123,6 +127,7 @@ def path_patching_scan(
     position: str = "pos_last",
     batch_size: int = 16,
     senders_per_pass: int = 8,
+    senders: Sequence[Head | str] | None = None,
     progress: bool = False,
 ) -> Scan:
     """Path-patch every head, as a sender at ``position``, into the logits or into ``receivers``.
@@ -140,30 +145,36 @@ def path_patching_scan(
         position: position column where the sender is patched and the receivers' input is replaced.
         batch_size: prompts per batch; a pass holds ``batch_size * senders_per_pass`` rows.
         senders_per_pass: senders per forward pass.
-        progress: show a tqdm bar over batches.
+        senders: the senders to patch (e.g. ``path_attribution_scan``'s top candidates); default
+            every head. The others score NaN, except those at or above the last receiver's layer,
+            which cannot reach a receiver and score 0.
+        progress: show a tqdm bar over forward passes.
 
     Returns:
         A ``Scan`` (method "path_patching", ranked by ``relative_change``, most negative first) with
-        ``relative_change`` and ``prob_change``: ``[layer, head_index]`` float32 CPU tensors
-        (module doc).
+        ``relative_change``, ``prob_change`` and ``relative_change_se``: ``[layer, head_index]``
+        float32 CPU tensors (module doc).
     """
     check_items(data, position)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     receivers = tuple(sorted(set(receivers)))
-    in_masks = _receiver_hooks(receivers, receiver_input, cfg)
+    in_masks = receiver_masks(receivers, receiver_input, cfg)
     # senders must sit below a receiver
     top = max(r.layer for r in receivers) if receivers else n_layers
-    senders = torch.arange(top * n_heads)  # flat index layer * n_heads + head
-    rel = torch.zeros(n_layers * n_heads, dtype=torch.float64)
-    diff = torch.zeros(n_layers * n_heads, dtype=torch.float64)
+    asked = flat_heads(senders, n_layers, n_heads)
+    asked = torch.arange(n_layers * n_heads) if asked is None else asked
+    run = asked[asked < top * n_heads]  # flat index layer * n_heads + head
+    sums = PatchSums(model)
+    unreachable = asked[asked >= top * n_heads]
+    sums.add_batch(unreachable, torch.zeros(len(unreachable), 1), torch.ones(1))
     names = [hook_z(layer) for layer in range(top)]
     # run 2 is the clean run below this layer
     start = min(r.layer for r in receivers) if receivers else 0
     resid_names = sorted({hook_resid_pre(0), hook_resid_pre(start)})
-    total = -(-len(data) // batch_size)
-    for batch in tqdm(batches(data, batch_size, pad_id(model), (position,), corrupt=True),
-                      total=total, disable=not progress, desc="path patching"):
+    total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
+    bar = tqdm(total=total, disable=not progress, desc="path patching", unit="pass")
+    for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         if not receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise ValueError("receivers=() means the logits at pos_last; "
                              f"position={position!r} differs")
@@ -177,7 +188,7 @@ def path_patching_scan(
         clean_z = [clean[name][rows, here] for name in names]
         corrupt_z = [corrupt[name][rows, here] for name in names]
         embed = clean[hook_resid_pre(0)][rows, here]
-        for chunk in senders.split(senders_per_pass):
+        for chunk in run.split(senders_per_pass):
             n_copies = len(chunk)
             at = batch[position].repeat(n_copies)
             variants = one_head_variants(chunk, n_heads, n_rows)
@@ -205,11 +216,71 @@ def path_patching_scan(
                 last = batch["pos_last"].repeat(n_copies).to(device)
                 final = final[torch.arange(len(final), device=device), last]
             p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
-            p, base = p.view(n_copies, n_rows), p_clean[None, :]
-            rel[chunk] += ((p - base) / base).sum(1)
-            diff[chunk] += (p - base).sum(1)
-    return patch_scan("path_patching", rel, diff, len(data), (n_layers, n_heads), position=position,
-                      receivers=receivers, receiver_input=receiver_input if receivers else None)
+            sums.add_batch(chunk, p.view(n_copies, n_rows) - p_clean[None, :], p_clean)
+            bar.update()
+    bar.close()
+    return sums.scan("path_patching", len(data), position=position, receivers=receivers,
+                     receiver_input=receiver_input if receivers else None)
+
+
+def path_patched_prob(model: HookedTransformer, run: OneItem, layer: int, head: int,
+                      sender_z: Tensor, in_masks: dict) -> Tensor:
+    """One item's answer probability when sender ``(layer, head)``'s ``z`` at the item's position is
+    ``sender_z`` and every other head is frozen to its clean ``z`` (run 1), read by the receivers of
+    ``in_masks`` (run 2) or directly by the logits; plain full forward passes, differentiable in
+    ``sender_z``. The slow twins' one step."""
+    names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
+
+    def freeze(z, hook):
+        z = run.clean[hook.name].clone()
+        if hook.layer() == layer:
+            z[0, run.at, head] = sender_z
+        return z
+
+    freeze_all = [(name, freeze) for name in names]
+    if not in_masks:
+        with model.hooks(fwd_hooks=freeze_all):
+            logits = model(run.ids)
+    else:
+        run1: dict[str, Tensor] = {}
+
+        def keep(x, hook):
+            run1[hook.name] = x
+            return x
+
+        with model.hooks(fwd_hooks=freeze_all + [(name, keep) for _, name in in_masks]):
+            model(run.ids)
+
+        def receive(x, hook):
+            x = x.clone()
+            idx = in_masks[(hook.layer(), hook.name)].nonzero()[:, 0]
+            x[0, run.at, idx] = run1[hook.name][0, run.at, idx]
+            return x
+
+        with model.hooks(fwd_hooks=[(name, receive) for _, name in in_masks]):
+            logits = model(run.ids)
+    return answer_stats(logits, run.answer, run.last)[0].sum()
+
+
+def reference_path_scan(model: HookedTransformer, data, receivers: Sequence[Head],
+                        receiver_input: ReceiverInput, position: str, method: str,
+                        change: Callable[[OneItem, int, int, dict], float]) -> Scan:
+    """The slow twins' loop: every item, every sender below the last receiver's layer, one at a
+    time; ``change(run, layer, head, in_masks)`` is one sender's change on one item."""
+    cfg = model.cfg
+    receivers = tuple(sorted(set(receivers)))
+    in_masks = receiver_masks(receivers, receiver_input, cfg)
+    top = max(r.layer for r in receivers) if receivers else cfg.n_layers
+    sums = PatchSums(model)
+    for layer in range(top, cfg.n_layers):  # these cannot reach a receiver
+        for head in range(cfg.n_heads):
+            sums.add(layer, head, 0.0, 1.0)
+    for run in one_item_runs(model, data, position):
+        for layer in range(top):
+            for head in range(cfg.n_heads):
+                sums.add(layer, head, change(run, layer, head, in_masks), run.p_clean)
+    return sums.scan(method, len(data), position=position, receivers=receivers,
+                     receiver_input=receiver_input if receivers else None)
 
 
 @torch.no_grad()
@@ -228,44 +299,13 @@ def path_patching_scan_reference(
     only the model and the receiver bookkeeping. A test oracle; use ``path_patching_scan`` for real
     work.
     """
-    cfg = model.cfg
-    receivers = tuple(sorted(set(receivers)))
-    in_masks = _receiver_hooks(receivers, receiver_input, cfg)
-    top = max(r.layer for r in receivers) if receivers else cfg.n_layers
-    sums = PatchSums(model)
-    names = [hook_z(layer) for layer in range(cfg.n_layers)]
-    for run in one_item_runs(model, data, position):
-        ids, at = run.ids, run.at
-        for layer in range(top):
-            for head in range(cfg.n_heads):
 
-                def freeze(z, hook, layer=layer, head=head, run=run):
-                    z = run.clean[hook.name].clone()
-                    if hook.layer() == layer:
-                        z[0, run.at, head] = run.corrupt[hook.name][0, run.at, head]
-                    return z
+    def change(run, layer, head, in_masks):
+        corrupt = run.corrupt[hook_z(layer)][0, run.at, head]
+        return path_patched_prob(model, run, layer, head, corrupt, in_masks).item() - run.p_clean
 
-                freeze_all = [(name, freeze) for name in names]
-                if not receivers:
-                    with model.hooks(fwd_hooks=freeze_all):
-                        logits = model(ids)
-                else:
-                    with model.hooks(fwd_hooks=freeze_all):
-                        _, run1 = model.run_with_cache(ids,
-                                                       names_filter=[name for _, name in in_masks])
-
-                    def receive(x, hook, run1=run1, at=at):
-                        x = x.clone()
-                        idx = in_masks[(hook.layer(), hook.name)].nonzero()[:, 0]
-                        x[0, at, idx] = run1[hook.name][0, at, idx]
-                        return x
-
-                    with model.hooks(fwd_hooks=[(name, receive) for _, name in in_masks]):
-                        logits = model(ids)
-                p = answer_stats(logits, run.answer, run.last)[0].item()
-                sums.add(layer, head, p - run.p_clean, run.p_clean)
-    return sums.scan("path_patching", len(data), position=position, receivers=receivers,
-                     receiver_input=receiver_input if receivers else None)
+    return reference_path_scan(model, data, receivers, receiver_input, position, "path_patching",
+                               change)
 
 
 # --------------------------------------------------------------------------------------------------
