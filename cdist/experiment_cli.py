@@ -78,8 +78,9 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("circuits and matching")
     g.add_argument("--k", type=int, default=2,
                    help="entity tracking: heads per path-patching group")
-    g.add_argument("--min-effect", type=float, default=0.01,
-                   help="entity tracking: minimum -relative change")
+    g.add_argument("--min-effect", type=discovery.parse_min_effect, default="noise",
+                   help="entity tracking: a head's -relative change must exceed 2 standard errors "
+                        "over the items (noise, the default) or this number")
     g.add_argument("--student-method", default="mean_ablation",
                    choices=["auto", "path_patching", "mean_ablation"],
                    help="how the student's circuit is found (auto: as the teacher's, by task)")

@@ -53,8 +53,9 @@ parser.add_argument("--eval-items", type=int, default=1000,
                     help="items for the reported accuracies")
 parser.add_argument("--k", type=int, default=2,
                     help="entity tracking: heads per path-patching group")
-parser.add_argument("--min-effect", type=float, default=0.01,
-                    help="entity tracking: minimum -relative change")
+parser.add_argument("--min-effect", type=discovery.parse_min_effect, default="noise",
+                    help="entity tracking: a head's -relative change must exceed 2 standard "
+                         "errors over the items (noise, the default) or this number")
 parser.add_argument("--budget", type=float, default=0.2,
                     help="theory of mind: largest circuit, share of heads")
 parser.add_argument("--target", type=float, default=0.8,

@@ -252,8 +252,9 @@ def test_select_heads_and_ranked_circuit():
 
 @pytest.mark.parametrize("search", [path_patching.ET_SEARCH, path_patching.ET_SEARCH_ADJACENT])
 def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search):
+    # five items of a random model: nothing clears the noise rule, so a fixed threshold
     circuit, found = path_patching.entity_tracking_circuit(model3, data, k=2, search=search,
-                                                           model_name="random")
+                                                           min_effect=0.0, model_name="random")
     assert list(circuit.groups) == [step.name for step in search]
     assert circuit.positions["position_detector"] == "pos_query_label"
     assert circuit.positions["structure_reader"] == "pos_prev_label"
@@ -270,6 +271,45 @@ def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search
     path = tmp_path / "circuit.json"
     circuit.to_json(path)
     assert Circuit.from_json(path) == circuit
+
+
+def test_noise_rule_keeps_only_effects_beyond_two_standard_errors(model3, data):
+    scan = path_patching.path_patching_scan(model3, data)
+    rel, se = scan["relative_change"], scan["relative_change_se"]
+    kept = circuits.select_heads(scan, 12, "noise")
+    expected = {Head(layer, head) for layer in range(3) for head in range(4)
+                if rel[layer, head] < -circuits.NOISE_Z * se[layer, head]}
+    assert set(kept) == expected
+    assert set(circuits.select_heads(scan, 12, 0.0)) > expected  # a bare sign keeps more
+    with pytest.raises(ValueError, match="2 or more items"):
+        circuits.select_heads(path_patching.path_patching_scan(model3, data.select([0])), 2,
+                              "noise")
+    with pytest.raises(ValueError, match="needs a Scan with standard errors"):
+        circuits.select_heads(scan.ranking(), 2, "noise")
+
+
+def test_prefiltered_search_resumes_from_its_saved_groups(model3, data, tmp_path, monkeypatch):
+    kw = dict(k=2, min_effect=0.0, prefilter=4, checkpoint_dir=tmp_path)
+    circuit, found = path_patching.entity_tracking_circuit(model3, data, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{group}.json" for group, heads in circuit.groups.items()
+        if group == "value_fetcher" or circuit.groups[
+            next(s.receivers for s in path_patching.ET_SEARCH if s.name == group)])
+    fetchers = found["value_fetcher"]
+    assert (~torch.isnan(fetchers["relative_change"])).sum() == 4  # only the 4 candidates ran
+    candidates = set(found["value_fetcher_prefilter"].ranking().top(4))
+    assert set(circuit.groups["value_fetcher"]) <= candidates
+    # a second call reads the saved groups: no scan runs at all
+    monkeypatch.setattr(path_patching, "path_patching_scan", None)
+    again, found_again = path_patching.entity_tracking_circuit(model3, data, **kw)
+    assert again == circuit
+    assert torch.equal(found_again["value_fetcher"]["prob_change"].nan_to_num(),
+                       fetchers["prob_change"].nan_to_num())
+    # other settings or items are not taken for the saved ones
+    with pytest.raises(TypeError):
+        path_patching.entity_tracking_circuit(model3, data, **(kw | {"prefilter": 5}))
+    with pytest.raises(TypeError):
+        path_patching.entity_tracking_circuit(model3, data.select(range(4)), **kw)
 
 
 def test_search_steps_must_come_after_their_receivers(model3, data):

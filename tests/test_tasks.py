@@ -1,8 +1,11 @@
 """Task generators (determinism, disjoint splits, answers re-derived from the prompt text, token
-positions) and the task registry."""
+positions, default words a tokenizer splits) and the task registry."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import re
 
 import pytest
@@ -11,6 +14,7 @@ from conftest import unchecked
 from cdist import tasks
 from cdist.tasks import registry
 from cdist.tasks.entity_tracking import OBJECTS
+from cdist.tasks.theory_of_mind import CHARACTERS, STATES
 from cdist.tokenizers import word_tokenizer
 
 ET_TEMPLATE_NAMES = sorted(tasks.ET_TEMPLATES)
@@ -30,9 +34,11 @@ def llama_tok():
     return make()
 
 
-@pytest.fixture(params=["word", "llama3"])
+@pytest.fixture(params=["word", "llama3", pytest.param("smollm2", marks=pytest.mark.real)])
 def any_tok(request):
-    return request.getfixturevalue({"word": "word_tok", "llama3": "llama_tok"}[request.param])
+    # SmolLM2: a BPE that adds no BOS and splits some default words.
+    fixture = {"word": "word_tok", "llama3": "llama_tok", "smollm2": "smollm2_tokenizer"}
+    return request.getfixturevalue(fixture[request.param])
 
 
 def decoded(tokenizer, token_id: int) -> str:
@@ -135,7 +141,7 @@ def test_entity_tracking_positions(template, any_tok):
     for row in data:
         ids, c_ids = row["input_ids"], row["corrupt_input_ids"]
         assert row["pos_last"] == len(ids) - 1 == len(c_ids) - 1
-        assert ids[0] == any_tok.bos_token_id
+        assert ids == any_tok(row["prompt"]).input_ids  # its own special tokens, BOS or none
         assert decoded(any_tok, ids[row["pos_query_label"]]) == row["query_label"]
         assert decoded(any_tok, ids[row["pos_prev_label"]]) == row["query_label"]
         assert ids[row["pos_prev_object"]] == row["answer_id"]
@@ -178,6 +184,7 @@ def test_theory_of_mind_positions(template, any_tok):
     for row in data:
         ids, c_ids = row["input_ids"], row["corrupt_input_ids"]
         assert row["pos_last"] == len(ids) - 1 == len(c_ids) - 1
+        assert ids == any_tok(row["prompt"]).input_ids
         assert decoded(any_tok, ids[row["pos_query_character"]]) == row["query_character"]
         assert decoded(any_tok, ids[row["pos_query_container"]]) == row["query_container"]
         assert [decoded(any_tok, ids[p]) for p in row["pos_story_characters"]] == row["characters"]
@@ -221,9 +228,39 @@ def test_word_missing_from_word_vocabulary_is_named(tmp_path):
     words = [w for w in tasks.organism_vocabulary() if w not in ("apple", "coffee")]
     tok = word_tokenizer(words, save_dir=tmp_path)
     with pytest.raises(ValueError, match=r"answer 'apple' is not a single token .*<unk>"):
-        tasks.entity_tracking(5, tokenizer=tok)
+        tasks.entity_tracking(5, tokenizer=tok, objects=OBJECTS)
     with pytest.raises(ValueError, match="'coffee'"):
-        tasks.theory_of_mind(5, tokenizer=tok)
+        tasks.theory_of_mind(5, tokenizer=tok, states=STATES)
+
+
+def test_default_words_a_vocabulary_lacks_are_dropped(tmp_path):
+    words = [w for w in tasks.organism_vocabulary() if w not in ("apple", "coffee")]
+    tok = word_tokenizer(words, save_dir=tmp_path)
+    assert tasks.default_words("entity_tracking", tok)["objects"].dropped == ("apple",)
+    assert tasks.default_words("theory_of_mind", tok)["states"].dropped == ("coffee",)
+    et = tasks.entity_tracking(300, tokenizer=tok, n_boxes=10)
+    assert "apple" not in {o for row in [*et["objects"], *et["corrupt_objects"]] for o in row}
+    tom = tasks.theory_of_mind(300, tokenizer=tok)
+    assert "coffee" not in {s for row in tom["states"] for s in row}
+
+
+@pytest.mark.parametrize(("make", "kwargs", "role", "kept", "needed"), [
+    (tasks.entity_tracking, {}, "objects", 5, 7),
+    (tasks.entity_tracking, {"n_boxes": 3}, "labels", 3, 4),
+    (tasks.theory_of_mind, {}, "characters", 1, 2),
+])
+def test_too_few_single_token_default_words_is_one_line(make, kwargs, role, kept, needed,
+                                                        tmp_path):
+    defaults = tasks.get_task(make.__name__).word_lists[role]
+    missing = set(defaults[kept:])
+    tok = word_tokenizer([w for w in tasks.organism_vocabulary() if w not in missing],
+                         save_dir=tmp_path)
+    with pytest.raises(ValueError) as info:
+        make(5, tokenizer=tok, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{kept} of the {len(defaults)} default {role} are single tokens" in message
+    assert f"an item needs {needed}; pass {role}=[...]" in message
 
 
 def test_multi_token_word_in_bpe_vocabulary_is_named(llama_tok):
@@ -251,6 +288,99 @@ def test_entity_tracking_bad_options(kwargs, word_tok):
 def test_theory_of_mind_bad_options(kwargs, word_tok):
     with pytest.raises(ValueError):
         tasks.theory_of_mind(3, tokenizer=word_tok, **kwargs)
+
+
+# ----------------------------------------------------------- default words by tokenizer
+
+GENERATORS = {"entity_tracking": tasks.entity_tracking, "theory_of_mind": tasks.theory_of_mind}
+
+# sha256 of ``make(50, tokenizer=word_tok, seed=3).to_dict()`` (JSON, sorted keys), computed before
+# default words could be dropped: a tokenizer that keeps them all must draw the very same items.
+ORGANISM_ITEMS_SHA256 = {
+    "entity_tracking": "746281a21a48ad4ad481515d8e79c304d2644cc646fcf30cda735c6b43dae8c2",
+    "theory_of_mind": "ba46a9aa76d9a75e89b117e75d92840995b34917713fd414400ad06121011029",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_organism_tokenizer_items_are_unchanged(name, word_tok):
+    data = GENERATORS[name](50, tokenizer=word_tok, seed=3).to_dict()
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    assert digest == ORGANISM_ITEMS_SHA256[name]
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_word_lists_name_the_generators_arguments(name, word_tok):
+    task = tasks.get_task(name)
+    arguments = inspect.signature(task.generate).parameters
+    assert task.word_lists and set(task.word_lists) <= set(arguments)
+    assert tasks.default_words(task, word_tok) == tasks.default_words(name, word_tok)
+    with pytest.raises(tasks.UnknownTaskError):
+        tasks.default_words("ioi", word_tok)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_defaults_are_the_kept_words_in_order(name, any_tok):
+    # Passing the kept words explicitly draws the same items: the defaults are filtered, not
+    # reordered (rng.sample depends on the order).
+    choices = tasks.default_words(name, any_tok)
+    for role, choice in choices.items():
+        default = tasks.get_task(name).word_lists[role]
+        assert choice.kept == tuple(w for w in default if w not in choice.dropped)
+        assert set(choice.dropped) <= set(default)
+    make = GENERATORS[name]
+    explicit = {role: choice.kept for role, choice in choices.items()}
+    assert (make(30, tokenizer=any_tok, seed=8).to_dict()
+            == make(30, tokenizer=any_tok, seed=8, **explicit).to_dict())
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_organism_and_llama3_tokenizers_drop_nothing(name, word_tok, llama_tok):
+    for tok in (word_tok, llama_tok):
+        choices = tasks.default_words(name, tok)
+        assert choices == {role: tasks.WordChoice(kept=tuple(words), dropped=())
+                           for role, words in tasks.get_task(name).word_lists.items()}
+
+
+SMOLLM2_DROPPED = {
+    "entity_tracking": {"objects": {"scarf"}, "labels": set()},
+    "theory_of_mind": {"characters": {"Carla"}, "containers": {"mug"},
+                       "states": {"cola", "vodka", "champagne", "espresso"}},
+}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_smollm2_drops_exactly_its_multi_token_defaults(name, smollm2_tokenizer):
+    choices = tasks.default_words(name, smollm2_tokenizer)
+    assert {role: set(c.dropped) for role, c in choices.items()} == SMOLLM2_DROPPED[name]
+    for choice in choices.values():
+        for word in choice.kept:
+            tasks.single_token_id(smollm2_tokenizer, word)
+        for word in choice.dropped:
+            with pytest.raises(ValueError, match=f"'{word}' is not a single token"):
+                tasks.single_token_id(smollm2_tokenizer, word)
+
+
+@pytest.mark.real
+def test_smollm2_adds_no_bos(smollm2_tokenizer):
+    # So the position tests over ``any_tok`` cover prompts that start with the first word's token.
+    assert smollm2_tokenizer("").input_ids == []
+    for make in GENERATORS.values():
+        ids = make(3, tokenizer=smollm2_tokenizer)["input_ids"]
+        assert all(row[0] not in smollm2_tokenizer.all_special_ids for row in ids)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(("make", "kwargs", "word"), [
+    (tasks.entity_tracking, {"objects": OBJECTS}, "scarf"),
+    (tasks.theory_of_mind, {"characters": CHARACTERS}, "Carla"),
+    (tasks.theory_of_mind, {"containers": ["cup", "mug"]}, "mug"),
+    (tasks.theory_of_mind, {"states": ["tea", "cola"]}, "cola"),
+])
+def test_smollm2_explicit_lists_stay_strict(make, kwargs, word, smollm2_tokenizer):
+    with pytest.raises(ValueError, match=rf"'{word}' is not a single token .*splits into"):
+        make(5, tokenizer=smollm2_tokenizer, **kwargs)
 
 
 # ----------------------------------------------------------- the registry

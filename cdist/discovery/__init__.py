@@ -3,8 +3,9 @@
 The modules follow the data: ``engine`` (replace heads' outputs, one head per stacked copy of a
 batch) runs the scans of ``ablation`` (mean ablation, and the circuit's own evaluation),
 ``path_patching`` (and the entity-tracking search), ``activation_patching`` and
-``attribution_patching``; each scan returns a ``cdist.types.Scan`` and keeps a slow twin.
-``circuits`` turns scans into ``Circuit``s (``find_circuit``).
+``attribution_patching`` (and path attribution, the search's pre-filter at depth); each scan
+returns a ``cdist.types.Scan`` and keeps a slow twin. ``circuits`` turns scans into ``Circuit``s
+(``find_circuit``).
 """
 
 from cdist.discovery import (
@@ -19,6 +20,7 @@ from cdist.discovery.circuits import (
     Discovery,
     DiscoveryConfig,
     find_circuit,
+    parse_min_effect,
     ranked_circuit,
     select_heads,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "circuits",
     "engine",
     "find_circuit",
+    "parse_min_effect",
     "path_patching",
     "ranked_circuit",
     "select_heads",

@@ -17,6 +17,7 @@ separate sets.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 
@@ -26,30 +27,65 @@ from torch import Tensor
 from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadScores, Scan
 
-__all__ = ["METHODS", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit", "ranked_circuit",
-           "select_heads"]
+__all__ = ["METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit",
+           "parse_min_effect", "ranked_circuit", "select_heads"]
 
 METHODS = ("auto", "path_patching", "mean_ablation")
 SEARCHES = ("auto", "prakash", "adjacent")
 
 
-def select_heads(scores: Scan | HeadScores, k: int, min_effect: float = 0.0) -> tuple[Head, ...]:
+# How many standard errors (over the items) an effect must clear to count, under
+# ``min_effect="noise"``: about a 2.5% one-sided false-positive rate per head under a normal
+# approximation.
+NOISE_Z = 2.0
+
+
+def parse_min_effect(text: str) -> float | str:
+    """A command line's ``--min-effect``: ``noise`` or a number >= 0 (argparse type)."""
+    if text == "noise":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'noise' nor a number >= 0")
+    return value
+
+
+def select_heads(scores: Scan | HeadScores, k: int,
+                 min_effect: float | str = 0.0) -> tuple[Head, ...]:
     """The up-to-``k`` most important heads whose score clears ``min_effect``, most important first.
 
     A ``Scan`` is ranked by its own metric (``Scan.ranking``).
 
-    For scores where low is important (``higher_is_important=False``, path patching's relative
-    change) a head qualifies when its score is at most ``-min_effect``; otherwise when it is at
-    least ``min_effect``.
-    With ``min_effect=0`` a head must still move the metric in the important direction
-    (not exactly 0).
+    ``min_effect`` as a number: for scores where low is important (``higher_is_important=False``,
+    path patching's relative change) a head qualifies when its score is at most ``-min_effect``;
+    otherwise when it is at least ``min_effect``. With ``min_effect=0`` a head must still move the
+    metric in the important direction (not exactly 0). ``min_effect="noise"`` (a ``Scan`` with a
+    ``<metric>_se`` metric) asks each head's effect to be at least ``NOISE_Z`` of its own standard
+    errors over the items in the important direction, so no head is kept whose effect is within the
+    item-to-item noise. NaN scores (heads a scan did not measure) never qualify.
     """
+    threshold = None
+    if isinstance(min_effect, str):
+        if min_effect != "noise":
+            raise ValueError(f"min_effect={min_effect!r}; give a number or 'noise'")
+        se_name = f"{scores.metric}_se" if isinstance(scores, Scan) else None
+        if se_name is None or se_name not in scores.metrics:
+            raise ValueError("min_effect='noise' needs a Scan with standard errors "
+                             f"({se_name or 'HeadScores have none'}); give a number instead")
+        if scores.n_items < 2:
+            raise ValueError("min_effect='noise' needs a scan over 2 or more items "
+                             "(one item has no standard error); give a number instead")
+        threshold = NOISE_Z * scores[se_name]
     if isinstance(scores, Scan):
         scores = scores.ranking()
     out = []
     for h in scores.top(k):
         s = scores[h]
-        ok = s <= -min_effect if not scores.higher_is_important else s >= min_effect
+        bar = float(threshold[h.layer, h.head]) if threshold is not None else min_effect
+        ok = s <= -bar if not scores.higher_is_important else s >= bar
         if ok and s != 0 and s == s:  # s == s drops NaN
             out.append(h)
     return tuple(out)
@@ -78,18 +114,24 @@ class DiscoveryConfig:
     # path patching: "auto" (the task's, by the items' template), "prakash" or "adjacent"
     search: str = "auto"
     k: int = 2
-    min_effect: float = 0.01
+    # "noise": an effect must clear NOISE_Z standard errors over the items (select_heads)
+    min_effect: float | str = "noise"
     budget: float = 0.2
     target: float = 0.8
+    prefilter: int | None = None  # path patching: exact scans of this many pre-filtered senders
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"discovery method {self.method!r}; choose from {METHODS}")
         if self.search not in SEARCHES:
             raise ValueError(f"path-patching search {self.search!r}; choose from {SEARCHES}")
-        if self.k < 1 or self.min_effect < 0:
-            raise ValueError(f"k >= 1 and min_effect >= 0 are needed; got k={self.k}, "
-                             f"min_effect={self.min_effect}")
+        bad_effect = (self.min_effect != "noise" if isinstance(self.min_effect, str)
+                      else self.min_effect < 0)
+        if self.k < 1 or bad_effect:
+            raise ValueError(f"k >= 1 and min_effect >= 0 (or 'noise') are needed; got k={self.k}, "
+                             f"min_effect={self.min_effect!r}")
+        if self.prefilter is not None and self.prefilter < 1:
+            raise ValueError(f"prefilter={self.prefilter}; give a number of senders >= 1 or None")
         if not 0 < self.budget <= 1 or not self.target >= 0:
             raise ValueError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
                              f"{self.target}")
@@ -150,10 +192,10 @@ def find_circuit(
         search = spec.search(items) if cfg.search == "auto" else cfg.search
         circuit, groups = path_patching.entity_tracking_circuit(
             model, items, k=cfg.k, min_effect=cfg.min_effect, search=path_patching.SEARCHES[search],
-            model_name=model_name, progress=progress)
+            model_name=model_name, prefilter=cfg.prefilter, progress=progress)
         return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
                          {"method": method, "search": search, "k": cfg.k,
-                          "min_effect": cfg.min_effect})
+                          "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     faith = math.nan

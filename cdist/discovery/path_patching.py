@@ -43,8 +43,11 @@ Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -52,6 +55,7 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdist.checkpoints import atomic_write_json
 from cdist.discovery.circuits import select_heads
 from cdist.discovery.engine import (
     OneItem,
@@ -350,16 +354,33 @@ ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
 SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT}
 
 
+def _search_identity(model: HookedTransformer, data, step: SearchStep, receivers, settings: dict
+                     ) -> str:
+    """A hash of everything a search step's result depends on: the model's weights, the items, the
+    step, its receivers and the selection settings."""
+    digest = hashlib.sha256()
+    with torch.no_grad():  # a float64 sum per tensor: cheap, and moved by any change of weights
+        for name, p in sorted(model.named_parameters()):
+            digest.update(f"{name}:{p.double().sum().item():.17g};".encode())
+    for column in ("input_ids", "corrupt_input_ids", "answer_id", "pos_last", step.position):
+        digest.update(json.dumps(list(data[column])).encode())
+    digest.update(json.dumps([step.name, step.position, step.receiver_input,
+                              [str(r) for r in receivers], settings], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
 def entity_tracking_circuit(
     model: HookedTransformer,
     data,
     *,
     k: int | Mapping[str, int] = 2,
-    min_effect: float = 0.0,
+    min_effect: float | str = "noise",
     search: Sequence[SearchStep] = ET_SEARCH,
     model_name: str = "",
     batch_size: int = 16,
     senders_per_pass: int = 8,
+    prefilter: int | None = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> tuple[Circuit, dict[str, Scan]]:
     """Prakash et al.'s backward path-patching search for the entity-tracking circuit.
@@ -368,23 +389,40 @@ def entity_tracking_circuit(
     ``pos_last`` into the fetchers' queries. Position Detectors: senders at ``pos_query_label`` into
     the transmitters' values. Structure Readers: senders at ``pos_prev_label`` into the detectors'
     values (``ET_SEARCH``; ``ET_SEARCH_ADJACENT`` adds the organisms' object binders). Each group
-    keeps its top ``k`` heads whose relative change is at most ``-min_effect``; a group whose
+    keeps its top ``k`` heads whose effect clears ``min_effect`` (``select_heads``); a group whose
     receiver group is empty stays empty.
+
+    At real depth (SmolLM2: 270 heads) each group's exact scan can be limited to the ``prefilter``
+    senders that ``path_attribution_scan`` (two forward and two backward passes for all of them)
+    ranks most important; its scan is kept as ``<group>_prefilter``, so how many of the exact top
+    heads it caught can be checked against a full scan (``experiments/bench_discovery.py`` reports
+    that recall).
 
     Args:
         model: a HookedTransformer.
         data: entity-tracking items (``cdist.tasks.entity_tracking``).
         k: heads per group, one number or group name -> number.
-        min_effect: a head's relative change must be at most ``-min_effect`` to be kept.
+        min_effect: ``"noise"`` (default: a head's relative change must be negative by more than
+            ``NOISE_Z`` standard errors over the items) or a number (at most ``-min_effect``).
         search: the steps, in order; each step's receivers must come earlier.
         model_name: recorded in the circuit.
         batch_size, senders_per_pass: as for ``path_patching_scan``.
-        progress: show a tqdm bar per group.
+        prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
+        checkpoint_dir: each finished group is saved there (``<group>.json``) and reused by a
+            later call with the same model, items and settings, so an interrupted search resumes;
+            a group saved under other ones is recomputed and replaced.
+        progress: a tqdm bar per group, advancing per forward pass.
 
     Returns:
         The ``Circuit`` (groups in search order, positions, each head's score in the group that
-        found it first) and each searched group's ``Scan``.
+        found it first) and each searched group's ``Scan`` (and ``<group>_prefilter`` scans).
     """
+    from cdist.discovery.attribution_patching import path_attribution_scan
+
+    if prefilter is not None and prefilter < 1:
+        raise ValueError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
+    settings = {"k": k if isinstance(k, int) else dict(k), "min_effect": min_effect,
+                "prefilter": prefilter}
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, Scan] = {}
     scores: dict[Head, float] = {}
@@ -397,13 +435,27 @@ def entity_tracking_circuit(
         if step.receivers is not None and not receivers:
             groups[step.name] = ()
             continue
-        result = path_patching_scan(model, data, receivers=receivers,
-                                    receiver_input=step.receiver_input, position=step.position,
-                                    batch_size=batch_size, senders_per_pass=senders_per_pass,
-                                    progress=progress)
-        found[step.name], ranking = result, result.ranking()
+        saved = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{step.name}.json"
+        identity = _search_identity(model, data, step, receivers, settings) if saved else None
+        record = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
+        if record.get("identity") == identity and identity is not None:
+            scans = {name: Scan.from_dict(d) for name, d in record["scans"].items()}
+        else:
+            kw = dict(receivers=receivers, receiver_input=step.receiver_input,
+                      position=step.position, batch_size=batch_size)
+            scans, senders = {}, None
+            if prefilter is not None:
+                scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
+                senders = scans[f"{step.name}_prefilter"].ranking().top(prefilter)
+            scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,
+                                                  senders=senders, progress=progress, **kw)
+            if saved is not None:
+                atomic_write_json({"identity": identity, "step": step.name,
+                                   "scans": {n: sc.to_dict() for n, sc in scans.items()}}, saved)
+        found |= scans
         k_here = k if isinstance(k, int) else k.get(step.name, 0)
-        groups[step.name] = select_heads(ranking, k_here, min_effect)
+        groups[step.name] = select_heads(scans[step.name], k_here, min_effect)
+        ranking = scans[step.name].ranking()
         for h in groups[step.name]:
             scores.setdefault(h, ranking[h])
     circuit = Circuit(groups, positions={step.name: step.position for step in search},

@@ -7,8 +7,11 @@
 Each registers a ``Task`` record (``get_task(name)``) that the rest of cdist asks instead of
 comparing names.
 
-Both work with any fast Hugging Face tokenizer whose vocabulary has every word as one token: the
-word-level organism tokenizer built from ``organism_vocabulary()``, or Llama-3's.
+Both work with any fast Hugging Face tokenizer (the word-level organism tokenizer built from
+``organism_vocabulary()``, Llama-3's, SmolLM2's, ...) and add the special tokens it adds: a BOS for
+the first two, none for SmolLM2. A word list the caller passes must have every word as one token
+(after a space); without one, a generator uses the default words that are, and
+``default_words(task, tokenizer)`` says which those are.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from dataclasses import fields
 
 from tokenizers import pre_tokenizers
 
-from cdist.tasks.common import TEST_FRACTION, item_split, single_token_id
+from cdist.tasks.common import (
+    TEST_FRACTION,
+    WordChoice,
+    item_split,
+    single_token_id,
+    single_token_words,
+)
 from cdist.tasks.entity_tracking import (
     ET_TEMPLATES,
     EntityTrackingTemplate,
@@ -28,7 +37,14 @@ from cdist.tasks.entity_tracking import (
     render_entity_tracking,
     render_query,
 )
-from cdist.tasks.registry import TASKS, Task, UnknownTaskError, get_task, register
+from cdist.tasks.registry import (
+    TASKS,
+    Task,
+    UnknownTaskError,
+    default_words,
+    get_task,
+    register,
+)
 from cdist.tasks.theory_of_mind import (
     TOM_TEMPLATES,
     UNKNOWN,
@@ -44,11 +60,11 @@ from cdist.tasks.theory_of_mind import (
 
 __all__ = [
     "ET_TEMPLATES", "TASKS", "TEST_FRACTION", "TOM_TEMPLATES", "UNKNOWN", "VISIBILITIES",
-    "EntityTrackingTemplate", "Task", "TheoryOfMindTemplate", "UnknownTaskError", "belief",
-    "entity_tracking", "entity_tracking_words", "get_task", "item_split", "organism_vocabulary",
-    "register", "render_context", "render_entity_tracking", "render_query", "render_question",
-    "render_story", "render_theory_of_mind", "single_token_id", "theory_of_mind",
-    "theory_of_mind_words",
+    "EntityTrackingTemplate", "Task", "TheoryOfMindTemplate", "UnknownTaskError", "WordChoice",
+    "belief", "default_words", "entity_tracking", "entity_tracking_words", "get_task",
+    "item_split", "organism_vocabulary", "register", "render_context", "render_entity_tracking",
+    "render_query", "render_question", "render_story", "render_theory_of_mind",
+    "single_token_id", "single_token_words", "theory_of_mind", "theory_of_mind_words",
 ]
 
 

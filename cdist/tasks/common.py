@@ -16,6 +16,11 @@ Choices that are ours:
   are i.i.d. within a split (duplicates are possible when the item space is small), and the first k
   items do not depend on ``n``.
 - Tokenizers must be "fast" (Rust-backed), because only they report character offsets.
+- A word list the caller leaves out is the task's default list less the words this tokenizer does
+  not keep as one token (``default_or_given``), in the default order, so a tokenizer that keeps
+  every default word (the organism's, Llama-3's) draws the same items as the full lists. A list the
+  caller passes is used as given: dropping a word from it would silently change what was asked
+  for, so a word that is not one token is an error instead.
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
             yield item
 
 
+def _is_one_token(tokenizer, ids: Sequence[int]) -> bool:
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 def single_token_id(tokenizer, word: str, role: str = "answer") -> int:
     """The id of ``word`` as it appears after a space in a prompt (Llama-3: " apple";
     word-level: "apple").
@@ -92,13 +101,57 @@ def single_token_id(tokenizer, word: str, role: str = "answer") -> int:
     """
     ids = tokenizer(" " + word, add_special_tokens=False).input_ids
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+    if not _is_one_token(tokenizer, ids):
         what = f"it is {pieces[0]}" if len(ids) == 1 else f"it splits into {pieces}"
         raise ValueError(
             f"{role} {word!r} is not a single token in this tokenizer's vocabulary ({what}); "
             "choose words that are single tokens or use the word-level organism tokenizer"
         )
     return ids[0]
+
+
+@dataclass(frozen=True)
+class WordChoice:
+    """The words of a list that a tokenizer keeps as one token each, and the others; both keep the
+    list's order."""
+
+    kept: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+def single_token_words(tokenizer, words: Sequence[str]) -> WordChoice:
+    """Split ``words`` by ``single_token_id``'s test: " " + word is one known token."""
+    ids = tokenizer([" " + w for w in words], add_special_tokens=False).input_ids if words else []
+    one = [_is_one_token(tokenizer, word_ids) for word_ids in ids]
+    return WordChoice(kept=tuple(w for w, ok in zip(words, one, strict=True) if ok),
+                      dropped=tuple(w for w, ok in zip(words, one, strict=True) if not ok))
+
+
+def default_or_given(tokenizer, given: Sequence[str] | None, default: Sequence[str], role: str,
+                     at_least: int) -> list[str]:
+    """The ``role`` words (a generator's ``{role}s`` argument) that items are drawn from.
+
+    Args:
+        given: the caller's list, or None. A list is taken whole (``check_words``); the generator's
+            ``single_token_id`` then refuses, by name, any word of it that is not one token.
+        default: the task's default list; without ``given``, the words of it that this tokenizer
+            keeps as one token, in its order.
+        role: the singular of the argument's name, for messages ("object").
+        at_least: words one item needs.
+
+    Raises:
+        ValueError: if fewer than ``at_least`` words remain (one line: what to pass instead).
+    """
+    if given is not None:
+        return check_words(given, role, at_least)
+    kept = list(single_token_words(tokenizer, default).kept)
+    if len(kept) < at_least:
+        raise ValueError(
+            f"{len(kept)} of the {len(default)} default {role}s are single tokens for this "
+            f"tokenizer, but an item needs {at_least}; pass {role}s=[...] with at least "
+            f"{at_least} single-token words"
+        )
+    return kept
 
 
 def check_words(words: Sequence[str], role: str, at_least: int) -> list[str]:
@@ -132,8 +185,8 @@ class Prompt:
 
 
 def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[str, int]]]:
-    """Tokenize prompts (BOS included, as the tokenizer adds it) and find each marked
-    word's token index.
+    """Tokenize prompts (with the special tokens the tokenizer adds: Llama-3's BOS, none for
+    SmolLM2) and find each marked word's token index.
 
     Returns:
         Per prompt, its input ids and ``{mark name: token index}``.
@@ -151,7 +204,8 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[s
         positions = {}
         for name, (start, word) in prompt.marks.items():
             # The first token ending after the word's first character holds it (a BPE token may
-            # carry the space before it); it must cover the word and nothing else.
+            # carry the space before it); it must cover the word and nothing else. A BOS ends at
+            # 0, before any word, so its presence or absence does not change the search.
             i = bisect.bisect_right(ends, start)
             s, e = offsets[i] if i < len(ids) else (start, start)
             spelled = prompt.text[s:e].strip()

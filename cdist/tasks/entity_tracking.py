@@ -22,8 +22,9 @@ Choices that are ours:
   tokens of context and query (no special tokens) concatenate to the prompt's tokens; trainers build
   multi-query sequences that way.
 - Default objects are concrete nouns that are one token both in the word-level vocabulary and, after
-  a space, in Llama-3; default labels are the 26 capital letters. The item key is (objects, labels,
-  query label), so train and test share no (context, query) pair.
+  a space, in Llama-3; default labels are the 26 capital letters. A tokenizer that splits some of
+  them draws from the rest (SmolLM2 splits " scarf"; ``default_words`` lists what is dropped). The
+  item key is (objects, labels, query label), so train and test share no (context, query) pair.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_token_id, task_rng
+from cdist.tasks.common import (
+    Prompt,
+    default_or_given,
+    draw_split,
+    encode,
+    single_token_id,
+    task_rng,
+)
 from cdist.tasks.registry import Task, register
 
 OBJECTS = (
@@ -184,30 +192,34 @@ def entity_tracking(
 
     Args:
         n: number of items.
-        tokenizer: any fast Hugging Face tokenizer (word-level organism tokenizer or Llama-3's).
+        tokenizer: any fast Hugging Face tokenizer (the word-level organism tokenizer, Llama-3's,
+            SmolLM2's, ...); prompts get the special tokens it adds (a BOS or none).
         n_boxes: boxes (= objects) per context.
-        seed: the same (seed, split, arguments) always gives the same items.
+        seed: the same (seed, split, arguments, kept default words) always gives the same items.
         split: "train" or "test"; the two never share an item.
         template: a name in ``ET_TEMPLATES`` or a template.
-        objects: object words (default ``OBJECTS``); each must be a single token.
-        labels: box labels (default A-Z); each a single token, at least ``n_boxes + 1`` of them.
+        objects: object words, each a single token, at least ``n_boxes``. Default: the words of
+            ``OBJECTS`` that are single tokens for ``tokenizer``.
+        labels: box labels, each a single token, at least ``n_boxes + 1``. Default: the letters
+            A-Z that are single tokens for ``tokenizer``.
 
     Returns:
         A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt,
         corrupt_input_ids, pos_last, pos_query_label, pos_prev_label, pos_prev_object, pos_objects,
         pos_labels, objects, labels, query_index, query_label, corrupt_objects, corrupt_labels,
-        n_boxes, template. Positions index ``input_ids`` (BOS included); ``pos_prev_*`` are the
-        queried box's label and object in the context.
+        n_boxes, template. Positions index ``input_ids`` (its BOS included, where the tokenizer
+        adds one); ``pos_prev_*`` are the queried box's label and object in the context.
 
     Raises:
-        ValueError: on a word that is not a single token (the message names it), or lists too short.
+        ValueError: on a word of a given list that is not a single token (the message names it),
+            or lists too short (default lists: too few single-token words).
     """
     t = get_template(template)
     if n_boxes < 2:
         raise ValueError(f"n_boxes={n_boxes} leaves nothing to track; use 2 or more boxes")
-    objects = check_words(OBJECTS if objects is None else objects, "object", n_boxes)
+    objects = default_or_given(tokenizer, objects, OBJECTS, "object", n_boxes)
     # The counterfactual needs n_boxes labels other than the queried one.
-    labels = check_words(LABELS if labels is None else labels, "label", n_boxes + 1)
+    labels = default_or_given(tokenizer, labels, LABELS, "label", n_boxes + 1)
     answer_ids = {w: single_token_id(tokenizer, w) for w in objects}
     for label in labels:
         single_token_id(tokenizer, label, role="label")
@@ -279,4 +291,5 @@ TASK = register(Task(
     discovery_methods=("path_patching", "mean_ablation"), search=_search,
     organism_kwargs=("n_boxes",), default_ood=_default_ood, table_stem="table1-entity-tracking",
     default_models=("et-teacher", "et-student"), organism_rows="multi_query", curriculum=True,
+    word_lists={"objects": OBJECTS, "labels": LABELS},
 ))

@@ -10,9 +10,11 @@ all), so a new task, say IOI, is one file that ends with ``register(Task(...))``
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["TASKS", "Task", "UnknownTaskError", "get_task", "register"]
+from cdist.tasks.common import WordChoice, single_token_words
+
+__all__ = ["TASKS", "Task", "UnknownTaskError", "default_words", "get_task", "register"]
 
 
 class UnknownTaskError(ValueError):
@@ -52,6 +54,8 @@ class Task:
             ``warmup_templates`` mix into its batches; None: the curriculum's current number.
         curriculum: organisms grow ``n_boxes`` from ``curriculum_start`` as held-out accuracy
             allows (needs ``n_boxes`` in ``organism_kwargs``); otherwise they train on ``n_boxes``.
+        word_lists: each word-list argument of ``generate`` (e.g. ``"objects"``) -> its default
+            words, in order; ``default_words`` says which of them a tokenizer keeps.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Task:
     organism_rows: str = "items"
     warmup_boxes: int | None = None
     curriculum: bool = False
+    word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.discovery_method not in ("path_patching", "mean_ablation"):
@@ -124,3 +129,15 @@ def get_task(name: str | Task) -> Task:
     if name not in TASKS:
         raise UnknownTaskError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name]
+
+
+def default_words(task: str | Task, tokenizer) -> dict[str, WordChoice]:
+    """Which default words the task's generator uses with ``tokenizer`` when given no word lists:
+    per word-list argument (``"objects"``, ``"states"``, ...), the words kept (single tokens) and
+    dropped.
+
+    Raises:
+        UnknownTaskError: ``task`` is not registered.
+    """
+    return {role: single_token_words(tokenizer, words)
+            for role, words in get_task(task).word_lists.items()}

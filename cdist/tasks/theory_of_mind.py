@@ -40,6 +40,9 @@ Choices that are ours:
   a BPE tokenizer, every word is its " word" token.
 - Story positions (``pos_story_*``) are the mentions in the two filling sentences, in story order.
 - The item key is (characters, containers, states, visibility, query character, query container).
+- Default words are one token both in the word-level vocabulary and, after a space, in Llama-3. A
+  tokenizer that splits some of them draws from the rest (SmolLM2 splits " Carla", " mug",
+  " cola", " vodka", " champagne" and " espresso"; ``default_words`` lists what is dropped).
 """
 
 from __future__ import annotations
@@ -49,7 +52,14 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from cdist.tasks.common import Prompt, check_words, draw_split, encode, single_token_id, task_rng
+from cdist.tasks.common import (
+    Prompt,
+    default_or_given,
+    draw_split,
+    encode,
+    single_token_id,
+    task_rng,
+)
 from cdist.tasks.registry import Task, register
 
 CHARACTERS = (
@@ -228,8 +238,9 @@ def theory_of_mind(
 
     Args:
         n: number of items.
-        tokenizer: any fast Hugging Face tokenizer (word-level organism tokenizer or Llama-3's).
-        seed: the same (seed, split, arguments) always gives the same items.
+        tokenizer: any fast Hugging Face tokenizer (the word-level organism tokenizer, Llama-3's,
+            SmolLM2's, ...); prompts get the special tokens it adds (a BOS or none).
+        seed: the same (seed, split, arguments, kept default words) always gives the same items.
         split: "train" or "test"; the two never share an item.
         template: a name in ``TOM_TEMPLATES`` or a template.
         visibility: the conditions to draw from, equally often (a tuple) or with weights (a mapping
@@ -237,8 +248,9 @@ def theory_of_mind(
             answers.
         corrupt: what the counterfactual swaps: "character", "container", or "random" (either, per
             item).
-        characters, containers, states: word lists (defaults ``CHARACTERS``, ``CONTAINERS``,
-            ``STATES``); each word must be a single token.
+        characters, containers, states: word lists, each word a single token, at least two
+            each. Defaults: the words of ``CHARACTERS``, ``CONTAINERS``, ``STATES`` that are
+            single tokens for ``tokenizer``.
 
     Returns:
         A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt,
@@ -250,7 +262,8 @@ def theory_of_mind(
         visibility sentence differ in length; clean and corrupt prompts of one item never do.
 
     Raises:
-        ValueError: on a word that is not a single token (the message names it), or bad options.
+        ValueError: on a word of a given list that is not a single token (the message names it),
+            default lists with fewer than two single-token words, or bad options.
     """
     t = get_template(template)
     conditions, weights = _visibility_mix(visibility)
@@ -271,9 +284,9 @@ def _checked_words(tokenizer, characters, containers,
                    states) -> tuple[tuple[list, list, list], dict]:
     """The three word lists (defaults filled in), each word a single token and in one role only,
     and the token id of every possible answer."""
-    characters = check_words(CHARACTERS if characters is None else characters, "character", 2)
-    containers = check_words(CONTAINERS if containers is None else containers, "container", 2)
-    states = check_words(STATES if states is None else states, "state", 2)
+    characters = default_or_given(tokenizer, characters, CHARACTERS, "character", 2)
+    containers = default_or_given(tokenizer, containers, CONTAINERS, "container", 2)
+    states = default_or_given(tokenizer, states, STATES, "state", 2)
     clash = (set(characters) & set(containers) | set(characters) & set(states)
              | set(containers) & set(states) | {UNKNOWN} & set(states))
     if clash:
@@ -357,4 +370,5 @@ TASK = register(Task(
     table_stem="table2-theory-of-mind",
     # Its stories bind two containers to two states, so its entity-tracking warm-up uses two boxes.
     default_models=("tom-teacher", "tom-student"), warmup_boxes=2,
+    word_lists={"characters": CHARACTERS, "containers": CONTAINERS, "states": STATES},
 ))
