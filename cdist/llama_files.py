@@ -186,13 +186,13 @@ def open_llama(source: str | Path) -> LlamaSource:
     """
     path = resolve_checkpoint(source)
     if path.suffix == ".gguf":
-        where, kwargs = path, {"gguf_file": path.name}
+        where = path
         try:
-            config_dict, _ = LlamaConfig.get_config_dict(path.parent, **kwargs)
+            config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as err:  # an unsupported or unreadable GGUF
             raise ValueError(f"{path} is not a GGUF file transformers can read: {err}") from err
     else:
-        where, kwargs = path / "config.json", {"local_files_only": True}
+        where = path / "config.json"
         if not where.is_file():
             raise CheckpointNotFoundError(
                 f"no config.json in {path}; pass a transformers Llama checkpoint folder"
@@ -202,7 +202,8 @@ def open_llama(source: str | Path) -> LlamaSource:
         raise ValueError(
             f"{where} has model_type={config_dict.get('model_type')!r}; cdist loads 'llama' only"
         )
-    hf_config = LlamaConfig.from_pretrained(path if path.is_dir() else path.parent, **kwargs)
+    # from the dict already read: parsing a GGUF file's metadata again costs seconds
+    hf_config = LlamaConfig.from_dict(config_dict)
     # A GGUF's tensors come out dequantized, as plain floats: nothing of its quantization is kept.
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config

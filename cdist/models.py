@@ -510,6 +510,7 @@ def load_llama(
                                  f"config makes it {tuple(params[key].shape)}")
             params[key].copy_(value)
             filled.add(key)
+            # dropped before the next tensor is read, so only one is ever resident
             del weight, value, converted
         if "unembed.W_U" not in filled and cfg.tie_word_embeddings:
             params["unembed.W_U"].copy_(params["embed.W_E"].T)

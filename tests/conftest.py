@@ -158,10 +158,3 @@ def smollm2_tokenizer(smollm2_gguf):
 
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
-
-@pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf, tmp_path_factory):
-    """SmolLM2 as a float32 transformers checkpoint directory (made once per session)."""
-    from cdist.pretrained import smollm2_checkpoint
-
-    return smollm2_checkpoint(tmp_path_factory.mktemp("smollm2") / "ckpt")

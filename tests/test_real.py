@@ -13,7 +13,7 @@ import torch
 
 from cdist import tasks
 from cdist.discovery import attribution_patching, path_patching
-from cdist.models import load_llama, save_llama
+from cdist.models import load_llama
 
 pytestmark = pytest.mark.real
 
@@ -38,19 +38,30 @@ def test_gguf_loads_like_transformers(smollm2, smollm2_gguf, smollm2_tokenizer):
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
-def test_no_bos_and_a_faithful_round_trip(smollm2, smollm2_tokenizer, tmp_path):
+def test_no_bos_and_a_faithful_round_trip(smollm2, smollm2_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
+
+    from cdist import models
+    from cdist.pretrained import smollm2_checkpoint
 
     text = "The apple is in Box F"
     assert not smollm2.cfg.default_prepend_bos
     assert smollm2.to_tokens(text)[0].tolist() == smollm2_tokenizer(text).input_ids
-    out = save_llama(smollm2, tmp_path / "ckpt")
+    # smollm2_checkpoint converts the GGUF once (the module's model stands in for the 40 s load) ...
+    monkeypatch.setattr(models, "load_llama", lambda source: smollm2)
+    out = smollm2_checkpoint(tmp_path / "ckpt")
+    # ... and reuses the directory afterwards
+    monkeypatch.setattr(models, "save_llama", None)
+    assert smollm2_checkpoint(tmp_path / "ckpt") == out
     assert AutoTokenizer.from_pretrained(out)(text).input_ids == smollm2_tokenizer(text).input_ids
     config = json.loads((out / "config.json").read_text())
     assert {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id",
                                    "unk_token_id")} == {"bos_token_id": 1, "eos_token_id": 2,
                                                         "pad_token_id": 2, "unk_token_id": 0}
     assert "quantization_config" not in config
+    with torch.no_grad():
+        ids = torch.tensor([smollm2_tokenizer(text).input_ids])
+        assert torch.equal(load_llama(out)(ids), smollm2(ids))
 
 
 def test_a_short_prefiltered_search_step(smollm2, smollm2_tokenizer):

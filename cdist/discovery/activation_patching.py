@@ -67,7 +67,6 @@ def activation_patching_scan(
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     scanned = flat_heads(heads, n_layers, n_heads)
-    every = torch.arange(n_layers * n_heads) if scanned is None else scanned
     sums = PatchSums(model)
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = () if position is None else (position,)
@@ -86,7 +85,7 @@ def activation_patching_scan(
         p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
                                          heads_per_pass=heads_per_pass, heads=scanned,
                                          on_pass=bar.update)
-        sums.add_batch(every, p[every] - p_clean[None, :], p_clean)
+        sums.add_batch(scanned, p[scanned] - p_clean[None, :], p_clean)
     bar.close()
     return sums.scan("activation_patching", len(data), position=position)
 

@@ -46,8 +46,7 @@ def attribution_patching_scan(
     are not accumulated (only ``z`` is differentiated).
     """
     check_items(data, position)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    n_layers, device = model.cfg.n_layers, device_of(model)
     sums = PatchSums(model)
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = () if position is None else (position,)
@@ -78,8 +77,7 @@ def attribution_patching_scan(
                 delta = (corrupt[name] - clean[name]) * grad  # [batch, pos, head_index, d_head]
                 if position is not None:
                     delta = delta[rows, batch[position].to(device)][:, None]
-                est = delta.sum((1, 3))  # [batch, head_index]
-                sums.add_batch(layer * n_heads + torch.arange(n_heads), est.T, p.detach())
+                sums.add_layer(layer, delta.sum((1, 3)), p.detach())  # [batch, head_index]
     return sums.scan("attribution_patching", len(data), position=position)
 
 
@@ -137,9 +135,9 @@ def path_attribution_scan(
        residual stream and the MLPs, as in path patching's run 1. With no receivers, ``g`` is d p /
        d z in that run (the logits are the receivers).
 
-    Two forward and two backward passes per batch, whatever the number of senders. Its rank
-    agreement with the exact scan (the recall of its top candidates) is measured by the caller
-    (``entity_tracking_circuit`` records it), not assumed. Twin:
+    Two forward and two backward passes per batch, whatever the number of senders. It is an
+    estimate: how many of the exact scan's top senders its top candidates hold is to be measured
+    against a full scan, not assumed. Twin:
     ``path_attribution_scan_reference`` (the derivative of the plain path-patching twin).
 
     Returns:
@@ -154,8 +152,7 @@ def path_attribution_scan(
     in_masks = receiver_masks(receivers, receiver_input, cfg)
     top = max(r.layer for r in receivers) if receivers else n_layers
     sums = PatchSums(model)
-    above = torch.arange(top * n_heads, n_layers * n_heads)
-    sums.add_batch(above, torch.zeros(len(above), 1), torch.ones(1))
+    sums.add_unreachable(torch.arange(top * n_heads, n_layers * n_heads))
     names = [hook_z(layer) for layer in range(n_layers)]
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         ids = batch["input_ids"].to(device)
@@ -217,8 +214,7 @@ def path_attribution_scan(
             for layer, grad in enumerate(grads):
                 name = names[layer]
                 delta = (corrupt[name][rows, here] - clean[name][rows, here]) * grad[rows, here]
-                est = delta.sum(-1)  # [batch, head_index]
-                sums.add_batch(layer * n_heads + torch.arange(n_heads), est.T, p.detach())
+                sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
     return sums.scan("attribution_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
 

@@ -175,22 +175,23 @@ def one_head_scan(
     return p_base, c_base, prob, correct
 
 
-def passes_per_batch(scanned: Tensor | None, n_layers: int, n_heads: int, per_pass: int) -> int:
-    """How many passes ``one_head_scan`` makes per batch (for progress bars)."""
-    scanned = torch.arange(n_layers * n_heads) if scanned is None else scanned
+def passes_per_batch(scanned: Int[Tensor, " scanned"], n_layers: int, n_heads: int,
+                     per_pass: int) -> int:
+    """How many passes ``one_head_scan`` makes per batch for flat heads ``scanned`` (progress
+    bars)."""
     per_layer = torch.bincount(scanned // n_heads, minlength=n_layers)
     return int((-(-per_layer // per_pass)).sum())
 
 
-def flat_heads(heads, n_layers: int, n_heads: int) -> Int[Tensor, " scanned"] | None:
-    """Heads (``Head``s or names) as sorted flat indices ``layer * n_heads + head``; None stays
-    None (every head).
+def flat_heads(heads, n_layers: int, n_heads: int) -> Int[Tensor, " scanned"]:
+    """Heads (``Head``s or names) as sorted flat indices ``layer * n_heads + head``; None means
+    every head.
 
     Raises:
         ValueError: a head outside the model (named).
     """
     if heads is None:
-        return None
+        return torch.arange(n_layers * n_heads)
     out = set()
     for h in heads:
         h = Head.parse(h) if isinstance(h, str) else h
@@ -294,6 +295,17 @@ class PatchSums:
         self.diff[heads] += change.sum(1)
         self.rel_sq[heads] += (rel**2).sum(1)
         self.scanned[heads] = True
+
+    def add_layer(self, layer: int, change: Float[Tensor, "batch head_index"],
+                  base: Float[Tensor, " batch"]) -> None:
+        """Add a batch of every head of one layer: ``change[i, h]`` is head ``h``'s change on item
+        ``i``."""
+        self.add_batch(layer * self.shape[1] + torch.arange(self.shape[1]), change.T, base)
+
+    def add_unreachable(self, heads: Int[Tensor, " k"]) -> None:
+        """Mark heads that cannot change the answer (senders at or above every receiver) as
+        measured, with no change."""
+        self.scanned[heads.cpu()] = True
 
     def add(self, layer: int, head: int, change: float, base: float) -> None:
         """Add one head's change on one item (the slow twins)."""

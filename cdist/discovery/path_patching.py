@@ -167,11 +167,9 @@ def path_patching_scan(
     # senders must sit below a receiver
     top = max(r.layer for r in receivers) if receivers else n_layers
     asked = flat_heads(senders, n_layers, n_heads)
-    asked = torch.arange(n_layers * n_heads) if asked is None else asked
     run = asked[asked < top * n_heads]  # flat index layer * n_heads + head
     sums = PatchSums(model)
-    unreachable = asked[asked >= top * n_heads]
-    sums.add_batch(unreachable, torch.zeros(len(unreachable), 1), torch.ones(1))
+    sums.add_unreachable(asked[asked >= top * n_heads])
     names = [hook_z(layer) for layer in range(top)]
     # run 2 is the clean run below this layer
     start = min(r.layer for r in receivers) if receivers else 0
@@ -276,9 +274,7 @@ def reference_path_scan(model: HookedTransformer, data, receivers: Sequence[Head
     in_masks = receiver_masks(receivers, receiver_input, cfg)
     top = max(r.layer for r in receivers) if receivers else cfg.n_layers
     sums = PatchSums(model)
-    for layer in range(top, cfg.n_layers):  # these cannot reach a receiver
-        for head in range(cfg.n_heads):
-            sums.add(layer, head, 0.0, 1.0)
+    sums.add_unreachable(torch.arange(top * cfg.n_heads, cfg.n_layers * cfg.n_heads))
     for run in one_item_runs(model, data, position):
         for layer in range(top):
             for head in range(cfg.n_heads):
@@ -354,19 +350,17 @@ ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
 SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT}
 
 
-def _search_identity(model: HookedTransformer, data, step: SearchStep, receivers, settings: dict
-                     ) -> str:
-    """A hash of everything a search step's result depends on: the model's weights, the items, the
-    step, its receivers and the selection settings."""
+def _search_fingerprint(model: HookedTransformer, data, search: Sequence[SearchStep]) -> str:
+    """A hash of the model's weights and the items' columns the search reads."""
     digest = hashlib.sha256()
     with torch.no_grad():  # a float64 sum per tensor: cheap, and moved by any change of weights
         for name, p in sorted(model.named_parameters()):
             digest.update(f"{name}:{p.double().sum().item():.17g};".encode())
-    for column in ("input_ids", "corrupt_input_ids", "answer_id", "pos_last", step.position):
+    columns = ("input_ids", "corrupt_input_ids", "answer_id", "pos_last",
+               *sorted({step.position for step in search}))
+    for column in dict.fromkeys(columns):
         digest.update(json.dumps(list(data[column])).encode())
-    digest.update(json.dumps([step.name, step.position, step.receiver_input,
-                              [str(r) for r in receivers], settings], sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def entity_tracking_circuit(
@@ -395,8 +389,7 @@ def entity_tracking_circuit(
     At real depth (SmolLM2: 270 heads) each group's exact scan can be limited to the ``prefilter``
     senders that ``path_attribution_scan`` (two forward and two backward passes for all of them)
     ranks most important; its scan is kept as ``<group>_prefilter``, so how many of the exact top
-    heads it caught can be checked against a full scan (``experiments/bench_discovery.py`` reports
-    that recall).
+    heads it caught can be checked against a full scan.
 
     Args:
         model: a HookedTransformer.
@@ -408,9 +401,10 @@ def entity_tracking_circuit(
         model_name: recorded in the circuit.
         batch_size, senders_per_pass: as for ``path_patching_scan``.
         prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
-        checkpoint_dir: each finished group is saved there (``<group>.json``) and reused by a
-            later call with the same model, items and settings, so an interrupted search resumes;
-            a group saved under other ones is recomputed and replaced.
+        checkpoint_dir: each finished group's scans are saved there (``<group>.json``) and reused
+            by a later call with the same model, items, receivers and ``prefilter`` (``k`` and
+            ``min_effect`` only select from them), so an interrupted search resumes; a group
+            saved under other ones is recomputed and replaced.
         progress: a tqdm bar per group, advancing per forward pass.
 
     Returns:
@@ -421,8 +415,9 @@ def entity_tracking_circuit(
 
     if prefilter is not None and prefilter < 1:
         raise ValueError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
-    settings = {"k": k if isinstance(k, int) else dict(k), "min_effect": min_effect,
-                "prefilter": prefilter}
+    # what a group's scans depend on besides its step and receivers (k and min_effect only select
+    # from them, so a saved group can be re-selected under other ones)
+    fingerprint = _search_fingerprint(model, data, search) if checkpoint_dir is not None else None
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, Scan] = {}
     scores: dict[Head, float] = {}
@@ -436,9 +431,11 @@ def entity_tracking_circuit(
             groups[step.name] = ()
             continue
         saved = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{step.name}.json"
-        identity = _search_identity(model, data, step, receivers, settings) if saved else None
+        identity = None if saved is None else hashlib.sha256(json.dumps(
+            [fingerprint, step.name, step.position, step.receiver_input,
+             [str(r) for r in receivers], prefilter]).encode()).hexdigest()[:16]
         record = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
-        if record.get("identity") == identity and identity is not None:
+        if identity is not None and record.get("identity") == identity:
             scans = {name: Scan.from_dict(d) for name, d in record["scans"].items()}
         else:
             kw = dict(receivers=receivers, receiver_input=step.receiver_input,
