@@ -118,15 +118,22 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
     """A safetensors file's tensors in file order, each read into its own fresh CPU tensor (no
     memory map, so nothing read stays resident once the caller drops it)."""
     with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{file} is not a readable safetensors file ({err}); re-save or "
+                             "re-download it") from None
+        for name, info in entries:
             start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
             if end > start:
                 f.seek(8 + length + start)
-                f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+                if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                    raise ValueError(f"{file} is truncated: {name} ends past the end of the file; "
+                                     "re-save or re-download it")
             yield name, tensor
 
 

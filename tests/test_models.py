@@ -225,6 +225,19 @@ def test_incomplete_checkpoint_is_named(hf_llama_dir, tmp_path):
         load_llama(ckpt)
 
 
+def test_truncated_or_garbled_safetensors_are_named(hf_llama_dir, tmp_path):
+    path, _ = hf_llama_dir("gqa")
+    ckpt = tmp_path / "broken"
+    shutil.copytree(path, ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated: .* re-save"):
+        load_llama(ckpt)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_llama(ckpt)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loading_reads_one_tensor_at_a_time(dtype, hf_llama_dir):
     """The checkpoint's tensors come cast one by one; the loaded model is the converted state dict
