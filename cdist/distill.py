@@ -32,7 +32,10 @@ ratio ``grad_ratio = cka_weight * grad_cka / grad_ce``: how hard the alignment p
 task. A head map passed with ``cka_weight=0`` is monitored the same way without entering the loss.
 
 Runs are resumable: the deltas (or the whole state), optimizer, data order and metrics are
-checkpointed atomically every evaluation. Metrics go to ``metrics.json`` and ``metrics.csv``.
+checkpointed atomically every evaluation; a finished run's checkpoint keeps the trained weights
+without the optimizer's state. Metrics go to ``metrics.json`` and ``metrics.csv``. With
+``labels="answers"`` and no teacher the same loop is plain task fine-tuning (how the real-LM
+teacher and student are made, ``experiments/smollm2_models.py``).
 bfloat16 autocast on a GPU, float32 on the CPU.
 """
 
@@ -91,6 +94,9 @@ class DistillConfig:
             weights).
         eval_every: steps between evaluations (and checkpoints).
         seed: data order and the shuffled control's permutations.
+        labels: what CE is taken against: "teacher" (the teacher's predicted answer, distillation)
+            or "answers" (the items' own answers: plain task fine-tuning, which needs no teacher
+            unless a CKA or KD term or a head map does).
     """
 
     steps: int = 300
@@ -108,8 +114,11 @@ class DistillConfig:
     weight_decay: float = 0.0
     eval_every: int = 50
     seed: int = 0
+    labels: str = "teacher"
 
     def __post_init__(self) -> None:
+        if self.labels not in ("teacher", "answers"):
+            raise ValueError(f"labels={self.labels!r}; choose 'teacher' or 'answers'")
         if self.trainable not in ("heads", "all"):
             raise ValueError(f"trainable={self.trainable!r}; choose 'heads' or 'all'")
         if self.kv_policy not in ("group", "qo"):
@@ -282,7 +291,7 @@ class _Run:
     parameter that is not a zero bias); the teacher is only ever read under ``torch.no_grad``.
     """
 
-    def __init__(self, student: HookedTransformer, teacher: HookedTransformer, plan: _Plan,
+    def __init__(self, student: HookedTransformer, teacher: HookedTransformer | None, plan: _Plan,
                  cfg: DistillConfig, train_data, eval_data, evaluate_fn):
         self.student, self.teacher, self.plan, self.cfg = student, teacher, plan, cfg
         self.eval_data, self.evaluate_fn = eval_data, evaluate_fn
@@ -303,7 +312,8 @@ class _Run:
         # What else must match for a saved run to be this run: the models it started from, the
         # heads and the training items (a finished run resumed on other items would be relabelled
         # as trained on them).
-        self.identity = {"student": _fingerprint(student), "teacher": _fingerprint(teacher),
+        self.identity = {"student": _fingerprint(student),
+                         "teacher": _fingerprint(teacher) if teacher is not None else None,
                          "heads": [str(h) for h in plan.heads],
                          "pairs": [str(p) for p in plan.pairs],
                          "train": _items_fingerprint(train_data)}
@@ -313,8 +323,11 @@ class _Run:
         self.probe = next(evaluate.batches(probe_items, cfg.batch_size, self.pad, plan.columns))
         self.probe_perm = (_permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher
                            else None)
+        # The teacher runs at all only where something reads it (plain fine-tuning needs none).
+        self.reads_teacher = cfg.labels == "teacher" or bool(cfg.kd_weight) or bool(plan.pairs)
         with torch.no_grad():
-            self.t_labels = evaluate.predictions(teacher, eval_data)
+            self.t_labels = (evaluate.predictions(teacher, eval_data) if cfg.labels == "teacher"
+                             else torch.tensor(eval_data["answer_id"]))
             self.t_val = (head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs
                           else {})
 
@@ -335,26 +348,40 @@ class _Run:
             raise ValueError(f"{state_path.parent} holds a run of another student, teacher, head "
                              "set or training set; use a new run_dir (or delete that one)")
         self.weights.load_state_dict(state["weights"])
-        self.opt.load_state_dict(state["opt"])
+        if "opt" in state:  # a finished run keeps no optimizer state (``save``)
+            self.opt.load_state_dict(state["opt"])
+        elif state["step"] < self.cfg.steps:
+            raise ValueError(f"{state_path} holds an unfinished run without its optimizer state; "
+                             "delete it to start that run again")
         return state["step"], state["wall"], state["metrics"]
 
     def save(self, state_path: Path, step: int, wall: float, metrics: list[dict]) -> None:
-        atomic_torch_save({"config": asdict(self.cfg), "weights": self.weights.state_dict(),
-                           "opt": self.opt.state_dict(), "step": step, "wall": wall,
-                           "metrics": metrics, "identity": self.identity}, state_path)
+        """Checkpoint the run; the optimizer's state only while it still has steps to take (AdamW's
+        moments are twice the trained weights: 1.9 GB for a fully trained 135M model)."""
+        state = {"config": asdict(self.cfg), "weights": self.weights.state_dict(), "step": step,
+                 "wall": wall, "metrics": metrics, "identity": self.identity}
+        if step < self.cfg.steps:
+            state["opt"] = self.opt.state_dict()
+        atomic_torch_save(state, state_path)
 
     def losses(self, batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
         """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters."""
         cfg, device = self.cfg, self.device
         ids, last = batch["input_ids"].to(device), batch["pos_last"]
-        with torch.no_grad(), self.autocast:
-            t_logits, t_z = head_z(self.teacher, ids, self.plan.teacher_sites, batch)
-            t_logits = evaluate.logits_at(t_logits, last).float()
         with self.autocast:
             params = self.delta.patched(self.student) if self.delta is not None else None
             s_logits, s_z = head_z(self.student, ids, self.plan.student_sites, batch, params=params)
             s_logits = evaluate.logits_at(s_logits, last).float()
-        out = {"ce": F.cross_entropy(s_logits, t_logits.argmax(-1))}
+        if not self.reads_teacher:
+            target = torch.as_tensor(batch["answer_id"], device=device)
+            return {"ce": F.cross_entropy(s_logits, target),
+                    "kd": torch.zeros((), device=device), "cka": torch.zeros(0, device=device)}
+        with torch.no_grad(), self.autocast:
+            t_logits, t_z = head_z(self.teacher, ids, self.plan.teacher_sites, batch)
+            t_logits = evaluate.logits_at(t_logits, last).float()
+        target = (t_logits.argmax(-1) if cfg.labels == "teacher"
+                  else torch.as_tensor(batch["answer_id"], device=device))
+        out = {"ce": F.cross_entropy(s_logits, target)}
         temp = cfg.kd_temperature
         out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1),
                              log_target=True, reduction="batchmean") * temp**2
@@ -413,7 +440,7 @@ class _Run:
 
 def distill(
     student: HookedTransformer,
-    teacher: HookedTransformer,
+    teacher: HookedTransformer | None,
     head_map: HeadMap | None,
     train_data,
     eval_data,
@@ -431,6 +458,7 @@ def distill(
             trainable="all"); its parameters' ``requires_grad`` flags are as they were when
             ``distill`` returns.
         teacher: a HookedTransformer on the same tokenizer; never changes, not even its flags.
+            None for plain fine-tuning (``labels="answers"``, no KD, no head map).
         head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when
             ``cka_weight`` > 0 and monitored whenever given; its student heads are the trained heads
             unless ``heads`` is given.
@@ -450,6 +478,9 @@ def distill(
     """
     run_dir, state_path = Path(run_dir), Path(run_dir) / "state.pt"
     plan = _plan(head_map, heads, train_data, eval_data, cfg)
+    if teacher is None and (cfg.labels == "teacher" or cfg.kd_weight or plan.pairs):
+        raise ValueError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
+                         "no head map")
     flags = [p.requires_grad for p in student.parameters()]
     try:
         # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set

@@ -180,8 +180,11 @@ class _Experiment:
         for role, model in (("teacher", self.teacher), ("student", self.student)):
             self.means[role] = ablation.head_means(model, data.reference)
             rule = cfg.student_discovery if role == "student" else cfg.discovery
+            # a path-patching search saves its groups, so a resumed experiment does not redo them
             circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
-                                   model_name=self.names[role == "student"]).circuit
+                                   model_name=self.names[role == "student"],
+                                   checkpoint_dir=self.out / f"search-{role}",
+                                   progress=self.progress).circuit
             if not circuit.heads:
                 raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
                                  f"rule {rule}; lower --min-effect (or check that the model does "

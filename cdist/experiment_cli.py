@@ -8,6 +8,7 @@ as the experiment's steps are, and the resolved config is written beside the res
 from __future__ import annotations
 
 import argparse
+import inspect
 import shlex
 import sys
 from dataclasses import replace
@@ -23,6 +24,11 @@ __all__ = ["main"]
 
 # The kinds of OOD set that --ood-boxes and --ood-templates name: generator keyword -> label.
 _OOD_LABELS = {"n_boxes": "{} boxes", "template": "template {}"}
+# Learning rates by kind of model. Zoo organisms: circuit CE needs about 1e-3 to move in a few
+# hundred steps. Pretrained checkpoints: around the paper's 2e-5 (Llama-3, thousands of steps) and
+# up, since a run here is hundreds of steps and trains a few heads' W_Q / W_O slices only.
+LRS = {"zoo": (3e-4, 1e-3, 3e-3), "pretrained": (3e-5, 1e-4, 3e-4)}
+CONTROL_LR = {"zoo": 3e-4, "pretrained": 3e-5}
 
 
 def _parser(task: str) -> argparse.ArgumentParser:
@@ -55,6 +61,25 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--test-items", type=int, default=1000,
                    help="test items (7 boxes for entity tracking)")
     g.add_argument("--ood-items", type=int, default=500, help="items per out-of-distribution set")
+    g.add_argument("--reference-items", type=int, default=500,
+                   help="items whose head means mean ablation writes")
+    g.add_argument("--discovery-items", type=int, default=200,
+                   help="items the circuits are found on")
+    g.add_argument("--n-random", type=int, default=5,
+                   help="random circuits of the circuit's size per evaluation")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of every item set")
+    g = p.add_argument_group("items (default: the student's, a zoo organism's own; "
+                             f"{spec.real_template!r} for a checkpoint)")
+    g.add_argument("--template", choices=sorted(spec.templates), default=None,
+                   help="the template of the training, validation and test items")
+    if "n_boxes" in inspect.signature(spec.generate).parameters:
+        g.add_argument("--n-boxes", type=int, default=None,
+                       help="boxes per item in the training, validation and test items "
+                            "(default: the organism's, else the generator's)")
+    for role in spec.word_lists:
+        g.add_argument(f"--{role.replace('_', '-')}", nargs="+", default=None, metavar="WORD",
+                       help=f"the {role} words, each one token for the models' tokenizer "
+                            "(default: the generator's list, less the words that are not)")
     g.add_argument("--ood-boxes", type=int, nargs="*", default=None,
                    help="other box counts tested, replacing the task's default ones (entity "
                    "tracking: 3 10); ignored by a task that tests none by default")
@@ -67,12 +92,15 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=25,
                    help="steps between validation evaluations")
     g.add_argument("--batch-size", type=int, default=32, help="prompts per step (the m of CKA)")
-    g.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
-                   help="learning rates tried for circuit CE (the paper: 2e-5 for Llama-3)")
+    g.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help=f"learning rates tried for circuit CE (default: {LRS['zoo']} for zoo "
+                        f"students, {LRS['pretrained']} for checkpoints; the paper: 2e-5 for "
+                        "Llama-3)")
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
                    help="CKA weights tried")
-    g.add_argument("--control-lr", type=float, default=3e-4,
-                   help="learning rate of the positive control")
+    g.add_argument("--control-lr", type=float, default=None,
+                   help=f"learning rate of the positive control (default: {CONTROL_LR['zoo']} "
+                        f"for zoo students, {CONTROL_LR['pretrained']} for checkpoints)")
     g.add_argument("--kv-policy", choices=["qo", "group"], default="qo",
                    help="qo: only the heads' W_Q/W_O train; group: their key/value groups too")
     g = p.add_argument_group("circuits and matching")
@@ -81,6 +109,9 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--min-effect", type=discovery.parse_min_effect, default="noise",
                    help="entity tracking: a head's -relative change must exceed 2 standard errors "
                         "over the items (noise, the default) or this number")
+    g.add_argument("--prefilter", type=int, default=None,
+                   help="entity tracking: scan exactly only the N senders per group that path "
+                        "attribution ranks first (for deep models; default: every head)")
     g.add_argument("--student-method", default="mean_ablation",
                    choices=["auto", "path_patching", "mean_ablation"],
                    help="how the student's circuit is found (auto: as the teacher's, by task)")
@@ -134,11 +165,11 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     def loader(source: str):
         if source in zoo.names():
             return lambda: zoo.load(source, device=args.device)[0].eval()
-        if Path(source).is_dir():
+        if Path(source).is_dir() or (source.endswith(".gguf") and Path(source).is_file()):
             dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
             return lambda: models.load_llama(source, device=args.device, dtype=dtype).eval()
         parser.error(f"{source!r} is neither a zoo model ({zoo.names()}) nor a checkpoint "
-                     "directory")
+                     "directory or .gguf file")
 
     spec = tasks.get_task(task)
     organism = zoo.manifest(args.student)["config"] if args.student in zoo.names() else None
@@ -147,6 +178,16 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         task_kwargs |= {k: organism[k] for k in spec.organism_kwargs}
     else:
         task_kwargs = {"template": spec.real_template}
+    if args.template is not None:
+        task_kwargs["template"] = args.template
+    if getattr(args, "n_boxes", None) is not None:
+        task_kwargs["n_boxes"] = args.n_boxes
+    for role in spec.word_lists:
+        if getattr(args, role) is not None:
+            task_kwargs[role] = list(getattr(args, role))
+    kind = "zoo" if organism else "pretrained"
+    lrs = args.lrs or LRS[kind]
+    control_lr = args.control_lr if args.control_lr is not None else CONTROL_LR[kind]
     ood = _ood(spec, bool(organism), {"n_boxes": args.ood_boxes, "template": args.ood_templates})
     try:
         base = distill.DistillConfig(steps=args.steps, batch_size=args.batch_size,
@@ -155,11 +196,13 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         cfg = ExperimentConfig(
             task=task, task_kwargs=task_kwargs, seeds=tuple(args.seeds),
             select_seed=args.select_seed, regimes=tuple(args.regimes), val_items=args.val_items,
-            test_items=args.test_items, ood=ood,
-            ood_items=args.ood_items, lrs=tuple(args.lrs), lambdas=tuple(args.lambdas),
-            matchers=tuple(args.matchers), one_to_one=args.one_to_one, control_lr=args.control_lr,
+            test_items=args.test_items, ood=ood, reference_items=args.reference_items,
+            discovery_items=args.discovery_items, n_random=args.n_random, data_seed=args.data_seed,
+            ood_items=args.ood_items, lrs=tuple(lrs), lambdas=tuple(args.lambdas),
+            matchers=tuple(args.matchers), one_to_one=args.one_to_one, control_lr=control_lr,
             teacher_positions=positions, distill=base,
-            discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect),
+            discovery=discovery.DiscoveryConfig(k=args.k, min_effect=args.min_effect,
+                                                prefilter=args.prefilter),
             student_discovery=replace(ExperimentConfig.student_discovery,
                                       method=args.student_method, k=args.k,
                                       min_effect=args.min_effect),

@@ -62,6 +62,7 @@ __all__ = [
     "attach_tokenizer",
     "attention_inputs",
     "finish_layer",
+    "first_layers",
     "grouped_query",
     "head_weights",
     "hook_attn_out",
@@ -570,6 +571,32 @@ def save_llama(
             tokenizer.save_pretrained(tmp)
 
     return atomic_directory(out_dir, write)
+
+
+def first_layers(model: HookedTransformer, n_layers: int) -> HookedTransformer:
+    """A shallower copy of ``model``: its embedding, its first ``n_layers`` blocks, its final norm
+    and unembedding (the residual stream after block ``n_layers - 1`` is read out as if it were the
+    last).
+
+    A cheap student of the teacher's own family, as a smaller pretrained model is in the paper: its
+    heads are the teacher's first heads, but without the later layers it has to relearn the task,
+    and its circuit need not be the teacher's. The copy shares no tensor with ``model`` and keeps
+    its tokenizer and special-token ids, so ``save_llama`` writes it as a checkpoint of its own.
+    """
+    if not 1 <= n_layers <= model.cfg.n_layers:
+        raise ValueError(f"n_layers={n_layers}; choose 1 to {model.cfg.n_layers}, the layers "
+                         "the model has")
+    cfg = copy.deepcopy(model.cfg)
+    cfg.n_layers, cfg.init_weights = n_layers, False
+    tokenizer = getattr(model, "checkpoint_tokenizer", None) or model.tokenizer
+    copied = _hooked(cfg, tokenizer)
+    copied.cfg.init_weights = True
+    kept = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("blocks.") or int(k.split(".")[1]) < n_layers}
+    copied.load_state_dict(kept, strict=True)  # copies; a name left out would raise
+    if hasattr(model, "hf_token_ids"):
+        copied.hf_token_ids = dict(model.hf_token_ids)
+    return copied.eval()
 
 
 def new_llama(

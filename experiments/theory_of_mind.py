@@ -7,7 +7,7 @@ it uses.
 
     python experiments/theory_of_mind.py  # the zoo, 3 seeds, all rows
     python experiments/theory_of_mind.py --teacher /ckpt/Llama-3.1-8B \
-        --student /ckpt/Llama-3.2-1B --lr 2e-5 --device cuda
+        --student /ckpt/Llama-3.2-1B --lrs 2e-5 --device cuda
 """
 
 from cdist.experiment_cli import main

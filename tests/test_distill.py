@@ -76,19 +76,63 @@ def test_query_output_policy_is_the_default_and_leaves_keys_and_values(tok, item
     assert not torch.equal(after["blocks.1.attn.W_Q"], before["blocks.1.attn.W_Q"])
 
 
-def test_optimizer_state_is_the_size_of_what_is_trained(tok, items, tmp_path):
+def test_optimizer_state_is_the_size_of_what_is_trained_and_gone_when_finished(tok, items,
+                                                                            tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
-    result = distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False)
+    mid_run = []
+
+    def read_checkpoint(model):  # at step 3 the checkpoint of step 3 is not written yet: step 0's
+        if (tmp_path / "state.pt").exists():
+            mid_run.append(torch.load(tmp_path / "state.pt", weights_only=False))
+        return {}
+
+    result = distill.distill(student, teacher, head_map(), *items, CFG, tmp_path, progress=False,
+                             evaluate_fn=read_checkpoint)
     d_model, d_head = 32, 8
     # (W_Q + W_O) x 2 heads, (K + V) x 2 groups
     expected = 2 * 2 * d_model * d_head + 2 * 2 * d_model * d_head
     assert result["trainable"]["params"] == expected and result["trainable"]["heads"] == 2
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    [state] = mid_run  # the step-3 checkpoint, read at the step-6 evaluation
+    assert state["step"] == 3
     moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
                   for s in state["opt"]["state"].values())
     assert moments == 2 * expected
     total = sum(p.numel() for p in student.parameters())
     assert result["trainable"]["param_share"] == pytest.approx(expected / total)
+    final = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert final["step"] == CFG.steps and "opt" not in final
+    assert sum(w.numel() for w in final["weights"].values()) == expected
+    # a finished run is reused as it stands: same weights, no step taken
+    again = fresh(tok, 1)
+    out = distill.distill(again, teacher, head_map(), *items, CFG, tmp_path, progress=False)
+    assert out["metrics"] == result["metrics"]
+    for (name, a), b in zip(student.named_parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_without_a_teacher_it_fine_tunes_on_the_items_answers(tok, items, tmp_path):
+    train, val = items
+
+    def gold_ce(model, data):
+        with torch.no_grad():
+            logits = model(torch.tensor(data["input_ids"]))
+        last = evaluate.logits_at(logits, torch.tensor(data["pos_last"]))
+        return torch.nn.functional.cross_entropy(last, torch.tensor(data["answer_id"])).item()
+
+    model = fresh(tok, 1)
+    start = gold_ce(model, train)
+    cfg = distill.DistillConfig(steps=40, lr=3e-3, batch_size=8, eval_every=20, trainable="all",
+                                labels="answers")
+    out = distill.distill(model, None, None, train, val, cfg, tmp_path, progress=False)
+    assert gold_ce(model, train) < start - 0.5
+    # the logged validation CE is the CE on the items' answers
+    assert out["metrics"][-1]["val_ce"] == pytest.approx(gold_ce(model, val), rel=1e-4)
+    for bad in (replace(cfg, labels="teacher"), replace(cfg, kd_weight=1.0)):
+        with pytest.raises(ValueError, match="teacher=None only fine-tunes"):
+            distill.distill(fresh(tok, 1), None, None, train, val, bad, tmp_path / "bad",
+                            progress=False)
+    with pytest.raises(ValueError, match="labels="):
+        replace(cfg, labels="gold")
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):

@@ -158,6 +158,41 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
         assert message in err.strip().splitlines()[-1]
 
 
+def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, tmp_path):
+    from cdist.tasks.entity_tracking import LABELS, OBJECTS
+
+    dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1)})
+    args = [a for a in ARGS if a not in ("--lrs", "1e-3", "3e-3")]
+    objects, labels = list(OBJECTS[:4]), list(LABELS[:5])
+    argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0",
+            "--regimes", "16", *args, "--lambdas", "0.5", "--matchers", "ablation",
+            "--arms", "base student", "--n-boxes", "4", "--template", "compact", "--objects",
+            *objects, "--labels", *labels, "--reference-items", "12", "--discovery-items", "10",
+            "--n-random", "2", "--data-seed", "3", "--out", str(tmp_path / "out"),
+            "--figures", str(tmp_path / "figures")]
+    summary = experiment_cli.main("entity_tracking", argv)
+    cfg = summary["config"]
+    assert cfg["task_kwargs"] == {"template": "compact", "n_boxes": 4, "objects": objects,
+                                  "labels": labels}
+    assert (cfg["reference_items"], cfg["discovery_items"], cfg["n_random"],
+            cfg["data_seed"]) == (12, 10, 2, 3)
+    assert tuple(cfg["lrs"]) == experiment_cli.LRS["pretrained"]
+    assert cfg["control_lr"] == experiment_cli.CONTROL_LR["pretrained"]
+    assert [r["lr"] for r in summary["selection"]["lr"]] == list(experiment_cli.LRS["pretrained"])
+    # the items are what the flags say: every test prompt holds 4 of the given objects
+    decoded = [tok.decode(ids) for ids in _test_items(summary, tok)]
+    assert all(sum(o in text.split() for o in objects) == 4 for text in decoded)
+
+
+def _test_items(summary, tok):
+    from cdist.experiment import ExperimentConfig, _Data
+
+    cfg = summary["config"]
+    keep = ("task", "task_kwargs", "test_items", "data_seed")
+    data = _Data.make(ExperimentConfig(**{k: cfg[k] for k in keep}), tok)
+    return data.test["input_ids"]
+
+
 @pytest.mark.slow
 def test_theory_of_mind_places_pairs_where_teacher_heads_work(tok, tmp_path):
     """A ranked (mean-ablation) teacher circuit gets each head's position from its largest ablation

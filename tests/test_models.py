@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 from cdist.models import (
     CheckpointNotFoundError,
     HookedTransformer,
+    first_layers,
     grouped_query,
     head_weights,
     hf_to_hooked_state_dict,
@@ -310,6 +311,28 @@ def test_new_llama_is_seeded_and_exportable(tmp_path):
     out = save_llama(model, tmp_path / "organism")
     hf_model = LlamaForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert _max_diff(hf_model, model.eval(), _tokens(vocab=50)[:, :64]) <= TOL
+
+
+def test_first_layers_reads_out_the_stream_after_its_last_block(tmp_path):
+    shape = dict(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48, vocab_size=50, n_ctx=64)
+    model = new_llama(**shape, seed=3, tokenizer=word_tokenizer([f"w{i}" for i in range(40)]))
+    tokens = _tokens(vocab=50)[:, :64]
+    short = first_layers(model, 2)
+    assert short.cfg.n_layers == 2 and model.cfg.n_layers == 4
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook_resid_pre(2))
+        expected = model.unembed(model.ln_final(cache[hook_resid_pre(2)]))
+        assert torch.allclose(short(tokens), expected, atol=1e-5)
+        short.blocks[0].attn.W_Q.add_(1.0)  # a copy: the source model is untouched
+    assert not torch.equal(short.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q)
+    assert short.tokenizer is not None
+    hf_model = LlamaForCausalLM.from_pretrained(save_llama(short, tmp_path / "short"),
+                                                local_files_only=True).eval()
+    assert hf_model.config.num_hidden_layers == 2
+    assert _max_diff(hf_model, short, tokens) <= TOL
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="choose 1 to 4"):
+            first_layers(model, bad)
 
 
 def test_frozen_head_residuals_rebuild_the_clean_stream(model):

@@ -350,3 +350,27 @@ def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path)
         assert r["speedup"] == pytest.approx(r["reference_s"] / r["batched_s"])
         assert r["max_abs_diff"] < 1e-5
     assert saved["results"]["full_ablation_scan"]["items"] == 16
+
+    # the same model as a checkpoint directory: no twins, TransformerLens beside cdist, the search
+    # exact and pre-filtered with the pre-filter's recall
+    from cdist import zoo
+
+    ckpt = zoo.export_hf("et-teacher", tmp_path / "et-teacher-ckpt")
+    template = zoo.manifest("et-teacher")["config"]["template"]
+    cmd = [sys.executable, str(repo / "experiments" / "bench_discovery.py"), "--model", str(ckpt),
+           "--template", template, "--no-reference", "--items", "8", "--tl-items", "8",
+           "--search-items", "16", "--prefilter", "4", "--recall-top", "3", "--repeats", "1",
+           "--threads", "1"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "results" / "bench_discovery-et-teacher-ckpt-cpu.json")
+                       .read_text())["results"]
+    assert not {"ablation_scan", "path_patching_logits"} & set(saved)
+    tl = saved["transformer_lens_activation_patching"]
+    assert tl["max_abs_diff"] < 1e-5 and tl["same_top5"] and tl["items"] == 8
+    search = saved["entity_tracking_search"]
+    assert search["speedup"] == pytest.approx(search["exact_s"] / search["prefiltered_s"])
+    fetchers = search["recall"]["value_fetcher"]
+    assert fetchers["chosen"] == search["exact_groups"]["value_fetcher"]
+    assert fetchers["chosen_recall"] is None or 0 <= fetchers["chosen_recall"] <= 1
+    assert 0 <= fetchers["top3_recall"] <= 1
+    assert -1 <= fetchers["spearman"] <= 1

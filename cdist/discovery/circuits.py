@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jaxtyping import Float
 from torch import Tensor
@@ -164,6 +165,7 @@ def find_circuit(
     *,
     model_name: str = "",
     scan: Scan | None = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> Discovery:
     """Find ``model``'s circuit for ``task`` on ``items``.
@@ -176,6 +178,8 @@ def find_circuit(
         cfg: method and selection rule.
         model_name: recorded in the circuit.
         scan: a ``head_ablation_scan`` of ``model`` on ``items`` if already computed.
+        checkpoint_dir: path patching saves each finished group there, and a later call on the
+            same model and items resumes from it (``entity_tracking_circuit``).
         progress: tqdm bars.
 
     Returns:
@@ -192,7 +196,8 @@ def find_circuit(
         search = spec.search(items) if cfg.search == "auto" else cfg.search
         circuit, groups = path_patching.entity_tracking_circuit(
             model, items, k=cfg.k, min_effect=cfg.min_effect, search=path_patching.SEARCHES[search],
-            model_name=model_name, prefilter=cfg.prefilter, progress=progress)
+            model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
+            progress=progress)
         return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
                          {"method": method, "search": search, "k": cfg.k,
                           "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})

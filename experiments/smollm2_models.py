@@ -1,0 +1,123 @@
+"""The real-LM teacher and student of the SmolLM2 entity-tracking table, made from the GGUF file.
+
+    python experiments/smollm2_models.py                  # -> runs/smollm2/{teacher,student}
+    python experiments/smollm2_models.py --teacher-steps 20 --student-steps 5 --out /tmp/smoke
+
+The paper's teacher is Llama-3-8B fine-tuned on the task and its student a smaller pretrained
+Llama. Here, from SmolLM2-135M-Instruct (``cdist.pretrained``; weak at the Prakash form as it
+comes):
+- teacher: every weight fine-tuned on entity-tracking items (2 to ``--max-boxes`` boxes, the
+  Prakash template) against their answers;
+- student: the first ``--student-layers`` of SmolLM2's 30 layers (``models.first_layers``), so a
+  shallower model of the same family whose circuit has to be found anew, fine-tuned the same way
+  for a few steps only (a warm stage: it does the task in part, so there is a circuit to find and
+  room to learn).
+
+Both are plain task fine-tuning (``distill`` with ``labels="answers"`` and no teacher), checkpointed
+and resumable: an interrupted call continues where it stopped, and a finished model is reused.
+Each goes to ``OUT/<role>`` as a transformers checkpoint; ``OUT/models.json`` records the config,
+the commit, the wall times and the validation accuracy before and after. The checkpoints (0.5 GB for
+the teacher in float32) stay out of git.
+"""
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", default="runs/smollm2", help="where the checkpoints and runs go")
+parser.add_argument("--seed", type=int, default=0, help="data order and items")
+parser.add_argument("--max-boxes", type=int, default=7, help="items have 2 to this many boxes")
+parser.add_argument("--train-items", type=int, default=3000, help="fine-tuning items")
+parser.add_argument("--val-items", type=int, default=120, help="validation items (logged)")
+parser.add_argument("--batch-size", type=int, default=16, help="items per step")
+parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+parser.add_argument("--teacher-steps", type=int, default=150, help="the teacher's steps")
+parser.add_argument("--student-layers", type=int, default=15, help="the student's layers")
+parser.add_argument("--student-steps", type=int, default=30, help="the student's steps")
+parser.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+args = parser.parse_args()
+
+import datasets  # noqa: E402  (after argparse, so that --help answers at once)
+import torch  # noqa: E402
+
+from cdist import distill, models, tasks  # noqa: E402
+from cdist.checkpoints import atomic_write_json  # noqa: E402
+from cdist.pretrained import smollm2_gguf  # noqa: E402
+from cdist.provenance import git_commit  # noqa: E402
+
+if args.threads:
+    torch.set_num_threads(args.threads)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+commit = git_commit()
+record_path = out / "models.json"
+record = json.loads(record_path.read_text()) if record_path.exists() else {}
+settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+if record.get("settings", settings) != settings:
+    parser.error(f"{out} holds models made with other settings ({record['settings']}); "
+                 "use another --out")
+record["settings"] = settings
+
+source = smollm2_gguf()
+base = models.load_llama(source)
+tokenizer = base.tokenizer
+
+
+def items(n: int, seed: int, split: str):
+    """``n`` items spread evenly over 2 to ``--max-boxes`` boxes, shuffled."""
+    counts = range(2, args.max_boxes + 1)
+    parts = [tasks.entity_tracking(n // len(counts) + (i < n % len(counts)), tokenizer=tokenizer,
+                                   n_boxes=b, template="prakash", seed=seed * 100 + b, split=split)
+             for i, b in enumerate(counts)]
+    return datasets.concatenate_datasets(parts).shuffle(seed=seed)
+
+
+# Seeds 1000 and up: the table's own items (ExperimentConfig.data_seed 0) come from seeds 1 to 20.
+train = items(args.train_items, 1000 + args.seed, "train")
+val = items(args.val_items, 2000 + args.seed, "test")
+
+
+def accuracy(model) -> float:
+    from cdist.evaluate import predictions
+    return float((predictions(model, val) == torch.tensor(val["answer_id"])).float().mean())
+
+
+def make(role: str, model, steps: int) -> None:
+    """Fine-tune ``model`` (every weight) and save it as ``OUT/role``, unless that is done."""
+    if (out / role / "config.json").exists() and role in record.get("models", {}):
+        print(f"{role}: {out / role} exists, reused")
+        return
+    cfg = distill.DistillConfig(steps=steps, lr=args.lr, batch_size=args.batch_size,
+                                trainable="all", labels="answers", eval_every=args.eval_every,
+                                seed=args.seed)
+    started, before = time.time(), accuracy(model)
+    run = distill.distill(model, None, None, train, val, cfg, out / f"{role}-run")
+    after = accuracy(model)
+    models.save_llama(model, out / role)
+    # the saved checkpoint is the run's product; the run's own copy of the weights is not needed
+    (out / f"{role}-run" / "state.pt").unlink(missing_ok=True)
+    record.setdefault("models", {})[role] = {
+        "path": str(out / role), "layers": model.cfg.n_layers, "steps": steps,
+        "config": asdict(cfg), "commit": commit,
+        "val_accuracy_before": before, "val_accuracy_after": after,
+        "train_wall_time_s": run["wall_time_s"], "wall_time_s": round(time.time() - started, 1),
+        "curve": [(m["step"], m["accuracy"]) for m in run["metrics"]],
+    }
+    atomic_write_json(record, record_path)
+    print(f"{role}: validation accuracy {before:.3f} -> {after:.3f} in {steps} steps, "
+          f"{record['models'][role]['wall_time_s']:.0f} s -> {out / role}")
+
+
+record["source"] = {"file": source.name, "val_accuracy": accuracy(base),
+                    "val_items": len(val)}
+# The student is cut from the untouched model, before the teacher's training changes it.
+student = models.first_layers(base, args.student_layers)
+make("teacher", base, args.teacher_steps)
+del base
+make("student", student, args.student_steps)
+atomic_write_json(record, record_path)
