@@ -15,7 +15,6 @@ from transformers import LlamaForCausalLM
 from cdist.models import (
     CheckpointNotFoundError,
     HookedTransformer,
-    first_layers,
     grouped_query,
     head_weights,
     hf_to_hooked_state_dict,
@@ -26,6 +25,7 @@ from cdist.models import (
     hook_resid_pre,
     hook_z,
     hooked_to_hf_state_dict,
+    keep_layers,
     load_llama,
     new_llama,
     save_llama,
@@ -313,26 +313,36 @@ def test_new_llama_is_seeded_and_exportable(tmp_path):
     assert _max_diff(hf_model, model.eval(), _tokens(vocab=50)[:, :64]) <= TOL
 
 
-def test_first_layers_reads_out_the_stream_after_its_last_block(tmp_path):
+def test_keep_layers_is_the_model_with_the_other_blocks_skipped(tmp_path):
     shape = dict(n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=48, vocab_size=50, n_ctx=64)
     model = new_llama(**shape, seed=3, tokenizer=word_tokenizer([f"w{i}" for i in range(40)]))
     tokens = _tokens(vocab=50)[:, :64]
-    short = first_layers(model, 2)
-    assert short.cfg.n_layers == 2 and model.cfg.n_layers == 4
+    stash = {}
+
+    def skip(layer):  # block ``layer`` passes its input through unchanged
+        def keep_input(resid, hook):
+            stash[layer] = resid
+        return [(f"blocks.{layer}.hook_resid_pre", keep_input),
+                (f"blocks.{layer}.hook_resid_post", lambda resid, hook: stash[layer])]
+
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=hook_resid_pre(2))
-        expected = model.unembed(model.ln_final(cache[hook_resid_pre(2)]))
-        assert torch.allclose(short(tokens), expected, atol=1e-5)
+        for layers in ([0, 1], [0, 3], [0, 2, 3]):
+            short = keep_layers(model, layers)
+            assert short.cfg.n_layers == len(layers) and model.cfg.n_layers == 4
+            hooks = [h for i in range(4) if i not in layers for h in skip(i)]
+            expected = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            assert torch.allclose(short(tokens), expected, atol=1e-5), layers
         short.blocks[0].attn.W_Q.add_(1.0)  # a copy: the source model is untouched
     assert not torch.equal(short.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q)
+    assert torch.equal(short.blocks[1].attn.W_Q, model.blocks[2].attn.W_Q)
     assert short.tokenizer is not None
     hf_model = LlamaForCausalLM.from_pretrained(save_llama(short, tmp_path / "short"),
                                                 local_files_only=True).eval()
-    assert hf_model.config.num_hidden_layers == 2
+    assert hf_model.config.num_hidden_layers == 3
     assert _max_diff(hf_model, short, tokens) <= TOL
-    for bad in (0, 5):
-        with pytest.raises(ValueError, match="choose 1 to 4"):
-            first_layers(model, bad)
+    for bad in ([], [0, 0], [4], [-1]):
+        with pytest.raises(ValueError, match="distinct layer numbers from 0 to 3"):
+            keep_layers(model, bad)
 
 
 def test_frozen_head_residuals_rebuild_the_clean_stream(model):
