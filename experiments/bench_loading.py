@@ -80,9 +80,10 @@ def measure(loader: str, ckpt: Path, dtype: str) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     model_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-    return {"loader": loader, "seconds": round(seconds, 2), "rss_before_gb": round(before, 3),
-            "peak_rss_gb": round(peak, 3), "load_increase_gb": round(peak - before, 3),
-            "model_gb": round(model_gb, 3), "ratio": round((peak - before) / model_gb, 3)}
+    # kB resolution (what /proc and ru_maxrss give), so that a tiny shape's ratio is still exact
+    return {"loader": loader, "seconds": round(seconds, 2), "rss_before_gb": round(before, 6),
+            "peak_rss_gb": round(peak, 6), "load_increase_gb": round(peak - before, 6),
+            "model_gb": round(model_gb, 6), "ratio": round((peak - before) / model_gb, 4)}
 
 
 def main(argv=None) -> dict:

@@ -394,3 +394,24 @@ def test_hook_and_weight_names_are_the_models_own(n_kv_heads):
         hook_input(0, "z")
     with pytest.raises(ValueError, match="head weight kinds"):
         head_weights(model.cfg, 0, kinds=("q", "x"))
+
+
+@pytest.mark.slow
+def test_bench_loading_measures_each_loader_in_its_own_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench_loading.py"
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(script), "--shape", "tiny", "--out", str(out)],
+                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    saved = json.loads(out.read_text())
+    assert saved["shape"] == "tiny" and saved["load_dtype"] == "bfloat16" and saved["commit"]
+    assert [r["loader"] for r in saved["runs"]] == ["cdist", "transformers"]
+    for run in saved["runs"]:
+        assert run["peak_rss_gb"] >= run["rss_before_gb"] > 0
+        assert run["ratio"] == pytest.approx(run["load_increase_gb"] / run["model_gb"], rel=1e-3)
+    ours = saved["runs"][0]
+    # TransformerLens keeps the tied unembedding as a second matrix: larger than the file
+    assert saved["checkpoint_file_gb"] < ours["model_gb"] < 1.6 * saved["checkpoint_file_gb"]

@@ -238,6 +238,44 @@ def test_standard_errors_are_those_of_the_items(model3, data):
     assert torch.isnan(single["relative_change_se"]).all()
 
 
+def test_a_memory_budget_sets_the_batch_and_changes_no_score(model3, data, monkeypatch):
+    from cdist.discovery import ablation, engine
+
+    n_pos = max(len(ids) for ids in data["input_ids"])
+    row = engine.row_bytes(model3, n_pos)
+    _, cache = model3.run_with_cache(torch.tensor(data["input_ids"][:2]))
+    # every hooked activation of a pass counted, per row
+    assert row >= sum(t.nbytes for t in cache.values()) / 2
+    assert engine.row_bytes(model3, 2 * n_pos) > row
+    small, big = (engine.budget_batch_size(model3, data, 4, gib) for gib in (1e-6, 100.0))
+    assert (small, big) == (1, len(data))
+    gib = 3.5 * (4 * row) / 2**30  # room for about three items of four rows each
+    fits = engine.budget_batch_size(model3, data, 4, gib)
+    assert 1 < fits < len(data) and fits * 4 * row <= gib * 2**30
+    with pytest.raises(ValueError, match="memory_budget=0"):
+        engine.budget_batch_size(model3, data, 4, 0)
+    means = ablation.head_means(model3, data)
+    scans = [
+        (lambda **kw: path_patching.path_patching_scan(model3, data, senders_per_pass=4, **kw)),
+        (lambda **kw: activation_patching.activation_patching_scan(model3, data, heads_per_pass=4,
+                                                                   **kw)),
+        (lambda **kw: ablation.head_ablation_scan(model3, data, means=means, heads_per_pass=4,
+                                                  **kw)),
+    ]
+    sizes = []
+    for module in (path_patching, activation_patching, ablation):
+        def spy(data, batch_size, *args, original=module.batches, **kw):
+            sizes.append(batch_size)
+            return original(data, batch_size, *args, **kw)
+        monkeypatch.setattr(module, "batches", spy)
+    for scan in scans:
+        budgeted = scan(memory_budget=gib)
+        assert sizes.pop() == fits  # the scan ran in batches of the budget's size
+        fixed = scan(batch_size=len(data))
+        for metric in budgeted.metrics:
+            close(budgeted[metric], fixed[metric])
+
+
 def test_select_heads_and_ranked_circuit():
     scores = HeadScores(torch.tensor([[-0.5, 0.1], [-0.02, -0.3]]), "relative_change",
                         higher_is_important=False)

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cdist.discovery.engine import Hook, one_head_scan, replace_heads
+from cdist.discovery.engine import Hook, budget_batch_size, one_head_scan, replace_heads
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.types import Circuit, Head, Scan
@@ -192,6 +192,7 @@ def head_ablation_scan(
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     batch_size: int = 32,
     heads_per_pass: int = 8,
+    memory_budget: float | None = None,
     position: str | None = None,
 ) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
@@ -208,6 +209,8 @@ def head_ablation_scan(
             if given).
         means: from ``head_means``.
         batch_size: prompts per batch; a pass holds ``batch_size * heads_per_pass`` rows.
+        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
+            (``engine.budget_batch_size``).
         heads_per_pass: ablation variants per forward pass.
         position: a position column; ablate only there (default: every position).
 
@@ -220,6 +223,8 @@ def head_ablation_scan(
     """
     if len(data) == 0:
         raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
+    if memory_budget is not None:
+        batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_all, device = n_layers * n_heads, device_of(model)
     prob_base = correct_base = torch.zeros((), dtype=torch.float64)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from cdist.discovery.engine import (
     PatchSums,
+    budget_batch_size,
     check_items,
     flat_heads,
     one_head_scan,
@@ -40,6 +41,7 @@ def activation_patching_scan(
     position: str | None = None,
     batch_size: int = 32,
     heads_per_pass: int = 8,
+    memory_budget: float | None = None,
     heads: Sequence[Head | str] | None = None,
     progress: bool = False,
 ) -> Scan:
@@ -54,6 +56,8 @@ def activation_patching_scan(
             (and ``position`` if given).
         position: position column to patch at; None patches every position.
         batch_size: prompts per batch.
+        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
+            (``engine.budget_batch_size``).
         heads_per_pass: heads per forward pass.
         heads: the heads to patch (e.g. a pre-filter's candidates); default every head. The
             others score NaN.
@@ -64,6 +68,8 @@ def activation_patching_scan(
         ``relative_change_se`` (``[layer, head_index]``, float32, CPU).
     """
     check_items(data, position)
+    if memory_budget is not None:
+        batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     scanned = flat_heads(heads, n_layers, n_heads)

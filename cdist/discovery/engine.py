@@ -32,7 +32,8 @@ from cdist.models import (
 )
 from cdist.types import Head, Scan
 
-__all__ = ["Hook", "OneItem", "PatchSums", "check_items", "flat_heads", "one_head_scan",
+__all__ = ["Hook", "OneItem", "PatchSums", "budget_batch_size", "check_items", "flat_heads",
+           "one_head_scan",
            "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan", "replace_heads",
            "replacing"]
 
@@ -228,6 +229,33 @@ def patch_scan(
         var = (total_rel_sq / n - mean**2).clamp(min=0) * n / (n - 1) if n > 1 else mean * torch.nan
         metrics["relative_change_se"] = (var / n).sqrt().reshape(shape)
     return Scan(method, metrics, "relative_change", higher_is_important=False, n_items=n, **where)
+
+
+@torch.no_grad()
+def row_bytes(model: HookedTransformer, n_pos: int) -> int:
+    """Bytes of every activation that TransformerLens hooks in one prompt's forward pass of
+    ``n_pos`` positions, logits included: more than a pass ever holds at once, since most are freed
+    as the pass goes on (measured on a one-row pass, so every hook of the model is counted)."""
+    ids = torch.zeros(1, n_pos, dtype=torch.long, device=device_of(model))
+    logits, cache = model.run_with_cache(ids)
+    return sum(t.nbytes for t in cache.values()) + logits.nbytes
+
+
+def budget_batch_size(model: HookedTransformer, data, per_pass: int, memory_budget: float) -> int:
+    """The largest batch whose scan stays within ``memory_budget`` GiB of activations.
+
+    A pass holds ``batch * per_pass`` rows (``row_bytes`` each, at the longest item's length), and
+    every batch item keeps its clean and corrupt runs' cached residual stream and ``z`` at every
+    layer; the batch is at least 1 and at most the number of items.
+    """
+    if not memory_budget > 0:
+        raise ValueError(f"memory_budget={memory_budget}; give the GiB the scan may use (> 0)")
+    cfg = model.cfg
+    n_pos = max(len(ids) for ids in data["input_ids"])
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    kept = 2 * cfg.n_layers * n_pos * (cfg.d_model + cfg.n_heads * cfg.d_head) * itemsize
+    per_item = per_pass * row_bytes(model, n_pos) + kept
+    return int(max(1, min(len(data), memory_budget * 2**30 // per_item)))
 
 
 def check_items(data, position: str | None) -> None:

@@ -60,6 +60,7 @@ from cdist.discovery.circuits import select_heads
 from cdist.discovery.engine import (
     OneItem,
     PatchSums,
+    budget_batch_size,
     check_items,
     flat_heads,
     one_head_variants,
@@ -131,6 +132,7 @@ def path_patching_scan(
     position: str = "pos_last",
     batch_size: int = 16,
     senders_per_pass: int = 8,
+    memory_budget: float | None = None,
     senders: Sequence[Head | str] | None = None,
     progress: bool = False,
 ) -> Scan:
@@ -148,6 +150,8 @@ def path_patching_scan(
             (the latter two as key/value groups under GQA).
         position: position column where the sender is patched and the receivers' input is replaced.
         batch_size: prompts per batch; a pass holds ``batch_size * senders_per_pass`` rows.
+        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
+            (``engine.budget_batch_size``).
         senders_per_pass: senders per forward pass.
         senders: the senders to patch (e.g. ``path_attribution_scan``'s top candidates); default
             every head. The others score NaN, except those at or above the last receiver's layer,
@@ -160,6 +164,8 @@ def path_patching_scan(
         float32 CPU tensors (module doc).
     """
     check_items(data, position)
+    if memory_budget is not None:
+        batch_size = budget_batch_size(model, data, senders_per_pass, memory_budget)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     receivers = tuple(sorted(set(receivers)))
