@@ -66,11 +66,17 @@ out.mkdir(parents=True, exist_ok=True)
 commit = git_commit()
 record_path = out / "models.json"
 record = json.loads(record_path.read_text()) if record_path.exists() else {}
-settings = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
-if record.get("settings", settings) != settings:
-    parser.error(f"{out} holds models made with other settings ({record['settings']}); "
-                 "use another --out")
-record["settings"] = settings
+# What each model depends on: a finished model is reused only under the same settings.
+shared = ("seed", "max_boxes", "train_items", "val_items", "batch_size", "eval_every")
+settings = {
+    "teacher": {k: getattr(args, k) for k in (*shared, "lr", "teacher_steps")},
+    "student": {k: getattr(args, k) for k in (*shared, "student_layers", "student_lr",
+                                              "student_steps")},
+}
+for role, done in record.get("models", {}).items():
+    if done["settings"] != settings[role]:
+        parser.error(f"{out / role} was made with other settings ({done['settings']}); delete it "
+                     f"and its entry in {record_path}, or use another --out")
 
 source = smollm2_gguf()
 base = models.load_llama(source)
@@ -111,7 +117,8 @@ def make(role: str, model, steps: int, lr: float) -> None:
     # the saved checkpoint is the run's product; the run's own copy of the weights is not needed
     (out / f"{role}-run" / "state.pt").unlink(missing_ok=True)
     record.setdefault("models", {})[role] = {
-        "path": str(out / role), "layers": model.cfg.n_layers, "steps": steps,
+        "path": str(out / role), "settings": settings[role], "layers": model.cfg.n_layers,
+        "steps": steps,
         "kept_layers": keep if role == "student" else None,
         "config": asdict(cfg), "commit": commit,
         "val_accuracy_before": before, "val_accuracy_after": after,
