@@ -228,6 +228,11 @@ def _zero_bias(name: str, p: Tensor) -> bool:
     return name.split(".")[-1].startswith(("b_", "_b_")) and not torch.any(p)
 
 
+def _reads_teacher(cfg: DistillConfig, plan: _Plan) -> bool:
+    """Whether a run needs the teacher at all (plain fine-tuning on the answers does not)."""
+    return cfg.labels == "teacher" or bool(cfg.kd_weight) or bool(plan.pairs)
+
+
 def _batches(data, batch_size: int, seed: int, pad: int, columns: Sequence[str]) -> Iterator[dict]:
     """Endless shuffled batches (a new order every epoch, from ``seed``); the last short batch is
     dropped."""
@@ -323,9 +328,9 @@ class _Run:
         self.probe = next(evaluate.batches(probe_items, cfg.batch_size, self.pad, plan.columns))
         self.probe_perm = (_permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher
                            else None)
-        # The teacher runs at all only where something reads it (plain fine-tuning needs none).
-        self.reads_teacher = cfg.labels == "teacher" or bool(cfg.kd_weight) or bool(plan.pairs)
+        self.reads_teacher = _reads_teacher(cfg, plan)
         with torch.no_grad():
+            # what CE is measured against on eval_data: the teacher's answers, or the items' own
             self.t_labels = (evaluate.predictions(teacher, eval_data) if cfg.labels == "teacher"
                              else torch.tensor(eval_data["answer_id"]))
             self.t_val = (head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs
@@ -372,15 +377,14 @@ class _Run:
             params = self.delta.patched(self.student) if self.delta is not None else None
             s_logits, s_z = head_z(self.student, ids, self.plan.student_sites, batch, params=params)
             s_logits = evaluate.logits_at(s_logits, last).float()
+        answers = torch.as_tensor(batch["answer_id"], device=device)
         if not self.reads_teacher:
-            target = torch.as_tensor(batch["answer_id"], device=device)
-            return {"ce": F.cross_entropy(s_logits, target),
+            return {"ce": F.cross_entropy(s_logits, answers),
                     "kd": torch.zeros((), device=device), "cka": torch.zeros(0, device=device)}
         with torch.no_grad(), self.autocast:
             t_logits, t_z = head_z(self.teacher, ids, self.plan.teacher_sites, batch)
             t_logits = evaluate.logits_at(t_logits, last).float()
-        target = (t_logits.argmax(-1) if cfg.labels == "teacher"
-                  else torch.as_tensor(batch["answer_id"], device=device))
+        target = t_logits.argmax(-1) if cfg.labels == "teacher" else answers
         out = {"ce": F.cross_entropy(s_logits, target)}
         temp = cfg.kd_temperature
         out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1),
@@ -478,7 +482,7 @@ def distill(
     """
     run_dir, state_path = Path(run_dir), Path(run_dir) / "state.pt"
     plan = _plan(head_map, heads, train_data, eval_data, cfg)
-    if teacher is None and (cfg.labels == "teacher" or cfg.kd_weight or plan.pairs):
+    if teacher is None and _reads_teacher(cfg, plan):
         raise ValueError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
                          "no head map")
     flags = [p.requires_grad for p in student.parameters()]

@@ -59,7 +59,7 @@ def _parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--val-items", type=int, default=500,
                    help="validation items (selection and curves)")
     g.add_argument("--test-items", type=int, default=1000,
-                   help="test items (7 boxes for entity tracking)")
+                   help="test items (entity tracking: 7 boxes unless --n-boxes)")
     g.add_argument("--ood-items", type=int, default=500, help="items per out-of-distribution set")
     g.add_argument("--reference-items", type=int, default=500,
                    help="items whose head means mean ablation writes")
@@ -110,7 +110,8 @@ def _parser(task: str) -> argparse.ArgumentParser:
                    help="entity tracking: a head's -relative change must exceed 2 standard errors "
                         "over the items (noise, the default) or this number")
     g.add_argument("--prefilter", type=int, default=None,
-                   help="entity tracking: scan exactly only the N senders per group that path "
+                   help="entity tracking's searches (the teacher's, and the student's if it "
+                        "searches): scan exactly only the N senders per group that path "
                         "attribution ranks first (for deep models; default: every head)")
     g.add_argument("--student-method", default="mean_ablation",
                    choices=["auto", "path_patching", "mean_ablation"],
@@ -205,7 +206,7 @@ def main(task: str, argv: list[str] | None = None) -> dict:
                                                 prefilter=args.prefilter),
             student_discovery=replace(ExperimentConfig.student_discovery,
                                       method=args.student_method, k=args.k,
-                                      min_effect=args.min_effect),
+                                      min_effect=args.min_effect, prefilter=args.prefilter),
             arms=tuple(a.name for a in arms.ARMS if a.name in args.arms),
         )
     except ValueError as e:

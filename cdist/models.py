@@ -588,10 +588,11 @@ def keep_layers(model: HookedTransformer, layers: Sequence[int]) -> HookedTransf
     if not layers or len(set(layers)) < len(layers) or not all(0 <= i < n for i in layers):
         raise ValueError(f"layers {layers}: give distinct layer numbers from 0 to {n - 1}")
     cfg = copy.deepcopy(model.cfg)
-    cfg.n_layers, cfg.init_weights = len(layers), False
+    cfg.n_layers, cfg.init_weights = len(layers), False  # every weight is copied in below
+    cfg.n_params = model.cfg.n_params // n * len(layers)  # TransformerLens counts it per layer
     tokenizer = getattr(model, "checkpoint_tokenizer", None) or model.tokenizer
     copied = _hooked(cfg, tokenizer)
-    copied.cfg.init_weights = True
+    copied.cfg.init_weights = model.cfg.init_weights
     new_index = {old: new for new, old in enumerate(layers)}
     kept = {}
     for key, value in model.state_dict().items():

@@ -241,18 +241,25 @@ if args.search_items:
         candidates = set(attribution.ranking().top(args.prefilter))
         exact_scan = exact_scans[step.name]
         chosen = exact.groups[step.name]
-        top = exact_scan.ranking().top(args.recall_top)
-        rho = spearmanr(exact_scan[exact_scan.metric].flatten(),
-                        attribution[attribution.metric].flatten()).statistic
+        # Only senders below the last receiver can reach it (the others score 0 in both scans and
+        # would pad the top heads and the correlation), and only a head that lowers the answer's
+        # probability counts among the exact search's top heads.
+        reach = max((r.layer for r in receivers), default=model.cfg.n_layers) * model.cfg.n_heads
+        exact_scores = exact_scan[exact_scan.metric].flatten()[:reach]
+        top = [h for h in exact_scan.ranking().top(args.recall_top)
+               if exact_scores[h.layer * model.cfg.n_heads + h.head] < 0]
+        rho = spearmanr(exact_scores, attribution[attribution.metric].flatten()[:reach]).statistic
         recall[step.name] = {
             "chosen": [str(h) for h in chosen],
             "chosen_recall": (sum(h in candidates for h in chosen) / len(chosen)
                               if chosen else None),
-            f"top{args.recall_top}_recall": sum(h in candidates for h in top) / len(top),
+            f"top{args.recall_top}": [str(h) for h in top],
+            f"top{args.recall_top}_recall": (sum(h in candidates for h in top) / len(top)
+                                             if top else None),
             "spearman": float(rho)}
         print(f"  {step.name}: chosen {[str(h) for h in chosen]}, recall of the chosen "
-              f"{recall[step.name]['chosen_recall']}, of the top {args.recall_top} "
-              f"{recall[step.name][f'top{args.recall_top}_recall']:.2f}, Spearman {rho:.2f}")
+              f"{recall[step.name]['chosen_recall']}, of the top {len(top)} "
+              f"{recall[step.name][f'top{args.recall_top}_recall']}, Spearman {rho:.2f}")
     same = exact.groups == pre.groups
     results["entity_tracking_search"] = {
         "items": len(items), "exact_s": t_exact, "prefiltered_s": t_pre,

@@ -114,8 +114,6 @@ def make(role: str, model, steps: int, lr: float) -> None:
     run = distill.distill(model, None, None, train, val, cfg, out / f"{role}-run")
     after = accuracy(model)
     models.save_llama(model, out / role)
-    # the saved checkpoint is the run's product; the run's own copy of the weights is not needed
-    (out / f"{role}-run" / "state.pt").unlink(missing_ok=True)
     record.setdefault("models", {})[role] = {
         "path": str(out / role), "settings": settings[role], "layers": model.cfg.n_layers,
         "steps": steps,
@@ -126,6 +124,8 @@ def make(role: str, model, steps: int, lr: float) -> None:
         "curve": [(m["step"], m["accuracy"]) for m in run["metrics"]],
     }
     atomic_write_json(record, record_path)
+    # the saved checkpoint is the run's product (recorded above); the run's copy is not needed
+    (out / f"{role}-run" / "state.pt").unlink(missing_ok=True)
     print(f"{role}: validation accuracy {before:.3f} -> {after:.3f} in {steps} steps, "
           f"{record['models'][role]['wall_time_s']:.0f} s -> {out / role}")
 

@@ -81,7 +81,7 @@ def test_optimizer_state_is_the_size_of_what_is_trained_and_gone_when_finished(t
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     mid_run = []
 
-    def read_checkpoint(model):  # at step 3 the checkpoint of step 3 is not written yet: step 0's
+    def read_checkpoint(model):  # evaluations run before their checkpoint: read at step 6, step 3's
         if (tmp_path / "state.pt").exists():
             mid_run.append(torch.load(tmp_path / "state.pt", weights_only=False))
         return {}
@@ -102,12 +102,18 @@ def test_optimizer_state_is_the_size_of_what_is_trained_and_gone_when_finished(t
     final = torch.load(tmp_path / "state.pt", weights_only=False)
     assert final["step"] == CFG.steps and "opt" not in final
     assert sum(w.numel() for w in final["weights"].values()) == expected
-    # a finished run is reused as it stands: same weights, no step taken
+    # a finished run is reused as it stands: same weights, no step and no evaluation run
     again = fresh(tok, 1)
-    out = distill.distill(again, teacher, head_map(), *items, CFG, tmp_path, progress=False)
+    out = distill.distill(again, teacher, head_map(), *items, CFG, tmp_path, progress=False,
+                          evaluate_fn=lambda model: pytest.fail("a finished run was run again"))
     assert out["metrics"] == result["metrics"]
     for (name, a), b in zip(student.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b), name
+    # an unfinished checkpoint must carry its optimizer state
+    torch.save({**final, "step": 3}, tmp_path / "state.pt")
+    with pytest.raises(ValueError, match="unfinished run without its optimizer state"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path,
+                        progress=False)
 
 
 def test_without_a_teacher_it_fine_tunes_on_the_items_answers(tok, items, tmp_path):

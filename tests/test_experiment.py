@@ -168,23 +168,26 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
             "--regimes", "16", *args, "--lambdas", "0.5", "--matchers", "ablation",
             "--arms", "base student", "--n-boxes", "4", "--template", "compact", "--objects",
             *objects, "--labels", *labels, "--reference-items", "12", "--discovery-items", "10",
-            "--n-random", "2", "--data-seed", "3", "--out", str(tmp_path / "out"),
+            "--n-random", "2", "--data-seed", "3", "--prefilter", "3",
+            "--out", str(tmp_path / "out"),
             "--figures", str(tmp_path / "figures")]
     summary = experiment_cli.main("entity_tracking", argv)
     cfg = summary["config"]
     assert cfg["task_kwargs"] == {"template": "compact", "n_boxes": 4, "objects": objects,
                                   "labels": labels}
+    assert cfg["discovery"]["prefilter"] == cfg["student_discovery"]["prefilter"] == 3
     assert (cfg["reference_items"], cfg["discovery_items"], cfg["n_random"],
             cfg["data_seed"]) == (12, 10, 2, 3)
     assert tuple(cfg["lrs"]) == experiment_cli.LRS["pretrained"]
     assert cfg["control_lr"] == experiment_cli.CONTROL_LR["pretrained"]
     assert [r["lr"] for r in summary["selection"]["lr"]] == list(experiment_cli.LRS["pretrained"])
     # the items are what the flags say: every test prompt holds 4 of the given objects
-    decoded = [tok.decode(ids) for ids in _test_items(summary, tok)]
+    decoded = [tok.decode(ids) for ids in _test_items_of_config(summary, tok)]
     assert all(sum(o in text.split() for o in objects) == 4 for text in decoded)
 
 
-def _test_items(summary, tok):
+def _test_items_of_config(summary, tok):
+    """The test items that the recorded config makes (what the run evaluated on)."""
     from cdist.experiment import ExperimentConfig, _Data
 
     cfg = summary["config"]

@@ -335,6 +335,10 @@ def test_keep_layers_is_the_model_with_the_other_blocks_skipped(tmp_path):
         short.blocks[0].attn.W_Q.add_(1.0)  # a copy: the source model is untouched
     assert not torch.equal(short.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q)
     assert torch.equal(short.blocks[1].attn.W_Q, model.blocks[2].attn.W_Q)
+    assert short.cfg.n_params == model.cfg.n_params * 3 // 4
+    reordered = keep_layers(model, [3, 0])  # in the order given
+    assert torch.equal(reordered.blocks[0].mlp.W_in, model.blocks[3].mlp.W_in)
+    assert torch.equal(reordered.blocks[1].mlp.W_in, model.blocks[0].mlp.W_in)
     assert short.tokenizer is not None
     hf_model = LlamaForCausalLM.from_pretrained(save_llama(short, tmp_path / "short"),
                                                 local_files_only=True).eval()

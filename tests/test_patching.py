@@ -196,6 +196,13 @@ def test_path_attribution_is_the_derivative_of_path_patching(model3, data, recei
     assert fast["relative_change"].abs().max() > 1e-5  # the estimate measured something
 
 
+def test_receivers_in_the_first_layer_have_no_senders(model3, data):
+    kw = dict(receivers=[Head(0, 1)], receiver_input="v", position="pos_query_label")
+    estimate = attribution_patching.path_attribution_scan(model3, data, **kw)
+    exact = path_patching.path_patching_scan(model3, data, **kw)
+    assert not estimate["relative_change"].any() and not exact["relative_change"].any()
+
+
 def test_path_attribution_ranks_like_path_patching(model3, data):
     """A first-order estimate, so not equal, but it must track the exact scan on a small model."""
     from cdist.stats import spearman
@@ -397,7 +404,7 @@ def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path)
     template = zoo.manifest("et-teacher")["config"]["template"]
     cmd = [sys.executable, str(repo / "experiments" / "bench_discovery.py"), "--model", str(ckpt),
            "--template", template, "--no-reference", "--items", "8", "--tl-items", "8",
-           "--search-items", "16", "--prefilter", "4", "--recall-top", "3", "--repeats", "1",
+           "--search-items", "16", "--prefilter", "16", "--recall-top", "3", "--repeats", "1",
            "--threads", "1"]
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)
     saved = json.loads((tmp_path / "results" / "bench_discovery-et-teacher-ckpt-cpu.json")
@@ -407,8 +414,10 @@ def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path)
     assert tl["max_abs_diff"] < 1e-5 and tl["same_top5"] and tl["items"] == 8
     search = saved["entity_tracking_search"]
     assert search["speedup"] == pytest.approx(search["exact_s"] / search["prefiltered_s"])
+    # a pre-filter that keeps all 16 heads misses none, and its search is the exact one
     fetchers = search["recall"]["value_fetcher"]
     assert fetchers["chosen"] == search["exact_groups"]["value_fetcher"]
-    assert fetchers["chosen_recall"] is None or 0 <= fetchers["chosen_recall"] <= 1
-    assert 0 <= fetchers["top3_recall"] <= 1
+    assert fetchers["chosen_recall"] in (None, 1.0)  # None: the group is empty
+    assert fetchers["top3_recall"] == 1.0 and len(fetchers["top3"]) > 0
+    assert search["same_circuit"] and search["prefiltered_groups"] == search["exact_groups"]
     assert -1 <= fetchers["spearman"] <= 1

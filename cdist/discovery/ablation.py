@@ -209,8 +209,8 @@ def head_ablation_scan(
             if given).
         means: from ``head_means``.
         batch_size: prompts per batch; a pass holds ``batch_size * heads_per_pass`` rows.
-        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
-            (``engine.budget_batch_size``).
+        memory_budget: GiB of activations the scan may hold; if given, it replaces
+            ``batch_size`` (``engine.budget_batch_size``).
         heads_per_pass: ablation variants per forward pass.
         position: a position column; ablate only there (default: every position).
 

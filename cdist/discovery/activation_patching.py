@@ -56,8 +56,8 @@ def activation_patching_scan(
             (and ``position`` if given).
         position: position column to patch at; None patches every position.
         batch_size: prompts per batch.
-        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
-            (``engine.budget_batch_size``).
+        memory_budget: GiB of activations the scan may hold; if given, it replaces
+            ``batch_size`` (``engine.budget_batch_size``).
         heads_per_pass: heads per forward pass.
         heads: the heads to patch (e.g. a pre-filter's candidates); default every head. The
             others score NaN.

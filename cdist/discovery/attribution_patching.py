@@ -154,7 +154,8 @@ def path_attribution_scan(
     sums = PatchSums(model)
     sums.add_unreachable(torch.arange(top * n_heads, n_layers * n_heads))
     names = [hook_z(layer) for layer in range(n_layers)]
-    for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
+    # receivers in layer 0 have no senders: nothing to differentiate
+    for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True) if top else ():
         ids = batch["input_ids"].to(device)
         rows = torch.arange(len(ids), device=device)
         here = batch[position].to(device)

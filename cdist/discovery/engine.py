@@ -33,9 +33,8 @@ from cdist.models import (
 from cdist.types import Head, Scan
 
 __all__ = ["Hook", "OneItem", "PatchSums", "budget_batch_size", "check_items", "flat_heads",
-           "one_head_scan",
-           "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan", "replace_heads",
-           "replacing"]
+           "one_head_scan", "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan",
+           "replace_heads", "replacing", "row_bytes"]
 
 Hook = tuple[str, Callable]
 
@@ -242,11 +241,14 @@ def row_bytes(model: HookedTransformer, n_pos: int) -> int:
 
 
 def budget_batch_size(model: HookedTransformer, data, per_pass: int, memory_budget: float) -> int:
-    """The largest batch whose scan stays within ``memory_budget`` GiB of activations.
+    """The largest batch whose scan stays within ``memory_budget`` GiB of activations, by an upper
+    bound on what the scans hold.
 
-    A pass holds ``batch * per_pass`` rows (``row_bytes`` each, at the longest item's length), and
-    every batch item keeps its clean and corrupt runs' cached residual stream and ``z`` at every
-    layer; the batch is at least 1 and at most the number of items.
+    A pass holds ``batch * per_pass`` rows (``row_bytes`` each, at the longest item's length,
+    logits included), and each batch item's cached runs are counted as a residual stream and a
+    ``z`` at every layer, twice (clean and corrupt): more than any scan keeps (ablation caches no
+    corrupt run, path patching two residual streams). The batch is at least 1 and at most the
+    number of items.
     """
     if not memory_budget > 0:
         raise ValueError(f"memory_budget={memory_budget}; give the GiB the scan may use (> 0)")

@@ -150,8 +150,8 @@ def path_patching_scan(
             (the latter two as key/value groups under GQA).
         position: position column where the sender is patched and the receivers' input is replaced.
         batch_size: prompts per batch; a pass holds ``batch_size * senders_per_pass`` rows.
-        memory_budget: GiB of activations the scan may hold; if given, it sets ``batch_size``
-            (``engine.budget_batch_size``).
+        memory_budget: GiB of activations the scan may hold; if given, it replaces
+            ``batch_size`` (``engine.budget_batch_size``).
         senders_per_pass: senders per forward pass.
         senders: the senders to patch (e.g. ``path_attribution_scan``'s top candidates); default
             every head. The others score NaN, except those at or above the last receiver's layer,
