@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
-import json
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -63,6 +61,7 @@ from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
+from cdist.provenance import items_fingerprint, model_fingerprint
 from cdist.types import Head, HeadPair
 
 __all__ = ["DistillConfig", "HeadDelta", "distill", "trainable_share"]
@@ -207,22 +206,6 @@ def trainable_share(model: HookedTransformer, cfg: DistillConfig, heads: Sequenc
             "param_share": n / n_total}
 
 
-def _items_fingerprint(data) -> list:
-    """How many training items, and a hash of their token ids and answers."""
-    ids = [[int(t) for t in row] for row in data["input_ids"]]
-    digest = hashlib.sha256(json.dumps([ids, [int(a) for a in data["answer_id"]]]).encode())
-    return [len(data), digest.hexdigest()]
-
-
-def _fingerprint(model: HookedTransformer) -> list[float]:
-    """Two sums over all weights, in float64: equal for the same model, apart for almost any
-    other."""
-    with torch.no_grad():
-        total = sum(p.double().sum() for p in model.parameters())
-        squares = sum(p.double().square().sum() for p in model.parameters())
-    return [round(float(total), 6), round(float(squares), 6)]
-
-
 def _zero_bias(name: str, p: Tensor) -> bool:
     # TransformerLens gives Llama zero biases it does not have; they stay frozen and zero.
     return name.split(".")[-1].startswith(("b_", "_b_")) and not torch.any(p)
@@ -317,11 +300,11 @@ class _Run:
         # What else must match for a saved run to be this run: the models it started from, the
         # heads and the training items (a finished run resumed on other items would be relabelled
         # as trained on them).
-        self.identity = {"student": _fingerprint(student),
-                         "teacher": _fingerprint(teacher) if teacher is not None else None,
+        self.identity = {"student": model_fingerprint(student),
+                         "teacher": model_fingerprint(teacher) if teacher is not None else None,
                          "heads": [str(h) for h in plan.heads],
                          "pairs": [str(p) for p in plan.pairs],
-                         "train": _items_fingerprint(train_data)}
+                         "train": items_fingerprint(train_data)}
         # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's
         # view of eval_data.
         probe_items = train_data.select(range(cfg.batch_size))

@@ -53,7 +53,8 @@ from cdist.discovery import DiscoveryConfig, ablation, find_circuit
 from cdist.distill import DistillConfig
 from cdist.evaluate import predictions
 from cdist.models import HookedTransformer
-from cdist.types import Head
+from cdist.provenance import items_fingerprint, model_fingerprint
+from cdist.types import Head, Scan
 
 __all__ = ["MATCHERS", "ExperimentConfig", "run_experiment"]
 
@@ -173,6 +174,22 @@ class _Experiment:
         self.teacher, self.student = load_teacher(), load_student()
         self.data = _Data.make(cfg, self.student.tokenizer)
 
+    def ablation_scan(self, role: str, items, name: str) -> Scan:
+        """``role``'s mean-ablation scan of ``items``, saved as ``scans/<name>.json`` and reused
+        while the model, the items and the reference items are the same: at real depth each scan
+        is minutes, and a resumed experiment would otherwise redo them all."""
+        model = self.teacher if role == "teacher" else self.student
+        path = self.out / "scans" / f"{name}.json"
+        identity = [model_fingerprint(model), items_fingerprint(items),
+                    items_fingerprint(self.data.reference)]
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("identity") == identity:
+            return Scan.from_dict(saved["scan"])
+        scan = ablation.head_ablation_scan(model, items, means=self.means[role])
+        atomic_write_json({"identity": identity, "scan": scan.to_dict()}, _mkdir(path.parent)
+                          / path.name)
+        return scan
+
     # ---- 1. circuits
     def find_circuits(self) -> None:
         cfg, data = self.cfg, self.data
@@ -180,9 +197,13 @@ class _Experiment:
         for role, model in (("teacher", self.teacher), ("student", self.student)):
             self.means[role] = ablation.head_means(model, data.reference)
             rule = cfg.student_discovery if role == "student" else cfg.discovery
+            method = (tasks.get_task(cfg.task).discovery_method if rule.method == "auto"
+                      else rule.method)
+            scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
+                    if method == "mean_ablation" else None)
             # a path-patching search saves its groups, so a resumed experiment does not redo them
             circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
-                                   model_name=self.names[role == "student"],
+                                   model_name=self.names[role == "student"], scan=scan,
                                    checkpoint_dir=self.out / f"search-{role}",
                                    progress=self.progress).circuit
             if not circuit.heads:
@@ -216,8 +237,8 @@ class _Experiment:
         self.maps, self.diagnostics = {}, {}
         scans = {}  # both ablation matchers read the same two scans: run them once
         if any(m.startswith("ablation") for m in cfg.matchers):
-            scans = {role: ablation.head_ablation_scan(model, val, means=self.means[role])
-                     for role, model in (("student", self.student), ("teacher", self.teacher))}
+            scans = {role: self.ablation_scan(role, val, f"{role}-validation")
+                     for role in ("student", "teacher")}
         for name in cfg.matchers:
             hmap = _head_map(name, cfg, self.student, self.teacher, self.s_heads, self.t_heads,
                              self.positions, val, scans, self.names)

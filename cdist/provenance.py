@@ -1,9 +1,15 @@
-"""Which code produced a result: the git commit (and whether the tree had uncommitted changes)."""
+"""Which code, weights and items produced a result: the git commit (and whether the tree had
+uncommitted changes), and fingerprints that tell a saved result of the same model and items from one
+of others."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,3 +25,19 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def items_fingerprint(data) -> list:
+    """How many items, and a hash of their token ids and answers."""
+    ids = [[int(t) for t in row] for row in data["input_ids"]]
+    digest = hashlib.sha256(json.dumps([ids, [int(a) for a in data["answer_id"]]]).encode())
+    return [len(data), digest.hexdigest()]
+
+
+def model_fingerprint(model: torch.nn.Module) -> list[float]:
+    """Two sums over all weights, in float64: equal for the same model, apart for almost any
+    other."""
+    with torch.no_grad():
+        total = sum(p.double().sum() for p in model.parameters())
+        squares = sum(p.double().square().sum() for p in model.parameters())
+    return [round(float(total), 6), round(float(squares), 6)]

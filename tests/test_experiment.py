@@ -158,7 +158,8 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
         assert message in err.strip().splitlines()[-1]
 
 
-def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, tmp_path):
+def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, tmp_path,
+                                                                          monkeypatch):
     from cdist.tasks.entity_tracking import LABELS, OBJECTS
 
     dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1)})
@@ -184,6 +185,16 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
     # the items are what the flags say: every test prompt holds 4 of the given objects
     decoded = [tok.decode(ids) for ids in _test_items_of_config(summary, tok)]
     assert all(sum(o in text.split() for o in objects) == 4 for text in decoded)
+    # a second call redoes no scan: the ablation scans and the search's groups are saved
+    from cdist.discovery import ablation, path_patching
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("a saved scan was computed again")
+
+    monkeypatch.setattr(ablation, "head_ablation_scan", no_scan)
+    monkeypatch.setattr(path_patching, "path_patching_scan", no_scan)
+    again = experiment_cli.main("entity_tracking", argv)
+    assert again["circuits"] == summary["circuits"] and again["rows"] == summary["rows"]
 
 
 def _test_items_of_config(summary, tok):
