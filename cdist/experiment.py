@@ -197,10 +197,8 @@ class _Experiment:
         for role, model in (("teacher", self.teacher), ("student", self.student)):
             self.means[role] = ablation.head_means(model, data.reference)
             rule = cfg.student_discovery if role == "student" else cfg.discovery
-            method = (tasks.get_task(cfg.task).discovery_method if rule.method == "auto"
-                      else rule.method)
             scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
-                    if method == "mean_ablation" else None)
+                    if rule.method_for(cfg.task) == "mean_ablation" else None)
             # a path-patching search saves its groups, so a resumed experiment does not redo them
             circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
                                    model_name=self.names[role == "student"], scan=scan,

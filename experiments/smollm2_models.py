@@ -58,6 +58,7 @@ import torch  # noqa: E402
 
 from cdist import distill, models, tasks  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
+from cdist.evaluate import accuracy  # noqa: E402
 from cdist.pretrained import smollm2_gguf  # noqa: E402
 from cdist.provenance import git_commit  # noqa: E402
 
@@ -99,11 +100,6 @@ train = items(args.train_items, 1000 + args.seed, "train")
 val = items(args.val_items, 2000 + args.seed, "test")
 
 
-def accuracy(model) -> float:
-    from cdist.evaluate import predictions
-    return float((predictions(model, val) == torch.tensor(val["answer_id"])).float().mean())
-
-
 def make(role: str, model, steps: int, lr: float) -> None:
     """Fine-tune ``model`` (every weight) and save it as ``OUT/role``, unless that is done."""
     if (out / role / "config.json").exists() and role in record.get("models", {}):
@@ -112,9 +108,9 @@ def make(role: str, model, steps: int, lr: float) -> None:
     cfg = distill.DistillConfig(steps=steps, lr=lr, batch_size=args.batch_size,
                                 trainable="all", labels="answers", eval_every=args.eval_every,
                                 seed=args.seed)
-    started, before = time.time(), accuracy(model)
+    started, before = time.time(), accuracy(model, val)
     run = distill.distill(model, None, None, train, val, cfg, out / f"{role}-run")
-    after = accuracy(model)
+    after = accuracy(model, val)
     models.save_llama(model, out / role)
     record.setdefault("models", {})[role] = {
         "path": str(out / role), "settings": settings[role], "layers": model.cfg.n_layers,
@@ -132,7 +128,7 @@ def make(role: str, model, steps: int, lr: float) -> None:
           f"{record['models'][role]['wall_time_s']:.0f} s -> {out / role}")
 
 
-record["source"] = {"file": source.name, "val_accuracy": accuracy(base),
+record["source"] = {"file": source.name, "val_accuracy": accuracy(base, val),
                     "val_items": len(val)}
 # The student is cut from the untouched model, before the teacher's training changes it.
 student = models.keep_layers(base, keep)

@@ -137,6 +137,12 @@ class DiscoveryConfig:
             raise ValueError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
                              f"{self.target}")
 
+    def method_for(self, task: str) -> str:
+        """The method this rule runs on ``task``: ``method``, or the task's own for "auto"."""
+        from cdist.tasks import get_task
+
+        return get_task(task).discovery_method if self.method == "auto" else self.method
+
 
 @dataclass(frozen=True, eq=False)
 class Discovery:
@@ -191,7 +197,7 @@ def find_circuit(
     from cdist.tasks import get_task
 
     spec = get_task(task)
-    method = spec.discovery_method if cfg.method == "auto" else cfg.method
+    method = cfg.method_for(task)
     if method == "path_patching":
         search = spec.search(items) if cfg.search == "auto" else cfg.search
         circuit, groups = path_patching.entity_tracking_circuit(
