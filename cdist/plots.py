@@ -1,9 +1,9 @@
-"""Figures: layer x head heatmaps of per-head scores, written as interactive HTML and static PNG.
+"""Figures: layer x head heatmaps of per-head scores and head-correspondence maps, written as
+interactive HTML and static PNG that both work offline.
 
-HTML files load plotly.js from its CDN (a few kB each instead of 4 MB); the PNG beside each one
-needs no network. PNG export uses kaleido, which drives a Chromium (Debian:
-``apt install chromium``); without them ``save_figure`` writes the HTML and says, in one line, what
-to install for the PNG.
+Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (4.6 MB
+once instead of in every file, and no CDN, which an offline machine cannot reach). The PNG is drawn
+by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
 """
 
 from __future__ import annotations
@@ -63,19 +63,15 @@ def head_heatmap(
 
 
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem.html`` and, when kaleido and Chromium are available, ``stem.png``; returns the
-    paths written."""
+    """Write ``stem.html`` (with ``plotly.min.js`` beside it) and ``stem.png``; returns the two
+    paths."""
+    from cdist.static_png import write_png
+
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     html = stem.with_suffix(".html")
-    fig.write_html(html, include_plotlyjs="cdn")
-    try:
-        fig.write_image(stem.with_suffix(".png"), scale=2)
-    except Exception as err:  # kaleido missing, or no Chromium for it to drive
-        print(f"PNG skipped for {stem.name} ({type(err).__name__}): pip install kaleido; "
-              "apt install chromium")
-        return [html]
-    return [html, stem.with_suffix(".png")]
+    fig.write_html(html, include_plotlyjs="directory")
+    return [html, write_png(fig, stem.with_suffix(".png"))]
 
 
 def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:

@@ -35,6 +35,7 @@ import torch
 
 from cdist import discovery, stats, tasks, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text
+from cdist.cli.common import parse_min_effect
 from cdist.discovery import ablation, activation_patching, attribution_patching
 from cdist.provenance import git_commit
 from cdist.zoo import organisms
@@ -53,7 +54,7 @@ parser.add_argument("--eval-items", type=int, default=1000,
                     help="items for the reported accuracies")
 parser.add_argument("--k", type=int, default=2,
                     help="entity tracking: heads per path-patching group")
-parser.add_argument("--min-effect", type=discovery.parse_min_effect, default="noise",
+parser.add_argument("--min-effect", type=parse_min_effect, default="noise",
                     help="entity tracking: a head's -relative change must exceed 2 standard "
                          "errors over the items (noise, the default) or this number")
 parser.add_argument("--budget", type=float, default=0.2,

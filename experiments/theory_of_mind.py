@@ -10,7 +10,9 @@ it uses.
         --student /ckpt/Llama-3.2-1B --lrs 2e-5 --device cuda
 """
 
-from cdist.experiment_cli import main
+import sys
 
-if __name__ == "__main__":
-    main("theory_of_mind")
+from cdist import cli
+
+if __name__ == "__main__":  # the same as: cdist table --task theory_of_mind ...
+    sys.exit(cli.main(["table", "--task", "theory_of_mind", *sys.argv[1:]]))

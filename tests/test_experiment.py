@@ -10,13 +10,19 @@ import re
 import pytest
 import torch
 
-from cdist import arms, distill, experiment_cli, stats
+from cdist import arms, cli, distill, stats
+from cdist.cli import common
 from cdist.experiment import ExperimentConfig
 from cdist.models import new_llama, save_llama
 
 ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
         "--lambdas", "0.5", "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16",
         "--ood-boxes", "3", "--min-effect", "0", "--device", "cpu"]
+
+
+def run_table(task: str, argv: list[str]) -> dict:
+    """``cdist table --task TASK ARGV``'s summary."""
+    return cli.run(["table", "--task", task, *argv])
 
 
 def checkpoints(tok, tmp_path, roles):
@@ -35,7 +41,7 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1",
             "--regimes", "16", "32", "--select-seed", "7", *ARGS, "--out", str(out),
             "--figures", str(figures)]
-    summary = experiment_cli.main("entity_tracking", argv)
+    summary = run_table("entity_tracking", argv)
     assert list(summary["rows"]) == ["n16", "n32"]
     assert list(summary["rows"]["n16"]) == [a.name for a in arms.ARMS]
     assert summary["config"]["task_kwargs"]["template"] == "prakash"
@@ -92,7 +98,7 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     for name in ("val-ce", "val-accuracy", "head-map"):
         assert (figures / f"table1-entity-tracking-{name}.html").exists()
     # a second call reuses every finished run and gives the same table
-    again = experiment_cli.main("entity_tracking", argv)
+    again = run_table("entity_tracking", argv)
     assert again["rows"] == summary["rows"]
 
 
@@ -143,7 +149,7 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
     argv = ["--teacher", dirs["teacher"], "--seeds", "0", "--regimes", "16", *ARGS, "--lrs", "1e-3",
             "--lambdas", "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"),
             "--figures", str(tmp_path / "figures"), "--arms", "circuit distilled, CE"]
-    experiment_cli.main("entity_tracking", ["--student", dirs["student"], *argv])
+    run_table("entity_tracking", ["--student", dirs["student"], *argv])
     bad = [(["--student", dirs["other"]], "another student, teacher, head set or training set"),
            (["--student", dirs["student"], "--cka-position", "pos_nowhere"],
             "position columns ['pos_nowhere']"),
@@ -151,10 +157,9 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
            (["--student", dirs["student"], "--teacher-positions", "a0.h1"], "write HEAD=COLUMN"),
            (["--student", dirs["student"], "--select-seed", "0"], "select_seed 0 is a table seed")]
     for extra, message in bad:
-        with pytest.raises(SystemExit) as stop:
-            experiment_cli.main("entity_tracking", [*argv, *extra])
+        code = cli.main(["table", "--task", "entity_tracking", *argv, *extra])
         err = capsys.readouterr().err
-        assert stop.value.code == 2 and "Traceback" not in err
+        assert code == 2 and "Traceback" not in err
         assert message in err.strip().splitlines()[-1]
 
 
@@ -172,16 +177,16 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
             "--n-random", "2", "--data-seed", "3", "--prefilter", "3",
             "--out", str(tmp_path / "out"),
             "--figures", str(tmp_path / "figures")]
-    summary = experiment_cli.main("entity_tracking", argv)
+    summary = run_table("entity_tracking", argv)
     cfg = summary["config"]
     assert cfg["task_kwargs"] == {"template": "compact", "n_boxes": 4, "objects": objects,
                                   "labels": labels}
     assert cfg["discovery"]["prefilter"] == cfg["student_discovery"]["prefilter"] == 3
     assert (cfg["reference_items"], cfg["discovery_items"], cfg["n_random"],
             cfg["data_seed"]) == (12, 10, 2, 3)
-    assert tuple(cfg["lrs"]) == experiment_cli.LRS["pretrained"]
-    assert cfg["control_lr"] == experiment_cli.CONTROL_LR["pretrained"]
-    assert [r["lr"] for r in summary["selection"]["lr"]] == list(experiment_cli.LRS["pretrained"])
+    assert tuple(cfg["lrs"]) == common.LRS["pretrained"]
+    assert cfg["control_lr"] == common.CONTROL_LR["pretrained"]
+    assert [r["lr"] for r in summary["selection"]["lr"]] == list(common.LRS["pretrained"])
     # the items are what the flags say: every test prompt holds 4 of the given objects
     decoded = [tok.decode(ids) for ids in _test_items_of_config(summary, tok)]
     assert all(sum(o in text.split() for o in objects) == 4 for text in decoded)
@@ -193,7 +198,7 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
 
     monkeypatch.setattr(ablation, "head_ablation_scan", no_scan)
     monkeypatch.setattr(path_patching, "path_patching_scan", no_scan)
-    again = experiment_cli.main("entity_tracking", argv)
+    again = run_table("entity_tracking", argv)
     assert again["circuits"] == summary["circuits"] and again["rows"] == summary["rows"]
 
 
@@ -217,7 +222,7 @@ def test_theory_of_mind_places_pairs_where_teacher_heads_work(tok, tmp_path):
             "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas", "0.5", "--matchers", "cka",
             "--arms", "circuit distilled, CE", "circuit distilled, CE + Align CKA",
             "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")]
-    summary = experiment_cli.main("theory_of_mind", argv)
+    summary = run_table("theory_of_mind", argv)
     assert summary["positions_from"] == "largest ablation effect"
     teacher_circuit = summary["circuits"]["teacher"]["groups"]["circuit"]
     assert set(summary["teacher_positions"]) == set(teacher_circuit)

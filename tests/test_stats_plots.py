@@ -1,4 +1,4 @@
-"""Rank statistics against scipy; heatmaps are written as HTML (and PNG when kaleido can run)."""
+"""Rank statistics against scipy; figures are written as HTML and PNG that work offline."""
 
 from __future__ import annotations
 
@@ -71,8 +71,33 @@ def test_head_heatmap_writes_html(tmp_path):
                              marked=[Head(1, 1)])
     assert len(fig.layout.shapes) == 1 and fig.layout.shapes[0].x0 == 0.5
     written = plots.save_figure(fig, tmp_path / "heat")
-    assert written[0].suffix == ".html" and written[0].stat().st_size > 0
-    assert all(p.exists() for p in written)
+    assert [p.suffix for p in written] == [".html", ".png"] and all(p.exists() for p in written)
+
+
+def test_figures_work_offline(tmp_path):
+    """The HTML loads plotly.js from beside it, never from a network; the PNG is drawn without a
+    browser, at the figure's size, in its colour scale."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    from cdist import static_png
+
+    fig = plots.head_heatmap(torch.tensor([[-1.0, 1.0], [0.5, -0.5]]), title="t", colorbar="c",
+                             marked=[Head(0, 1)])
+    html, png = plots.save_figure(fig, tmp_path / "figs" / "heat")
+    page = html.read_text()
+    assert "cdn.plot.ly" not in page and '<script src="https://' not in page
+    assert 'src="plotly.min.js"' in page
+    assert (tmp_path / "figs" / "plotly.min.js").stat().st_size > 1_000_000
+    image = imread(png)
+    assert image.shape[:2] == (fig.layout.height, fig.layout.width)
+    # plotly's RdBu from its stored (fraction, colour) pairs: -1 is its darkest red, +1 its blue
+    cmap = static_png._cmap(fig.data[0].colorscale)
+    assert np.allclose(cmap(0.0)[:3], (103 / 255, 0, 31 / 255))
+    assert np.allclose(cmap(1.0)[:3], (5 / 255, 48 / 255, 97 / 255))
+    rgb = image[..., :3].reshape(-1, 3)
+    assert (np.abs(rgb - cmap(0.0)[:3]).sum(1) < 0.02).any()  # the -1 cell is drawn
+    assert (np.abs(rgb - cmap(1.0)[:3]).sum(1) < 0.02).any()
 
 
 @settings(max_examples=30, deadline=None)

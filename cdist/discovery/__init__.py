@@ -20,7 +20,6 @@ from cdist.discovery.circuits import (
     Discovery,
     DiscoveryConfig,
     find_circuit,
-    parse_min_effect,
     ranked_circuit,
     select_heads,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "circuits",
     "engine",
     "find_circuit",
-    "parse_min_effect",
     "path_patching",
     "ranked_circuit",
     "select_heads",

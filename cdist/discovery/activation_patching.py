@@ -78,7 +78,8 @@ def activation_patching_scan(
     columns = () if position is None else (position,)
     total = -(-len(data) // batch_size) * passes_per_batch(scanned, n_layers, n_heads,
                                                           heads_per_pass)
-    bar = tqdm(total=total, disable=not progress, desc="activation patching", unit="pass")
+    bar = tqdm(total=total, disable=None if progress else True,
+               desc="activation patching", unit="pass")
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids = batch["input_ids"].to(device)
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)

@@ -17,7 +17,6 @@ separate sets.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadScores, Scan
 
 __all__ = ["METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit",
-           "parse_min_effect", "ranked_circuit", "select_heads"]
+           "ranked_circuit", "select_heads"]
 
 METHODS = ("auto", "path_patching", "mean_ablation")
 SEARCHES = ("auto", "prakash", "adjacent")
@@ -39,19 +38,6 @@ SEARCHES = ("auto", "prakash", "adjacent")
 # ``min_effect="noise"``: about a 2.5% one-sided false-positive rate per head under a normal
 # approximation.
 NOISE_Z = 2.0
-
-
-def parse_min_effect(text: str) -> float | str:
-    """A command line's ``--min-effect``: ``noise`` or a number >= 0 (argparse type)."""
-    if text == "noise":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'noise' nor a number >= 0")
-    return value
 
 
 def select_heads(scores: Scan | HeadScores, k: int,

@@ -181,7 +181,7 @@ def path_patching_scan(
     start = min(r.layer for r in receivers) if receivers else 0
     resid_names = sorted({hook_resid_pre(0), hook_resid_pre(start)})
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
-    bar = tqdm(total=total, disable=not progress, desc="path patching", unit="pass")
+    bar = tqdm(total=total, disable=None if progress else True, desc="path patching", unit="pass")
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         if not receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise ValueError("receivers=() means the logits at pos_last; "

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
+    from datasets import Dataset
 
 from cdist.tasks.common import (
     Prompt,
@@ -267,6 +269,8 @@ def entity_tracking(
             "n_boxes": n_boxes,
             "template": t.name,
         })
+    from datasets import Dataset
+
     return Dataset.from_list(rows)
 
 

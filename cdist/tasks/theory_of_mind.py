@@ -49,8 +49,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
+    from datasets import Dataset
 
 from cdist.tasks.common import (
     Prompt,
@@ -277,6 +279,8 @@ def theory_of_mind(
     encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupted), strict=True)
     rows = [_row(*item, c.text, x.text, *enc, answer_ids, t.name)
             for item, c, x, enc in zip(items, clean, corrupted, encoded, strict=True)]
+    from datasets import Dataset
+
     return Dataset.from_list(rows)
 
 

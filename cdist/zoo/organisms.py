@@ -386,7 +386,9 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
     done = bool(run.history) and run.history[-1].get("stop", False)
     t0 = time.time() - run.wall
     # The penalty's hooks live only while training runs: none are left after it, error or not.
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress, desc=cfg.name)
+    # disable=None: quiet when stderr is not a terminal (logs, CI)
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=None if progress else True,
+               desc=cfg.name)
     penalty = None
     if cfg.head_sparsity:
         penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads)

@@ -1,0 +1,65 @@
+"""The ``cdist`` command: circuit distillation's pipeline, one subcommand a step, every step reading
+and writing one run folder (``--out``; ``cdist.cli.common`` says how settings carry from step to
+step).
+
+    cdist zoo list                                   # the model organisms and their manifests
+    cdist discover --out runs/et                     # the zoo teacher's and student's circuits
+    cdist match --out runs/et                        # head maps between the two circuits
+    cdist distill --out runs/et --lam 1.0            # one training run (default: CE + Align CKA)
+    cdist evaluate --out runs/et                     # full / circuit / random-circuit accuracy
+    cdist table --out runs/et --seeds 0 1 2          # Table 1 or 2 (every arm, seeds, statistics)
+    cdist report runs/et                             # runs/et/report.html, one page of it all
+    cdist demo                                       # the zoo table and a small distillation
+
+Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cdist.cli import steps, zoo_commands
+from cdist.cli.common import UsageError
+
+__all__ = ["main", "run"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdist", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (zoo_commands, steps):
+        module.add_parsers(sub)
+    return p
+
+
+def run(argv: list[str] | None = None):
+    """Run one command; returns what it made (a table command: the summary). Raises
+    ``UsageError`` for input the user can fix."""
+    p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.argv = argv[1:]  # the pipeline's steps parse again, over the run folder's settings
+    return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: ``run``, with input errors as one line and exit status 2."""
+    try:
+        run(argv)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("CDIST_TRACEBACK"):
+            raise
+        # ValueError and FileNotFoundError: the library's own checks (a config out of range, a
+        # stale run folder, a missing file) already say what is wrong in one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"cdist: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The pipeline's subcommands: ``discover``, ``match``, ``distill``, ``evaluate`` and ``table``,
+each a step of ``cdist.experiment`` on one run folder.
+
+What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``):
+- ``discover``: ``circuit-<role>.json``, ``discovery-<role>.json`` (method, positions, the circuit's
+  accuracy and faithfulness on the test items), the scans (``scans/``, ``search-<role>/``), and a
+  heatmap of each scan with the circuit outlined (``figures/``).
+- ``match``: ``head_maps/<matcher>.json``, ``diagnostics.json`` and each map's figure.
+- ``distill``: ``runs/n<items>/<arm>-seed<seed>/`` (checkpoint, ``metrics.json``/``.csv``,
+  ``eval.json``).
+- ``evaluate``: ``evaluation.json`` (each model's test and OOD accuracy, its circuit's and random
+  circuits'; every trained run's from its ``eval.json``).
+- ``table``: ``results.json``, ``per_item.json``, and the report under ``--figures``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from cdist import arms
+from cdist.cli import common
+
+__all__ = ["add_parsers"]
+
+_EXAMPLES = {
+    "discover": "cdist discover --teacher et-teacher --student et-student --out runs/et\n"
+                "cdist discover --teacher ckpt/smollm2 --task entity_tracking --n-boxes 3 "
+                "--prefilter 30 --out runs/real",
+    "match": "cdist match --out runs/et --matchers ablation cka",
+    "distill": "cdist distill --out runs/et --arm 'circuit distilled, CE + Align CKA' --lr 1e-3 "
+               "--lam 1.0 --seed 0 --steps 300",
+    "evaluate": "cdist evaluate --out runs/et",
+    "table": "cdist table --task entity_tracking --seeds 0 1 2 --out runs/et\n"
+             "cdist table --teacher ckpt/teacher --student ckpt/student --device cuda --lrs 2e-5",
+}
+
+
+def add_parsers(sub) -> None:
+    helps = {
+        "discover": ("find the teacher's and/or the student's circuit for the task",
+                     ("items", "discovery")),
+        "match": ("map each student circuit head to teacher heads (every matcher asked for)",
+                  ("items", "discovery", "matching")),
+        "distill": ("one training run of the student (any arm, lr, lambda, seed)",
+                    ("items", "discovery", "matching", "training")),
+        "evaluate": ("full, circuit and random-circuit accuracy of the teacher, the student and "
+                     "every trained run", ("items", "discovery")),
+        "table": ("the paper's Table 1 or 2: every arm over seeds and regimes, selection on "
+                  "validation items, the declared statistics",
+                  ("items", "discovery", "matching", "training", "design")),
+    }
+    for name, (text, groups) in helps.items():
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                           epilog="example:\n  " + _EXAMPLES[name].replace("\n", "\n  "),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        common.add_flags(p, groups)
+        if name == "discover" or name == "evaluate":
+            p.add_argument("--roles", nargs="+", choices=["teacher", "student"], default=None,
+                           help="which models (default: those named by --teacher/--student, "
+                                "else both)")
+        if name == "distill":
+            g = p.add_argument_group("this run")
+            g.add_argument("--arm", default="circuit distilled, CE + Align CKA",
+                           choices=[a.name for a in arms.ARMS if a.trained], metavar="ARM",
+                           help="how the student trains (an arm of the table; default: "
+                                "%(default)s)")
+            g.add_argument("--matcher", default="ablation", choices=arms.MATCHERS,
+                           help="whose head map the pairs come from")
+            g.add_argument("--lr", type=float, default=None,
+                           help=f"learning rate (default: {common.LRS['zoo'][1]} for zoo "
+                                f"students, {common.LRS['pretrained'][1]} for checkpoints)")
+            g.add_argument("--lam", type=float, default=1.0, help="CKA weight lambda")
+            g.add_argument("--seed", type=int, default=0,
+                           help="the run's seed (data order, shuffles, random pairs)")
+            g.add_argument("--train-items", type=int, default=128, help="training items")
+        if name == "table":
+            p.add_argument("--figures", default="figures", help="where the tables and figures go")
+        p.set_defaults(run=globals()[f"_{name}"], parser=p)
+    report = sub.add_parser("report", help="one self-contained HTML page for a run folder",
+                            description="One HTML page (plotly inlined: it opens offline) with "
+                                        "whatever the folder holds: the table, the circuits' "
+                                        "heatmaps, the head maps, the training curves, the "
+                                        "diagnostics, the settings and the commits.",
+                            epilog="example:\n  cdist report runs/et   # -> runs/et/report.html",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", help="a folder a cdist command wrote (its --out)")
+    report.add_argument("--page", default=None, help="where the page goes "
+                        "(default: RUN_DIR/report.html)")
+    report.set_defaults(run=_report, parser=report)
+
+
+def _roles(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.roles or args.named_roles or ("teacher", "student"))
+
+
+def _prepared(top: argparse.Namespace, command: str):
+    """The step's settings (``common.parse``) and experiment, checked before anything is
+    written."""
+    args = common.parse(top.parser, top.argv, command)
+    exp = common.experiment(args)
+    common.keep_settings(top.parser, args)
+    return args, exp
+
+
+def _discover(top: argparse.Namespace) -> dict:
+    from cdist import plots
+
+    args, exp = _prepared(top, "discover")
+    out, made = Path(args.out), {}
+    for role in _roles(args):
+        exp.find_circuits((role,))
+        circuit, found = exp.circuits[role], exp.discoveries[role]
+        record = {"role": role, "model": getattr(args, role), "task": args.task,
+                  "heads": [str(h) for h in circuit.heads], "circuit": circuit.to_dict(),
+                  "selection": found.record}
+        if role == "teacher":
+            exp.place_teacher_heads()
+            record["positions"] = {str(h): c for h, c in sorted(exp.positions.items())}
+            record["positions_from"] = exp.positions_from
+        result = exp.evaluate(exp.model(role), role)
+        record["test"] = {k: result[k] for k in ("full_accuracy", "circuit_accuracy",
+                                                 "random_accuracy", "faithfulness")}
+        common.write_json(record, out / f"discovery-{role}.json")
+        for name, scan in found.scans.items():
+            plots.save_figure(scan.figure(marked=circuit.heads),
+                              out / "figures" / f"{role}-{name}")
+        print(f"{role} ({record['model']}): {len(circuit)} heads "
+              f"{' '.join(map(str, circuit.heads))}; test accuracy full "
+              f"{record['test']['full_accuracy']:.3f}, circuit "
+              f"{record['test']['circuit_accuracy']:.3f}, random "
+              f"{record['test']['random_accuracy']:.3f}, faithfulness "
+              f"{record['test']['faithfulness']:.3f}")
+        made[role] = record
+    print(f"written to {out}")
+    return made
+
+
+def _matched(exp):
+    exp.find_circuits()
+    exp.place_teacher_heads()
+    exp.match()
+
+
+def _match(top: argparse.Namespace) -> dict:
+    from cdist import plots
+
+    args, exp = _prepared(top, "match")
+    _matched(exp)
+    out = Path(args.out)
+    for name, hmap in exp.maps.items():
+        plots.save_figure(plots.head_map_figure(hmap), out / "figures" / f"head-map-{name}")
+        flags = exp.diagnostics[name]["flags"]
+        print(f"{name}: {', '.join(map(str, hmap.pairs))}"
+              + (f" ({len(flags)} warnings in diagnostics.json)" if flags else ""))
+    print(f"written to {out}/head_maps")
+    return exp.maps
+
+
+def _distill(top: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from cdist import experiment
+
+    args = common.parse(top.parser, top.argv, "distill")
+    args.regimes = [args.train_items]  # the run's items are the first of the table's pool
+    exp = common.experiment(args)
+    common.keep_settings(top.parser, args)
+    arm = arms.arm(args.arm)
+    if args.matcher not in exp.cfg.matchers:
+        exp.cfg = replace(exp.cfg, matchers=(*exp.cfg.matchers, args.matcher))
+    lr = args.lr if args.lr is not None else exp.cfg.lrs[len(exp.cfg.lrs) // 2]
+    _matched(exp)
+    run_dir = (Path(args.out) / "runs" / f"n{args.train_items}"
+               / f"{experiment.slug(arm.name)}-seed{args.seed}")
+    record = exp.run(arm, args.train_items, args.seed, lr, args.lam, exp.maps[args.matcher],
+                     run_dir)
+    print(f"{arm.name}, lr {lr}, lambda {args.lam}, seed {args.seed}: test accuracy full "
+          f"{record['full_accuracy']:.3f}, circuit {record['circuit_accuracy']:.3f} "
+          f"({record['wall_time_s']:.0f} s); {run_dir}")
+    return record
+
+
+def _evaluate(top: argparse.Namespace) -> dict:
+    args, exp = _prepared(top, "evaluate")
+    out = Path(args.out)
+    result: dict = {"models": {}, "runs": {}}
+    for role in _roles(args):
+        exp.find_circuits((role,))
+        rec = exp.evaluate(exp.model(role), role)
+        rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
+        result["models"][role] = {"model": getattr(args, role), **rec}
+        print(_accuracy_line(f"{role} ({getattr(args, role)})", rec))
+    for path in sorted(out.glob("runs/*/*/eval.json")):
+        rec = json.loads(path.read_text())
+        result["runs"][str(path.parent.relative_to(out))] = {
+            k: rec[k] for k in ("full_accuracy", "circuit_accuracy", "random_accuracy",
+                                "faithfulness", "train_items", "config")}
+        print(_accuracy_line(str(path.parent.relative_to(out)), rec))
+    common.write_json(result, out / "evaluation.json")
+    return result
+
+
+def _accuracy_line(name: str, rec: dict) -> str:
+    return (f"{name}: full {rec['full_accuracy']:.3f}, circuit {rec['circuit_accuracy']:.3f}, "
+            f"random circuit {rec['random_accuracy']:.3f}, faithfulness "
+            f"{rec['faithfulness']:.3f}")
+
+
+def _report(top: argparse.Namespace) -> Path:
+    from cdist.report_page import write_run_page
+
+    path = write_run_page(top.run_dir, top.page)
+    print(path)
+    return path
+
+
+def _table(top: argparse.Namespace) -> dict:
+    from cdist import report, tasks
+    from cdist.experiment import run_experiment
+    from cdist.provenance import git_commit
+
+    args, exp = _prepared(top, "table")
+    commit = git_commit()
+    summary = run_experiment(exp.cfg, exp.load_teacher, exp.load_student, args.out,
+                             names=exp.names)
+    # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
+    command = shlex.join(["cdist", "table", *top.argv])
+    stem = tasks.get_task(args.task).table_stem
+    for path in report.write_report(summary, args.figures, stem, command=command, commit=commit):
+        print(path)
+    print(report.markdown_table(summary))
+    return summary
+
+

@@ -1,0 +1,182 @@
+"""One self-contained HTML page for a run folder (``cdist report RUN_DIR``): the table, the
+circuits' heatmaps, the head-correspondence maps, the training curves, the alignment diagnostics,
+the settings and the commits.
+
+Each section is drawn from the files a step left (``cdist.cli.steps``) and left out where there are
+none, so the page works for a folder that only has circuits as well as for a finished table.
+plotly.js is inlined once, so the page opens offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import markdown
+import plotly.graph_objects as go
+import plotly.offline
+from plotly.subplots import make_subplots
+
+from cdist import plots
+from cdist.checkpoints import atomic_write_text
+from cdist.matching import HeadMap
+from cdist.report import curve_figure, markdown_table
+from cdist.types import Circuit, Scan
+
+__all__ = ["run_page", "write_run_page"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f2f2f2; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.figure { margin: 1em 0; }
+nav a { margin-right: 1em; }
+"""
+
+
+def _figure(fig: go.Figure, name: str) -> str:
+    return ('<div class="figure">'
+            + fig.to_html(full_html=False, include_plotlyjs=False, div_id=name,
+                          config={"responsive": False})
+            + "</div>")
+
+
+def _read(path: Path):
+    return json.loads(path.read_text())
+
+
+def _circuits(run: Path) -> list[str]:
+    parts = []
+    for role in ("teacher", "student"):
+        path = run / f"circuit-{role}.json"
+        if not path.is_file():
+            continue
+        circuit = Circuit.from_json(path)
+        groups = "; ".join(f"{g}: {' '.join(map(str, hs))}" for g, hs in circuit.groups.items())
+        parts.append(f"<h3>{role}: {html.escape(circuit.model or '')}</h3>"
+                     f"<p>{len(circuit)} heads by {html.escape(circuit.method)} "
+                     f"({html.escape(groups)})</p>")
+        found = run / f"discovery-{role}.json"
+        if found.is_file():
+            test = _read(found).get("test", {})
+            parts.append("<p>test items: " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.3f}" for k, v in test.items() if v is not None)
+                + "</p>")
+        scans = sorted((run / "scans").glob(f"{role}-*.json"))
+        for path in scans:
+            scan = Scan.from_dict(_read(path)["scan"])
+            fig = scan.figure(marked=circuit.heads)
+            fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
+            parts.append(_figure(fig, f"scan-{path.stem}"))
+        for path in sorted((run / f"search-{role}").glob("*.json")):
+            for name, data in _read(path).get("scans", {}).items():
+                scan = Scan.from_dict(data)
+                fig = scan.figure(marked=circuit.groups.get(path.stem, ()))
+                fig.update_layout(title=f"{role}: path patching, {name}")
+                parts.append(_figure(fig, f"search-{role}-{name}"))
+    return parts
+
+
+def _head_maps(run: Path) -> list[str]:
+    paths = sorted((run / "head_maps").glob("*.json"))
+    if not paths and (run / "head_map.json").is_file():
+        paths = [run / "head_map.json"]
+    return [_figure(plots.head_map_figure(HeadMap.from_json(p)), f"head-map-{p.stem}")
+            for p in paths]
+
+
+def _diagnostics(run: Path) -> list[str]:
+    path = run / "diagnostics.json"
+    if not path.is_file():
+        return []
+    parts = []
+    for name, d in _read(path).items():
+        rows = "".join(
+            f"<tr><td>{html.escape(r['pair'])}</td><td>{r['teacher_variation']:.3g}</td>"
+            f"<td>{r['student_variation']:.3g}</td><td>{r['cka_debiased']:.3f}</td>"
+            f"<td>{r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f}</td></tr>"
+            for r in d["pairs"])
+        flags = "".join(f"<li>{html.escape(f)}</li>" for f in d["flags"]) or "<li>none</li>"
+        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pair</th><th>teacher "
+                     "variation</th><th>student variation</th><th>debiased CKA</th><th>batch CKA "
+                     f"(paired / shuffled)</th></tr>{rows}</table><p>flags:</p><ul>{flags}</ul>")
+    return parts
+
+
+def training_curves(run: Path) -> go.Figure | None:
+    """Validation CE, accuracy and mean pair CKA over steps, one line per trained run."""
+    paths = sorted(run.glob("runs/*/*/metrics.json")) + sorted(run.glob("select/*/metrics.json"))
+    if not paths:
+        return None
+    panels = (("val_ce", "validation CE"), ("accuracy", "validation accuracy"),
+              ("cka_val_mean", "pair CKA (validation)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels])
+    for path in paths:
+        metrics = _read(path)["metrics"]
+        name = str(path.parent.relative_to(run))
+        for col, (key, _) in enumerate(panels, start=1):
+            points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+            if points:
+                fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points],
+                                         mode="lines", name=name, legendgroup=name,
+                                         showlegend=col == 1), row=1, col=col)
+        for col in range(1, 4):
+            fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_layout(title="training runs (validation items)", template="plotly_white",
+                      width=1250, height=460)
+    return fig
+
+
+def run_page(run_dir: str | Path) -> str:
+    """The page (module doc) as one HTML string."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a run folder; give the --out of a cdist command")
+    sections: list[tuple[str, list[str]]] = []
+    results = run / "results.json"
+    title = f"cdist run {run.name}"
+    if results.is_file():
+        summary = _read(results)
+        table = markdown.markdown(markdown_table(summary), extensions=["tables"])
+        curves = [_figure(curve_figure(summary, key, label), f"curve-{key}") for key, label in
+                  (("val_ce_curve", "validation CE, mean over seeds"),
+                   ("val_accuracy_curve", "validation accuracy, mean over seeds"))]
+        sections.append(("table", [table, *curves]))
+        title = f"{summary['config']['task'].replace('_', ' ')}: {summary['student']} from " \
+                f"{summary['teacher']}"
+    sections.append(("circuits", _circuits(run)))
+    sections.append(("head maps", _head_maps(run)))
+    if not results.is_file():  # a table has its per-arm curves above and diagnostics in its text
+        curves = training_curves(run)
+        sections.append(("training", [_figure(curves, "training")] if curves else []))
+        sections.append(("diagnostics", _diagnostics(run)))
+    settings = []
+    if results.is_file():
+        settings.append("<h3>the experiment's config (results.json)</h3><pre>"
+                        + html.escape(json.dumps(summary["config"], indent=1)) + "</pre>")
+    for name in ("config.yaml", "commands.log"):
+        if (run / name).is_file():
+            settings.append(f"<h3>{name}</h3><pre>{html.escape((run / name).read_text())}</pre>")
+    sections.append(("settings and commits", settings))
+    sections = [(name, parts) for name, parts in sections if parts]
+    if not sections:
+        raise FileNotFoundError(f"{run} holds nothing cdist wrote (no circuits, head maps, runs or "
+                                "results); run a cdist step with --out there first")
+    nav = "".join(f'<a href="#{name.replace(" ", "-")}">{name}</a>' for name, _ in sections)
+    body = "".join(f'<section id="{name.replace(" ", "-")}"><h2>{name}</h2>{"".join(parts)}'
+                   "</section>" for name, parts in sections)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script>"
+            f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(str(run))}</p>"
+            f"<nav>{nav}</nav>{body}</body></html>")
+
+
+def write_run_page(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``run_page(run_dir)`` to ``out`` (default ``RUN_DIR/report.html``)."""
+    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    atomic_write_text(run_page(run_dir), path)
+    return path

@@ -1,0 +1,143 @@
+"""The ``cdist`` command: fast help, the pipeline step by step on one run folder, settings carried
+from step to step and from config files, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cdist import cli
+from cdist.models import new_llama, save_llama
+
+STEPS = ("discover", "match", "distill", "evaluate", "table")
+SMALL = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items", "32",
+         "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "2", "--min-effect", "0",
+         "--device", "cpu"]
+
+
+def test_help_answers_without_the_heavy_libraries():
+    """Every subcommand's parser and help are built from the standard library and cdist's light
+    modules, which is what keeps ``--help`` under a second."""
+    code = ("import sys, contextlib, io\n"
+            "from cdist import cli\n"
+            f"for argv in ([], ['zoo'], ['zoo', 'train'], ['demo'], *[[s] for s in {STEPS!r}]):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try:\n"
+            "            cli.parser().parse_args([*argv, '--help'])\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    assert 'usage: cdist' in out.getvalue(), argv\n"
+            "    if argv and argv != ['zoo']:\n"
+            "        assert 'example' in out.getvalue(), argv\n"
+            "print(sorted(m for m in ('torch', 'datasets', 'transformer_lens', 'transformers')\n"
+            "             if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def dirs(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    made = {}
+    for role, (layers, width, heads, seed) in {"teacher": (2, 32, 4, 0),
+                                               "student": (2, 32, 4, 1)}.items():
+        model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=2,
+                          d_mlp=2 * width, vocab_size=len(tok), seed=seed, tokenizer=tok)
+        made[role] = str(save_llama(model, root / role, tokenizer=tok))
+    return made
+
+
+def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
+    found = cli.run(["discover", *models, *SMALL, "--out", str(out)])
+    assert set(found) == {"teacher", "student"}
+    for role in found:
+        record = json.loads((out / f"discovery-{role}.json").read_text())
+        assert record["heads"] and 0 <= record["test"]["full_accuracy"] <= 1
+        assert (out / f"circuit-{role}.json").is_file()
+    assert set(json.loads((out / "discovery-teacher.json").read_text())["positions"]) == \
+        set(found["teacher"]["heads"])
+    assert list((out / "figures").glob("teacher-path_patching_*.html"))
+    # the folder remembers the models and the items: the next steps need neither
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    assert settings["teacher"] == dirs["teacher"] and settings["val_items"] == 24
+    maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
+    assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
+    assert (out / "diagnostics.json").is_file()
+    run = cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1",
+                   "--batch-size", "8", "--train-items", "16", "--lr", "1e-3", "--lam", "0.5"])
+    run_dir = out / "runs" / "n16" / "circuit_distilled-CE+Align_CKA-seed0"
+    assert (run_dir / "eval.json").is_file() and (run_dir / "metrics.csv").is_file()
+    assert run["config"]["cka_weight"] == 0.5 and run["config"]["lr"] == 1e-3
+    assert run["heads"] == found["student"]["heads"]
+    result = cli.run(["evaluate", "--out", str(out)])
+    assert set(result["models"]) == {"teacher", "student"}
+    assert list(result["runs"]) == ["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]
+    assert result["runs"]["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]["full_accuracy"] == \
+        run["full_accuracy"]
+    log = (out / "commands.log").read_text().splitlines()
+    assert len(log) == 4
+    page = cli.run(["report", str(out)]).read_text()
+    for section in ("circuits", "head-maps", "training", "diagnostics", "settings-and-commits"):
+        assert f'id="{section}"' in page
+    # every saved scan, every searched group of the teacher, the head map, the training
+    figures = len(list((out / "scans").glob("*.json"))) + len(list(out.glob("search-teacher/*")))
+    assert page.count('class="figure"') == figures + 2
+    assert log[0].split(" ", 3)[3] == shlex.join(["cdist", "discover", *models, *SMALL, "--out",
+                                                   str(out)])
+    # naming one model discovers that one only
+    capsys.readouterr()
+    only = cli.run(["discover", "--teacher", dirs["teacher"], "--out", str(out)])
+    assert list(only) == ["teacher"] and only["teacher"] == found["teacher"]
+
+
+def test_a_run_folder_config_re_makes_its_step(dirs, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
+    a = cli.run(["discover", *models, *SMALL, "--roles", "student", "--out", str(first)])
+    b = cli.run(["discover", "--config", str(first / "config.yaml"), "--roles", "student",
+                 "--out", str(second)])
+    assert a == b
+
+
+def test_config_files_set_flags_and_flags_win(dirs, tmp_path):
+    toml = tmp_path / "settings.toml"
+    toml.write_text(f'teacher = "{dirs["teacher"]}"\nstudent = "{dirs["student"]}"\n'
+                    'val-items = 20\ntest_items = 30\n'
+                    'discovery_items = 24\nreference_items = 32\nood_items = 8\n'
+                    'min_effect = "0"\nn_random = 1\n')
+    out = tmp_path / "run"
+    cli.run(["discover", "--config", str(toml), "--test-items", "36", "--roles", "teacher",
+             "--out", str(out)])
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    assert (settings["val_items"], settings["test_items"]) == (20, 36)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["discover", "--teacher", "no-such-model", "--roles", "teacher"],
+     "is neither a zoo model"),
+    (["discover", "--device", "cuda:7"], "--device cuda:7"),
+    (["discover", "--n-boxes", "3", "--task", "theory_of_mind"], "theory_of_mind has no boxes"),
+    (["distill", "--config", "{tmp}/bad.toml"], "unknown setting 'stepz'"),
+    (["distill", "--config", "{tmp}/broken.yaml"], "is not valid YAML"),
+    (["distill", "--config", "{tmp}/missing.toml"], "missing.toml"),
+    (["table", "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
+    (["zoo", "export", "no-such-model", "{tmp}/x"], "not a zoo model"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
+    (tmp_path / "bad.toml").write_text("stepz = 3\n")
+    (tmp_path / "broken.yaml").write_text("steps: [1,\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] != "zoo":
+        argv += ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out" / "config.yaml").exists()  # refused before anything was written

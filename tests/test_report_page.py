@@ -1,0 +1,72 @@
+"""``cdist report``: one self-contained page per run folder, checked in a real headless browser."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cdist import cli
+from cdist.report_page import run_page
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "results" / "entity_tracking"  # the zoo's Table 1, committed
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Chromium as root on a closed network: no sandbox, no background connections (which are refused
+# here, many at a time, and slow the start)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_page_of_a_table_folder_has_every_section(tmp_path):
+    page = run_page(TABLE)
+    for section in ('id="table"', 'id="circuits"', 'id="head-maps"',
+                    'id="settings-and-commits"'):
+        assert section in page
+    assert "Primary comparison" in page and "<table>" in page
+    assert "<script src=" not in page and "<link " not in page  # nothing to fetch
+    assert page.count('class="figure"') >= 3
+
+
+def test_report_refuses_a_folder_with_nothing_of_cdist(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "holds nothing cdist wrote" in err[0]
+    assert "is not a run folder" in err[1]
+
+
+@pytest.mark.slow
+def test_page_renders_in_a_headless_browser(tmp_path):
+    """Every plot renders (an SVG inside each plotly div), with no console error or page error,
+    from a file:// URL with the network unused; a screenshot is kept."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: apt-get install chromium (make test installs it where it can)")
+    page_path = cli.run(["report", str(TABLE), "--page", str(tmp_path / "report.html")])
+    errors, requests = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            figures = page.locator("div.figure").count()
+            page.wait_for_function(  # every figure drawn
+                "Array.from(document.querySelectorAll('div.figure')).every("
+                "d => d.querySelector('.js-plotly-plot .main-svg'))", timeout=60_000)
+            rendered = page.evaluate(
+                "Array.from(document.querySelectorAll('div.figure')).filter("
+                "d => d.querySelector('.js-plotly-plot .main-svg') && "
+                "d.querySelector('.js-plotly-plot g.trace, .js-plotly-plot .hm')).length")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert figures >= 3 and rendered == figures
+    assert errors == []
+    assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
+    assert (tmp_path / "report.png").stat().st_size > 50_000
