@@ -471,3 +471,14 @@ def test_head_penalty_weight_ramps_up_linearly(tmp_path):
     _, manifest = organisms.train_organism(cfg, tokenizer, tmp_path, progress=False)
     weights = [h["head_penalty_weight"] for h in manifest["history"]]
     assert weights == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path):
+    import os
+
+    from cdist.checkpoints import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text("x", tmp_path / "atomic.txt")
+    assert os.stat(tmp_path / "atomic.txt").st_mode == os.stat(plain).st_mode
