@@ -184,6 +184,9 @@ def _demo(args) -> list[dict]:
              "--ood-items", "200", "--arms", "base student", "teacher", "circuit distilled, CE",
              "circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
              "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"])
+    from cdist.report_page import write_run_page
+
+    page = write_run_page(f"{args.out}/entity_tracking")
     print(f"demo distillation: {time.time() - started:.0f} s; tables and figures in "
-          f"{args.out}/figures")
+          f"{args.out}/figures; the run's page: {page}")
     return rows
