@@ -193,6 +193,14 @@ class _Experiment:
     def model(self, role: str) -> HookedTransformer:
         return self.teacher if role == "teacher" else self.student
 
+    @property
+    def t_heads(self) -> tuple[Head, ...]:
+        return self.circuits["teacher"].heads
+
+    @property
+    def s_heads(self) -> tuple[Head, ...]:
+        return self.circuits["student"].heads
+
     def ablation_scan(self, role: str, items, name: str) -> Scan:
         """``role``'s mean-ablation scan of ``items``, saved as ``scans/<name>.json`` and reused
         while the model, the items and the reference items are the same: at real depth each scan
@@ -233,10 +241,6 @@ class _Experiment:
                              "the task)")
         circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
         self.circuits[role], self.discoveries[role] = circuit, found
-        if role == "teacher":
-            self.t_heads = circuit.heads
-        else:
-            self.s_heads = circuit.heads
         self.log(f"{role} circuit: {len(circuit.heads)} heads "
                  f"{[str(h) for h in circuit.heads]}")
 

@@ -124,8 +124,7 @@ def training_curves(run: Path) -> go.Figure | None:
                 fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points],
                                          mode="lines", name=name, legendgroup=name,
                                          showlegend=col == 1), row=1, col=col)
-        for col in range(1, 4):
-            fig.update_xaxes(title_text="step", row=1, col=col)
+    fig.update_xaxes(title_text="step")
     fig.update_layout(title="training runs (validation items)", template="plotly_white",
                       width=1250, height=460)
     return fig

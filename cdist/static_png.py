@@ -60,13 +60,12 @@ def write_png(fig: go.Figure, path: str | Path) -> Path:
     try:
         axes: dict[tuple[str, str], plt.Axes] = {}
         margin = {"l": 0.09, "r": 0.05, "b": 0.12, "t": 0.16}
+        w, h = 1 - margin["l"] - margin["r"], 1 - margin["b"] - margin["t"]  # the plotting area
 
         def ax_for(xref: str, yref: str) -> plt.Axes:
             if (xref, yref) not in axes:
                 xd = getattr(layout, _axis_key(xref, "x")).domain or (0, 1)
                 yd = getattr(layout, _axis_key(yref, "y")).domain or (0, 1)
-                w = 1 - margin["l"] - margin["r"]
-                h = 1 - margin["b"] - margin["t"]
                 gap = 0.06 if xd[1] - xd[0] < 1 else 0.0
                 axes[xref, yref] = figure.add_axes(
                     (margin["l"] + w * xd[0] + gap / 2, margin["b"] + h * yd[0],
@@ -120,8 +119,6 @@ def write_png(fig: go.Figure, path: str | Path) -> Path:
                 ax.text(x, y, _strip(note.text), ha="center", va="center",
                         fontsize=(font.size or 10) * 0.7, color=font.color or "black")
             elif note.xref == "paper" and note.yref == "paper":  # subplot titles
-                w = 1 - margin["l"] - margin["r"]
-                h = 1 - margin["b"] - margin["t"]
                 figure.text(margin["l"] + w * note.x, margin["b"] + h * note.y + 0.01,
                             _strip(note.text), ha="center", va="bottom", fontsize=9)
         for (xref, yref), ax in axes.items():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import shlex
 import time
 from pathlib import Path
@@ -385,9 +384,8 @@ def experiment_config(args: argparse.Namespace):
                                      kv_policy=args.kv_policy, eval_every=args.eval_every,
                                      cka_position=getattr(args, "cka_position", None))
     rule = {k: given[k] for k in ("k", "min_effect", "prefilter") if k in given}
-    for name in ("arms",):
-        for arm_name in given.get(name, []):
-            arms.arm(arm_name)  # ValueError names the arm and the choices
+    for arm_name in given.get("arms", []):
+        arms.arm(arm_name)  # ValueError names the arm and the choices
     fields = {k: tuple(given[k]) if isinstance(given[k], list) else given[k]
               for k in ("seeds", "select_seed", "regimes", "val_items", "test_items",
                         "reference_items", "discovery_items", "n_random", "data_seed", "ood_items",
@@ -429,14 +427,3 @@ def experiment(args: argparse.Namespace, *, log=print):
              or "student")
     return _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,
                        progress=True, log=log)
-
-
-def write_json(record: dict, path: Path) -> Path:
-    from cdist.checkpoints import atomic_write_json
-
-    atomic_write_json(record, path)
-    return path
-
-
-def dumps(record: dict) -> str:
-    return json.dumps(record, indent=1)

@@ -107,6 +107,7 @@ def _prepared(top: argparse.Namespace, command: str):
 
 def _discover(top: argparse.Namespace) -> dict:
     from cdist import plots
+    from cdist.checkpoints import atomic_write_json
 
     args, exp = _prepared(top, "discover")
     out, made = Path(args.out), {}
@@ -123,7 +124,7 @@ def _discover(top: argparse.Namespace) -> dict:
         result = exp.evaluate(exp.model(role), role)
         record["test"] = {k: result[k] for k in ("full_accuracy", "circuit_accuracy",
                                                  "random_accuracy", "faithfulness")}
-        common.write_json(record, out / f"discovery-{role}.json")
+        atomic_write_json(record, out / f"discovery-{role}.json")
         for name, scan in found.scans.items():
             plots.save_figure(scan.figure(marked=circuit.heads),
                               out / "figures" / f"{role}-{name}")
@@ -184,6 +185,8 @@ def _distill(top: argparse.Namespace) -> dict:
 
 
 def _evaluate(top: argparse.Namespace) -> dict:
+    from cdist.checkpoints import atomic_write_json
+
     args, exp = _prepared(top, "evaluate")
     out = Path(args.out)
     result: dict = {"models": {}, "runs": {}}
@@ -199,7 +202,7 @@ def _evaluate(top: argparse.Namespace) -> dict:
             k: rec[k] for k in ("full_accuracy", "circuit_accuracy", "random_accuracy",
                                 "faithfulness", "train_items", "config")}
         print(_accuracy_line(str(path.parent.relative_to(out)), rec))
-    common.write_json(result, out / "evaluation.json")
+    atomic_write_json(result, out / "evaluation.json")
     return result
 
 
