@@ -50,9 +50,10 @@ import torch
 from cdist import alignment, arms, distill, matching, stats, tasks
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
-from cdist.discovery import DiscoveryConfig, ablation, find_circuit
+from cdist.discovery import Discovery, DiscoveryConfig, ablation, find_circuit
 from cdist.distill import DistillConfig
 from cdist.evaluate import predictions
+from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
 from cdist.provenance import items_fingerprint, model_fingerprint
 from cdist.types import Head, Scan
@@ -173,7 +174,7 @@ class _Experiment:
                  progress, log):
         self.cfg, self.load_student, self.out, self.names = cfg, load_student, out, names
         self.load_teacher, self.progress, self.log = load_teacher, progress, log
-        self.means, self.circuits, self.discoveries = {}, {}, {}
+        self.circuits, self.discoveries, self._means = {}, {}, {}
 
     @cached_property
     def teacher(self) -> HookedTransformer:
@@ -201,21 +202,22 @@ class _Experiment:
     def s_heads(self) -> tuple[Head, ...]:
         return self.circuits["student"].heads
 
+    def means(self, role: str):
+        """``role``'s per-position head means on the reference items (mean ablation's values)."""
+        if role not in self._means:
+            self._means[role] = ablation.head_means(self.model(role), self.data.reference)
+        return self._means[role]
+
     def ablation_scan(self, role: str, items, name: str) -> Scan:
         """``role``'s mean-ablation scan of ``items``, saved as ``scans/<name>.json`` and reused
         while the model, the items and the reference items are the same: at real depth each scan
         is minutes, and a resumed experiment would otherwise redo them all."""
         model = self.model(role)
-        path = self.out / "scans" / f"{name}.json"
         identity = [model_fingerprint(model), items_fingerprint(items),
                     items_fingerprint(self.data.reference)]
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if saved.get("identity") == identity:
-            return Scan.from_dict(saved["scan"])
-        scan = ablation.head_ablation_scan(model, items, means=self.means[role])
-        atomic_write_json({"identity": identity, "scan": scan.to_dict()}, _mkdir(path.parent)
-                          / path.name)
-        return scan
+        return _reused(self.out / "scans" / f"{name}.json", identity, "scan",
+                       lambda: ablation.head_ablation_scan(model, items, means=self.means(role)),
+                       Scan.to_dict, Scan.from_dict)
 
     # ---- 1. circuits
     def find_circuits(self, roles: tuple[str, ...] = ("teacher", "student")) -> None:
@@ -224,16 +226,26 @@ class _Experiment:
                 self.find_circuit(role)
 
     def find_circuit(self, role: str) -> None:
-        """``role``'s circuit by its rule, written to ``circuit-<role>.json``."""
+        """``role``'s circuit by its rule, written to ``circuit-<role>.json``. The whole finding
+        (circuit, scans, record) is kept in ``cache/discovery-<role>.json`` and reused while the
+        model, the items, the task and the rule are the same, so that the steps after ``cdist
+        discover`` do not find it again."""
         cfg, data, model = self.cfg, self.data, self.model(role)
-        self.means[role] = ablation.head_means(model, data.reference)
         rule = cfg.student_discovery if role == "student" else cfg.discovery
-        scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
-                if rule.method_for(cfg.task) == "mean_ablation" else None)
-        # a path-patching search saves its groups, so a resumed experiment does not redo them
-        found = find_circuit(model, cfg.task, data.found_on, self.means[role], rule,
-                             model_name=self.names[role == "student"], scan=scan,
-                             checkpoint_dir=self.out / f"search-{role}", progress=self.progress)
+        name = self.names[role == "student"]
+        identity = [model_fingerprint(model), items_fingerprint(data.found_on),
+                    items_fingerprint(data.reference), cfg.task, asdict(rule), name]
+
+        def search():
+            scan = (self.ablation_scan(role, data.found_on, f"{role}-discovery")
+                    if rule.method_for(cfg.task) == "mean_ablation" else None)
+            # a path-patching search saves its groups, so a resumed experiment does not redo them
+            return find_circuit(model, cfg.task, data.found_on, self.means(role), rule,
+                                model_name=name, scan=scan,
+                                checkpoint_dir=self.out / f"search-{role}", progress=self.progress)
+
+        found = _reused(self.out / "cache" / f"discovery-{role}.json", identity, "discovery",
+                        search, Discovery.to_dict, Discovery.from_dict)
         circuit = found.circuit
         if not circuit.heads:
             raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
@@ -251,7 +263,7 @@ class _Experiment:
             positions, how = matching.circuit_positions(teacher_circuit), "circuit groups"
         else:
             positions, _ = matching.work_positions(self.teacher, self.data.found_on, self.t_heads,
-                                                   self.means["teacher"])
+                                                   self.means("teacher"))
             how = "largest ablation effect"
         named = {Head.parse(h): col for h, col in self.cfg.teacher_positions.items()}
         self.positions, self.positions_from = positions | named, how
@@ -260,30 +272,57 @@ class _Experiment:
                  + ", ".join(f"{h}@{c}" for h, c in sorted(self.positions.items())))
 
     # ---- 3. head maps and their diagnostics
-    def match(self) -> None:
+    def match(self, names: tuple[str, ...] | None = None) -> None:
+        """Head maps of the matchers ``names`` (default: the config's), each diagnosed, in
+        ``self.maps`` and ``self.diagnostics``. Every map made under the same circuits,
+        positions, models and validation items is kept in ``cache/head-maps.json``, so a later
+        step asks only for what it lacks; ``head_maps/<name>.json`` and ``diagnostics.json``
+        show every map so kept."""
         cfg, val = self.cfg, self.data.val
-        self.maps, self.diagnostics = {}, {}
+        names = tuple(names or cfg.matchers)
+        identity = [model_fingerprint(self.student), model_fingerprint(self.teacher),
+                    items_fingerprint(val), {r: c.to_dict() for r, c in self.circuits.items()},
+                    {str(h): c for h, c in sorted(self.positions.items())}, cfg.one_to_one,
+                    list(self.names)]
+        path = self.out / "cache" / "head-maps.json"
+        kept = _read_cache(path, identity, "maps") or {}
         scans = {}  # both ablation matchers read the same two scans: run them once
-        if any(m.startswith("ablation") for m in cfg.matchers):
+        if any(m.startswith("ablation") and m not in kept for m in names):
             scans = {role: self.ablation_scan(role, val, f"{role}-validation")
                      for role in ("student", "teacher")}
-        for name in cfg.matchers:
+        for name in names:
+            if name in kept:
+                continue
             hmap = _head_map(name, cfg, self.student, self.teacher, self.s_heads, self.t_heads,
                              self.positions, val, scans, self.names)
-            self.maps[name] = hmap
-            self.diagnostics[name] = alignment.diagnose(self.student, self.teacher, hmap, val,
-                                                        warn=False)
             # the same pairs all read at the last token, as the earlier design did: what positions
             # change
-            last = alignment.diagnose(self.student, self.teacher, hmap.at("pos_last"), val,
-                                      warn=False)
-            self.diagnostics[f"{name} at pos_last"] = last
+            kept[name] = {"map": hmap.to_dict(),
+                          "diagnostics": alignment.diagnose(self.student, self.teacher, hmap, val,
+                                                            warn=False),
+                          "at_last": alignment.diagnose(self.student, self.teacher,
+                                                        hmap.at("pos_last"), val, warn=False)}
+            atomic_write_json({"identity": identity, "maps": kept}, _mkdir(path.parent)
+                              / path.name)
+        maps_dir = _mkdir(self.out / "head_maps")
+        for stale in maps_dir.glob("*.json"):
+            if stale.stem not in kept:
+                stale.unlink()
+        all_diagnostics = {}
+        for name, entry in kept.items():
+            HeadMap.from_dict(entry["map"]).to_json(maps_dir / f"{name}.json")
+            all_diagnostics |= {name: entry["diagnostics"],
+                                f"{name} at pos_last": entry["at_last"]}
+        atomic_write_json(all_diagnostics, self.out / "diagnostics.json")
+        self.maps, self.diagnostics = {}, {}
+        for name in names:
+            hmap = self.maps[name] = HeadMap.from_dict(kept[name]["map"])
+            self.diagnostics |= {name: kept[name]["diagnostics"],
+                                 f"{name} at pos_last": kept[name]["at_last"]}
             self.log(f"head map ({name}): " + ", ".join(map(str, hmap.pairs)))
-            for flag in self.diagnostics[name]["flags"]:
+            for flag in kept[name]["diagnostics"]["flags"]:
                 self.log(f"  warning: {flag}")
-            self.log(f"  read at pos_last instead, {len(last['flags'])} flags")
-            hmap.to_json(_mkdir(self.out / "head_maps") / f"{name}.json")
-        atomic_write_json(self.diagnostics, self.out / "diagnostics.json")
+            self.log(f"  read at pos_last instead, {len(kept[name]['at_last']['flags'])} flags")
 
     def run(self, arm: arms.Arm, n_train: int, seed: int, lr: float, lam: float, hmap,
             run_dir: Path) -> dict:
@@ -315,7 +354,7 @@ class _Experiment:
         OOD)."""
         data = self.data
         known = model is self.teacher or model is self.student
-        means = self.means[role] if known else ablation.head_means(model, data.reference)
+        means = self.means(role) if known else ablation.head_means(model, data.reference)
         result = ablation.evaluate_circuit(model, self.circuits[role], data.test, means=means,
                                            n_random=self.cfg.n_random, seed=seed)
         keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
@@ -546,6 +585,32 @@ def slug(row: str) -> str:
     """An arm's name as a folder name."""
     return (row.replace(", ", "-").replace(" + ", "+").replace(" ", "_")
             .replace("(", "").replace(")", ""))
+
+
+def _read_cache(path: Path, identity, key: str):
+    """What ``path`` keeps under ``key`` for ``identity``, or None: a cache written for other
+    inputs, or one that cannot be read (a kill leaves no half-written file, but a user's edit
+    can), is made anew."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    # through JSON, so that tuples and lists compare equal
+    if not isinstance(saved, dict) or saved.get("identity") != json.loads(json.dumps(identity)):
+        return None
+    return saved.get(key)
+
+
+def _reused(path: Path, identity, key: str, make, to_dict, from_dict):
+    """``make()``'s result, or the one ``path`` keeps under ``key`` for the same ``identity``
+    (then saved there)."""
+    saved = _read_cache(path, identity, key)
+    if saved is not None:
+        return from_dict(saved)
+    value = make()
+    atomic_write_json({"identity": identity, key: to_dict(value)}, _mkdir(path.parent)
+                      / path.name)
+    return value
 
 
 def _mkdir(path: Path) -> Path:

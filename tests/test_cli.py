@@ -25,7 +25,8 @@ def test_help_answers_without_the_heavy_libraries():
     modules, which is what keeps ``--help`` under a second."""
     code = ("import sys, contextlib, io\n"
             "from cdist import cli\n"
-            f"for argv in ([], ['zoo'], ['zoo', 'train'], ['demo'], *[[s] for s in {STEPS!r}]):\n"
+            "for argv in ([], ['zoo'], ['zoo', 'train'], ['zoo', 'circuits'], ['demo'],\n"
+            f"             *[[s] for s in {STEPS!r}]):\n"
             "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "        try:\n"
             "            cli.parser().parse_args([*argv, '--help'])\n"
@@ -53,7 +54,9 @@ def dirs(tok, tmp_path_factory):
     return made
 
 
-def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys):
+def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch):
+    from cdist import experiment
+
     out = tmp_path / "run"
     models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
     found = cli.run(["discover", *models, *SMALL, "--out", str(out)])
@@ -68,28 +71,44 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys):
     # the folder remembers the models and the items: the next steps need neither
     settings = yaml.safe_load((out / "config.yaml").read_text())
     assert settings["teacher"] == dirs["teacher"] and settings["val_items"] == 24
+    # the later steps reuse the circuits the folder keeps, and each matcher's map once made
+    searched, matched = [], []
+    real_find, real_map = experiment.find_circuit, experiment._head_map
+    monkeypatch.setattr(experiment, "find_circuit",
+                        lambda *a, **k: searched.append(a[1]) or real_find(*a, **k))
+    monkeypatch.setattr(experiment, "_head_map",
+                        lambda name, *a: matched.append(name) or real_map(name, *a))
     maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
     assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
     assert (out / "diagnostics.json").is_file()
     run = cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1",
                    "--batch-size", "8", "--train-items", "16", "--lr", "1e-3", "--lam", "0.5"])
+    cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1", "--batch-size",
+             "8", "--train-items", "16", "--lr", "1e-3", "--lam", "0.5", "--matcher", "cka",
+             "--seed", "1"])
+    assert searched == [] and matched == ["ablation", "cka"]
+    assert sorted(p.stem for p in (out / "head_maps").glob("*.json")) == ["ablation", "cka"]
+    assert set(json.loads((out / "diagnostics.json").read_text())) == {
+        "ablation", "ablation at pos_last", "cka", "cka at pos_last"}
     run_dir = out / "runs" / "n16" / "circuit_distilled-CE+Align_CKA-seed0"
     assert (run_dir / "eval.json").is_file() and (run_dir / "metrics.csv").is_file()
     assert run["config"]["cka_weight"] == 0.5 and run["config"]["lr"] == 1e-3
     assert run["heads"] == found["student"]["heads"]
     result = cli.run(["evaluate", "--out", str(out)])
     assert set(result["models"]) == {"teacher", "student"}
-    assert list(result["runs"]) == ["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]
+    assert list(result["runs"]) == ["runs/n16/circuit_distilled-CE+Align_CKA-seed0",
+                                    "runs/n16/circuit_distilled-CE+Align_CKA-seed1"]
     assert result["runs"]["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]["full_accuracy"] == \
         run["full_accuracy"]
+    assert searched == []
     log = (out / "commands.log").read_text().splitlines()
-    assert len(log) == 4
+    assert len(log) == 5
     page = cli.run(["report", str(out)]).read_text()
     for section in ("circuits", "head-maps", "training", "diagnostics", "settings-and-commits"):
         assert f'id="{section}"' in page
-    # every saved scan, every searched group of the teacher, the head map, the training
+    # every saved scan, every searched group of the teacher, the two head maps, the training
     figures = len(list((out / "scans").glob("*.json"))) + len(list(out.glob("search-teacher/*")))
-    assert page.count('class="figure"') == figures + 2
+    assert page.count('class="figure"') == figures + 3
     assert log[0].split(" ", 3)[3] == shlex.join(["cdist", "discover", *models, *SMALL, "--out",
                                                    str(out)])
     # naming one model discovers that one only

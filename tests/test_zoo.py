@@ -356,16 +356,17 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
     from cdist.types import Circuit
 
     env = {**os.environ, "CDIST_ZOO": str(use_zoo)}
-    out = tmp_path / "discovery"
-    cmd = [sys.executable, "experiments/discovery.py", "--models", "et-tiny", "--out", str(out),
-           "--reference-items", "60", "--discovery-items", "16", "--eval-items", "60",
-           "--n-random", "2"]
+    out, figures = tmp_path / "discovery", tmp_path / "figures"
+    cmd = [sys.executable, "experiments/discovery.py", "--only", "et-tiny", "--out", str(out),
+           "--figures", str(figures), "--reference-items", "60", "--discovery-items", "16",
+           "--eval-items", "60", "--n-random", "2"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     results = json.loads((out / "results.json").read_text())
     # both, for ET
     assert [r["method"] for r in results["results"]] == ["path_patching", "mean_ablation"]
     for row in results["results"]:
         assert row["model"] == "et-tiny" and results["commit"]
+        assert results["command"].startswith("cdist zoo circuits --only et-tiny")
         assert results["config"]["eval_items"] == 60
         assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
         assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
@@ -373,12 +374,14 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
         assert [str(h) for h in circuit.heads] == row["circuit"]
         assert circuit.method == row["method"]
         assert f"| et-tiny | {row['method']} |" in (out / "results.md").read_text()
-    figures = tmp_path / "figures"
-    cmd = [sys.executable, "experiments/figures.py", "discovery", "--results", str(out),
-           "--out", str(figures)]
+    drawn = sorted(p.name for p in figures.glob("*.png"))
+    assert "et-tiny-path_patching_value_fetcher.png" in drawn
+    assert "et-tiny-ablation_prob_drop.png" in drawn
+    # the figure script redraws them from the saved scores alone
+    again = tmp_path / "again"
+    cmd = [sys.executable, "experiments/figures.py", "--out", str(out), "--figures", str(again)]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    assert (figures / "et-tiny-path_patching_value_fetcher.html").exists()
-    assert (figures / "et-tiny-ablation_prob_drop.html").exists()
+    assert sorted(p.name for p in again.glob("*.png")) == drawn
 
 
 def test_early_stop_waits_for_stop_after(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``)
   accuracy and faithfulness on the test items), the scans (``scans/``, ``search-<role>/``), and a
   heatmap of each scan with the circuit outlined (``figures/``).
 - ``match``: ``head_maps/<matcher>.json``, ``diagnostics.json`` and each map's figure.
+- every step: ``cache/`` (each model's finding and the head maps with the inputs they were made
+  from, so a later step in the folder reuses them and redoes nothing).
 - ``distill``: ``runs/n<items>/<arm>-seed<seed>/`` (checkpoint, ``metrics.json``/``.csv``,
   ``eval.json``).
 - ``evaluate``: ``evaluation.json`` (each model's test and OOD accuracy, its circuit's and random
@@ -139,10 +141,10 @@ def _discover(top: argparse.Namespace) -> dict:
     return made
 
 
-def _matched(exp):
+def _matched(exp, names=None):
     exp.find_circuits()
     exp.place_teacher_heads()
-    exp.match()
+    exp.match(names)
 
 
 def _match(top: argparse.Namespace) -> dict:
@@ -161,8 +163,6 @@ def _match(top: argparse.Namespace) -> dict:
 
 
 def _distill(top: argparse.Namespace) -> dict:
-    from dataclasses import replace
-
     from cdist import experiment
 
     args = common.parse(top.parser, top.argv, "distill")
@@ -170,10 +170,8 @@ def _distill(top: argparse.Namespace) -> dict:
     exp = common.experiment(args)
     common.keep_settings(top.parser, args)
     arm = arms.arm(args.arm)
-    if args.matcher not in exp.cfg.matchers:
-        exp.cfg = replace(exp.cfg, matchers=(*exp.cfg.matchers, args.matcher))
     lr = args.lr if args.lr is not None else exp.cfg.lrs[len(exp.cfg.lrs) // 2]
-    _matched(exp)
+    _matched(exp, (args.matcher,))
     run_dir = (Path(args.out) / "runs" / f"n{args.train_items}"
                / f"{experiment.slug(arm.name)}-seed{args.seed}")
     record = exp.run(arm, args.train_items, args.seed, lr, args.lam, exp.maps[args.matcher],

@@ -5,6 +5,9 @@
     cdist zoo train --only tom-teacher              # interrupted run resumes from runs/zoo/
     cdist zoo train --tiny                          # a seconds-long smoke run (zoo/et-tiny)
     cdist zoo export et-student ckpt/et-student     # as a transformers checkpoint directory
+    cdist zoo circuits                              # every zoo model's circuit, faithfulness,
+    cdist zoo circuits --only et-teacher            # scans and heatmaps -> results/discovery/,
+    cdist zoo circuits --draw-only                  # figures/discovery/ (or redraw them only)
     cdist demo                                      # the zoo table, then a small distillation
 """
 
@@ -14,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cdist.cli.common import UsageError
+from cdist.cli.common import UsageError, parse_min_effect
 
 __all__ = ["add_parsers"]
 
@@ -47,6 +50,42 @@ def add_parsers(sub) -> None:
     export.add_argument("name", help="a zoo model")
     export.add_argument("out", help="a new checkpoint directory")
     export.set_defaults(run=_export)
+    circuits = zsub.add_parser(
+        "circuits", help="find, score and draw every zoo model's circuit (the README's table)",
+        description="Each zoo model's task circuit by every method its task allows, its "
+                    "accuracy and faithfulness against random circuits, and heatmaps of the "
+                    "scans (cdist.zoo.survey).",
+        epilog="example:\n  cdist zoo circuits --only et-teacher --out runs/survey "
+               "--figures runs/survey/figures", formatter_class=raw)
+    circuits.add_argument("--only", nargs="*", default=None,
+                          help="zoo models (default: every one on disk)")
+    circuits.add_argument("--out", default="results/discovery", help="where the results go")
+    circuits.add_argument("--figures", default="figures/discovery",
+                          help="where the heatmaps go")
+    circuits.add_argument("--draw-only", action="store_true",
+                          help="only redraw the heatmaps of the scores already in --out")
+    circuits.add_argument("--seed", type=int, default=0,
+                          help="data seed; the three item sets use seed*3 + 101/102/103")
+    circuits.add_argument("--reference-items", type=int, default=500,
+                          help="items for the head means")
+    circuits.add_argument("--discovery-items", type=int, default=200,
+                          help="items the scans run on")
+    circuits.add_argument("--eval-items", type=int, default=1000,
+                          help="items for the reported accuracies")
+    circuits.add_argument("--k", type=int, default=2,
+                          help="entity tracking: heads per path-patching group")
+    circuits.add_argument("--min-effect", type=parse_min_effect, default="noise",
+                          help="entity tracking: a head's -relative change must exceed 2 "
+                               "standard errors over the items (noise, the default) or this "
+                               "number")
+    circuits.add_argument("--budget", type=float, default=0.2,
+                          help="mean-ablation ranking: largest circuit, share of heads")
+    circuits.add_argument("--target", type=float, default=0.8,
+                          help="mean-ablation ranking: faithfulness that ends the growth")
+    circuits.add_argument("--n-random", type=int, default=5,
+                          help="random circuits per evaluation")
+    circuits.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    circuits.set_defaults(run=_circuits)
 
     demo = sub.add_parser("demo", help="the zoo table, then a small circuit distillation",
                           epilog="example:\n  cdist demo --no-distill", formatter_class=raw)
@@ -133,6 +172,37 @@ def _export(args) -> Path:
     path = zoo.export_hf(args.name, out)
     print(f"{args.name} -> {path}")
     return path
+
+
+def _circuits(args) -> list:
+    import shlex
+
+    import torch
+
+    from cdist import zoo
+    from cdist.zoo import survey
+
+    if not args.draw_only:
+        names = args.only or zoo.names()
+        unknown = sorted(set(names) - set(zoo.names()))
+        if unknown or not names:
+            raise UsageError(f"not in the zoo: {unknown or '(none named)'}; it has "
+                             f"{zoo.names()}")
+        cfg = survey.SurveyConfig(
+            seed=args.seed, reference_items=args.reference_items,
+            discovery_items=args.discovery_items, eval_items=args.eval_items, k=args.k,
+            min_effect=args.min_effect, budget=args.budget, target=args.target,
+            n_random=args.n_random)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        survey.survey(names, cfg, args.out, command=shlex.join(["cdist", "zoo", *args.argv]),
+                      log=lambda line: print(line, flush=True))
+        print(f"wrote {args.out}/results.md, results.csv, results.json, circuits/, scores/")
+    elif not list(Path(args.out, "scores").glob("*.json")):
+        raise UsageError(f"no scores in {args.out}/scores; run `cdist zoo circuits` first")
+    written = survey.draw(args.out, args.figures)
+    print(f"{len(written)} figure files in {args.figures}")
+    return written
 
 
 def zoo_table(items: int, seed: int) -> list[dict]:

@@ -147,6 +147,15 @@ class Discovery:
     scans: dict[str, Scan] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return {"circuit": self.circuit.to_dict(), "record": self.record,
+                "scans": {name: scan.to_dict() for name, scan in self.scans.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Discovery:
+        return cls(Circuit.from_dict(d["circuit"]),
+                   {name: Scan.from_dict(s) for name, s in d["scans"].items()}, d["record"])
+
 
 def find_circuit(
     model: HookedTransformer,

@@ -35,7 +35,7 @@ class Task:
             name their own.
         discovery_method: how its circuit is found by default: ``"path_patching"`` or
             ``"mean_ablation"``.
-        discovery_methods: every method ``experiments/discovery.py`` runs for it
+        discovery_methods: every method ``cdist zoo circuits`` runs for it
             (the default first).
         table_stem: the file stem of its experiment's table, e.g. ``"table1-entity-tracking"``.
         search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that
