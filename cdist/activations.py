@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cdist.evaluate import batches, device_of, pad_id
-from cdist.models import HookedTransformer, hook_z
+from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.types import Head
 
 __all__ = ["Site", "head_z", "head_z_dataset"]
@@ -86,6 +86,7 @@ def head_z_dataset(
     """
     keys = list(sites)
     asked: dict = {k: (k, position) if isinstance(k, Head) else k for k in keys}
+    check_heads(model, [h for h, _ in asked.values()])
     columns: Sequence[str] = sorted({col for _, col in asked.values()} - {"pos_last"})
     out: dict = {k: [] for k in keys}
     for batch in batches(data, batch_size, pad_id(model), columns):

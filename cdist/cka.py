@@ -24,10 +24,14 @@ Rules for degenerate input (each gives a finite value and finite gradients):
   estimator allows on tiny or near-constant batches): 0, as above.
 - Debiased with m < 4, where the U-statistic is undefined: ``ValueError``, since silently returning
   another estimator would mislabel the number.
+- NaN or inf anywhere in the input: ``ValueError`` (a 0 would hide a broken forward pass).
 
-Everything is computed in float32 whatever the input dtype (bf16 Gram matrices lose the small
-differences CKA is made of), with autocast off, and gradients flow to both X and Y: nothing here
-detaches.
+Exact over every scale a float32 (or bf16, fp16) input can hold: each side is divided by its
+largest absolute value (CKA is invariant to that, and with the divisor a constant to autograd the
+gradient stays exact), then centred and multiplied in float64, so neither the fourth powers in
+HSIC(K, K) nor the centring of a large common offset (``1000 + 1e-3 * Z`` against ``Z`` is about 1)
+lose the value. The result is float32, with autocast off, and gradients flow to both X and Y:
+nothing here detaches.
 """
 
 from __future__ import annotations
@@ -83,25 +87,41 @@ def linear_cka(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; "
                          "CKA compares the same examples")
+    m = x.shape[0]
+    if debiased and m < 4:
+        raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} "
+                         "(use debiased=False or a larger batch)")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("linear_cka got NaN or inf in its input; the activations are broken "
+                         "upstream (check the loss scale, the dtype and the learning rate)")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x, y = x.float(), y.float()
-        # Centring the features first (what H K H does to a linear kernel) also keeps float32
-        # cancellation small when activations have a large common mean.
+        x, y = _unit_scaled(x), _unit_scaled(y)
+        # Centring the features first is what H K H does to a linear kernel; in float64 it keeps a
+        # large common offset from swallowing the variation.
         xc, yc = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
-        # "No variance": what is left after centring is rounding noise of the raw values (or nothing
-        # at all).
-        varied = (_norm(xc) > 1e-5 * _norm(x) + 1e-30) & (_norm(yc) > 1e-5 * _norm(y) + 1e-30)
+        varied = _varies(x, xc) & _varies(y, yc)
         k, l = _gram(xc), _gram(yc)  # noqa: E741
         # a single example: nothing to estimate, and HSIC's (m - 1) would divide by 0
-        if x.shape[0] < 2:
-            return (k.sum() + l.sum()) * 0.0
+        if m < 2:
+            return ((k.sum() + l.sum()) * 0.0).float()
         xy = hsic(k, l, debiased=debiased)
         xx, yy = hsic(k, k, debiased=debiased), hsic(l, l, debiased=debiased)
         ok = varied & (xx > 0) & (yy > 0)
         # where() alone would still send NaN gradients
         safe = torch.where(ok, xx * yy, torch.ones_like(xx))
-        return torch.where(ok, xy / safe.sqrt(), torch.zeros_like(xy))
+        return torch.where(ok, xy / safe.sqrt(), torch.zeros_like(xy)).float()
 
 
-def _norm(t: Tensor) -> Tensor:
-    return t.detach().norm()
+def _unit_scaled(t: Tensor) -> Tensor:
+    """``t`` in float64, divided by its largest absolute value (a constant to autograd)."""
+    t = t.double()
+    top = t.detach().abs().amax()
+    return t / torch.where(top > 0, top, torch.ones_like(top))
+
+
+def _varies(t: Tensor, centred: Tensor) -> Tensor:
+    """Whether any feature varies over the examples. A constant float32 (bf16, fp16) feature
+    centres to exactly 0 in float64; the margin is for float64 inputs, whose constant features
+    keep their own rounding (1e-16 of the feature's size) after centring."""
+    t, centred = t.detach(), centred.detach()
+    return (centred.norm(dim=0) > 1e-12 * t.norm(dim=0)).any()

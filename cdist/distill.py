@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -55,10 +56,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdist import evaluate, models
+from cdist import evaluate, models, run_folder
 from cdist.activations import Site, head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
+from cdist.errors import ConfigError, MismatchError, NumericsError
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
 from cdist.provenance import items_fingerprint, model_fingerprint
@@ -116,20 +118,36 @@ class DistillConfig:
     labels: str = "teacher"
 
     def __post_init__(self) -> None:
-        if self.labels not in ("teacher", "answers"):
-            raise ValueError(f"labels={self.labels!r}; choose 'teacher' or 'answers'")
-        if self.trainable not in ("heads", "all"):
-            raise ValueError(f"trainable={self.trainable!r}; choose 'heads' or 'all'")
-        if self.kv_policy not in ("group", "qo"):
-            raise ValueError(f"kv_policy={self.kv_policy!r}; choose 'qo' or 'group'")
+        for name, choices in (("labels", ("teacher", "answers")), ("trainable", ("heads", "all")),
+                              ("kv_policy", ("qo", "group"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {choices}")
+        for name in ("steps", "batch_size", "eval_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={value!r}; give a whole number")
+        for name in ("lr", "ce_weight", "cka_weight", "kd_weight", "kd_temperature",
+                     "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}; give a finite number")
+        if min(self.ce_weight, self.cka_weight, self.kd_weight, self.weight_decay) < 0:
+            raise ConfigError("loss weights and weight_decay must be >= 0; got ce_weight="
+                              f"{self.ce_weight}, cka_weight={self.cka_weight}, kd_weight="
+                              f"{self.kd_weight}, weight_decay={self.weight_decay}")
         if self.ce_weight == self.cka_weight == self.kd_weight == 0:
-            raise ValueError("every loss weight is 0; set ce_weight, cka_weight or kd_weight")
-        if min(self.ce_weight, self.cka_weight, self.kd_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
+            raise ConfigError("every loss weight is 0; set ce_weight, cka_weight or kd_weight")
         if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1 or not self.lr > 0:
-            raise ValueError("steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; "
-                             f"got steps={self.steps}, batch_size={self.batch_size}, "
-                             f"eval_every={self.eval_every}, lr={self.lr}")
+            raise ConfigError("steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; "
+                              f"got steps={self.steps}, batch_size={self.batch_size}, "
+                              f"eval_every={self.eval_every}, lr={self.lr}")
+        if not self.kd_temperature > 0:
+            raise ConfigError(f"kd_temperature={self.kd_temperature}; it divides the logits, so "
+                              "give a number > 0 (2.0 is usual)")
+        if self.cka_position is not None and not str(self.cka_position).startswith("pos_"):
+            raise ConfigError(f"cka_position={self.cka_position!r}; name a position column, "
+                              "e.g. 'pos_last', or None")
 
 
 class HeadDelta(torch.nn.Module):
@@ -464,11 +482,19 @@ def distill(
         written to ``run_dir``).
     """
     run_dir, state_path = Path(run_dir), Path(run_dir) / "state.pt"
+    if teacher is not None:
+        check_pair(teacher, student)
     plan = _plan(head_map, heads, train_data, eval_data, cfg)
+    models.check_heads(student, [*plan.heads, *(p.student for p in plan.pairs)],
+                       "the student's heads")
+    if teacher is not None:
+        models.check_heads(teacher, [p.teacher for p in plan.pairs], "the teacher's heads")
     if teacher is None and _reads_teacher(cfg, plan):
         raise ValueError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
                          "no head map")
     flags = [p.requires_grad for p in student.parameters()]
+    # one process per run folder, and an unwritable one refused before any step is taken
+    held = run_folder.claim(run_dir)
     try:
         # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set
         # below.
@@ -490,6 +516,7 @@ def distill(
             loss = run.total(out)
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
+            _check_finite(step + 1, loss, out, run.trained)
             run.opt.step()
             step += 1
             bar.update(1)
@@ -505,14 +532,15 @@ def distill(
             run.save(state_path, step, time.time() - t0, metrics)
         bar.close()
         run.keep()
+        result = {"config": asdict(cfg), "trainable": trainable_share(student, cfg, plan.heads),
+                  "trained_heads": [str(h) for h in plan.heads],
+                  "pairs": [p.to_dict() for p in plan.pairs],
+                  "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
+        _write_results(result, run_dir)
     finally:
+        held.release()
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-    result = {"config": asdict(cfg), "trainable": trainable_share(student, cfg, plan.heads),
-              "trained_heads": [str(h) for h in plan.heads],
-              "pairs": [p.to_dict() for p in plan.pairs],
-              "metrics": metrics, "wall_time_s": round(time.time() - t0, 1)}
-    _write_results(result, run_dir)
     return result
 
 
@@ -527,6 +555,37 @@ def _write_results(result: dict, run_dir: Path) -> None:
     writer.writeheader()
     writer.writerows(metrics)
     atomic_write_text(table.getvalue(), run_dir / "metrics.csv")
+
+
+def check_pair(teacher: HookedTransformer, student: HookedTransformer) -> None:
+    """Refuse a teacher and a student that do not share a vocabulary and tokenizer: the teacher's
+    labels are token ids of the student's output, and KD compares the two logit vectors entry by
+    entry."""
+    from cdist.tokenizers import tokenizer_difference
+
+    if teacher.cfg.d_vocab != student.cfg.d_vocab:
+        raise MismatchError(f"the teacher has {teacher.cfg.d_vocab} output tokens and the student "
+                            f"{student.cfg.d_vocab}; distil between models of one tokenizer")
+    if teacher.tokenizer is not None and student.tokenizer is not None:
+        difference = tokenizer_difference(teacher.tokenizer, student.tokenizer)
+        if difference:
+            raise MismatchError(f"the teacher's and the student's tokenizers differ: {difference}; "
+                                "distil between models of one tokenizer")
+
+
+def _check_finite(step: int, loss: Tensor, out: dict[str, Tensor], params: list[Tensor]) -> None:
+    """Refuse a step whose loss or gradient is not finite, before the optimizer takes it: the run's
+    last checkpoint stays the last finite state."""
+    grads = [p.grad for p in params if p.grad is not None]
+    finite = torch.isfinite(loss) & torch.stack([g.isfinite().all() for g in grads]).all() \
+        if grads else torch.isfinite(loss)
+    if bool(finite):
+        return
+    terms = ", ".join(f"{k} {v.detach().float().sum().item():.4g}" for k, v in out.items())
+    what = "loss" if not torch.isfinite(loss) else "gradient"
+    raise NumericsError(f"step {step}: the {what} is not finite (loss {loss.item():.4g}: {terms}); "
+                        "nothing from this step was applied or saved; lower the lr or the loss "
+                        "weights, or check kd_temperature and the inputs")
 
 
 def _grad_norm(loss: Tensor, params: list[Tensor]) -> float:

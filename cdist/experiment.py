@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from cdist import alignment, arms, distill, matching, stats, tasks
+from cdist import alignment, arms, distill, matching, run_folder, stats, tasks
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
 from cdist.discovery import Discovery, DiscoveryConfig, ablation, find_circuit
@@ -191,6 +191,28 @@ class _Experiment:
         model = self.student if self.load_student is not None else self.teacher
         return _Data.make(self.cfg, model.tokenizer)
 
+    def claim(self) -> run_folder.Claim:
+        """Hold the run folder for this process, refusing one that cannot be written, is in use,
+        or was made for other models, items or discovery rules (``cdist.run_folder``); before
+        anything is loaded or written."""
+        cfg = self.cfg
+        identity = {"teacher": self.names[0] if self.load_teacher else None,
+                    "student": self.names[1] if self.load_student else None,
+                    "task": cfg.task, "task_kwargs": cfg.task_kwargs, "data_seed": cfg.data_seed,
+                    **{k: getattr(cfg, k) for k in ("val_items", "test_items", "reference_items",
+                                                    "discovery_items", "ood", "ood_items")},
+                    "discovery": asdict(cfg.discovery),
+                    "student_discovery": asdict(cfg.student_discovery)}
+        return run_folder.claim(self.out, identity)
+
+    def data_identity(self, n_train: int) -> dict:
+        """Fingerprints of the items a run of ``n_train`` training items trains and is scored on:
+        a saved run is reused only for the same items."""
+        data = self.data
+        return {"train": items_fingerprint(data.train[n_train]), "val": items_fingerprint(data.val),
+                "test": items_fingerprint(data.test),
+                "ood": {k: items_fingerprint(v) for k, v in data.ood.items()}}
+
     def model(self, role: str) -> HookedTransformer:
         return self.teacher if role == "teacher" else self.student
 
@@ -333,7 +355,8 @@ class _Experiment:
         if arm.cka == "random":
             used = matching.random_control(hmap, _all_heads(self.teacher), seed=seed)
         record_key = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
-                      "heads": [str(h) for h in self.s_heads], "train_items": n_train}
+                      "heads": [str(h) for h in self.s_heads], "train_items": n_train,
+                      "items": self.data_identity(n_train)}
         done = run_dir / "eval.json"
         if done.exists():
             record = json.loads(done.read_text())
@@ -481,8 +504,14 @@ def run_experiment(
     and an interrupted run resumes from its checkpoint, so calling it again continues where it
     stopped.
     """
-    t_start = time.time()
     exp = _Experiment(cfg, load_teacher, load_student, Path(out_dir), names, progress, log)
+    with exp.claim():
+        return run_steps(exp)
+
+
+def run_steps(exp: _Experiment) -> dict:
+    """``run_experiment``'s steps on an experiment whose folder this process holds."""
+    t_start = time.time()
     exp.find_circuits()
     exp.place_teacher_heads()
     exp.match()

@@ -665,6 +665,20 @@ def new_llama(
 # --------------------------------------------------------------------------------------------------
 
 
+def check_heads(model: HookedTransformer, heads, what: str = "heads") -> None:
+    """Refuse heads that ``model`` does not have (``InputError`` naming the first few), so that a
+    circuit or head map of another model fails at once instead of ablating nothing."""
+    from cdist.errors import InputError
+
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    outside = [h for h in heads if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads)]
+    if outside:
+        raise InputError(f"{what} {', '.join(map(str, outside[:4]))} are outside the model "
+                         f"({n_layers} layers x {n_heads} heads: a0.h0 to "
+                         f"a{n_layers - 1}.h{n_heads - 1}); use a circuit or head map of this "
+                         "model")
+
+
 def hook_z(layer: int) -> str:
     """Hook of a layer's head outputs before ``W_O``: ``[batch, pos, head_index, d_head]``, one per
     query head."""

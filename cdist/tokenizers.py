@@ -163,3 +163,27 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Encoded by both tokenizers of a teacher-student pair: a prompt of each task's shape, with the
+# special tokens each adds around it.
+_PROBE = "The apple is in Box F, the pen is in Box Q. Box F contains the"
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """How two tokenizers differ, in a few words, or None when they encode the same way: the same
+    vocabulary (every token to the same id), the same special-token ids, and the same ids for a
+    probe prompt (BOS added or not, the same merges)."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only = sorted(set(va) ^ set(vb))
+        moved = sum(va[t] != vb[t] for t in set(va) & set(vb))
+        return (f"vocabularies of {len(va)} and {len(vb)} tokens ({len(only)} in one only, e.g. "
+                f"{only[:3]}; {moved} with other ids)")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(a, name, None) != getattr(b, name, None):
+            return f"{name} {getattr(a, name, None)} against {getattr(b, name, None)}"
+    ia, ib = a(_PROBE)["input_ids"], b(_PROBE)["input_ids"]
+    if ia != ib:
+        return f"the same prompt encodes as {ia[:6]}... and {ib[:6]}..."
+    return None

@@ -245,3 +245,16 @@ def test_circuit_kept_only_at_its_positions(model, data, means):
     correct = answer_stats(by_hand, answer, last)[1]
     assert torch.equal(strict["circuit_correct"], correct.bool())
     assert strict["circuit_accuracy"] == correct.float().mean().item()
+
+
+def test_heads_outside_the_model_are_refused(model, tok):
+    from cdist.activations import head_z_dataset
+    from cdist.errors import InputError
+
+    items = tasks.entity_tracking(8, tokenizer=tok, n_boxes=3, template="compact", seed=0)
+    means = ablation.head_means(model, items)
+    bad = [Head(0, 0), Head(9, 99)]
+    with pytest.raises(InputError, match=r"a9\.h99 are outside the model"):
+        ablation.evaluate_circuit(model, bad, items, means=means, n_random=1)
+    with pytest.raises(InputError, match="outside the model"):
+        head_z_dataset(model, items, [Head(model.cfg.n_layers, 0)])

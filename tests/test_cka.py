@@ -89,7 +89,7 @@ def test_invariant_to_orthogonal_maps_and_isotropic_scaling():
     assert float(linear_cka(x, x)) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_low_precision_inputs_are_computed_in_float32():
+def test_low_precision_inputs_give_float32_values():
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g) + 0.5
     ours = linear_cka(x.bfloat16(), y.bfloat16())
@@ -133,8 +133,15 @@ def test_degenerate_inputs_give_zero_with_finite_gradients(debiased):
 
 
 def test_errors_are_one_line_and_name_the_fix():
-    with pytest.raises(ValueError, match="at least 4 examples"):
-        linear_cka(torch.randn(3, 2), torch.randn(3, 2), debiased=True)
+    for m in (1, 2, 3):
+        with pytest.raises(ValueError, match="at least 4 examples"):
+            linear_cka(torch.randn(m, 2), torch.randn(m, 2), debiased=True)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(8, 3)
+        x[2, 1] = bad
+        for args in ((x, torch.randn(8, 2)), (torch.randn(8, 2), x)):
+            with pytest.raises(ValueError, match="NaN or inf"):
+                linear_cka(*args)
     # Wrong shapes break the signature, which the suite's checker would report first.
     with unchecked(), pytest.raises(ValueError, match="same examples"):
         linear_cka(torch.randn(5, 2), torch.randn(6, 2))
@@ -162,3 +169,66 @@ def test_fuzz_never_nan_or_inf(data):
             assert -1e-4 <= float(value.detach()) <= 1 + 1e-4
         (grad,) = torch.autograd.grad(value, x)
         assert torch.isfinite(grad).all()
+
+
+def reference_cka(x, y):
+    """The textbook CKA in float64 on the very values given (their own dtype's rounding
+    included), with each feature centred first (the same as H K H for a linear kernel, without
+    cancelling a large offset inside K); 0 when a side does not vary."""
+    x, y = x.double(), y.double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    if not xc.abs().sum() or not yc.abs().sum():
+        return 0.0
+    return float(textbook_cka(xc, yc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_exact_from_1e_minus_30_to_1e30_with_offsets_and_low_precision(data):
+    """Each side at its own scale and offset, in float32, bf16 or fp16 (fp16 where its range holds
+    the values), against the float64 reference on the same rounded values; gradients finite."""
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    # fp16 holds magnitudes up to 65504 only
+    span, offsets = ((-3, 2), [0.0, 1.0, 10.0]) if dtype == torch.float16 else ((-30, 30),
+                                                                                [0.0, 1.0, 1e3])
+    m = data.draw(st.integers(4, 24))
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, 6, generator=g, dtype=torch.float64)
+    sides = []
+    for width, part in ((5, z[:, :5]), (3, z[:, 3:])):  # y shares a column-block with x
+        scale = 10.0 ** data.draw(st.integers(*span))
+        offset = data.draw(st.sampled_from(offsets))
+        side = part + 0.3 * torch.randn(m, width, generator=g, dtype=torch.float64)
+        sides.append((scale * (side + offset)).to(dtype).float().to(dtype))
+    x, y = sides
+    want = reference_cka(x, y)
+    for debiased in (False, True):
+        xg = x.clone().requires_grad_(True)
+        value = linear_cka(xg, y, debiased=debiased)
+        assert value.dtype == torch.float32 and torch.isfinite(value.detach())
+        if not debiased:
+            assert float(value.detach()) == pytest.approx(want, abs=1e-5)
+        (grad,) = torch.autograd.grad(value, xg)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-11, 1e-7, 1e-6, 1e5, 1e8, 1e9, 1e20, 1e30])
+def test_the_scales_that_used_to_break_it(scale):
+    """Both sides, or one side alone, at scales where the float32 products over- or underflowed
+    (inf, 0, NaN, or NaN gradients before); a large common offset is not mistaken for a
+    constant."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+    y[:, :4] += x[:, :4]
+    want = reference_cka(x, y)
+    for a, b in ((scale * x, scale * y), (scale * x, y)):
+        a.requires_grad_(True)
+        value = linear_cka(a, b)
+        (grad,) = torch.autograd.grad(value, a)
+        assert float(value.detach()) == pytest.approx(want, abs=1e-5)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    z = torch.randn(32, 8, generator=g)
+    offset = float(linear_cka(1000 + 1e-3 * z, z))
+    assert offset == pytest.approx(reference_cka(1000 + 1e-3 * z, z), abs=1e-6)
+    assert offset > 0.99

@@ -149,6 +149,13 @@ def test_config_files_set_flags_and_flags_win(dirs, tmp_path):
     (["distill", "--config", "{tmp}/missing.toml"], "missing.toml"),
     (["table", "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
     (["zoo", "export", "no-such-model", "{tmp}/x"], "not a zoo model"),
+    (["discover", "--task", "entity_tracking", "--student", "tom-student"],
+     "tom-student was trained on theory_of_mind"),
+    (["distill", "--steps", "0"], "steps, eval_every >= 1"),
+    (["distill", "--lam", "-1"], "loss weights and weight_decay must be >= 0"),
+    (["distill", "--lr", "nan"], "lr=nan; give a finite number"),
+    (["distill", "--train-items", "4", "--batch-size", "8", "--steps", "3"],
+     "--train-items 4 cannot fill one batch of 8"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("stepz = 3\n")
@@ -160,3 +167,35 @@ def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out" / "config.yaml").exists()  # refused before anything was written
+
+
+def test_a_folder_of_other_items_is_refused_before_anything_changes(dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
+    cli.run(["discover", *models, *SMALL, "--roles", "teacher", "--out", str(out)])
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert cli.main(["match", "--val-items", "30", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val_items: 24 there, 30 now" in err[0]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+
+
+def test_models_of_other_tokenizers_are_refused_before_they_load(dirs, tok, tmp_path, capsys):
+    from cdist import tasks
+    from cdist.tokenizers import word_tokenizer
+
+    words = tasks.organism_vocabulary()
+    shuffled = word_tokenizer([*words[1:], words[0]])  # the same words, other ids
+    smaller = word_tokenizer(words[:-10])
+    for name, other, message in (("shuffled", shuffled, "other tokenizers: vocabularies"),
+                                 ("smaller", smaller, "output tokens")):
+        model = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                          vocab_size=len(other), seed=1, tokenizer=other)
+        student = save_llama(model, tmp_path / name, tokenizer=other)
+        capsys.readouterr()
+        code = cli.main(["discover", "--teacher", dirs["teacher"], "--student", str(student),
+                         "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()

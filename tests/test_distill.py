@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import unchecked
 
 from cdist import distill, evaluate, matching, tasks
 from cdist.cka import linear_cka
@@ -300,3 +301,59 @@ def test_gradient_ratio_and_validation_ce_are_logged(tok, items, tmp_path):
     assert ce_only["metrics"][0]["grad_ratio"] == 0.0 and ce_only["metrics"][0]["cka_val"]
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "grad_ratio" in header and "cka_val" not in header and "cka_val_mean" in header
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "steps"), ({"steps": -5}, "steps"), ({"eval_every": 0}, "eval_every"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": 1}, "batch_size"),
+    ({"cka_weight": -1.0}, "loss weights"), ({"ce_weight": -0.5}, "loss weights"),
+    ({"kd_temperature": 0.0}, "kd_temperature"), ({"kd_temperature": -1.0}, "kd_temperature"),
+    ({"lr": float("nan")}, "finite number"), ({"lr": float("inf")}, "finite number"),
+    ({"lr": 0.0}, "lr > 0"), ({"seed": None}, "whole number"), ({"seed": "abc"}, "whole number"),
+    ({"seed": 1.5}, "whole number"), ({"steps": True}, "whole number"),
+    ({"kv_policy": "all"}, "kv_policy"), ({"cka_position": "last"}, "position column"),
+])
+def test_every_setting_is_checked_where_the_config_is_made(change, message):
+    from cdist.errors import ConfigError
+
+    # the suite's type checker would refuse the wrong types first; the config's own check is
+    # what a user meets
+    with unchecked(), pytest.raises(ConfigError, match=message) as caught:
+        replace(CFG, **change)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_step_whose_loss_is_not_finite_is_refused_before_it_is_applied(tok, items, tmp_path):
+    """A teacher whose logits overflow (one inf in its unembedding bias) makes the KD term NaN; the
+    run stops at that step, before the optimizer takes it: the student keeps its own weights and
+    no checkpoint of NaN weights is written."""
+    from cdist.errors import NumericsError
+
+    student, teacher = fresh(tok, 1), fresh(tok, 2)
+    with torch.no_grad():
+        teacher.unembed.b_U[5] = float("inf")
+    before = snapshot(student)
+    cfg = replace(CFG, kd_weight=1.0, eval_every=1)
+    with pytest.raises(NumericsError, match=r"step 1: the loss is not finite .*kd nan"):
+        distill.distill(student, teacher, head_map(), *items, cfg, tmp_path, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in snapshot(student).items())
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_a_teacher_of_another_tokenizer_is_refused(tok, items, tmp_path):
+    from cdist import tasks
+    from cdist.errors import MismatchError
+    from cdist.tokenizers import word_tokenizer
+
+    words = tasks.organism_vocabulary()
+    other = word_tokenizer([*words[1:], words[0]])
+    teacher = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                        vocab_size=len(other), seed=2, tokenizer=other).eval()
+    with pytest.raises(MismatchError, match="tokenizers differ: vocabularies"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path,
+                        progress=False)
+    small = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                      vocab_size=len(tok) - 10, seed=2).eval()
+    with pytest.raises(MismatchError, match="output tokens"):
+        distill.distill(fresh(tok, 1), small, head_map(), *items, CFG, tmp_path, progress=False)
+    assert not (tmp_path / "state.pt").exists()

@@ -21,7 +21,7 @@ import os
 import sys
 
 from cdist.cli import steps, zoo_commands
-from cdist.cli.common import UsageError
+from cdist.errors import CdistError
 
 __all__ = ["main", "run"]
 
@@ -38,23 +38,28 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None):
     """Run one command; returns what it made (a table command: the summary). Raises
-    ``UsageError`` for input the user can fix."""
+    ``cdist.errors.CdistError`` for input the user can fix."""
     p = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv[1:]  # the pipeline's steps parse again, over the run folder's settings
-    return args.run(args)
+    try:
+        return args.run(args)
+    finally:
+        from cdist import run_folder
+
+        run_folder.release_all()  # the folders a step held, for the next command in this process
 
 
 def main(argv: list[str] | None = None) -> int:
     """The console script: ``run``, with input errors as one line and exit status 2."""
     try:
         run(argv)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (CdistError, ValueError, FileNotFoundError) as e:
         if os.environ.get("CDIST_TRACEBACK"):
             raise
-        # ValueError and FileNotFoundError: the library's own checks (a config out of range, a
-        # stale run folder, a missing file) already say what is wrong in one line
+        # cdist.errors (and the ValueError / FileNotFoundError of a library check) already say
+        # what is wrong in one line
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"cdist: error: {message}", file=sys.stderr)
         return 2

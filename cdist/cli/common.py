@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cdist import arms, tasks
+from cdist.errors import ConfigError
 from cdist.tasks.registry import TASKS
 
 __all__ = ["CONTROL_LR", "LRS", "UsageError", "add_flags", "parse", "parse_min_effect"]
@@ -39,8 +40,9 @@ _NOT_KEPT = {"command", "config", "out", "device", "threads", "figures", "roles"
 _OOD_LABELS = {"n_boxes": "{} boxes", "template": "template {}"}
 
 
-class UsageError(Exception):
-    """Input the user can fix: ``cdist`` prints it as one line and exits with status 2."""
+class UsageError(ConfigError):
+    """A command line the user can fix: ``cdist`` prints it as one line and exits with status
+    2."""
 
 
 def parse_min_effect(text: str) -> float | str:
@@ -322,6 +324,26 @@ def loader(source: str, dev: str):
                      "checkpoint directory or .gguf file")
 
 
+def check_tokenizers(teacher: str, student: str) -> None:
+    """Refuse, before either model loads, a teacher and a student whose checkpoints have other
+    vocabularies or tokenizers (``distill.check_pair`` checks loaded models the same way)."""
+    from cdist import zoo
+    from cdist.errors import MismatchError
+    from cdist.llama_files import open_llama
+    from cdist.tokenizers import tokenizer_difference
+
+    opened = [open_llama(zoo.zoo_dir() / s if s in zoo.names() else s) for s in (teacher, student)]
+    sizes = [o.hf_config.vocab_size for o in opened]
+    if sizes[0] != sizes[1]:
+        raise MismatchError(f"--teacher {teacher} has {sizes[0]} output tokens and --student "
+                            f"{student} {sizes[1]}; distil between models of one tokenizer")
+    toks = [o.tokenizer() for o in opened]
+    difference = None if None in toks else tokenizer_difference(*toks)
+    if difference:
+        raise MismatchError(f"--teacher {teacher} and --student {student} have other tokenizers: "
+                            f"{difference}; distil between models of one tokenizer")
+
+
 def _ood(spec, organism: bool, given: dict) -> tuple[tuple[str, dict], ...]:
     """The task's default out-of-distribution sets, each kind (``n_boxes``, ``template``) replaced
     by the values ``given`` for it (a flag's values; None keeps the defaults), kinds in the
@@ -346,6 +368,14 @@ def experiment_config(args: argparse.Namespace):
     from cdist.experiment import ExperimentConfig
 
     spec = tasks.get_task(args.task)
+    for role in ("teacher", "student"):
+        name = getattr(args, role, None)
+        trained_on = zoo.manifest(name)["config"]["task"] if name in zoo.names() else None
+        if trained_on not in (None, args.task):
+            from cdist.errors import MismatchError
+
+            raise MismatchError(f"--{role} {name} was trained on {trained_on}, not {args.task}; "
+                                f"pass --task {trained_on} or a {args.task} model")
     student = getattr(args, "student", None) or getattr(args, "teacher", None)
     organism = zoo.manifest(student)["config"] if student in zoo.names() else None
     if organism:
@@ -423,6 +453,8 @@ def experiment(args: argparse.Namespace, *, log=print):
     dev = device(args)
     roles = [r for r in ("teacher", "student") if getattr(args, r, None)]
     loads = {r: loader(getattr(args, r), dev) for r in roles}
+    if len(roles) == 2:
+        check_tokenizers(args.teacher, args.student)
     names = (getattr(args, "teacher", None) or "teacher", getattr(args, "student", None)
              or "student")
     return _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,

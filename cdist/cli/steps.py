@@ -103,6 +103,7 @@ def _prepared(top: argparse.Namespace, command: str):
     written."""
     args = common.parse(top.parser, top.argv, command)
     exp = common.experiment(args)
+    exp.claim()  # held until the command ends
     common.keep_settings(top.parser, args)
     return args, exp
 
@@ -168,9 +169,16 @@ def _distill(top: argparse.Namespace) -> dict:
     args = common.parse(top.parser, top.argv, "distill")
     args.regimes = [args.train_items]  # the run's items are the first of the table's pool
     exp = common.experiment(args)
-    common.keep_settings(top.parser, args)
     arm = arms.arm(args.arm)
     lr = args.lr if args.lr is not None else exp.cfg.lrs[len(exp.cfg.lrs) // 2]
+    # the run's settings, checked before anything is found or written
+    dcfg = arm.config(exp.cfg.distill, lam=args.lam, lr=lr, control_lr=exp.cfg.control_lr,
+                      seed=args.seed)
+    if args.train_items < dcfg.batch_size:
+        raise common.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
+                                f"{dcfg.batch_size}; give more items or a smaller --batch-size")
+    exp.claim()  # held until the command ends
+    common.keep_settings(top.parser, args)
     _matched(exp, (args.matcher,))
     run_dir = (Path(args.out) / "runs" / f"n{args.train_items}"
                / f"{experiment.slug(arm.name)}-seed{args.seed}")
@@ -220,13 +228,12 @@ def _report(top: argparse.Namespace) -> Path:
 
 def _table(top: argparse.Namespace) -> dict:
     from cdist import report, tasks
-    from cdist.experiment import run_experiment
+    from cdist.experiment import run_steps
     from cdist.provenance import git_commit
 
     args, exp = _prepared(top, "table")
     commit = git_commit()
-    summary = run_experiment(exp.cfg, exp.load_teacher, exp.load_student, args.out,
-                             names=exp.names)
+    summary = run_steps(exp)
     # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
     command = shlex.join(["cdist", "table", *top.argv])
     stem = tasks.get_task(args.task).table_stem

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from cdist.discovery.engine import Hook, budget_batch_size, one_head_scan, replace_heads
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import HookedTransformer, hook_z
+from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.types import Circuit, Head, Scan
 
 __all__ = [
@@ -434,6 +434,7 @@ def evaluate_circuit(
             raise ValueError("keep_at_positions needs a Circuit (its groups name the positions); "
                              "got bare heads")
         circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
+    check_heads(model, circuit.heads, "circuit heads")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     full_correct = _correct(model, data, None, means, batch_size, keep_at_positions)
     circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions)

@@ -1,0 +1,121 @@
+"""One process at a time in an output folder, checked before anything is written there.
+
+``claim(folder, identity)`` is what every step that writes a run folder (an experiment's, a
+distillation's) does first:
+
+1. the folder can be made and written (not a file, not under a file, not read-only), which is
+   tried with a probe file, so that no training starts that could not save its result;
+2. no other process holds it (an advisory ``flock`` on ``.cdist.lock``, released when the process
+   ends, even by SIGKILL);
+3. temporary files that a killed process left behind (``.NAME.XXXX.tmp``, from
+   ``cdist.checkpoints``) are removed: with the lock held no one else is writing them;
+4. the folder was made for the same inputs: ``identity.json`` records what defines its results
+   (models, task, item sets, discovery rules), and a folder made for others is refused, naming the
+   settings that differ, rather than mixing two experiments' results.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from cdist.checkpoints import atomic_write_json
+from cdist.errors import RunFolderError
+
+__all__ = ["Claim", "claim", "release_all"]
+
+
+class Claim:
+    """A held folder; ``release()`` (or the end of the process) lets another process in. Claiming a
+    folder this process already holds returns the same claim, counted, so that nested steps (a
+    table that runs distillations) share it."""
+
+    def __init__(self, folder: Path, fd: int):
+        self.folder, self._fd, self.count = folder, fd, 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+            _HELD.pop(self.folder, None)
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_HELD: dict[Path, Claim] = {}
+
+
+def release_all() -> None:
+    """Let go of every folder this process holds (the end of a command run in-process)."""
+    for held in list(_HELD.values()):
+        held.count = 1
+        held.release()
+
+
+def claim(folder: str | Path, identity: dict | None = None) -> Claim:
+    """Check and hold ``folder`` for this process (module doc); raises ``RunFolderError``."""
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"{folder}: {parent} is a file, not a folder; choose another "
+                                 "output folder")
+    key = folder.resolve()
+    if key in _HELD:
+        if identity is not None:
+            _check_identity(folder, identity)
+        _HELD[key].count += 1
+        return _HELD[key]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".cdist-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunFolderError(f"{folder} cannot be written ({e.strerror}); choose a folder you "
+                             "can write to") from None
+    fd = os.open(folder / ".cdist.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(f"{folder} is in use by another cdist process; wait for it to end "
+                             "or choose another output folder") from None
+    held = _HELD[key] = Claim(key, fd)
+    try:
+        for tmp in folder.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if identity is not None:
+            _check_identity(folder, identity)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def _check_identity(folder: Path, identity: dict) -> None:
+    path = folder / "identity.json"
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as they will be read back
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        raise RunFolderError(f"{path} is not valid JSON (edited or damaged); restore it or choose "
+                             "another output folder") from None
+    saved = saved or {}
+    # None is "not fixed yet" (a teacher discovered alone names no student): either side fills it
+    differ = sorted(k for k in set(saved) | set(identity)
+                    if None not in (saved.get(k), identity.get(k)) and saved[k] != identity[k])
+    if differ:
+        what = "; ".join(f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in differ)
+        raise RunFolderError(f"{folder} holds results made with other settings ({what}); "
+                             "choose another output folder, or delete it to start again")
+    merged = {k: identity.get(k) if saved.get(k) is None else saved[k]
+              for k in set(saved) | set(identity)}
+    if merged != saved:
+        atomic_write_json(merged, path)
