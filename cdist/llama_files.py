@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from cdist.errors import FileFormatError, MissingFileError
+
 __all__ = [
     "OFFICIAL_LLAMA3",
     "SPECIAL_TOKEN_FIELDS",
@@ -52,7 +54,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(MissingFileError):
     """No Llama checkpoint where we looked; the message says where, in one line."""
 
 
@@ -124,7 +126,7 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
             header.pop("__metadata__", None)
             entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{file} is not a readable safetensors file ({err}); re-save or "
+            raise FileFormatError(f"{file} is not a readable safetensors file ({err}); re-save or "
                              "re-download it") from None
         for name, info in entries:
             start, end = info["data_offsets"]
@@ -132,8 +134,8 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
             if end > start:
                 f.seek(8 + length + start)
                 if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
-                    raise ValueError(f"{file} is truncated: {name} ends past the end of the file; "
-                                     "re-save or re-download it")
+                    raise FileFormatError(f"{file} is truncated: {name} ends past the end of "
+                                          "the file; re-save or re-download it")
             yield name, tensor
 
 
@@ -197,17 +199,27 @@ def open_llama(source: str | Path) -> LlamaSource:
         try:
             config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
         except (ValueError, KeyError, OSError) as err:  # an unsupported or unreadable GGUF
-            raise ValueError(f"{path} is not a GGUF file transformers can read: {err}") from err
+            raise FileFormatError(f"{path} is not a GGUF file transformers can read: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                                  ) from err
     else:
         where = path / "config.json"
         if not where.is_file():
             raise CheckpointNotFoundError(
                 f"no config.json in {path}; pass a transformers Llama checkpoint folder"
             )
-        config_dict = json.loads(where.read_text())
+        try:
+            config_dict = json.loads(where.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise FileFormatError(f"{where} is not valid JSON ({err}); restore the checkpoint's "
+                                  "config.json") from None
+        if not isinstance(config_dict, dict):
+            raise FileFormatError(f"{where} holds no JSON object; restore the checkpoint's "
+                                  "config.json")
     if config_dict.get("model_type") != "llama":
-        raise ValueError(
+        raise FileFormatError(
             f"{where} has model_type={config_dict.get('model_type')!r}; cdist loads 'llama' only"
+            " (a Llama-architecture checkpoint)"
         )
     # from the dict already read: parsing a GGUF file's metadata again costs seconds
     hf_config = LlamaConfig.from_dict(config_dict)

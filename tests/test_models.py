@@ -227,15 +227,18 @@ def test_incomplete_checkpoint_is_named(hf_llama_dir, tmp_path):
 
 
 def test_truncated_or_garbled_safetensors_are_named(hf_llama_dir, tmp_path):
+    from cdist.errors import FileFormatError
+
     path, _ = hf_llama_dir("gqa")
     ckpt = tmp_path / "broken"
     shutil.copytree(path, ckpt)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=r"model.safetensors is truncated: .* re-save"):
+    with pytest.raises(FileFormatError, match=r"model.safetensors is truncated: .* re-save"):
         load_llama(ckpt)
     weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
-    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(FileFormatError,
+                       match="model.safetensors is not a readable safetensors file"):
         load_llama(ckpt)
 
 
@@ -419,3 +422,18 @@ def test_bench_loading_measures_each_loader_in_its_own_process(tmp_path):
     ours = saved["runs"][0]
     # TransformerLens keeps the tied unembedding as a second matrix: larger than the file
     assert saved["checkpoint_file_gb"] < ours["model_gb"] < 1.6 * saved["checkpoint_file_gb"]
+
+
+def test_a_broken_config_json_is_named(hf_llama_dir, tmp_path):
+    from cdist.errors import FileFormatError
+
+    path, _ = hf_llama_dir("gqa")
+    broken = tmp_path / "ckpt"
+    shutil.copytree(path, broken)
+    for text, message in (('{"model_type": "llama", ', "config.json is not valid JSON"),
+                          ("[1, 2]", "config.json holds no JSON object"),
+                          ('{"model_type": "gpt2"}', "model_type='gpt2'; cdist loads 'llama'")):
+        (broken / "config.json").write_text(text)
+        with pytest.raises(FileFormatError, match=message) as caught:
+            load_llama(broken)
+        assert "\n" not in str(caught.value)

@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM
 
 from cdist import tasks
 from cdist.checkpoints import atomic_directory, atomic_write_json
+from cdist.errors import MissingFileError
 from cdist.models import HookedTransformer, load_llama, save_llama
 from cdist.tokenizers import word_tokenizer
 from cdist.zoo.organisms import OrganismConfig
@@ -136,7 +137,7 @@ def names() -> list[str]:
 def _path(name: str) -> Path:
     path = zoo_dir() / name
     if not (path / "manifest.json").exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no zoo model {name!r} in {zoo_dir()} (present: {', '.join(names()) or 'none'}); "
             "train it with `python experiments/zoo.py` or set CDIST_ZOO"
         )
