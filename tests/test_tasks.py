@@ -444,3 +444,12 @@ def test_task_refuses_inconsistent_records(changes, message):
     # Its own checks, as a caller without the type checker meets them.
     with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
         _toy(**changes)
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_item_counts_are_whole_and_positive(tok, n):
+    from cdist.errors import InputError
+
+    for generate in (tasks.entity_tracking, tasks.theory_of_mind):
+        with unchecked(), pytest.raises(InputError, match="at least 1"):
+            generate(n, tokenizer=tok)

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cdist.errors import InputError
+
 T = TypeVar("T")
 
 SPLITS = ("train", "test")
@@ -69,8 +71,8 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
     keeps the first k items independent of ``n``.
     """
     check_split(split)
-    if n < 0:
-        raise ValueError(f"n={n} is negative; ask for zero or more items")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n={n!r}: ask for a whole number of items, at least 1")
     # About 1 in 5 proposals lands in test; 100x that without success means the item
     # space is degenerate.
     budget = 100 * n + 1000
