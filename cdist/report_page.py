@@ -39,8 +39,10 @@ nav a { margin-right: 1em; }
 
 
 def _figure(fig: go.Figure, name: str) -> str:
+    # "fig-": plotly draws into document.getElementById(div_id), and a section of the same name
+    # (the training figure in the "training" section) would take the plot instead
     return ('<div class="figure">'
-            + fig.to_html(full_html=False, include_plotlyjs=False, div_id=name,
+            + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
                           config={"responsive": False})
             + "</div>")
 

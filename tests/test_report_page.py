@@ -38,14 +38,12 @@ def test_report_refuses_a_folder_with_nothing_of_cdist(tmp_path, capsys):
     assert "is not a run folder" in err[1]
 
 
-@pytest.mark.slow
-def test_page_renders_in_a_headless_browser(tmp_path):
-    """Every plot renders (an SVG inside each plotly div), with no console error or page error,
-    from a file:// URL with the network unused; a screenshot is kept."""
+def _render(page_path: Path, shot: Path) -> tuple[int, int, list, list]:
+    """Open ``page_path`` in headless Chromium: (figures, figures rendered, console and page
+    errors, requests), with a full-page screenshot at ``shot``."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     if CHROMIUM is None:
         pytest.skip("no Chromium: apt-get install chromium (make test installs it where it can)")
-    page_path = cli.run(["report", str(TABLE), "--page", str(tmp_path / "report.html")])
     errors, requests = [], []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -63,10 +61,46 @@ def test_page_renders_in_a_headless_browser(tmp_path):
                 "Array.from(document.querySelectorAll('div.figure')).filter("
                 "d => d.querySelector('.js-plotly-plot .main-svg') && "
                 "d.querySelector('.js-plotly-plot g.trace, .js-plotly-plot .hm')).length")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
+    return figures, rendered, errors, requests
+
+
+@pytest.mark.slow
+def test_page_renders_in_a_headless_browser(tmp_path):
+    """Every plot renders (an SVG inside each plotly div), with no console error or page error,
+    from a file:// URL with the network unused; a screenshot is kept."""
+    page_path = cli.run(["report", str(TABLE), "--page", str(tmp_path / "report.html")])
+    figures, rendered, errors, requests = _render(page_path, tmp_path / "report.png")
     assert figures >= 3 and rendered == figures
     assert errors == []
     assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+@pytest.mark.slow
+def test_a_pipeline_folder_page_renders_too(tok, tmp_path):
+    """The page of a folder made step by step (discover, match, distill on tiny checkpoints):
+    scans, search groups, a head map and training curves, all drawn."""
+    from cdist.models import new_llama, save_llama
+
+    ckpt = {}
+    for role, seed in (("teacher", 0), ("student", 1)):
+        model = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                          vocab_size=len(tok), seed=seed, tokenizer=tok)
+        ckpt[role] = str(save_llama(model, tmp_path / role, tokenizer=tok))
+    out = str(tmp_path / "run")
+    small = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items",
+             "32", "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "1",
+             "--min-effect", "0", "--device", "cpu"]
+    cli.run(["discover", "--teacher", ckpt["teacher"], "--student", ckpt["student"], *small,
+             "--out", out])
+    cli.run(["match", "--matchers", "ablation", "--out", out])
+    cli.run(["distill", "--out", out, "--steps", "2", "--eval-every", "1", "--batch-size", "8",
+             "--train-items", "16", "--lr", "1e-3", "--matcher", "ablation"])
+    page_path = cli.run(["report", out])
+    figures, rendered, errors, requests = _render(page_path, tmp_path / "pipeline.png")
+    assert figures >= 4 and rendered == figures
+    assert errors == []
+    assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
