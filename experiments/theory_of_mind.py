@@ -15,4 +15,6 @@ import sys
 from cdist import cli
 
 if __name__ == "__main__":  # the same as: cdist table --task theory_of_mind ...
-    sys.exit(cli.main(["table", "--task", "theory_of_mind", *sys.argv[1:]]))
+    # the repository's tables and figures live in figures/ (a later --figures wins)
+    sys.exit(cli.main(["table", "--task", "theory_of_mind", "--figures", "figures",
+                       *sys.argv[1:]]))

@@ -79,7 +79,8 @@ def add_parsers(sub) -> None:
                            help="the run's seed (data order, shuffles, random pairs)")
             g.add_argument("--train-items", type=int, default=128, help="training items")
         if name == "table":
-            p.add_argument("--figures", default="figures", help="where the tables and figures go")
+            p.add_argument("--figures", default=None,
+                           help="where the tables and figures go (default: OUT/figures)")
         p.set_defaults(run=globals()[f"_{name}"], parser=p)
     report = sub.add_parser("report", help="one self-contained HTML page for a run folder",
                             description="One HTML page (plotly inlined: it opens offline) with "
@@ -237,7 +238,8 @@ def _table(top: argparse.Namespace) -> dict:
     # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
     command = shlex.join(["cdist", "table", *top.argv])
     stem = tasks.get_task(args.task).table_stem
-    for path in report.write_report(summary, args.figures, stem, command=command, commit=commit):
+    figures = args.figures or str(Path(args.out) / "figures")
+    for path in report.write_report(summary, figures, stem, command=command, commit=commit):
         print(path)
     print(report.markdown_table(summary))
     return summary
