@@ -88,6 +88,9 @@ def linear_cka(
         raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; "
                          "CKA compares the same examples")
     m = x.shape[0]
+    if m == 0:
+        raise ValueError("linear_cka got no examples (0 rows); give a batch of at least 1 "
+                         "(4 for the debiased estimator)")
     if debiased and m < 4:
         raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} "
                          "(use debiased=False or a larger batch)")

@@ -105,6 +105,15 @@ class ExperimentConfig:
             raise ValueError(f"matchers {unknown or '(none)'}; choose from {list(MATCHERS)}")
         if not self.seeds or not self.regimes or not self.lrs or not self.lambdas:
             raise ValueError("seeds, regimes, lrs and lambdas each need at least one value")
+        for name in ("seeds", "regimes"):
+            values = getattr(self, name)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                raise ValueError(f"{name}={values}: give whole numbers")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}={values} repeats a value; give each once")
+        if not all(math.isfinite(x) for x in (*self.lrs, *self.lambdas, self.control_lr)):
+            raise ValueError(f"lrs {self.lrs}, lambdas {self.lambdas}, control_lr "
+                             f"{self.control_lr}: each must be a finite number")
         if self.select_seed in self.seeds:
             raise ValueError(f"select_seed {self.select_seed} is a table seed; "
                              f"choose one outside {self.seeds}")

@@ -671,7 +671,7 @@ def check_heads(model: HookedTransformer, heads, what: str = "heads") -> None:
     from cdist.errors import InputError
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    outside = [h for h in heads if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads)]
+    outside = sorted({h for h in heads if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads)})
     if outside:
         raise InputError(f"{what} {', '.join(map(str, outside[:4]))} are outside the model "
                          f"({n_layers} layers x {n_heads} heads: a0.h0 to "

@@ -136,6 +136,8 @@ def test_errors_are_one_line_and_name_the_fix():
     for m in (1, 2, 3):
         with pytest.raises(ValueError, match="at least 4 examples"):
             linear_cka(torch.randn(m, 2), torch.randn(m, 2), debiased=True)
+    with pytest.raises(ValueError, match="no examples"):
+        linear_cka(torch.zeros(0, 3), torch.zeros(0, 2))
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = torch.randn(8, 3)
         x[2, 1] = bad

@@ -152,10 +152,14 @@ def test_config_files_set_flags_and_flags_win(dirs, tmp_path):
     (["discover", "--task", "entity_tracking", "--student", "tom-student"],
      "tom-student was trained on theory_of_mind"),
     (["distill", "--steps", "0"], "steps, eval_every >= 1"),
-    (["distill", "--lam", "-1"], "loss weights and weight_decay must be >= 0"),
+    (["distill", "--lam", "-1"], "a lambda >= 0"),
     (["distill", "--lr", "nan"], "lr=nan; give a finite number"),
     (["distill", "--train-items", "4", "--batch-size", "8", "--steps", "3"],
      "--train-items 4 cannot fill one batch of 8"),
+    (["distill", "--train-items", "0"], "give at least 1 training item"),
+    (["distill", "--arm", "circuit distilled, CE", "--lam", "-1"], "a lambda >= 0"),
+    (["discover", "--threads", "0"], "--threads 0: give 1 or more"),
+    (["zoo", "circuits", "--threads", "-1"], "--threads -1: give 1 or more"),
 ])
 def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("stepz = 3\n")

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from conftest import unchecked
 
 from cdist import arms, cli, distill, stats
 from cdist.cli import common
@@ -136,9 +137,13 @@ def test_arms_build_their_runs():
     ({"lambdas": (0.1, -1.0)}, "regimes [], lrs/lambdas/control_lr [-1.0]"),
     ({"teacher_positions": {"k6": "pos_last"}}, "'k6' is not a head name"),
     ({"teacher_positions": {"a0.h1": "last"}}, "teacher_positions['a0.h1'] = 'last': name a"),
+    ({"seeds": (0, 0)}, "seeds=(0, 0) repeats a value"),
+    ({"regimes": (16, 16)}, "regimes=(16, 16) repeats a value"),
+    ({"seeds": (0.5,)}, "seeds=(0.5,): give whole numbers"),
+    ({"lrs": (float("inf"),)}, "each must be a finite number"),
 ])
 def test_experiment_config_refuses_bad_values_before_any_model(changes, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
         ExperimentConfig(**{"task": "entity_tracking", **changes})
 
 

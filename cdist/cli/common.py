@@ -444,6 +444,8 @@ def experiment(args: argparse.Namespace, *, log=print):
 
     from cdist.experiment import _Experiment
 
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

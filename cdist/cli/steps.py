@@ -168,6 +168,9 @@ def _distill(top: argparse.Namespace) -> dict:
     from cdist import experiment
 
     args = common.parse(top.parser, top.argv, "distill")
+    if args.train_items < 1 or args.lam < 0:
+        raise common.UsageError(f"--train-items {args.train_items} and --lam {args.lam}: give at "
+                                "least 1 training item and a lambda >= 0")
     args.regimes = [args.train_items]  # the run's items are the first of the table's pool
     exp = common.experiment(args)
     arm = arms.arm(args.arm)

@@ -118,6 +118,8 @@ def _train(args) -> list[Path]:
     from cdist.provenance import git_commit
     from cdist.zoo import organisms
 
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = {zoo.TINY_CONFIG.name: zoo.TINY_CONFIG} if args.tiny else zoo.ZOO_CONFIGS
@@ -193,6 +195,8 @@ def _circuits(args) -> list:
             discovery_items=args.discovery_items, eval_items=args.eval_items, k=args.k,
             min_effect=args.min_effect, budget=args.budget, target=args.target,
             n_random=args.n_random)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
         if args.threads:
             torch.set_num_threads(args.threads)
         survey.survey(names, cfg, args.out, command=shlex.join(["cdist", "zoo", *args.argv]),
