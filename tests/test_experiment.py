@@ -155,7 +155,7 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
             "--lambdas", "0.5", "--matchers", "ablation", "--out", str(tmp_path / "out"),
             "--figures", str(tmp_path / "figures"), "--arms", "circuit distilled, CE"]
     run_table("entity_tracking", ["--student", dirs["student"], *argv])
-    bad = [(["--student", dirs["other"]], "another student, teacher, head set or training set"),
+    bad = [(["--student", dirs["other"]], "holds results made with other settings (student: "),
            (["--student", dirs["student"], "--cka-position", "pos_nowhere"],
             "position columns ['pos_nowhere']"),
            (["--student", dirs["student"], "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
