@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,22 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cdist.checkpoints import atomic_write_bytes, atomic_write_text
+from cdist.errors import CdistError, FileFormatError, InputError
 
 __all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord", "Scan"]
 
 _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
+
+
+def _is_index(value) -> bool:
+    """A whole number (int, numpy or 0-d tensor integer), not a bool, float or string."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, order=True)
@@ -42,9 +55,13 @@ class Head:
     head: int
 
     def __post_init__(self) -> None:
-        if self.layer < 0 or self.head < 0:
-            raise ValueError(f"Head({self.layer}, {self.head}): layer and head must be "
-                             "non-negative")
+        whole = all(_is_index(v) for v in (self.layer, self.head))
+        if not whole or self.layer < 0 or self.head < 0:
+            raise InputError(f"Head({self.layer!r}, {self.head!r}): layer and head must be "
+                             "whole numbers >= 0 (Head.parse reads 'a3.h5')")
+        # plain ints, so that equal heads hash alike whatever integer type made them
+        object.__setattr__(self, "layer", operator.index(self.layer))
+        object.__setattr__(self, "head", operator.index(self.head))
 
     def __str__(self) -> str:
         return f"a{self.layer}.h{self.head}"
@@ -147,10 +164,17 @@ class JsonRecord:
     def from_json(cls, source: str | Path):
         """Read a record from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from
         JSON text."""
-        text = str(source)
+        text, where = str(source), "the JSON text"
         if isinstance(source, Path) or not text.lstrip().startswith("{"):
+            where = str(source)
             text = Path(source).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if isinstance(err, CdistError):
+                raise
+            raise FileFormatError(f"{where} is not a {cls.__name__} record ({type(err).__name__}: "
+                                  f"{err}); write it with {cls.__name__}.to_json") from None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import unchecked
 
-from cdist.types import Head, Scan
+from cdist.types import Circuit, Head, Scan
 
 META = ("method", "metric", "higher_is_important", "position", "receivers", "receiver_input",
         "n_items")
@@ -90,3 +90,19 @@ def test_scan_figure_is_a_layer_by_head_heatmap():
     assert "path_patching at pos_query_label" in fig.layout.title.text
     other = ablation_scan().figure("accuracy_drop")
     assert other.data[0].z.shape == (2, 3) and "every position" in other.layout.title.text
+
+
+def test_heads_are_whole_numbers_and_records_name_their_file(tmp_path):
+    from cdist.errors import FileFormatError, InputError
+
+    for layer, head in ((1.5, 0), ("0", "1"), (True, 0), (-1, 0)):
+        with unchecked(), pytest.raises(InputError, match="whole numbers >= 0"):
+            Head(layer, head)
+    with unchecked():  # a tensor's integer is a whole number, kept as an int
+        made = Head(torch.tensor(2), 3)
+    assert made == Head(2, 3) and hash(made) == hash(Head(2, 3)) and type(made.layer) is int
+    for text in ("{not json", '{"groups": 3}', "[]"):
+        path = tmp_path / "circuit.json"
+        path.write_text(text)
+        with pytest.raises(FileFormatError, match=r"circuit.json is not a Circuit record"):
+            Circuit.from_json(path)
