@@ -324,6 +324,16 @@ def loader(source: str, dev: str):
                      "checkpoint directory or .gguf file")
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads, or torch's default when not given."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: give 1 or more (or leave it out)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def check_tokenizers(teacher: str, student: str) -> None:
     """Refuse, before either model loads, a teacher and a student whose checkpoints have other
     vocabularies or tokenizers (``distill.check_pair`` checks loaded models the same way)."""
@@ -440,14 +450,10 @@ def experiment_config(args: argparse.Namespace):
 def experiment(args: argparse.Namespace, *, log=print):
     """The run folder's experiment steps (``cdist.experiment``) for these flags; models load when a
     step needs them."""
-    import torch
 
     from cdist.experiment import _Experiment
 
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         cfg = experiment_config(args)
     except ValueError as e:

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cdist.cli.common import UsageError, parse_min_effect
+from cdist.cli.common import UsageError, parse_min_effect, set_threads
 
 __all__ = ["add_parsers"]
 
@@ -112,16 +112,11 @@ def _list(args) -> list[str]:
 def _train(args) -> list[Path]:
     import dataclasses
 
-    import torch
-
     from cdist import evaluate, zoo
     from cdist.provenance import git_commit
     from cdist.zoo import organisms
 
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     configs = {zoo.TINY_CONFIG.name: zoo.TINY_CONFIG} if args.tiny else zoo.ZOO_CONFIGS
     names = args.only or list(configs)
     unknown = sorted(set(names) - set(configs))
@@ -179,8 +174,6 @@ def _export(args) -> Path:
 def _circuits(args) -> list:
     import shlex
 
-    import torch
-
     from cdist import zoo
     from cdist.zoo import survey
 
@@ -195,10 +188,7 @@ def _circuits(args) -> list:
             discovery_items=args.discovery_items, eval_items=args.eval_items, k=args.k,
             min_effect=args.min_effect, budget=args.budget, target=args.target,
             n_random=args.n_random)
-        if args.threads is not None and args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: give 1 or more (or leave it out)")
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         survey.survey(names, cfg, args.out, command=shlex.join(["cdist", "zoo", *args.argv]),
                       log=lambda line: print(line, flush=True))
         print(f"wrote {args.out}/results.md, results.csv, results.json, circuits/, scores/")
