@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.func import functional_call
 
+from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.types import Head
@@ -54,7 +55,7 @@ def head_z(
     sites = list(dict.fromkeys(sites))
     missing = sorted({column for _, column in sites} - set(positions))
     if missing:
-        raise ValueError(f"no positions given for columns {missing}; "
+        raise InputError(f"no positions given for columns {missing}; "
                          "build the batch with those columns")
     kept: dict[int, Tensor] = {}
 

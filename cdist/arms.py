@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from cdist.errors import InputError
+
 if TYPE_CHECKING:  # the command line reads the arms' names without importing torch
     from cdist.distill import DistillConfig
 
@@ -61,7 +63,7 @@ class Arm:
                seed: int) -> DistillConfig:
         """This arm's run of ``base`` at lambda ``lam`` and the table's ``lr``."""
         if not self.trained:
-            raise ValueError(f"{self.name!r} is not trained")
+            raise InputError(f"{self.name!r} is not trained")
         return replace(base, trainable=self.trainable, ce_weight=self.ce_weight,
                        kd_weight=self.kd_weight, cka_weight=lam if self.cka else 0.0,
                        shuffle_teacher=self.cka == "shuffled",
@@ -100,4 +102,4 @@ def arm(name: str) -> Arm:
     for a in ARMS:
         if a.name == name:
             return a
-    raise ValueError(f"unknown arm {name!r}; choose from {[a.name for a in ARMS]}")
+    raise InputError(f"unknown arm {name!r}; choose from {[a.name for a in ARMS]}")

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from cdist.errors import FileFormatError
 
 
 def _atomic(path: Path, write) -> None:
@@ -35,22 +35,38 @@ def _atomic(path: Path, write) -> None:
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    import torch  # here, so that the command line's help needs no torch
+
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write text to a temporary file beside ``path``, then rename it into place."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(text.encode(), path)
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write bytes to a temporary file beside ``path``, then rename it into place."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    """Write bytes to a temporary file beside ``path``, then rename it into place; a file that
+    already holds them is left as it is (a resumed step that finds what it found before changes
+    nothing, its times included)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(obj, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def read_json(path: str | Path, fix: str = "restore it or delete it"):
+    """``path``'s JSON; one that is not JSON (edited, damaged) is a ``FileFormatError`` naming the
+    file and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise FileFormatError(f"{path} is not valid JSON ({err}); {fix}") from None
 
 
 def atomic_directory(out_dir: str | Path, write: Callable[[Path], None]) -> Path:

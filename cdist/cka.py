@@ -40,6 +40,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from cdist.errors import InputError
+
 __all__ = ["hsic", "linear_cka"]
 
 
@@ -57,7 +59,7 @@ def hsic(
         kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()  # H K H
         return (kc * l).sum() / (m - 1) ** 2
     if m < 4:
-        raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} "
+        raise InputError(f"the debiased CKA needs at least 4 examples; got {m} "
                          "(use debiased=False or a larger batch)")
     k = k - torch.diag_embed(torch.diagonal(k))  # K~: zero diagonal
     l = l - torch.diag_embed(torch.diagonal(l))  # noqa: E741
@@ -81,21 +83,24 @@ def linear_cka(
     Returns:
         A float32 scalar tensor, differentiable with respect to both inputs.
     """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InputError(f"linear_cka takes tensors; got {type(x).__name__} and "
+                         f"{type(y).__name__} (torch.as_tensor them first)")
     if x.ndim != 2 or y.ndim != 2:
-        raise ValueError("linear_cka takes [examples, features] matrices; got shapes "
+        raise InputError("linear_cka takes [examples, features] matrices; got shapes "
                          f"{tuple(x.shape)} and {tuple(y.shape)} (flatten the other axes first)")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; "
+        raise InputError(f"x has {x.shape[0]} examples and y has {y.shape[0]}; "
                          "CKA compares the same examples")
     m = x.shape[0]
     if m == 0:
-        raise ValueError("linear_cka got no examples (0 rows); give a batch of at least 1 "
+        raise InputError("linear_cka got no examples (0 rows); give a batch of at least 1 "
                          "(4 for the debiased estimator)")
     if debiased and m < 4:
-        raise ValueError(f"the debiased CKA needs at least 4 examples; got {m} "
+        raise InputError(f"the debiased CKA needs at least 4 examples; got {m} "
                          "(use debiased=False or a larger batch)")
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        raise ValueError("linear_cka got NaN or inf in its input; the activations are broken "
+        raise InputError("linear_cka got NaN or inf in its input; the activations are broken "
                          "upstream (check the loss scale, the dtype and the learning rate)")
     with torch.autocast(device_type=x.device.type, enabled=False):
         x, y = _unit_scaled(x), _unit_scaled(y)

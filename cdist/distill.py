@@ -60,7 +60,7 @@ from cdist import evaluate, models, run_folder
 from cdist.activations import Site, head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
-from cdist.errors import ConfigError, MismatchError, NumericsError
+from cdist.errors import ConfigError, InputError, MismatchError, NumericsError, RunFolderError
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
 from cdist.provenance import items_fingerprint, model_fingerprint
@@ -126,6 +126,9 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}={value!r}; give a whole number")
+        for name in ("shuffle_teacher", "debiased_cka"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}; give True or False")
         for name in ("lr", "ce_weight", "cka_weight", "kd_weight", "kd_temperature",
                      "weight_decay"):
             value = getattr(self, name)
@@ -142,6 +145,9 @@ class DistillConfig:
             raise ConfigError("steps, eval_every >= 1, batch_size >= 2 and lr > 0 are needed; "
                               f"got steps={self.steps}, batch_size={self.batch_size}, "
                               f"eval_every={self.eval_every}, lr={self.lr}")
+        if self.lr > 1:  # AdamW moves each weight by about lr a step: past 1, it wipes them
+            raise ConfigError(f"lr={self.lr} is above 1, which overwrites the weights within a "
+                              "step; fine-tuning rates are about 1e-5 to 1e-2")
         if not self.kd_temperature > 0:
             raise ConfigError(f"kd_temperature={self.kd_temperature}; it divides the logits, so "
                               "give a number > 0 (2.0 is usual)")
@@ -265,25 +271,30 @@ class _Plan:
 
 def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillConfig) -> _Plan:
     if len(train_data) < cfg.batch_size:
-        raise ValueError(f"{len(train_data)} training items cannot fill one batch of "
+        raise InputError(f"{len(train_data)} training items cannot fill one batch of "
                          f"{cfg.batch_size}; lower batch_size or give more items")
     if len(eval_data) < 4:
-        raise ValueError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy "
+        raise InputError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy "
                          "need at least 4")
     if head_map is not None and cfg.cka_position is not None:
         head_map = head_map.at(cfg.cka_position)
     pairs = list(head_map.pairs) if head_map is not None else []
     if cfg.cka_weight and not pairs:
-        raise ValueError("cka_weight > 0 needs a head map with pairs (cdist.matching); got none")
+        raise InputError("cka_weight > 0 needs a head map with pairs (cdist.matching); got none")
     train_heads = tuple(sorted(set(heads if heads is not None else (p.student for p in pairs))))
     if cfg.trainable == "heads" and not train_heads:
-        raise ValueError("trainable='heads' needs heads to train: pass a head map or heads=[...]")
+        raise InputError("trainable='heads' needs heads to train: pass a head map or heads=[...]")
     s_sites, t_sites = head_map.sites() if head_map is not None else ([], [])
     columns = sorted({col for _, col in s_sites + t_sites} - {"pos_last"})
+    needed = {"input_ids", "answer_id", "pos_last"}  # what every batch and evaluation reads
+    for name, items in (("train_data", train_data), ("eval_data", eval_data)):
+        if not needed <= set(items.column_names):
+            raise InputError(f"{name} lacks the columns {sorted(needed - set(items.column_names))}"
+                             "; make the items with a task generator (cdist.tasks)")
     missing = sorted(set(columns) - set(train_data.column_names)
                      | set(columns) - set(eval_data.column_names))
     if missing:
-        raise ValueError(f"the head map reads position columns {missing} that the items lack; "
+        raise InputError(f"the head map reads position columns {missing} that the items lack; "
                          "build the items with the task generator or place the pairs at existing "
                          "columns (HeadMap.placed / at)")
     return _Plan(pairs, train_heads, s_sites, t_sites, columns)
@@ -346,18 +357,26 @@ class _Run:
         if none."""
         if not state_path.exists():
             return 0, 0.0, []
-        state = torch.load(state_path, weights_only=False, map_location=self.device)
-        if state["config"] != asdict(self.cfg):
-            raise ValueError(f"{state_path.parent} holds a run with another config; use a new "
-                             "run_dir or the same config")
+        fix = f"delete {state_path.parent} to train it anew, or write the run elsewhere"
+        try:
+            state = torch.load(state_path, weights_only=False, map_location=self.device)
+            saved_config = state["config"]
+        except Exception as err:  # noqa: BLE001 - torch.load's unpickling errors have no one type
+            raise RunFolderError(f"{state_path} cannot be read ({type(err).__name__}); {fix}"
+                                 ) from None
+        if saved_config != asdict(self.cfg):
+            differ = ", ".join(f"{k}: {saved_config.get(k)!r} there, {v!r} now"
+                               for k, v in asdict(self.cfg).items() if saved_config.get(k) != v)
+            raise RunFolderError(f"{state_path.parent} holds a run with other settings ({differ})"
+                                 f"; {fix}")
         if state.get("identity") != self.identity:
-            raise ValueError(f"{state_path.parent} holds a run of another student, teacher, head "
-                             "set or training set; use a new run_dir (or delete that one)")
+            raise RunFolderError(f"{state_path.parent} holds a run of another student, teacher, "
+                                 f"head set or training set; {fix}")
         self.weights.load_state_dict(state["weights"])
         if "opt" in state:  # a finished run keeps no optimizer state (``save``)
             self.opt.load_state_dict(state["opt"])
         elif state["step"] < self.cfg.steps:
-            raise ValueError(f"{state_path} holds an unfinished run without its optimizer state; "
+            raise InputError(f"{state_path} holds an unfinished run without its optimizer state; "
                              "delete it to start that run again")
         return state["step"], state["wall"], state["metrics"]
 
@@ -490,7 +509,7 @@ def distill(
     if teacher is not None:
         models.check_heads(teacher, [p.teacher for p in plan.pairs], "the teacher's heads")
     if teacher is None and _reads_teacher(cfg, plan):
-        raise ValueError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
+        raise InputError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
                          "no head map")
     flags = [p.requires_grad for p in student.parameters()]
     # one process per run folder, and an unwritable one refused before any step is taken

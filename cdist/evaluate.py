@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from cdist.errors import InputError
+
 Batch = dict[str, Tensor]
 
 
@@ -54,12 +56,12 @@ def batches(data, batch_size: int, pad: int, columns: Sequence[str] = (), *,
         }
         if corrupt:
             if "corrupt_input_ids" not in rows:
-                raise ValueError("patching needs a corrupt_input_ids column; build the data with "
+                raise InputError("patching needs a corrupt_input_ids column; build the data with "
                                  "cdist.tasks")
             pairs = zip(rows["input_ids"], rows["corrupt_input_ids"], strict=True)
             for i, (a, b) in enumerate(pairs):
                 if len(a) != len(b):
-                    raise ValueError(f"item {start + i}: clean and corrupt prompts have {len(a)} "
+                    raise InputError(f"item {start + i}: clean and corrupt prompts have {len(a)} "
                                      f"and {len(b)} tokens; patching needs them aligned token for "
                                      "token (same template)")
             out["corrupt_input_ids"] = pad_right(rows["corrupt_input_ids"], pad)
@@ -120,6 +122,6 @@ def accuracy(model: torch.nn.Module, data, *, batch_size: int = 64) -> float:
         Accuracy in [0, 1].
     """
     if len(data) == 0:
-        raise ValueError("accuracy needs at least one item; the dataset is empty")
+        raise InputError("accuracy needs at least one item; the dataset is empty")
     correct = predictions(model, data, batch_size=batch_size) == torch.as_tensor(data["answer_id"])
     return correct.float().mean().item()

@@ -37,6 +37,7 @@ Steps, in order:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -49,12 +50,13 @@ import torch
 
 from cdist import alignment, arms, distill, matching, run_folder, stats, tasks
 from cdist.activations import head_z_dataset
-from cdist.checkpoints import atomic_write_json
+from cdist.checkpoints import atomic_write_json, read_json
 from cdist.discovery import Discovery, DiscoveryConfig, ablation, find_circuit
 from cdist.distill import DistillConfig
+from cdist.errors import ConfigError, InputError
 from cdist.evaluate import predictions
 from cdist.matching import HeadMap
-from cdist.models import HookedTransformer
+from cdist.models import HookedTransformer, check_heads
 from cdist.provenance import items_fingerprint, model_fingerprint
 from cdist.types import Head, Scan
 
@@ -97,40 +99,51 @@ class ExperimentConfig:
     arms: tuple[str, ...] = _ARM_NAMES
 
     def __post_init__(self) -> None:
-        tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
+        spec = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
+        takes = set(inspect.signature(spec.generate).parameters) - {"n", "tokenizer", "seed",
+                                                                    "split"}
+        for kwargs in (self.task_kwargs, *(kw for _, kw in self.ood)):
+            if set(kwargs) - takes:
+                raise ConfigError(f"{self.task} items take no {sorted(set(kwargs) - takes)}; "
+                                  f"their settings are {sorted(takes)}")
         for name in self.arms:
             arms.arm(name)
         unknown = sorted(set(self.matchers) - set(MATCHERS))
         if unknown or not self.matchers:
-            raise ValueError(f"matchers {unknown or '(none)'}; choose from {list(MATCHERS)}")
+            raise ConfigError(f"matchers {unknown or '(none)'}; choose from {list(MATCHERS)}")
         if not self.seeds or not self.regimes or not self.lrs or not self.lambdas:
-            raise ValueError("seeds, regimes, lrs and lambdas each need at least one value")
+            raise ConfigError("seeds, regimes, lrs and lambdas each need at least one value")
         for name in ("seeds", "regimes"):
             values = getattr(self, name)
             if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-                raise ValueError(f"{name}={values}: give whole numbers")
+                raise ConfigError(f"{name}={values}: give whole numbers")
             if len(set(values)) != len(values):
-                raise ValueError(f"{name}={values} repeats a value; give each once")
+                raise ConfigError(f"{name}={values} repeats a value; give each once")
         if not all(math.isfinite(x) for x in (*self.lrs, *self.lambdas, self.control_lr)):
-            raise ValueError(f"lrs {self.lrs}, lambdas {self.lambdas}, control_lr "
-                             f"{self.control_lr}: each must be a finite number")
+            raise ConfigError(f"lrs {self.lrs}, lambdas {self.lambdas}, control_lr "
+                              f"{self.control_lr}: each must be a finite number")
         if self.select_seed in self.seeds:
-            raise ValueError(f"select_seed {self.select_seed} is a table seed; "
-                             f"choose one outside {self.seeds}")
+            raise ConfigError(f"select_seed {self.select_seed} is a table seed; "
+                              f"choose one outside {self.seeds}")
         for name in ("val_items", "test_items", "reference_items", "discovery_items", "ood_items",
                      "n_random"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; it must be at least 1")
+                raise ConfigError(f"{name}={getattr(self, name)}; it must be at least 1")
+        if self.val_items < 4:
+            raise ConfigError(f"val_items={self.val_items}; the CKA of head maps and lambda "
+                              "selection needs at least 4 validation items")
         small = [n for n in self.regimes if n < 1]
         bad = [x for x in (*self.lrs, *self.lambdas, self.control_lr) if not x > 0]
         if small or bad:
-            raise ValueError(f"regimes {small}, lrs/lambdas/control_lr {bad}: each must be "
-                             "positive")
+            raise ConfigError(f"regimes {small}, lrs/lambdas/control_lr {bad}: each must be "
+                              "positive")
+        for lr in {*self.lrs, self.control_lr}:
+            replace(self.distill, lr=lr)  # DistillConfig refuses a rate it could not train with
         for head, column in self.teacher_positions.items():
             Head.parse(head)  # a bad name raises ValueError naming it
             if not str(column).startswith("pos_"):
-                raise ValueError(f"teacher_positions[{head!r}] = {column!r}: name a position "
-                                 "column, e.g. 'pos_prev_label'")
+                raise ConfigError(f"teacher_positions[{head!r}] = {column!r}: name a position "
+                                  "column, e.g. 'pos_prev_label'")
 
 
 def _data(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):
@@ -199,6 +212,25 @@ class _Experiment:
         # agree for distillation anyway)
         model = self.student if self.load_student is not None else self.teacher
         return _Data.make(self.cfg, model.tokenizer)
+
+    def check(self, tokenizer, teacher_config=None) -> None:
+        """Refuse, before the run folder is claimed, settings that would fail only once items are
+        made: one item of every kind of set is made with ``tokenizer`` (so the task's words,
+        boxes and templates are tried), and the position columns and teacher heads the config
+        names are looked up (heads in ``teacher_config``, a checkpoint's config, when given)."""
+        cfg = self.cfg
+        made = [_data(cfg, tokenizer, 1, "train", 0)]
+        made += [_data(cfg, tokenizer, 1, "test", 0, **kw) for _, kw in cfg.ood]
+        columns = set.intersection(*(set(matching.position_columns(d)) for d in made))
+        named = {f"teacher_positions[{h!r}]": c for h, c in cfg.teacher_positions.items()}
+        named["cka_position"] = cfg.distill.cka_position
+        for what, column in named.items():
+            if column is not None and column not in columns:
+                raise ConfigError(f"{what} = {column!r} is not a position column of "
+                                  f"{cfg.task}'s items; choose from {sorted(columns)}")
+        if teacher_config is not None:
+            check_heads(teacher_config, [Head.parse(h) for h in cfg.teacher_positions],
+                        "teacher_positions heads")
 
     def claim(self) -> run_folder.Claim:
         """Hold the run folder for this process, refusing one that cannot be written, is in use,
@@ -275,11 +307,14 @@ class _Experiment:
                                 model_name=name, scan=scan,
                                 checkpoint_dir=self.out / f"search-{role}", progress=self.progress)
 
-        found = _reused(self.out / "cache" / f"discovery-{role}.json", identity, "discovery",
-                        search, Discovery.to_dict, Discovery.from_dict)
+        cache = self.out / "cache" / f"discovery-{role}.json"
+        found = _reused(cache, identity, "discovery", search, Discovery.to_dict,
+                        Discovery.from_dict)
         circuit = found.circuit
+        check_heads(model, circuit.heads, f"{cache}: the {role} circuit's heads",
+                    "delete the file to find the circuit again")
         if not circuit.heads:
-            raise ValueError(f"the {role}'s circuit is empty: no head passed the discovery "
+            raise InputError(f"the {role}'s circuit is empty: no head passed the discovery "
                              f"rule {rule}; lower --min-effect (or check that the model does "
                              "the task)")
         circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
@@ -297,6 +332,7 @@ class _Experiment:
                                                    self.means("teacher"))
             how = "largest ablation effect"
         named = {Head.parse(h): col for h, col in self.cfg.teacher_positions.items()}
+        check_heads(self.teacher, named, "teacher_positions heads")
         self.positions, self.positions_from = positions | named, how
         user = ", user-named " + str(sorted(map(str, named))) if named else ""
         self.log(f"teacher head positions ({how}{user}): "
@@ -368,8 +404,8 @@ class _Experiment:
                       "items": self.data_identity(n_train)}
         done = run_dir / "eval.json"
         if done.exists():
-            record = json.loads(done.read_text())
-            if {k: record.get(k) for k in record_key} == record_key:
+            record = read_json(done, f"delete {run_dir} to train the run again")
+            if isinstance(record, dict) and {k: record.get(k) for k in record_key} == record_key:
                 return record
         model = self.load_student()
         history = distill.distill(model, self.teacher, used, self.data.train[n_train],
@@ -514,6 +550,8 @@ def run_experiment(
     stopped.
     """
     exp = _Experiment(cfg, load_teacher, load_student, Path(out_dir), names, progress, log)
+    # the items' tokenizer comes with a model: it loads before the folder is claimed
+    exp.check((exp.student if load_student is not None else exp.teacher).tokenizer)
     with exp.claim():
         return run_steps(exp)
 
@@ -644,7 +682,10 @@ def _reused(path: Path, identity, key: str, make, to_dict, from_dict):
     (then saved there)."""
     saved = _read_cache(path, identity, key)
     if saved is not None:
-        return from_dict(saved)
+        try:
+            return from_dict(saved)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # an edited record: made anew, like an unreadable one
     value = make()
     atomic_write_json({"identity": identity, key: to_dict(value)}, _mkdir(path.parent)
                       / path.name)

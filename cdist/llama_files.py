@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from cdist.errors import FileFormatError, MissingFileError
+from cdist.errors import FileFormatError, InputError, MissingFileError
 
 __all__ = [
     "OFFICIAL_LLAMA3",
@@ -37,6 +37,7 @@ __all__ = [
     "LlamaSource",
     "open_llama",
     "resolve_checkpoint",
+    "safetensors_header",
 ]
 
 OFFICIAL_LLAMA3 = tuple(
@@ -106,7 +107,17 @@ def resolve_checkpoint(source: str | Path) -> Path:
 def _safetensors_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({ckpt / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            names = json.loads(index.read_text())["weight_map"].values()
+            shards = sorted({ckpt / f for f in names})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise FileFormatError(f"{index} is not a safetensors index ({type(err).__name__}: "
+                                  f"{err}); restore the checkpoint's index file") from None
+        absent = [f.name for f in shards if not f.is_file()]
+        if absent:
+            raise CheckpointNotFoundError(f"{index} names {absent[0]}, which is not in {ckpt}; "
+                                          "copy every shard of the checkpoint")
+        return shards
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise CheckpointNotFoundError(
@@ -116,26 +127,52 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
-    """A safetensors file's tensors in file order, each read into its own fresh CPU tensor (no
-    memory map, so nothing read stays resident once the caller drops it)."""
+def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header length and its entries (name -> dtype, shape, offsets), checked
+    against the file's size, so that a damaged file is named before any tensor is read.
+
+    Raises:
+        FileFormatError: not a safetensors file, an unknown dtype, or data past the end (truncated).
+    """
+    size = file.stat().st_size
     with open(file, "rb") as f:
         try:
             (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:  # also spares reading a garbled length's petabytes
+                raise InputError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
             header.pop("__metadata__", None)
-            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            for info in header.values():
+                start, end = info["data_offsets"]
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise InputError(f"dtype {info['dtype']} (cdist reads "
+                                     f"{', '.join(_SAFETENSORS_DTYPES)})")
+                if not 0 <= start <= end or any(not isinstance(n, int) or n < 0
+                                                for n in info["shape"]):
+                    raise InputError(f"offsets {start}..{end}, shape {info['shape']}")
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
             raise FileFormatError(f"{file} is not a readable safetensors file ({err}); re-save or "
-                             "re-download it") from None
-        for name, info in entries:
+                                  "re-download it") from None
+    for name, info in header.items():
+        if 8 + length + info["data_offsets"][1] > size:
+            raise FileFormatError(f"{file} is truncated: {name} ends past the end of the file; "
+                                  "re-save or re-download it")
+    return length, header
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """A safetensors file's tensors in file order, each read into its own fresh CPU tensor (no
+    memory map, so nothing read stays resident once the caller drops it)."""
+    length, header = safetensors_header(file)
+    with open(file, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
             if end > start:
                 f.seek(8 + length + start)
                 if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
-                    raise FileFormatError(f"{file} is truncated: {name} ends past the end of "
-                                          "the file; re-save or re-download it")
+                    raise FileFormatError(f"{file} changed while it was read: {name} ends past "
+                                          "the end of the file")
             yield name, tensor
 
 
@@ -161,8 +198,44 @@ class LlamaSource:
         if self.is_gguf:
             return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         if any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            try:
+                return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            except Exception as err:  # noqa: BLE001 - the tokenizers library raises bare Exception
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise FileFormatError(f"{self.path}'s tokenizer files cannot be read "
+                                      f"({type(err).__name__}: {first}); restore tokenizer.json "
+                                      "and tokenizer_config.json") from None
         return None
+
+    def check(self) -> None:
+        """Refuse, from the files' headers alone (no tensor is read), a checkpoint whose weights
+        do not fill its config's Llama: a missing shard, a damaged or truncated file, a missing
+        weight or one of another shape. A GGUF file is checked as it is read.
+
+        Raises:
+            CheckpointNotFoundError, FileFormatError: naming the file and the fix.
+        """
+        if self.is_gguf:
+            return
+        from transformers import LlamaForCausalLM
+
+        found = {}
+        for file in _safetensors_files(self.path):
+            found |= {k: tuple(v["shape"]) for k, v in safetensors_header(file)[1].items()}
+        with torch.device("meta"):  # the config's shapes, with no memory behind them
+            skeleton = LlamaForCausalLM(self.hf_config)
+        wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        if self.hf_config.tie_word_embeddings:
+            wanted.pop("lm_head.weight", None)
+        missing = sorted(set(wanted) - set(found))
+        if missing:
+            raise FileFormatError(f"{self.path} lacks {len(missing)} weights of its config.json, "
+                                  f"e.g. {missing[0]}; is the checkpoint complete?")
+        for name, shape in wanted.items():
+            if found[name] != shape:
+                raise FileFormatError(f"{self.path}: {name} has shape {found[name]}, but "
+                                      f"config.json makes it {shape}; pass the config the "
+                                      "weights were saved with")
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
         """``(transformers name, tensor in dtype)`` pairs, one resident at a time (CPU)."""

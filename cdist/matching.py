@@ -54,6 +54,7 @@ from torch import Tensor
 from cdist.activations import Site
 from cdist.cka import linear_cka
 from cdist.discovery.ablation import ablated_logits
+from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadPair, JsonRecord, Scan
@@ -104,7 +105,7 @@ class HeadMap(JsonRecord):
         sides, unless ``student_positions`` names the student side."""
         missing = sorted(str(p.teacher) for p in self.pairs if p.teacher not in teacher_positions)
         if missing:
-            raise ValueError(f"no position for teacher heads {missing}; "
+            raise InputError(f"no position for teacher heads {missing}; "
                              "give every paired teacher head one")
         student_positions = student_positions or {}
         return replace(self, pairs=tuple(
@@ -143,12 +144,16 @@ class HeadMap(JsonRecord):
 
     @classmethod
     def from_dict(cls, d: Mapping) -> HeadMap:
+        matrix = torch.tensor(d["matrix"], dtype=torch.float32)
+        shape = (len(d["student_heads"]), len(d["teacher_heads"]))
+        if matrix.numel() != shape[0] * shape[1]:
+            raise InputError(f"a head map's matrix has {matrix.numel()} entries, not one per "
+                             f"student and teacher head ({shape[0]} x {shape[1]})")
         return cls(
             pairs=tuple(HeadPair.from_dict(p) for p in d["pairs"]),
             student_heads=tuple(Head.parse(h) for h in d["student_heads"]),
             teacher_heads=tuple(Head.parse(h) for h in d["teacher_heads"]),
-            matrix=torch.tensor(d["matrix"], dtype=torch.float32).reshape(len(d["student_heads"]),
-                                                                           len(d["teacher_heads"])),
+            matrix=matrix.reshape(shape),
             kind=d["kind"],
             method=d["method"],
             student_model=d.get("student_model", ""),
@@ -158,7 +163,7 @@ class HeadMap(JsonRecord):
 
 def _check(student_heads: Sequence[Head], teacher_heads: Sequence[Head]) -> None:
     if not student_heads or not teacher_heads:
-        raise ValueError("matching needs student and teacher heads; "
+        raise InputError("matching needs student and teacher heads; "
                          f"got {len(student_heads)} student and {len(teacher_heads)} teacher heads "
                          "(is a circuit empty?)")
 
@@ -204,14 +209,14 @@ def ablation_matcher(
     students, teachers = tuple(student_ablated), tuple(teacher_ablated)
     _check(students, teachers)
     if normalise not in (None, "baseline"):
-        raise ValueError(f"normalise={normalise!r}; choose None (the paper's rule) or 'baseline'")
+        raise InputError(f"normalise={normalise!r}; choose None (the paper's rule) or 'baseline'")
     s_abl = torch.tensor([student_ablated[h] for h in students], dtype=torch.float64)
     t_abl = torch.tensor([teacher_ablated[h] for h in teachers], dtype=torch.float64)
     if normalise is None:
         d_s, d_t = student_base - s_abl, student_base - t_abl
     else:
         if teacher_base is None or teacher_base <= 0 or student_base <= 0:
-            raise ValueError("normalise='baseline' needs positive student_base and teacher_base "
+            raise InputError("normalise='baseline' needs positive student_base and teacher_base "
                              "probabilities")
         d_s, d_t = (student_base - s_abl) / student_base, (teacher_base - t_abl) / teacher_base
     matrix = (d_s[:, None] - d_t[None, :]).abs()
@@ -276,7 +281,7 @@ def cka_matcher(
     teachers = tuple(h for h, _ in t_sites)
     _check(students, teachers)
     if len(set(teachers)) != len(teachers):
-        raise ValueError("each teacher head may appear at one position only in teacher_z")
+        raise InputError("each teacher head may appear at one position only in teacher_z")
     try:
         with torch.no_grad():
             matrix = torch.tensor([[float(linear_cka(read(student_z, (s, col)),
@@ -284,7 +289,7 @@ def cka_matcher(
                                                      debiased=debiased)) for t, col in t_sites]
                                    for s in students], dtype=torch.float64)
     except KeyError as missing:
-        raise ValueError(f"student_z lacks the site {missing}; "
+        raise InputError(f"student_z lacks the site {missing}; "
                          "read every student head at every teacher head's position") from None
     position = dict(t_sites)
     chosen = _pairs(matrix, students, teachers, minimise=False, one_to_one=one_to_one)
@@ -310,7 +315,7 @@ def random_matcher(
     pool = tuple(h for h in teacher_heads if h not in excluded)
     _check(students, pool)
     if len(pool) < len(students):
-        raise ValueError(f"{len(students)} student heads need as many distinct random teacher "
+        raise InputError(f"{len(students)} student heads need as many distinct random teacher "
                          f"heads; only {len(pool)} remain after excluding {len(excluded)} "
                          "(use a larger pool)")
     drawn = random.Random(seed).sample(pool, len(students))

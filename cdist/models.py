@@ -45,6 +45,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from cdist.checkpoints import atomic_directory
+from cdist.errors import InputError
 from cdist.llama_files import (
     OFFICIAL_LLAMA3,
     SPECIAL_TOKEN_FIELDS,
@@ -61,6 +62,8 @@ __all__ = [
     "HookedTransformerConfig",
     "attach_tokenizer",
     "attention_inputs",
+    "check_device",
+    "check_heads",
     "finish_layer",
     "grouped_query",
     "head_weights",
@@ -128,7 +131,7 @@ def _rope(hf_config: LlamaConfig) -> tuple[float, dict | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
-        raise ValueError(
+        raise InputError(
             f"rope type {rope_type!r} is not supported; cdist converts default and llama3 rope"
         )
     return float(theta), params
@@ -160,10 +163,10 @@ def hooked_config_from_hf(
     """
     if getattr(hf_config, "model_type", None) != "llama":
         model_type = getattr(hf_config, "model_type", None)
-        raise ValueError(f"model_type is {model_type!r}; cdist converts 'llama' only")
+        raise InputError(f"model_type is {model_type!r}; cdist converts 'llama' only")
     biased = getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False)
     if hf_config.hidden_act != "silu" or biased:
-        raise ValueError(
+        raise InputError(
             "only bias-free SiLU Llamas are supported (hidden_act='silu', no attention/mlp bias)"
         )
     theta, scaling = _rope(hf_config)
@@ -241,7 +244,7 @@ def hf_config_from_hooked(
         and cfg.d_vocab_out == cfg.d_vocab
     )
     if not llama_like:
-        raise ValueError(
+        raise InputError(
             "config is not Llama-shaped (needs RMS norm, full NeoX rotary, gated SiLU MLP)"
         )
     rope_scaling = None
@@ -338,7 +341,7 @@ def hf_to_hooked_tensor(
                 kv = "_" if grouped_query(cfg) else ""
                 return (f"blocks.{layer}.{tl_key.format(kv=kv)}",
                         _rearrange(weight, pattern, head_kind, cfg))
-    raise ValueError(f"{name!r} is not a weight of a bias-free {cfg.n_layers}-layer Llama")
+    raise InputError(f"{name!r} is not a weight of a bias-free {cfg.n_layers}-layer Llama")
 
 
 def hf_to_hooked_state_dict(
@@ -403,7 +406,7 @@ def hooked_to_hf_state_dict(
     for key in _zero_biases(cfg):
         bias = rest.pop(key, None)
         if bias is not None and bool(bias.any()):
-            raise ValueError(f"{key} is non-zero; Llama has no such bias, so it cannot be exported")
+            raise InputError(f"{key} is non-zero; Llama has no such bias, so it cannot be exported")
     kv = "_" if grouped_query(cfg) else ""
     w_e, w_u = rest.pop("embed.W_E"), rest.pop("unembed.W_U")
     hf = {"model.embed_tokens.weight": w_e, "model.norm.weight": rest.pop("ln_final.w")}
@@ -417,7 +420,7 @@ def hooked_to_hf_state_dict(
             hf[f"model.layers.{layer}.{hf_key}"] = _rearrange(w, inverse, head_kind, cfg)
     leftover = [k for k in rest if not k.endswith(_TL_BUFFERS)]
     if leftover:
-        raise ValueError(f"{len(leftover)} keys have no Llama counterpart, e.g. {leftover[0]!r}")
+        raise InputError(f"{len(leftover)} keys have no Llama counterpart, e.g. {leftover[0]!r}")
     return {k: v.detach().contiguous() for k, v in hf.items()}
 
 
@@ -463,6 +466,22 @@ def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBas
     model.cfg.tokenizer_prepends_bos = prepends
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that this machine has (``InputError`` naming it and the
+    devices there are, so a mistyped or absent GPU fails before anything loads)."""
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = "cpu" + (f", cuda:0 to cuda:{n_cuda - 1}" if n_cuda else "")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a device name; this machine has {have}"
+                         ) from None
+    if dev.type == "cpu" or (dev.type == "cuda" and (dev.index or 0) < n_cuda) or (
+            dev.type == "mps" and torch.backends.mps.is_available()):
+        return dev
+    raise InputError(f"device {device!r} is not on this machine; it has {have}")
+
+
 def load_llama(
     source: str | Path,
     *,
@@ -493,7 +512,11 @@ def load_llama(
         The model in eval mode, with raw (unfolded) weights; ``model.hf_token_ids`` keeps the
         checkpoint's special-token ids for ``save_llama``.
     """
+    check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype={dtype!r}; pass a torch float dtype such as torch.bfloat16")
     ckpt = open_llama(source)
+    ckpt.check()  # a damaged checkpoint is named before the model is made
     cfg = hooked_config_from_hf(ckpt.hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
     cfg.init_weights = False  # about to be overwritten: skip the (slow, for 8B) random init
     model = _hooked(cfg, tokenizer if tokenizer is not None else ckpt.tokenizer())
@@ -507,7 +530,7 @@ def load_llama(
                 continue
             key, value = converted
             if params[key].shape != value.shape:
-                raise ValueError(f"{ckpt.path}: {name} has shape {tuple(value.shape)}, but the "
+                raise InputError(f"{ckpt.path}: {name} has shape {tuple(value.shape)}, but the "
                                  f"config makes it {tuple(params[key].shape)}")
             params[key].copy_(value)
             filled.add(key)
@@ -518,7 +541,7 @@ def load_llama(
             filled.add("unembed.W_U")
         missing = sorted(_hooked_weight_names(cfg) - filled)
         if missing:
-            raise ValueError(f"{ckpt.path} lacks {len(missing)} weights, e.g. the one that "
+            raise InputError(f"{ckpt.path} lacks {len(missing)} weights, e.g. the one that "
                              f"becomes {missing[0]!r}; is the checkpoint complete?")
         for key in _zero_biases(cfg):
             params[key].zero_()
@@ -586,7 +609,7 @@ def keep_layers(model: HookedTransformer, layers: Sequence[int]) -> HookedTransf
     layers = [int(layer) for layer in layers]
     n = model.cfg.n_layers
     if not layers or len(set(layers)) < len(layers) or not all(0 <= i < n for i in layers):
-        raise ValueError(f"layers {layers}: give distinct layer numbers from 0 to {n - 1}")
+        raise InputError(f"layers {layers}: give distinct layer numbers from 0 to {n - 1}")
     cfg = copy.deepcopy(model.cfg)
     cfg.n_layers, cfg.init_weights = len(layers), False  # every weight is copied in below
     cfg.n_params = model.cfg.n_params // n * len(layers)  # TransformerLens counts it per layer
@@ -665,18 +688,20 @@ def new_llama(
 # --------------------------------------------------------------------------------------------------
 
 
-def check_heads(model: HookedTransformer, heads, what: str = "heads") -> None:
+def check_heads(model: HookedTransformer | LlamaConfig, heads, what: str = "heads",
+                fix: str = "use a circuit or head map of this model") -> None:
     """Refuse heads that ``model`` does not have (``InputError`` naming the first few), so that a
-    circuit or head map of another model fails at once instead of ablating nothing."""
-    from cdist.errors import InputError
-
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    circuit or head map of another model fails at once instead of ablating nothing. ``model`` may
+    be a checkpoint's config, to check before the model loads."""
+    if isinstance(model, LlamaConfig):
+        n_layers, n_heads = model.num_hidden_layers, model.num_attention_heads
+    else:
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     outside = sorted({h for h in heads if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads)})
     if outside:
         raise InputError(f"{what} {', '.join(map(str, outside[:4]))} are outside the model "
                          f"({n_layers} layers x {n_heads} heads: a0.h0 to "
-                         f"a{n_layers - 1}.h{n_heads - 1}); use a circuit or head map of this "
-                         "model")
+                         f"a{n_layers - 1}.h{n_heads - 1}); {fix}")
 
 
 def hook_z(layer: int) -> str:
@@ -690,7 +715,7 @@ def hook_input(layer: int, which: str) -> str:
     (``"k"``, ``"v"``, ``[batch, pos, kv_head_index, d_head]`` under grouped-query attention),
     before rotary."""
     if which not in ("q", "k", "v"):
-        raise ValueError(f"attention input {which!r}; choose 'q', 'k' or 'v'")
+        raise InputError(f"attention input {which!r}; choose 'q', 'k' or 'v'")
     return f"blocks.{layer}.attn.hook_{which}"
 
 
@@ -742,7 +767,7 @@ def head_weights(
     names = {"q": "W_Q", "o": "W_O", "k": f"{gqa}W_K", "v": f"{gqa}W_V"}
     unknown = set(kinds) - set(names)
     if unknown:
-        raise ValueError(f"head weight kinds {sorted(unknown)}; choose from 'q', 'k', 'v', 'o'")
+        raise InputError(f"head weight kinds {sorted(unknown)}; choose from 'q', 'k', 'v', 'o'")
     return {kind: f"blocks.{layer}.attn.{names[kind]}" for kind in kinds}
 
 
@@ -775,7 +800,7 @@ def frozen_head_residuals(
         ``len(z) + 1`` tensors: the residual stream entering layer 0, 1, ..., ``len(z)``.
     """
     if model.cfg.parallel_attn_mlp:
-        raise ValueError(
+        raise InputError(
             "frozen_head_residuals needs sequential attention and MLP blocks; "
             "this model is parallel"
         )

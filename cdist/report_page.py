@@ -19,7 +19,8 @@ import plotly.offline
 from plotly.subplots import make_subplots
 
 from cdist import plots
-from cdist.checkpoints import atomic_write_text
+from cdist.checkpoints import atomic_write_text, read_json
+from cdist.errors import MissingFileError
 from cdist.matching import HeadMap
 from cdist.report import curve_figure, markdown_table
 from cdist.types import Circuit, Scan
@@ -48,7 +49,7 @@ def _figure(fig: go.Figure, name: str) -> str:
 
 
 def _read(path: Path):
-    return json.loads(path.read_text())
+    return read_json(path, "restore it, or run the step that writes it again")
 
 
 def _circuits(run: Path) -> list[str]:
@@ -136,7 +137,7 @@ def run_page(run_dir: str | Path) -> str:
     """The page (module doc) as one HTML string."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run} is not a run folder; give the --out of a cdist command")
+        raise MissingFileError(f"{run} is not a run folder; give the --out of a cdist command")
     sections: list[tuple[str, list[str]]] = []
     results = run / "results.json"
     title = f"cdist run {run.name}"
@@ -165,7 +166,7 @@ def run_page(run_dir: str | Path) -> str:
     sections.append(("settings and commits", settings))
     sections = [(name, parts) for name, parts in sections if parts]
     if not sections:
-        raise FileNotFoundError(f"{run} holds nothing cdist wrote (no circuits, head maps, runs or "
+        raise MissingFileError(f"{run} holds nothing cdist wrote (no circuits, head maps, runs or "
                                 "results); run a cdist step with --out there first")
     nav = "".join(f'<a href="#{name.replace(" ", "-")}">{name}</a>' for name, _ in sections)
     body = "".join(f'<section id="{name.replace(" ", "-")}"><h2>{name}</h2>{"".join(parts)}'

@@ -19,12 +19,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 from cdist.checkpoints import atomic_write_json
 from cdist.errors import RunFolderError
 
-__all__ = ["Claim", "claim", "release_all"]
+__all__ = ["Claim", "check_writable", "claim", "release_all"]
 
 
 class Claim:
@@ -59,13 +61,31 @@ def release_all() -> None:
         held.release()
 
 
+def check_writable(path: str | Path, *, file: bool = False) -> Path:
+    """Refuse, without making or writing anything, an output folder (or, with ``file``, an output
+    file) that could not be written: one under a file, a folder that is a file or the reverse, or
+    a nearest existing folder this process may not write. ``RunFolderError`` names it."""
+    path = Path(path)
+    kind = "file" if file else "folder"
+    if path.is_dir() if file else (path.exists() and not path.is_dir()):
+        raise RunFolderError(f"{path} is a {'folder, not a file' if file else 'file, not a folder'}"
+                             f"; choose another output {kind}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"{path}: {parent} is a file, not a folder; choose another "
+                                 f"output {kind}")
+        if parent.exists():
+            break
+    nearest = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{path} cannot be written ({nearest} is read-only for this user); "
+                             f"choose a {kind} you can write to")
+    return path
+
+
 def claim(folder: str | Path, identity: dict | None = None) -> Claim:
     """Check and hold ``folder`` for this process (module doc); raises ``RunFolderError``."""
-    folder = Path(folder)
-    for parent in (folder, *folder.parents):
-        if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"{folder}: {parent} is a file, not a folder; choose another "
-                                 "output folder")
+    folder = check_writable(folder)
     key = folder.resolve()
     if key in _HELD:
         if identity is not None:
@@ -84,9 +104,10 @@ def claim(folder: str | Path, identity: dict | None = None) -> Claim:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunFolderError(f"{folder} is in use by another cdist process; wait for it to end "
-                             "or choose another output folder") from None
+        raise RunFolderError(f"{folder} is in use by {holder}; wait for it to end or choose "
+                             "another output folder") from None
     held = _HELD[key] = Claim(key, fd)
     try:
         for tmp in folder.rglob(".*.tmp"):
@@ -96,6 +117,9 @@ def claim(folder: str | Path, identity: dict | None = None) -> Claim:
     except BaseException:
         held.release()
         raise
+    # who holds it, for the message above; once the folder is accepted, so a refusal changes nothing
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} ({shlex.join(sys.argv)[:300]})".encode(), 0)
     return held
 
 

@@ -14,6 +14,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from cdist.errors import InputError
+
 __all__ = ["mcnemar", "mcnemar_pooled", "rankdata", "spearman"]
 
 
@@ -33,7 +35,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman's rank correlation of two equally shaped tensors (flattened); NaN if either is
     constant."""
     if a.numel() != b.numel() or a.numel() < 2:
-        raise ValueError(f"spearman needs two tensors of one size >= 2; got {a.numel()} and "
+        raise InputError(f"spearman needs two tensors of one size >= 2; got {a.numel()} and "
                          f"{b.numel()} values")
     ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -59,7 +61,7 @@ def mcnemar(correct_a: Tensor, correct_b: Tensor) -> dict:
     """
     a, b_ = correct_a.flatten().bool().cpu(), correct_b.flatten().bool().cpu()
     if a.shape != b_.shape:
-        raise ValueError(f"McNemar pairs items: got {a.numel()} and {b_.numel()} results; "
+        raise InputError(f"McNemar pairs items: got {a.numel()} and {b_.numel()} results; "
                          "evaluate both methods on the same items")
     b, c = int((a & ~b_).sum()), int((~a & b_).sum())
     return {"b": b, "c": c, "n_discordant": b + c, "p_value": _exact_p(b, c)}
@@ -93,7 +95,7 @@ def mcnemar_pooled(correct_a: Sequence[Tensor], correct_b: Sequence[Tensor]) -> 
         "strata"}``.
     """
     if len(correct_a) != len(correct_b) or not correct_a:
-        raise ValueError("pooling needs the same strata for both methods; "
+        raise InputError("pooling needs the same strata for both methods; "
                          f"got {len(correct_a)} and {len(correct_b)}")
     per = [mcnemar(a, b) for a, b in zip(correct_a, correct_b, strict=True)]
     b, c = sum(t["b"] for t in per), sum(t["c"] for t in per)

@@ -24,6 +24,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from cdist.errors import InputError
+
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
 
@@ -46,7 +48,7 @@ def word_tokenizer(
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *words):
         if not word or any(c.isspace() for c in word):
-            raise ValueError(f"word-level vocabulary entry {word!r} is empty or has whitespace; "
+            raise InputError(f"word-level vocabulary entry {word!r} is empty or has whitespace; "
                              "give single words")
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

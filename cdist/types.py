@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cdist.checkpoints import atomic_write_bytes, atomic_write_text
-from cdist.errors import CdistError, FileFormatError, InputError
+from cdist.errors import ConfigError, FileFormatError, InputError
 
 __all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord", "Scan"]
 
@@ -71,7 +71,7 @@ class Head:
         """The head named ``text``, as printed by ``str``: ``Head.parse("a3.h5") == Head(3, 5)``."""
         match = _HEAD_RE.match(text.strip())
         if match is None:
-            raise ValueError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', "
+            raise InputError(f"{text!r} is not a head name; write heads as 'a<layer>.h<head>', "
                              "e.g. 'a3.h5'")
         return cls(int(match[1]), int(match[2]))
 
@@ -88,10 +88,10 @@ class Head:
         """
         n_kv_heads = n_kv_heads or n_heads
         if n_heads % n_kv_heads:
-            raise ValueError(f"{n_heads} query heads cannot be split evenly over {n_kv_heads} "
+            raise InputError(f"{n_heads} query heads cannot be split evenly over {n_kv_heads} "
                              "key/value heads")
         if self.head >= n_heads:
-            raise ValueError(f"{self} does not exist in a model with {n_heads} heads per layer")
+            raise InputError(f"{self} does not exist in a model with {n_heads} heads per layer")
         return self.head // (n_heads // n_kv_heads)
 
 
@@ -127,6 +127,8 @@ class HeadPair:
         if not isinstance(d, Mapping):
             student, teacher = d
             return cls(Head.parse(student), Head.parse(teacher))
+        if not {"student", "teacher"} <= set(d):
+            raise InputError(f"a head pair names its 'student' and 'teacher' heads; got {dict(d)}")
         return cls(Head.parse(d["student"]), Head.parse(d["teacher"]),
                    d.get("student_position", "pos_last"), d.get("teacher_position", "pos_last"))
 
@@ -146,6 +148,8 @@ class Ablation(str, enum.Enum):
 
 
 def _heads(items: Iterable[Head | str]) -> tuple[Head, ...]:
+    if isinstance(items, (str, Head)):
+        raise InputError(f"{items!r} where a list of heads goes; write [{str(items)!r}]")
     return tuple(h if isinstance(h, Head) else Head.parse(h) for h in items)
 
 
@@ -171,8 +175,6 @@ class JsonRecord:
         try:
             return cls.from_dict(json.loads(text))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            if isinstance(err, CdistError):
-                raise
             raise FileFormatError(f"{where} is not a {cls.__name__} record ({type(err).__name__}: "
                                   f"{err}); write it with {cls.__name__}.to_json") from None
 
@@ -208,11 +210,14 @@ class Circuit(JsonRecord):
     method: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.groups, Mapping) or not isinstance(self.positions, Mapping):
+            raise InputError(f"Circuit({self.groups!r}): groups (and positions) are a dict, "
+                             "e.g. Circuit({'circuit': ['a0.h1']})")
         groups = {str(name): _heads(heads) for name, heads in self.groups.items()}
         unknown = set(self.positions) - set(groups)
         if unknown:
-            raise ValueError(f"positions name groups {sorted(unknown)} that the circuit does not "
-                             "have")
+            raise ConfigError(f"positions name groups {sorted(unknown)} that the circuit does not "
+                              "have")
         positions = {name: str(self.positions.get(name, "pos_last")) for name in groups}
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "positions", positions)
@@ -269,8 +274,8 @@ class HeadScores:
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 2:
-            raise ValueError("scores must be [layer, head_index]; "
-                             f"got shape {tuple(self.scores.shape)}")
+            raise ConfigError("scores must be [layer, head_index]; "
+                              f"got shape {tuple(self.scores.shape)}")
 
     def __getitem__(self, head: Head) -> float:
         return float(self.scores[head.layer, head.head])
@@ -326,14 +331,14 @@ class Scan(JsonRecord):
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"scan method {self.method!r}; choose from {METHODS}")
+            raise ConfigError(f"scan method {self.method!r}; choose from {METHODS}")
         if self.metric not in self.metrics:
-            raise ValueError(f"ranking metric {self.metric!r} is not among the scan's "
-                             f"{sorted(self.metrics)}")
+            raise ConfigError(f"ranking metric {self.metric!r} is not among the scan's "
+                              f"{sorted(self.metrics)}")
         shapes = {tuple(t.shape) for t in self.metrics.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError("every metric must be one [layer, head_index] tensor; "
-                             f"got shapes {sorted(shapes)}")
+            raise ConfigError("every metric must be one [layer, head_index] tensor; "
+                              f"got shapes {sorted(shapes)}")
         metrics = {k: v.detach().float().cpu() for k, v in self.metrics.items()}
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "receivers", _heads(self.receivers))

@@ -14,7 +14,5 @@ import sys
 
 from cdist import cli
 
-if __name__ == "__main__":  # the same as: cdist table --task entity_tracking ...
-    # the repository's tables and figures live in figures/ (a later --figures wins)
-    sys.exit(cli.main(["table", "--task", "entity_tracking", "--figures", "figures",
-                       *sys.argv[1:]]))
+if __name__ == "__main__":  # the same as: cdist table --task entity_tracking --figures figures ...
+    sys.exit(cli.table_script("entity_tracking", sys.argv[1:]))

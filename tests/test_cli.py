@@ -1,5 +1,6 @@
 """The ``cdist`` command: fast help, the pipeline step by step on one run folder, settings carried
-from step to step and from config files, and one-line refusals."""
+from step to step and from config files, and models of other tokenizers refused (the catalogue of
+other refusals: test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -137,52 +138,6 @@ def test_config_files_set_flags_and_flags_win(dirs, tmp_path):
              "--out", str(out)])
     settings = yaml.safe_load((out / "config.yaml").read_text())
     assert (settings["val_items"], settings["test_items"]) == (20, 36)
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["discover", "--teacher", "no-such-model", "--roles", "teacher"],
-     "is neither a zoo model"),
-    (["discover", "--device", "cuda:7"], "--device cuda:7"),
-    (["discover", "--n-boxes", "3", "--task", "theory_of_mind"], "theory_of_mind has no boxes"),
-    (["distill", "--config", "{tmp}/bad.toml"], "unknown setting 'stepz'"),
-    (["distill", "--config", "{tmp}/broken.yaml"], "is not valid YAML"),
-    (["distill", "--config", "{tmp}/missing.toml"], "missing.toml"),
-    (["table", "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
-    (["zoo", "export", "no-such-model", "{tmp}/x"], "not a zoo model"),
-    (["discover", "--task", "entity_tracking", "--student", "tom-student"],
-     "tom-student was trained on theory_of_mind"),
-    (["distill", "--steps", "0"], "steps, eval_every >= 1"),
-    (["distill", "--lam", "-1"], "a lambda >= 0"),
-    (["distill", "--lr", "nan"], "lr=nan; give a finite number"),
-    (["distill", "--train-items", "4", "--batch-size", "8", "--steps", "3"],
-     "--train-items 4 cannot fill one batch of 8"),
-    (["distill", "--train-items", "0"], "give at least 1 training item"),
-    (["distill", "--arm", "circuit distilled, CE", "--lam", "-1"], "a lambda >= 0"),
-    (["discover", "--threads", "0"], "--threads 0: give 1 or more"),
-    (["zoo", "circuits", "--threads", "-1"], "--threads -1: give 1 or more"),
-])
-def test_bad_input_is_one_line_and_status_2(argv, message, tmp_path, capsys):
-    (tmp_path / "bad.toml").write_text("stepz = 3\n")
-    (tmp_path / "broken.yaml").write_text("steps: [1,\n")
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if argv[0] != "zoo":
-        argv += ["--out", str(tmp_path / "out")]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "out" / "config.yaml").exists()  # refused before anything was written
-
-
-def test_a_folder_of_other_items_is_refused_before_anything_changes(dirs, tmp_path, capsys):
-    out = tmp_path / "run"
-    models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
-    cli.run(["discover", *models, *SMALL, "--roles", "teacher", "--out", str(out)])
-    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    capsys.readouterr()
-    assert cli.main(["match", "--val-items", "30", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "val_items: 24 there, 30 now" in err[0]
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
 
 
 def test_models_of_other_tokenizers_are_refused_before_they_load(dirs, tok, tmp_path, capsys):

@@ -11,6 +11,7 @@ from conftest import unchecked
 
 from cdist import distill, evaluate, matching, tasks
 from cdist.cka import linear_cka
+from cdist.errors import RunFolderError
 from cdist.models import hook_z, new_llama
 from cdist.types import Head, HeadPair
 
@@ -203,7 +204,7 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
         distill.distill(student, teacher, head_map().at("pos_nowhere"), *items, CFG, tmp_path / "y",
                         progress=False)
     distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(RunFolderError, match=r"other settings \(lr: .* there, 0.001 now\)"):
         distill.distill(fresh(tok, 1), teacher, head_map(), *items, replace(CFG, lr=1e-3),
                         tmp_path / "a", progress=False)
     # the same config on another student, or with other heads, is not silently resumed

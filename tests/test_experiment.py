@@ -157,7 +157,7 @@ def test_bad_input_is_one_line(tok, tmp_path, capsys):
     run_table("entity_tracking", ["--student", dirs["student"], *argv])
     bad = [(["--student", dirs["other"]], "holds results made with other settings (student: "),
            (["--student", dirs["student"], "--cka-position", "pos_nowhere"],
-            "position columns ['pos_nowhere']"),
+            "cka_position = 'pos_nowhere' is not a position column"),
            (["--student", dirs["student"], "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
            (["--student", dirs["student"], "--teacher-positions", "a0.h1"], "write HEAD=COLUMN"),
            (["--student", dirs["student"], "--select-seed", "0"], "select_seed 0 is a table seed")]

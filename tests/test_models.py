@@ -12,6 +12,7 @@ import torch
 from conftest import LLAMA_SHAPES
 from transformers import LlamaForCausalLM
 
+from cdist.errors import FileFormatError
 from cdist.models import (
     CheckpointNotFoundError,
     HookedTransformer,
@@ -218,7 +219,8 @@ def test_incomplete_checkpoint_is_named(hf_llama_dir, tmp_path):
     weights = load_file(ckpt / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, ckpt / "model.safetensors")
-    with pytest.raises(ValueError, match=r"incomplete lacks 1 weights.*blocks.1.mlp.W_in"):
+    with pytest.raises(FileFormatError,
+                       match=r"incomplete lacks 1 weights.*model.layers.1.mlp.up_proj.weight"):
         load_llama(ckpt)
     weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(weights, ckpt / "model.safetensors")
@@ -227,8 +229,6 @@ def test_incomplete_checkpoint_is_named(hf_llama_dir, tmp_path):
 
 
 def test_truncated_or_garbled_safetensors_are_named(hf_llama_dir, tmp_path):
-    from cdist.errors import FileFormatError
-
     path, _ = hf_llama_dir("gqa")
     ckpt = tmp_path / "broken"
     shutil.copytree(path, ckpt)

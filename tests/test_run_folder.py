@@ -46,7 +46,8 @@ def test_one_process_at_a_time_and_a_killed_holder_lets_go(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunFolderError, match="in use by another cdist process"):
+        # the message names the holder, for the user to find it
+        with pytest.raises(RunFolderError, match=f"in use by process {holder.pid} "):
             run_folder.claim(tmp_path)
     finally:
         holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock

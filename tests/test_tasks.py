@@ -227,7 +227,7 @@ def test_organism_vocabulary_covers_every_token(make, template, word_tok):
 def test_word_missing_from_word_vocabulary_is_named(tmp_path):
     words = [w for w in tasks.organism_vocabulary() if w not in ("apple", "coffee")]
     tok = word_tokenizer(words, save_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"answer 'apple' is not a single token .*<unk>"):
+    with pytest.raises(ValueError, match=r"object 'apple' is not a single token .*<unk>"):
         tasks.entity_tracking(5, tokenizer=tok, objects=OBJECTS)
     with pytest.raises(ValueError, match="'coffee'"):
         tasks.theory_of_mind(5, tokenizer=tok, states=STATES)
@@ -264,7 +264,7 @@ def test_too_few_single_token_default_words_is_one_line(make, kwargs, role, kept
 
 
 def test_multi_token_word_in_bpe_vocabulary_is_named(llama_tok):
-    with pytest.raises(ValueError, match=r"answer 'lemonade' is not a single token .*splits into"):
+    with pytest.raises(ValueError, match=r"object 'lemonade' is not a single token .*splits into"):
         tasks.entity_tracking(5, tokenizer=llama_tok, objects=[*OBJECTS[:10], "lemonade"])
     with pytest.raises(ValueError, match="'lemonade'"):
         tasks.theory_of_mind(5, tokenizer=llama_tok, states=["tea", "lemonade"])

@@ -18,19 +18,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from cdist.cli import steps, zoo_commands
 from cdist.errors import CdistError
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "table_script"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with ``-1e-3`` read as a number (argparse takes it for an option and says only
+    "expected one argument"), so that a negative learning rate reaches the check that names it;
+    and its refusals in one line, like cdist's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cdist", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="cdist", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for module in (zoo_commands, steps):
         module.add_parsers(sub)
     return p
@@ -64,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cdist: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def table_script(task: str, argv: list[str]) -> int:
+    """A table script (``experiments/<task>.py``): ``cdist table --task TASK`` with the repository's
+    ``figures/`` (a later ``--figures`` wins); another ``--task`` is refused, not obeyed."""
+    if any(a == "--task" or a.startswith("--task=") for a in argv):
+        print(f"cdist: error: this script makes the {task} table; for another task run "
+              "cdist table --task NAME", file=sys.stderr)
+        return 2
+    return main(["table", "--task", task, "--figures", "figures", *argv])
 
 
 if __name__ == "__main__":

@@ -228,6 +228,9 @@ def _argv(parser: argparse.ArgumentParser, settings: dict, where: str) -> list[s
         if value is None:
             continue
         option = action.option_strings[0]
+        if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)) \
+                and not isinstance(value, bool):  # YAML's "false" is a true string
+            raise UsageError(f"{where}: {key} = {value!r}; write true or false")
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(option if value else "--no-" + option.removeprefix("--"))
         elif isinstance(action, argparse._StoreTrueAction):
@@ -236,6 +239,14 @@ def _argv(parser: argparse.ArgumentParser, settings: dict, where: str) -> list[s
             argv += [option, *map(str, value if isinstance(value, list) else [value])]
         else:
             argv += [option, str(value)]
+    # argparse checks the values' types and choices here, so that an error names the file
+    parser.exit_on_error = False
+    try:
+        parser.parse_args(argv)
+    except argparse.ArgumentError as e:
+        raise UsageError(f"{where}: {e}") from None
+    finally:
+        parser.exit_on_error = True
     return argv
 
 
@@ -296,16 +307,15 @@ def device(args: argparse.Namespace) -> str:
     """The device named, checked to exist, or cuda when present."""
     import torch
 
+    from cdist.errors import InputError
+    from cdist.models import check_device
+
     if args.device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r}: name cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {args.device}: this machine has "
-                         f"{torch.cuda.device_count()} CUDA devices; use --device cpu")
+        check_device(args.device)
+    except InputError as e:
+        raise UsageError(f"--device: {e}; pass one of those") from None
     return args.device
 
 
@@ -334,24 +344,31 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def check_tokenizers(teacher: str, student: str) -> None:
-    """Refuse, before either model loads, a teacher and a student whose checkpoints have other
-    vocabularies or tokenizers (``distill.check_pair`` checks loaded models the same way)."""
+def _opened(source: str):
+    """``source`` (a zoo name or a checkpoint) opened, its files checked from their headers."""
     from cdist import zoo
-    from cdist.errors import MismatchError
     from cdist.llama_files import open_llama
+
+    opened = open_llama(zoo.zoo_dir() / source if source in zoo.names() else source)
+    opened.check()
+    return opened
+
+
+def check_tokenizers(teacher, student, names: tuple[str, str]) -> None:
+    """Refuse, before either model loads, a teacher and a student (opened checkpoints) of other
+    vocabularies or tokenizers (``distill.check_pair`` checks loaded models the same way)."""
+    from cdist.errors import MismatchError
     from cdist.tokenizers import tokenizer_difference
 
-    opened = [open_llama(zoo.zoo_dir() / s if s in zoo.names() else s) for s in (teacher, student)]
-    sizes = [o.hf_config.vocab_size for o in opened]
+    sizes = [o.hf_config.vocab_size for o in (teacher, student)]
     if sizes[0] != sizes[1]:
-        raise MismatchError(f"--teacher {teacher} has {sizes[0]} output tokens and --student "
-                            f"{student} {sizes[1]}; distil between models of one tokenizer")
-    toks = [o.tokenizer() for o in opened]
+        raise MismatchError(f"--teacher {names[0]} has {sizes[0]} output tokens and --student "
+                            f"{names[1]} {sizes[1]}; distil between models of one tokenizer")
+    toks = [o.tokenizer() for o in (teacher, student)]
     difference = None if None in toks else tokenizer_difference(*toks)
     if difference:
-        raise MismatchError(f"--teacher {teacher} and --student {student} have other tokenizers: "
-                            f"{difference}; distil between models of one tokenizer")
+        raise MismatchError(f"--teacher {names[0]} and --student {names[1]} have other "
+                            f"tokenizers: {difference}; distil between models of one tokenizer")
 
 
 def _ood(spec, organism: bool, given: dict) -> tuple[tuple[str, dict], ...]:
@@ -461,9 +478,21 @@ def experiment(args: argparse.Namespace, *, log=print):
     dev = device(args)
     roles = [r for r in ("teacher", "student") if getattr(args, r, None)]
     loads = {r: loader(getattr(args, r), dev) for r in roles}
-    if len(roles) == 2:
-        check_tokenizers(args.teacher, args.student)
+    opened = {r: _opened(getattr(args, r)) for r in roles}
     names = (getattr(args, "teacher", None) or "teacher", getattr(args, "student", None)
              or "student")
-    return _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,
-                       progress=True, log=log)
+    if len(roles) == 2:
+        check_tokenizers(opened["teacher"], opened["student"], names)
+    exp = _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,
+                      progress=True, log=log)
+    # the items are made with the student's tokenizer (the teacher's when found alone)
+    role = "student" if "student" in opened else "teacher"
+    tokenizer = opened[role].tokenizer()
+    if tokenizer is None:
+        raise UsageError(f"--{role} {getattr(args, role)} has no tokenizer files "
+                         "(tokenizer.json); save the tokenizer beside the weights")
+    try:
+        exp.check(tokenizer, opened["teacher"].hf_config if "teacher" in opened else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return exp

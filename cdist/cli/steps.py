@@ -18,11 +18,10 @@ What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``)
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
-from cdist import arms
+from cdist import arms, run_folder
 from cdist.cli import common
 
 __all__ = ["add_parsers"]
@@ -103,10 +102,17 @@ def _prepared(top: argparse.Namespace, command: str):
     """The step's settings (``common.parse``) and experiment, checked before anything is
     written."""
     args = common.parse(top.parser, top.argv, command)
+    if command == "table":
+        run_folder.check_writable(_figures(args))  # before the hours of the table, not after
     exp = common.experiment(args)
     exp.claim()  # held until the command ends
     common.keep_settings(top.parser, args)
     return args, exp
+
+
+def _figures(args: argparse.Namespace) -> str:
+    """Where a table's report goes."""
+    return args.figures or str(Path(args.out) / "figures")
 
 
 def _discover(top: argparse.Namespace) -> dict:
@@ -195,23 +201,29 @@ def _distill(top: argparse.Namespace) -> dict:
 
 
 def _evaluate(top: argparse.Namespace) -> dict:
-    from cdist.checkpoints import atomic_write_json
+    from cdist.checkpoints import atomic_write_json, read_json
+    from cdist.errors import FileFormatError
 
     args, exp = _prepared(top, "evaluate")
     out = Path(args.out)
     result: dict = {"models": {}, "runs": {}}
+    keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness", "train_items",
+            "config")
+    for path in sorted(out.glob("runs/*/*/eval.json")):  # read first: a damaged one stops nothing
+        fix = f"delete {path.parent} and distill that run again"
+        rec = read_json(path, fix)
+        lacks = sorted(set(keys) - set(rec if isinstance(rec, dict) else {}))
+        if lacks:
+            raise FileFormatError(f"{path} is not a run's evaluation (it lacks {lacks}); {fix}")
+        result["runs"][str(path.parent.relative_to(out))] = {k: rec[k] for k in keys}
     for role in _roles(args):
         exp.find_circuits((role,))
         rec = exp.evaluate(exp.model(role), role)
         rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
         result["models"][role] = {"model": getattr(args, role), **rec}
         print(_accuracy_line(f"{role} ({getattr(args, role)})", rec))
-    for path in sorted(out.glob("runs/*/*/eval.json")):
-        rec = json.loads(path.read_text())
-        result["runs"][str(path.parent.relative_to(out))] = {
-            k: rec[k] for k in ("full_accuracy", "circuit_accuracy", "random_accuracy",
-                                "faithfulness", "train_items", "config")}
-        print(_accuracy_line(str(path.parent.relative_to(out)), rec))
+    for name, rec in result["runs"].items():
+        print(_accuracy_line(name, rec))
     atomic_write_json(result, out / "evaluation.json")
     return result
 
@@ -225,6 +237,8 @@ def _accuracy_line(name: str, rec: dict) -> str:
 def _report(top: argparse.Namespace) -> Path:
     from cdist.report_page import write_run_page
 
+    if top.page is not None:
+        run_folder.check_writable(top.page, file=True)
     path = write_run_page(top.run_dir, top.page)
     print(path)
     return path
@@ -241,7 +255,7 @@ def _table(top: argparse.Namespace) -> dict:
     # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
     command = shlex.join(["cdist", "table", *top.argv])
     stem = tasks.get_task(args.task).table_stem
-    figures = args.figures or str(Path(args.out) / "figures")
+    figures = _figures(args)
     for path in report.write_report(summary, figures, stem, command=command, commit=commit):
         print(path)
     print(report.markdown_table(summary))

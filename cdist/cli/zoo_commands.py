@@ -17,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+from cdist import run_folder
 from cdist.cli.common import UsageError, parse_min_effect, set_threads
 
 __all__ = ["add_parsers"]
@@ -118,10 +119,15 @@ def _train(args) -> list[Path]:
 
     set_threads(args.threads)
     configs = {zoo.TINY_CONFIG.name: zoo.TINY_CONFIG} if args.tiny else zoo.ZOO_CONFIGS
-    names = args.only or list(configs)
+    names = list(configs) if args.only is None else args.only
     unknown = sorted(set(names) - set(configs))
-    if unknown:
-        raise UsageError(f"unknown zoo model(s) {unknown}; choose from {sorted(configs)}")
+    if unknown or not names:
+        raise UsageError(f"unknown zoo model(s) {unknown or '(none named)'}; choose from "
+                         f"{sorted(configs)}")
+    if args.eval_items < 1:  # checked now, not after the training it would follow
+        raise UsageError(f"--eval-items {args.eval_items}: give at least 1")
+    run_folder.check_writable(args.run_dir)
+    run_folder.check_writable(zoo.zoo_dir())
 
     def depth(name: str) -> int:
         """How many init_from steps lead to a model trained from scratch."""
@@ -163,7 +169,7 @@ def _export(args) -> Path:
 
     if args.name not in zoo.names():
         raise UsageError(f"{args.name!r} is not a zoo model; choose from {zoo.names()}")
-    out = Path(args.out)
+    out = run_folder.check_writable(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; name a new directory")
     path = zoo.export_hf(args.name, out)
@@ -177,8 +183,10 @@ def _circuits(args) -> list:
     from cdist import zoo
     from cdist.zoo import survey
 
+    run_folder.check_writable(args.figures)
     if not args.draw_only:
-        names = args.only or zoo.names()
+        run_folder.check_writable(args.out)
+        names = zoo.names() if args.only is None else args.only
         unknown = sorted(set(names) - set(zoo.names()))
         if unknown or not names:
             raise UsageError(f"not in the zoo: {unknown or '(none named)'}; it has "
@@ -225,6 +233,10 @@ def _demo(args) -> list[dict]:
 
     if not zoo.names():
         raise UsageError(f"no zoo models in {zoo.zoo_dir()}; train them with `cdist zoo train`")
+    if args.items < 1:
+        raise UsageError(f"--items {args.items}: give at least 1")
+    if not args.no_distill:
+        run_folder.check_writable(args.out)
     print(f"Zoo models on {args.items} fresh held-out items (seed {args.seed}):")
     rows = zoo_table(args.items, args.seed)
     name_w = max(len("model"), *(len(r["model"]) for r in rows)) + 2

@@ -41,6 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cdist.discovery.engine import Hook, budget_batch_size, one_head_scan, replace_heads
+from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.types import Circuit, Head, Scan
@@ -81,7 +82,7 @@ def head_means(
         for ``pos`` up to the longest prompt; in the model's dtype and on its device.
     """
     if len(reference_data) == 0:
-        raise ValueError("head_means needs at least one reference prompt; the dataset is empty")
+        raise InputError("head_means needs at least one reference prompt; the dataset is empty")
     cfg, device = model.cfg, device_of(model)
     width = max(len(ids) for ids in reference_data["input_ids"])
     sums = torch.zeros(cfg.n_layers, width, cfg.n_heads, cfg.d_head, dtype=torch.float64,
@@ -132,7 +133,7 @@ def make_mean_ablation_hook(
     def mean_ablate(z: Float[Tensor, "batch pos head_index d_head"], hook) -> Tensor:
         n_pos = z.shape[1]
         if n_pos > layer_means.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"the input has {n_pos} positions but the means cover {layer_means.shape[0]}; "
                 "compute head_means on reference prompts at least as long as the prompts you ablate"
             )
@@ -222,7 +223,7 @@ def head_ablation_scan(
         side of head matching needs: dP_t = P_s_base - P_t_abl).
     """
     if len(data) == 0:
-        raise ValueError("head_ablation_scan needs at least one item; the dataset is empty")
+        raise InputError("head_ablation_scan needs at least one item; the dataset is empty")
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -406,7 +407,7 @@ def evaluate_circuit(
         data: a task dataset (``input_ids``, ``answer_id``, ``pos_last``, and the circuit's position
             columns when ``keep_at_positions``).
         means: from ``head_means`` over a reference set.
-        n_random: random head sets to average.
+        n_random: random head sets to average (0 skips the baseline: its numbers are nan).
         seed: their seed.
         batch_size: prompts per forward pass.
         keep_at_positions: keep each circuit head only at its group's position column (Prakash
@@ -426,12 +427,21 @@ def evaluate_circuit(
         Faithfulness can exceed 1 (a circuit may do better without the heads it leaves out).
     """
     if len(data) == 0:
-        raise ValueError("evaluate_circuit needs at least one item; the dataset is empty")
+        raise InputError("evaluate_circuit needs at least one item; the dataset is empty")
+    for name, value, least in (("n_random", n_random, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name}={value!r}; give a whole number >= {least}")
+    cfg = model.cfg
+    if means.ndim != 4 or (means.shape[0], means.shape[2], means.shape[3]) != (
+            cfg.n_layers, cfg.n_heads, cfg.d_head):
+        raise InputError(f"means of shape {tuple(means.shape)} are not this model's "
+                         f"[{cfg.n_layers} layers, positions, {cfg.n_heads} heads, {cfg.d_head}]; "
+                         "make them with head_means(model, reference items)")
     if isinstance(circuit_heads, Circuit):
         circuit = circuit_heads
     else:
         if keep_at_positions:
-            raise ValueError("keep_at_positions needs a Circuit (its groups name the positions); "
+            raise InputError("keep_at_positions needs a Circuit (its groups name the positions); "
                              "got bare heads")
         circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
     check_heads(model, circuit.heads, "circuit heads")

@@ -24,6 +24,7 @@ from pathlib import Path
 from jaxtyping import Float
 from torch import Tensor
 
+from cdist.errors import ConfigError, InputError
 from cdist.models import HookedTransformer
 from cdist.types import Circuit, Head, HeadScores, Scan
 
@@ -57,13 +58,13 @@ def select_heads(scores: Scan | HeadScores, k: int,
     threshold = None
     if isinstance(min_effect, str):
         if min_effect != "noise":
-            raise ValueError(f"min_effect={min_effect!r}; give a number or 'noise'")
+            raise InputError(f"min_effect={min_effect!r}; give a number or 'noise'")
         se_name = f"{scores.metric}_se" if isinstance(scores, Scan) else None
         if se_name is None or se_name not in scores.metrics:
-            raise ValueError("min_effect='noise' needs a Scan with standard errors "
+            raise InputError("min_effect='noise' needs a Scan with standard errors "
                              f"({se_name or 'HeadScores have none'}); give a number instead")
         if scores.n_items < 2:
-            raise ValueError("min_effect='noise' needs a scan over 2 or more items "
+            raise InputError("min_effect='noise' needs a scan over 2 or more items "
                              "(one item has no standard error); give a number instead")
         threshold = NOISE_Z * scores[se_name]
     if isinstance(scores, Scan):
@@ -109,19 +110,19 @@ class DiscoveryConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"discovery method {self.method!r}; choose from {METHODS}")
+            raise ConfigError(f"discovery method {self.method!r}; choose from {METHODS}")
         if self.search not in SEARCHES:
-            raise ValueError(f"path-patching search {self.search!r}; choose from {SEARCHES}")
+            raise ConfigError(f"path-patching search {self.search!r}; choose from {SEARCHES}")
         bad_effect = (self.min_effect != "noise" if isinstance(self.min_effect, str)
                       else self.min_effect < 0)
         if self.k < 1 or bad_effect:
-            raise ValueError(f"k >= 1 and min_effect >= 0 (or 'noise') are needed; got k={self.k}, "
-                             f"min_effect={self.min_effect!r}")
+            raise ConfigError("k >= 1 and min_effect >= 0 (or 'noise') are needed; got "
+                              f"k={self.k}, min_effect={self.min_effect!r}")
         if self.prefilter is not None and self.prefilter < 1:
-            raise ValueError(f"prefilter={self.prefilter}; give a number of senders >= 1 or None")
+            raise ConfigError(f"prefilter={self.prefilter}; give a number of senders >= 1 or None")
         if not 0 < self.budget <= 1 or not self.target >= 0:
-            raise ValueError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
-                             f"{self.target}")
+            raise ConfigError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
+                              f"{self.target}")
 
     def method_for(self, task: str) -> str:
         """The method this rule runs on ``task``: ``method``, or the task's own for "auto"."""

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist.errors import InputError
 from cdist.evaluate import answer_stats, device_of
 from cdist.models import (
     HookedTransformer,
@@ -63,7 +64,7 @@ def replace_heads(
     n_batch, n_pos, n_heads, _ = z.shape
     heads = heads.to(z.device)
     if heads.shape[-1] != n_heads:
-        raise ValueError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
+        raise InputError(f"head mask has {heads.shape[-1]} heads; the layer has {n_heads}")
     if heads.ndim == 1:  # [head_index]
         mask = heads[None, None, :]
     elif heads.ndim == 2:  # [batch, head_index]: one variant per row
@@ -71,7 +72,7 @@ def replace_heads(
     elif heads.ndim == 3:  # [batch, pos, head_index]
         mask = heads
     else:
-        raise ValueError("head mask must be [head_index], [batch, head_index] or "
+        raise InputError("head mask must be [head_index], [batch, head_index] or "
                          f"[batch, pos, head_index]; got shape {tuple(heads.shape)}")
     if positions is not None:
         positions = positions.to(z.device)
@@ -196,7 +197,7 @@ def flat_heads(heads, n_layers: int, n_heads: int) -> Int[Tensor, " scanned"]:
     for h in heads:
         h = Head.parse(h) if isinstance(h, str) else h
         if not (0 <= h.layer < n_layers and 0 <= h.head < n_heads):
-            raise ValueError(f"head {h} is not in a model of {n_layers} layers x {n_heads} heads")
+            raise InputError(f"head {h} is not in a model of {n_layers} layers x {n_heads} heads")
         out.add(h.layer * n_heads + h.head)
     return torch.tensor(sorted(out), dtype=torch.long)
 
@@ -251,7 +252,7 @@ def budget_batch_size(model: HookedTransformer, data, per_pass: int, memory_budg
     number of items.
     """
     if not memory_budget > 0:
-        raise ValueError(f"memory_budget={memory_budget}; give the GiB the scan may use (> 0)")
+        raise InputError(f"memory_budget={memory_budget}; give the GiB the scan may use (> 0)")
     cfg = model.cfg
     n_pos = max(len(ids) for ids in data["input_ids"])
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
@@ -262,9 +263,9 @@ def budget_batch_size(model: HookedTransformer, data, per_pass: int, memory_budg
 
 def check_items(data, position: str | None) -> None:
     if len(data) == 0:
-        raise ValueError("patching needs at least one item; the dataset is empty")
+        raise InputError("patching needs at least one item; the dataset is empty")
     if position is not None and position not in data.column_names:
-        raise ValueError(f"the data has no position column {position!r}; "
+        raise InputError(f"the data has no position column {position!r}; "
                          f"it has {data.column_names}")
 
 

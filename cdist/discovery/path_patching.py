@@ -67,6 +67,7 @@ from cdist.discovery.engine import (
     one_item_runs,
     replacing,
 )
+from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import (
     HookedTransformer,
@@ -108,13 +109,13 @@ def receiver_masks(
     (query or key/value heads).
     """
     if receiver_input not in ("q", "k", "v"):
-        raise ValueError(f"receiver_input={receiver_input!r}; choose 'q', 'k' or 'v'")
+        raise InputError(f"receiver_input={receiver_input!r}; choose 'q', 'k' or 'v'")
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     width = cfg.n_heads if receiver_input == "q" else n_kv
     out: dict[tuple[int, str], Tensor] = {}
     for r in receivers:
         if r.layer >= cfg.n_layers or r.head >= cfg.n_heads:
-            raise ValueError(f"receiver {r} does not exist in a model of {cfg.n_layers} layers x "
+            raise InputError(f"receiver {r} does not exist in a model of {cfg.n_layers} layers x "
                              f"{cfg.n_heads} heads")
         name = hook_input(r.layer, receiver_input)
         index = r.head if receiver_input == "q" else r.kv_head(cfg.n_heads, n_kv)
@@ -184,7 +185,7 @@ def path_patching_scan(
     bar = tqdm(total=total, disable=None if progress else True, desc="path patching", unit="pass")
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         if not receivers and not torch.equal(batch[position], batch["pos_last"]):
-            raise ValueError("receivers=() means the logits at pos_last; "
+            raise InputError("receivers=() means the logits at pos_last; "
                              f"position={position!r} differs")
         ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
         rows = torch.arange(n_rows, device=device)
@@ -420,7 +421,7 @@ def entity_tracking_circuit(
     from cdist.discovery.attribution_patching import path_attribution_scan
 
     if prefilter is not None and prefilter < 1:
-        raise ValueError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
+        raise InputError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
     # what a group's scans depend on besides its step and receivers (k and min_effect only select
     # from them, so a saved group can be re-selected under other ones)
     fingerprint = _search_fingerprint(model, data, search) if checkpoint_dir is not None else None
@@ -429,7 +430,7 @@ def entity_tracking_circuit(
     scores: dict[Head, float] = {}
     for step in search:
         if step.receivers is not None and step.receivers not in groups:
-            raise ValueError(f"search step {step.name!r} receives from {step.receivers!r}, "
+            raise InputError(f"search step {step.name!r} receives from {step.receivers!r}, "
                              "which comes later or not at all; order the steps so that receivers "
                              "come first")
         receivers = groups[step.receivers] if step.receivers is not None else ()
@@ -440,8 +441,11 @@ def entity_tracking_circuit(
         identity = None if saved is None else hashlib.sha256(json.dumps(
             [fingerprint, step.name, step.position, step.receiver_input,
              [str(r) for r in receivers], prefilter]).encode()).hexdigest()[:16]
-        record = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
-        if identity is not None and record.get("identity") == identity:
+        try:  # a step's scans, kept from an earlier search; an edited or damaged file is remade
+            record = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
+        except ValueError:
+            record = {}
+        if isinstance(record, dict) and identity is not None and record.get("identity") == identity:
             scans = {name: Scan.from_dict(d) for name, d in record["scans"].items()}
         else:
             kw = dict(receivers=receivers, receiver_input=step.receiver_input,

@@ -52,7 +52,7 @@ def item_split(key: tuple) -> str:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}; "
+        raise InputError(f"split {split!r} is not one of {SPLITS}; "
                          "pass split='train' or split='test'")
 
 
@@ -63,6 +63,24 @@ def task_rng(task: str, seed: int, split: str) -> random.Random:
     return random.Random(f"{task}|{seed}|{split}")
 
 
+_NO = object()
+
+
+def check_request(n: int, split: str, *, tokenizer=_NO, seed=_NO) -> None:
+    """Refuse a generator's arguments that would fail deep inside it, or pass unnoticed (a seed
+    of None, read as the string "None"): ``InputError`` naming the argument."""
+    from transformers import PreTrainedTokenizerBase
+
+    check_split(split)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"n={n!r}: ask for a whole number of items, at least 1")
+    if tokenizer is not _NO and not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise InputError(f"tokenizer={type(tokenizer).__name__}; pass a Hugging Face tokenizer, "
+                         "e.g. model.tokenizer")
+    if seed is not _NO and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
+        raise InputError(f"seed={seed!r}; give a whole number (or a string)")
+
+
 def draw_split(n: int, split: str, propose: Callable[[], T],
                key: Callable[[T], tuple]) -> Iterator[T]:
     """Yield ``n`` proposals whose key falls in ``split``, rejecting the others.
@@ -70,16 +88,14 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
     A generator, so a caller that draws more from the same rng between items (a counterfactual, say)
     keeps the first k items independent of ``n``.
     """
-    check_split(split)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"n={n!r}: ask for a whole number of items, at least 1")
+    check_request(n, split)
     # About 1 in 5 proposals lands in test; 100x that without success means the item
     # space is degenerate.
     budget = 100 * n + 1000
     made = 0
     while made < n:
         if budget == 0:
-            raise ValueError(
+            raise InputError(
                 f"could not draw {n} {split} items: too few distinct items fall in this split; "
                 "use longer word lists"
             )
@@ -105,7 +121,7 @@ def single_token_id(tokenizer, word: str, role: str = "answer") -> int:
     pieces = tokenizer.convert_ids_to_tokens(ids)
     if not _is_one_token(tokenizer, ids):
         what = f"it is {pieces[0]}" if len(ids) == 1 else f"it splits into {pieces}"
-        raise ValueError(
+        raise InputError(
             f"{role} {word!r} is not a single token in this tokenizer's vocabulary ({what}); "
             "choose words that are single tokens or use the word-level organism tokenizer"
         )
@@ -134,8 +150,8 @@ def default_or_given(tokenizer, given: Sequence[str] | None, default: Sequence[s
     """The ``role`` words (a generator's ``{role}s`` argument) that items are drawn from.
 
     Args:
-        given: the caller's list, or None. A list is taken whole (``check_words``); the generator's
-            ``single_token_id`` then refuses, by name, any word of it that is not one token.
+        given: the caller's list, or None. A list is taken whole (``check_words``), once every
+            word of it is one token (``single_token_id`` refuses the first that is not, by name).
         default: the task's default list; without ``given``, the words of it that this tokenizer
             keeps as one token, in its order.
         role: the singular of the argument's name, for messages ("object").
@@ -145,10 +161,12 @@ def default_or_given(tokenizer, given: Sequence[str] | None, default: Sequence[s
         ValueError: if fewer than ``at_least`` words remain (one line: what to pass instead).
     """
     if given is not None:
+        for word in given:  # a word that is not a token is the problem to name, before counting
+            single_token_id(tokenizer, word, role)
         return check_words(given, role, at_least)
     kept = list(single_token_words(tokenizer, default).kept)
     if len(kept) < at_least:
-        raise ValueError(
+        raise InputError(
             f"{len(kept)} of the {len(default)} default {role}s are single tokens for this "
             f"tokenizer, but an item needs {at_least}; pass {role}s=[...] with at least "
             f"{at_least} single-token words"
@@ -161,9 +179,9 @@ def check_words(words: Sequence[str], role: str, at_least: int) -> list[str]:
     words = list(words)
     if len(set(words)) != len(words):
         dup = sorted({w for w in words if words.count(w) > 1})
-        raise ValueError(f"{role} list repeats {dup}; give distinct words")
+        raise InputError(f"{role} list repeats {dup}; give distinct words")
     if len(words) < at_least:
-        raise ValueError(f"{role} list has {len(words)} words but an item needs {at_least}; "
+        raise InputError(f"{role} list has {len(words)} words but an item needs {at_least}; "
                          "give more words")
     return words
 
@@ -197,7 +215,7 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[s
         ValueError: if a marked word is not exactly one (known) token at its place in the prompt.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("task prompts need a fast tokenizer (for token offsets); "
+        raise InputError("task prompts need a fast tokenizer (for token offsets); "
                          "load it with use_fast=True")
     enc = tokenizer([p.text for p in prompts], return_offsets_mapping=True)
     out = []
@@ -212,7 +230,7 @@ def encode(tokenizer, prompts: Sequence[Prompt]) -> list[tuple[list[int], dict[s
             s, e = offsets[i] if i < len(ids) else (start, start)
             spelled = prompt.text[s:e].strip()
             if i == len(ids) or ids[i] == tokenizer.unk_token_id or spelled != word:
-                raise ValueError(
+                raise InputError(
                     f"{word!r} is not a single token at its place in the prompt "
                     f"{prompt.text[:60]!r}...; "
                     "choose words that are single tokens or use the word-level organism tokenizer"

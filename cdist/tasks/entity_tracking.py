@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
     from datasets import Dataset
 
+from cdist.errors import InputError
 from cdist.tasks.common import (
     Prompt,
+    check_request,
     default_or_given,
     draw_split,
     encode,
@@ -135,7 +137,7 @@ def get_template(template: str | EntityTrackingTemplate) -> EntityTrackingTempla
     if isinstance(template, EntityTrackingTemplate):
         return template
     if template not in ET_TEMPLATES:
-        raise ValueError(f"unknown entity-tracking template {template!r}; "
+        raise InputError(f"unknown entity-tracking template {template!r}; "
                          f"choose from {sorted(ET_TEMPLATES)}")
     return ET_TEMPLATES[template]
 
@@ -216,9 +218,10 @@ def entity_tracking(
         ValueError: on a word of a given list that is not a single token (the message names it),
             or lists too short (default lists: too few single-token words).
     """
+    check_request(n, split, tokenizer=tokenizer, seed=seed)
     t = get_template(template)
     if n_boxes < 2:
-        raise ValueError(f"n_boxes={n_boxes} leaves nothing to track; use 2 or more boxes")
+        raise InputError(f"n_boxes={n_boxes} leaves nothing to track; use 2 or more boxes")
     objects = default_or_given(tokenizer, objects, OBJECTS, "object", n_boxes)
     # The counterfactual needs n_boxes labels other than the queried one.
     labels = default_or_given(tokenizer, labels, LABELS, "label", n_boxes + 1)
@@ -243,7 +246,7 @@ def entity_tracking(
     for i, ((ids, pos), (c_ids, c_pos)) in enumerate(encoded):
         objs, labs, q, c_objs, c_labs = items[i]
         if len(c_ids) != len(ids) or c_pos["label_query"] != pos["label_query"]:
-            raise ValueError(
+            raise InputError(
                 "clean and corrupt prompts tokenize to different lengths "
                 f"({len(ids)} vs {len(c_ids)}); use single-token objects and labels"
             )

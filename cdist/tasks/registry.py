@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cdist.errors import ConfigError, InputError
 from cdist.tasks.common import WordChoice, single_token_words
 
 __all__ = ["TASKS", "Task", "UnknownTaskError", "default_words", "get_task", "register"]
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(ConfigError):
     """A task name that is not registered; the message lists the registered ones."""
 
 
@@ -76,31 +77,31 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.discovery_method not in ("path_patching", "mean_ablation"):
-            raise ValueError(f"task {self.name!r}: discovery method {self.discovery_method!r}; "
-                             "choose 'path_patching' or 'mean_ablation'")
+            raise ConfigError(f"task {self.name!r}: discovery method {self.discovery_method!r}; "
+                              "choose 'path_patching' or 'mean_ablation'")
         if self.discovery_methods[0] != self.discovery_method:
-            raise ValueError(f"task {self.name!r}: discovery_methods must start with "
-                             f"{self.discovery_method!r}")
+            raise ConfigError(f"task {self.name!r}: discovery_methods must start with "
+                              f"{self.discovery_method!r}")
         if "path_patching" in self.discovery_methods and self.search is None:
-            raise ValueError(f"task {self.name!r} runs path patching but names no search")
+            raise ConfigError(f"task {self.name!r} runs path patching but names no search")
         if self.real_template not in self.templates:
-            raise ValueError(f"task {self.name!r}: real_template {self.real_template!r} "
-                             "is not a template")
+            raise ConfigError(f"task {self.name!r}: real_template {self.real_template!r} "
+                              "is not a template")
         where = f"task {self.name!r}"
         if not self.table_stem:
-            raise ValueError(f"{where}: table_stem is empty; name its table's file stem")
+            raise ConfigError(f"{where}: table_stem is empty; name its table's file stem")
         if self.default_models is not None and len(self.default_models) != 2:
-            raise ValueError(f"{where}: default_models {self.default_models!r}; give "
-                             "(teacher, student)")
+            raise ConfigError(f"{where}: default_models {self.default_models!r}; give "
+                              "(teacher, student)")
         if self.organism_rows not in ("items", "multi_query"):
-            raise ValueError(f"{where}: organism_rows {self.organism_rows!r}; choose 'items' or "
-                             "'multi_query'")
+            raise ConfigError(f"{where}: organism_rows {self.organism_rows!r}; choose 'items' or "
+                              "'multi_query'")
         if self.warmup_boxes is not None and self.warmup_boxes < 2:
-            raise ValueError(f"{where}: warmup_boxes {self.warmup_boxes} leaves nothing to track; "
-                             "use 2 or more (or None)")
+            raise ConfigError(f"{where}: warmup_boxes {self.warmup_boxes} leaves nothing to track; "
+                              "use 2 or more (or None)")
         if self.curriculum and "n_boxes" not in self.organism_kwargs:
-            raise ValueError(f"{where}: a curriculum grows n_boxes, which is not in "
-                             "organism_kwargs")
+            raise ConfigError(f"{where}: a curriculum grows n_boxes, which is not in "
+                              "organism_kwargs")
 
     def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
         """``n`` items of the task (``generate``'s arguments)."""
@@ -113,7 +114,7 @@ TASKS: dict[str, Task] = {}
 def register(task: Task) -> Task:
     """Add ``task`` to the registry (once per name)."""
     if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} is already registered")
+        raise InputError(f"task {task.name!r} is already registered")
     TASKS[task.name] = task
     return task
 

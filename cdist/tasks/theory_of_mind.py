@@ -54,8 +54,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
     from datasets import Dataset
 
+from cdist.errors import InputError
 from cdist.tasks.common import (
     Prompt,
+    check_request,
     default_or_given,
     draw_split,
     encode,
@@ -146,7 +148,7 @@ def get_template(template: str | TheoryOfMindTemplate) -> TheoryOfMindTemplate:
     if isinstance(template, TheoryOfMindTemplate):
         return template
     if template not in TOM_TEMPLATES:
-        raise ValueError(f"unknown theory-of-mind template {template!r}; "
+        raise InputError(f"unknown theory-of-mind template {template!r}; "
                          f"choose from {sorted(TOM_TEMPLATES)}")
     return TOM_TEMPLATES[template]
 
@@ -216,7 +218,7 @@ def _visibility_mix(
     mix = dict(visibility) if isinstance(visibility, Mapping) else dict.fromkeys(visibility, 1.0)
     bad = [v for v in mix if v not in VISIBILITIES]
     if bad or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(
+        raise InputError(
             f"visibility {visibility!r} is not a non-empty choice of {VISIBILITIES} (a tuple, or a "
             "mapping to non-negative weights); e.g. visibility=('none', 'can')"
         )
@@ -267,10 +269,11 @@ def theory_of_mind(
         ValueError: on a word of a given list that is not a single token (the message names it),
             default lists with fewer than two single-token words, or bad options.
     """
+    check_request(n, split, tokenizer=tokenizer, seed=seed)
     t = get_template(template)
     conditions, weights = _visibility_mix(visibility)
     if corrupt not in ("character", "container", "random"):
-        raise ValueError(f"corrupt={corrupt!r}; choose 'character', 'container' or 'random'")
+        raise InputError(f"corrupt={corrupt!r}; choose 'character', 'container' or 'random'")
     words, answer_ids = _checked_words(tokenizer, characters, containers, states)
     rng = task_rng("theory_of_mind", seed, split)
     items = _draw_items(n, split, rng, words, conditions, weights, corrupt)
@@ -294,7 +297,7 @@ def _checked_words(tokenizer, characters, containers,
     clash = (set(characters) & set(containers) | set(characters) & set(states)
              | set(containers) & set(states) | {UNKNOWN} & set(states))
     if clash:
-        raise ValueError(f"words {sorted(clash)} play two roles; keep the lists apart")
+        raise InputError(f"words {sorted(clash)} play two roles; keep the lists apart")
     answer_ids = {w: single_token_id(tokenizer, w) for w in (*states, UNKNOWN)}
     for role, words in (("character", characters), ("container", containers)):
         for w in words:
@@ -335,7 +338,7 @@ def _row(item: tuple, kind: str, swapped: tuple[str, str], text: str, corrupt_te
     (ids, pos), (c_ids, c_pos) = clean, corrupt
     chars, conts, sts, vis, q_char, q_cont = item
     if len(c_ids) != len(ids) or c_pos != pos:
-        raise ValueError(
+        raise InputError(
             f"clean and corrupt prompts tokenize to different lengths ({len(ids)} vs "
             f"{len(c_ids)}); use single-token characters and containers"
         )

@@ -13,14 +13,13 @@ loop of ``cdist.zoo.organisms``; this package is the catalog (configs, storage, 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from transformers import LlamaForCausalLM
 
 from cdist import tasks
-from cdist.checkpoints import atomic_directory, atomic_write_json
+from cdist.checkpoints import atomic_directory, atomic_write_json, read_json
 from cdist.errors import MissingFileError
 from cdist.models import HookedTransformer, load_llama, save_llama
 from cdist.tokenizers import word_tokenizer
@@ -146,7 +145,8 @@ def _path(name: str) -> Path:
 
 def manifest(name: str) -> dict:
     """How a zoo model was made and what it measured."""
-    return json.loads((_path(name) / "manifest.json").read_text())
+    return read_json(_path(name) / "manifest.json", f"restore it, or retrain {name} with "
+                     "cdist zoo train")
 
 
 def load(name: str, *, device: str = "cpu") -> tuple[HookedTransformer, object]:

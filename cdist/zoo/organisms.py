@@ -58,6 +58,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cdist import evaluate, tasks
 from cdist.checkpoints import atomic_torch_save
+from cdist.errors import ConfigError, InputError
 from cdist.types import Head
 
 IGNORE = -100
@@ -124,13 +125,13 @@ class OrganismConfig:
         task = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
         where = f"organism {self.name!r}"
         if self.template not in task.templates:
-            raise ValueError(f"{where}: template {self.template!r} is not a template of "
-                             f"{task.name}; choose from {sorted(task.templates)}")
+            raise ConfigError(f"{where}: template {self.template!r} is not a template of "
+                              f"{task.name}; choose from {sorted(task.templates)}")
         # The warm-up rows are entity-tracking contexts, whatever the task.
         unknown = sorted(set(self.warmup_templates) - set(tasks.ET_TEMPLATES))
         if unknown:
-            raise ValueError(f"{where}: warmup_templates {unknown} are not entity-tracking "
-                             f"templates; choose from {sorted(tasks.ET_TEMPLATES)}")
+            raise ConfigError(f"{where}: warmup_templates {unknown} are not entity-tracking "
+                              f"templates; choose from {sorted(tasks.ET_TEMPLATES)}")
         least = {"n_layers": 1, "d_model": 1, "n_heads": 1, "n_kv_heads": 1, "d_mlp": 1,
                  "batch_size": 1, "n_queries": 1, "warmup": 1, "eval_every": 1, "eval_items": 1,
                  "confirm_items": 1, "n_boxes": 2, "steps": 0, "stop_after": 0,
@@ -138,38 +139,38 @@ class OrganismConfig:
                  "max_positions": 2}
         for name, low in least.items():
             if getattr(self, name) < low:
-                raise ValueError(f"{where}: {name}={getattr(self, name)}; it must be at least "
-                                 f"{low}")
+                raise ConfigError(f"{where}: {name}={getattr(self, name)}; it must be at least "
+                                  f"{low}")
         for name in ("lr", "head_sparsity_power", "grad_clip", "rms_norm_eps"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{where}: {name}={getattr(self, name)}; it must be positive")
+                raise ConfigError(f"{where}: {name}={getattr(self, name)}; it must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"{where}: betas={self.betas}; give two numbers in [0, 1)")
+            raise ConfigError(f"{where}: betas={self.betas}; give two numbers in [0, 1)")
         if self.n_heads % self.n_kv_heads or self.d_model % self.n_heads:
-            raise ValueError(f"{where}: n_heads={self.n_heads} must be a multiple of "
-                             f"n_kv_heads={self.n_kv_heads}, and d_model={self.d_model} a "
-                             "multiple of n_heads")
+            raise ConfigError(f"{where}: n_heads={self.n_heads} must be a multiple of "
+                              f"n_kv_heads={self.n_kv_heads}, and d_model={self.d_model} a "
+                              "multiple of n_heads")
         for name in ("curriculum_start", "train_boxes"):
             value = getattr(self, name)
             if value is not None and not 2 <= value <= self.n_boxes:
-                raise ValueError(f"{where}: {name}={value}; use None or 2 to "
-                                 f"n_boxes={self.n_boxes}")
+                raise ConfigError(f"{where}: {name}={value}; use None or 2 to "
+                                  f"n_boxes={self.n_boxes}")
         if not 0 <= self.curriculum_threshold <= 1:
-            raise ValueError(f"{where}: curriculum_threshold={self.curriculum_threshold} is not "
-                             "in [0, 1]")
+            raise ConfigError(f"{where}: curriculum_threshold={self.curriculum_threshold} is not "
+                              "in [0, 1]")
         window = self.stop_window
         if window is not None and (len(window) != 2 or not 0 <= window[0] <= window[1] <= 1):
-            raise ValueError(f"{where}: stop_window={window}; give (low, high) with "
-                             "0 <= low <= high <= 1")
+            raise ConfigError(f"{where}: stop_window={window}; give (low, high) with "
+                              "0 <= low <= high <= 1")
         for head in map(Head.parse, self.free_heads):  # a bad name raises ValueError
             if head.layer >= self.n_layers or head.head >= self.n_heads:
-                raise ValueError(f"{where}: free head {head} is outside the model "
-                                 f"({self.n_layers} layers x {self.n_heads} heads)")
+                raise ConfigError(f"{where}: free head {head} is outside the model "
+                                  f"({self.n_layers} layers x {self.n_heads} heads)")
         if self.self_distill and self.init_from is None:
-            raise ValueError(f"{where}: self_distill fits the init_from model's outputs; set "
-                             "init_from too")
+            raise ConfigError(f"{where}: self_distill fits the init_from model's outputs; set "
+                              "init_from too")
         if not isinstance(self.task_kwargs, dict):
-            raise ValueError(f"{where}: task_kwargs must be a dict of generator arguments")
+            raise ConfigError(f"{where}: task_kwargs must be a dict of generator arguments")
 
 
 def new_organism(cfg: OrganismConfig, tokenizer) -> LlamaForCausalLM:
@@ -292,7 +293,7 @@ class HeadOutputPenalty:
         self.weight = torch.ones(n_layers, self.n_heads)
         for head in map(Head.parse, free_heads):
             if head.layer >= n_layers or head.head >= self.n_heads:
-                raise ValueError(f"free head {head} is outside the model ({n_layers} layers x "
+                raise InputError(f"free head {head} is outside the model ({n_layers} layers x "
                                  f"{self.n_heads} heads)")
             self.weight[head.layer, head.head] = 0.0
         self.handles = []
@@ -366,7 +367,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
         history).
     """
     if (init is None) != (cfg.init_from is None):
-        raise ValueError(f"{cfg.name}: pass init= exactly when the config has init_from "
+        raise InputError(f"{cfg.name}: pass init= exactly when the config has init_from "
                          f"(it is {cfg.init_from!r})")
     model = new_organism(cfg, tokenizer)
     if init is not None:

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from cdist import discovery, plots, stats, tasks, zoo
-from cdist.checkpoints import atomic_write_json, atomic_write_text
+from cdist.checkpoints import atomic_write_json, atomic_write_text, read_json
 from cdist.discovery import ablation, activation_patching, attribution_patching
+from cdist.errors import ConfigError
 from cdist.provenance import git_commit
 from cdist.types import Circuit
 from cdist.zoo import organisms
@@ -69,6 +70,18 @@ class SurveyConfig:
     budget: float = 0.2
     target: float = 0.8
     n_random: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "reference_items", "discovery_items", "eval_items", "k", "n_random"):
+            value, least = getattr(self, name), 0 if name in ("seed", "n_random") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name}={value!r}; give a whole number >= {least}")
+        for name in ("budget", "target"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name}={getattr(self, name)}; give a fraction in (0, 1]")
+        if self.min_effect != "noise" and not (isinstance(self.min_effect, (int, float))
+                                               and 0 <= self.min_effect < float("inf")):
+            raise ConfigError(f"min_effect={self.min_effect!r}; give a number >= 0 or 'noise'")
 
 
 def _rounded(t: torch.Tensor) -> list:
@@ -167,11 +180,10 @@ def draw(results: str | Path, out: str | Path) -> list[Path]:
     (the mean-ablation circuit outlined), activation patching and its attribution estimate (the
     task's own circuit outlined), and each entity-tracking group's path-patching score (that
     group's heads outlined)."""
-    import json
 
     written = []
     for path in sorted(Path(results, "scores").glob("*.json")):
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "delete it and run cdist zoo circuits again")
         name = saved["model"]
         circuits = {method: Circuit.from_dict(c) for method, c in saved["circuits"].items()}
         own = next(iter(circuits.values()))  # the task's own method comes first
