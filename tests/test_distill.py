@@ -18,13 +18,17 @@ from cdist.types import Head, HeadPair
 TRAIN = [Head(1, 0), Head(1, 3)]  # kv groups 0 and 1 of layer 1 (4 heads, 2 kv heads)
 
 
-@pytest.fixture(scope="module")
-def items(tok):
+def make_items(tok):
     train = tasks.entity_tracking(48, tokenizer=tok, n_boxes=3, template="compact", seed=0,
                                   split="train")
     test = tasks.entity_tracking(16, tokenizer=tok, n_boxes=3, template="compact", seed=1,
                                  split="test")
     return train, test
+
+
+@pytest.fixture(scope="module")
+def items(tok):
+    return make_items(tok)
 
 
 def fresh(tok, seed):
@@ -167,6 +171,80 @@ def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
     assert [m["step"] for m in out["metrics"]] == [0, 3, 6]
     for (name, a), b in zip(student.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+# A distillation (this module's CFG) in its own process, killed by SIGKILL: "training" after the
+# step-3 checkpoint, at the step-6 evaluation; "saving" half-way through writing the step-6
+# checkpoint (its temporary file half written).
+KILLED = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+import torch
+import test_distill as T
+from cdist import distill, zoo
+
+tok = zoo.organism_tokenizer()
+where, calls, saves, real_save = sys.argv[1], [], [], torch.save
+
+def evaluate_fn(model):
+    calls.append(1)
+    if where == "training" and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+def save_half_then_die(obj, path):
+    saves.append(1)
+    real_save(obj, path)
+    if len(saves) == 2:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "saving":
+    torch.save = save_half_then_die
+distill.distill(T.fresh(tok, 1), T.fresh(tok, 2), T.head_map(), *T.make_items(tok), T.CFG,
+                sys.argv[2], progress=False, evaluate_fn=evaluate_fn)
+"""
+
+
+def state_digest(model) -> str:
+    """SHA-256 of a model's state dict (names and bytes, in name order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_a_run_killed_in_training_or_in_a_checkpoint_write_resumes_bit_for_bit(tok, items,
+                                                                              tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    straight = fresh(tok, 1)
+    want = distill.distill(straight, fresh(tok, 2), head_map(), *items, CFG,
+                           tmp_path / "straight", progress=False)
+    steps = [{k: v for k, v in m.items() if "time" not in k} for m in want["metrics"]]
+    for where in ("training", "saving"):
+        run_dir = tmp_path / where
+        killed = subprocess.run([sys.executable, "-c", KILLED, where, str(run_dir),
+                                 str(Path(__file__).parent)], capture_output=True, text=True,
+                                timeout=600)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert torch.load(run_dir / "state.pt", weights_only=False)["step"] == 3
+        if where == "saving":  # the half-written checkpoint is a temporary file, never state.pt
+            assert list(run_dir.glob(".state.pt.*.tmp"))
+        resumed = fresh(tok, 1)
+        out = distill.distill(resumed, fresh(tok, 2), head_map(), *items, CFG, run_dir,
+                              progress=False)
+        assert [{k: v for k, v in m.items() if "time" not in k} for m in out["metrics"]] == steps
+        assert state_digest(resumed) == state_digest(straight), where
+        assert not list(run_dir.glob(".*.tmp"))  # the killed writer's half file is gone
+        print(f"killed while {where}: resumed state dict sha256 {state_digest(resumed)}")
 
 
 def test_alignment_raises_cka_and_full_training_moves_everything(tok, items, tmp_path):
