@@ -137,6 +137,10 @@ class ExperimentConfig:
         if small or bad:
             raise ConfigError(f"regimes {small}, lrs/lambdas/control_lr {bad}: each must be "
                               "positive")
+        if min(self.regimes) < self.distill.batch_size:
+            raise ConfigError(f"regimes {sorted(self.regimes)}: {min(self.regimes)} training items "
+                              f"cannot fill one batch of {self.distill.batch_size}; lower "
+                              "batch_size or give more items")
         for lr in {*self.lrs, self.control_lr}:
             replace(self.distill, lr=lr)  # DistillConfig refuses a rate it could not train with
         for head, column in self.teacher_positions.items():

@@ -153,6 +153,8 @@ CLI = [
     ("arm-unknown", ["table", "--arms", "CE + Magic"], "unknown arm 'CE + Magic'"),
     ("seeds-repeated", ["table", "--seeds", "0", "0"], "repeats a value"),
     ("regimes-0", ["table", "--regimes", "0"], "regimes [0]"),
+    ("regime-below-batch", ["table", "--regimes", "4", "16", "--batch-size", "8"],
+     "4 training items cannot fill one batch of 8"),
     ("lrs-inf", ["table", "--lrs", "inf"], "must be a finite number"),
     ("matcher-unknown", ["match", "--matchers", "nosuch"], "invalid choice: 'nosuch'"),
     # items
@@ -395,6 +397,8 @@ API = [
     ("load-truncated", lambda fx: _load(fx, "truncated"), "is truncated"),
     ("load-missing-weight", lambda fx: _load(fx, "missing-weight"), "lacks 1 weights"),
     ("load-garbled", lambda fx: _load(fx, "garbled-header"), "not a readable safetensors file"),
+    ("experiment-regime-below-batch", lambda fx: _exp(
+        regimes=(4,), distill=_cfg(batch_size=8)), "cannot fill one batch of 8"),
     ("experiment-task-kwarg", lambda fx: _exp(task_kwargs={"nboxes": 3}), "take no ['nboxes']"),
     ("cka-lists", lambda fx: _cka([[1.0, 2.0]] * 4, [[1.0, 2.0]] * 4), "takes tensors"),
     ("head-pair-half", lambda fx: __import__("cdist.types").types.HeadPair.from_dict(

@@ -177,16 +177,16 @@ def _distill(top: argparse.Namespace) -> dict:
     if args.train_items < 1 or args.lam < 0:
         raise common.UsageError(f"--train-items {args.train_items} and --lam {args.lam}: give at "
                                 "least 1 training item and a lambda >= 0")
+    if args.train_items < args.batch_size:
+        raise common.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
+                                f"{args.batch_size}; give more items or a smaller --batch-size")
     args.regimes = [args.train_items]  # the run's items are the first of the table's pool
     exp = common.experiment(args)
     arm = arms.arm(args.arm)
     lr = args.lr if args.lr is not None else exp.cfg.lrs[len(exp.cfg.lrs) // 2]
-    # the run's settings, checked before anything is found or written
-    dcfg = arm.config(exp.cfg.distill, lam=args.lam, lr=lr, control_lr=exp.cfg.control_lr,
-                      seed=args.seed)
-    if args.train_items < dcfg.batch_size:
-        raise common.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
-                                f"{dcfg.batch_size}; give more items or a smaller --batch-size")
+    # the run's settings (DistillConfig checks them), before anything is found or written
+    arm.config(exp.cfg.distill, lam=args.lam, lr=lr, control_lr=exp.cfg.control_lr,
+               seed=args.seed)
     exp.claim()  # held until the command ends
     common.keep_settings(top.parser, args)
     _matched(exp, (args.matcher,))
