@@ -354,18 +354,19 @@ def _opened(source: str):
     return opened
 
 
-def check_tokenizers(teacher, student, names: tuple[str, str]) -> None:
-    """Refuse, before either model loads, a teacher and a student (opened checkpoints) of other
-    vocabularies or tokenizers (``distill.check_pair`` checks loaded models the same way)."""
+def check_tokenizers(opened: dict, toks: dict, names: tuple[str, str]) -> None:
+    """Refuse, before either model loads, a teacher and a student (opened checkpoints, and their
+    tokenizers) of other vocabularies or tokenizers (``distill.check_pair`` checks loaded models
+    the same way)."""
     from cdist.errors import MismatchError
     from cdist.tokenizers import tokenizer_difference
 
-    sizes = [o.hf_config.vocab_size for o in (teacher, student)]
+    sizes = [opened[r].hf_config.vocab_size for r in ("teacher", "student")]
     if sizes[0] != sizes[1]:
         raise MismatchError(f"--teacher {names[0]} has {sizes[0]} output tokens and --student "
                             f"{names[1]} {sizes[1]}; distil between models of one tokenizer")
-    toks = [o.tokenizer() for o in (teacher, student)]
-    difference = None if None in toks else tokenizer_difference(*toks)
+    pair = [toks["teacher"], toks["student"]]
+    difference = None if None in pair else tokenizer_difference(*pair)
     if difference:
         raise MismatchError(f"--teacher {names[0]} and --student {names[1]} have other "
                             f"tokenizers: {difference}; distil between models of one tokenizer")
@@ -479,15 +480,16 @@ def experiment(args: argparse.Namespace, *, log=print):
     roles = [r for r in ("teacher", "student") if getattr(args, r, None)]
     loads = {r: loader(getattr(args, r), dev) for r in roles}
     opened = {r: _opened(getattr(args, r)) for r in roles}
+    toks = {r: o.tokenizer() for r, o in opened.items()}
     names = (getattr(args, "teacher", None) or "teacher", getattr(args, "student", None)
              or "student")
     if len(roles) == 2:
-        check_tokenizers(opened["teacher"], opened["student"], names)
+        check_tokenizers(opened, toks, names)
     exp = _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,
                       progress=True, log=log)
     # the items are made with the student's tokenizer (the teacher's when found alone)
     role = "student" if "student" in opened else "teacher"
-    tokenizer = opened[role].tokenizer()
+    tokenizer = toks[role]
     if tokenizer is None:
         raise UsageError(f"--{role} {getattr(args, role)} has no tokenizer files "
                          "(tokenizer.json); save the tokenizer beside the weights")
