@@ -357,6 +357,17 @@ class _Experiment:
                     list(self.names)]
         path = self.out / "cache" / "head-maps.json"
         kept = _read_cache(path, identity, "maps") or {}
+        for name, entry in list(kept.items()):  # a user's edit: remade if unreadable, else checked
+            try:
+                hmap = HeadMap.from_dict(entry["map"])
+                entry["diagnostics"]["flags"], entry["at_last"]["flags"]  # noqa: B018
+            except (KeyError, TypeError, ValueError, AttributeError):
+                del kept[name]
+                continue
+            for role, heads in (("student", [p.student for p in hmap.pairs]),
+                                ("teacher", [p.teacher for p in hmap.pairs])):
+                check_heads(self.model(role), heads, f"{path}: the {name} map's {role} heads",
+                            "delete the file to make the head maps again")
         scans = {}  # both ablation matchers read the same two scans: run them once
         if any(m.startswith("ablation") and m not in kept for m in names):
             scans = {role: self.ablation_scan(role, val, f"{role}-validation")

@@ -251,6 +251,12 @@ def _break(name: str, out: Path) -> None:
         groups = saved["discovery"]["circuit"]["groups"]
         saved["discovery"]["circuit"]["groups"] = {name: ["a9.h99"] for name in groups}
         path.write_text(json.dumps(saved))
+    elif name == "cached-head-map-outside":
+        path = out / "cache" / "head-maps.json"
+        saved = json.loads(path.read_text())
+        for entry in saved["maps"].values():
+            entry["map"]["pairs"][0]["teacher"] = "a0.h99"
+        path.write_text(json.dumps(saved))
 
 
 FOLDER = [
@@ -265,6 +271,8 @@ FOLDER = [
      "results.json is not valid JSON"),
     ("cached-circuit-outside", ["cached-circuit-outside"], ["match"],
      "delete the file to find the circuit again"),
+    ("cached-head-map-outside", ["cached-head-map-outside"], ["distill", *RUN, "--seed", "5"],
+     "map's teacher heads a0.h99 are outside the model"),
 ]
 
 
