@@ -1,7 +1,8 @@
 """Atomic writes: a file is either its old version or its complete new one, never half of each.
 
 Every result or checkpoint cdist writes goes through here, so an interrupted run never leaves a
-truncated file that a resume would then trust.
+truncated file that a resume would then trust. Under ``torchrun`` only rank 0 writes (the other
+ranks compute the same results), unless a writer says otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from pathlib import Path
 from cdist.errors import FileFormatError
 
 
-def _atomic(path: Path, write) -> None:
+def is_follower() -> bool:
+    """Whether this process is a rank other than 0 of a ``torchrun`` launch (``cdist.distributed``):
+    those compute what rank 0 computes and write nothing, so no file is written twice at once."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
+def _atomic(path: Path, write, every_rank: bool = False) -> None:
+    if is_follower() and not every_rank:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -45,14 +54,15 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     atomic_write_bytes(text.encode(), path)
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+def atomic_write_bytes(data: bytes, path: str | Path, *, every_rank: bool = False) -> None:
     """Write bytes to a temporary file beside ``path``, then rename it into place; a file that
     already holds them is left as it is (a resumed step that finds what it found before changes
-    nothing, its times included)."""
+    nothing, its times included). ``every_rank``: written under ``torchrun`` by whichever rank
+    calls (each its own files), not by rank 0 only."""
     path = Path(path)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data), every_rank)
 
 
 def atomic_write_json(obj, path: str | Path) -> None:

@@ -31,6 +31,17 @@ CE term and of the CKA term on the trained parameters (``grad_ce``, ``grad_cka``
 ratio ``grad_ratio = cka_weight * grad_cka / grad_ce``: how hard the alignment pulls against the
 task. A head map passed with ``cka_weight=0`` is monitored the same way without entering the loss.
 
+The teacher may be a ``cdist.teacher_cache.TeacherCache`` instead of a model: its stored labels,
+logits and head ``z`` replace the teacher's forward passes, so the teacher need not be in memory
+(the same run, to float rounding: the test holds it to that).
+
+Under ``torchrun`` (``cdist.distributed``) the run is data-parallel: every rank draws the same
+global batch and takes its equal share of the rows, the trained weights are wrapped in
+``DistributedDataParallel`` (which averages their gradients), and each CKA term is computed on the
+global batch, its rows gathered from every rank with their gradients, so the loss and the gradients
+are those of one process on the global batch (the test holds them to 1e-5). Rank 0 evaluates,
+logs and checkpoints; the diagnostics are computed on it alone.
+
 Runs are resumable: the deltas (or the whole state), optimizer, data order and metrics are
 checkpointed atomically every evaluation; a finished run's checkpoint keeps the trained weights
 without the optimizer's state. Metrics go to ``metrics.json`` and ``metrics.csv``. With
@@ -56,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdist import evaluate, models, run_folder
+from cdist import distributed, evaluate, models, run_folder
 from cdist.activations import Site, head_z, head_z_dataset
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
 from cdist.cka import linear_cka
@@ -64,6 +75,7 @@ from cdist.errors import ConfigError, InputError, MismatchError, NumericsError, 
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
 from cdist.provenance import items_fingerprint, model_fingerprint
+from cdist.teacher_cache import TeacherCache, tokenizer_fingerprint
 from cdist.types import Head, HeadPair
 
 __all__ = ["DistillConfig", "HeadDelta", "distill", "trainable_share"]
@@ -241,15 +253,19 @@ def _reads_teacher(cfg: DistillConfig, plan: _Plan) -> bool:
 
 
 def _batches(data, batch_size: int, seed: int, pad: int, columns: Sequence[str]) -> Iterator[dict]:
-    """Endless shuffled batches (a new order every epoch, from ``seed``); the last short batch is
-    dropped."""
+    """Endless shuffled batches (a new order every epoch, from ``seed``), each with its items'
+    ``index`` in ``data`` (a teacher cache's rows); the last short batch is dropped."""
     rng = random.Random(seed)
     order = list(range(len(data)))
     while True:
         rng.shuffle(order)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            items = data.select(order[start : start + batch_size])
-            yield next(evaluate.batches(items, batch_size, pad, columns))
+            yield _batch(data, order[start : start + batch_size], pad, columns)
+
+
+def _batch(data, index: list[int], pad: int, columns: Sequence[str]) -> dict:
+    batch = next(evaluate.batches(data.select(index), len(index), pad, columns))
+    return batch | {"index": torch.tensor(index)}
 
 
 def _permutation(m: int, seed: int, step: int) -> Tensor:
@@ -300,6 +316,67 @@ def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillCo
     return _Plan(pairs, train_heads, s_sites, t_sites, columns)
 
 
+class _LiveTeacher:
+    """What a run reads from its teacher, by running it (under ``torch.no_grad``)."""
+
+    def __init__(self, teacher: HookedTransformer, autocast):
+        self.model, self.autocast = teacher, autocast
+        self.fingerprint = model_fingerprint(teacher)
+
+    def on_items(self, data, sites: list[Site]) -> tuple[Tensor, dict]:
+        """The teacher's answers on ``data`` and its sites' ``z`` (the diagnostics' view)."""
+        with torch.no_grad():
+            labels = evaluate.predictions(self.model, data)
+            return labels, head_z_dataset(self.model, data, sites) if sites else {}
+
+    def on_batch(self, batch: dict, sites: list[Site]) -> tuple[Tensor | None, Tensor, dict]:
+        """Logits at ``pos_last``, top-1 answers and the sites' ``z`` for a batch's rows."""
+        with torch.no_grad(), self.autocast:
+            logits, z = head_z(self.model, batch["input_ids"], sites, batch)
+            logits = evaluate.logits_at(logits, batch["pos_last"]).float()
+        return logits, logits.argmax(-1), z
+
+
+class _CachedTeacher:
+    """The same, read from a ``TeacherCache`` (rows by the batch's item ``index``)."""
+
+    def __init__(self, cache: TeacherCache, train_data, device: torch.device):
+        self.cache, self.device = cache, device
+        self.fingerprint = cache.fingerprint
+        self.train = cache.items(train_data, "training items")
+
+    def on_items(self, data, sites: list[Site]) -> tuple[Tensor, dict]:
+        cached = self.cache.items(data, "evaluation items")
+        return cached.labels, {site: cached.z[site] for site in sites}
+
+    def on_batch(self, batch: dict, sites: list[Site]) -> tuple[Tensor | None, Tensor, dict]:
+        rows, train = batch["index"], self.train
+        logits = train.logits[rows].to(self.device) if train.logits is not None else None
+        return (logits, train.labels[rows].to(self.device),
+                {site: train.z[site][rows].to(self.device) for site in sites})
+
+
+class _StudentForward(torch.nn.Module):
+    """The student's forward pass with the trained weights (base + delta, or its own weights when
+    all train): the module ``DistributedDataParallel`` wraps. Only the trained tensors are its
+    parameters, so DDP broadcasts and averages nothing else."""
+
+    def __init__(self, student: HookedTransformer, delta: HeadDelta | None, sites: list[Site]):
+        super().__init__()
+        if delta is None:
+            self.student = student
+        else:
+            self.delta = delta
+            self._frozen = [student]  # a list, so that the base weights are not registered
+        self.sites = sites
+
+    def forward(self, ids: Tensor, positions: dict) -> tuple[Tensor, dict]:
+        if not hasattr(self, "delta"):
+            return head_z(self.student, ids, self.sites, positions)
+        student = self._frozen[0]
+        return head_z(student, ids, self.sites, positions, params=self.delta.patched(student))
+
+
 class _Run:
     """One distillation run's state and steps: the losses, the logged diagnostics, checkpoints,
     results.
@@ -308,9 +385,9 @@ class _Run:
     parameter that is not a zero bias); the teacher is only ever read under ``torch.no_grad``.
     """
 
-    def __init__(self, student: HookedTransformer, teacher: HookedTransformer | None, plan: _Plan,
-                 cfg: DistillConfig, train_data, eval_data, evaluate_fn):
-        self.student, self.teacher, self.plan, self.cfg = student, teacher, plan, cfg
+    def __init__(self, student: HookedTransformer, teacher: HookedTransformer | TeacherCache | None,
+                 plan: _Plan, cfg: DistillConfig, train_data, eval_data, evaluate_fn):
+        self.student, self.plan, self.cfg = student, plan, cfg
         self.eval_data, self.evaluate_fn = eval_data, evaluate_fn
         self.device = evaluate.device_of(student)
         self.pad = evaluate.pad_id(student)
@@ -326,27 +403,40 @@ class _Run:
         on_gpu = self.device.type == "cuda"
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
                          else contextlib.nullcontext())
+        self.forward = _StudentForward(student, self.delta, plan.student_sites)
+        self.ddp = None
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            # with no CE or KD term a head's W_O slice may reach no CKA term
+            self.ddp = DistributedDataParallel(
+                self.forward, device_ids=[self.device] if on_gpu else None,
+                find_unused_parameters=not (cfg.ce_weight or cfg.kd_weight))
+        if isinstance(teacher, TeacherCache):
+            self.teacher = _CachedTeacher(teacher, train_data, self.device)
+        else:
+            self.teacher = _LiveTeacher(teacher, self.autocast) if teacher is not None else None
         # What else must match for a saved run to be this run: the models it started from, the
         # heads and the training items (a finished run resumed on other items would be relabelled
         # as trained on them).
         self.identity = {"student": model_fingerprint(student),
-                         "teacher": model_fingerprint(teacher) if teacher is not None else None,
+                         "teacher": self.teacher.fingerprint if teacher is not None else None,
                          "heads": [str(h) for h in plan.heads],
                          "pairs": [str(p) for p in plan.pairs],
                          "train": items_fingerprint(train_data)}
         # Fixed items for the logged diagnostics: a probe batch of training items, the teacher's
         # view of eval_data.
-        probe_items = train_data.select(range(cfg.batch_size))
-        self.probe = next(evaluate.batches(probe_items, cfg.batch_size, self.pad, plan.columns))
+        self.probe = _batch(train_data, list(range(cfg.batch_size)), self.pad, plan.columns)
         self.probe_perm = (_permutation(cfg.batch_size, cfg.seed, -1) if cfg.shuffle_teacher
                            else None)
         self.reads_teacher = _reads_teacher(cfg, plan)
-        with torch.no_grad():
+        if distributed.is_main():  # the diagnostics are rank 0's (module doc)
             # what CE is measured against on eval_data: the teacher's answers, or the items' own
-            self.t_labels = (evaluate.predictions(teacher, eval_data) if cfg.labels == "teacher"
-                             else torch.tensor(eval_data["answer_id"]))
-            self.t_val = (head_z_dataset(teacher, eval_data, plan.teacher_sites) if plan.pairs
-                          else {})
+            self.t_labels, self.t_val = (self.teacher.on_items(eval_data, plan.teacher_sites)
+                                         if self.teacher is not None
+                                         else (torch.tensor(eval_data["answer_id"]), {}))
+            if cfg.labels != "teacher":
+                self.t_labels = torch.tensor(eval_data["answer_id"])
 
     @property
     def weights(self) -> torch.nn.Module:
@@ -389,29 +479,37 @@ class _Run:
             state["opt"] = self.opt.state_dict()
         atomic_torch_save(state, state_path)
 
-    def losses(self, batch: dict, perm: Tensor | None) -> dict[str, Tensor]:
-        """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters."""
+    def losses(self, batch: dict, perm: Tensor | None, *, split: bool = True) -> dict[str, Tensor]:
+        """CE, KD and each pair's CKA on one batch, differentiable in the trained parameters.
+
+        With ``split`` (training) and several ranks, this rank's share of the batch's rows goes
+        through DDP and each CKA term is taken over the rows gathered from every rank; CE and KD
+        are this rank's means, which DDP's gradient average makes the global ones. Without it
+        (the diagnostics) the whole batch runs here, as in one process.
+        """
         cfg, device = self.cfg, self.device
+        split = split and distributed.active()
+        if split:
+            take = distributed.rows(len(batch["input_ids"]))
+            batch = {k: v[take] for k, v in batch.items()}
+        gather = distributed.gather_rows if split else (lambda x: x)
         ids, last = batch["input_ids"].to(device), batch["pos_last"]
         with self.autocast:
-            params = self.delta.patched(self.student) if self.delta is not None else None
-            s_logits, s_z = head_z(self.student, ids, self.plan.student_sites, batch, params=params)
+            s_logits, s_z = (self.ddp if split else self.forward)(ids, batch)
             s_logits = evaluate.logits_at(s_logits, last).float()
         answers = torch.as_tensor(batch["answer_id"], device=device)
         if not self.reads_teacher:
-            return {"ce": F.cross_entropy(s_logits, answers),
-                    "kd": torch.zeros((), device=device), "cka": torch.zeros(0, device=device)}
-        with torch.no_grad(), self.autocast:
-            t_logits, t_z = head_z(self.teacher, ids, self.plan.teacher_sites, batch)
-            t_logits = evaluate.logits_at(t_logits, last).float()
-        target = t_logits.argmax(-1) if cfg.labels == "teacher" else answers
-        out = {"ce": F.cross_entropy(s_logits, target)}
-        temp = cfg.kd_temperature
-        out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1), F.log_softmax(t_logits / temp, -1),
-                             log_target=True, reduction="batchmean") * temp**2
+            return {"ce": F.cross_entropy(s_logits, answers), "cka": torch.zeros(0, device=device)}
+        t_logits, t_labels, t_z = self.teacher.on_batch(batch, self.plan.teacher_sites)
+        out = {"ce": F.cross_entropy(s_logits, t_labels if cfg.labels == "teacher" else answers)}
+        if t_logits is not None:  # a teacher cache built without logits has no KD
+            temp = cfg.kd_temperature
+            out["kd"] = F.kl_div(F.log_softmax(s_logits / temp, -1),
+                                 F.log_softmax(t_logits / temp, -1),
+                                 log_target=True, reduction="batchmean") * temp**2
         order = slice(None) if perm is None else perm.to(device)
-        terms = [linear_cka(s_z[(p.student, p.student_position)],
-                            t_z[(p.teacher, p.teacher_position)][order],
+        terms = [linear_cka(gather(s_z[(p.student, p.student_position)]),
+                            gather(t_z[(p.teacher, p.teacher_position)])[order],
                             debiased=cfg.debiased_cka) for p in self.plan.pairs]
         out["cka"] = torch.stack(terms) if terms else torch.zeros(0, device=device)
         return out
@@ -426,11 +524,31 @@ class _Run:
             loss = loss + cfg.kd_weight * out["kd"]
         return loss
 
+    def step(self, batch: dict, perm: Tensor | None, step: int) -> tuple[dict[str, Tensor], Tensor]:
+        """One optimizer step; returns the terms and loss, averaged over the ranks (the
+        single-process values on the global batch)."""
+        out = self.losses(batch, perm)
+        loss = self.total(out)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over the ranks here
+        _check_finite(step, loss, out, self.trained)
+        self.opt.step()
+        world = distributed.world_size()
+        for name in ("ce", "kd"):
+            if name in out:
+                out[name] = distributed.sum_across(out[name].detach()) / world
+        return out, self.total(out).detach()
+
     def measure(self) -> dict:
         """The logged diagnostics: gradient norms on the probe batch, then accuracy, validation CE
-        and each pair's debiased CKA on ``eval_data``."""
+        and each pair's debiased CKA on ``eval_data``; computed on rank 0 and given to every
+        rank."""
+        row = self._measure() if distributed.is_main() else None
+        return distributed.broadcast(row)
+
+    def _measure(self) -> dict:
         pairs = self.plan.pairs
-        out = self.losses(self.probe, self.probe_perm)
+        out = self.losses(self.probe, self.probe_perm, split=False)
         row = {"grad_ce": _grad_norm(out["ce"], self.trained)}
         if pairs:
             grad_cka = _grad_norm((1 - out["cka"]).sum(), self.trained)
@@ -464,7 +582,7 @@ class _Run:
 
 def distill(
     student: HookedTransformer,
-    teacher: HookedTransformer | None,
+    teacher: HookedTransformer | TeacherCache | None,
     head_map: HeadMap | None,
     train_data,
     eval_data,
@@ -482,7 +600,9 @@ def distill(
             trainable="all"); its parameters' ``requires_grad`` flags are as they were when
             ``distill`` returns.
         teacher: a HookedTransformer on the same tokenizer; never changes, not even its flags.
-            None for plain fine-tuning (``labels="answers"``, no KD, no head map).
+            Or a ``cdist.teacher_cache.TeacherCache`` built on ``train_data`` and ``eval_data``
+            with the head map's teacher sites. None for plain fine-tuning (``labels="answers"``,
+            no KD, no head map).
         head_map: student -> teacher head pairs with positions (``cdist.matching``); needed when
             ``cka_weight`` > 0 and monitored whenever given; its student heads are the trained heads
             unless ``heads`` is given.
@@ -506,7 +626,12 @@ def distill(
     plan = _plan(head_map, heads, train_data, eval_data, cfg)
     models.check_heads(student, [*plan.heads, *(p.student for p in plan.pairs)],
                        "the student's heads")
-    if teacher is not None:
+    if isinstance(teacher, TeacherCache):
+        teacher.check_sites(plan.teacher_sites)
+        if cfg.kd_weight and not teacher.has_logits:
+            raise InputError("kd_weight > 0 needs the teacher's logits; build the teacher cache "
+                             "with logits=True")
+    elif teacher is not None:
         models.check_heads(teacher, [p.teacher for p in plan.pairs], "the teacher's heads")
     if teacher is None and _reads_teacher(cfg, plan):
         raise InputError("teacher=None only fine-tunes: it needs labels='answers', kd_weight=0 and "
@@ -526,17 +651,12 @@ def distill(
         if not metrics:
             metrics.append({"step": 0, **run.measure()})
         # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
-        bar = tqdm(total=cfg.steps, initial=step, disable=None if progress else True,
-                   desc="distill")
+        bar = tqdm(total=cfg.steps, initial=step, desc="distill",
+                   disable=None if progress and distributed.is_main() else True)
         t0 = time.time() - wall
         while step < cfg.steps:
             perm = _permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None
-            out = run.losses(next(stream), perm)
-            loss = run.total(out)
-            run.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _check_finite(step + 1, loss, out, run.trained)
-            run.opt.step()
+            out, loss = run.step(next(stream), perm, step + 1)
             step += 1
             bar.update(1)
             bar.set_postfix(ce=f"{out['ce'].item():.3f}")
@@ -544,7 +664,8 @@ def distill(
                 continue
             cka = out["cka"].detach()
             metrics.append({
-                "step": step, "loss": loss.item(), "ce": out["ce"].item(), "kd": out["kd"].item(),
+                "step": step, "loss": loss.item(), "ce": out["ce"].item(),
+                "kd": out["kd"].item() if "kd" in out else None,
                 "cka_mean": cka.mean().item() if len(cka) else None,
                 **run.measure(),
             })
@@ -576,15 +697,21 @@ def _write_results(result: dict, run_dir: Path) -> None:
     atomic_write_text(table.getvalue(), run_dir / "metrics.csv")
 
 
-def check_pair(teacher: HookedTransformer, student: HookedTransformer) -> None:
-    """Refuse a teacher and a student that do not share a vocabulary and tokenizer: the teacher's
-    labels are token ids of the student's output, and KD compares the two logit vectors entry by
-    entry."""
+def check_pair(teacher: HookedTransformer | TeacherCache, student: HookedTransformer) -> None:
+    """Refuse a teacher (or a teacher cache) and a student that do not share a vocabulary and
+    tokenizer: the teacher's labels are token ids of the student's output, and KD compares the two
+    logit vectors entry by entry."""
     from cdist.tokenizers import tokenizer_difference
 
-    if teacher.cfg.d_vocab != student.cfg.d_vocab:
-        raise MismatchError(f"the teacher has {teacher.cfg.d_vocab} output tokens and the student "
+    d_vocab = teacher.d_vocab if isinstance(teacher, TeacherCache) else teacher.cfg.d_vocab
+    if d_vocab != student.cfg.d_vocab:
+        raise MismatchError(f"the teacher has {d_vocab} output tokens and the student "
                             f"{student.cfg.d_vocab}; distil between models of one tokenizer")
+    if isinstance(teacher, TeacherCache):
+        if teacher.tokenizer != tokenizer_fingerprint(student.tokenizer):
+            raise MismatchError("the teacher cache was built with another tokenizer than the "
+                                "student's; distil between models of one tokenizer")
+        return
     if teacher.tokenizer is not None and student.tokenizer is not None:
         difference = tokenizer_difference(teacher.tokenizer, student.tokenizer)
         if difference:
@@ -598,7 +725,8 @@ def _check_finite(step: int, loss: Tensor, out: dict[str, Tensor], params: list[
     grads = [p.grad for p in params if p.grad is not None]
     finite = torch.isfinite(loss) & torch.stack([g.isfinite().all() for g in grads]).all() \
         if grads else torch.isfinite(loss)
-    if bool(finite):
+    # every rank decides alike, or one would stop while the others wait for it
+    if int(distributed.sum_across(finite.float().cpu())) == distributed.world_size():
         return
     terms = ", ".join(f"{k} {v.detach().float().sum().item():.4g}" for k, v in out.items())
     what = "loss" if not torch.isfinite(loss) else "gradient"

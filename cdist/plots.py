@@ -65,9 +65,12 @@ def head_heatmap(
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
     """Write ``stem.html`` (with ``plotly.min.js`` beside it) and ``stem.png``; returns the two
     paths."""
+    from cdist.checkpoints import is_follower
     from cdist.static_png import write_png
 
     stem = Path(stem)
+    if is_follower():  # under torchrun rank 0 writes the figures
+        return [stem.with_suffix(".html"), stem.with_suffix(".png")]
     stem.parent.mkdir(parents=True, exist_ok=True)
     html = stem.with_suffix(".html")
     fig.write_html(html, include_plotlyjs="directory")

@@ -23,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cdist.checkpoints import atomic_write_json
+from cdist.checkpoints import atomic_write_json, is_follower
 from cdist.errors import RunFolderError
 
 __all__ = ["Claim", "check_writable", "claim", "release_all"]
@@ -84,8 +84,11 @@ def check_writable(path: str | Path, *, file: bool = False) -> Path:
 
 
 def claim(folder: str | Path, identity: dict | None = None) -> Claim:
-    """Check and hold ``folder`` for this process (module doc); raises ``RunFolderError``."""
+    """Check and hold ``folder`` for this process (module doc); raises ``RunFolderError``. Under
+    ``torchrun`` only rank 0 holds it (the ranks are one run, and only rank 0 writes)."""
     folder = check_writable(folder)
+    if is_follower():
+        return Claim(folder.resolve(), None)
     key = folder.resolve()
     if key in _HELD:
         if identity is not None:

@@ -67,6 +67,10 @@ def run(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     """The console script: ``run``, with input errors as one line and exit status 2."""
+    from cdist.checkpoints import is_follower
+
+    if is_follower():  # under torchrun every rank runs the command and rank 0 speaks for them
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     try:
         run(argv)
     except (CdistError, ValueError, FileNotFoundError) as e:

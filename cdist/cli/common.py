@@ -283,9 +283,11 @@ def keep_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     command to its ``commands.log``, before the step does any work."""
     import yaml
 
-    from cdist.checkpoints import atomic_write_text
+    from cdist.checkpoints import atomic_write_text, is_follower
     from cdist.provenance import git_commit
 
+    if is_follower():  # under torchrun rank 0 keeps the folder's records
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / RUN_CONFIG
@@ -304,19 +306,26 @@ def keep_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 # ---------------------------------------------------------------------------- models and configs
 def device(args: argparse.Namespace) -> str:
-    """The device named, checked to exist, or cuda when present."""
+    """The device named, checked to exist, or cuda when present; under ``torchrun`` this rank's
+    GPU (``cdist.distributed``)."""
     import torch
 
+    from cdist import distributed
     from cdist.errors import InputError
     from cdist.models import check_device
 
-    if args.device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = args.device
+    if chosen is None:
+        chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            check_device(chosen)
+        except InputError as e:
+            raise UsageError(f"--device: {e}; pass one of those") from None
     try:
-        check_device(args.device)
-    except InputError as e:
-        raise UsageError(f"--device: {e}; pass one of those") from None
-    return args.device
+        return distributed.init_from_env(chosen)  # under torchrun: join the ranks, take a GPU each
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
 
 
 def loader(source: str, dev: str):
