@@ -22,7 +22,8 @@ et-student that changes 24 of its 32 heads' keys and values. The deltas are the 
 optimizer sees, so AdamW's moments are as small as what is trained and weight decay cannot move a
 frozen weight; the forward pass uses ``torch.func.functional_call`` with base + delta, so every
 TransformerLens hook still fires. ``trainable="all"`` trains every weight (the "fully distilled"
-rows); TransformerLens's zero biases, which Llama does not have, stay frozen either way.
+rows; a bfloat16 student trains in float32 then, and is cast back); TransformerLens's zero biases,
+which Llama does not have, stay frozen either way.
 
 Every ``eval_every`` steps (and at step 0) the run logs, on the held-out ``eval_data``: accuracy,
 the CE on the teacher's labels (``val_ce``, the paper's Fig. 5 on fixed items) and each pair's
@@ -639,7 +640,14 @@ def distill(
     flags = [p.requires_grad for p in student.parameters()]
     # one process per run folder, and an unwritable one refused before any step is taken
     held = run_folder.claim(run_dir)
+    dtype = next(student.parameters()).dtype
+    # AdamW on bfloat16 weights drops every update below their precision (an lr of 2e-5 on a weight
+    # of 0.02 is under half its spacing), so a fully trained student trains in float32 (under
+    # autocast on a GPU) and is cast back after; the heads' deltas are float32 anyway.
+    upcast = cfg.trainable == "all" and dtype != torch.float32
     try:
+        if upcast:
+            models.cast(student, torch.float32)
         # Frozen, so that gradients reach only the trained slices (HeadDelta) or the parameters set
         # below.
         student.requires_grad_(False)
@@ -679,6 +687,8 @@ def distill(
         _write_results(result, run_dir)
     finally:
         held.release()
+        if upcast:
+            models.cast(student, dtype)
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
     return result

@@ -62,6 +62,7 @@ __all__ = [
     "HookedTransformerConfig",
     "attach_tokenizer",
     "attention_inputs",
+    "cast",
     "check_device",
     "check_heads",
     "finish_layer",
@@ -681,6 +682,14 @@ def new_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _hooked(cfg, tokenizer)
+
+
+def cast(model: HookedTransformer, dtype: torch.dtype) -> HookedTransformer:
+    """``model`` itself, its weights and buffers (the rotary tables too) now in ``dtype`` and
+    ``model.cfg.dtype`` set to match, quietly (TransformerLens' ``to`` does both, takes a device or
+    a dtype but not both, and prints). bfloat16 to float32 and back is exact, float32 to bfloat16
+    rounds."""
+    return model.to(dtype, print_details=False)
 
 
 # --------------------------------------------------------------------------------------------------

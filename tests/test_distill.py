@@ -147,6 +147,25 @@ def test_without_a_teacher_it_fine_tunes_on_the_items_answers(tok, items, tmp_pa
         replace(cfg, labels="gold")
 
 
+def test_a_bfloat16_student_trained_in_full_keeps_updates_below_its_precision(tok, items,
+                                                                              tmp_path):
+    """AdamW on bfloat16 weights would drop every step of 2e-5 on a weight above 0.005 (half its
+    spacing is larger); the fully trained student trains in float32 and comes back in bfloat16
+    with the summed updates."""
+    from cdist.models import cast
+
+    train, val = items
+    model = cast(fresh(tok, 1), torch.bfloat16)
+    before = snapshot(model)
+    cfg = distill.DistillConfig(steps=12, lr=2e-5, batch_size=8, eval_every=12, trainable="all",
+                                labels="answers")
+    distill.distill(model, None, None, train, val, cfg, tmp_path, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    w, w0 = model.blocks[0].attn.W_Q.detach(), before["blocks.0.attn.W_Q"]
+    large = w0.float().abs() > 0.01  # where one bfloat16 step of 2e-5 rounds away
+    assert large.sum() > 100 and (w != w0)[large].float().mean() > 0.05
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tok, items, tmp_path):
     student, teacher = fresh(tok, 1), fresh(tok, 2)
     distill.distill(student, teacher, head_map(), *items, CFG, tmp_path / "straight",

@@ -28,7 +28,8 @@ Choices that are ours:
 Everything here works through the model object's own methods (``model.hooks``,
 ``model.run_with_cache``, ``model.cfg``) and the hook names of ``cdist.models``. Hooks are
 ``(name, fn)`` pairs used inside ``with model.hooks(fwd_hooks=...)``, so nothing outlives the
-``with`` block. The batched scan runs on ``cdist.discovery.engine``.
+``with`` block. The batched scan runs on ``cdist.discovery.engine``, and under ``torchrun`` each
+rank ablates only its share of the heads (``engine.rank_heads``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cdist.discovery.engine import Hook, budget_batch_size, one_head_scan, replace_heads
+from cdist.discovery.engine import (
+    Hook,
+    budget_batch_size,
+    one_head_scan,
+    rank_heads,
+    replace_heads,
+    sum_over_ranks,
+)
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
@@ -202,7 +210,8 @@ def head_ablation_scan(
     along the batch axis, and copy ``j`` ablates a different head (the hooks take a
     ``[rows, head_index]`` mask), so a model with ``n_layers * n_heads`` heads needs about
     ``n_layers * n_heads / heads_per_pass + 1`` passes per batch. ``head_ablation_scan_reference``
-    is its one-head-one-prompt-at-a-time twin.
+    is its one-head-one-prompt-at-a-time twin. Under ``torchrun`` each rank ablates its share of
+    the heads and every rank returns the whole scan (every rank must call it).
 
     Args:
         model: a HookedTransformer.
@@ -231,6 +240,7 @@ def head_ablation_scan(
     prob_base = correct_base = torch.zeros((), dtype=torch.float64)
     prob_abl = torch.zeros(n_all, dtype=torch.float64)
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
+    mine = rank_heads(torch.arange(n_all))  # every head, with one process
     columns = () if position is None else (position,)
     for batch in batches(data, batch_size, pad_id(model), columns):
 
@@ -239,10 +249,12 @@ def head_ablation_scan(
             return make_mean_ablation_hook(layer, rows, means, at)
 
         p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), batch["answer_id"],
-                                           batch["pos_last"], ablate, heads_per_pass=heads_per_pass)
+                                           batch["pos_last"], ablate, heads_per_pass=heads_per_pass,
+                                           heads=mine)
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
-        prob_abl += p_abl.sum(1)
-        correct_abl += c_abl.sum(1)
+        prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
+        correct_abl[mine] += c_abl[mine].sum(1)
+    prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
     return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
                           (n_layers, n_heads), position)
 

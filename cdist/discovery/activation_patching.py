@@ -6,7 +6,8 @@ of the clean answer's probability at ``pos_last`` is the head's score:
 ``relative_change`` = (p_patched - p_clean) / p_clean and ``prob_change`` = p_patched - p_clean,
 averaged over the items. Batched on ``cdist.discovery.engine`` (copy ``j`` of a stacked batch
 patches head ``j``, each pass starting at the patched layer); ``activation_patching_scan_reference``
-is its one-head-one-prompt twin.
+is its one-head-one-prompt twin. Under ``torchrun`` each rank patches only its share of the heads
+(``engine.rank_heads``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from cdist.discovery.engine import (
     one_head_scan,
     one_item_runs,
     passes_per_batch,
+    rank_heads,
     replacing,
 )
+from cdist.distributed import is_main
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.types import Head, Scan
@@ -48,7 +51,9 @@ def activation_patching_scan(
     """Patch each head's ``z`` from the corrupt run into the clean run, alone, and
     measure the answer.
 
-    Batched like ``head_ablation_scan`` (copy ``j`` of a stacked batch patches head ``j``).
+    Batched like ``head_ablation_scan`` (copy ``j`` of a stacked batch patches head ``j``). Under
+    ``torchrun`` each rank patches its share of the heads and every rank returns the whole scan
+    (every rank must call it).
 
     Args:
         model: a HookedTransformer.
@@ -61,7 +66,7 @@ def activation_patching_scan(
         heads_per_pass: heads per forward pass.
         heads: the heads to patch (e.g. a pre-filter's candidates); default every head. The
             others score NaN.
-        progress: show a tqdm bar over forward passes.
+        progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
 
     Returns:
         A ``Scan`` (method "activation_patching") with ``relative_change``, ``prob_change`` and
@@ -72,13 +77,12 @@ def activation_patching_scan(
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    scanned = flat_heads(heads, n_layers, n_heads)
+    mine = rank_heads(flat_heads(heads, n_layers, n_heads))
     sums = PatchSums(model)
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = () if position is None else (position,)
-    total = -(-len(data) // batch_size) * passes_per_batch(scanned, n_layers, n_heads,
-                                                          heads_per_pass)
-    bar = tqdm(total=total, disable=None if progress else True,
+    total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
+    bar = tqdm(total=total, disable=None if progress and is_main() else True,
                desc="activation patching", unit="pass")
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids = batch["input_ids"].to(device)
@@ -90,10 +94,11 @@ def activation_patching_scan(
             return names[layer], replacing(rows, source, at)
 
         p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
-                                         heads_per_pass=heads_per_pass, heads=scanned,
+                                         heads_per_pass=heads_per_pass, heads=mine,
                                          on_pass=bar.update)
-        sums.add_batch(scanned, p[scanned] - p_clean[None, :], p_clean)
+        sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
     bar.close()
+    sums.add_other_ranks()
     return sums.scan("activation_patching", len(data), position=position)
 
 

@@ -9,6 +9,11 @@ prompts along the batch axis with copy ``j`` intervening on head ``j`` (``one_he
 starting each pass at the intervened layer from the clean run's cached residual stream and
 unembedding only ``pos_last``. Each scan keeps a slow, plain twin (``*_reference``) in its own
 module that the tests hold it to.
+
+Under ``torchrun`` (``cdist.distributed``) each rank runs only its share of the heads
+(``rank_heads``, interleaved so that every rank gets heads of every layer and about the same
+cost) and the ranks add their per-head sums, zero on the heads they did not run
+(``sum_over_ranks``), so that every rank returns the whole scan.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist import distributed
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, device_of
 from cdist.models import (
@@ -35,7 +41,7 @@ from cdist.types import Head, Scan
 
 __all__ = ["Hook", "OneItem", "PatchSums", "budget_batch_size", "check_items", "flat_heads",
            "one_head_scan", "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan",
-           "replace_heads", "replacing", "row_bytes"]
+           "rank_heads", "replace_heads", "replacing", "row_bytes", "sum_over_ranks"]
 
 Hook = tuple[str, Callable]
 
@@ -202,6 +208,29 @@ def flat_heads(heads, n_layers: int, n_heads: int) -> Int[Tensor, " scanned"]:
     return torch.tensor(sorted(out), dtype=torch.long)
 
 
+def rank_heads(heads: Int[Tensor, " scanned"]) -> Int[Tensor, " share"]:
+    """This rank's share of the flat heads (or senders) a scan runs: every ``world_size``-th
+    (``cdist.distributed.share``), so that every rank gets heads of every layer and, since a pass
+    costs more the lower its layer, about the same work; all of them with one process.
+
+    Each rank's scan then adds only its share's results into per-head sums that start at zero, and
+    ``sum_over_ranks`` puts the ranks' sums together.
+    """
+    return torch.tensor(distributed.share(heads.tolist()), dtype=torch.long)
+
+
+def sum_over_ranks(*sums: Float[Tensor, " heads"]) -> tuple[Float[Tensor, " heads"], ...]:
+    """Per-head sums of every rank's share of the heads (``rank_heads``), added up, on every rank;
+    ``sums`` themselves with one process.
+
+    Each rank's sums must be zero on the heads it did not run (not NaN): a head is then counted
+    once, by the rank that ran it. One all-reduce for all of them; every rank must call it.
+    """
+    if not distributed.active():
+        return sums
+    return tuple(distributed.sum_across(torch.stack(sums)).unbind())
+
+
 def replacing(heads: Tensor, source: Tensor, positions: Tensor | None) -> Callable:
     """A hook that writes ``source`` into the chosen heads (and positions) of its activation."""
     return lambda x, hook: replace_heads(x, heads, source, positions)
@@ -342,6 +371,14 @@ class PatchSums:
         """Add one head's change on one item (the slow twins)."""
         self.add_batch(torch.tensor([layer * self.shape[1] + head]),
                        torch.tensor([[change]]), torch.tensor([base]))
+
+    def add_other_ranks(self) -> None:
+        """Add every other rank's sums into this rank's (each rank having added only its share of
+        the heads, ``rank_heads``), so that every rank holds the whole scan; nothing with one
+        process. Every rank must call it."""
+        *sums, scanned = sum_over_ranks(self.rel, self.diff, self.rel_sq, self.scanned.double())
+        self.rel, self.diff, self.rel_sq = sums
+        self.scanned = scanned > 0
 
     def scan(self, method: str, n: int, **where) -> Scan:
         nan = torch.where(self.scanned, 0.0, torch.nan)

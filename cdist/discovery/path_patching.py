@@ -32,13 +32,17 @@ Where the speed comes from (each exact, each checked against ``path_patching_sca
   computed.
 - Run 2 starts at the lowest receiver's layer from the clean run's cached residual stream, and only
   ``pos_last`` is unembedded.
+- Under ``torchrun`` each rank runs only its share of the senders (``engine.rank_heads``), and the
+  ranks add up their sums.
 
 Scores, per head, averaged over the examples: ``relative_change`` = (p_patched - p_clean) / p_clean,
 Prakash et al.'s path-patching score (most negative = most important), and
 ``prob_change`` = p_patched - p_clean.
 
 ``entity_tracking_circuit`` runs Prakash et al.'s backward search (Value Fetchers -> Position
-Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit``.
+Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit``; under
+``torchrun`` every rank takes part in each group's scan and reaches the same groups, and rank 0
+alone keeps the checkpoint files.
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ from cdist.discovery.engine import (
     flat_heads,
     one_head_variants,
     one_item_runs,
+    rank_heads,
     replacing,
 )
+from cdist.distributed import barrier, broadcast, is_main
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import (
@@ -141,6 +147,8 @@ def path_patching_scan(
 
     Batched: a forward pass stacks ``senders_per_pass`` copies of a batch of prompts, copy ``j``
     patching sender ``j``. ``path_patching_scan_reference`` is the one-sender-one-prompt twin.
+    Under ``torchrun`` each rank patches its share of the senders and every rank returns the whole
+    scan (every rank must call it).
 
     Args:
         model: a HookedTransformer.
@@ -157,7 +165,7 @@ def path_patching_scan(
         senders: the senders to patch (e.g. ``path_attribution_scan``'s top candidates); default
             every head. The others score NaN, except those at or above the last receiver's layer,
             which cannot reach a receiver and score 0.
-        progress: show a tqdm bar over forward passes.
+        progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
 
     Returns:
         A ``Scan`` (method "path_patching", ranked by ``relative_change``, most negative first) with
@@ -174,7 +182,7 @@ def path_patching_scan(
     # senders must sit below a receiver
     top = max(r.layer for r in receivers) if receivers else n_layers
     asked = flat_heads(senders, n_layers, n_heads)
-    run = asked[asked < top * n_heads]  # flat index layer * n_heads + head
+    run = rank_heads(asked[asked < top * n_heads])  # flat index layer * n_heads + head
     sums = PatchSums(model)
     sums.add_unreachable(asked[asked >= top * n_heads])
     names = [hook_z(layer) for layer in range(top)]
@@ -182,7 +190,8 @@ def path_patching_scan(
     start = min(r.layer for r in receivers) if receivers else 0
     resid_names = sorted({hook_resid_pre(0), hook_resid_pre(start)})
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
-    bar = tqdm(total=total, disable=None if progress else True, desc="path patching", unit="pass")
+    bar = tqdm(total=total, disable=None if progress and is_main() else True, desc="path patching",
+               unit="pass")
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         if not receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise InputError("receivers=() means the logits at pos_last; "
@@ -197,7 +206,7 @@ def path_patching_scan(
         clean_z = [clean[name][rows, here] for name in names]
         corrupt_z = [corrupt[name][rows, here] for name in names]
         embed = clean[hook_resid_pre(0)][rows, here]
-        for chunk in run.split(senders_per_pass):
+        for chunk in run.split(senders_per_pass) if len(run) else ():  # a rank may have none
             n_copies = len(chunk)
             at = batch[position].repeat(n_copies)
             variants = one_head_variants(chunk, n_heads, n_rows)
@@ -228,6 +237,7 @@ def path_patching_scan(
             sums.add_batch(chunk, p.view(n_copies, n_rows) - p_clean[None, :], p_clean)
             bar.update()
     bar.close()
+    sums.add_other_ranks()
     return sums.scan("path_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
 
@@ -370,6 +380,18 @@ def _search_fingerprint(model: HookedTransformer, data, search: Sequence[SearchS
     return digest.hexdigest()
 
 
+def _saved_scans(path: Path, identity: str) -> dict | None:
+    """A step's scans (as dicts) kept from an earlier search under ``identity``; None when there are
+    none, or an edited or damaged file, or another search's, holds them (the step is remade)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("identity") != identity:
+        return None
+    return record["scans"]
+
+
 def entity_tracking_circuit(
     model: HookedTransformer,
     data,
@@ -411,8 +433,9 @@ def entity_tracking_circuit(
         checkpoint_dir: each finished group's scans are saved there (``<group>.json``) and reused
             by a later call with the same model, items, receivers and ``prefilter`` (``k`` and
             ``min_effect`` only select from them), so an interrupted search resumes; a group
-            saved under other ones is recomputed and replaced.
-        progress: a tqdm bar per group, advancing per forward pass.
+            saved under other ones is recomputed and replaced. Under ``torchrun`` rank 0 alone
+            reads and writes them, and tells the others what it read.
+        progress: a tqdm bar per group, advancing per forward pass (rank 0's, under ``torchrun``).
 
     Returns:
         The ``Circuit`` (groups in search order, positions, each head's score in the group that
@@ -441,24 +464,27 @@ def entity_tracking_circuit(
         identity = None if saved is None else hashlib.sha256(json.dumps(
             [fingerprint, step.name, step.position, step.receiver_input,
              [str(r) for r in receivers], prefilter]).encode()).hexdigest()[:16]
-        try:  # a step's scans, kept from an earlier search; an edited or damaged file is remade
-            record = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
-        except ValueError:
-            record = {}
-        if isinstance(record, dict) and identity is not None and record.get("identity") == identity:
-            scans = {name: Scan.from_dict(d) for name, d in record["scans"].items()}
+        kept = None
+        if saved is not None:  # rank 0 reads; every rank takes what it found, to reach its groups
+            kept = broadcast(_saved_scans(saved, identity) if is_main() else None)
+        if kept is not None:
+            scans = {name: Scan.from_dict(d) for name, d in kept.items()}
         else:
             kw = dict(receivers=receivers, receiver_input=step.receiver_input,
                       position=step.position, batch_size=batch_size)
             scans, senders = {}, None
             if prefilter is not None:
                 scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
-                senders = scans[f"{step.name}_prefilter"].ranking().top(prefilter)
+                # rank 0's candidates: the ranks' gradients may differ in their last bits
+                senders = broadcast(scans[f"{step.name}_prefilter"].ranking().top(prefilter))
             scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,
                                                   senders=senders, progress=progress, **kw)
             if saved is not None:
-                atomic_write_json({"identity": identity, "step": step.name,
-                                   "scans": {n: sc.to_dict() for n, sc in scans.items()}}, saved)
+                if is_main():
+                    atomic_write_json({"identity": identity, "step": step.name,
+                                       "scans": {n: sc.to_dict() for n, sc in scans.items()}},
+                                      saved)
+                barrier()  # the file is there for every rank once its group is done
         found |= scans
         k_here = k if isinstance(k, int) else k.get(step.name, 0)
         groups[step.name] = select_heads(scans[step.name], k_here, min_effect)
