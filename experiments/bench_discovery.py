@@ -76,7 +76,7 @@ from cdist import tasks, zoo  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, activation_patching, path_patching  # noqa: E402
 from cdist.discovery.attribution_patching import path_attribution_scan  # noqa: E402
-from cdist.models import load_llama, new_llama  # noqa: E402
+from cdist.models import cast, load_llama, new_llama  # noqa: E402
 from cdist.provenance import git_commit  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head  # noqa: E402
@@ -92,11 +92,11 @@ if args.model in ("llama-3.2-1b", "random"):
                                      else args.shape)
     model = new_llama(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=kv, d_mlp=mlp,
                       vocab_size=len(tokenizer), seed=args.seed, tokenizer=tokenizer,
-                      rope_theta=500000.0).to(args.device, dtype).eval()
+                      rope_theta=500000.0, device=args.device, dtype=dtype).eval()
     name = args.model
 elif args.model in zoo.names():
     model, tokenizer = zoo.load(args.model, device=args.device)
-    model = model.to(dtype)
+    model = cast(model, dtype)
     template = args.template or zoo.manifest(args.model)["config"]["template"]
     name = args.model
 elif args.model == "smollm2" or Path(args.model).is_dir() or args.model.endswith(".gguf"):

@@ -9,8 +9,8 @@ weights (speed does not depend on them).
 
 Shapes (layers, d_model, heads, key/value heads, d_mlp): ``1b`` Llama-3.2-1B (16, 2048, 32, 8,
 8192), ``3b`` Llama-3.2-3B (28, 3072, 24, 8, 8192), ``8b`` Llama-3.1-8B (32, 4096, 32, 8, 14336),
-``tiny`` (3, 32, 4, 2, 64); rope theta 500000, the Llama-3 tokenizer (128,256 ids). [Targets on one
-H100 in brackets.]
+``135m`` SmolLM2-135M's (30, 576, 9, 3, 1536; for CPU runs), ``tiny`` (3, 32, 4, 2, 64); rope
+theta 500000, the Llama-3 tokenizer (128,256 ids). [Targets on one H100 in brackets.]
 
 1. The student's full mean-ablation scan of every head on ``--prompts`` Prakash-form prompts (head
    means over the same prompts, timed apart) [1B: 512 heads x 256 prompts under 10 s].
@@ -22,8 +22,10 @@ H100 in brackets.]
    and the path-patching scan into the logits (teacher) run on ``--check-prompts`` prompts, then
    again after the cast to bfloat16; the largest absolute score difference is reported beside the
    largest float32 score. The models then take ``--dtype`` (float32 keeps bfloat16-valued weights).
-4. Three ``distill`` runs of ``--steps`` + 1 steps, the first a warm-up: CE only, CE + Align CKA on
-   the same trained heads, and CE + Align CKA training every weight (full fine-tuning). torch's
+4. Four ``distill`` runs of ``--steps`` + 1 steps, the first a warm-up: CE only, CE + Align CKA on
+   the same trained heads, CE + Align CKA training every weight (full fine-tuning), and CE + Align
+   CKA from a teacher-activation cache (``cdist.teacher_cache``, its build timed) with the teacher
+   moved off the GPU. torch's
    global optimizer hook stamps each step's end after a CUDA synchronize, so a step is forward,
    backward and AdamW without the runs' evaluations (the median step counts); tokens/s = batch x
    prompt length / step [CE + CKA at most 1.10x CE]. The hook also reads AdamW's state (two moments
@@ -40,7 +42,7 @@ import argparse
 import sys
 
 SHAPES = {"1b": (16, 2048, 32, 8, 8192), "3b": (28, 3072, 24, 8, 8192),
-          "8b": (32, 4096, 32, 8, 14336), "tiny": (3, 32, 4, 2, 64)}
+          "8b": (32, 4096, 32, 8, 14336), "135m": (30, 576, 9, 3, 1536), "tiny": (3, 32, 4, 2, 64)}
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 group = parser.add_argument_group("models")
@@ -90,6 +92,7 @@ from cdist.distill import DistillConfig, distill  # noqa: E402
 from cdist.matching import HeadMap  # noqa: E402
 from cdist.models import cast, new_llama  # noqa: E402
 from cdist.provenance import git_commit  # noqa: E402
+from cdist.teacher_cache import build_teacher_cache  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head, HeadPair  # noqa: E402
 
@@ -198,7 +201,8 @@ if not args.no_search:
 # --------------------------------------------------------------------------------------------------
 
 
-def timed_run(cfg: DistillConfig, head_map: HeadMap | None, heads: list[Head]) -> dict:
+def timed_run(cfg: DistillConfig, head_map: HeadMap | None, heads: list[Head],
+              source=None) -> dict:
     """Run ``distill``; torch's global optimizer hook stamps each step's end, reads AdamW's state
     after the last step and, on CUDA, the peak memory of the steps after the first."""
     stamps, state = [], {}
@@ -220,7 +224,8 @@ def timed_run(cfg: DistillConfig, head_map: HeadMap | None, heads: list[Head]) -
     hook = register_optimizer_step_post_hook(after_step)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            result = distill(student, teacher, head_map, train, check, cfg, run_dir, heads=heads)
+            result = distill(student, source or teacher, head_map, train, check, cfg, run_dir,
+                             heads=heads)
     finally:
         hook.remove()
         student.zero_grad(set_to_none=True)  # full training leaves its gradients on the weights
@@ -247,17 +252,28 @@ if not args.no_distill:
             "ce_cka": ("CE + Align CKA", replace(base, cka_weight=1.0), head_map),
             "full_ce_cka": ("full, CE + Align CKA",
                             replace(base, cka_weight=1.0, trainable="all"), head_map)}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        # the teacher's side stored once; its run trains with the teacher off the GPU
+        cache, t_cache = timed(lambda: build_teacher_cache(
+            teacher, head_map.sites()[1], {"train": train, "eval": check}, cache_dir))
+        runs["cached_ce_cka"] = ("CE + Align CKA, teacher cache", runs["ce_cka"][1], head_map)
     for key, (label, cfg, head_map_here) in runs.items():
-        r = results[f"distill_{key}"] = timed_run(cfg, head_map_here, trained)
+        if key == "cached_ce_cka" and on_gpu:
+            teacher.to("cpu")
+            torch.cuda.empty_cache()
+        r = results[f"distill_{key}"] = timed_run(cfg, head_map_here, trained,
+                                                  cache if key == "cached_ce_cka" else None)
         peak = (f"peak {r['peak_gib']:.2f} GiB (models {r['resident_gib']:.2f})" if on_gpu
                 else "peak memory n/a on the CPU")
         print(f"distill step, {label}: {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:.0f} "
               f"tokens/s, {peak}, AdamW state {r['optimizer_state_bytes'] / 2**20:.3g} MiB "
               f"({r['moment_dtype']}), {r['param_share']:.2%} of the weights trained")
-    ce, cka, full = (results[f"distill_{key}"] for key in runs)
+    ce, cka, full, cached = (results[f"distill_{key}"] for key in runs)
     summary = results["distill"] = {
         "trained_heads": n_pairs, "tokens_per_step": tokens, "target_cka_over_ce": 1.10,
-        "cka_over_ce": cka["step_s"] / ce["step_s"],
+        "cka_over_ce": cka["step_s"] / ce["step_s"], "cache_build_s": t_cache,
+        "cached_over_live": cached["step_s"] / cka["step_s"],
+        "cached_peak_ratio": cached["peak_gib"] / cka["peak_gib"] if on_gpu else None,
         "state_ratio": cka["optimizer_state_elements"] / full["optimizer_state_elements"],
         "state_bytes_ratio": cka["optimizer_state_bytes"] / full["optimizer_state_bytes"],
         "param_ratio": cka["trained_params"] / full["trained_params"],
@@ -266,6 +282,9 @@ if not args.no_distill:
           f"full: AdamW state {summary['state_ratio']:.5f}x ({summary['state_bytes_ratio']:.5f}x "
           f"in bytes), trained weights {summary['param_ratio']:.5f}x"
           + (f", peak memory {summary['peak_ratio']:.3f}x" if on_gpu else ""))
+    print(f"teacher cache: built in {t_cache:.1f} s; a step from it / a step with the live teacher "
+          f"{summary['cached_over_live']:.3f}x"
+          + (f", peak memory {summary['cached_peak_ratio']:.3f}x" if on_gpu else ""))
 
 # --------------------------------------------------------------------------------------------------
 # save

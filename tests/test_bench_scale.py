@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_scale.py"
-RUNS = ("distill_ce", "distill_ce_cka", "distill_full_ce_cka")
+RUNS = ("distill_ce", "distill_ce_cka", "distill_full_ce_cka", "distill_cached_ce_cka")
 
 
 @pytest.mark.slow
@@ -56,7 +56,10 @@ def test_bench_scale_records_every_measurement(tmp_path):
         assert run["optimizer_state_bytes"] >= 4 * run["optimizer_state_elements"]
         assert run["moment_dtype"] == "float32"
         assert run["peak_gib"] is None and run["resident_gib"] is None  # no GPU
-    ce, cka, full = (r[name] for name in RUNS)
+    ce, cka, full, cached = (r[name] for name in RUNS)
+    assert cached["trained_params"] == cka["trained_params"]  # the same run, from the cache
+    assert r["distill"]["cache_build_s"] > 0
+    assert r["distill"]["cached_over_live"] == pytest.approx(cached["step_s"] / cka["step_s"])
     assert ce["trained_params"] == cka["trained_params"] < full["trained_params"]
     assert 0 < cka["param_share"] < 0.01 and 0.9 < full["param_share"] < 1
     summary = r["distill"]
@@ -66,7 +69,8 @@ def test_bench_scale_records_every_measurement(tmp_path):
     assert summary["state_ratio"] == pytest.approx(summary["param_ratio"], rel=1e-12)
     assert summary["state_bytes_ratio"] == pytest.approx(summary["param_ratio"], rel=0.01)
     assert summary["peak_ratio"] is None
-    assert printed.count("distill step, ") == 3 and "target <= 1.10x" in printed
+    assert printed.count("distill step, ") == 4 and "target <= 1.10x" in printed
+    assert "teacher cache: built in" in printed
 
 
 def test_cast_changes_weights_buffers_and_config_and_is_exact_back_from_bfloat16():
