@@ -76,7 +76,7 @@ from cdist.errors import ConfigError, InputError, MismatchError, NumericsError, 
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
 from cdist.provenance import items_fingerprint, model_fingerprint
-from cdist.teacher_cache import TeacherCache, tokenizer_fingerprint
+from cdist.teacher_cache import TeacherCache, teacher_outputs, tokenizer_fingerprint
 from cdist.types import Head, HeadPair
 
 __all__ = ["DistillConfig", "HeadDelta", "distill", "trainable_share"]
@@ -320,22 +320,22 @@ def _plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: DistillCo
 class _LiveTeacher:
     """What a run reads from its teacher, by running it (under ``torch.no_grad``)."""
 
-    def __init__(self, teacher: HookedTransformer, autocast):
-        self.model, self.autocast = teacher, autocast
+    def __init__(self, teacher: HookedTransformer):
+        self.model = teacher
         self.fingerprint = model_fingerprint(teacher)
 
-    def on_items(self, data, sites: list[Site]) -> tuple[Tensor, dict]:
-        """The teacher's answers on ``data`` and its sites' ``z`` (the diagnostics' view)."""
+    def labels(self, data) -> Tensor:
+        """The teacher's answers on ``data`` (what the validation CE is taken against)."""
         with torch.no_grad():
-            labels = evaluate.predictions(self.model, data)
-            return labels, head_z_dataset(self.model, data, sites) if sites else {}
+            return evaluate.predictions(self.model, data)
+
+    def z(self, data, sites: list[Site]) -> dict:
+        """Its sites' ``z`` on ``data`` (the diagnostics' per-pair CKA)."""
+        return head_z_dataset(self.model, data, sites)
 
     def on_batch(self, batch: dict, sites: list[Site]) -> tuple[Tensor | None, Tensor, dict]:
         """Logits at ``pos_last``, top-1 answers and the sites' ``z`` for a batch's rows."""
-        with torch.no_grad(), self.autocast:
-            logits, z = head_z(self.model, batch["input_ids"], sites, batch)
-            logits = evaluate.logits_at(logits, batch["pos_last"]).float()
-        return logits, logits.argmax(-1), z
+        return teacher_outputs(self.model, batch, sites)
 
 
 class _CachedTeacher:
@@ -346,9 +346,12 @@ class _CachedTeacher:
         self.fingerprint = cache.fingerprint
         self.train = cache.items(train_data, "training items")
 
-    def on_items(self, data, sites: list[Site]) -> tuple[Tensor, dict]:
+    def labels(self, data) -> Tensor:
+        return self.cache.items(data, "evaluation items").labels
+
+    def z(self, data, sites: list[Site]) -> dict:
         cached = self.cache.items(data, "evaluation items")
-        return cached.labels, {site: cached.z[site] for site in sites}
+        return {site: cached.z[site] for site in sites}
 
     def on_batch(self, batch: dict, sites: list[Site]) -> tuple[Tensor | None, Tensor, dict]:
         rows, train = batch["index"], self.train
@@ -416,7 +419,7 @@ class _Run:
         if isinstance(teacher, TeacherCache):
             self.teacher = _CachedTeacher(teacher, train_data, self.device)
         else:
-            self.teacher = _LiveTeacher(teacher, self.autocast) if teacher is not None else None
+            self.teacher = _LiveTeacher(teacher) if teacher is not None else None
         # What else must match for a saved run to be this run: the models it started from, the
         # heads and the training items (a finished run resumed on other items would be relabelled
         # as trained on them).
@@ -433,11 +436,9 @@ class _Run:
         self.reads_teacher = _reads_teacher(cfg, plan)
         if distributed.is_main():  # the diagnostics are rank 0's (module doc)
             # what CE is measured against on eval_data: the teacher's answers, or the items' own
-            self.t_labels, self.t_val = (self.teacher.on_items(eval_data, plan.teacher_sites)
-                                         if self.teacher is not None
-                                         else (torch.tensor(eval_data["answer_id"]), {}))
-            if cfg.labels != "teacher":
-                self.t_labels = torch.tensor(eval_data["answer_id"])
+            self.t_labels = (self.teacher.labels(eval_data) if cfg.labels == "teacher"
+                             else torch.tensor(eval_data["answer_id"]))
+            self.t_val = self.teacher.z(eval_data, plan.teacher_sites) if plan.pairs else {}
 
     @property
     def weights(self) -> torch.nn.Module:

@@ -41,7 +41,8 @@ from cdist.models import HookedTransformer, check_heads
 from cdist.provenance import items_fingerprint, model_fingerprint
 from cdist.types import Head
 
-__all__ = ["CachedItems", "TeacherCache", "build_teacher_cache", "tokenizer_fingerprint"]
+__all__ = ["CachedItems", "TeacherCache", "build_teacher_cache", "teacher_outputs",
+           "tokenizer_fingerprint"]
 
 _META = "teacher.json"
 
@@ -200,16 +201,25 @@ def build_teacher_cache(
 
 
 @torch.no_grad()
+def teacher_outputs(
+    teacher: HookedTransformer, batch: Mapping[str, Tensor], sites: list[Site]
+) -> tuple[Float[Tensor, "batch d_vocab"], Int[Tensor, " batch"], dict]:
+    """What distillation reads from the teacher on a batch (``cdist.evaluate.batches``): its
+    logits at ``pos_last`` (float32), its top-1 answers there and each site's ``z``; bfloat16
+    autocast on a GPU. The live teacher of ``distill`` and the cache's build both run this."""
+    on_gpu = device_of(teacher).type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        logits, z = head_z(teacher, batch["input_ids"], sites, batch)
+    last = logits_at(logits, batch["pos_last"]).float()
+    return last, last.argmax(-1), z
+
+
 def _teacher_rows(teacher: HookedTransformer, items, sites: list[Site], columns: list[str],
                   logits: bool, batch_size: int) -> dict[str, Tensor]:
     out: dict[str, list[Tensor]] = {"labels": [], "logits": []} | {_site_key(s): [] for s in sites}
-    on_gpu = device_of(teacher).type == "cuda"
     for batch in batches(items, batch_size, pad_id(teacher), columns):
-        # as distill's live teacher runs: bfloat16 autocast on a GPU
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-            all_logits, z = head_z(teacher, batch["input_ids"], sites, batch)
-        last = logits_at(all_logits, batch["pos_last"]).float()
-        out["labels"].append(last.argmax(-1).cpu())
+        last, labels, z = teacher_outputs(teacher, batch, sites)
+        out["labels"].append(labels.cpu())
         if logits:
             out["logits"].append(last.cpu())
         for site in sites:
