@@ -34,9 +34,14 @@ def head_z(
     positions: Mapping[str, Tensor],
     *,
     params: Mapping[str, Tensor] | None = None,
-) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[Site, Float[Tensor, "batch d_head"]]]:
-    """Run the model once and return its logits and each site's ``z``, row ``i`` at
-    ``positions[column][i]``.
+    logits: bool = True,
+) -> tuple[Float[Tensor, "batch d_vocab"] | None, dict[Site, Float[Tensor, "batch d_head"]]]:
+    """Run the model once and return its logits at each row's ``pos_last`` and each site's ``z``,
+    row ``i`` at ``positions[column][i]``.
+
+    Only ``pos_last`` is unembedded: the task losses read nothing else, and a 49k-token vocabulary's
+    unembedding is a quarter of a 135M model's forward pass. With ``logits=False`` the pass stops
+    after the last layer holding a site.
 
     Args:
         model: a HookedTransformer.
@@ -49,11 +54,12 @@ def head_z(
             weights.
 
     Returns:
-        The logits and ``{site: z}``. Gradients flow through both when the caller has them on
-        (training); nothing is detached.
+        The logits at ``pos_last`` (None with ``logits=False``) and ``{site: z}``. Gradients flow
+        through both when the caller has them on (training); nothing is detached.
     """
     sites = list(dict.fromkeys(sites))
-    missing = sorted({column for _, column in sites} - set(positions))
+    missing = sorted({column for _, column in sites} - set(positions)
+                     | ({"pos_last"} - set(positions) if logits else set()))
     if missing:
         raise InputError(f"no positions given for columns {missing}; "
                          "build the batch with those columns")
@@ -64,11 +70,20 @@ def head_z(
 
     device = device_of(model)
     layers = sorted({h.layer for h, _ in sites})
+    params = dict(params or {})
+    stop = model.cfg.n_layers if logits else max(layers, default=-1) + 1
     with model.hooks(fwd_hooks=[(hook_z(layer), keep) for layer in layers]):
-        logits = functional_call(model, dict(params or {}), (input_ids.to(device),))
+        resid = functional_call(model, params, (input_ids.to(device),), {"stop_at_layer": stop})
     rows = torch.arange(len(input_ids), device=device)
-    return logits, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head]
-                    for h, col in sites}
+    out = None
+    if logits:
+        last = resid[rows, positions["pos_last"].to(device)][:, None]  # [batch, 1, d_model]
+        for name in ("ln_final", "unembed"):
+            own = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(name + ".")}
+            last = functional_call(getattr(model, name), own, (last,))
+        out = last[:, 0]
+    return out, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head]
+                 for h, col in sites}
 
 
 @torch.no_grad()
@@ -91,7 +106,7 @@ def head_z_dataset(
     columns: Sequence[str] = sorted({col for _, col in asked.values()} - {"pos_last"})
     out: dict = {k: [] for k in keys}
     for batch in batches(data, batch_size, pad_id(model), columns):
-        _, z = head_z(model, batch["input_ids"], asked.values(), batch)
+        _, z = head_z(model, batch["input_ids"], asked.values(), batch, logits=False)
         for k, site in asked.items():
             out[k].append(z[site].float().cpu())
     return {k: torch.cat(rows) for k, rows in out.items()}

@@ -495,10 +495,10 @@ class _Run:
             take = distributed.rows(len(batch["input_ids"]))
             batch = {k: v[take] for k, v in batch.items()}
         gather = distributed.gather_rows if split else (lambda x: x)
-        ids, last = batch["input_ids"].to(device), batch["pos_last"]
+        ids = batch["input_ids"].to(device)
         with self.autocast:
             s_logits, s_z = (self.ddp if split else self.forward)(ids, batch)
-            s_logits = evaluate.logits_at(s_logits, last).float()
+            s_logits = s_logits.float()
         answers = torch.as_tensor(batch["answer_id"], device=device)
         if not self.reads_teacher:
             return {"ce": F.cross_entropy(s_logits, answers), "cka": torch.zeros(0, device=device)}
@@ -764,8 +764,8 @@ def _evaluation_pass(model: HookedTransformer, data, labels: Tensor, sites, pad:
     correct, ce_sum, z = [], 0.0, {site: [] for site in sites}
     starts = range(0, len(data), batch_size)
     for start, batch in zip(starts, evaluate.batches(data, batch_size, pad, columns), strict=True):
-        logits, z_batch = head_z(model, batch["input_ids"], sites, batch)
-        last = evaluate.logits_at(logits, batch["pos_last"]).float()
+        last, z_batch = head_z(model, batch["input_ids"], sites, batch)
+        last = last.float()
         correct.append(last.argmax(-1).cpu() == batch["answer_id"])
         batch_labels = labels[start : start + len(last)].to(last.device)
         ce_sum += float(F.cross_entropy(last, batch_labels, reduction="sum"))

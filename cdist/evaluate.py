@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from cdist.errors import InputError
+from cdist.models import HookedTransformer, unembed
 
 Batch = dict[str, Tensor]
 
@@ -99,14 +100,23 @@ def logits_at(logits: Float[Tensor, "batch pos d_vocab"],
     return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
 
 
+def last_logits(model: torch.nn.Module, input_ids: Int[Tensor, "batch pos"],
+                pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+    """Each row's logits at its own position. A HookedTransformer unembeds those positions only (a
+    49k-token unembedding is a quarter of a 135M model's forward pass); any other model is called as
+    ``model(input_ids) -> logits``. Hooks the caller has added run as in a full forward pass."""
+    ids = input_ids.to(device_of(model))
+    if not isinstance(model, HookedTransformer):
+        return logits_at(model(ids), pos)
+    return unembed(model, logits_at(model(ids, stop_at_layer=model.cfg.n_layers), pos))
+
+
 @torch.no_grad()
 def predictions(model: torch.nn.Module, data, *, batch_size: int = 64) -> Int[Tensor, " n"]:
     """The model's top-1 token at ``pos_last`` for every item of a task dataset."""
-    device = device_of(model)
     preds = []
     for batch in batches(data, batch_size, pad_id(model)):
-        logits = model(batch["input_ids"].to(device))
-        preds.append(logits_at(logits, batch["pos_last"]).argmax(-1).cpu())
+        preds.append(last_logits(model, batch["input_ids"], batch["pos_last"]).argmax(-1).cpu())
     return torch.cat(preds)
 
 

@@ -36,7 +36,7 @@ from cdist import distributed
 from cdist.activations import Site, head_z
 from cdist.checkpoints import atomic_write_bytes, atomic_write_json, read_json
 from cdist.errors import FileFormatError, InputError, MismatchError
-from cdist.evaluate import batches, device_of, logits_at, pad_id
+from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads
 from cdist.provenance import items_fingerprint, model_fingerprint
 from cdist.types import Head
@@ -210,7 +210,7 @@ def teacher_outputs(
     on_gpu = device_of(teacher).type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
         logits, z = head_z(teacher, batch["input_ids"], sites, batch)
-    last = logits_at(logits, batch["pos_last"]).float()
+    last = logits.float()
     return last, last.argmax(-1), z
 
 

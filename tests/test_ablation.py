@@ -238,6 +238,11 @@ def test_circuit_kept_only_at_its_positions(model, data, means):
         kept = ablation.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
         everywhere = ablation.circuit_logits(model, ids, circuit.heads, means)
     torch.testing.assert_close(kept, by_hand, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the one-position path reads the same logits
+        at_last = ablation.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at,
+                                          pos=last)
+    assert at_last.shape == (len(ids), model.cfg.d_vocab)
+    torch.testing.assert_close(at_last, by_hand[rows, last], atol=1e-5, rtol=1e-5)
     # The restriction bites: keeping the heads everywhere gives other logits.
     assert not torch.allclose(kept[rows, last], everywhere[rows, last], atol=1e-3)
     strict = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=1,

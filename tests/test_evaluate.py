@@ -47,3 +47,14 @@ def test_empty_dataset_is_a_clear_error(model, tok):
     data = tasks.entity_tracking(3, tokenizer=tok, n_boxes=2, template="compact").select([])
     with pytest.raises(ValueError, match="empty"):
         evaluate.accuracy(model, data)
+
+
+def test_last_logits_are_the_full_forward_passes(model, tok):
+    data = tasks.theory_of_mind(12, tokenizer=tok, seed=2, template="compact")
+    batch = next(evaluate.batches(data, 12, evaluate.pad_id(model)))
+    ids, last = batch["input_ids"], batch["pos_last"]
+    with torch.no_grad():
+        got = evaluate.last_logits(model, ids, last)
+        want = evaluate.logits_at(model(ids), last)
+    assert got.shape == (12, model.cfg.d_vocab)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -64,6 +64,34 @@ def test_head_z_keeps_gradients(model, tok):
     model.zero_grad(set_to_none=True)
 
 
+def test_head_z_logits_are_the_models_at_pos_last(model, tok):
+    data = tasks.entity_tracking(5, tokenizer=tok, n_boxes=3, template="compact", seed=1)
+    ids, pos = torch.tensor(data["input_ids"]), torch.tensor(data["pos_last"]) - 1
+    site = (Head(1, 1), "pos_last")
+    # replaced weights (as masked-head training passes them) reach the logits and the z
+    params = {"blocks.1.attn.W_Q": model.blocks[1].attn.W_Q * 1.5,
+              "ln_final.w": model.ln_final.w * 0.5}
+    plain = []
+    for replaced in ({}, params):
+        logits, z = activations.head_z(model, ids, [site], {"pos_last": pos}, params=replaced)
+        plain = plain or [z[site]]
+        with torch.no_grad():
+            backup = {k: model.get_parameter(k).clone() for k in replaced}
+            for k, v in replaced.items():
+                model.get_parameter(k).copy_(v)
+            want_logits, cache = model.run_with_cache(ids)
+            for k, v in backup.items():
+                model.get_parameter(k).copy_(v)
+        rows = torch.arange(len(ids))
+        assert logits.shape == (len(ids), model.cfg.d_vocab)
+        torch.testing.assert_close(logits, want_logits[rows, pos], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z[site], cache[hook_z(1)][rows, pos, 1], atol=1e-6, rtol=1e-5)
+    none, z_only = activations.head_z(model, ids, [site], {"pos_last": pos}, logits=False)
+    assert none is None
+    torch.testing.assert_close(z_only[site], plain[0])
+    assert not torch.allclose(plain[0], z[site])  # the replaced W_Q did reach z
+
+
 def test_ablation_matcher_uses_the_students_baseline():
     # dP_s = 0.5 - P_s_abl: 0.1, 0.3, 0.0; dP_t = 0.5 - P_t_abl: 0.32, 0.05
     hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]))

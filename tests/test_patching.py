@@ -15,7 +15,7 @@ from cdist import tasks
 from cdist.discovery import activation_patching, attribution_patching, circuits, path_patching
 from cdist.evaluate import answer_stats
 from cdist.models import hook_z, new_llama
-from cdist.types import Circuit, Head, HeadScores
+from cdist.types import Circuit, Head, HeadScores, Scan
 
 TOL = 1e-5
 
@@ -326,6 +326,12 @@ def test_noise_rule_keeps_only_effects_beyond_two_standard_errors(model3, data):
                 if rel[layer, head] < -circuits.NOISE_Z * se[layer, head]}
     assert set(kept) == expected
     assert set(circuits.select_heads(scan, 12, 0.0)) > expected  # a bare sign keeps more
+    # k counts heads that clear their bars: a big but noisy effect is passed over, not a slot lost
+    noisy = Scan("path_patching", {"relative_change": torch.tensor([[-0.9, -0.5], [-0.3, -0.01]]),
+                                   "relative_change_se": torch.tensor([[0.6, 0.1], [0.1, 0.1]])},
+                 "relative_change", higher_is_important=False, n_items=8)
+    assert circuits.select_heads(noisy, 2, "noise") == (Head(0, 1), Head(1, 0))
+    assert circuits.select_heads(noisy, 1, "noise") == (Head(0, 1),)
     with pytest.raises(ValueError, match="2 or more items"):
         circuits.select_heads(path_patching.path_patching_scan(model3, data.select([0])), 2,
                               "noise")

@@ -50,7 +50,7 @@ from cdist.discovery.engine import (
     sum_over_ranks,
 )
 from cdist.errors import InputError
-from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.evaluate import answer_stats, batches, device_of, last_logits, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.types import Circuit, Head, Scan
 
@@ -314,7 +314,8 @@ def circuit_logits(
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     *,
     keep_at: Mapping[Head, Sequence[Int[Tensor, " batch"]]] | None = None,
-) -> Float[Tensor, "batch pos d_vocab"]:
+    pos: Int[Tensor, " batch"] | None = None,
+) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"]:
     """The logits of the circuit alone: every head *not* in ``circuit_heads`` is mean-ablated
     everywhere.
 
@@ -326,6 +327,7 @@ def circuit_logits(
         keep_at: optional head -> row positions (``[batch]`` index tensors) where that circuit head
             is kept; it is mean-ablated at every other position. Circuit heads missing from it are
             kept everywhere.
+        pos: only each row's logits at its ``pos`` (``evaluate.last_logits``), ``[batch, d_vocab]``.
 
     Returns:
         The logits; exactly the unablated model's when ``circuit_heads`` is every head and
@@ -345,10 +347,12 @@ def circuit_logits(
             if at is None:
                 ablate[:, :, h] = False
             else:
-                for pos in at:
-                    ablate[torch.arange(n_batch), pos, h] = False
+                for where in at:
+                    ablate[torch.arange(n_batch), where, h] = False
         hooks.append(make_mean_ablation_hook(layer, ablate, means))
     with model.hooks(fwd_hooks=hooks):
+        if pos is not None:
+            return last_logits(model, input_ids, pos)
         return model(input_ids.to(device_of(model)))
 
 
@@ -378,9 +382,9 @@ def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, bat
     columns = sorted(set(circuit.positions.values())) if at_positions else []
     out = []
     for batch in batches(data, batch_size, pad_id(model), columns):
-        ids = batch["input_ids"]
+        ids, last = batch["input_ids"], batch["pos_last"]
         if circuit is None:
-            logits = model(ids.to(device_of(model)))
+            logits = last_logits(model, ids, last)
         else:
             keep_at = None
             if keep_at_positions:
@@ -388,8 +392,8 @@ def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, bat
                 for name, heads in circuit.groups.items():
                     for h in heads:
                         keep_at.setdefault(h, []).append(batch[circuit.positions[name]])
-            logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
-        out.append(answer_stats(logits, batch["answer_id"], batch["pos_last"])[1])
+            logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at, pos=last)
+        out.append(answer_stats(logits, batch["answer_id"])[1])
     return torch.cat(out).bool()
 
 

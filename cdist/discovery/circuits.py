@@ -69,8 +69,13 @@ def select_heads(scores: Scan | HeadScores, k: int,
         threshold = NOISE_Z * scores[se_name]
     if isinstance(scores, Scan):
         scores = scores.ranking()
-    out = []
-    for h in scores.top(k):
+    out: list[Head] = []
+    # Down the whole ranking: with per-head noise bars a large but noisy effect is passed over and
+    # the next head that clears its own bar is taken, so a pre-filtered scan that never measured
+    # the noisy head selects what the exact scan does.
+    for h in scores.top(scores.scores.numel()):
+        if len(out) == k:
+            break
         s = scores[h]
         bar = float(threshold[h.layer, h.head]) if threshold is not None else min_effect
         ok = s <= -bar if not scores.higher_is_important else s >= bar
