@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cdist.errors import InputError
-from cdist.evaluate import batches, device_of, pad_id
-from cdist.models import HookedTransformer, check_heads, hook_z
+from cdist.evaluate import batches, device_of, logits_at, pad_id
+from cdist.models import HookedTransformer, check_heads, hook_z, unembed
 from cdist.types import Head
 
 __all__ = ["Site", "head_z", "head_z_dataset"]
@@ -75,13 +75,7 @@ def head_z(
     with model.hooks(fwd_hooks=[(hook_z(layer), keep) for layer in layers]):
         resid = functional_call(model, params, (input_ids.to(device),), {"stop_at_layer": stop})
     rows = torch.arange(len(input_ids), device=device)
-    out = None
-    if logits:
-        last = resid[rows, positions["pos_last"].to(device)][:, None]  # [batch, 1, d_model]
-        for name in ("ln_final", "unembed"):
-            own = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(name + ".")}
-            last = functional_call(getattr(model, name), own, (last,))
-        out = last[:, 0]
+    out = unembed(model, logits_at(resid, positions["pos_last"]), params) if logits else None
     return out, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head]
                  for h, col in sites}
 

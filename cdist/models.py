@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.func import functional_call
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
@@ -854,7 +855,15 @@ def attention_inputs(
 
 
 def unembed(
-    model: HookedTransformer, resid: Float[Tensor, "rows d_model"]
+    model: HookedTransformer, resid: Float[Tensor, "rows d_model"],
+    params: Mapping[str, Tensor] | None = None,
 ) -> Float[Tensor, "rows d_vocab"]:
-    """The logits of a final residual stream (final norm, then unembedding)."""
-    return model.unembed(model.ln_final(resid[:, None, :]))[:, 0]
+    """The logits of a final residual stream (final norm, then unembedding); ``params`` replaces
+    some of the model's parameters, as in ``torch.func.functional_call(model, params, ...)``."""
+    x = resid[:, None, :]
+    if not params:  # the scans' hot path: no reparametrisation
+        return model.unembed(model.ln_final(x))[:, 0]
+    for name in ("ln_final", "unembed"):
+        own = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(name + ".")}
+        x = functional_call(getattr(model, name), own, (x,))
+    return x[:, 0]
