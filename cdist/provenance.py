@@ -1,17 +1,21 @@
-"""Which code, weights and items produced a result: the git commit (and whether the tree had
-uncommitted changes), and fingerprints that tell a saved result of the same model and items from one
-of others."""
+"""Which code, weights, items and machine produced a result: the git commit (and whether the tree
+had uncommitted changes), fingerprints that tell a saved result of the same model and items from one
+of others, and, for a benchmark, the device's name and the wall time of a call."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def git_commit() -> str:
@@ -41,3 +45,28 @@ def model_fingerprint(model: torch.nn.Module) -> list[float]:
         total = sum(p.double().sum() for p in model.parameters())
         squares = sum(p.double().square().sum() for p in model.parameters())
     return [round(float(total), 6), round(float(squares), 6)]
+
+
+def device_name(device: str | torch.device) -> str:
+    """The GPU's name, or the CPU with the number of threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def timed(fn: Callable[[], T], device: str | torch.device = "cpu",
+          repeats: int = 1) -> tuple[T, float]:
+    """``fn()``'s result and its best wall time in seconds over ``repeats`` calls (the least
+    disturbed one, as timeit reports), the GPU's queued work included."""
+    on_gpu = torch.device(device).type == "cuda"
+    times = []
+    for _ in range(repeats):
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return result, min(times)

@@ -31,7 +31,6 @@ Results go to results/bench_discovery-<model>-<device>.json with the config, dev
 """
 
 import argparse
-import time
 from pathlib import Path
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -77,7 +76,7 @@ from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, activation_patching, path_patching  # noqa: E402
 from cdist.discovery.attribution_patching import path_attribution_scan  # noqa: E402
 from cdist.models import cast, load_llama, new_llama  # noqa: E402
-from cdist.provenance import git_commit  # noqa: E402
+from cdist.provenance import device_name, git_commit, timed  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head  # noqa: E402
 
@@ -117,24 +116,7 @@ small = data.select(range(min(args.reference_items, len(data))))
 reference = tasks.entity_tracking(64, tokenizer=tokenizer, seed=args.seed + 2, split="test",
                                   **make)
 n_heads = model.cfg.n_layers * model.cfg.n_heads
-on_gpu = args.device.startswith("cuda")
-device_name = (torch.cuda.get_device_name() if on_gpu
-               else f"CPU ({torch.get_num_threads()} threads)")
-
-
-def timed(fn, repeats: int = 1):
-    """fn's result and its best wall time over ``repeats`` calls (the least disturbed one, as
-    timeit does)."""
-    times = []
-    for _ in range(repeats):
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return result, min(times)
+machine = device_name(args.device)
 
 
 means = ablation.head_means(model, reference)
@@ -161,12 +143,12 @@ cases = {
             position="pos_query_label")["relative_change"],
     ),
 }
-print(f"{name} ({n_heads} heads) on {device_name}, {args.dtype}")
+print(f"{name} ({n_heads} heads) on {machine}, {args.dtype}")
 results = {}
 for case, (fast, slow) in ({} if args.no_reference else cases).items():
     fast()  # warm-up (kernels, allocator)
-    got, t_fast = timed(fast, args.repeats)
-    want, t_slow = timed(slow, args.repeats)
+    got, t_fast = timed(fast, args.device, args.repeats)
+    want, t_slow = timed(slow, args.device, args.repeats)
     diff = (got - want).abs().max().item()
     results[case] = {"batched_s": t_fast, "reference_s": t_slow, "speedup": t_slow / t_fast,
                      "max_abs_diff": diff, "heads_per_s_batched": n_heads / t_fast,
@@ -177,7 +159,8 @@ for case, (fast, slow) in ({} if args.no_reference else cases).items():
 full = data.select(range(args.items))
 _, t_full = timed(lambda: ablation.head_ablation_scan(model, full, means=means,
                                                       batch_size=args.batch_size,
-                                                      heads_per_pass=args.heads_per_pass))
+                                                      heads_per_pass=args.heads_per_pass),
+                  args.device)
 results["full_ablation_scan"] = {"seconds": t_full, "items": len(full), "heads": n_heads}
 print(f"full ablation scan: {n_heads} heads x {len(full)} items in {t_full:.2f} s")
 
@@ -210,8 +193,8 @@ if args.tl_items:
             model, items, batch_size=args.batch_size, heads_per_pass=args.heads_per_pass)
         return scan["prob_change"].double() + base.double().cpu()
 
-    got, t_ours = timed(ours, args.repeats)
-    want, t_tl = timed(theirs, 1)  # minutes at real depth: once
+    got, t_ours = timed(ours, args.device, args.repeats)
+    want, t_tl = timed(theirs, args.device)  # minutes at real depth: once
     want = want.double().cpu()
     diff = (got - want).abs().max().item()
     # the five heads whose patching lowers the answer's probability most, in order
@@ -226,10 +209,10 @@ if args.search_items:
     items = data.select(range(args.search_items))
     search = path_patching.ET_SEARCH
     kw = dict(batch_size=min(args.batch_size, 16), senders_per_pass=args.heads_per_pass)
-    (exact, exact_scans), t_exact = timed(
-        lambda: path_patching.entity_tracking_circuit(model, items, search=search, **kw))
+    (exact, exact_scans), t_exact = timed(lambda: path_patching.entity_tracking_circuit(
+        model, items, search=search, **kw), args.device)
     (pre, _), t_pre = timed(lambda: path_patching.entity_tracking_circuit(
-        model, items, search=search, prefilter=args.prefilter, **kw))
+        model, items, search=search, prefilter=args.prefilter, **kw), args.device)
     recall = {}
     for step in search:
         receivers = exact.groups[step.receivers] if step.receivers else ()
@@ -271,6 +254,6 @@ if args.search_items:
           f"(top {args.prefilter}) {t_pre:.0f} s ({t_exact / t_pre:.1f}x); same circuit: {same}")
 
 path = f"results/bench_discovery-{name}-{args.device.split(':')[0]}.json"
-atomic_write_json({"config": vars(args), "device": device_name, "commit": git_commit(),
+atomic_write_json({"config": vars(args), "device": machine, "commit": git_commit(),
                    "results": results}, path)
 print(f"wrote {path}")

@@ -91,7 +91,7 @@ from cdist.discovery import ablation, path_patching  # noqa: E402
 from cdist.distill import DistillConfig, distill  # noqa: E402
 from cdist.matching import HeadMap  # noqa: E402
 from cdist.models import cast, new_llama  # noqa: E402
-from cdist.provenance import git_commit  # noqa: E402
+from cdist.provenance import device_name, git_commit, timed  # noqa: E402
 from cdist.teacher_cache import build_teacher_cache  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head, HeadPair  # noqa: E402
@@ -105,8 +105,7 @@ on_gpu = args.device.startswith("cuda")
 if on_gpu:
     torch.cuda.set_device(args.device)  # the memory counters and synchronize read this one
 dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-device_name = (torch.cuda.get_device_name(args.device) if on_gpu
-               else f"CPU ({torch.get_num_threads()} threads)")
+machine = device_name(args.device)
 out = args.out or f"results/bench_scale-{args.device.split(':')[0]}.json"
 results: dict = {}
 tokenizer = llama3_tokenizer()
@@ -115,15 +114,6 @@ tokenizer = llama3_tokenizer()
 def sync() -> None:
     if on_gpu:
         torch.cuda.synchronize()
-
-
-def timed(fn):
-    """fn's result and its wall time, the GPU's queued work included."""
-    sync()
-    start = time.perf_counter()
-    result = fn()
-    sync()
-    return result, time.perf_counter() - start
 
 
 def build(shape: str, seed: int):
@@ -150,7 +140,7 @@ patch_kw = dict(batch_size=min(args.scan_batch_size, 16), senders_per_pass=args.
 student, teacher = build(args.student, args.seed), build(args.teacher, args.seed + 1)
 n_s, n_t = (m.cfg.n_layers * m.cfg.n_heads for m in (student, teacher))
 print(f"teacher {args.teacher} ({n_t} heads), student {args.student} ({n_s} heads), "
-      f"{str(dtype)[6:]}, on {device_name}")
+      f"{str(dtype)[6:]}, on {machine}")
 
 # --------------------------------------------------------------------------------------------------
 # discovery: bfloat16 against float32 twins, then the timed scans
@@ -177,17 +167,17 @@ for name, (model, wanted, scan) in twins.items():
 for model in (student, teacher):
     cast(model, dtype)
 if not args.no_ablation:
-    means, t_means = timed(lambda: ablation.head_means(student, data))
+    means, t_means = timed(lambda: ablation.head_means(student, data), args.device)
     ablation.head_ablation_scan(student, data.select([0]), means=means, **scan_kw)  # warm-up
     _, t_scan = timed(lambda: ablation.head_ablation_scan(
-        student, data, means=means, memory_budget=args.memory_budget, **scan_kw))
+        student, data, means=means, memory_budget=args.memory_budget, **scan_kw), args.device)
     results["ablation_scan"] = {"seconds": t_scan, "means_seconds": t_means, "heads": n_s,
                                 "prompts": len(data), "target_s": 10.0}
     print(f"full ablation scan: {n_s} heads x {len(data)} prompts in {t_scan:.2f} s "
           f"({t_scan / 10:.2f}x the 10 s target); head means {t_means:.2f} s")
 if not args.no_search:
     (circuit, _), t_search = timed(lambda: path_patching.entity_tracking_circuit(
-        teacher, data, k=args.k, min_effect=-math.inf, progress=True, **patch_kw))
+        teacher, data, k=args.k, min_effect=-math.inf, progress=True, **patch_kw), args.device)
     senders = {s.name: n_t if s.receivers is None else teacher.cfg.n_heads * max(
         (h.layer for h in circuit.groups[s.receivers]), default=0) for s in path_patching.ET_SEARCH}
     results["path_patching_search"] = {
@@ -255,7 +245,7 @@ if not args.no_distill:
     with tempfile.TemporaryDirectory() as cache_dir:
         # the teacher's side stored once; its run trains with the teacher off the GPU
         cache, t_cache = timed(lambda: build_teacher_cache(
-            teacher, head_map.sites()[1], {"train": train, "eval": check}, cache_dir))
+            teacher, head_map.sites()[1], {"train": train, "eval": check}, cache_dir), args.device)
         runs["cached_ce_cka"] = ("CE + Align CKA, teacher cache", runs["ce_cka"][1], head_map)
     for key, (label, cfg, head_map_here) in runs.items():
         if key == "cached_ce_cka" and on_gpu:
@@ -292,7 +282,7 @@ if not args.no_distill:
 if not on_gpu:
     results["note"] = "peak GPU memory is not measured on the CPU (null)"
 atomic_write_json({"config": vars(args) | {"dtype": str(dtype)[6:], "out": out},
-                   "device": device_name, "commit": git_commit(), "torch": torch.__version__,
+                   "device": machine, "commit": git_commit(), "torch": torch.__version__,
                    "shapes": {"teacher": SHAPES[args.teacher], "student": SHAPES[args.student]},
                    "results": results}, out)
 print(f"wrote {out}")
