@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from cdist.errors import InputError
-from cdist.evaluate import batches, device_of, logits_at, pad_id
+from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z, unembed
 from cdist.types import Head
 
@@ -75,7 +75,8 @@ def head_z(
     with model.hooks(fwd_hooks=[(hook_z(layer), keep) for layer in layers]):
         resid = functional_call(model, params, (input_ids.to(device),), {"stop_at_layer": stop})
     rows = torch.arange(len(input_ids), device=device)
-    out = unembed(model, logits_at(resid, positions["pos_last"]), params) if logits else None
+    out = (unembed(model, resid[rows, positions["pos_last"].to(device)], params) if logits
+           else None)
     return out, {(h, col): kept[h.layer][rows, positions[col].to(device), h.head]
                  for h, col in sites}
 

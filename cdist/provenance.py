@@ -55,18 +55,22 @@ def device_name(device: str | torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so that a clock read after it counts
+    that work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed(fn: Callable[[], T], device: str | torch.device = "cpu",
           repeats: int = 1) -> tuple[T, float]:
     """``fn()``'s result and its best wall time in seconds over ``repeats`` calls (the least
     disturbed one, as timeit reports), the GPU's queued work included."""
-    on_gpu = torch.device(device).type == "cuda"
     times = []
     for _ in range(repeats):
-        if on_gpu:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
-        if on_gpu:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return result, min(times)

@@ -91,7 +91,7 @@ from cdist.discovery import ablation, path_patching  # noqa: E402
 from cdist.distill import DistillConfig, distill  # noqa: E402
 from cdist.matching import HeadMap  # noqa: E402
 from cdist.models import cast, new_llama  # noqa: E402
-from cdist.provenance import device_name, git_commit, timed  # noqa: E402
+from cdist.provenance import device_name, git_commit, synchronize, timed  # noqa: E402
 from cdist.teacher_cache import build_teacher_cache  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head, HeadPair  # noqa: E402
@@ -109,11 +109,6 @@ machine = device_name(args.device)
 out = args.out or f"results/bench_scale-{args.device.split(':')[0]}.json"
 results: dict = {}
 tokenizer = llama3_tokenizer()
-
-
-def sync() -> None:
-    if on_gpu:
-        torch.cuda.synchronize()
 
 
 def build(shape: str, seed: int):
@@ -198,7 +193,7 @@ def timed_run(cfg: DistillConfig, head_map: HeadMap | None, heads: list[Head],
     stamps, state = [], {}
 
     def after_step(opt, *_):
-        sync()
+        synchronize(args.device)
         stamps.append(time.perf_counter())
         if len(stamps) == 1 and on_gpu:
             torch.cuda.reset_peak_memory_stats()  # the first step warms up
