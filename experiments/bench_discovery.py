@@ -75,10 +75,16 @@ from cdist import tasks, zoo  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, activation_patching, path_patching  # noqa: E402
 from cdist.discovery.attribution_patching import path_attribution_scan  # noqa: E402
-from cdist.models import cast, load_llama, new_llama  # noqa: E402
+from cdist.errors import InputError  # noqa: E402
+from cdist.models import cast, check_device, load_llama, new_llama  # noqa: E402
 from cdist.provenance import device_name, git_commit, timed  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
 from cdist.types import Head  # noqa: E402
+
+try:
+    check_device(args.device)
+except InputError as err:
+    parser.error(str(err))
 
 if args.threads:
     torch.set_num_threads(args.threads)

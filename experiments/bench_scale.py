@@ -89,8 +89,9 @@ from cdist import tasks  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, path_patching  # noqa: E402
 from cdist.distill import DistillConfig, distill  # noqa: E402
+from cdist.errors import InputError  # noqa: E402
 from cdist.matching import HeadMap  # noqa: E402
-from cdist.models import cast, new_llama  # noqa: E402
+from cdist.models import cast, check_device, new_llama  # noqa: E402
 from cdist.provenance import device_name, git_commit, synchronize, timed  # noqa: E402
 from cdist.teacher_cache import build_teacher_cache  # noqa: E402
 from cdist.tokenizers import llama3_tokenizer  # noqa: E402
@@ -101,9 +102,13 @@ from cdist.types import Head, HeadPair  # noqa: E402
 # --------------------------------------------------------------------------------------------------
 if args.threads:
     torch.set_num_threads(args.threads)
-on_gpu = args.device.startswith("cuda")
-if on_gpu:
-    torch.cuda.set_device(args.device)  # the memory counters and synchronize read this one
+try:
+    device = check_device(args.device)
+except InputError as err:
+    parser.error(str(err))
+on_gpu = device.type == "cuda"
+if on_gpu:  # the memory counters and synchronize read this one; plain "cuda" is the first GPU
+    torch.cuda.set_device(device.index or 0)
 dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
 machine = device_name(args.device)
 out = args.out or f"results/bench_scale-{args.device.split(':')[0]}.json"

@@ -87,3 +87,12 @@ def test_cast_changes_weights_buffers_and_config_and_is_exact_back_from_bfloat16
     assert model.cfg.dtype == torch.float32
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, low[name].float()), name
+
+
+@pytest.mark.parametrize("script", ["bench_scale.py", "bench_discovery.py"])
+def test_benchmarks_refuse_a_device_this_machine_lacks_in_one_line(tmp_path, script):
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / script), "--device", "cuda:99"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error: device 'cuda:99' is not on this machine; it has cpu")
