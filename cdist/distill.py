@@ -75,7 +75,7 @@ from cdist.cka import linear_cka
 from cdist.errors import ConfigError, InputError, MismatchError, NumericsError, RunFolderError
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
-from cdist.provenance import items_fingerprint, model_fingerprint
+from cdist.store import items_fingerprint, model_fingerprint
 from cdist.teacher_cache import TeacherCache, teacher_outputs, tokenizer_fingerprint
 from cdist.types import Head, HeadPair
 

@@ -57,7 +57,7 @@ from cdist.errors import ConfigError, InputError
 from cdist.evaluate import predictions
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer, check_heads
-from cdist.provenance import items_fingerprint, model_fingerprint
+from cdist.store import items_fingerprint, model_fingerprint
 from cdist.types import Head, Scan
 
 __all__ = ["MATCHERS", "ExperimentConfig", "run_experiment"]

@@ -1,11 +1,9 @@
-"""Which code, weights, items and machine produced a result: the git commit (and whether the tree
-had uncommitted changes), fingerprints that tell a saved result of the same model and items from one
-of others, and, for a benchmark, the device's name and the wall time of a call."""
+"""Which code and machine produced a result: the git commit (and whether the tree had uncommitted
+changes) and, for a benchmark, the device's name and the wall time of a call. (Which weights and
+items made a result: ``cdist.store``'s fingerprints.)"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,22 +27,6 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def items_fingerprint(data) -> list:
-    """How many items, and a hash of their token ids and answers."""
-    ids = [[int(t) for t in row] for row in data["input_ids"]]
-    digest = hashlib.sha256(json.dumps([ids, [int(a) for a in data["answer_id"]]]).encode())
-    return [len(data), digest.hexdigest()]
-
-
-def model_fingerprint(model: torch.nn.Module) -> list[float]:
-    """Two sums over all weights, in float64: equal for the same model, apart for almost any
-    other."""
-    with torch.no_grad():
-        total = sum(p.double().sum() for p in model.parameters())
-        squares = sum(p.double().square().sum() for p in model.parameters())
-    return [round(float(total), 6), round(float(squares), 6)]
 
 
 def device_name(device: str | torch.device) -> str:

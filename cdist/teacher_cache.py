@@ -38,7 +38,7 @@ from cdist.checkpoints import atomic_write_bytes, atomic_write_json, read_json
 from cdist.errors import FileFormatError, InputError, MismatchError
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads
-from cdist.provenance import items_fingerprint, model_fingerprint
+from cdist.store import items_fingerprint, model_fingerprint
 from cdist.types import Head
 
 __all__ = ["CachedItems", "TeacherCache", "build_teacher_cache", "teacher_outputs",
@@ -83,7 +83,7 @@ class TeacherCache:
 
     def __init__(self, meta: dict, sets: Mapping[str, CachedItems]):
         self.meta, self.sets = meta, dict(sets)
-        self.fingerprint: list[float] = meta["teacher"]
+        self.fingerprint: str = meta["teacher"]
         self.tokenizer: str | None = meta["tokenizer"]
         self.d_vocab: int = meta["d_vocab"]
         self.sites: list[Site] = [_parse_site(k) for k in meta["sites"]]

@@ -1,24 +1,32 @@
 """cdist.provenance: what a benchmark records about its machine and its wall times."""
 
-import time
+import subprocess
 
+import pytest
 import torch
 
+from cdist import provenance
 from cdist.provenance import device_name, git_commit, timed
 
 
-def test_timed_returns_the_result_and_the_fastest_of_its_calls():
+def test_timed_returns_the_result_and_the_fastest_of_its_calls(monkeypatch):
+    # a fake clock: each call takes the time its entry says, so no wall-clock window is asserted
     durations = iter([0.5, 0.05, 0.3])
+    now = [100.0]
     calls = []
+
+    def clock():
+        return now[0]
 
     def fn():
         calls.append(1)
-        time.sleep(next(durations))
+        now[0] += next(durations)
         return "result"
 
+    monkeypatch.setattr(provenance.time, "perf_counter", clock)
     result, seconds = timed(fn, "cpu", repeats=3)
     assert result == "result" and len(calls) == 3
-    assert 0.05 <= seconds < 0.3  # the 0.05 s call, not the others or their sum
+    assert seconds == pytest.approx(0.05)  # the fastest call, not the others or their sum
 
 
 def test_device_name_says_how_many_threads_a_cpu_run_used():
@@ -26,6 +34,9 @@ def test_device_name_says_how_many_threads_a_cpu_run_used():
     assert device_name(torch.device("cpu")) == device_name("cpu")
 
 
-def test_git_commit_is_a_sha_in_this_checkout():
-    sha = git_commit().removesuffix("+dirty")
-    assert sha == "unknown" or (len(sha) == 40 and int(sha, 16) >= 0)
+def test_git_commit_is_head_in_this_checkout_and_unknown_outside_one(monkeypatch, tmp_path):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=provenance.REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert git_commit().removesuffix("+dirty") == head and len(head) == 40
+    monkeypatch.setattr(provenance, "REPO", tmp_path)  # not a git checkout
+    assert git_commit() == "unknown"

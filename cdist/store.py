@@ -1,0 +1,130 @@
+"""One store for every result cdist reuses by identity: scans, circuit searches, head maps,
+trained runs and teacher caches.
+
+A result is kept as one JSON file, ``{"identity": ..., "value": ...}``, written atomically
+(``cdist.checkpoints``). Its *identity* is everything that made it: the models' fingerprints, the
+items' fingerprints and the settings. The rule is the same everywhere: the same identity reuses
+the kept value; another identity, or a file that cannot be read (a kill leaves no half-written
+file, but a user's edit can), is either recomputed (a cache) or refused (a result the user may want
+to keep), as the caller says.
+
+Fingerprints are cheap at any scale: a model's is a hash of each parameter's name, shape, dtype
+and three float64 sums (plain, of squares, position-weighted; no copy of the weights leaves the
+device), so two models share it only if every tensor agrees in all three; an item set's hashes the
+token columns it is read by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+
+from cdist.checkpoints import atomic_write_json
+from cdist.errors import RunFolderError
+
+__all__ = ["Store", "items_fingerprint", "jsonable", "model_fingerprint"]
+
+T = TypeVar("T")
+OnMismatch = Literal["recompute", "refuse"]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's name, shape, dtype and three float64 sums (module doc)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            sums = ":".join(f"{s:.17g}" for s in _sums(p.detach().reshape(-1)))
+            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{sums};".encode())
+    return digest.hexdigest()
+
+
+def _sums(flat: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float, float]:
+    """The sum, the sum of squares and a position-weighted sum (weights 1..1009 repeating, so
+    that weights moved within a tensor, such as two heads swapped, change it), in float64 and in
+    chunks, so that no float64 copy of a large embedding is made at once."""
+    total = squares = weighted = 0.0
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk].double()
+        index = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.float64)
+        total += part.sum().item()
+        squares += part.square().sum().item()
+        weighted += (part * (index % 1009 + 1)).sum().item()
+    return total, squares, weighted
+
+
+def items_fingerprint(data, columns: Iterable[str] | None = None) -> list:
+    """``[n, hash]`` of an item set: its token ids and answers, or the ``columns`` named."""
+    if columns is None:
+        ids = [[int(t) for t in row] for row in data["input_ids"]]
+        payload = [ids, [int(a) for a in data["answer_id"]]]
+    else:
+        payload = [list(data[c]) for c in dict.fromkeys(columns)]
+    return [len(data), hashlib.sha256(json.dumps(payload).encode()).hexdigest()]
+
+
+def jsonable(x):
+    """``x`` as it reads back from JSON (tuples as lists), so that identities compare equal."""
+    return json.loads(json.dumps(x))
+
+
+class Store:
+    """The results kept under one folder, each with its identity (module doc).
+
+    Args:
+        root: the folder; a name is a path relative to it, e.g. ``"scans/teacher.json"``.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def load(self, name: str, identity, *, on_mismatch: OnMismatch = "recompute"):
+        """The value kept under ``name`` for ``identity``; None when there is none, or (with
+        ``on_mismatch="recompute"``) when it was made for another identity or cannot be read.
+
+        Raises:
+            RunFolderError: ``on_mismatch="refuse"`` and the file holds another identity's
+                value, or cannot be read.
+        """
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and "value" in saved and saved.get("identity") == jsonable(
+                identity):
+            return saved["value"]
+        if on_mismatch == "refuse":
+            raise RunFolderError(f"{path} holds a result made from other models, items or "
+                                 "settings (or was edited); delete it to make it again, or "
+                                 "write elsewhere")
+        return None
+
+    def save(self, name: str, identity, value) -> None:
+        """Keep ``value`` (JSON) under ``name`` for ``identity``, atomically."""
+        atomic_write_json({"identity": jsonable(identity), "value": value}, self.path(name))
+
+    def reuse(self, name: str, identity, make: Callable[[], T], *,
+              encode: Callable[[T], object] = lambda v: v,
+              decode: Callable[[object], T] = lambda v: v,
+              on_mismatch: OnMismatch = "recompute") -> T:
+        """The value kept for ``identity`` (decoded), else ``make()``'s, kept (encoded). A kept
+        value that ``decode`` cannot read (an edited record) is made anew."""
+        kept = self.load(name, identity, on_mismatch=on_mismatch)
+        if kept is not None:
+            try:
+                return decode(kept)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass
+        value = make()
+        self.save(name, identity, encode(value))
+        return value

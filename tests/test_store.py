@@ -1,0 +1,54 @@
+"""cdist.store: one fingerprint of a model and of items, and one reuse-by-identity rule."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from cdist.errors import RunFolderError
+from cdist.store import Store, items_fingerprint, model_fingerprint
+
+
+def test_model_fingerprint_tells_weights_apart_and_ignores_copies():
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)
+    with torch.no_grad():  # the same numbers moved within a tensor (heads swapped): another model
+        c = torch.nn.Linear(4, 3)
+        c.load_state_dict(a.state_dict())
+        c.weight[0, 0], c.weight[0, 1] = a.weight[0, 1].item(), a.weight[0, 0].item()
+    assert model_fingerprint(c) != model_fingerprint(a)
+
+
+def test_items_fingerprint_reads_the_tokens_and_answers_or_the_columns_named():
+    columns = {"input_ids": [[1, 2], [3, 4]], "answer_id": [5, 6], "pos_last": [1, 1]}
+    data = Dataset.from_dict(columns)
+    other = Dataset.from_dict({**columns, "answer_id": [5, 7]})
+    assert items_fingerprint(data)[0] == 2
+    assert items_fingerprint(data) != items_fingerprint(other)
+    assert items_fingerprint(data, ["pos_last"]) == items_fingerprint(other, ["pos_last"])
+
+
+def test_store_reuses_the_same_identity_and_remakes_or_refuses_another(tmp_path):
+    store, made = Store(tmp_path), []
+
+    def make():
+        made.append(1)
+        return {"n": len(made)}
+
+    assert store.reuse("a/b.json", ["m", (1, 2)], make) == {"n": 1}
+    assert store.reuse("a/b.json", ["m", [1, 2]], make) == {"n": 1}  # tuples read back as lists
+    assert store.reuse("a/b.json", ["other"], make) == {"n": 2}  # recomputed, replaced
+    assert json.loads((tmp_path / "a/b.json").read_text())["identity"] == ["other"]
+    with pytest.raises(RunFolderError, match="other models, items or settings"):
+        store.load("a/b.json", ["m"], on_mismatch="refuse")
+    (tmp_path / "a/b.json").write_text("{not json")  # a user's edit: remade
+    assert store.reuse("a/b.json", ["other"], make) == {"n": 3}
+    # a kept value its reader cannot decode is remade too
+    assert store.reuse("a/b.json", ["other"], make, decode=lambda v: v["missing"]) == {"n": 4}
+    assert store.load("nothing.json", ["x"], on_mismatch="refuse") is None
