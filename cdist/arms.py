@@ -1,5 +1,7 @@
-"""The arms of the circuit-distillation experiment: one record per row of the table, from which the
-CLI takes its choices and ``cdist.experiment`` builds each run's ``DistillConfig``.
+"""The arms of the circuit-distillation experiment (Wadhwa et al.'s Table 1 rows, plus controls):
+one record per row of the table, from which the CLI takes its choices and ``cdist.pipeline`` builds
+each run's ``DistillConfig``; the comparisons the table tests between them; the names of the head
+matchers (``cdist.pipeline.head_maps`` makes their maps).
 
 Every trained arm starts from the same base student, once per seed and training regime; the seed
 sets the data order, the shuffled control's permutations and the random control's teacher heads.
@@ -7,7 +9,7 @@ Circuit arms train only the student circuit's heads (``kv_policy`` of the experi
 default: nothing else changes function). The head map of every circuit arm is passed to training, so
 its pairs' CKA is monitored even where it is not in the loss.
 
-The two controls (issue 9) keep the aligned arm's gradient scale and change one thing each:
+The two controls keep the aligned arm's gradient scale and change one thing each:
 - ``CE + Shuffled CKA``: the aligned pairs, the teacher's rows permuted within each batch (no item
   correspondence);
 - ``CE + Rand CKA``: each aligned pair's student head and positions, with a teacher head drawn
@@ -25,14 +27,14 @@ when it does.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cdist.errors import InputError
 
 if TYPE_CHECKING:  # the command line reads the arms' names without importing torch
     from cdist.distill import DistillConfig
 
-__all__ = ["ARMS", "MATCHERS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
+__all__ = ["ARMS", "COMPARISONS", "MATCHERS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,26 @@ class Arm:
             lambda.
         control_lr: train at the positive control's small learning rate instead of the table's.
         strong: train at the strong lambda (module doc) instead of the selected one.
+        model: whose model the row is (the teacher's row is the teacher, evaluated as it is).
     """
 
     name: str
     trained: bool = True
-    trainable: str = "heads"
+    trainable: Literal["heads", "all"] = "heads"
     ce_weight: float = 1.0
     kd_weight: float = 0.0
-    cka: str | None = None
+    cka: Literal["align", "shuffled", "random"] | None = None
     control_lr: bool = False
     strong: bool = False
+    model: Literal["student", "teacher"] = "student"
+
+    def __post_init__(self) -> None:
+        if (self.trainable not in ("heads", "all")
+                or self.cka not in (None, "align", "shuffled", "random")
+                or self.model not in ("student", "teacher")):
+            raise InputError(f"arm {self.name!r}: trainable {self.trainable!r} (heads or all), "
+                             f"cka {self.cka!r} (None, align, shuffled or random), model "
+                             f"{self.model!r} (student or teacher)")
 
     def config(self, base: DistillConfig, *, lam: float, lr: float, control_lr: float,
                seed: int) -> DistillConfig:
@@ -72,7 +84,7 @@ class Arm:
 
 ARMS: tuple[Arm, ...] = (
     Arm("base student", trained=False),
-    Arm("teacher", trained=False),
+    Arm("teacher", trained=False, model="teacher"),
     Arm("fully distilled, CE", trainable="all"),
     Arm("circuit distilled, CE"),
     Arm("circuit distilled, KD", ce_weight=0.0, kd_weight=1.0),
@@ -91,9 +103,21 @@ ARMS: tuple[Arm, ...] = (
 # CE + Shuffled CKA at the small training regime, test accuracy, pooled over seeds by the
 # Cochran-Mantel-Haenszel test.
 PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")
+# Every comparison the table tests (arm a vs arm b, on each evaluation set), the primary first;
+# the others are secondary, reported uncorrected.
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    PRIMARY,
+    ("circuit distilled, CE + Align CKA", "circuit distilled, CE"),
+    ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Rand CKA"),
+    ("circuit distilled, CE + Align CKA", "circuit distilled, KD"),
+    ("circuit distilled, CE + Align CKA (strong)",
+     "circuit distilled, CE + Shuffled CKA (strong)"),
+    ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE"),
+    ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)"),
+)
 STRONG_RATIO = 0.3
-# The head matchers a table chooses among on validation items (``cdist.experiment``): the paper's
-# ablation distance, the same normalised by each model's baseline, and CKA similarity.
+# The head matchers a table chooses among on validation items (``cdist.pipeline.head_maps``): the
+# paper's ablation distance, the same normalised by each model's baseline, and CKA similarity.
 MATCHERS = ("ablation", "ablation-baseline", "cka")
 
 

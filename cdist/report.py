@@ -1,4 +1,4 @@
-"""Tables and figures from an experiment's ``results.json`` (``cdist.experiment``): markdown, CSV,
+"""Tables and figures from an experiment's ``results.json`` (``cdist.pipeline``): markdown, CSV,
 HTML, PNG.
 
 ``write_report(summary, out_dir, stem)`` writes ``{stem}.md`` (the declared primary comparison

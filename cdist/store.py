@@ -24,7 +24,7 @@ from typing import Literal, TypeVar
 
 import torch
 
-from cdist.checkpoints import atomic_write_json
+from cdist.checkpoints import atomic_write_json, read_json
 from cdist.errors import RunFolderError
 
 __all__ = ["Store", "items_fingerprint", "jsonable", "model_fingerprint"]
@@ -82,8 +82,8 @@ class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    def path(self, name: str | Path) -> Path:
+        return self.root / name  # an absolute name stays itself
 
     def load(self, name: str, identity, *, on_mismatch: OnMismatch = "recompute"):
         """The value kept under ``name`` for ``identity``; None when there is none, or (with
@@ -128,3 +128,22 @@ class Store:
         value = make()
         self.save(name, identity, encode(value))
         return value
+
+    def record(self, name: str | Path, identity: dict, make: Callable[[], dict]) -> dict:
+        """A result record that carries its identity among its own fields (a trained run's
+        ``eval.json``, read by people and reports as it is): the kept record when its identity
+        fields equal ``identity``, else ``identity | make()``, kept.
+
+        Raises:
+            FileFormatError: the kept record is not JSON (it is the user's to delete: it may be
+                the only copy of an evaluation).
+        """
+        path = self.path(name)
+        saved = (read_json(path, f"delete {path.parent} to make it again") if path.is_file()
+                 else None)
+        want = jsonable(identity)
+        if isinstance(saved, dict) and {k: saved.get(k) for k in want} == want:
+            return saved
+        made = identity | make()
+        atomic_write_json(made, path)
+        return made

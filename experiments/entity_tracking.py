@@ -2,7 +2,7 @@
 
 Every row of the paper's table for a teacher and a student (zoo names or local Llama-3 checkpoint
 directories), over several seeds, with McNemar's tests, a lambda sweep on validation items, and the
-CE-curve and head-correspondence figures; see cdist.experiment for what each row is and which items
+CE-curve and head-correspondence figures; see cdist.pipeline for what each row is and which items
 it uses.
 
     python experiments/entity_tracking.py  # the zoo, 3 seeds, all rows

@@ -331,7 +331,7 @@ def _cfg(**kw):
 
 
 def _exp(**kw):
-    from cdist.experiment import ExperimentConfig
+    from cdist.pipeline import ExperimentConfig
 
     return ExperimentConfig(**{"task": "entity_tracking", **kw})
 

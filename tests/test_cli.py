@@ -56,7 +56,7 @@ def dirs(tok, tmp_path_factory):
 
 
 def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch):
-    from cdist import experiment
+    from cdist.pipeline import circuits, head_maps
 
     out = tmp_path / "run"
     models = ["--teacher", dirs["teacher"], "--student", dirs["student"]]
@@ -74,11 +74,11 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     assert settings["teacher"] == dirs["teacher"] and settings["val_items"] == 24
     # the later steps reuse the circuits the folder keeps, and each matcher's map once made
     searched, matched = [], []
-    real_find, real_map = experiment.find_circuit, experiment._head_map
-    monkeypatch.setattr(experiment, "find_circuit",
-                        lambda *a, **k: searched.append(a[1]) or real_find(*a, **k))
-    monkeypatch.setattr(experiment, "_head_map",
-                        lambda name, *a: matched.append(name) or real_map(name, *a))
+    real_search, makers = circuits._search, dict(head_maps.MAKERS)
+    monkeypatch.setattr(circuits, "_search",
+                        lambda *a: searched.append(a[1]) or real_search(*a))
+    monkeypatch.setattr(head_maps, "MAKERS", {
+        name: (lambda *a, name=name: matched.append(name) or makers[name](*a)) for name in makers})
     maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
     assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
     assert (out / "diagnostics.json").is_file()

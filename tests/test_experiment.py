@@ -13,7 +13,7 @@ from conftest import unchecked
 
 from cdist import arms, cli, distill, stats
 from cdist.cli import common
-from cdist.experiment import ExperimentConfig
+from cdist.pipeline import ExperimentConfig
 from cdist.models import new_llama, save_llama
 
 ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
@@ -209,11 +209,11 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
 
 def _test_items_of_config(summary, tok):
     """The test items that the recorded config makes (what the run evaluated on)."""
-    from cdist.experiment import ExperimentConfig, _Data
+    from cdist.pipeline import ExperimentConfig, make_items
 
     cfg = summary["config"]
     keep = ("task", "task_kwargs", "test_items", "data_seed")
-    data = _Data.make(ExperimentConfig(**{k: cfg[k] for k in keep}), tok)
+    data = make_items(ExperimentConfig(**{k: cfg[k] for k in keep}), tok)
     return data.test["input_ids"]
 
 

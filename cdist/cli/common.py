@@ -2,7 +2,7 @@
 memory of its settings, model loading, and one-line errors.
 
 A run folder (``--out``) is where each step leaves what the next one reads (circuits, scans, head
-maps, trained runs; ``cdist.experiment``), and ``config.yaml`` there keeps the settings its steps
+maps, trained runs; ``cdist.pipeline``), and ``config.yaml`` there keeps the settings its steps
 used. A step's settings come from, lowest first: the flags' defaults, the run folder's
 ``config.yaml``, a ``--config`` file (TOML or YAML), and the flags given. So ``cdist discover
 --val-items 100 --out R`` followed by ``cdist match --out R`` matches on the same items, and
@@ -402,7 +402,7 @@ def experiment_config(args: argparse.Namespace):
     from dataclasses import replace
 
     from cdist import discovery, distill, zoo
-    from cdist.experiment import ExperimentConfig
+    from cdist.pipeline.config import ExperimentConfig
 
     spec = tasks.get_task(args.task)
     for role in ("teacher", "student"):
@@ -474,11 +474,10 @@ def experiment_config(args: argparse.Namespace):
     )
 
 
-def experiment(args: argparse.Namespace, *, log=print):
-    """The run folder's experiment steps (``cdist.experiment``) for these flags; models load when a
-    step needs them."""
-
-    from cdist.experiment import _Experiment
+def context(args: argparse.Namespace, *, log=print):
+    """The run folder's ``cdist.pipeline.Context`` for these flags, checked before anything is
+    written; models load when a stage needs them."""
+    from cdist.pipeline import Context, check_items
 
     set_threads(args.threads)
     try:
@@ -487,23 +486,20 @@ def experiment(args: argparse.Namespace, *, log=print):
         raise UsageError(str(e)) from None
     dev = device(args)
     roles = [r for r in ("teacher", "student") if getattr(args, r, None)]
-    loads = {r: loader(getattr(args, r), dev) for r in roles}
+    loaders = {r: loader(getattr(args, r), dev) for r in roles}
     opened = {r: _opened(getattr(args, r)) for r in roles}
     toks = {r: o.tokenizer() for r, o in opened.items()}
-    names = (getattr(args, "teacher", None) or "teacher", getattr(args, "student", None)
-             or "student")
+    names = {r: getattr(args, r) for r in roles}
     if len(roles) == 2:
-        check_tokenizers(opened, toks, names)
-    exp = _Experiment(cfg, loads.get("teacher"), loads.get("student"), Path(args.out), names,
-                      progress=True, log=log)
+        check_tokenizers(opened, toks, (names["teacher"], names["student"]))
+    ctx = Context(cfg, args.out, loaders, names, progress=True, log=log)
     # the items are made with the student's tokenizer (the teacher's when found alone)
     role = "student" if "student" in opened else "teacher"
-    tokenizer = toks[role]
-    if tokenizer is None:
+    if toks[role] is None:
         raise UsageError(f"--{role} {getattr(args, role)} has no tokenizer files "
                          "(tokenizer.json); save the tokenizer beside the weights")
     try:
-        exp.check(tokenizer, opened["teacher"].hf_config if "teacher" in opened else None)
+        check_items(cfg, toks[role], opened["teacher"].hf_config if "teacher" in opened else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return exp
+    return ctx

@@ -1,5 +1,5 @@
 """The pipeline's subcommands: ``discover``, ``match``, ``distill``, ``evaluate`` and ``table``,
-each a step of ``cdist.experiment`` on one run folder.
+each the stages of ``cdist.pipeline`` it needs, on one run folder.
 
 What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``):
 - ``discover``: ``circuit-<role>.json``, ``discovery-<role>.json`` (method, positions, the circuit's
@@ -80,7 +80,7 @@ def add_parsers(sub) -> None:
         if name == "table":
             p.add_argument("--figures", default=None,
                            help="where the tables and figures go (default: OUT/figures)")
-        p.set_defaults(run=globals()[f"_{name}"], parser=p)
+        p.set_defaults(run=_HANDLERS[name], parser=p)
     report = sub.add_parser("report", help="one self-contained HTML page for a run folder",
                             description="One HTML page (plotly inlined: it opens offline) with "
                                         "whatever the folder holds: the table, the circuits' "
@@ -99,15 +99,15 @@ def _roles(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _prepared(top: argparse.Namespace, command: str):
-    """The step's settings (``common.parse``) and experiment, checked before anything is
-    written."""
+    """The step's settings (``common.parse``) and run context, checked and the folder claimed
+    before anything is written."""
     args = common.parse(top.parser, top.argv, command)
     if command == "table":
         run_folder.check_writable(_figures(args))  # before the hours of the table, not after
-    exp = common.experiment(args)
-    exp.claim()  # held until the command ends
+    ctx = common.context(args)
+    ctx.claim()  # held until the command ends
     common.keep_settings(top.parser, args)
-    return args, exp
+    return args, ctx
 
 
 def _figures(args: argparse.Namespace) -> str:
@@ -115,31 +115,40 @@ def _figures(args: argparse.Namespace) -> str:
     return args.figures or str(Path(args.out) / "figures")
 
 
+def _discovery_record(ctx, args, role: str, found, circuits) -> dict:
+    """``discovery-<role>.json``: the circuit, how it was chosen, where the teacher's heads work,
+    and its accuracy and faithfulness on the test items."""
+    from cdist import pipeline
+
+    circuit = found.circuit
+    record = {"role": role, "model": getattr(args, role), "task": args.task,
+              "heads": [str(h) for h in circuit.heads], "circuit": circuit.to_dict(),
+              "selection": found.record}
+    if role == "teacher":
+        placement = pipeline.place_teacher_heads(ctx, circuits)
+        record["positions"], record["positions_from"] = placement.to_dict(), placement.how
+    result = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
+    record["test"] = {k: result[k] for k in ("full_accuracy", "circuit_accuracy",
+                                             "random_accuracy", "faithfulness")}
+    return record
+
+
 def _discover(top: argparse.Namespace) -> dict:
-    from cdist import plots
+    from cdist import pipeline, plots
     from cdist.checkpoints import atomic_write_json
 
-    args, exp = _prepared(top, "discover")
+    args, ctx = _prepared(top, "discover")
     out, made = Path(args.out), {}
     for role in _roles(args):
-        exp.find_circuits((role,))
-        circuit, found = exp.circuits[role], exp.discoveries[role]
-        record = {"role": role, "model": getattr(args, role), "task": args.task,
-                  "heads": [str(h) for h in circuit.heads], "circuit": circuit.to_dict(),
-                  "selection": found.record}
-        if role == "teacher":
-            exp.place_teacher_heads()
-            record["positions"] = {str(h): c for h, c in sorted(exp.positions.items())}
-            record["positions_from"] = exp.positions_from
-        result = exp.evaluate(exp.model(role), role)
-        record["test"] = {k: result[k] for k in ("full_accuracy", "circuit_accuracy",
-                                                 "random_accuracy", "faithfulness")}
+        circuits = pipeline.find_circuits(ctx, (role,))
+        found = getattr(circuits, role)
+        record = _discovery_record(ctx, args, role, found, circuits)
         atomic_write_json(record, out / f"discovery-{role}.json")
         for name, scan in found.scans.items():
-            plots.save_figure(scan.figure(marked=circuit.heads),
+            plots.save_figure(scan.figure(marked=found.circuit.heads),
                               out / "figures" / f"{role}-{name}")
-        print(f"{role} ({record['model']}): {len(circuit)} heads "
-              f"{' '.join(map(str, circuit.heads))}; test accuracy full "
+        print(f"{role} ({record['model']}): {len(found.circuit)} heads "
+              f"{' '.join(map(str, found.circuit.heads))}; test accuracy full "
               f"{record['test']['full_accuracy']:.3f}, circuit "
               f"{record['test']['circuit_accuracy']:.3f}, random "
               f"{record['test']['random_accuracy']:.3f}, faithfulness "
@@ -149,29 +158,32 @@ def _discover(top: argparse.Namespace) -> dict:
     return made
 
 
-def _matched(exp, names=None):
-    exp.find_circuits()
-    exp.place_teacher_heads()
-    exp.match(names)
+def _matched(ctx, names=None):
+    """Stages 1-3: the circuits (kept from ``discover``), positions and the head maps."""
+    from cdist import pipeline
+
+    circuits = pipeline.find_circuits(ctx)
+    placement = pipeline.place_teacher_heads(ctx, circuits)
+    return circuits, pipeline.make_head_maps(ctx, circuits, placement, names)
 
 
 def _match(top: argparse.Namespace) -> dict:
     from cdist import plots
 
-    args, exp = _prepared(top, "match")
-    _matched(exp)
+    args, ctx = _prepared(top, "match")
+    _, maps = _matched(ctx)
     out = Path(args.out)
-    for name, hmap in exp.maps.items():
+    for name, hmap in maps.maps.items():
         plots.save_figure(plots.head_map_figure(hmap), out / "figures" / f"head-map-{name}")
-        flags = exp.diagnostics[name]["flags"]
+        flags = maps.diagnostics[name]["flags"]
         print(f"{name}: {', '.join(map(str, hmap.pairs))}"
               + (f" ({len(flags)} warnings in diagnostics.json)" if flags else ""))
     print(f"written to {out}/head_maps")
-    return exp.maps
+    return maps.maps
 
 
 def _distill(top: argparse.Namespace) -> dict:
-    from cdist import experiment
+    from cdist import pipeline
 
     args = common.parse(top.parser, top.argv, "distill")
     if args.train_items < 1 or args.lam < 0:
@@ -181,30 +193,31 @@ def _distill(top: argparse.Namespace) -> dict:
         raise common.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
                                 f"{args.batch_size}; give more items or a smaller --batch-size")
     args.regimes = [args.train_items]  # the run's items are the first of the table's pool
-    exp = common.experiment(args)
+    ctx = common.context(args)
     arm = arms.arm(args.arm)
-    lr = args.lr if args.lr is not None else exp.cfg.lrs[len(exp.cfg.lrs) // 2]
+    lr = args.lr if args.lr is not None else ctx.cfg.lrs[len(ctx.cfg.lrs) // 2]
     # the run's settings (DistillConfig checks them), before anything is found or written
-    arm.config(exp.cfg.distill, lam=args.lam, lr=lr, control_lr=exp.cfg.control_lr,
+    arm.config(ctx.cfg.distill, lam=args.lam, lr=lr, control_lr=ctx.cfg.control_lr,
                seed=args.seed)
-    exp.claim()  # held until the command ends
+    ctx.claim()  # held until the command ends
     common.keep_settings(top.parser, args)
-    _matched(exp, (args.matcher,))
-    run_dir = (Path(args.out) / "runs" / f"n{args.train_items}"
-               / f"{experiment.slug(arm.name)}-seed{args.seed}")
-    record = exp.run(arm, args.train_items, args.seed, lr, args.lam, exp.maps[args.matcher],
-                     run_dir)
+    circuits, maps = _matched(ctx, (args.matcher,))
+    folder = pipeline.run_dir(ctx, arm, args.train_items, args.seed)
+    record = pipeline.train_run(ctx, circuits, arm, n_train=args.train_items, seed=args.seed,
+                                lr=lr, lam=args.lam, head_map=maps.maps[args.matcher],
+                                folder=folder)
     print(f"{arm.name}, lr {lr}, lambda {args.lam}, seed {args.seed}: test accuracy full "
           f"{record['full_accuracy']:.3f}, circuit {record['circuit_accuracy']:.3f} "
-          f"({record['wall_time_s']:.0f} s); {run_dir}")
+          f"({record['wall_time_s']:.0f} s); {folder}")
     return record
 
 
 def _evaluate(top: argparse.Namespace) -> dict:
+    from cdist import pipeline
     from cdist.checkpoints import atomic_write_json, read_json
     from cdist.errors import FileFormatError
 
-    args, exp = _prepared(top, "evaluate")
+    args, ctx = _prepared(top, "evaluate")
     out = Path(args.out)
     result: dict = {"models": {}, "runs": {}}
     keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness", "train_items",
@@ -217,8 +230,8 @@ def _evaluate(top: argparse.Namespace) -> dict:
             raise FileFormatError(f"{path} is not a run's evaluation (it lacks {lacks}); {fix}")
         result["runs"][str(path.parent.relative_to(out))] = {k: rec[k] for k in keys}
     for role in _roles(args):
-        exp.find_circuits((role,))
-        rec = exp.evaluate(exp.model(role), role)
+        circuits = pipeline.find_circuits(ctx, (role,))
+        rec = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
         rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
         result["models"][role] = {"model": getattr(args, role), **rec}
         print(_accuracy_line(f"{role} ({getattr(args, role)})", rec))
@@ -245,13 +258,12 @@ def _report(top: argparse.Namespace) -> Path:
 
 
 def _table(top: argparse.Namespace) -> dict:
-    from cdist import report, tasks
-    from cdist.experiment import run_steps
+    from cdist import pipeline, report, tasks
     from cdist.provenance import git_commit
 
-    args, exp = _prepared(top, "table")
+    args, ctx = _prepared(top, "table")
     commit = git_commit()
-    summary = run_steps(exp)
+    summary = pipeline.run_stages(ctx)
     # Quoted, so that the recorded command runs as it stands (arm names hold spaces and commas).
     command = shlex.join(["cdist", "table", *top.argv])
     stem = tasks.get_task(args.task).table_stem
@@ -262,3 +274,7 @@ def _table(top: argparse.Namespace) -> dict:
     return summary
 
 
+
+
+_HANDLERS = {"discover": _discover, "match": _match, "distill": _distill, "evaluate": _evaluate,
+             "table": _table}

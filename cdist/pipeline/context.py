@@ -1,0 +1,98 @@
+"""What every stage of one experiment reads: its config, its models (loaded when a stage first asks
+for them, so that finding a teacher's circuit alone never loads a student), its item sets, the run
+folder's store, the progress switch and the log. Stages take the context and the records of
+earlier stages as arguments and return records of their own; the context holds nothing a stage
+found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+from cdist import run_folder
+from cdist.discovery import ablation
+from cdist.errors import ConfigError
+from cdist.models import HookedTransformer
+from cdist.pipeline.config import ROLES, ExperimentConfig, Role
+from cdist.pipeline.items import ItemSets, make_items
+from cdist.store import Store, model_fingerprint
+
+__all__ = ["Context"]
+
+
+class Context:
+    """One experiment's run context (module doc).
+
+    Args:
+        cfg: the experiment.
+        out: its run folder.
+        loaders: role -> a function that loads that model (each call a fresh copy); a role
+            left out is not part of this run (a teacher's circuit found alone).
+        names: role -> the model's name as the user gave it (recorded in circuits and maps).
+        progress: tqdm bars for long steps.
+        log: where each stage's lines go.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path,
+                 loaders: Mapping[Role, Callable[[], HookedTransformer]],
+                 names: Mapping[Role, str] | None = None, *, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        unknown = set(loaders) - set(ROLES)
+        if unknown or not loaders:
+            raise ConfigError(f"loaders for {sorted(unknown) or 'no model'}; give a teacher "
+                              "and/or a student")
+        self.cfg, self.out, self.store = cfg, Path(out), Store(out)
+        self.loaders = dict(loaders)
+        self.names = {role: (names or {}).get(role) or role for role in ROLES}
+        self.progress, self.log = progress, log
+        self._models: dict[Role, HookedTransformer] = {}
+        self._means: dict[Role, object] = {}
+        self._fingerprints: dict[Role, str] = {}
+
+    def has(self, role: Role) -> bool:
+        return role in self.loaders
+
+    def model(self, role: Role) -> HookedTransformer:
+        """``role``'s model, loaded on first use and kept (never trained in place)."""
+        if role not in self._models:
+            self._models[role] = self.loaders[role]()
+        return self._models[role]
+
+    def fresh(self, role: Role) -> HookedTransformer:
+        """A new copy of ``role``'s model, for a run that trains it."""
+        return self.loaders[role]()
+
+    def fingerprint(self, role: Role) -> str:
+        if role not in self._fingerprints:
+            self._fingerprints[role] = model_fingerprint(self.model(role))
+        return self._fingerprints[role]
+
+    @cached_property
+    def items(self) -> ItemSets:
+        # the student's tokenizer makes the items; a teacher found alone uses its own (the two
+        # must agree for distillation anyway)
+        return make_items(self.cfg, self.model("student" if self.has("student") else "teacher")
+                          .tokenizer)
+
+    def means(self, role: Role):
+        """``role``'s per-position head means on the reference items (mean ablation's values)."""
+        if role not in self._means:
+            self._means[role] = ablation.head_means(self.model(role), self.items.reference)
+        return self._means[role]
+
+    def claim(self) -> run_folder.Claim:
+        """Hold the run folder for this process, refusing one that cannot be written, is in use,
+        or was made for other models, items or discovery rules (``cdist.run_folder``); before
+        anything is loaded or written."""
+        cfg = self.cfg
+        identity = {"teacher": self.names["teacher"] if self.has("teacher") else None,
+                    "student": self.names["student"] if self.has("student") else None,
+                    "task": cfg.task, "task_kwargs": cfg.task_kwargs, "data_seed": cfg.data_seed,
+                    **{k: getattr(cfg, k) for k in ("val_items", "test_items", "reference_items",
+                                                    "discovery_items", "ood", "ood_items")},
+                    "discovery": asdict(cfg.discovery),
+                    "student_discovery": asdict(cfg.student_discovery)}
+        return run_folder.claim(self.out, identity)

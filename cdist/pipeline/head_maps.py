@@ -1,0 +1,145 @@
+"""Stage 3, head maps: each student circuit head paired with teacher circuit heads by every matcher
+asked for, and each map diagnosed (``cdist.alignment``: flat targets and crowded teacher heads are
+flagged), also with every pair read at the last token for comparison.
+
+The matchers (``MAKERS``; their names, which the command line offers without loading torch, are
+``cdist.arms.MATCHERS``):
+- ``ablation``: the paper's rule (Wadhwa et al.), each student head to the teacher head whose
+  mean-ablation drop is closest to its own, both against the student's baseline;
+- ``ablation-baseline``: the same with each drop normalised by its own model's baseline;
+- ``cka``: each student head to the teacher head whose activations it is most CKA-similar to
+  (Kornblith et al. 2019) on the validation items.
+
+Every map made under the same circuits, positions, models and validation items is kept in the
+store (``cache/head-maps.json``), so a later step makes only what it lacks;
+``head_maps/<name>.json`` and ``diagnostics.json`` show every map so kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cdist import alignment, arms, matching
+from cdist.activations import head_z_dataset
+from cdist.checkpoints import atomic_write_json
+from cdist.matching import HeadMap
+from cdist.models import check_heads
+from cdist.pipeline.circuits import Circuits, ablation_scan
+from cdist.pipeline.context import Context
+from cdist.pipeline.positions import Placement
+from cdist.store import items_fingerprint
+
+__all__ = ["MAKERS", "HeadMaps", "make_head_maps"]
+
+
+@dataclass(frozen=True)
+class HeadMaps:
+    """The head maps asked for (matcher name -> map) and their diagnostics (``name`` and
+    ``name at pos_last`` -> ``alignment.diagnose``'s record)."""
+
+    maps: dict[str, HeadMap]
+    diagnostics: dict[str, dict]
+
+
+def _kw(ctx: Context) -> dict:
+    return {"one_to_one": ctx.cfg.one_to_one, "student_model": ctx.names["student"],
+            "teacher_model": ctx.names["teacher"]}
+
+
+def _ablation_map(ctx: Context, circuits: Circuits, placement: Placement, *,
+                  normalise: str | None = None) -> HeadMap:
+    # both ablation matchers read the same two scans, kept in the store
+    scans = {role: ablation_scan(ctx, role, ctx.items.val, f"{role}-validation")
+             for role in ("student", "teacher")}
+    hmap = matching.ablation_matcher_from_scans(
+        scans["student"], scans["teacher"], circuits.heads("student"), circuits.heads("teacher"),
+        normalise=normalise, **_kw(ctx))
+    return hmap.placed(placement.positions)
+
+
+def _cka_map(ctx: Context, circuits: Circuits, placement: Placement) -> HeadMap:
+    positions, t_heads = placement.positions, circuits.heads("teacher")
+    columns = sorted({positions[h] for h in t_heads})
+    student_z = head_z_dataset(ctx.model("student"), ctx.items.val,
+                               [(h, c) for h in circuits.heads("student") for c in columns])
+    teacher_z = head_z_dataset(ctx.model("teacher"), ctx.items.val,
+                               [(h, positions[h]) for h in t_heads])
+    return matching.cka_matcher(student_z, teacher_z, **_kw(ctx))
+
+
+MAKERS: dict[str, Callable[[Context, Circuits, Placement], HeadMap]] = {
+    "ablation": _ablation_map,
+    "ablation-baseline": lambda ctx, c, p: _ablation_map(ctx, c, p, normalise="baseline"),
+    "cka": _cka_map,
+}
+assert tuple(MAKERS) == arms.MATCHERS, "every matcher name needs its maker, and only those"
+
+
+def _kept(ctx: Context, name: str, identity) -> dict:
+    """The maps kept for ``identity``: a user's edit is remade if unreadable, else checked."""
+    kept = ctx.store.load(name, identity) or {}
+    for matcher, entry in list(kept.items()):
+        try:
+            hmap = HeadMap.from_dict(entry["map"])
+            entry["diagnostics"]["flags"], entry["at_last"]["flags"]  # noqa: B018
+        except (KeyError, TypeError, ValueError, AttributeError):
+            del kept[matcher]
+            continue
+        for role, heads in (("student", [p.student for p in hmap.pairs]),
+                            ("teacher", [p.teacher for p in hmap.pairs])):
+            check_heads(ctx.model(role), heads,
+                        f"{ctx.store.path(name)}: the {matcher} map's {role} heads",
+                        "delete the file to make the head maps again")
+    return kept
+
+
+def _diagnosed(ctx: Context, hmap: HeadMap) -> dict:
+    student, teacher, val = ctx.model("student"), ctx.model("teacher"), ctx.items.val
+    # the same pairs all read at the last token, as reading without positions would
+    return {"map": hmap.to_dict(),
+            "diagnostics": alignment.diagnose(student, teacher, hmap, val, warn=False),
+            "at_last": alignment.diagnose(student, teacher, hmap.at("pos_last"), val, warn=False)}
+
+
+def _write_views(ctx: Context, kept: dict) -> None:
+    """``head_maps/<name>.json`` and ``diagnostics.json``: every map kept, nothing else."""
+    maps_dir = ctx.out / "head_maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    for stale in maps_dir.glob("*.json"):
+        if stale.stem not in kept:
+            stale.unlink()
+    diagnostics = {}
+    for name, entry in kept.items():
+        HeadMap.from_dict(entry["map"]).to_json(maps_dir / f"{name}.json")
+        diagnostics |= {name: entry["diagnostics"], f"{name} at pos_last": entry["at_last"]}
+    atomic_write_json(diagnostics, ctx.out / "diagnostics.json")
+
+
+def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
+                   names: tuple[str, ...] | None = None) -> HeadMaps:
+    """Stage 3 for the matchers ``names`` (default: the config's) (module doc)."""
+    names = tuple(names or ctx.cfg.matchers)
+    identity = [ctx.fingerprint("student"), ctx.fingerprint("teacher"),
+                items_fingerprint(ctx.items.val),
+                {"teacher": circuits.of("teacher").to_dict(),
+                 "student": circuits.of("student").to_dict()},
+                placement.to_dict(), ctx.cfg.one_to_one,
+                [ctx.names["teacher"], ctx.names["student"]]]
+    cache = "cache/head-maps.json"
+    kept = _kept(ctx, cache, identity)
+    for name in names:
+        if name not in kept:
+            kept[name] = _diagnosed(ctx, MAKERS[name](ctx, circuits, placement))
+            ctx.store.save(cache, identity, kept)
+    _write_views(ctx, kept)
+    maps, diagnostics = {}, {}
+    for name in names:
+        hmap = maps[name] = HeadMap.from_dict(kept[name]["map"])
+        diagnostics |= {name: kept[name]["diagnostics"],
+                        f"{name} at pos_last": kept[name]["at_last"]}
+        ctx.log(f"head map ({name}): " + ", ".join(map(str, hmap.pairs)))
+        for flag in kept[name]["diagnostics"]["flags"]:
+            ctx.log(f"  warning: {flag}")
+        ctx.log(f"  read at pos_last instead, {len(kept[name]['at_last']['flags'])} flags")
+    return HeadMaps(maps, diagnostics)
