@@ -20,9 +20,10 @@ from plotly.subplots import make_subplots
 
 from cdist import plots
 from cdist.checkpoints import atomic_write_text, read_json
-from cdist.errors import MissingFileError
+from cdist.errors import FileFormatError, MissingFileError
 from cdist.matching import HeadMap
 from cdist.report import curve_figure, markdown_table
+from cdist.store import Store
 from cdist.types import Circuit, Scan
 
 __all__ = ["run_page", "write_run_page"]
@@ -71,7 +72,10 @@ def _circuits(run: Path) -> list[str]:
                 + "</p>")
         scans = sorted((run / "scans").glob(f"{role}-*.json"))
         for path in scans:
-            scan = Scan.from_dict(_read(path)["scan"])
+            kept = Store(run).kept(path)
+            if kept is None:
+                raise FileFormatError(f"{path} is not a kept scan; delete it to make it again")
+            scan = Scan.from_dict(kept)
             fig = scan.figure(marked=circuit.heads)
             fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))

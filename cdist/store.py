@@ -109,6 +109,15 @@ class Store:
                                  "write elsewhere")
         return None
 
+    def kept(self, name: str | Path):
+        """The value kept under ``name`` whatever its identity (for a report that shows what a
+        folder holds); None when there is none or it cannot be read."""
+        try:
+            saved = json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return saved.get("value") if isinstance(saved, dict) else None
+
     def save(self, name: str, identity, value) -> None:
         """Keep ``value`` (JSON) under ``name`` for ``identity``, atomically."""
         atomic_write_json({"identity": jsonable(identity), "value": value}, self.path(name))

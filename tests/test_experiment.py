@@ -13,8 +13,8 @@ from conftest import unchecked
 
 from cdist import arms, cli, distill, stats
 from cdist.cli import common
-from cdist.pipeline import ExperimentConfig
 from cdist.models import new_llama, save_llama
+from cdist.pipeline import ExperimentConfig
 
 ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
         "--lambdas", "0.5", "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16",
