@@ -2,9 +2,9 @@
 for its task.
 
 - Entity tracking: Prakash et al.'s path-patching search
-  (``path_patching.entity_tracking_circuit``), ``k`` heads per group whose relative change is at
+  (``search.entity_tracking_circuit``), ``k`` heads per group whose relative change is at
   most ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
-  (``path_patching.ET_SEARCH_ADJACENT``).
+  (``search.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
   probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items
   reaches ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no
@@ -24,79 +24,18 @@ from pathlib import Path
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.errors import ConfigError, InputError
+from cdist.discovery import ablation, search
+from cdist.discovery.selection import NOISE_Z, ranked_circuit, select_heads
+from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
-from cdist.types import Circuit, Head, HeadScores, Scan
+from cdist.tasks import get_task
+from cdist.types import Circuit, Scan
 
 __all__ = ["METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit",
            "ranked_circuit", "select_heads"]
 
 METHODS = ("auto", "path_patching", "mean_ablation")
 SEARCHES = ("auto", "prakash", "adjacent")
-
-
-# How many standard errors (over the items) an effect must clear to count, under
-# ``min_effect="noise"``: about a 2.5% one-sided false-positive rate per head under a normal
-# approximation.
-NOISE_Z = 2.0
-
-
-def select_heads(scores: Scan | HeadScores, k: int,
-                 min_effect: float | str = 0.0) -> tuple[Head, ...]:
-    """The up-to-``k`` most important heads whose score clears ``min_effect``, most important first.
-
-    A ``Scan`` is ranked by its own metric (``Scan.ranking``).
-
-    ``min_effect`` as a number: for scores where low is important (``higher_is_important=False``,
-    path patching's relative change) a head qualifies when its score is at most ``-min_effect``;
-    otherwise when it is at least ``min_effect``. With ``min_effect=0`` a head must still move the
-    metric in the important direction (not exactly 0). ``min_effect="noise"`` (a ``Scan`` with a
-    ``<metric>_se`` metric) asks each head's effect to be at least ``NOISE_Z`` of its own standard
-    errors over the items in the important direction, so no head is kept whose effect is within the
-    item-to-item noise. NaN scores (heads a scan did not measure) never qualify.
-    """
-    threshold = None
-    if isinstance(min_effect, str):
-        if min_effect != "noise":
-            raise InputError(f"min_effect={min_effect!r}; give a number or 'noise'")
-        se_name = f"{scores.metric}_se" if isinstance(scores, Scan) else None
-        if se_name is None or se_name not in scores.metrics:
-            raise InputError("min_effect='noise' needs a Scan with standard errors "
-                             f"({se_name or 'HeadScores have none'}); give a number instead")
-        if scores.n_items < 2:
-            raise InputError("min_effect='noise' needs a scan over 2 or more items "
-                             "(one item has no standard error); give a number instead")
-        threshold = NOISE_Z * scores[se_name]
-    if isinstance(scores, Scan):
-        scores = scores.ranking()
-    out: list[Head] = []
-    # Down the whole ranking: with per-head noise bars a large but noisy effect is passed over and
-    # the next head that clears its own bar is taken, so a pre-filtered scan that never measured
-    # the noisy head selects what the exact scan does.
-    for h in scores.top(scores.scores.numel()):
-        if len(out) == k:
-            break
-        s = scores[h]
-        bar = float(threshold[h.layer, h.head]) if threshold is not None else min_effect
-        ok = s <= -bar if not scores.higher_is_important else s >= bar
-        if ok and s != 0 and s == s:  # s == s drops NaN
-            out.append(h)
-    return tuple(out)
-
-
-def ranked_circuit(
-    scores: Scan | HeadScores, n: int, *, position: str = "pos_last", model: str = "",
-    method: str = "", min_effect: float = 0.0,
-) -> Circuit:
-    """A one-group circuit of the top-``n`` heads of a scan (theory of mind's circuits,
-    students' circuits).
-    """
-    if isinstance(scores, Scan):
-        method, scores = method or scores.method, scores.ranking()
-    heads = select_heads(scores, n, min_effect)
-    return Circuit({"circuit": heads}, positions={"circuit": position},
-                   scores={h: scores[h] for h in heads}, model=model,
-                   method=method or scores.metric)
 
 
 @dataclass(frozen=True)
@@ -131,8 +70,6 @@ class DiscoveryConfig:
 
     def method_for(self, task: str) -> str:
         """The method this rule runs on ``task``: ``method``, or the task's own for "auto"."""
-        from cdist.tasks import get_task
-
         return get_task(task).discovery_method if self.method == "auto" else self.method
 
 
@@ -192,21 +129,16 @@ def find_circuit(
     Returns:
         A ``Discovery``: the circuit, the scans it was chosen from, and a record of the selection.
     """
-    # The scans import this module (select_heads), so they are imported when a circuit is
-    # searched for.
-    from cdist.discovery import ablation, path_patching
-    from cdist.tasks import get_task
-
     spec = get_task(task)
     method = cfg.method_for(task)
     if method == "path_patching":
-        search = spec.search(items) if cfg.search == "auto" else cfg.search
-        circuit, groups = path_patching.entity_tracking_circuit(
-            model, items, k=cfg.k, min_effect=cfg.min_effect, search=path_patching.SEARCHES[search],
+        name = spec.search(items) if cfg.search == "auto" else cfg.search
+        circuit, groups = search.entity_tracking_circuit(
+            model, items, k=cfg.k, min_effect=cfg.min_effect, search=search.SEARCHES[name],
             model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
             progress=progress)
         return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
-                         {"method": method, "search": search, "k": cfg.k,
+                         {"method": method, "search": name, "k": cfg.k,
                           "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
