@@ -1,25 +1,28 @@
-"""From scans to circuits: select heads, and find a model's task circuit the paper's way
-for its task.
+"""From scans to circuits: find a model's task circuit the way the task's own papers do.
 
-- Entity tracking: Prakash et al.'s path-patching search
-  (``search.entity_tracking_circuit``), ``k`` heads per group whose relative change is at
-  most ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
+- Entity tracking: Prakash et al. 2024's backward path-patching search
+  (``cdist.discovery.search``), ``k`` heads per group whose relative change is at most
+  ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
   (``search.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
-  probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items
-  reaches ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no
-  defined faithfulness, so its circuit grows to the budget).
+  probability drop, as in circuit distillation (Wadhwa et al. 2025); the circuit is the smallest
+  top-n whose faithfulness on the discovery items reaches ``target``, with at most ``budget`` of all
+  heads (a model that gets nothing right has no defined faithfulness, so its circuit grows to the
+  budget).
 
-Which method and search a task uses by default is its registry entry's (``cdist.tasks.get_task``).
-The items a circuit is chosen on must not be the items it is evaluated on; callers pass
-separate sets.
+Each method is one function of ``DISCOVERERS``, all with one signature, so a method is added in one
+place. Which method and search a task uses by default is its registry entry's
+(``cdist.tasks.get_task``). The items a circuit is chosen on must not be the items it is evaluated
+on; callers pass separate sets.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from jaxtyping import Float
 from torch import Tensor
@@ -31,20 +34,24 @@ from cdist.models import HookedTransformer
 from cdist.tasks import get_task
 from cdist.types import Circuit, Scan
 
-__all__ = ["METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit",
-           "ranked_circuit", "select_heads"]
+__all__ = ["DISCOVERERS", "METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig",
+           "Method", "SearchName", "find_circuit", "ranked_circuit", "select_heads"]
 
-METHODS = ("auto", "path_patching", "mean_ablation")
-SEARCHES = ("auto", "prakash", "adjacent")
+# A discovery method's name: "auto" runs the task's own.
+Method = Literal["auto", "path_patching", "mean_ablation"]
+# A path-patching search's name (a key of ``search.SEARCHES``): "auto" picks the task's, by the
+# items' template.
+SearchName = Literal["auto", "prakash", "adjacent"]
+METHODS: tuple[str, ...] = get_args(Method)
+SEARCHES: tuple[str, ...] = get_args(SearchName)
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
     """How a circuit is chosen (module doc)."""
 
-    method: str = "auto"  # "auto" (the task's), "path_patching" or "mean_ablation"
-    # path patching: "auto" (the task's, by the items' template), "prakash" or "adjacent"
-    search: str = "auto"
+    method: Method = "auto"  # "auto" (the task's), or a key of DISCOVERERS
+    search: SearchName = "auto"  # path patching: "auto" (the task's), or a key of search.SEARCHES
     k: int = 2
     # "noise": an effect must clear NOISE_Z standard errors over the items (select_heads)
     min_effect: float | str = "noise"
@@ -129,17 +136,34 @@ def find_circuit(
     Returns:
         A ``Discovery``: the circuit, the scans it was chosen from, and a record of the selection.
     """
-    spec = get_task(task)
-    method = cfg.method_for(task)
-    if method == "path_patching":
-        name = spec.search(items) if cfg.search == "auto" else cfg.search
-        circuit, groups = search.entity_tracking_circuit(
-            model, items, k=cfg.k, min_effect=cfg.min_effect, search=search.SEARCHES[name],
-            model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
-            progress=progress)
-        return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
-                         {"method": method, "search": name, "k": cfg.k,
-                          "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
+    return DISCOVERERS[cfg.method_for(task)](
+        model, task, items, means, cfg, model_name=model_name, scan=scan,
+        checkpoint_dir=checkpoint_dir, progress=progress)
+
+
+def path_patching_discovery(
+    model: HookedTransformer, task: str, items, means: Tensor, cfg: DiscoveryConfig, *,
+    model_name: str, scan: Scan | None, checkpoint_dir: str | Path | None, progress: bool,
+) -> Discovery:
+    """The entity-tracking search (``search.entity_tracking_circuit``) named by ``cfg.search``, or
+    the task's for the items' template; ``means`` and ``scan`` are not used."""
+    name = get_task(task).search(items) if cfg.search == "auto" else cfg.search
+    circuit, groups = search.entity_tracking_circuit(
+        model, items, k=cfg.k, min_effect=cfg.min_effect, search=search.SEARCHES[name],
+        model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
+        progress=progress)
+    return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
+                     {"method": "path_patching", "search": name, "k": cfg.k,
+                      "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
+
+
+def mean_ablation_discovery(
+    model: HookedTransformer, task: str, items, means: Tensor, cfg: DiscoveryConfig, *,
+    model_name: str, scan: Scan | None, checkpoint_dir: str | Path | None, progress: bool,
+) -> Discovery:
+    """The smallest top-n of the mean-ablation ranking (``scan``, or one made here) whose
+    faithfulness on ``items`` reaches ``cfg.target``, within ``cfg.budget`` of all heads;
+    ``checkpoint_dir`` and ``progress`` are not used."""
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     faith = math.nan
@@ -150,5 +174,15 @@ def find_circuit(
         if faith >= cfg.target:
             break
     return Discovery(circuit, {"mean_ablation": scan},
-                     {"method": method, "budget": cfg.budget, "target": cfg.target,
+                     {"method": "mean_ablation", "budget": cfg.budget, "target": cfg.target,
                       "discovery_faithfulness": faith})
+
+
+# A discovery method: (model, task, items, means, cfg, *, model_name, scan, checkpoint_dir,
+# progress) -> Discovery, as ``find_circuit`` takes them.
+Discoverer = Callable[..., Discovery]
+# Method name -> its function; every name of ``Method`` but "auto".
+DISCOVERERS: dict[str, Discoverer] = {
+    "path_patching": path_patching_discovery,
+    "mean_ablation": mean_ablation_discovery,
+}
