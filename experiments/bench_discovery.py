@@ -75,6 +75,7 @@ from cdist import tasks, zoo  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, activation_patching, path_patching  # noqa: E402
 from cdist.discovery.attribution_patching import path_attribution_scan  # noqa: E402
+from cdist.discovery.search import ET_SEARCH, entity_tracking_circuit  # noqa: E402
 from cdist.errors import InputError  # noqa: E402
 from cdist.models import cast, check_device, load_llama, new_llama  # noqa: E402
 from cdist.provenance import device_name, git_commit, timed  # noqa: E402
@@ -213,11 +214,11 @@ if args.tl_items:
 
 if args.search_items:
     items = data.select(range(args.search_items))
-    search = path_patching.ET_SEARCH
+    search = ET_SEARCH
     kw = dict(batch_size=min(args.batch_size, 16), senders_per_pass=args.heads_per_pass)
-    (exact, exact_scans), t_exact = timed(lambda: path_patching.entity_tracking_circuit(
+    (exact, exact_scans), t_exact = timed(lambda: entity_tracking_circuit(
         model, items, search=search, **kw), args.device)
-    (pre, _), t_pre = timed(lambda: path_patching.entity_tracking_circuit(
+    (pre, _), t_pre = timed(lambda: entity_tracking_circuit(
         model, items, search=search, prefilter=args.prefilter, **kw), args.device)
     recall = {}
     for step in search:

@@ -88,6 +88,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 from cdist import tasks  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import ablation, path_patching  # noqa: E402
+from cdist.discovery.search import ET_SEARCH, entity_tracking_circuit  # noqa: E402
 from cdist.distill import DistillConfig, distill  # noqa: E402
 from cdist.errors import InputError  # noqa: E402
 from cdist.matching import HeadMap  # noqa: E402
@@ -176,10 +177,10 @@ if not args.no_ablation:
     print(f"full ablation scan: {n_s} heads x {len(data)} prompts in {t_scan:.2f} s "
           f"({t_scan / 10:.2f}x the 10 s target); head means {t_means:.2f} s")
 if not args.no_search:
-    (circuit, _), t_search = timed(lambda: path_patching.entity_tracking_circuit(
+    (circuit, _), t_search = timed(lambda: entity_tracking_circuit(
         teacher, data, k=args.k, min_effect=-math.inf, progress=True, **patch_kw), args.device)
     senders = {s.name: n_t if s.receivers is None else teacher.cfg.n_heads * max(
-        (h.layer for h in circuit.groups[s.receivers]), default=0) for s in path_patching.ET_SEARCH}
+        (h.layer for h in circuit.groups[s.receivers]), default=0) for s in ET_SEARCH}
     results["path_patching_search"] = {
         "seconds": t_search, "prompts": len(data), "target_s": 600.0, "senders": senders,
         "groups": {g: [str(h) for h in hs] for g, hs in circuit.groups.items()}}

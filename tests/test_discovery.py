@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import unchecked
 
 from cdist import discovery, tasks
-from cdist.discovery import ablation
+from cdist.discovery import ablation, circuits, search
 
 
 @pytest.fixture(scope="module")
@@ -62,5 +63,18 @@ def test_auto_picks_path_patching_for_entity_tracking_and_its_search_by_template
     prakash_means = ablation.head_means(model, prakash)
     record = discovery.find_circuit(model, "entity_tracking", prakash, prakash_means, rule).record
     assert record["search"] == "prakash"
-    with pytest.raises(ValueError, match="discovery method"):
+    # 'magic' is outside method's Literal type, which the suite's checker would report first.
+    with unchecked(), pytest.raises(ValueError, match="discovery method"):
         discovery.DiscoveryConfig(method="magic")
+
+
+def test_every_method_and_search_name_has_its_function():
+    """The config's Literal types name exactly the registered methods and searches, and a name
+    outside them is refused with the choices."""
+    assert circuits.METHODS == ("auto", *circuits.DISCOVERERS)
+    assert circuits.SEARCHES == ("auto", *search.SEARCHES)
+    with unchecked():
+        with pytest.raises(ValueError, match=r"'magic'.*'path_patching', 'mean_ablation'"):
+            discovery.DiscoveryConfig(method="magic")
+        with pytest.raises(ValueError, match=r"search 'deep'.*'prakash', 'adjacent'"):
+            discovery.DiscoveryConfig(search="deep")

@@ -13,8 +13,10 @@ from conftest import unchecked
 
 from cdist import tasks
 from cdist.discovery import activation_patching, attribution_patching, circuits, path_patching
+from cdist.discovery import search as et_search
 from cdist.evaluate import answer_stats
 from cdist.models import hook_z, new_llama
+from cdist.store import Store
 from cdist.types import Circuit, Head, HeadScores, Scan
 
 TOL = 1e-5
@@ -295,10 +297,10 @@ def test_select_heads_and_ranked_circuit():
     assert Circuit.from_json(circuit.to_json()) == circuit
 
 
-@pytest.mark.parametrize("search", [path_patching.ET_SEARCH, path_patching.ET_SEARCH_ADJACENT])
+@pytest.mark.parametrize("search", [et_search.ET_SEARCH, et_search.ET_SEARCH_ADJACENT])
 def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search):
     # five items of a random model: nothing clears the noise rule, so a fixed threshold
-    circuit, found = path_patching.entity_tracking_circuit(model3, data, k=2, search=search,
+    circuit, found = et_search.entity_tracking_circuit(model3, data, k=2, search=search,
                                                            min_effect=0.0, model_name="random")
     assert list(circuit.groups) == [step.name for step in search]
     assert circuit.positions["position_detector"] == "pos_query_label"
@@ -341,33 +343,44 @@ def test_noise_rule_keeps_only_effects_beyond_two_standard_errors(model3, data):
 
 def test_prefiltered_search_resumes_from_its_saved_groups(model3, data, tmp_path, monkeypatch):
     kw = dict(k=2, min_effect=0.0, prefilter=4, checkpoint_dir=tmp_path)
-    circuit, found = path_patching.entity_tracking_circuit(model3, data, **kw)
+    circuit, found = et_search.entity_tracking_circuit(model3, data, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{group}.json" for group, heads in circuit.groups.items()
         if group == "value_fetcher" or circuit.groups[
-            next(s.receivers for s in path_patching.ET_SEARCH if s.name == group)])
+            next(s.receivers for s in et_search.ET_SEARCH if s.name == group)])
     fetchers = found["value_fetcher"]
     assert (~torch.isnan(fetchers["relative_change"])).sum() == 4  # only the 4 candidates ran
     candidates = set(found["value_fetcher_prefilter"].ranking().top(4))
     assert set(circuit.groups["value_fetcher"]) <= candidates
     # a second call reads the saved groups: no scan runs at all
-    monkeypatch.setattr(path_patching, "path_patching_scan", None)
-    again, found_again = path_patching.entity_tracking_circuit(model3, data, **kw)
+    monkeypatch.setattr(et_search, "path_patching_scan", None)
+    again, found_again = et_search.entity_tracking_circuit(model3, data, **kw)
     assert again == circuit
     assert torch.equal(found_again["value_fetcher"]["prob_change"].nan_to_num(),
                        fetchers["prob_change"].nan_to_num())
     # other settings or items are not taken for the saved ones
     with pytest.raises(TypeError):
-        path_patching.entity_tracking_circuit(model3, data, **(kw | {"prefilter": 5}))
+        et_search.entity_tracking_circuit(model3, data, **(kw | {"prefilter": 5}))
     with pytest.raises(TypeError):
-        path_patching.entity_tracking_circuit(model3, data.select(range(4)), **kw)
+        et_search.entity_tracking_circuit(model3, data.select(range(4)), **kw)
+
+
+def test_search_remakes_a_group_whose_kept_file_was_damaged(model3, data, tmp_path):
+    kw = dict(k=2, min_effect=0.0, checkpoint_dir=tmp_path, search=et_search.ET_SEARCH[:2])
+    circuit, found = et_search.entity_tracking_circuit(model3, data, **kw)
+    (tmp_path / "value_fetcher.json").write_text("{not json")
+    again, found_again = et_search.entity_tracking_circuit(model3, data, **kw)
+    assert again == circuit
+    assert torch.equal(found_again["value_fetcher"]["prob_change"],
+                       found["value_fetcher"]["prob_change"])
+    assert Store(tmp_path).load("value_fetcher.json", None) is None  # kept under its identity
 
 
 def test_search_steps_must_come_after_their_receivers(model3, data):
-    bad = (path_patching.SearchStep("a", "pos_last", "b", "q"),
-           path_patching.SearchStep("b", "pos_last"))
+    bad = (et_search.SearchStep("a", "pos_last", "b", "q"),
+           et_search.SearchStep("b", "pos_last"))
     with pytest.raises(ValueError, match="receives from 'b'"):
-        path_patching.entity_tracking_circuit(model3, data, search=bad)
+        et_search.entity_tracking_circuit(model3, data, search=bad)
 
 
 def test_patching_refuses_misaligned_or_unlabelled_data(model3, data):

@@ -23,8 +23,9 @@ if __name__ == "__main__":  # the test suite's shape checks (pyproject.toml), fo
     install_import_hook(["cdist.discovery", "cdist.distributed"],
                         "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
-from cdist import distributed, tasks, zoo  # noqa: E402
+from cdist import distributed, store, tasks, zoo  # noqa: E402
 from cdist.discovery import ablation, activation_patching, engine, path_patching  # noqa: E402
+from cdist.discovery.search import entity_tracking_circuit  # noqa: E402
 from cdist.models import new_llama  # noqa: E402
 from cdist.types import Head  # noqa: E402
 
@@ -89,17 +90,17 @@ def run_scans(model, data, checkpoint_dir) -> dict:
         # one sender: a rank with nothing to run
         "path_patching_one": lambda: path_patching.path_patching_scan(
             model, data, senders=["a0.h2"]),
-        "search": lambda: path_patching.entity_tracking_circuit(model, data, **search),
-        "resumed": lambda: path_patching.entity_tracking_circuit(model, data, **search),
+        "search": lambda: entity_tracking_circuit(model, data, **search),
+        "resumed": lambda: entity_tracking_circuit(model, data, **search),
     }
     writes: list[str] = []
-    original_write = path_patching.atomic_write_json
+    original_write = store.atomic_write_json
 
     def write(obj, path):
         writes.append(path.name)
         original_write(obj, path)
 
-    path_patching.atomic_write_json = write
+    store.atomic_write_json = write
     out = {"scans": {}, "circuits": [], "ran": {}, "writes": writes}
     try:
         for name, scan in runs.items():
@@ -113,7 +114,7 @@ def run_scans(model, data, checkpoint_dir) -> dict:
             else:
                 out["scans"][name] = result
     finally:
-        path_patching.atomic_write_json = original_write
+        store.atomic_write_json = original_write
     out["scans"] = {name: dict(scan.metrics) for name, scan in out["scans"].items()}
     return out
 

@@ -2,10 +2,10 @@
 
 The modules follow the data: ``engine`` (replace heads' outputs, one head per stacked copy of a
 batch) runs the scans of ``ablation`` (mean ablation, and the circuit's own evaluation),
-``path_patching`` (and the entity-tracking search), ``activation_patching`` and
-``attribution_patching`` (and path attribution, the search's pre-filter at depth); each scan
-returns a ``cdist.types.Scan`` and keeps a slow twin. ``circuits`` turns scans into ``Circuit``s
-(``find_circuit``).
+``path_patching``, ``activation_patching`` and ``attribution_patching`` (and path attribution, the
+search's pre-filter at depth); each scan returns a ``cdist.types.Scan`` and keeps a slow twin.
+``selection`` picks a scan's heads; ``search`` chains path-patching scans into the entity-tracking
+circuit search; ``circuits`` turns scans into ``Circuit``s by each task's method (``find_circuit``).
 """
 
 from cdist.discovery import (
@@ -15,14 +15,11 @@ from cdist.discovery import (
     circuits,
     engine,
     path_patching,
+    search,
+    selection,
 )
-from cdist.discovery.circuits import (
-    Discovery,
-    DiscoveryConfig,
-    find_circuit,
-    ranked_circuit,
-    select_heads,
-)
+from cdist.discovery.circuits import Discovery, DiscoveryConfig, find_circuit
+from cdist.discovery.selection import ranked_circuit, select_heads
 
 __all__ = [
     "Discovery",
@@ -35,5 +32,7 @@ __all__ = [
     "find_circuit",
     "path_patching",
     "ranked_circuit",
+    "search",
     "select_heads",
+    "selection",
 ]

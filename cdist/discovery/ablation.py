@@ -14,22 +14,18 @@ without touching its siblings. Ablating ``z`` rather than ``hook_result`` also a
 TransformerLens' ``use_attn_result`` mode.
 
 Choices that are ours:
-- Means are per absolute position. Entity-tracking prompts of one template and box count all have
-  the same length, so the mean at position ``p`` is over every reference prompt. When lengths differ
-  (theory of mind), the mean at ``p`` is over the reference prompts that reach ``p``; padding never
-  enters a mean. A prompt longer than every reference prompt cannot be ablated and raises an error.
-  The means' position axis is named ``ref_pos`` in signatures: it spans the longest reference
-  prompt, not the input.
+- Means are per absolute position: the mean at ``p`` is over the reference prompts that reach
+  ``p`` (all of them for entity tracking, whose prompts of one template share a length); padding
+  never enters a mean, and a prompt longer than every reference prompt cannot be ablated. The
+  means' position axis is named ``ref_pos`` in signatures: it spans the longest reference prompt.
 - Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep
   a circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
 - Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in
   float32) and top-1 correctness, averaged over the examples.
 
-Everything here works through the model object's own methods (``model.hooks``,
-``model.run_with_cache``, ``model.cfg``) and the hook names of ``cdist.models``. Hooks are
-``(name, fn)`` pairs used inside ``with model.hooks(fwd_hooks=...)``, so nothing outlives the
-``with`` block. The batched scan runs on ``cdist.discovery.engine``, and under ``torchrun`` each
-rank ablates only its share of the heads (``engine.rank_heads``).
+Hooks are ``(name, fn)`` pairs on the hook names of ``cdist.models``, used inside ``with
+model.hooks(fwd_hooks=...)`` so that nothing outlives the block. The batched scan runs on
+``cdist.discovery.engine``; under ``torchrun`` each rank ablates its share of the heads.
 """
 
 from __future__ import annotations
@@ -183,9 +179,8 @@ def ablated_logits(
 
 def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int,
                    shape: tuple[int, int], position: str | None) -> Scan:
-    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability
-    and correctness.
-    """
+    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability and
+    correctness."""
     metrics = {}
     for kind, (base, ablated) in (("prob", prob), ("accuracy", correct)):
         ablated = (ablated / n).reshape(shape)
@@ -358,9 +353,8 @@ def circuit_logits(
 
 def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int,
                     generator: torch.Generator) -> Circuit:
-    """As many distinct random heads as ``circuit`` has, dealt into groups of its sizes
-    and positions.
-    """
+    """As many distinct random heads as ``circuit`` has, dealt into groups of its sizes and
+    positions."""
     n = len(circuit.heads)
     order = torch.randperm(n_layers * n_heads, generator=generator)
     picked = [Head(int(i) // n_heads, int(i) % n_heads) for i in order[:n]]
@@ -375,9 +369,8 @@ def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int,
 
 def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, batch_size: int,
              keep_at_positions: bool) -> Tensor:
-    """Per-item top-1 correctness, with everything outside ``circuit`` ablated
-    (None: the full model).
-    """
+    """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full
+    model)."""
     at_positions = circuit is not None and keep_at_positions
     columns = sorted(set(circuit.positions.values())) if at_positions else []
     out = []
@@ -395,6 +388,32 @@ def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, bat
             logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at, pos=last)
         out.append(answer_stats(logits, batch["answer_id"])[1])
     return torch.cat(out).bool()
+
+
+def _circuit_to_evaluate(model: HookedTransformer, circuit_heads: Circuit | Iterable[Head], data,
+                         means: Tensor, n_random: int, batch_size: int,
+                         keep_at_positions: bool) -> Circuit:
+    """``evaluate_circuit``'s arguments checked, and its circuit as a ``Circuit``."""
+    if len(data) == 0:
+        raise InputError("evaluate_circuit needs at least one item; the dataset is empty")
+    for name, value, least in (("n_random", n_random, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name}={value!r}; give a whole number >= {least}")
+    cfg = model.cfg
+    if means.ndim != 4 or (means.shape[0], means.shape[2], means.shape[3]) != (
+            cfg.n_layers, cfg.n_heads, cfg.d_head):
+        raise InputError(f"means of shape {tuple(means.shape)} are not this model's "
+                         f"[{cfg.n_layers} layers, positions, {cfg.n_heads} heads, {cfg.d_head}]; "
+                         "make them with head_means(model, reference items)")
+    if isinstance(circuit_heads, Circuit):
+        circuit = circuit_heads
+    elif keep_at_positions:
+        raise InputError("keep_at_positions needs a Circuit (its groups name the positions); "
+                         "got bare heads")
+    else:
+        circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
+    check_heads(model, circuit.heads, "circuit heads")
+    return circuit
 
 
 @torch.no_grad()
@@ -442,25 +461,8 @@ def evaluate_circuit(
         ``nan``.
         Faithfulness can exceed 1 (a circuit may do better without the heads it leaves out).
     """
-    if len(data) == 0:
-        raise InputError("evaluate_circuit needs at least one item; the dataset is empty")
-    for name, value, least in (("n_random", n_random, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{name}={value!r}; give a whole number >= {least}")
-    cfg = model.cfg
-    if means.ndim != 4 or (means.shape[0], means.shape[2], means.shape[3]) != (
-            cfg.n_layers, cfg.n_heads, cfg.d_head):
-        raise InputError(f"means of shape {tuple(means.shape)} are not this model's "
-                         f"[{cfg.n_layers} layers, positions, {cfg.n_heads} heads, {cfg.d_head}]; "
-                         "make them with head_means(model, reference items)")
-    if isinstance(circuit_heads, Circuit):
-        circuit = circuit_heads
-    else:
-        if keep_at_positions:
-            raise InputError("keep_at_positions needs a Circuit (its groups name the positions); "
-                             "got bare heads")
-        circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
-    check_heads(model, circuit.heads, "circuit heads")
+    circuit = _circuit_to_evaluate(model, circuit_heads, data, means, n_random, batch_size,
+                                   keep_at_positions)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     full_correct = _correct(model, data, None, means, batch_size, keep_at_positions)
     circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions)

@@ -162,55 +162,9 @@ def path_attribution_scan(
         with torch.no_grad():
             _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
                                               names_filter=names[:top])
-
-        def p_of(logits, batch=batch):
-            return answer_stats(logits, batch["answer_id"], batch["pos_last"])[0]
-
-        with torch.enable_grad():
-            # 1. d p / d receivers' inputs, in the clean run
-            weights = {}
-            if receivers:
-                probes = {name: None for _, name in in_masks}
-                masks = {name: mask for (_, name), mask in in_masks.items()}
-
-                def probe_input(x, hook, probes=probes, masks=masks, rows=rows, here=here):
-                    # Run 2 sets the receivers' inputs at ``position``: they are leaves there, so no
-                    # path from one receiver into another receiver's set input counts.
-                    at = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
-                    at[rows, here] = masks[hook.name].to(x.device)
-                    probes[hook.name] = torch.zeros_like(x, requires_grad=True)
-                    return torch.where(at[..., None], x.detach(), x) + probes[hook.name]
-
-                with model.hooks(fwd_hooks=[(name, probe_input) for name in probes]):
-                    p = p_of(model(ids))
-                grads = torch.autograd.grad(p.sum(), list(probes.values()))
-                for ((_, name), mask), grad in zip(in_masks.items(), grads, strict=True):
-                    # only the receivers' heads, only at ``position``
-                    weights[name] = grad[rows, here] * mask.to(device)[None, :, None]
-            # 2. the frozen run: every z a constant plus a probe
-            clean: dict[str, Tensor] = {}
-            z_probes: dict[str, Tensor] = {}
-            inputs: dict[str, Tensor] = {}
-
-            def freeze(z, hook, clean=clean, z_probes=z_probes):
-                clean[hook.name] = z.detach()
-                z_probes[hook.name] = torch.zeros_like(z, requires_grad=True)
-                return z.detach() + z_probes[hook.name]
-
-            def read(x, hook, inputs=inputs):
-                inputs[hook.name] = x
-                return x
-
-            hooks = [(name, freeze) for name in names] + [(name, read) for name in weights]
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(ids)
-            if receivers:
-                target = sum((inputs[name][rows, here] * w).sum() for name, w in weights.items())
-                p = p.detach()
-            else:
-                p = p_of(logits)
-                target = p.sum()
-            grads = torch.autograd.grad(target, [z_probes[name] for name in names[:top]])
+        weights, p = (_receiver_weights(model, batch, in_masks, rows, here) if receivers
+                      else ({}, None))
+        p, clean, grads = _frozen_gradients(model, batch, top, weights, p, rows, here)
         with torch.no_grad():
             for layer, grad in enumerate(grads):
                 name = names[layer]
@@ -218,6 +172,78 @@ def path_attribution_scan(
                 sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
     return sums.scan("attribution_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
+
+
+def _answer_prob(logits: Tensor, batch: dict) -> Tensor:
+    return answer_stats(logits, batch["answer_id"], batch["pos_last"])[0]
+
+
+def _receiver_weights(model: HookedTransformer, batch: dict, in_masks: dict, rows: Tensor,
+                      here: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Step 1 of ``path_attribution_scan``: ``r`` = d p / d (the receivers' inputs at
+    ``position``) in the clean run, per input hook name, kept for the receivers' heads only; and
+    ``p``, the clean answer probabilities."""
+    device = device_of(model)
+    probes = {name: None for _, name in in_masks}
+    masks = {name: mask for (_, name), mask in in_masks.items()}
+
+    def probe_input(x, hook):
+        # Run 2 sets the receivers' inputs at ``position``: they are leaves there, so no path
+        # from one receiver into another receiver's set input counts.
+        at = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
+        at[rows, here] = masks[hook.name].to(x.device)
+        probes[hook.name] = torch.zeros_like(x, requires_grad=True)
+        return torch.where(at[..., None], x.detach(), x) + probes[hook.name]
+
+    with torch.enable_grad():
+        with model.hooks(fwd_hooks=[(name, probe_input) for name in probes]):
+            p = _answer_prob(model(batch["input_ids"].to(device)), batch)
+        grads = torch.autograd.grad(p.sum(), list(probes.values()))
+        weights = {}
+        for ((_, name), mask), grad in zip(in_masks.items(), grads, strict=True):
+            # only the receivers' heads, only at ``position``
+            weights[name] = grad[rows, here] * mask.to(device)[None, :, None]
+    return weights, p
+
+
+def _frozen_gradients(
+    model: HookedTransformer, batch: dict, top: int, weights: dict[str, Tensor],
+    p: Tensor | None, rows: Tensor, here: Tensor,
+) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, ...]]:
+    """Step 2 of ``path_attribution_scan``: the run in which every head's ``z`` is a constant
+    plus a zero probe, so that a sender reaches the receivers only through the residual stream
+    and the MLPs (path patching's run 1).
+
+    Returns ``p`` (step 1's, or this run's when there are no receivers: the logits receive), each
+    layer's clean ``z`` by hook name, and ``g`` for the layers below ``top``: d (receivers' inputs
+    . ``weights``) / d z, or d p / d z with no receivers.
+    """
+    names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
+    clean: dict[str, Tensor] = {}
+    z_probes: dict[str, Tensor] = {}
+    inputs: dict[str, Tensor] = {}
+
+    def freeze(z, hook):
+        clean[hook.name] = z.detach()
+        z_probes[hook.name] = torch.zeros_like(z, requires_grad=True)
+        return z.detach() + z_probes[hook.name]
+
+    def read(x, hook):
+        inputs[hook.name] = x
+        return x
+
+    hooks = [(name, freeze) for name in names] + [(name, read) for name in weights]
+    with torch.enable_grad():
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(batch["input_ids"].to(device_of(model)))
+        if weights:
+            target = sum((inputs[name][rows, here] * w).sum() for name, w in weights.items())
+            p = p.detach()
+        else:
+            p = _answer_prob(logits, batch)
+            target = p.sum()
+        grads = torch.autograd.grad(target, [z_probes[name] for name in names[:top]])
+    return p, clean, grads
 
 
 def path_attribution_scan_reference(

@@ -1,111 +1,57 @@
-"""From scans to circuits: select heads, and find a model's task circuit the paper's way
-for its task.
+"""From scans to circuits: find a model's task circuit the way the task's own papers do.
 
-- Entity tracking: Prakash et al.'s path-patching search
-  (``path_patching.entity_tracking_circuit``), ``k`` heads per group whose relative change is at
-  most ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
-  (``path_patching.ET_SEARCH_ADJACENT``).
+- Entity tracking: Prakash et al. 2024's backward path-patching search
+  (``cdist.discovery.search``), ``k`` heads per group whose relative change is at most
+  ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
+  (``search.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
-  probability drop; the circuit is the smallest top-n whose faithfulness on the discovery items
-  reaches ``target``, with at most ``budget`` of all heads (a model that gets nothing right has no
-  defined faithfulness, so its circuit grows to the budget).
+  probability drop, as in circuit distillation (Wadhwa et al. 2025); the circuit is the smallest
+  top-n whose faithfulness on the discovery items reaches ``target``, with at most ``budget`` of all
+  heads (a model that gets nothing right has no defined faithfulness, so its circuit grows to the
+  budget).
 
-Which method and search a task uses by default is its registry entry's (``cdist.tasks.get_task``).
-The items a circuit is chosen on must not be the items it is evaluated on; callers pass
-separate sets.
+Each method is one function of ``DISCOVERERS``, all with one signature, so a method is added in one
+place. Which method and search a task uses by default is its registry entry's
+(``cdist.tasks.get_task``). The items a circuit is chosen on must not be the items it is evaluated
+on; callers pass separate sets.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.errors import ConfigError, InputError
+from cdist.discovery import ablation, search
+from cdist.discovery.selection import NOISE_Z, ranked_circuit, select_heads
+from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
-from cdist.types import Circuit, Head, HeadScores, Scan
+from cdist.tasks import get_task
+from cdist.types import Circuit, Scan
 
-__all__ = ["METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig", "find_circuit",
-           "ranked_circuit", "select_heads"]
+__all__ = ["DISCOVERERS", "METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig",
+           "Method", "SearchName", "find_circuit", "ranked_circuit", "select_heads"]
 
-METHODS = ("auto", "path_patching", "mean_ablation")
-SEARCHES = ("auto", "prakash", "adjacent")
-
-
-# How many standard errors (over the items) an effect must clear to count, under
-# ``min_effect="noise"``: about a 2.5% one-sided false-positive rate per head under a normal
-# approximation.
-NOISE_Z = 2.0
-
-
-def select_heads(scores: Scan | HeadScores, k: int,
-                 min_effect: float | str = 0.0) -> tuple[Head, ...]:
-    """The up-to-``k`` most important heads whose score clears ``min_effect``, most important first.
-
-    A ``Scan`` is ranked by its own metric (``Scan.ranking``).
-
-    ``min_effect`` as a number: for scores where low is important (``higher_is_important=False``,
-    path patching's relative change) a head qualifies when its score is at most ``-min_effect``;
-    otherwise when it is at least ``min_effect``. With ``min_effect=0`` a head must still move the
-    metric in the important direction (not exactly 0). ``min_effect="noise"`` (a ``Scan`` with a
-    ``<metric>_se`` metric) asks each head's effect to be at least ``NOISE_Z`` of its own standard
-    errors over the items in the important direction, so no head is kept whose effect is within the
-    item-to-item noise. NaN scores (heads a scan did not measure) never qualify.
-    """
-    threshold = None
-    if isinstance(min_effect, str):
-        if min_effect != "noise":
-            raise InputError(f"min_effect={min_effect!r}; give a number or 'noise'")
-        se_name = f"{scores.metric}_se" if isinstance(scores, Scan) else None
-        if se_name is None or se_name not in scores.metrics:
-            raise InputError("min_effect='noise' needs a Scan with standard errors "
-                             f"({se_name or 'HeadScores have none'}); give a number instead")
-        if scores.n_items < 2:
-            raise InputError("min_effect='noise' needs a scan over 2 or more items "
-                             "(one item has no standard error); give a number instead")
-        threshold = NOISE_Z * scores[se_name]
-    if isinstance(scores, Scan):
-        scores = scores.ranking()
-    out: list[Head] = []
-    # Down the whole ranking: with per-head noise bars a large but noisy effect is passed over and
-    # the next head that clears its own bar is taken, so a pre-filtered scan that never measured
-    # the noisy head selects what the exact scan does.
-    for h in scores.top(scores.scores.numel()):
-        if len(out) == k:
-            break
-        s = scores[h]
-        bar = float(threshold[h.layer, h.head]) if threshold is not None else min_effect
-        ok = s <= -bar if not scores.higher_is_important else s >= bar
-        if ok and s != 0 and s == s:  # s == s drops NaN
-            out.append(h)
-    return tuple(out)
-
-
-def ranked_circuit(
-    scores: Scan | HeadScores, n: int, *, position: str = "pos_last", model: str = "",
-    method: str = "", min_effect: float = 0.0,
-) -> Circuit:
-    """A one-group circuit of the top-``n`` heads of a scan (theory of mind's circuits,
-    students' circuits).
-    """
-    if isinstance(scores, Scan):
-        method, scores = method or scores.method, scores.ranking()
-    heads = select_heads(scores, n, min_effect)
-    return Circuit({"circuit": heads}, positions={"circuit": position},
-                   scores={h: scores[h] for h in heads}, model=model,
-                   method=method or scores.metric)
+# A discovery method's name: "auto" runs the task's own.
+Method = Literal["auto", "path_patching", "mean_ablation"]
+# A path-patching search's name (a key of ``search.SEARCHES``): "auto" picks the task's, by the
+# items' template.
+SearchName = Literal["auto", "prakash", "adjacent"]
+METHODS: tuple[str, ...] = get_args(Method)
+SEARCHES: tuple[str, ...] = get_args(SearchName)
 
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
     """How a circuit is chosen (module doc)."""
 
-    method: str = "auto"  # "auto" (the task's), "path_patching" or "mean_ablation"
-    # path patching: "auto" (the task's, by the items' template), "prakash" or "adjacent"
-    search: str = "auto"
+    method: Method = "auto"  # "auto" (the task's), or a key of DISCOVERERS
+    search: SearchName = "auto"  # path patching: "auto" (the task's), or a key of search.SEARCHES
     k: int = 2
     # "noise": an effect must clear NOISE_Z standard errors over the items (select_heads)
     min_effect: float | str = "noise"
@@ -131,8 +77,6 @@ class DiscoveryConfig:
 
     def method_for(self, task: str) -> str:
         """The method this rule runs on ``task``: ``method``, or the task's own for "auto"."""
-        from cdist.tasks import get_task
-
         return get_task(task).discovery_method if self.method == "auto" else self.method
 
 
@@ -192,22 +136,34 @@ def find_circuit(
     Returns:
         A ``Discovery``: the circuit, the scans it was chosen from, and a record of the selection.
     """
-    # The scans import this module (select_heads), so they are imported when a circuit is
-    # searched for.
-    from cdist.discovery import ablation, path_patching
-    from cdist.tasks import get_task
+    return DISCOVERERS[cfg.method_for(task)](
+        model, task, items, means, cfg, model_name=model_name, scan=scan,
+        checkpoint_dir=checkpoint_dir, progress=progress)
 
-    spec = get_task(task)
-    method = cfg.method_for(task)
-    if method == "path_patching":
-        search = spec.search(items) if cfg.search == "auto" else cfg.search
-        circuit, groups = path_patching.entity_tracking_circuit(
-            model, items, k=cfg.k, min_effect=cfg.min_effect, search=path_patching.SEARCHES[search],
-            model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
-            progress=progress)
-        return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
-                         {"method": method, "search": search, "k": cfg.k,
-                          "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
+
+def path_patching_discovery(
+    model: HookedTransformer, task: str, items, means: Tensor, cfg: DiscoveryConfig, *,
+    model_name: str, scan: Scan | None, checkpoint_dir: str | Path | None, progress: bool,
+) -> Discovery:
+    """The entity-tracking search (``search.entity_tracking_circuit``) named by ``cfg.search``, or
+    the task's for the items' template; ``means`` and ``scan`` are not used."""
+    name = get_task(task).search(items) if cfg.search == "auto" else cfg.search
+    circuit, groups = search.entity_tracking_circuit(
+        model, items, k=cfg.k, min_effect=cfg.min_effect, search=search.SEARCHES[name],
+        model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
+        progress=progress)
+    return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
+                     {"method": "path_patching", "search": name, "k": cfg.k,
+                      "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
+
+
+def mean_ablation_discovery(
+    model: HookedTransformer, task: str, items, means: Tensor, cfg: DiscoveryConfig, *,
+    model_name: str, scan: Scan | None, checkpoint_dir: str | Path | None, progress: bool,
+) -> Discovery:
+    """The smallest top-n of the mean-ablation ranking (``scan``, or one made here) whose
+    faithfulness on ``items`` reaches ``cfg.target``, within ``cfg.budget`` of all heads;
+    ``checkpoint_dir`` and ``progress`` are not used."""
     scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     faith = math.nan
@@ -218,5 +174,15 @@ def find_circuit(
         if faith >= cfg.target:
             break
     return Discovery(circuit, {"mean_ablation": scan},
-                     {"method": method, "budget": cfg.budget, "target": cfg.target,
+                     {"method": "mean_ablation", "budget": cfg.budget, "target": cfg.target,
                       "discovery_faithfulness": faith})
+
+
+# A discovery method: (model, task, items, means, cfg, *, model_name, scan, checkpoint_dir,
+# progress) -> Discovery, as ``find_circuit`` takes them.
+Discoverer = Callable[..., Discovery]
+# Method name -> its function; every name of ``Method`` but "auto".
+DISCOVERERS: dict[str, Discoverer] = {
+    "path_patching": path_patching_discovery,
+    "mean_ablation": mean_ablation_discovery,
+}

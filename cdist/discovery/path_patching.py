@@ -1,5 +1,5 @@
-"""Path patching of attention heads (Wang et al. 2022, as used by Prakash et al. 2024), and the
-entity-tracking circuit search built on it.
+"""Path patching of attention heads (Wang et al. 2022, "Interpretability in the Wild";
+Goldowsky-Dill et al. 2023), as Prakash et al. 2024 use it to find the entity-tracking circuit.
 
 Path patching moves a head's output ``z`` (``cdist.models.hook_z``) from a *corrupt* prompt into the
 run on a *clean* prompt and measures how much the probability of the clean answer at ``pos_last``
@@ -39,19 +39,14 @@ Scores, per head, averaged over the examples: ``relative_change`` = (p_patched -
 Prakash et al.'s path-patching score (most negative = most important), and
 ``prob_change`` = p_patched - p_clean.
 
-``entity_tracking_circuit`` runs Prakash et al.'s backward search (Value Fetchers -> Position
-Transmitters -> Position Detectors -> Structure Readers) and returns a ``Circuit``; under
-``torchrun`` every rank takes part in each group's scan and reaches the same groups, and rank 0
-alone keeps the checkpoint files.
+The search that chains these scans backwards from the logits, group by group, is
+``cdist.discovery.search``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -59,8 +54,6 @@ from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdist.checkpoints import atomic_write_json
-from cdist.discovery.circuits import select_heads
 from cdist.discovery.engine import (
     OneItem,
     PatchSums,
@@ -72,7 +65,7 @@ from cdist.discovery.engine import (
     rank_heads,
     replacing,
 )
-from cdist.distributed import barrier, broadcast, is_main
+from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import (
@@ -84,15 +77,10 @@ from cdist.models import (
     hook_z,
     unembed,
 )
-from cdist.types import Circuit, Head, Scan
+from cdist.types import Head, Scan
 
 __all__ = [
-    "ET_SEARCH",
-    "ET_SEARCH_ADJACENT",
-    "SEARCHES",
     "ReceiverInput",
-    "SearchStep",
-    "entity_tracking_circuit",
     "path_patched_prob",
     "path_patching_scan",
     "path_patching_scan_reference",
@@ -175,71 +163,124 @@ def path_patching_scan(
     check_items(data, position)
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, senders_per_pass, memory_budget)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    receivers = tuple(sorted(set(receivers)))
-    in_masks = receiver_masks(receivers, receiver_input, cfg)
-    # senders must sit below a receiver
-    top = max(r.layer for r in receivers) if receivers else n_layers
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    paths = _Paths.of(model, receivers, receiver_input, position)
     asked = flat_heads(senders, n_layers, n_heads)
-    run = rank_heads(asked[asked < top * n_heads])  # flat index layer * n_heads + head
+    run = rank_heads(asked[asked < paths.top * n_heads])  # flat index layer * n_heads + head
     sums = PatchSums(model)
-    sums.add_unreachable(asked[asked >= top * n_heads])
-    names = [hook_z(layer) for layer in range(top)]
-    # run 2 is the clean run below this layer
-    start = min(r.layer for r in receivers) if receivers else 0
-    resid_names = sorted({hook_resid_pre(0), hook_resid_pre(start)})
+    sums.add_unreachable(asked[asked >= paths.top * n_heads])
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
     bar = tqdm(total=total, disable=None if progress and is_main() else True, desc="path patching",
                unit="pass")
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
-        if not receivers and not torch.equal(batch[position], batch["pos_last"]):
+        if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise InputError("receivers=() means the logits at pos_last; "
                              f"position={position!r} differs")
-        ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
-        rows = torch.arange(n_rows, device=device)
-        here = batch[position].to(device)
-        logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
-        p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
-        _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
-        # [batch, head_index, d_head] at ``position``
-        clean_z = [clean[name][rows, here] for name in names]
-        corrupt_z = [corrupt[name][rows, here] for name in names]
-        embed = clean[hook_resid_pre(0)][rows, here]
-        for chunk in run.split(senders_per_pass) if len(run) else ():  # a rank may have none
-            n_copies = len(chunk)
-            at = batch[position].repeat(n_copies)
-            variants = one_head_variants(chunk, n_heads, n_rows)
-            # Run 1, at ``position`` only (cdist.models.frozen_head_residuals): every head frozen to
-            # its clean z, copy j's sender taken from the corrupt run, MLPs recomputed.
-            z = []
-            for layer in range(top):
-                frozen = clean_z[layer].repeat(n_copies, 1, 1)
-                if layer in variants:
-                    mask = variants[layer].to(device)[:, :, None]
-                    frozen = torch.where(mask, corrupt_z[layer].repeat(n_copies, 1, 1), frozen)
-                z.append(frozen)
-            resid = frozen_head_residuals(model, embed.repeat(n_copies, 1), z)
-            if not receivers:
-                final = resid[-1]  # already at pos_last
-            else:
-                # Run 2: an ordinary clean run whose receivers read run 1's inputs at ``position``.
-                hooks = []
-                for (layer, name), mask in in_masks.items():
-                    new = attention_inputs(model, layer, resid[layer])[receiver_input][:, None]
-                    hooks.append((name, replacing(mask, new, at)))
-                with model.hooks(fwd_hooks=hooks):
-                    final = model(clean[hook_resid_pre(start)].repeat(n_copies, 1, 1),
-                                  start_at_layer=start, stop_at_layer=n_layers)
-                last = batch["pos_last"].repeat(n_copies).to(device)
-                final = final[torch.arange(len(final), device=device), last]
-            p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
-            sums.add_batch(chunk, p.view(n_copies, n_rows) - p_clean[None, :], p_clean)
+        for chunk, change, p_clean in _patched_chunks(model, batch, paths, run, senders_per_pass):
+            sums.add_batch(chunk, change, p_clean)
             bar.update()
     bar.close()
     sums.add_other_ranks()
-    return sums.scan("path_patching", len(data), position=position, receivers=receivers,
-                     receiver_input=receiver_input if receivers else None)
+    return sums.scan("path_patching", len(data), position=position, receivers=paths.receivers,
+                     receiver_input=receiver_input if paths.receivers else None)
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """What every batch of a path-patching scan shares: the receivers and how they are reached.
+
+    Attributes:
+        receivers: the receiver heads, sorted (empty: the logits).
+        receiver_input: which of their inputs carries the path.
+        position: the position column where senders are patched and receivers' inputs replaced.
+        in_masks: ``receiver_masks`` of the receivers.
+        top: senders must sit below this layer, the last receiver's (``n_layers`` for the logits).
+        start: run 2 is the clean run below this layer, the first receiver's (0 for the logits).
+    """
+
+    receivers: tuple[Head, ...]
+    receiver_input: ReceiverInput
+    position: str
+    in_masks: dict[tuple[int, str], Tensor]
+    top: int
+    start: int
+
+    @classmethod
+    def of(cls, model: HookedTransformer, receivers: Sequence[Head],
+           receiver_input: ReceiverInput, position: str) -> _Paths:
+        receivers = tuple(sorted(set(receivers)))
+        in_masks = receiver_masks(receivers, receiver_input, model.cfg)
+        top = max(r.layer for r in receivers) if receivers else model.cfg.n_layers
+        start = min(r.layer for r in receivers) if receivers else 0
+        return cls(receivers, receiver_input, position, in_masks, top, start)
+
+
+def _patched_chunks(
+    model: HookedTransformer, batch: dict, paths: _Paths, run: Tensor, senders_per_pass: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Path-patch one batch, ``senders_per_pass`` of this rank's senders ``run`` per pass.
+
+    Yields, per pass: its senders (flat indices), the change of each copy's answer probability
+    (``[senders, rows]``) and the clean probability (``[rows]``).
+    """
+    device = device_of(model)
+    names = [hook_z(layer) for layer in range(paths.top)]
+    resid_names = sorted({hook_resid_pre(0), hook_resid_pre(paths.start)})
+    ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
+    rows = torch.arange(n_rows, device=device)
+    here = batch[paths.position].to(device)
+    logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
+    p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
+    _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
+    # [batch, head_index, d_head] at ``position``
+    clean_z = [clean[name][rows, here] for name in names]
+    corrupt_z = [corrupt[name][rows, here] for name in names]
+    embed = clean[hook_resid_pre(0)][rows, here]
+    for chunk in run.split(senders_per_pass) if len(run) else ():  # a rank may have none
+        n_copies = len(chunk)
+        resid = _frozen_run(model, chunk, clean_z, corrupt_z, embed)
+        if not paths.receivers:
+            final = resid[-1]  # already at pos_last
+        else:
+            final = _receiving_run(model, batch, paths, clean[hook_resid_pre(paths.start)], resid,
+                                   n_copies)
+        p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
+        yield chunk, p.view(n_copies, n_rows) - p_clean[None, :], p_clean
+
+
+def _frozen_run(model: HookedTransformer, chunk: Tensor, clean_z: list[Tensor],
+                corrupt_z: list[Tensor], embed: Tensor) -> list[Tensor]:
+    """Run 1, at ``position`` only (``cdist.models.frozen_head_residuals``), for one copy of the
+    batch per sender of ``chunk``: every head frozen to its clean ``z``, copy ``j``'s sender taken
+    from the corrupt run, MLPs recomputed. Returns the residual stream entering each layer."""
+    n_copies, n_rows, device = len(chunk), len(embed), device_of(model)
+    variants = one_head_variants(chunk, model.cfg.n_heads, n_rows)
+    z = []
+    for layer in range(len(clean_z)):
+        frozen = clean_z[layer].repeat(n_copies, 1, 1)
+        if layer in variants:
+            mask = variants[layer].to(device)[:, :, None]
+            frozen = torch.where(mask, corrupt_z[layer].repeat(n_copies, 1, 1), frozen)
+        z.append(frozen)
+    return frozen_head_residuals(model, embed.repeat(n_copies, 1), z)
+
+
+def _receiving_run(model: HookedTransformer, batch: dict, paths: _Paths, clean_resid: Tensor,
+                   resid: list[Tensor], n_copies: int) -> Tensor:
+    """Run 2: an ordinary clean run from ``paths.start`` (``clean_resid``, the clean residual
+    stream there) whose receivers read run 1's inputs at ``position``; the final residual stream
+    at each row's ``pos_last``."""
+    device = device_of(model)
+    at = batch[paths.position].repeat(n_copies)
+    hooks = []
+    for (layer, name), mask in paths.in_masks.items():
+        new = attention_inputs(model, layer, resid[layer])[paths.receiver_input][:, None]
+        hooks.append((name, replacing(mask, new, at)))
+    with model.hooks(fwd_hooks=hooks):
+        final = model(clean_resid.repeat(n_copies, 1, 1), start_at_layer=paths.start,
+                      stop_at_layer=model.cfg.n_layers)
+    last = batch["pos_last"].repeat(n_copies).to(device)
+    return final[torch.arange(len(final), device=device), last]
 
 
 def path_patched_prob(model: HookedTransformer, run: OneItem, layer: int, head: int,
@@ -323,174 +364,3 @@ def path_patching_scan_reference(
 
     return reference_path_scan(model, data, receivers, receiver_input, position, "path_patching",
                                change)
-
-
-# --------------------------------------------------------------------------------------------------
-# The entity-tracking search
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchStep:
-    """One group of an iterative path-patching search.
-
-    Attributes:
-        name: the group's name.
-        position: position column where its senders are patched (and its receivers' input is
-            replaced).
-        receivers: the earlier group whose heads receive the path; None means the logits.
-        receiver_input: which input of the receivers: "q", "k" or "v" (ignored for the logits).
-    """
-
-    name: str
-    position: str
-    receivers: str | None = None
-    receiver_input: ReceiverInput = "q"
-
-
-# Prakash et al. 2024's search, in order.
-ET_SEARCH: tuple[SearchStep, ...] = (
-    SearchStep("value_fetcher", "pos_last"),
-    SearchStep("position_transmitter", "pos_last", "value_fetcher", "q"),
-    SearchStep("position_detector", "pos_query_label", "position_transmitter", "v"),
-    SearchStep("structure_reader", "pos_prev_label", "position_detector", "v"),
-)
-# Our addition for the organisms' adjacent form (" apple F , pen Q . F" -> "apple"): there the value
-# fetchers attend to the earlier mention of the queried label, which a head has made carry the
-# object written just before it; that head feeds the fetchers' values at ``pos_prev_label``, a path
-# the four groups above never test. On et-teacher the four groups alone found only the two fetchers
-# (see README).
-ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
-    *ET_SEARCH,
-    SearchStep("object_binder", "pos_prev_label", "value_fetcher", "v"),
-)
-SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT}
-
-
-def _search_fingerprint(model: HookedTransformer, data, search: Sequence[SearchStep]) -> str:
-    """A hash of the model's weights and the items' columns the search reads."""
-    digest = hashlib.sha256()
-    with torch.no_grad():  # a float64 sum per tensor: cheap, and moved by any change of weights
-        for name, p in sorted(model.named_parameters()):
-            digest.update(f"{name}:{p.double().sum().item():.17g};".encode())
-    columns = ("input_ids", "corrupt_input_ids", "answer_id", "pos_last",
-               *sorted({step.position for step in search}))
-    for column in dict.fromkeys(columns):
-        digest.update(json.dumps(list(data[column])).encode())
-    return digest.hexdigest()
-
-
-def _saved_scans(path: Path, identity: str) -> dict | None:
-    """A step's scans (as dicts) kept from an earlier search under ``identity``; None when there are
-    none, or an edited or damaged file, or another search's, holds them (the step is remade)."""
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or record.get("identity") != identity:
-        return None
-    return record["scans"]
-
-
-def entity_tracking_circuit(
-    model: HookedTransformer,
-    data,
-    *,
-    k: int | Mapping[str, int] = 2,
-    min_effect: float | str = "noise",
-    search: Sequence[SearchStep] = ET_SEARCH,
-    model_name: str = "",
-    batch_size: int = 16,
-    senders_per_pass: int = 8,
-    prefilter: int | None = None,
-    checkpoint_dir: str | Path | None = None,
-    progress: bool = False,
-) -> tuple[Circuit, dict[str, Scan]]:
-    """Prakash et al.'s backward path-patching search for the entity-tracking circuit.
-
-    Value Fetchers: senders at ``pos_last`` into the logits. Position Transmitters: senders at
-    ``pos_last`` into the fetchers' queries. Position Detectors: senders at ``pos_query_label`` into
-    the transmitters' values. Structure Readers: senders at ``pos_prev_label`` into the detectors'
-    values (``ET_SEARCH``; ``ET_SEARCH_ADJACENT`` adds the organisms' object binders). Each group
-    keeps its top ``k`` heads whose effect clears ``min_effect`` (``select_heads``); a group whose
-    receiver group is empty stays empty.
-
-    At real depth (SmolLM2: 270 heads) each group's exact scan can be limited to the ``prefilter``
-    senders that ``path_attribution_scan`` (two forward and two backward passes for all of them)
-    ranks most important; its scan is kept as ``<group>_prefilter``, so how many of the exact top
-    heads it caught can be checked against a full scan.
-
-    Args:
-        model: a HookedTransformer.
-        data: entity-tracking items (``cdist.tasks.entity_tracking``).
-        k: heads per group, one number or group name -> number.
-        min_effect: ``"noise"`` (default: a head's relative change must be negative by more than
-            ``NOISE_Z`` standard errors over the items) or a number (at most ``-min_effect``).
-        search: the steps, in order; each step's receivers must come earlier.
-        model_name: recorded in the circuit.
-        batch_size, senders_per_pass: as for ``path_patching_scan``.
-        prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
-        checkpoint_dir: each finished group's scans are saved there (``<group>.json``) and reused
-            by a later call with the same model, items, receivers and ``prefilter`` (``k`` and
-            ``min_effect`` only select from them), so an interrupted search resumes; a group
-            saved under other ones is recomputed and replaced. Under ``torchrun`` rank 0 alone
-            reads and writes them, and tells the others what it read.
-        progress: a tqdm bar per group, advancing per forward pass (rank 0's, under ``torchrun``).
-
-    Returns:
-        The ``Circuit`` (groups in search order, positions, each head's score in the group that
-        found it first) and each searched group's ``Scan`` (and ``<group>_prefilter`` scans).
-    """
-    from cdist.discovery.attribution_patching import path_attribution_scan
-
-    if prefilter is not None and prefilter < 1:
-        raise InputError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
-    # what a group's scans depend on besides its step and receivers (k and min_effect only select
-    # from them, so a saved group can be re-selected under other ones)
-    fingerprint = _search_fingerprint(model, data, search) if checkpoint_dir is not None else None
-    groups: dict[str, tuple[Head, ...]] = {}
-    found: dict[str, Scan] = {}
-    scores: dict[Head, float] = {}
-    for step in search:
-        if step.receivers is not None and step.receivers not in groups:
-            raise InputError(f"search step {step.name!r} receives from {step.receivers!r}, "
-                             "which comes later or not at all; order the steps so that receivers "
-                             "come first")
-        receivers = groups[step.receivers] if step.receivers is not None else ()
-        if step.receivers is not None and not receivers:
-            groups[step.name] = ()
-            continue
-        saved = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{step.name}.json"
-        identity = None if saved is None else hashlib.sha256(json.dumps(
-            [fingerprint, step.name, step.position, step.receiver_input,
-             [str(r) for r in receivers], prefilter]).encode()).hexdigest()[:16]
-        kept = None
-        if saved is not None:  # rank 0 reads; every rank takes what it found, to reach its groups
-            kept = broadcast(_saved_scans(saved, identity) if is_main() else None)
-        if kept is not None:
-            scans = {name: Scan.from_dict(d) for name, d in kept.items()}
-        else:
-            kw = dict(receivers=receivers, receiver_input=step.receiver_input,
-                      position=step.position, batch_size=batch_size)
-            scans, senders = {}, None
-            if prefilter is not None:
-                scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
-                # rank 0's candidates: the ranks' gradients may differ in their last bits
-                senders = broadcast(scans[f"{step.name}_prefilter"].ranking().top(prefilter))
-            scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,
-                                                  senders=senders, progress=progress, **kw)
-            if saved is not None:
-                if is_main():
-                    atomic_write_json({"identity": identity, "step": step.name,
-                                       "scans": {n: sc.to_dict() for n, sc in scans.items()}},
-                                      saved)
-                barrier()  # the file is there for every rank once its group is done
-        found |= scans
-        k_here = k if isinstance(k, int) else k.get(step.name, 0)
-        groups[step.name] = select_heads(scans[step.name], k_here, min_effect)
-        ranking = scans[step.name].ranking()
-        for h in groups[step.name]:
-            scores.setdefault(h, ranking[h])
-    circuit = Circuit(groups, positions={step.name: step.position for step in search},
-                      scores=scores, model=model_name, method="path_patching")
-    return circuit, found

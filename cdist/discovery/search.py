@@ -1,0 +1,206 @@
+"""The entity-tracking circuit search: Prakash et al. 2024's backward path-patching search over
+groups of heads ("Fine-Tuning Enhances Existing Mechanisms: A Case Study on Entity Tracking").
+
+The search starts at the answer and walks back one group at a time: the heads whose path into the
+logits matters most at ``pos_last`` (Value Fetchers), then the heads whose path into the fetchers'
+queries matters (Position Transmitters), then into the transmitters' values at the queried label
+(Position Detectors), then into the detectors' values at the label before it (Structure Readers).
+Each step is one ``path_patching_scan`` with the previous group as receivers, so a group is defined
+by the path it feeds and not by its own effect alone, which is what separates it from heads that
+merely matter somewhere (Wang et al. 2022; Goldowsky-Dill et al. 2023).
+
+At depth an exact scan of every sender per group is the cost of the search; ``prefilter`` first
+ranks every sender with ``path_attribution_scan`` (two forward and two backward passes for all of
+them, after Syed et al. 2023's edge attribution patching) and runs the exact scan only on the top
+candidates.
+
+A finished group's scans are kept in a ``cdist.store.Store`` under the checkpoint folder, so an
+interrupted search resumes; under ``torchrun`` every rank takes part in each group's scan and
+reaches the same groups, and rank 0 alone reads and writes the kept groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from cdist.discovery.attribution_patching import path_attribution_scan
+from cdist.discovery.path_patching import ReceiverInput, path_patching_scan
+from cdist.discovery.selection import select_heads
+from cdist.distributed import barrier, broadcast, is_main
+from cdist.errors import InputError
+from cdist.models import HookedTransformer
+from cdist.store import Store, items_fingerprint, model_fingerprint
+from cdist.types import Circuit, Head, Scan
+
+__all__ = ["ET_SEARCH", "ET_SEARCH_ADJACENT", "SEARCHES", "SearchStep", "entity_tracking_circuit"]
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One group of an iterative path-patching search.
+
+    Attributes:
+        name: the group's name.
+        position: position column where its senders are patched (and its receivers' input is
+            replaced).
+        receivers: the earlier group whose heads receive the path; None means the logits.
+        receiver_input: which input of the receivers: "q", "k" or "v" (ignored for the logits).
+    """
+
+    name: str
+    position: str
+    receivers: str | None = None
+    receiver_input: ReceiverInput = "q"
+
+
+# Prakash et al. 2024's search, in order.
+ET_SEARCH: tuple[SearchStep, ...] = (
+    SearchStep("value_fetcher", "pos_last"),
+    SearchStep("position_transmitter", "pos_last", "value_fetcher", "q"),
+    SearchStep("position_detector", "pos_query_label", "position_transmitter", "v"),
+    SearchStep("structure_reader", "pos_prev_label", "position_detector", "v"),
+)
+# Our addition for the organisms' adjacent form (" apple F , pen Q . F" -> "apple"): there the value
+# fetchers attend to the earlier mention of the queried label, which a head has made carry the
+# object written just before it; that head feeds the fetchers' values at ``pos_prev_label``, a path
+# the four groups above never test, so without this step the search cannot find it.
+ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
+    *ET_SEARCH,
+    SearchStep("object_binder", "pos_prev_label", "value_fetcher", "v"),
+)
+SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT}
+
+# The items' columns every step reads; each step also reads its own position column.
+SEARCH_COLUMNS = ("input_ids", "corrupt_input_ids", "answer_id", "pos_last")
+
+
+def _check_order(search: Sequence[SearchStep]) -> None:
+    """Refuse a search in which a step receives from a group that comes later or not at all."""
+    seen: set[str] = set()
+    for step in search:
+        if step.receivers is not None and step.receivers not in seen:
+            raise InputError(f"search step {step.name!r} receives from {step.receivers!r}, "
+                             "which comes later or not at all; order the steps so that receivers "
+                             "come first")
+        seen.add(step.name)
+
+
+def _scan_group(
+    model: HookedTransformer, data, step: SearchStep, receivers: tuple[Head, ...], *,
+    prefilter: int | None, batch_size: int, senders_per_pass: int, progress: bool,
+) -> dict[str, Scan]:
+    """One step's scans: ``step.name``'s path-patching scan, and with ``prefilter`` the
+    ``<step>_prefilter`` attribution scan whose top senders it was limited to."""
+    kw = dict(receivers=receivers, receiver_input=step.receiver_input, position=step.position,
+              batch_size=batch_size)
+    scans, senders = {}, None
+    if prefilter is not None:
+        scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
+        # rank 0's candidates: the ranks' gradients may differ in their last bits
+        senders = broadcast(scans[f"{step.name}_prefilter"].ranking().top(prefilter))
+    scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,
+                                          senders=senders, progress=progress, **kw)
+    return scans
+
+
+def _kept_or_scanned(store: Store | None, name: str, identity,
+                    scan: Callable[[], dict[str, Scan]]) -> dict[str, Scan]:
+    """A group's scans kept in ``store`` under ``name`` for ``identity``, else ``scan()``'s, kept.
+
+    Rank 0 reads and tells the other ranks what it found, so that every rank reaches the same
+    groups; rank 0 writes, and every rank waits until the file is there. A kept record that no
+    longer reads as scans (an edited file) is scanned anew.
+    """
+    kept = broadcast(store.load(name, identity) if is_main() else None) if store else None
+    if kept is not None:
+        try:
+            return {n: Scan.from_dict(d) for n, d in kept.items()}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
+    scans = scan()
+    if store is not None:
+        if is_main():
+            store.save(name, identity, {n: s.to_dict() for n, s in scans.items()})
+        barrier()
+    return scans
+
+
+def entity_tracking_circuit(
+    model: HookedTransformer,
+    data,
+    *,
+    k: int | Mapping[str, int] = 2,
+    min_effect: float | str = "noise",
+    search: Sequence[SearchStep] = ET_SEARCH,
+    model_name: str = "",
+    batch_size: int = 16,
+    senders_per_pass: int = 8,
+    prefilter: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[Circuit, dict[str, Scan]]:
+    """Prakash et al.'s backward path-patching search for the entity-tracking circuit (module doc).
+
+    Each group keeps its top ``k`` heads whose effect clears ``min_effect`` (``select_heads``); a
+    group whose receiver group is empty stays empty. With ``prefilter`` each group's exact scan is
+    limited to the senders that ``path_attribution_scan`` ranks most important; that scan is kept
+    as ``<group>_prefilter``, so how many of the exact top heads it caught can be checked against
+    a full scan.
+
+    Args:
+        model: a HookedTransformer.
+        data: entity-tracking items (``cdist.tasks.entity_tracking``).
+        k: heads per group, one number or group name -> number.
+        min_effect: ``"noise"`` (default: a head's relative change must be negative by more than
+            ``NOISE_Z`` standard errors over the items) or a number (at most ``-min_effect``).
+        search: the steps, in order; each step's receivers must come earlier.
+        model_name: recorded in the circuit.
+        batch_size, senders_per_pass: as for ``path_patching_scan``.
+        prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
+        checkpoint_dir: each finished group's scans are kept there (``<group>.json``) and reused
+            by a later call with the same model, items (the columns the search reads), step,
+            receivers and ``prefilter`` (``k`` and ``min_effect`` only select from them), so an
+            interrupted search resumes; a group kept under other ones is recomputed and replaced.
+            Under ``torchrun`` rank 0 alone reads and writes them, and tells the others what it
+            read.
+        progress: a tqdm bar per group, advancing per forward pass (rank 0's, under ``torchrun``).
+
+    Returns:
+        The ``Circuit`` (groups in search order, positions, each head's score in the group that
+        found it first) and each searched group's ``Scan`` (and ``<group>_prefilter`` scans).
+    """
+    if prefilter is not None and prefilter < 1:
+        raise InputError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
+    _check_order(search)
+    store = Store(checkpoint_dir) if checkpoint_dir is not None else None
+    # what a group's scans depend on besides its step and receivers (k and min_effect only select
+    # from them, so a kept group can be re-selected under other ones)
+    made_from = None if store is None else {
+        "model": model_fingerprint(model),
+        "items": items_fingerprint(data, (*SEARCH_COLUMNS, *sorted({s.position for s in search})))}
+    groups: dict[str, tuple[Head, ...]] = {}
+    found: dict[str, Scan] = {}
+    scores: dict[Head, float] = {}
+    for step in search:
+        receivers = groups[step.receivers] if step.receivers is not None else ()
+        if step.receivers is not None and not receivers:
+            groups[step.name] = ()
+            continue
+        identity = None if made_from is None else made_from | {
+            "step": [step.name, step.position, step.receiver_input],
+            "receivers": [str(r) for r in receivers], "prefilter": prefilter}
+        scans = _kept_or_scanned(store, f"{step.name}.json", identity, partial(
+            _scan_group, model, data, step, receivers, prefilter=prefilter, batch_size=batch_size,
+            senders_per_pass=senders_per_pass, progress=progress))
+        found |= scans
+        k_here = k if isinstance(k, int) else k.get(step.name, 0)
+        groups[step.name] = select_heads(scans[step.name], k_here, min_effect)
+        ranking = scans[step.name].ranking()
+        for h in groups[step.name]:
+            scores.setdefault(h, ranking[h])
+    circuit = Circuit(groups, positions={step.name: step.position for step in search},
+                      scores=scores, model=model_name, method="path_patching")
+    return circuit, found
