@@ -57,6 +57,7 @@ from cdist.errors import ConfigError, InputError
 from cdist.evaluate import predictions
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer, check_heads
+from cdist.records import write_record
 from cdist.store import items_fingerprint, model_fingerprint
 from cdist.types import Head, Scan
 
@@ -321,7 +322,7 @@ class _Experiment:
             raise InputError(f"the {role}'s circuit is empty: no head passed the discovery "
                              f"rule {rule}; lower --min-effect (or check that the model does "
                              "the task)")
-        circuit.to_json(_mkdir(self.out) / f"circuit-{role}.json")
+        write_record(circuit, _mkdir(self.out) / f"circuit-{role}.json")
         self.circuits[role], self.discoveries[role] = circuit, found
         self.log(f"{role} circuit: {len(circuit.heads)} heads "
                  f"{[str(h) for h in circuit.heads]}")
@@ -392,7 +393,7 @@ class _Experiment:
                 stale.unlink()
         all_diagnostics = {}
         for name, entry in kept.items():
-            HeadMap.from_dict(entry["map"]).to_json(maps_dir / f"{name}.json")
+            write_record(HeadMap.from_dict(entry["map"]), maps_dir / f"{name}.json")
             all_diagnostics |= {name: entry["diagnostics"],
                                 f"{name} at pos_last": entry["at_last"]}
         atomic_write_json(all_diagnostics, self.out / "diagnostics.json")
@@ -491,7 +492,7 @@ class _Experiment:
                  f"sample-efficiency threshold {threshold:.3f}")
         self.selection, self.lr, self.lam, self.lam_strong = selection, lr, lam, lam_strong
         self.threshold, self.head_map = threshold, self.maps[matcher]
-        self.head_map.to_json(out / "head_map.json")
+        write_record(self.head_map, out / "head_map.json")
 
     # ---- 5. the table
     def table(self) -> list[dict]:

@@ -57,14 +57,14 @@ from cdist.discovery.ablation import ablated_logits
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer
-from cdist.types import Circuit, Head, HeadPair, JsonRecord, Scan
+from cdist.types import Circuit, Head, HeadPair, Scan
 
 __all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
            "cka_matcher", "position_columns", "random_control", "random_matcher", "work_positions"]
 
 
 @dataclass(frozen=True, eq=False)
-class HeadMap(JsonRecord):
+class HeadMap:
     """Student heads paired with teacher heads, each pair with the positions it is read at.
 
     Attributes:

@@ -136,7 +136,7 @@ def _discover(top: argparse.Namespace) -> dict:
                                                  "random_accuracy", "faithfulness")}
         atomic_write_json(record, out / f"discovery-{role}.json")
         for name, scan in found.scans.items():
-            plots.save_figure(scan.figure(marked=circuit.heads),
+            plots.save_figure(plots.scan_figure(scan, marked=circuit.heads),
                               out / "figures" / f"{role}-{name}")
         print(f"{role} ({record['model']}): {len(circuit)} heads "
               f"{' '.join(map(str, circuit.heads))}; test accuracy full "
