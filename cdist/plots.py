@@ -1,7 +1,7 @@
 """Figures: layer x head heatmaps of per-head scores and head-correspondence maps, written as
 interactive HTML and static PNG that both work offline.
 
-Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (4.6 MB
+Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (megabytes
 once instead of in every file, and no CDN, which an offline machine cannot reach). The PNG is drawn
 by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
 """
