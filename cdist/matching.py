@@ -4,19 +4,18 @@ the pair.
 Three matchers, each returning a ``HeadMap`` (student heads x teacher heads, the matrix the choice
 was made on, and the chosen ``HeadPair``s):
 
-- ``ablation_matcher``, the paper's (SPEC section 1.3): mean-ablate each head alone; with P_s_base
-  the student's answer probability, dP_s(h_s) = P_s_base - P_s_abl(h_s) and
-  dP_t(h_t) = P_s_base - P_t_abl(h_t) (the teacher's ablated probability is read against the
-  *student's* baseline, as the paper defines it); d(h_s, h_t) = |dP_s(h_s) - dP_t(h_t)|. Each
-  student head maps to the teacher head(s) with the smallest d (many-to-one allowed; ties keep every
-  minimiser).
+- ``ablation_matcher``, the paper's (Wadhwa, Amir & Wallace, "Circuit Distillation", arXiv
+  2509.25002): mean-ablate each head alone; with P_s_base the student's answer probability,
+  dP_s(h_s) = P_s_base - P_s_abl(h_s) and dP_t(h_t) = P_s_base - P_t_abl(h_t) (the teacher's
+  ablated probability is read against the *student's* baseline, as the paper defines it);
+  d(h_s, h_t) = |dP_s(h_s) - dP_t(h_t)|. Each student head maps to the teacher head(s) with the
+  smallest d (many-to-one allowed; ties keep every minimiser).
   ``normalise="baseline"`` is our variant: each model's drop is read against *its own* baseline and
   divided by it, dP(h) = (P_base - P_abl(h)) / P_base, the share of the model's answer probability
   the head carries. With a much stronger teacher the paper's rule compares a weak student's small
   drops with the teacher's (P_s_base - P_t_abl), which is negative for every teacher head that
-  ablation does not break, so most student heads go to the one teacher head that does (measured on
-  the zoo: all 6 of et-student's heads to et-teacher's a0.h3). Relative drops compare like with
-  like.
+  ablation does not break, so most student heads go to the one teacher head that does. Relative
+  drops compare like with like.
 - ``cka_matcher``: the linear CKA between each student head's and each teacher head's activations on
   the same prompts (``cdist.activations``), each pair read at the teacher head's position; each
   student head maps to the most similar teacher head.
@@ -30,13 +29,12 @@ algorithm, ``scipy.optimize.linear_sum_assignment``): each teacher head is used 
 total distance is minimal (or total similarity maximal). With more student than teacher heads, the
 unassigned student heads are left out of the pairs.
 
-Positions: a pair is read where its teacher head does its work (SPEC section 1, and issue 9's
-measurement: et-teacher's object binder read at the last token varies by 8e-4 of its norm across
-items, so aligning with it there teaches nothing). ``circuit_positions`` gives each head of a
-path-patched circuit its group's position; ``work_positions`` finds, for heads of a ranked circuit,
-the position column where ablating the head alone hurts most; ``HeadMap.placed`` writes them into
-the pairs (``HeadMap.at`` puts every pair at one column). The ablation and random matchers leave
-every pair at ``pos_last`` until placed.
+Positions: a pair is read where its teacher head does its work: a head read where it does nothing
+is nearly constant across items, and aligning with a constant teaches nothing. ``circuit_positions``
+gives each head of a path-patched circuit its group's position; ``work_positions`` finds, for heads
+of a ranked circuit, the position column where ablating the head alone hurts most;
+``HeadMap.placed`` writes them into the pairs (``HeadMap.at`` puts every pair at one column). The
+ablation and random matchers leave every pair at ``pos_last`` until placed.
 """
 
 from __future__ import annotations
@@ -57,14 +55,14 @@ from cdist.discovery.ablation import ablated_logits
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer
-from cdist.types import Circuit, Head, HeadPair, JsonRecord, Scan
+from cdist.types import Circuit, Head, HeadPair, Scan
 
 __all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
            "cka_matcher", "position_columns", "random_control", "random_matcher", "work_positions"]
 
 
 @dataclass(frozen=True, eq=False)
-class HeadMap(JsonRecord):
+class HeadMap:
     """Student heads paired with teacher heads, each pair with the positions it is read at.
 
     Attributes:

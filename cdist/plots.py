@@ -1,7 +1,7 @@
 """Figures: layer x head heatmaps of per-head scores and head-correspondence maps, written as
 interactive HTML and static PNG that both work offline.
 
-Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (4.6 MB
+Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (megabytes
 once instead of in every file, and no CDN, which an offline machine cannot reach). The PNG is drawn
 by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
 """
@@ -15,9 +15,9 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.types import Head
+from cdist.types import Head, Scan
 
-__all__ = ["head_heatmap", "head_map_figure", "save_figure"]
+__all__ = ["head_heatmap", "head_map_figure", "save_figure", "scan_figure"]
 
 
 def head_heatmap(
@@ -60,6 +60,16 @@ def head_heatmap(
         template="plotly_white", margin={"t": 90},
     )
     return fig
+
+
+def scan_figure(scan: Scan, metric: str | None = None, *, marked: Iterable[Head] = (),
+                title: str | None = None) -> go.Figure:
+    """A scan's layer x head heatmap (``head_heatmap``) of ``metric`` (default: the metric it ranks
+    heads by), ``marked`` heads outlined; titled by its method and the position it intervened at."""
+    metric = metric or scan.metric
+    where = "every position" if scan.position is None else scan.position
+    return head_heatmap(scan[metric], title=title or f"{scan.method} at {where}", colorbar=metric,
+                        marked=marked)
 
 
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:

@@ -45,7 +45,20 @@ def _test_line(name: str, test: dict) -> str:
 
 
 def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str:
-    """The report as markdown (module doc)."""
+    """The report as markdown: the primary comparison, then the selection of lr, matcher and
+    lambda, the head map's diagnostics, what the circuit arms train, and one table of test results
+    per training regime with its significance tests."""
+    lines = _primary_lines(summary, command, commit)
+    lines += _selection_lines(summary)
+    lines += _head_map_lines(summary)
+    lines += _trainable_lines(summary)
+    for regime, rows in summary["rows"].items():
+        lines += _regime_lines(summary, regime, rows)
+    return "\n".join(lines) + "\n"
+
+
+def _primary_lines(summary: dict, command: str, commit: str) -> list[str]:
+    """The title, the command that made the table, and the comparison declared before the runs."""
     cfg = summary["config"]
     task = cfg["task"].replace("_", " ")
     small = min(cfg["regimes"])
@@ -60,17 +73,22 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
     primary = summary["tests"].get(summary["primary"])
     result = _test_line("result", primary["test"]) if primary else "not run (an arm is missing)"
     lines.append("- " + result)
+    return lines
+
+
+def _selection_lines(summary: dict) -> list[str]:
+    """How lr, matcher and lambda were chosen on the validation items."""
     sel = summary["selection"]
     chosen = sel["chosen"]
-    lines += ["", f"## Selection (validation items, seed {sel['seed']}, "
-              f"{sel['train_items']} training items)", "",
-              f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, "
-              f"lambda {chosen['lambda']} ({sel['why']}); "
-              f"the (strong) arms use lambda {chosen['lambda_strong']}, the smallest "
-              f"whose CKA:CE gradient ratio at the start reaches {arms.STRONG_RATIO}; "
-              f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base "
-              "student's validation accuracy to circuit CE's at the end of its run).", "",
-              "| circuit CE lr | validation accuracy |", "|---|---|"]
+    lines = ["", f"## Selection (validation items, seed {sel['seed']}, "
+             f"{sel['train_items']} training items)", "",
+             f"Chosen: lr {chosen['lr']}, matcher `{chosen['matcher']}`, "
+             f"lambda {chosen['lambda']} ({sel['why']}); "
+             f"the (strong) arms use lambda {chosen['lambda_strong']}, the smallest "
+             f"whose CKA:CE gradient ratio at the start reaches {arms.STRONG_RATIO}; "
+             f"sample-efficiency threshold {chosen['threshold']:.3f} (halfway from the base "
+             "student's validation accuracy to circuit CE's at the end of its run).", "",
+             "| circuit CE lr | validation accuracy |", "|---|---|"]
     lines += [f"| {r['lr']} | {r['val_accuracy']:.3f} |" for r in sel["lr"]]
     lines += ["", "| matcher | lambda | validation accuracy | CKA:CE gradient ratio at the start | "
               "pair CKA (debiased) start → end |", "|---|---|---|---|---|"]
@@ -78,12 +96,18 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
         ratio = "–" if r["grad_ratio_start"] is None else f"{r['grad_ratio_start']:.3g}"
         lines.append(f"| {r['matcher']} | {r['lambda']} | {r['val_accuracy']:.3f} | {ratio} | "
                      f"{r['cka_val_start']:.3f} → {r['cka_val_end']:.3f} |")
-    lines += ["", f"## Head map `{chosen['matcher']}` and its diagnostics (validation items)", "",
-              f"Teacher head positions from {summary['positions_from']}: " +
-              ", ".join(f"{h}@{c}" for h, c in summary["teacher_positions"].items()) + ".", "",
-              "| pair | teacher variation | student variation | debiased CKA | "
-              "batch CKA (paired / shuffled) |",
-              "|---|---|---|---|---|"]
+    return lines
+
+
+def _head_map_lines(summary: dict) -> list[str]:
+    """The chosen head map's pairs with their diagnostics (``cdist.alignment``), and every flag."""
+    chosen = summary["selection"]["chosen"]
+    lines = ["", f"## Head map `{chosen['matcher']}` and its diagnostics (validation items)", "",
+             f"Teacher head positions from {summary['positions_from']}: " +
+             ", ".join(f"{h}@{c}" for h, c in summary["teacher_positions"].items()) + ".", "",
+             "| pair | teacher variation | student variation | debiased CKA | "
+             "batch CKA (paired / shuffled) |",
+             "|---|---|---|---|---|"]
     for key in (chosen["matcher"], f"{chosen['matcher']} at pos_last"):
         for r in summary["diagnostics"].get(key, {"pairs": []})["pairs"]:
             lines.append(f"| {r['pair']} | {r['teacher_variation']:.3g} | "
@@ -92,38 +116,48 @@ def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str
     for name, d in summary["diagnostics"].items():
         for flag in d["flags"]:
             lines.append(f"- flag ({name}): {flag}")
+    return lines
+
+
+def _trainable_lines(summary: dict) -> list[str]:
+    """What the circuit arms train, and the teacher's accuracy out of distribution."""
+    cfg = summary["config"]
     tr, grp = summary["trainable"], summary["trainable_group"]
-    lines += ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
-              f"({100 * tr['param_share']:.1f}% of the student; "
-              f"kv policy `{cfg['distill']['kv_policy']}`); the "
-              f"`group` policy would train {grp['params']:,}."]
-    ood_names = list(summary["teacher_ood"])
-    if ood_names:
+    lines = ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
+             f"({100 * tr['param_share']:.1f}% of the student; "
+             f"kv policy `{cfg['distill']['kv_policy']}`); the "
+             f"`group` policy would train {grp['params']:,}."]
+    if summary["teacher_ood"]:
         lines += ["", "Teacher out of distribution: " + ", ".join(
             f"{k} {v:.3f}" + ("" if v >= cfg["min_teacher_ood"] else " (below the bar: not read)")
             for k, v in summary["teacher_ood"].items()) + "."]
-    for regime, rows in summary["rows"].items():
-        lines += ["", f"## {regime[1:]} training items", "",
-                  "| arm | " + " | ".join(label for _, label in METRICS)
-                  + "".join(f" | OOD {n}" for n in ood_names)
-                  + " | steps to threshold | validation CE at the end |",
-                  "|---|" + "---|" * (len(METRICS) + len(ood_names) + 2)]
-        for arm, row in rows.items():
-            steps = row.get("steps_to_threshold")
-            reached = [s for s in steps or [] if s is not None]
-            steps_cell = "–" if steps is None else (
-                f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{len(steps)} reached)"
-                if reached else f"never (0/{len(steps)})")
-            ce = row.get("val_ce_curve")
-            lines.append(f"| {arm} | " + " | ".join(_cell(row[k]) for k, _ in METRICS)
-                         + "".join(f" | {_cell(row['ood'][n])}" for n in ood_names)
-                         + f" | {steps_cell} | {'–' if not ce else f'{ce[-1][1]:.3f}'} |")
-        lines += ["", "Tests (test items, then each OOD set):", ""]
-        for name, sets in summary["tests"].items():
-            if name.startswith(regime + ":"):
-                for set_name, test in sets.items():
-                    lines.append("- " + _test_line(f"{name[len(regime) + 2:]} [{set_name}]", test))
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _regime_lines(summary: dict, regime: str, rows: dict) -> list[str]:
+    """One training regime: each arm's test (and OOD) results, then its significance tests."""
+    ood_names = list(summary["teacher_ood"])
+    lines = ["", f"## {regime[1:]} training items", "",
+             "| arm | " + " | ".join(label for _, label in METRICS)
+             + "".join(f" | OOD {n}" for n in ood_names)
+             + " | steps to threshold | validation CE at the end |",
+             "|---|" + "---|" * (len(METRICS) + len(ood_names) + 2)]
+    for arm, row in rows.items():
+        steps = row.get("steps_to_threshold")
+        reached = [s for s in steps or [] if s is not None]
+        steps_cell = "–" if steps is None else (
+            f"{sorted(reached)[len(reached) // 2]} ({len(reached)}/{len(steps)} reached)"
+            if reached else f"never (0/{len(steps)})")
+        ce = row.get("val_ce_curve")
+        lines.append(f"| {arm} | " + " | ".join(_cell(row[k]) for k, _ in METRICS)
+                     + "".join(f" | {_cell(row['ood'][n])}" for n in ood_names)
+                     + f" | {steps_cell} | {'–' if not ce else f'{ce[-1][1]:.3f}'} |")
+    lines += ["", "Tests (test items, then each OOD set):", ""]
+    for name, sets in summary["tests"].items():
+        if name.startswith(regime + ":"):
+            for set_name, test in sets.items():
+                lines.append("- " + _test_line(f"{name[len(regime) + 2:]} [{set_name}]", test))
+    return lines
 
 
 def curve_figure(summary: dict, key: str, title: str) -> go.Figure:

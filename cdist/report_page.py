@@ -22,6 +22,7 @@ from cdist import plots
 from cdist.checkpoints import atomic_write_text, read_json
 from cdist.errors import FileFormatError, MissingFileError
 from cdist.matching import HeadMap
+from cdist.records import read_record
 from cdist.report import curve_figure, markdown_table
 from cdist.store import Store
 from cdist.types import Circuit, Scan
@@ -59,7 +60,7 @@ def _circuits(run: Path) -> list[str]:
         path = run / f"circuit-{role}.json"
         if not path.is_file():
             continue
-        circuit = Circuit.from_json(path)
+        circuit = read_record(Circuit, path)
         groups = "; ".join(f"{g}: {' '.join(map(str, hs))}" for g, hs in circuit.groups.items())
         parts.append(f"<h3>{role}: {html.escape(circuit.model or '')}</h3>"
                      f"<p>{len(circuit)} heads by {html.escape(circuit.method)} "
@@ -76,13 +77,13 @@ def _circuits(run: Path) -> list[str]:
             if kept is None:
                 raise FileFormatError(f"{path} is not a kept scan; delete it to make it again")
             scan = Scan.from_dict(kept)
-            fig = scan.figure(marked=circuit.heads)
+            fig = plots.scan_figure(scan, marked=circuit.heads)
             fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))
         for path in sorted((run / f"search-{role}").glob("*.json")):
-            for name, data in _read(path).get("scans", {}).items():
+            for name, data in (Store(run).kept(path) or {}).items():
                 scan = Scan.from_dict(data)
-                fig = scan.figure(marked=circuit.groups.get(path.stem, ()))
+                fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()))
                 fig.update_layout(title=f"{role}: path patching, {name}")
                 parts.append(_figure(fig, f"search-{role}-{name}"))
     return parts
@@ -92,7 +93,7 @@ def _head_maps(run: Path) -> list[str]:
     paths = sorted((run / "head_maps").glob("*.json"))
     if not paths and (run / "head_map.json").is_file():
         paths = [run / "head_map.json"]
-    return [_figure(plots.head_map_figure(HeadMap.from_json(p)), f"head-map-{p.stem}")
+    return [_figure(plots.head_map_figure(read_record(HeadMap, p)), f"head-map-{p.stem}")
             for p in paths]
 
 

@@ -1,32 +1,31 @@
 """The vocabulary of cdist: attention heads, ablation kinds, circuits and per-head scores.
 
 Every other module speaks in these words, so they are plain frozen dataclasses and enums with no
-behaviour beyond naming, ordering and (de)serialising themselves (and a scan drawing itself through
-``cdist.plots``). Nothing here knows TransformerLens: hook names and weight layouts live in
-``cdist.models`` alone.
+behaviour beyond naming, ordering and converting themselves to and from plain dicts. They neither
+read nor write files (``cdist.records`` does) nor draw (``cdist.plots`` does), so that any module
+can import them without pulling in I/O or plotting, and no import leads from here back to those.
+Nothing here knows TransformerLens: hook names and weight layouts live in ``cdist.models`` alone.
 
-Naming follows EAP-IG: the head with index 5 of layer 3 prints as ``a3.h5`` and ``Head.parse`` reads
-it back, which is also how heads are written in JSON files and figure labels.
+Naming follows EAP-IG (Hanna et al. 2024, "Have Faith in Faithfulness"): the head with index 5 of
+layer 3 prints as ``a3.h5`` and ``Head.parse`` reads it back, which is also how heads are written in
+JSON files and figure labels.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.checkpoints import atomic_write_bytes, atomic_write_text
-from cdist.errors import ConfigError, FileFormatError, InputError
+from cdist.errors import ConfigError, InputError
 
-__all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "JsonRecord", "Scan"]
+__all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "Scan"]
 
 _HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
 
@@ -153,34 +152,8 @@ def _heads(items: Iterable[Head | str]) -> tuple[Head, ...]:
     return tuple(h if isinstance(h, Head) else Head.parse(h) for h in items)
 
 
-class JsonRecord:
-    """``to_json`` / ``from_json`` for a class with ``to_dict`` / ``from_dict`` (circuits, head
-    maps)."""
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            atomic_write_text(text, path)
-        return text
-
-    @classmethod
-    def from_json(cls, source: str | Path):
-        """Read a record from a JSON file (a ``Path``, or a ``str`` that is not JSON text) or from
-        JSON text."""
-        text, where = str(source), "the JSON text"
-        if isinstance(source, Path) or not text.lstrip().startswith("{"):
-            where = str(source)
-            text = Path(source).read_text()
-        try:
-            return cls.from_dict(json.loads(text))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise FileFormatError(f"{where} is not a {cls.__name__} record ({type(err).__name__}: "
-                                  f"{err}); write it with {cls.__name__}.to_json") from None
-
-
 @dataclass(frozen=True)
-class Circuit(JsonRecord):
+class Circuit:
     """A task circuit: named groups of heads, the prompt position each group acts at, and how it was
     found.
 
@@ -299,12 +272,12 @@ METHODS = ("mean_ablation", "path_patching", "activation_patching", "attribution
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value
-class Scan(JsonRecord):
+class Scan:
     """Every head's result from one discovery scan: ``scan["prob_drop"][layer, head]``.
 
     One record for every scan of ``cdist.discovery``, so that circuit selection
-    (``discovery.select_heads``), figures (``figure``) and files (``to_json``, ``save``) take any of
-    them.
+    (``discovery.select_heads``), figures (``plots.scan_figure``) and files
+    (``records.write_record``, ``records.save_scan``) take any of them.
 
     Attributes:
         method: one of ``METHODS``.
@@ -360,17 +333,6 @@ class Scan(JsonRecord):
         higher = self.higher_is_important if metric == self.metric else True
         return HeadScores(self[metric], metric, higher_is_important=higher)
 
-    def figure(self, metric: str | None = None, *, marked: Iterable[Head] = (),
-               title: str | None = None):
-        """A layer x head heatmap of ``metric`` (``cdist.plots.head_heatmap``), ``marked`` heads
-        outlined."""
-        from cdist import plots  # plots speaks this vocabulary, so it is imported only when drawing
-
-        metric = metric or self.metric
-        where = "every position" if self.position is None else self.position
-        return plots.head_heatmap(self[metric], title=title or f"{self.method} at {where}",
-                                  colorbar=metric, marked=marked)
-
     def to_dict(self) -> dict:
         """A JSON-ready dict; tensors as nested lists, heads as names."""
         return {"method": self.method, "metric": self.metric,
@@ -385,25 +347,4 @@ class Scan(JsonRecord):
         meta = {k: v for k, v in d.items() if k != "metrics"}
         meta["receivers"] = tuple(meta.get("receivers", ()))
         metrics = {k: torch.tensor(v, dtype=torch.float32) for k, v in d["metrics"].items()}
-        return cls(metrics=metrics, **meta)
-
-    def save(self, path: str | Path) -> None:
-        """Write the scan as one safetensors file: the metrics as tensors, the rest as its
-        metadata."""
-        from safetensors.torch import save as safetensors_bytes
-
-        meta = {k: v for k, v in self.to_dict().items() if k != "metrics"}
-        data = safetensors_bytes(dict(self.metrics), metadata={"scan": json.dumps(meta)})
-        atomic_write_bytes(data, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Scan:
-        """Read a scan written by ``save``."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["scan"])
-            # SIM118 does not apply: safe_open is not a dict
-            metrics = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        meta["receivers"] = tuple(meta.get("receivers", ()))
         return cls(metrics=metrics, **meta)

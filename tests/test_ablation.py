@@ -13,6 +13,7 @@ from cdist import tasks
 from cdist.discovery import ablation
 from cdist.evaluate import answer_stats
 from cdist.models import hook_attn_out, hook_z
+from cdist.records import read_record, write_record
 from cdist.types import Ablation, Circuit, Head, HeadScores
 
 
@@ -71,9 +72,9 @@ def test_circuit_json_round_trip(tmp_path):
     assert circuit.heads == (Head(0, 1), Head(0, 3), Head(1, 2)) and len(circuit) == 3
     assert circuit.positions == {"value_fetcher": "pos_last",
                                  "position_detector": "pos_query_label"}
-    assert Circuit.from_json(circuit.to_json(tmp_path / "c.json")) == circuit
-    assert Circuit.from_json(tmp_path / "c.json") == circuit
-    assert Circuit.from_json(str(tmp_path / "c.json")) == circuit
+    assert read_record(Circuit, write_record(circuit, tmp_path / "c.json")) == circuit
+    assert read_record(Circuit, tmp_path / "c.json") == circuit
+    assert read_record(Circuit, str(tmp_path / "c.json")) == circuit
 
 
 def test_head_scores_top():

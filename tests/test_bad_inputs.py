@@ -377,8 +377,8 @@ API = [
      "groups (and positions) are a dict"),
     ("circuit-group-a-string", lambda fx: __import__("cdist.types").types.Circuit(
         {"c": "a0.h1"}), "where a list of heads goes"),
-    ("circuit-json-broken", lambda fx: __import__("cdist.types").types.Circuit.from_json(
-        '{"groups": '), "Circuit"),
+    ("circuit-json-broken", lambda fx: __import__("cdist.records").records.read_record(
+        __import__("cdist.types").types.Circuit, '{"groups": '), "Circuit"),
     ("task-n-0", lambda fx: _et(0), "n=0"),
     ("task-n-str", lambda fx: _et("5"), "n='5'"),
     ("task-n-float", lambda fx: _et(2.5), "n=2.5"),

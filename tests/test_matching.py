@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from cdist import activations, matching, plots, tasks
 from cdist.discovery import ablation
 from cdist.models import hook_z
+from cdist.records import read_record, write_record
 from cdist.types import Circuit, Head, HeadPair
 
 S = [Head(0, 1), Head(1, 0), Head(1, 3)]
@@ -248,12 +249,12 @@ def test_work_positions_match_the_one_head_reference_scan(model, tok):
 def test_head_map_json_round_trip_and_figure(tmp_path):
     hm = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]), per_head(T, [0.18, 0.45]),
                                    student_model="s", teacher_model="t")
-    hm.to_json(tmp_path / "map.json")
-    back = matching.HeadMap.from_json(tmp_path / "map.json")
+    write_record(hm, tmp_path / "map.json")
+    back = read_record(matching.HeadMap, tmp_path / "map.json")
     assert back.pairs == hm.pairs and torch.allclose(back.matrix, hm.matrix)
     assert back.method == hm.method
     placed = hm.placed({T[0]: "pos_prev_label", T[1]: "pos_last"})
-    assert matching.HeadMap.from_json(placed.to_json()).pairs == placed.pairs
+    assert read_record(matching.HeadMap, write_record(placed)).pairs == placed.pairs
     # files of the old format
     old = hm.to_dict() | {"pairs": [[str(p.student), str(p.teacher)] for p in hm.pairs]}
     assert matching.HeadMap.from_dict(old).pairs == hm.pairs

@@ -16,6 +16,7 @@ from cdist.discovery import activation_patching, attribution_patching, circuits,
 from cdist.discovery import search as et_search
 from cdist.evaluate import answer_stats
 from cdist.models import hook_z, new_llama
+from cdist.records import read_record, write_record
 from cdist.store import Store
 from cdist.types import Circuit, Head, HeadScores, Scan
 
@@ -294,7 +295,7 @@ def test_select_heads_and_ranked_circuit():
     circuit = circuits.ranked_circuit(drop, 3, model="m")
     # zero and negative drops are not kept
     assert circuit.groups["circuit"] == (Head(1, 0), Head(0, 1))
-    assert Circuit.from_json(circuit.to_json()) == circuit
+    assert read_record(Circuit, write_record(circuit)) == circuit
 
 
 @pytest.mark.parametrize("search", [et_search.ET_SEARCH, et_search.ET_SEARCH_ADJACENT])
@@ -316,8 +317,8 @@ def test_entity_tracking_search_builds_its_groups(model3, data, tmp_path, search
             assert set(found[step.name].receivers) == set(receivers)
             assert found[step.name].receiver_input == step.receiver_input
     path = tmp_path / "circuit.json"
-    circuit.to_json(path)
-    assert Circuit.from_json(path) == circuit
+    write_record(circuit, path)
+    assert read_record(Circuit, path) == circuit
 
 
 def test_noise_rule_keeps_only_effects_beyond_two_standard_errors(model3, data):

@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import unchecked
 
+from cdist import plots
+from cdist.records import load_scan, read_record, save_scan, write_record
 from cdist.types import Circuit, Head, Scan
 
 META = ("method", "metric", "higher_is_important", "position", "receivers", "receiver_input",
@@ -38,17 +40,17 @@ def assert_same(a: Scan, b: Scan) -> None:
 @pytest.mark.parametrize("make", [path_scan, ablation_scan])
 def test_scan_round_trips_through_json(make, tmp_path):
     scan = make()
-    assert_same(Scan.from_json(scan.to_json()), scan)
-    scan.to_json(tmp_path / "scan.json")
-    assert_same(Scan.from_json(tmp_path / "scan.json"), scan)
-    assert_same(Scan.from_json(str(tmp_path / "scan.json")), scan)
+    assert_same(read_record(Scan, write_record(scan)), scan)
+    write_record(scan, tmp_path / "scan.json")
+    assert_same(read_record(Scan, tmp_path / "scan.json"), scan)
+    assert_same(read_record(Scan, str(tmp_path / "scan.json")), scan)
 
 
 @pytest.mark.parametrize("make", [path_scan, ablation_scan])
 def test_scan_round_trips_through_safetensors(make, tmp_path):
     scan = make()
-    scan.save(tmp_path / "scan.safetensors")
-    assert_same(Scan.load(tmp_path / "scan.safetensors"), scan)
+    save_scan(scan, tmp_path / "scan.safetensors")
+    assert_same(load_scan(tmp_path / "scan.safetensors"), scan)
 
 
 def test_scan_holds_heads_and_cpu_float32():
@@ -81,14 +83,14 @@ def test_invalid_scans_raise():
 
 def test_scan_figure_is_a_layer_by_head_heatmap():
     scan = path_scan()
-    fig = scan.figure(marked=[Head(0, 1), Head(2, 3)])
+    fig = plots.scan_figure(scan, marked=[Head(0, 1), Head(2, 3)])
     assert isinstance(fig, go.Figure)
     (heat,) = fig.data
     assert heat.type == "heatmap" and heat.z.shape == scan.shape
     assert (heat.z == scan["relative_change"].numpy()).all()
     assert len(fig.layout.shapes) == 2
     assert "path_patching at pos_query_label" in fig.layout.title.text
-    other = ablation_scan().figure("accuracy_drop")
+    other = plots.scan_figure(ablation_scan(), "accuracy_drop")
     assert other.data[0].z.shape == (2, 3) and "every position" in other.layout.title.text
 
 
@@ -105,4 +107,4 @@ def test_heads_are_whole_numbers_and_records_name_their_file(tmp_path):
         path = tmp_path / "circuit.json"
         path.write_text(text)
         with pytest.raises(FileFormatError, match=r"circuit.json is not a Circuit record"):
-            Circuit.from_json(path)
+            read_record(Circuit, path)

@@ -353,6 +353,7 @@ def test_head_output_penalty_ignores_the_stream_scale_and_evaluation_passes():
 
 @pytest.mark.slow
 def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
+    from cdist.records import read_record
     from cdist.types import Circuit
 
     env = {**os.environ, "CDIST_ZOO": str(use_zoo)}
@@ -370,7 +371,7 @@ def test_discovery_and_figure_scripts_run_on_a_zoo(use_zoo, tmp_path):
         assert results["config"]["eval_items"] == 60
         assert 0 <= row["circuit_accuracy"] <= 1 and row["n_heads"] == 16
         assert row["faithfulness"] == pytest.approx(row["circuit_accuracy"] / row["full_accuracy"])
-        circuit = Circuit.from_json(out / "circuits" / f"et-tiny-{row['method']}.json")
+        circuit = read_record(Circuit, out / "circuits" / f"et-tiny-{row['method']}.json")
         assert [str(h) for h in circuit.heads] == row["circuit"]
         assert circuit.method == row["method"]
         assert f"| et-tiny | {row['method']} |" in (out / "results.md").read_text()

@@ -145,7 +145,7 @@ def _discover(top: argparse.Namespace) -> dict:
         record = _discovery_record(ctx, args, role, found, circuits)
         atomic_write_json(record, out / f"discovery-{role}.json")
         for name, scan in found.scans.items():
-            plots.save_figure(scan.figure(marked=found.circuit.heads),
+            plots.save_figure(plots.scan_figure(scan, marked=found.circuit.heads),
                               out / "figures" / f"{role}-{name}")
         print(f"{role} ({record['model']}): {len(found.circuit)} heads "
               f"{' '.join(map(str, found.circuit.heads))}; test accuracy full "

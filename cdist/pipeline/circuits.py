@@ -16,6 +16,7 @@ from cdist.errors import InputError
 from cdist.models import check_heads
 from cdist.pipeline.config import Role
 from cdist.pipeline.context import Context
+from cdist.records import write_record
 from cdist.store import items_fingerprint
 from cdist.types import Circuit, Head, Scan
 
@@ -79,7 +80,7 @@ def find_circuit(ctx: Context, role: Role) -> Discovery:
                          f"rule {rule}; lower --min-effect (or check that the model does "
                          "the task)")
     ctx.out.mkdir(parents=True, exist_ok=True)
-    circuit.to_json(ctx.out / f"circuit-{role}.json")
+    write_record(circuit, ctx.out / f"circuit-{role}.json")
     ctx.log(f"{role} circuit: {len(circuit.heads)} heads {[str(h) for h in circuit.heads]}")
     return found
 

@@ -28,6 +28,7 @@ from cdist.models import check_heads
 from cdist.pipeline.circuits import Circuits, ablation_scan
 from cdist.pipeline.context import Context
 from cdist.pipeline.positions import Placement
+from cdist.records import write_record
 from cdist.store import items_fingerprint
 
 __all__ = ["MAKERS", "HeadMaps", "make_head_maps"]
@@ -111,7 +112,7 @@ def _write_views(ctx: Context, kept: dict) -> None:
             stale.unlink()
     diagnostics = {}
     for name, entry in kept.items():
-        HeadMap.from_dict(entry["map"]).to_json(maps_dir / f"{name}.json")
+        write_record(HeadMap.from_dict(entry["map"]), maps_dir / f"{name}.json")
         diagnostics |= {name: entry["diagnostics"], f"{name} at pos_last": entry["at_last"]}
     atomic_write_json(diagnostics, ctx.out / "diagnostics.json")
 

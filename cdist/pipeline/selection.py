@@ -16,6 +16,7 @@ from cdist.pipeline.circuits import Circuits
 from cdist.pipeline.context import Context
 from cdist.pipeline.head_maps import HeadMaps
 from cdist.pipeline.runs import train_run
+from cdist.records import write_record
 
 __all__ = ["Selection", "select"]
 
@@ -84,5 +85,5 @@ def select(ctx: Context, circuits: Circuits, maps: HeadMaps) -> Selection:
     ctx.log(f"chosen: lr {lr}, matcher {matcher}, lambda {lam} (strong: {lam_strong}); "
             f"sample-efficiency threshold {threshold:.3f}")
     head_map = maps.maps[matcher]
-    head_map.to_json(ctx.out / "head_map.json")
+    write_record(head_map, ctx.out / "head_map.json")
     return Selection(lr, matcher, lam, lam_strong, threshold, head_map, record)

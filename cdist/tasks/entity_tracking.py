@@ -229,6 +229,28 @@ def entity_tracking(
     for label in labels:
         single_token_id(tokenizer, label, role="label")
 
+    items = _draw_items(n, seed, split, objects, labels, n_boxes)
+    clean = [_prompt(o, lab, lab[q], t) for o, lab, q, _, _ in items]
+    corrupt = [_prompt(co, cl, lab[q], t) for _, lab, q, co, cl in items]
+    rows = []
+    encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupt), strict=True)
+    for i, ((ids, pos), (c_ids, c_pos)) in enumerate(encoded):
+        if len(c_ids) != len(ids) or c_pos["label_query"] != pos["label_query"]:
+            raise InputError(
+                "clean and corrupt prompts tokenize to different lengths "
+                f"({len(ids)} vs {len(c_ids)}); use single-token objects and labels"
+            )
+        rows.append(_row(items[i], clean[i].text, ids, pos, corrupt[i].text, c_ids, answer_ids,
+                         t.name))
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def _draw_items(n: int, seed: int, split: str, objects: Sequence[str], labels: Sequence[str],
+                n_boxes: int) -> list[tuple[list[str], list[str], int, list[str], list[str]]]:
+    """``n`` items of ``split`` as (objects, labels, query index, counterfactual objects,
+    counterfactual labels); the counterfactual's labels leave out the queried one."""
     rng = task_rng("entity_tracking", seed, split)
 
     def propose() -> tuple[list[str], list[str], int]:
@@ -238,43 +260,36 @@ def entity_tracking(
     for objs, labs, q in draw_split(n, split, propose, key=lambda it: (it[0], it[1], it[1][it[2]])):
         corrupt_labs = rng.sample([x for x in labels if x != labs[q]], n_boxes)
         items.append((objs, labs, q, rng.sample(objects, n_boxes), corrupt_labs))
+    return items
 
-    clean = [_prompt(o, lab, lab[q], t) for o, lab, q, _, _ in items]
-    corrupt = [_prompt(co, cl, lab[q], t) for _, lab, q, co, cl in items]
-    rows = []
-    encoded = zip(encode(tokenizer, clean), encode(tokenizer, corrupt), strict=True)
-    for i, ((ids, pos), (c_ids, c_pos)) in enumerate(encoded):
-        objs, labs, q, c_objs, c_labs = items[i]
-        if len(c_ids) != len(ids) or c_pos["label_query"] != pos["label_query"]:
-            raise InputError(
-                "clean and corrupt prompts tokenize to different lengths "
-                f"({len(ids)} vs {len(c_ids)}); use single-token objects and labels"
-            )
-        rows.append({
-            "prompt": clean[i].text,
-            "answer": objs[q],
-            "input_ids": ids,
-            "answer_id": answer_ids[objs[q]],
-            "corrupt_prompt": corrupt[i].text,
-            "corrupt_input_ids": c_ids,
-            "pos_last": len(ids) - 1,
-            "pos_query_label": pos["label_query"],
-            "pos_prev_label": pos[f"label{q}"],
-            "pos_prev_object": pos[f"object{q}"],
-            "pos_objects": [pos[f"object{i}"] for i in range(n_boxes)],
-            "pos_labels": [pos[f"label{i}"] for i in range(n_boxes)],
-            "objects": objs,
-            "labels": labs,
-            "query_index": q,
-            "query_label": labs[q],
-            "corrupt_objects": c_objs,
-            "corrupt_labels": c_labs,
-            "n_boxes": n_boxes,
-            "template": t.name,
-        })
-    from datasets import Dataset
 
-    return Dataset.from_list(rows)
+def _row(item, prompt: str, ids: list[int], pos: dict[str, int], corrupt_prompt: str,
+         c_ids: list[int], answer_ids: dict[str, int], template: str) -> dict:
+    """One dataset row: an item's prompts, tokens and the positions its heads are read at."""
+    objs, labs, q, c_objs, c_labs = item
+    n_boxes = len(objs)
+    return {
+        "prompt": prompt,
+        "answer": objs[q],
+        "input_ids": ids,
+        "answer_id": answer_ids[objs[q]],
+        "corrupt_prompt": corrupt_prompt,
+        "corrupt_input_ids": c_ids,
+        "pos_last": len(ids) - 1,
+        "pos_query_label": pos["label_query"],
+        "pos_prev_label": pos[f"label{q}"],
+        "pos_prev_object": pos[f"object{q}"],
+        "pos_objects": [pos[f"object{i}"] for i in range(n_boxes)],
+        "pos_labels": [pos[f"label{i}"] for i in range(n_boxes)],
+        "objects": objs,
+        "labels": labs,
+        "query_index": q,
+        "query_label": labs[q],
+        "corrupt_objects": c_objs,
+        "corrupt_labels": c_labs,
+        "n_boxes": n_boxes,
+        "template": template,
+    }
 
 
 def _search(items) -> str:

@@ -35,6 +35,7 @@ from cdist.checkpoints import atomic_write_json, atomic_write_text, read_json
 from cdist.discovery import ablation, activation_patching, attribution_patching
 from cdist.errors import ConfigError
 from cdist.provenance import git_commit
+from cdist.records import write_record
 from cdist.types import Circuit
 from cdist.zoo import organisms
 
@@ -131,7 +132,7 @@ def survey_model(name: str, cfg: SurveyConfig, out: Path, commit: str, log=print
                "attribution_vs_activation_spearman": rho}
         rows.append(row)
         circuits[method] = circuit.to_dict()
-        circuit.to_json(out / "circuits" / f"{name}-{method}.json")
+        write_record(circuit, out / "circuits" / f"{name}-{method}.json")
         log(f"{name} ({method}): {len(circuit.heads)}/{n_heads} heads {row['circuit']}, "
             f"full {row['full_accuracy']:.3f}, circuit {row['circuit_accuracy']:.3f}, "
             f"random {row['random_accuracy']:.3f}, faithfulness {row['faithfulness']:.3f}")
