@@ -38,12 +38,13 @@ teacher and student are made, ``experiments/smollm2_models.py``).
 from __future__ import annotations
 
 from cdist.distill.batches import batch_stream, permutation
-from cdist.distill.config import DistillConfig
+from cdist.distill.config import DistillConfig, KVPolicy, Labels, Trainable
 from cdist.distill.loop import Run, distill
 from cdist.distill.params import HeadDelta, trainable_share
 from cdist.distill.plan import check_pair, make_plan
 
-__all__ = ["DistillConfig", "HeadDelta", "check_pair", "distill", "trainable_share"]
+__all__ = ["DistillConfig", "HeadDelta", "KVPolicy", "Labels", "Trainable", "check_pair", "distill",
+           "trainable_share"]
 
 # A run's pieces under the names the tests drive them by (tests/torchrun_distill.py takes one
 # step by hand; tests/test_distill.py reads the data order and the shuffled control's permutations).

@@ -1,16 +1,37 @@
-"""``DistillConfig``: the settings of one distillation run, checked where they are made."""
+"""``DistillConfig``: the settings of one distillation run, checked where they are made.
+
+Its named choices (``Trainable``, ``KVPolicy``, ``Labels``) are ``Literal`` types to a static type
+checker and plain strings at run time, so that ``asdict`` of a config (what a saved run is compared
+by) and its JSON are those of any other string field, and so that a runtime type checker (the test
+suite runs beartype over cdist) lets a wrong choice reach ``__post_init__``, whose ``ConfigError``
+names the field, the value and the choices: one message, with or without the checker.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from cdist.errors import ConfigError
 
-__all__ = ["DistillConfig"]
+__all__ = ["CHOICES", "DistillConfig", "KVPolicy", "Labels", "Trainable"]
 
-_CHOICES = {"labels": ("teacher", "answers"), "trainable": ("heads", "all"),
-            "kv_policy": ("qo", "group")}
+if TYPE_CHECKING:
+    # What trains: the head map's student heads (circuit distillation) or every weight.
+    Trainable = Literal["heads", "all"]
+    # Which slices of a trained head train: its query and output weights, or also its key/value
+    # group's, which grouped-query attention shares between several query heads.
+    KVPolicy = Literal["qo", "group"]
+    # What CE is taken against: the teacher's predicted answer, or the items' own answers.
+    Labels = Literal["teacher", "answers"]
+else:
+    Trainable = KVPolicy = Labels = str
+
+# The choices of each named field, as the Literal types above list them.
+CHOICES: dict[str, tuple[str, ...]] = {"labels": ("teacher", "answers"),
+                                       "trainable": ("heads", "all"),
+                                       "kv_policy": ("qo", "group")}
 
 
 @dataclass(frozen=True)
@@ -51,18 +72,18 @@ class DistillConfig:
     cka_weight: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 2.0
-    trainable: str = "heads"
-    kv_policy: str = "qo"
+    trainable: Trainable = "heads"
+    kv_policy: KVPolicy = "qo"
     cka_position: str | None = None
     shuffle_teacher: bool = False
     debiased_cka: bool = False
     weight_decay: float = 0.0
     eval_every: int = 50
     seed: int = 0
-    labels: str = "teacher"
+    labels: Labels = "teacher"
 
     def __post_init__(self) -> None:
-        for name, choices in _CHOICES.items():
+        for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {choices}")
         for name in ("steps", "batch_size", "eval_every", "seed"):

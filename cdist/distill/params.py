@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cdist import models
 from cdist.activations import Site, head_z
-from cdist.distill.config import DistillConfig
+from cdist.distill.config import DistillConfig, KVPolicy
 from cdist.models import HookedTransformer
 from cdist.types import Head
 
@@ -41,7 +41,7 @@ class HeadDelta(torch.nn.Module):
     """
 
     def __init__(self, model: HookedTransformer, heads: Sequence[Head],
-                 kv_policy: str = "group"):
+                 kv_policy: KVPolicy = "group"):
         super().__init__()
         cfg = model.cfg
         n_kv = cfg.n_key_value_heads or cfg.n_heads
