@@ -15,8 +15,8 @@ teacher's top-1 token), ``logits`` ``[n, d_vocab]`` (float32, only with ``logits
 item at Llama-3's vocabulary) and one ``z.<head>@<column>`` ``[n, d_head]`` (float32) per site. Each
 shard is written atomically, so an interrupted build resumes at the first missing one.
 
-``distill(student, TeacherCache.load(path), ...)`` trains exactly as with the live teacher (the
-test holds it to that), and the run's identity records the same teacher fingerprint, so a run may
+``distill(student, TeacherCache.load(path), ...)`` trains as with the live teacher (the same run,
+to float rounding), and the run's identity records the same teacher fingerprint, so a run may
 resume either way.
 """
 
