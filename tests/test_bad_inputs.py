@@ -248,13 +248,13 @@ def _break(name: str, out: Path) -> None:
     elif name == "cached-circuit-outside":
         path = out / "cache" / "discovery-teacher.json"
         saved = json.loads(path.read_text())
-        groups = saved["discovery"]["circuit"]["groups"]
-        saved["discovery"]["circuit"]["groups"] = {name: ["a9.h99"] for name in groups}
+        groups = saved["value"]["circuit"]["groups"]  # the store keeps {identity, value}
+        saved["value"]["circuit"]["groups"] = {name: ["a9.h99"] for name in groups}
         path.write_text(json.dumps(saved))
     elif name == "cached-head-map-outside":
         path = out / "cache" / "head-maps.json"
         saved = json.loads(path.read_text())
-        for entry in saved["maps"].values():
+        for entry in saved["value"].values():
             entry["map"]["pairs"][0]["teacher"] = "a0.h99"
         path.write_text(json.dumps(saved))
 

@@ -18,33 +18,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from cdist.cli import steps, zoo_commands
+from cdist.cli.parser import Parser
 from cdist.errors import CdistError
 
 __all__ = ["main", "run", "table_script"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with ``-1e-3`` read as a number (argparse takes it for an option and says only
-    "expected one argument"), so that a negative learning rate reaches the check that names it;
-    and its refusals in one line, like cdist's own."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cdist", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    p = Parser(prog="cdist", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for module in (zoo_commands, steps):
         module.add_parsers(sub)
     return p

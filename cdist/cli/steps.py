@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from cdist import arms, run_folder
-from cdist.cli import common
+from cdist.cli import common, flags, settings
+from cdist.cli.parser import Parser
+from cdist.cli.settings import RunSettings
 
 __all__ = ["add_parsers"]
 
@@ -39,48 +42,66 @@ _EXAMPLES = {
 }
 
 
+_STEPS = {
+    "discover": ("find the teacher's and/or the student's circuit for the task",
+                 ("items", "discovery")),
+    "match": ("map each student circuit head to teacher heads (every matcher asked for)",
+              ("items", "discovery", "matching")),
+    "distill": ("one training run of the student (any arm, lr, lambda, seed)",
+                ("items", "discovery", "matching", "training")),
+    "evaluate": ("full, circuit and random-circuit accuracy of the teacher, the student and "
+                 "every trained run", ("items", "discovery")),
+    "table": ("the paper's Table 1 or 2: every arm over seeds and regimes, selection on "
+              "validation items, the declared statistics",
+              ("items", "discovery", "matching", "training", "design")),
+}
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("this run")
+    g.add_argument("--arm", default="circuit distilled, CE + Align CKA",
+                   choices=[a.name for a in arms.ARMS if a.trained], metavar="ARM",
+                   help="how the student trains (an arm of the table; default: %(default)s)")
+    g.add_argument("--matcher", default="ablation", choices=arms.MATCHERS,
+                   help="whose head map the pairs come from")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {flags.LRS['zoo'][1]} for zoo students, "
+                        f"{flags.LRS['pretrained'][1]} for checkpoints)")
+    g.add_argument("--lam", type=float, default=1.0, help="CKA weight lambda")
+    g.add_argument("--seed", type=int, default=0,
+                   help="the run's seed (data order, shuffles, random pairs)")
+    g.add_argument("--train-items", type=int, default=128, help="training items")
+
+
+def _configure(p: argparse.ArgumentParser, name: str) -> None:
+    """Step ``name``'s flags and handler on ``p``."""
+    flags.add_flags(p, _STEPS[name][1])
+    if name in ("discover", "evaluate"):
+        p.add_argument("--roles", nargs="+", choices=["teacher", "student"], default=None,
+                       help="which models (default: those named by --teacher/--student, "
+                            "else both)")
+    if name == "distill":
+        _run_flags(p)
+    if name == "table":
+        p.add_argument("--figures", default=None,
+                       help="where the tables and figures go (default: OUT/figures)")
+    p.set_defaults(run=_HANDLERS[name], parser=p)
+
+
+def run_step(name: str, argv: list[str]):
+    """Step ``name`` on ``argv`` (its flags, as after ``cdist NAME``): what ``cdist NAME ARGV``
+    does, for a caller inside cdist (the demo)."""
+    p = Parser(prog=f"cdist {name}")
+    _configure(p, name)
+    return p.parse_args(argv).run(argparse.Namespace(parser=p, argv=list(argv)))
+
+
 def add_parsers(sub) -> None:
-    helps = {
-        "discover": ("find the teacher's and/or the student's circuit for the task",
-                     ("items", "discovery")),
-        "match": ("map each student circuit head to teacher heads (every matcher asked for)",
-                  ("items", "discovery", "matching")),
-        "distill": ("one training run of the student (any arm, lr, lambda, seed)",
-                    ("items", "discovery", "matching", "training")),
-        "evaluate": ("full, circuit and random-circuit accuracy of the teacher, the student and "
-                     "every trained run", ("items", "discovery")),
-        "table": ("the paper's Table 1 or 2: every arm over seeds and regimes, selection on "
-                  "validation items, the declared statistics",
-                  ("items", "discovery", "matching", "training", "design")),
-    }
-    for name, (text, groups) in helps.items():
+    for name, (text, _) in _STEPS.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
                            epilog="example:\n  " + _EXAMPLES[name].replace("\n", "\n  "),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        common.add_flags(p, groups)
-        if name == "discover" or name == "evaluate":
-            p.add_argument("--roles", nargs="+", choices=["teacher", "student"], default=None,
-                           help="which models (default: those named by --teacher/--student, "
-                                "else both)")
-        if name == "distill":
-            g = p.add_argument_group("this run")
-            g.add_argument("--arm", default="circuit distilled, CE + Align CKA",
-                           choices=[a.name for a in arms.ARMS if a.trained], metavar="ARM",
-                           help="how the student trains (an arm of the table; default: "
-                                "%(default)s)")
-            g.add_argument("--matcher", default="ablation", choices=arms.MATCHERS,
-                           help="whose head map the pairs come from")
-            g.add_argument("--lr", type=float, default=None,
-                           help=f"learning rate (default: {common.LRS['zoo'][1]} for zoo "
-                                f"students, {common.LRS['pretrained'][1]} for checkpoints)")
-            g.add_argument("--lam", type=float, default=1.0, help="CKA weight lambda")
-            g.add_argument("--seed", type=int, default=0,
-                           help="the run's seed (data order, shuffles, random pairs)")
-            g.add_argument("--train-items", type=int, default=128, help="training items")
-        if name == "table":
-            p.add_argument("--figures", default=None,
-                           help="where the tables and figures go (default: OUT/figures)")
-        p.set_defaults(run=_HANDLERS[name], parser=p)
+        _configure(p, name)
     report = sub.add_parser("report", help="one self-contained HTML page for a run folder",
                             description="One HTML page (plotly inlined: it opens offline) with "
                                         "whatever the folder holds: the table, the circuits' "
@@ -94,34 +115,34 @@ def add_parsers(sub) -> None:
     report.set_defaults(run=_report, parser=report)
 
 
-def _roles(args: argparse.Namespace) -> tuple[str, ...]:
+def _roles(args: RunSettings) -> tuple[str, ...]:
     return tuple(args.roles or args.named_roles or ("teacher", "student"))
 
 
 def _prepared(top: argparse.Namespace, command: str):
     """The step's settings (``common.parse``) and run context, checked and the folder claimed
     before anything is written."""
-    args = common.parse(top.parser, top.argv, command)
+    args = settings.parse(top.parser, top.argv, command)
     if command == "table":
         run_folder.check_writable(_figures(args))  # before the hours of the table, not after
     ctx = common.context(args)
     ctx.claim()  # held until the command ends
-    common.keep_settings(top.parser, args)
+    settings.keep_settings(top.parser, args)
     return args, ctx
 
 
-def _figures(args: argparse.Namespace) -> str:
+def _figures(args: RunSettings) -> str:
     """Where a table's report goes."""
     return args.figures or str(Path(args.out) / "figures")
 
 
-def _discovery_record(ctx, args, role: str, found, circuits) -> dict:
+def _discovery_record(ctx, args: RunSettings, role: str, found, circuits) -> dict:
     """``discovery-<role>.json``: the circuit, how it was chosen, where the teacher's heads work,
     and its accuracy and faithfulness on the test items."""
     from cdist import pipeline
 
     circuit = found.circuit
-    record = {"role": role, "model": getattr(args, role), "task": args.task,
+    record = {"role": role, "model": args.model(role), "task": args.task,
               "heads": [str(h) for h in circuit.heads], "circuit": circuit.to_dict(),
               "selection": found.record}
     if role == "teacher":
@@ -185,14 +206,15 @@ def _match(top: argparse.Namespace) -> dict:
 def _distill(top: argparse.Namespace) -> dict:
     from cdist import pipeline
 
-    args = common.parse(top.parser, top.argv, "distill")
+    args = settings.parse(top.parser, top.argv, "distill")
     if args.train_items < 1 or args.lam < 0:
-        raise common.UsageError(f"--train-items {args.train_items} and --lam {args.lam}: give at "
+        raise flags.UsageError(f"--train-items {args.train_items} and --lam {args.lam}: give at "
                                 "least 1 training item and a lambda >= 0")
     if args.train_items < args.batch_size:
-        raise common.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
+        raise flags.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
                                 f"{args.batch_size}; give more items or a smaller --batch-size")
-    args.regimes = [args.train_items]  # the run's items are the first of the table's pool
+    # the run's items are the first of the table's pool
+    args = replace(args, regimes=(args.train_items,))
     ctx = common.context(args)
     arm = arms.arm(args.arm)
     lr = args.lr if args.lr is not None else ctx.cfg.lrs[len(ctx.cfg.lrs) // 2]
@@ -200,7 +222,7 @@ def _distill(top: argparse.Namespace) -> dict:
     arm.config(ctx.cfg.distill, lam=args.lam, lr=lr, control_lr=ctx.cfg.control_lr,
                seed=args.seed)
     ctx.claim()  # held until the command ends
-    common.keep_settings(top.parser, args)
+    settings.keep_settings(top.parser, args)
     circuits, maps = _matched(ctx, (args.matcher,))
     folder = pipeline.run_dir(ctx, arm, args.train_items, args.seed)
     record = pipeline.train_run(ctx, circuits, arm, n_train=args.train_items, seed=args.seed,
@@ -233,8 +255,8 @@ def _evaluate(top: argparse.Namespace) -> dict:
         circuits = pipeline.find_circuits(ctx, (role,))
         rec = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
         rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
-        result["models"][role] = {"model": getattr(args, role), **rec}
-        print(_accuracy_line(f"{role} ({getattr(args, role)})", rec))
+        result["models"][role] = {"model": args.model(role), **rec}
+        print(_accuracy_line(f"{role} ({args.model(role)})", rec))
     for name, rec in result["runs"].items():
         print(_accuracy_line(name, rec))
     atomic_write_json(result, out / "evaluation.json")

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from cdist import run_folder
-from cdist.cli.common import UsageError, parse_min_effect, set_threads
+from cdist.cli import steps
+from cdist.cli.common import set_threads
+from cdist.cli.flags import UsageError, add_shared
 
 __all__ = ["add_parsers"]
 
@@ -43,7 +45,7 @@ def add_parsers(sub) -> None:
     train.add_argument("--eval-seed", type=int, default=2024, help="seed of the held-out items")
     train.add_argument("--tiny", action="store_true",
                        help="train only zoo.TINY_CONFIG (a seconds-long smoke run)")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_shared(train, "threads")
     train.set_defaults(run=_train)
     export = zsub.add_parser("export", help="write a zoo model as a transformers checkpoint",
                              epilog="example:\n  cdist zoo export et-student ckpt/et-student",
@@ -67,25 +69,15 @@ def add_parsers(sub) -> None:
                           help="only redraw the heatmaps of the scores already in --out")
     circuits.add_argument("--seed", type=int, default=0,
                           help="data seed; the three item sets use seed*3 + 101/102/103")
-    circuits.add_argument("--reference-items", type=int, default=500,
-                          help="items for the head means")
-    circuits.add_argument("--discovery-items", type=int, default=200,
-                          help="items the scans run on")
+    add_shared(circuits, "reference-items", "discovery-items")
     circuits.add_argument("--eval-items", type=int, default=1000,
                           help="items for the reported accuracies")
-    circuits.add_argument("--k", type=int, default=2,
-                          help="entity tracking: heads per path-patching group")
-    circuits.add_argument("--min-effect", type=parse_min_effect, default="noise",
-                          help="entity tracking: a head's -relative change must exceed 2 "
-                               "standard errors over the items (noise, the default) or this "
-                               "number")
+    add_shared(circuits, "k", "min-effect")
     circuits.add_argument("--budget", type=float, default=0.2,
                           help="mean-ablation ranking: largest circuit, share of heads")
     circuits.add_argument("--target", type=float, default=0.8,
                           help="mean-ablation ranking: faithfulness that ends the growth")
-    circuits.add_argument("--n-random", type=int, default=5,
-                          help="random circuits per evaluation")
-    circuits.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_shared(circuits, "n-random", "threads")
     circuits.set_defaults(run=_circuits)
 
     demo = sub.add_parser("demo", help="the zoo table, then a small circuit distillation",
@@ -229,7 +221,7 @@ def zoo_table(items: int, seed: int) -> list[dict]:
 
 
 def _demo(args) -> list[dict]:
-    from cdist import cli, zoo
+    from cdist import zoo
 
     if not zoo.names():
         raise UsageError(f"no zoo models in {zoo.zoo_dir()}; train them with `cdist zoo train`")
@@ -254,12 +246,13 @@ def _demo(args) -> list[dict]:
     started = time.time()
     print("\nCircuit distillation of et-student from et-teacher, reduced size (1 seed, 128 "
           "training items, 150 steps, 5 arms; the full table: cdist table):", flush=True)
-    cli.run(["table", "--task", "entity_tracking", "--seeds", "0", "--regimes", "128",
-             "--steps", "150", "--eval-every", "50", "--lrs", "1e-3", "--lambdas", "1.0",
-             "--matchers", "ablation-baseline", "--val-items", "200", "--test-items", "500",
-             "--ood-items", "200", "--arms", "base student", "teacher", "circuit distilled, CE",
-             "circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
-             "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"])
+    steps.run_step("table", [
+        "--task", "entity_tracking", "--seeds", "0", "--regimes", "128", "--steps", "150",
+        "--eval-every", "50", "--lrs", "1e-3", "--lambdas", "1.0", "--matchers",
+        "ablation-baseline", "--val-items", "200", "--test-items", "500", "--ood-items", "200",
+        "--arms", "base student", "teacher", "circuit distilled, CE",
+        "circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA",
+        "--out", f"{args.out}/entity_tracking", "--figures", f"{args.out}/figures"])
     from cdist.report_page import write_run_page
 
     page = write_run_page(f"{args.out}/entity_tracking")

@@ -1,0 +1,179 @@
+"""The flags of the ``cdist`` pipeline's steps, in groups (models and output, items, circuits,
+matching, training, the table's design), and the learning-rate grids by kind of student. A flag
+that another command also takes (``cdist zoo circuits``) is defined once, in ``SHARED``.
+
+Only the standard library and cdist's light modules (the task registry, the arms' names) are
+imported here, so that ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cdist import arms
+from cdist.errors import ConfigError
+from cdist.tasks.registry import TASKS
+
+__all__ = ["CONTROL_LR", "LRS", "SHARED", "UsageError", "add_flags", "add_shared",
+           "parse_min_effect"]
+
+# Learning rates by kind of student. Zoo organisms: circuit CE needs about 1e-3 to move in a few
+# hundred steps. Pretrained checkpoints: around the paper's 2e-5 (Llama-3, thousands of steps) and
+# up, since a run here is hundreds of steps and trains a few heads' W_Q / W_O slices only.
+LRS = {"zoo": (3e-4, 1e-3, 3e-3), "pretrained": (3e-5, 1e-4, 3e-4)}
+CONTROL_LR = {"zoo": 3e-4, "pretrained": 3e-5}
+
+
+class UsageError(ConfigError):
+    """A command line the user can fix: ``cdist`` prints it as one line and exits with status
+    2."""
+
+
+def parse_min_effect(text: str) -> float | str:
+    """A command line's ``--min-effect``: ``noise`` or a number >= 0 (argparse type)."""
+    if text == "noise":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'noise' nor a number >= 0")
+    return value
+
+
+# Flags that more than one command takes, each defined once: name -> add_argument's keywords.
+SHARED: dict[str, dict] = {
+    "threads": dict(type=int, default=None, help="torch CPU threads"),
+    "reference-items": dict(type=int, default=500,
+                            help="items whose head means mean ablation writes"),
+    "discovery-items": dict(type=int, default=200, help="items the circuits are found on"),
+    "n-random": dict(type=int, default=5,
+                     help="random circuits of the circuit's size per evaluation"),
+    "k": dict(type=int, default=2, help="entity tracking: heads per path-patching group"),
+    "min-effect": dict(type=parse_min_effect, default="noise",
+                       help="entity tracking: a head's -relative change must exceed 2 standard "
+                            "errors over the items (noise, the default) or this number"),
+}
+
+
+def add_shared(group, *names: str) -> None:
+    """The ``SHARED`` flags ``names`` on ``group`` (a parser or an argument group)."""
+    for name in names:
+        group.add_argument(f"--{name}", **SHARED[name])
+
+
+# ---------------------------------------------------------------------------- flags
+def add_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], *, roles=("teacher", "student"),
+              default_task: str | None = None) -> None:
+    """The flag groups a subcommand takes: ``run`` (models, task, output), ``items``,
+    ``discovery``, ``matching``, ``training`` and ``design`` (the table's seeds, regimes, arms and
+    grids)."""
+    g = p.add_argument_group("models and output")
+    for role in roles:
+        g.add_argument(f"--{role}", default=None,
+                       help="zoo name, checkpoint directory or .gguf file (default: the run "
+                            "folder's, else the task's zoo pair)")
+    g.add_argument("--task", default=default_task, choices=sorted(TASKS),
+                   help="the task (default: the run folder's, else entity_tracking)")
+    g.add_argument("--out", default=None,
+                   help="the run folder every step reads and writes (default: results/<task>)")
+    g.add_argument("--config", default=None,
+                   help="a TOML or YAML file of settings (flag names as keys); flags override it")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    add_shared(g, "threads")
+    if "items" in groups:
+        _items_flags(p)
+    if "discovery" in groups:
+        _discovery_flags(p)
+    if "matching" in groups:
+        _matching_flags(p)
+    if "training" in groups:
+        _training_flags(p)
+    if "design" in groups:
+        _design_flags(p)
+
+
+def _items_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("items (default: a zoo student's own; the task's real template for a "
+                             "checkpoint)")
+    g.add_argument("--val-items", type=int, default=500,
+                   help="validation items (selection, matching and curves)")
+    g.add_argument("--test-items", type=int, default=1000,
+                   help="test items (entity tracking: 7 boxes unless --n-boxes)")
+    g.add_argument("--ood-items", type=int, default=500, help="items per out-of-distribution set")
+    add_shared(g, "reference-items", "discovery-items", "n-random")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of every item set")
+    templates = sorted({t for spec in TASKS.values() for t in spec.templates})
+    g.add_argument("--template", choices=templates, default=None,
+                   help="the template of the training, validation and test items")
+    g.add_argument("--n-boxes", type=int, default=None,
+                   help="entity tracking: boxes per item in the training, validation and test "
+                        "items (default: the organism's, else the generator's)")
+    roles = {role: name for name, spec in sorted(TASKS.items()) for role in spec.word_lists}
+    for role, task in roles.items():
+        g.add_argument(f"--{role.replace('_', '-')}", nargs="+", default=None, metavar="WORD",
+                       help=f"{task.replace('_', ' ')}: the {role} words, each one token for the "
+                            "models' tokenizer (default: the generator's list, less the words "
+                            "that are not)")
+    g.add_argument("--ood-boxes", type=int, nargs="*", default=None,
+                   help="other box counts tested, replacing the task's default ones (entity "
+                        "tracking: 3 10); ignored by a task that tests none by default")
+    g.add_argument("--ood-templates", nargs="*", default=None,
+                   help="other templates tested, replacing the task's default ones (entity "
+                        "tracking: bridge_context for the zoo, compact else)")
+
+
+def _discovery_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("circuits")
+    add_shared(g, "k", "min-effect")
+    g.add_argument("--prefilter", type=int, default=None,
+                   help="entity tracking's searches: scan exactly only the N senders per group "
+                        "that path attribution ranks first (for deep models; default: every head)")
+    g.add_argument("--student-method", default="mean_ablation",
+                   choices=["auto", "path_patching", "mean_ablation"],
+                   help="how the student's circuit is found (auto: as the teacher's, by task)")
+
+
+def _matching_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("matching")
+    g.add_argument("--matchers", nargs="+", choices=arms.MATCHERS, default=list(arms.MATCHERS),
+                   help="matchers made (cdist match) or tried (cdist table)")
+    g.add_argument("--one-to-one", action=argparse.BooleanOptionalAction, default=False,
+                   help="assign each teacher head at most once")
+    g.add_argument("--cka-position", default=None,
+                   help="read every pair at this position column instead of its teacher head's "
+                        "position")
+    g.add_argument("--teacher-positions", nargs="*", default=[], metavar="HEAD=COLUMN",
+                   help="name a teacher head's position, e.g. a0.h3=pos_prev_label")
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    g.add_argument("--eval-every", type=int, default=25,
+                   help="steps between validation evaluations")
+    g.add_argument("--batch-size", type=int, default=32, help="prompts per step (the m of CKA)")
+    g.add_argument("--kv-policy", choices=["qo", "group"], default="qo",
+                   help="qo: only the heads' W_Q/W_O train; group: their key/value groups too")
+    g.add_argument("--control-lr", type=float, default=None,
+                   help=f"learning rate of the positive control (default: {CONTROL_LR['zoo']} "
+                        f"for zoo students, {CONTROL_LR['pretrained']} for checkpoints)")
+
+
+def _design_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the table's design")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="the table's seeds")
+    g.add_argument("--select-seed", type=int, default=100,
+                   help="seed of the selection runs (not a table seed)")
+    g.add_argument("--regimes", type=int, nargs="+", default=[128, 2000],
+                   help="training items; the first is primary")
+    g.add_argument("--arms", nargs="+", default=[a.name for a in arms.ARMS],
+                   help="which arms (default: all)")
+    g.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help=f"learning rates tried for circuit CE (default: {LRS['zoo']} for zoo "
+                        f"students, {LRS['pretrained']} for checkpoints; the paper: 2e-5 for "
+                        "Llama-3)")
+    g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="CKA weights tried")

@@ -1,0 +1,55 @@
+"""The command line's argument parser: argparse, with three things cdist needs, all through
+argparse's public interface.
+
+- Refusals in one line, like cdist's own (``cdist: error: ... (see cdist --help)``, status 2).
+- A negative number such as ``-1e-3`` is read as a value, not taken for an option (argparse
+  recognises only plain negative integers and decimals), so that a negative learning rate reaches
+  the check that names it: such a token is passed on with a leading space, which no option has and
+  which ``float`` and ``int`` ignore.
+- Every flag a parser takes is recorded (``flags``), so that config files and a run folder's
+  ``config.yaml`` can be checked and re-read as the flags that would set them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+__all__ = ["Parser"]
+
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line refusals, negative numbers as values and a record of its
+    flags (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags: dict[str, argparse.Action] = {}
+
+    def _record(self, action: argparse.Action) -> argparse.Action:
+        if action.option_strings and action.dest != "help":
+            self.flags[action.dest] = action
+        return action
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return self._record(super().add_argument(*args, **kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_recorded(*a, **k) -> argparse.Action:
+            return self._record(add(*a, **k))
+
+        group.add_argument = add_recorded
+        return group
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            args = [f" {a}" if _NUMBER.match(a) else a for a in args]
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
