@@ -1,11 +1,11 @@
 """Heads' outputs at task positions, one row per example: what CKA compares and what matching
 aligns.
 
-A head's activation (SPEC section 1, our default) is its output ``z`` (``cdist.models.hook_z``, the
-``d_head`` vector before ``W_O``) at one position per example. Which position is part of the
-request: a *site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and
-each row is read at its own example's value of that column, so padding positions are never read. One
-forward pass serves any number of sites, of any heads and positions.
+A head's activation (cdist's choice) is its output ``z`` (``cdist.models.hook_z``, the ``d_head``
+vector before ``W_O``) at one position per example. Which position is part of the request: a
+*site* is a ``(head, position column)`` pair, such as ``(a0.h3, "pos_prev_label")``, and each row
+is read at its own example's value of that column, so padding positions are never read. One forward
+pass serves any number of sites, of any heads and positions.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def head_z(
     """Run the model once and return its logits at each row's ``pos_last`` and each site's ``z``,
     row ``i`` at ``positions[column][i]``.
 
-    Only ``pos_last`` is unembedded: the task losses read nothing else, and a 49k-token vocabulary's
-    unembedding is a quarter of a 135M model's forward pass. With ``logits=False`` the pass stops
-    after the last layer holding a site.
+    Only ``pos_last`` is unembedded: the task losses read nothing else, and with a large vocabulary
+    the unembedding is a sizeable share of a small model's forward pass. With ``logits=False`` the
+    pass stops after the last layer holding a site.
 
     Args:
         model: a HookedTransformer.

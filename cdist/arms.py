@@ -99,7 +99,7 @@ ARMS: tuple[Arm, ...] = (
         control_lr=True),
 )
 
-# The comparison declared before the runs (README, table header): CE + Align CKA against
+# The comparison declared before the runs (the primary test of the table): CE + Align CKA against
 # CE + Shuffled CKA at the small training regime, test accuracy, pooled over seeds by the
 # Cochran-Mantel-Haenszel test.
 PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")

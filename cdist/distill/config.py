@@ -41,8 +41,8 @@ class DistillConfig:
     Attributes:
         steps: optimizer steps.
         lr: AdamW (Loshchilov & Hutter 2019) learning rate. Wadhwa et al. (2025) use 2e-5 for
-            Llama-3; small students trained for a few hundred steps need far more (about 1e-3) for
-            CE to move, and at such rates Adam also follows a CKA target that carries no task
+            Llama-3; small students trained for a few hundred steps need far larger rates for CE
+            to move, and at such rates Adam also follows a CKA target that carries no task
             signal, so pick lr and ``cka_weight`` on validation items and read ``grad_ratio``.
         batch_size: prompts per step (also the m of CKA).
         ce_weight: weight of CE on the labels (0 for "Align CKA only").

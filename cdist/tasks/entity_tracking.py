@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
+if TYPE_CHECKING:  # datasets is slow to import; the command line's --help needs none
     from datasets import Dataset
 
 from cdist.errors import InputError
@@ -97,8 +97,7 @@ ET_TEMPLATES: dict[str, EntityTrackingTemplate] = {
         query=" {label} contains",
     ),
     # The shortest form: the object sits right before its label and the query is the label itself.
-    # Organism training mixes it in as a warm-up because its lookup is learnt in a few
-    # hundred steps.
+    # Organism training mixes it in as a warm-up because its lookup is learnt quickly.
     "adjacent": EntityTrackingTemplate(
         name="adjacent",
         first_clause=" {object} {label}",
@@ -294,7 +293,7 @@ def _row(item, prompt: str, ids: list[int], pos: dict[str, int], corrupt_prompt:
 
 def _search(items) -> str:
     # The organisms' adjacent form needs the object binders
-    # (``discovery.path_patching.ET_SEARCH_ADJACENT``).
+    # (``cdist.discovery.search.ET_SEARCH_ADJACENT``).
     adjacent = "template" in items.column_names and items[0]["template"] == "adjacent"
     return "adjacent" if adjacent else "prakash"
 

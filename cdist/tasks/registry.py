@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cdist.discovery_names import DISCOVERY_METHODS
 from cdist.errors import ConfigError, InputError
 from cdist.tasks.common import WordChoice, single_token_words
 
@@ -34,13 +35,15 @@ class Task:
         templates: template name -> template record.
         real_template: the template a pretrained (real) model is tested on; organisms
             name their own.
-        discovery_method: how its circuit is found by default: ``"path_patching"`` or
-            ``"mean_ablation"``.
+        discovery_method: how its circuit is found by default: a name of
+            ``cdist.discovery_names.DISCOVERY_METHODS`` (``"path_patching"``,
+            ``"mean_ablation"``).
         discovery_methods: every method ``cdist zoo circuits`` runs for it
             (the default first).
         table_stem: the file stem of its experiment's table, e.g. ``"table1-entity-tracking"``.
-        search: for path patching, the search (a key of ``discovery.path_patching.SEARCHES``) that
-            suits a set of items; None where the task has no path-patching search.
+        search: for path patching, ``search(items)`` -> the name of the search that suits a set of
+            items (a key of ``cdist.discovery.search.SEARCHES``); None where the task has no
+            path-patching search.
         organism_kwargs: the fields of an organism's config that are keyword arguments of
             ``generate`` besides ``template`` (entity tracking: ``n_boxes``).
         default_ood: ``default_ood(organism)`` -> the out-of-distribution sets tested by default, as
@@ -76,9 +79,9 @@ class Task:
     word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.discovery_method not in ("path_patching", "mean_ablation"):
+        if self.discovery_method not in DISCOVERY_METHODS:
             raise ConfigError(f"task {self.name!r}: discovery method {self.discovery_method!r}; "
-                              "choose 'path_patching' or 'mean_ablation'")
+                              f"choose {' or '.join(map(repr, DISCOVERY_METHODS))}")
         if self.discovery_methods[0] != self.discovery_method:
             raise ConfigError(f"task {self.name!r}: discovery_methods must start with "
                               f"{self.discovery_method!r}")

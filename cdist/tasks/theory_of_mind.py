@@ -41,8 +41,8 @@ Choices that are ours:
 - Story positions (``pos_story_*``) are the mentions in the two filling sentences, in story order.
 - The item key is (characters, containers, states, visibility, query character, query container).
 - Default words are one token both in the word-level vocabulary and, after a space, in Llama-3. A
-  tokenizer that splits some of them draws from the rest (SmolLM2 splits " Carla", " mug",
-  " cola", " vodka", " champagne" and " espresso"; ``default_words`` lists what is dropped).
+  tokenizer that splits some of them draws from the rest (a smaller BPE vocabulary such as
+  SmolLM2's splits a few names and drinks; ``default_words`` lists what is dropped).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # datasets takes a second to import; the command line's --help needs none
+if TYPE_CHECKING:  # datasets is slow to import; the command line's --help needs none
     from datasets import Dataset
 
 from cdist.errors import InputError

@@ -2,7 +2,7 @@
 
 Each zoo model is a plain Hugging Face ``LlamaForCausalLM`` directory (config.json,
 model.safetensors, tokenizer files) plus a ``manifest.json`` saying how it was made (config, seed,
-steps, wall time, commit) and its measured accuracies. Because the zoo is stored in the same format
+steps, wall time, commit) and its held-out accuracies. Because the zoo is stored in the same format
 as a real Llama-3 checkpoint, it is loaded by the very code path that loads one
 (``cdist.models.load_llama``).
 
@@ -31,19 +31,19 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 
 # Teachers are bigger; students are smaller (fewer layers or a smaller width) with at least 32 heads
 # (enough for a circuit search to choose from). Entity tracking grows its boxes from 2 to 7; theory
-# of mind mixes two-box entity tracking into training (see cdist.zoo.organisms). Entity-tracking
-# organisms use the adjacent form (" apple F , pen Q . F" -> "apple"): with the compact form every
-# run but one sat at chance on two boxes for 5,000-13,000 steps (see README, "The zoo and its
-# deviation").
+# of mind mixes two-box entity tracking into training (see cdist.zoo.organism_data). Entity-tracking
+# organisms use the adjacent form (" apple F , pen Q . F" -> "apple"), whose lookup small models
+# learn readily; on the compact form, where the answer sits at an offset from its label, they tend
+# to stay at chance on even two boxes.
 #
 # Trained on one task alone, an organism spreads the answer over every head of a layer, so no
-# circuit of 20% of its heads is faithful (README, "The zoo"). Real models hold many tasks and a
-# task's circuit is a few heads; the concave head-output penalty
-# (cdist.zoo.organisms.HeadOutputPenalty) makes the organisms alike:
+# circuit of a small share of its heads is faithful. Real models hold many tasks and a task's
+# circuit is a few heads; the concave head-output penalty (cdist.zoo.organisms.HeadOutputPenalty)
+# makes the organisms alike:
 # - et-teacher trains with it from scratch (weight HEAD_SPARSITY).
-# - tom-teacher with it from scratch was still at the always-"unknown" plateau at 17,250 steps, so
-#   the penalty-free tom-teacher-dense is trained first and fine-tuned with the penalty on in two
-#   stages (tom-teacher-stage1, then tom-teacher).
+# - A theory-of-mind teacher trained with it from scratch did not leave the always-"unknown"
+#   plateau, so the penalty-free tom-teacher-dense is trained first and fine-tuned with the
+#   penalty on in two stages (tom-teacher-stage1, then tom-teacher).
 # - A student must be warm *and* sparse, and no penalty did both from scratch: a student's warm
 #   stretch comes before its heads thin out, and by then it has learnt the task. So a "-dense"
 #   student is stopped early while warm (held-out accuracy checked every 25 steps inside the window,
@@ -52,15 +52,13 @@ TOM_STUDENT_WINDOW = (0.55, 0.75)
 #   with distillation does), which keeps its warmth while the penalty silences most heads. Its
 #   labels are never seen, so it cannot learn the task further.
 HEAD_SPARSITY = 0.05
-# et-student-dense's circuit by path patching (results/discovery/): consolidation spares these
-# heads, so the student keeps its own nascent circuit. Sparing none left 7 heads (22% of 32) needed
-# for 0.8 faithfulness.
+# et-student-dense's circuit as path patching finds it: consolidation spares these heads, so the
+# student keeps its own nascent circuit rather than spreading it again over more heads.
 ET_STUDENT_DENSE_CIRCUIT = ("a0.h4", "a0.h13", "a1.h0", "a1.h14")
 _ET_TEACHER = dict(n_layers=2, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
 _ET_STUDENT = dict(n_layers=2, d_model=96, n_heads=16, n_kv_heads=4, d_mlp=384)
 _TOM_TEACHER = dict(n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_mlp=512)
-# A two-layer, d_model 128, 16-head student sat at 0.49-0.51 for 9,825 steps; this one is narrower
-# but deeper.
+# Three layers of width 96: a wider two-layer student stayed at a trivial baseline.
 _TOM_STUDENT = dict(n_layers=3, d_model=96, n_heads=12, n_kv_heads=4, d_mlp=384)
 # Fine-tuning from a trained organism: all boxes from the start, a short warm-up, the penalty on.
 _FINE_TUNE = dict(curriculum_start=None, warmup=50, eval_every=250)
@@ -87,8 +85,8 @@ ZOO_CONFIGS: dict[str, OrganismConfig] = {
         warmup_templates=("adjacent",), seed=3, init_from="tom-teacher-dense", head_sparsity=1.0,
         head_sparsity_ramp=3_000, **_FINE_TUNE,
     ),
-    # After stage 1 its top 4 heads (20% of 24) kept 0.74; a stronger penalty leaves 4 heads
-    # keeping 0.88.
+    # A second stage with a stronger penalty, so that a circuit of a fifth of the heads keeps
+    # more of the teacher's accuracy than stage 1's does.
     "tom-teacher": OrganismConfig(
         name="tom-teacher", task="theory_of_mind", **_TOM_TEACHER, steps=3_000,
         warmup_templates=("adjacent",), seed=3, init_from="tom-teacher-stage1", head_sparsity=1.5,
