@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cdist import arms
+from cdist.discovery_names import DISCOVERY_METHODS
 from cdist.errors import ConfigError
 from cdist.tasks.registry import TASKS
 
@@ -131,7 +132,7 @@ def _discovery_flags(p: argparse.ArgumentParser) -> None:
                    help="entity tracking's searches: scan exactly only the N senders per group "
                         "that path attribution ranks first (for deep models; default: every head)")
     g.add_argument("--student-method", default="mean_ablation",
-                   choices=["auto", "path_patching", "mean_ablation"],
+                   choices=["auto", *DISCOVERY_METHODS],
                    help="how the student's circuit is found (auto: as the teacher's, by task)")
 
 
