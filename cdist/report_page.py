@@ -73,7 +73,7 @@ def _circuits(run: Path) -> list[str]:
                 + "</p>")
         scans = sorted((run / "scans").glob(f"{role}-*.json"))
         for path in scans:
-            kept = Store(run).kept(path)
+            kept = Store(run).kept(path.relative_to(run))
             if kept is None:
                 raise FileFormatError(f"{path} is not a kept scan; delete it to make it again")
             scan = Scan.from_dict(kept)
@@ -81,7 +81,7 @@ def _circuits(run: Path) -> list[str]:
             fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))
         for path in sorted((run / f"search-{role}").glob("*.json")):
-            for name, data in (Store(run).kept(path) or {}).items():
+            for name, data in (Store(run).kept(path.relative_to(run)) or {}).items():
                 scan = Scan.from_dict(data)
                 fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()))
                 fig.update_layout(title=f"{role}: path patching, {name}")

@@ -83,7 +83,10 @@ class Store:
         self.root = Path(root)
 
     def path(self, name: str | Path) -> Path:
-        return self.root / name  # an absolute name stays itself
+        """Where ``name``, a path relative to the store's folder, is kept."""
+        if Path(name).is_absolute():
+            raise ValueError(f"{name}: a store's names are relative to its folder {self.root}")
+        return self.root / name
 
     def load(self, name: str, identity, *, on_mismatch: OnMismatch = "recompute"):
         """The value kept under ``name`` for ``identity``; None when there is none, or (with

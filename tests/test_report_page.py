@@ -80,9 +80,10 @@ def test_page_renders_in_a_headless_browser(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_pipeline_folder_page_renders_too(tok, tmp_path):
-    """The page of a folder made step by step (discover, match, distill on tiny checkpoints):
-    scans, search groups, a head map and training curves, all drawn."""
+def test_a_pipeline_folder_page_renders_too(tok, tmp_path, monkeypatch):
+    """The page of a folder made step by step (discover, match, distill on tiny checkpoints),
+    named as a user types it (relative to the working folder): scans, search groups, a head map
+    and training curves, all drawn."""
     from cdist.models import new_llama, save_llama
 
     ckpt = {}
@@ -90,7 +91,8 @@ def test_a_pipeline_folder_page_renders_too(tok, tmp_path):
         model = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
                           vocab_size=len(tok), seed=seed, tokenizer=tok)
         ckpt[role] = str(save_llama(model, tmp_path / role, tokenizer=tok))
-    out = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    out = "run"
     small = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items",
              "32", "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "1",
              "--min-effect", "0", "--device", "cpu"]
@@ -99,6 +101,9 @@ def test_a_pipeline_folder_page_renders_too(tok, tmp_path):
     cli.run(["match", "--matchers", "ablation", "--out", out])
     cli.run(["distill", "--out", out, "--steps", "2", "--eval-every", "1", "--batch-size", "8",
              "--train-items", "16", "--lr", "1e-3", "--matcher", "ablation"])
+    # the run's record is in its own folder, not under a second copy of the relative path
+    assert [str(p) for p in Path(out).rglob("eval.json")] == [
+        "run/runs/n16/circuit_distilled-CE+Align_CKA-seed0/eval.json"]
     page_path = cli.run(["report", out])
     figures, rendered, errors, requests = _render(page_path, tmp_path / "pipeline.png")
     assert figures >= 4 and rendered == figures

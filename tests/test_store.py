@@ -1,6 +1,7 @@
 """cdist.store: one fingerprint of a model and of items, and one reuse-by-identity rule."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +53,12 @@ def test_store_reuses_the_same_identity_and_remakes_or_refuses_another(tmp_path)
     # a kept value its reader cannot decode is remade too
     assert store.reuse("a/b.json", ["other"], make, decode=lambda v: v["missing"]) == {"n": 4}
     assert store.load("nothing.json", ["x"], on_mismatch="refuse") is None
+
+
+def test_store_names_are_relative_to_its_folder(tmp_path):
+    """A name is a path inside the store's folder; a relative folder (as a user types it) is not
+    prefixed twice, and an absolute name is refused rather than written outside."""
+    store = Store("results/run")
+    assert store.path("runs/n16/eval.json") == Path("results/run/runs/n16/eval.json")
+    with pytest.raises(ValueError, match="relative to its folder"):
+        store.path(tmp_path / "eval.json")

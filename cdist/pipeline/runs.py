@@ -94,4 +94,5 @@ def train_run(ctx: Context, circuits: Circuits, arm: arms.Arm, *, n_train: int, 
                 "wall_time_s": history["wall_time_s"],
                 **evaluate_model(ctx, circuits, model, "student")}
 
-    return ctx.store.record(folder / "eval.json", identity, train)
+    # the store's names are relative to the run folder, where every run of it lies
+    return ctx.store.record(folder.relative_to(ctx.out) / "eval.json", identity, train)
