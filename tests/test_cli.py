@@ -158,3 +158,19 @@ def test_models_of_other_tokenizers_are_refused_before_they_load(dirs, tok, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "out").exists()
+
+
+def test_every_flag_of_every_step_is_a_typed_setting():
+    """A step's settings are one ``RunSettings`` record: a flag without its field would fail when
+    that step parses, so every flag of every step is checked here at once."""
+    from dataclasses import fields
+
+    from cdist.cli import steps
+    from cdist.cli.parser import Parser
+    from cdist.cli.settings import RunSettings
+
+    known = {f.name for f in fields(RunSettings)}
+    for name in STEPS:
+        p = Parser(prog=f"cdist {name}")
+        steps._configure(p, name)
+        assert p.flags and set(p.flags) <= known, name
