@@ -34,7 +34,8 @@ from cdist.errors import InputError
 if TYPE_CHECKING:  # the command line reads the arms' names without importing torch
     from cdist.distill import DistillConfig
 
-__all__ = ["ARMS", "COMPARISONS", "MATCHERS", "PRIMARY", "STRONG_RATIO", "Arm", "arm"]
+__all__ = ["ARMS", "COMPARISONS", "MATCHERS", "MATCHER_RECORDS", "PRIMARY", "STRONG_RATIO", "Arm",
+           "Matcher", "arm", "matcher"]
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,45 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)"),
 )
 STRONG_RATIO = 0.3
-# The head matchers a table chooses among on validation items (``cdist.pipeline.head_maps``): the
-# paper's ablation distance, the same normalised by each model's baseline, and CKA similarity.
-MATCHERS = ("ablation", "ablation-baseline", "cka")
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One way to pair each student circuit head with teacher circuit heads; a table chooses among
+    them on validation items (``cdist.pipeline.head_maps`` makes each one's map).
+
+    Attributes:
+        name: how the command line and the results name it.
+        method: "ablation" (the heads whose mean-ablation drops are closest; Wadhwa et al.) or
+            "cka" (the heads whose activations are most similar; Kornblith et al. 2019).
+        normalise: for "ablation", None (the paper's rule: both drops against the student's
+            baseline) or "baseline" (each drop against its own model's baseline).
+    """
+
+    name: str
+    method: Literal["ablation", "cka"]
+    normalise: Literal["baseline"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("ablation", "cka") or self.normalise not in (None, "baseline"):
+            raise InputError(f"matcher {self.name!r}: method {self.method!r} (ablation or cka), "
+                             f"normalise {self.normalise!r} (None or baseline)")
+
+
+MATCHER_RECORDS: tuple[Matcher, ...] = (
+    Matcher("ablation", "ablation"),
+    Matcher("ablation-baseline", "ablation", normalise="baseline"),
+    Matcher("cka", "cka"),
+)
+MATCHERS: tuple[str, ...] = tuple(m.name for m in MATCHER_RECORDS)
+
+
+def matcher(name: str) -> Matcher:
+    """The matcher called ``name``."""
+    for m in MATCHER_RECORDS:
+        if m.name == name:
+            return m
+    raise InputError(f"unknown matcher {name!r}; choose from {list(MATCHERS)}")
 
 
 def arm(name: str) -> Arm:

@@ -74,11 +74,12 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     assert settings["teacher"] == dirs["teacher"] and settings["val_items"] == 24
     # the later steps reuse the circuits the folder keeps, and each matcher's map once made
     searched, matched = [], []
-    real_search, makers = circuits._search, dict(head_maps.MAKERS)
+    real_search, methods = circuits._search, dict(head_maps.METHODS)
     monkeypatch.setattr(circuits, "_search",
                         lambda *a: searched.append(a[1]) or real_search(*a))
-    monkeypatch.setattr(head_maps, "MAKERS", {
-        name: (lambda *a, name=name: matched.append(name) or makers[name](*a)) for name in makers})
+    monkeypatch.setattr(head_maps, "METHODS", {
+        name: (lambda *a, name=name: matched.append(a[-1].name) or methods[name](*a))
+        for name in methods})
     maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
     assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
     assert (out / "diagnostics.json").is_file()

@@ -2,11 +2,11 @@
 asked for, and each map diagnosed (``cdist.alignment``: flat targets and crowded teacher heads are
 flagged), also with every pair read at the last token for comparison.
 
-The matchers (``MAKERS``; their names, which the command line offers without loading torch, are
-``cdist.arms.MATCHERS``):
-- ``ablation``: the paper's rule (Wadhwa et al.), each student head to the teacher head whose
-  mean-ablation drop is closest to its own, both against the student's baseline;
-- ``ablation-baseline``: the same with each drop normalised by its own model's baseline;
+The matchers are records (``cdist.arms.MATCHER_RECORDS``, which the command line reads without
+loading torch); each names one of the methods here (``METHODS``) and its options:
+- ``ablation``: each student head to the teacher head whose mean-ablation drop on the validation
+  items is closest to its own (the paper's rule, Wadhwa et al., reads both against the student's
+  baseline; ``normalise="baseline"`` reads each against its own model's);
 - ``cka``: each student head to the teacher head whose activations it is most CKA-similar to
   (Kornblith et al. 2019) on the validation items.
 
@@ -31,7 +31,7 @@ from cdist.pipeline.positions import Placement
 from cdist.records import write_record
 from cdist.store import items_fingerprint
 
-__all__ = ["MAKERS", "HeadMaps", "make_head_maps"]
+__all__ = ["METHODS", "HeadMaps", "make_head_maps"]
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,19 @@ def _kw(ctx: Context) -> dict:
             "teacher_model": ctx.names["teacher"]}
 
 
-def _ablation_map(ctx: Context, circuits: Circuits, placement: Placement, *,
-                  normalise: str | None = None) -> HeadMap:
+def _ablation_map(ctx: Context, circuits: Circuits, placement: Placement,
+                  matcher: arms.Matcher) -> HeadMap:
     # both ablation matchers read the same two scans, kept in the store
     scans = {role: ablation_scan(ctx, role, ctx.items.val, f"{role}-validation")
              for role in ("student", "teacher")}
     hmap = matching.ablation_matcher_from_scans(
         scans["student"], scans["teacher"], circuits.heads("student"), circuits.heads("teacher"),
-        normalise=normalise, **_kw(ctx))
+        normalise=matcher.normalise, **_kw(ctx))
     return hmap.placed(placement.positions)
 
 
-def _cka_map(ctx: Context, circuits: Circuits, placement: Placement) -> HeadMap:
+def _cka_map(ctx: Context, circuits: Circuits, placement: Placement,
+             matcher: arms.Matcher) -> HeadMap:
     positions, t_heads = placement.positions, circuits.heads("teacher")
     columns = sorted({positions[h] for h in t_heads})
     student_z = head_z_dataset(ctx.model("student"), ctx.items.val,
@@ -69,12 +70,10 @@ def _cka_map(ctx: Context, circuits: Circuits, placement: Placement) -> HeadMap:
     return matching.cka_matcher(student_z, teacher_z, **_kw(ctx))
 
 
-MAKERS: dict[str, Callable[[Context, Circuits, Placement], HeadMap]] = {
+METHODS: dict[str, Callable[[Context, Circuits, Placement, arms.Matcher], HeadMap]] = {
     "ablation": _ablation_map,
-    "ablation-baseline": lambda ctx, c, p: _ablation_map(ctx, c, p, normalise="baseline"),
     "cka": _cka_map,
 }
-assert tuple(MAKERS) == arms.MATCHERS, "every matcher name needs its maker, and only those"
 
 
 def _kept(ctx: Context, name: str, identity) -> dict:
@@ -131,7 +130,9 @@ def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
     kept = _kept(ctx, cache, identity)
     for name in names:
         if name not in kept:
-            kept[name] = _diagnosed(ctx, MAKERS[name](ctx, circuits, placement))
+            matcher = arms.matcher(name)
+            made = METHODS[matcher.method](ctx, circuits, placement, matcher)
+            kept[name] = _diagnosed(ctx, made)
             ctx.store.save(cache, identity, kept)
     _write_views(ctx, kept)
     maps, diagnostics = {}, {}
