@@ -54,6 +54,15 @@ def _read(path: Path):
     return read_json(path, "restore it, or run the step that writes it again")
 
 
+def _kept(run: Path, path: Path):
+    """What the run folder's store keeps in ``path``."""
+    kept = Store(run).kept(path.relative_to(run))
+    if kept is None:
+        raise FileFormatError(f"{path} is not in this cdist's store layout (made by an earlier "
+                              "cdist, or edited); run the step that made it again")
+    return kept
+
+
 def _circuits(run: Path) -> list[str]:
     parts = []
     for role in ("teacher", "student"):
@@ -73,15 +82,12 @@ def _circuits(run: Path) -> list[str]:
                 + "</p>")
         scans = sorted((run / "scans").glob(f"{role}-*.json"))
         for path in scans:
-            kept = Store(run).kept(path.relative_to(run))
-            if kept is None:
-                raise FileFormatError(f"{path} is not a kept scan; delete it to make it again")
-            scan = Scan.from_dict(kept)
+            scan = Scan.from_dict(_kept(run, path))
             fig = plots.scan_figure(scan, marked=circuit.heads)
             fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))
         for path in sorted((run / f"search-{role}").glob("*.json")):
-            for name, data in (Store(run).kept(path.relative_to(run)) or {}).items():
+            for name, data in _kept(run, path).items():
                 scan = Scan.from_dict(data)
                 fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()))
                 fig.update_layout(title=f"{role}: path patching, {name}")

@@ -175,3 +175,21 @@ def test_every_flag_of_every_step_is_a_typed_setting():
         p = Parser(prog=f"cdist {name}")
         steps._configure(p, name)
         assert p.flags and set(p.flags) <= known, name
+
+
+def test_a_run_folder_config_sets_any_of_its_steps(tmp_path):
+    """A run folder's config.yaml holds every step's settings: ``--config`` of it to a step that
+    takes fewer leaves the others to their steps, while a key no step takes is refused."""
+    from cdist.cli import settings, steps
+    from cdist.cli.flags import UsageError
+    from cdist.cli.parser import Parser
+
+    p = Parser(prog="cdist evaluate")
+    steps._configure(p, "evaluate")
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: 5\nseeds: [0, 1]\nval_items: 30\nmin_effect: 0.01\n")
+    s = settings.parse(p, ["--config", str(config), "--out", str(tmp_path / "x")], "evaluate")
+    assert (s.val_items, s.min_effect, s.steps, s.seeds) == (30, 0.01, None, None)
+    config.write_text("val_items: 30\nstepz: 5\n")
+    with pytest.raises(UsageError, match="unknown setting 'stepz'"):
+        settings.parse(p, ["--config", str(config), "--out", str(tmp_path / "x")], "evaluate")

@@ -316,6 +316,14 @@ def test_bad_settings_are_refused(tok, items, tmp_path):
     with pytest.raises(ValueError, match="another student, teacher, head set or training set"):
         distill.distill(fresh(tok, 1), teacher, head_map(), other, items[1], CFG, tmp_path / "a",
                         progress=False)
+    # a run saved by an earlier cdist (its fingerprints two float sums) is named as such
+    state_path = tmp_path / "a" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["identity"]["student"] = [1.0, 2.0]
+    torch.save(state, state_path)
+    with pytest.raises(RunFolderError, match="saved by an earlier cdist"):
+        distill.distill(fresh(tok, 1), teacher, head_map(), *items, CFG, tmp_path / "a",
+                        progress=False)
 
 
 def plain_z(model, item, head, column):

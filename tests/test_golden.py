@@ -21,9 +21,11 @@ def test_golden_table_is_reproduced_bit_for_bit(tmp_path):
         torch.set_num_threads(threads)
     assert len(made["runs"]) == len(expected["runs"]) == 15  # 13 arms' and selection runs
     for key, run in expected["runs"].items():
-        # a run's record now also names the models it started from (their fingerprints)
+        # a run's record now also names the models it started from (their fingerprints) and the
+        # random circuits its evaluation drew
         added = made["runs"][key]["eval"].pop("models")
         assert set(added) == {"teacher", "student"}, key
+        assert made["runs"][key]["eval"].pop("n_random") == 2, key
         assert made["runs"][key] == run, key
     assert made["per_item"] == expected["per_item"]
     for key in expected["results"]:

@@ -3,9 +3,9 @@ argparse's public interface.
 
 - Refusals in one line, like cdist's own (``cdist: error: ... (see cdist --help)``, status 2).
 - A negative number such as ``-1e-3`` is read as a value, not taken for an option (argparse
-  recognises only plain negative integers and decimals), so that a negative learning rate reaches
-  the check that names it: such a token is passed on with a leading space, which no option has and
-  which ``float`` and ``int`` ignore.
+  recognises only plain negative integers and decimals, ``-3`` and ``-0.001``), so that a negative
+  learning rate reaches the check that names it: such a token is passed on in its exact decimal
+  form (``-0.001``), which argparse reads as a value.
 - Every flag a parser takes is recorded (``flags``), so that config files and a run folder's
   ``config.yaml`` can be checked and re-read as the flags that would set them.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from decimal import Decimal
 
 __all__ = ["Parser"]
 
@@ -48,7 +49,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         if args is not None:
-            args = [f" {a}" if _NUMBER.match(a) else a for a in args]
+            args = [format(Decimal(a), "f") if _NUMBER.match(a) else a for a in args]
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cdist import tasks
@@ -152,12 +152,16 @@ def _argv(parser: Parser, settings: dict, where: str) -> list[str]:
         if value is None:
             continue
         option = action.option_strings[0]
-        switch = isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0
-        if switch and not isinstance(value, bool):  # YAML's "false" is a true string
+        both_ways = isinstance(action, argparse.BooleanOptionalAction)
+        store_true = not both_ways and action.nargs == 0 and action.const is True
+        if action.nargs == 0 and not (both_ways or store_true):
+            raise UsageError(f"{where}: {key} cannot be set from a file; give --{key} on the "
+                             "command line")
+        if (both_ways or store_true) and not isinstance(value, bool):  # YAML's "false" is text
             raise UsageError(f"{where}: {key} = {value!r}; write true or false")
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if both_ways:
             argv.append(option if value else "--no-" + option.removeprefix("--"))
-        elif switch:  # store_true
+        elif store_true:
             argv += [option] if value else []
         elif action.nargs in ("+", "*"):
             argv += [option, *map(str, value if isinstance(value, list) else [value])]
@@ -185,7 +189,11 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
         kept = {k: v for k, v in read_settings(saved).items() if k in parser.flags}
         layers.append(_argv(parser, kept, str(saved)))
     if first.config:
-        layers.append(_argv(parser, read_settings(Path(first.config)), first.config))
+        # a run folder's config.yaml holds every step's settings: another step's are left to it,
+        # so that the file re-makes any of its steps; a key no step takes is refused
+        others = {f.name for f in fields(RunSettings)} - set(parser.flags)
+        given = {k: v for k, v in read_settings(Path(first.config)).items() if k not in others}
+        layers.append(_argv(parser, given, first.config))
     args = parser.parse_args([*(flag for layer in layers for flag in layer), *argv])
     values = {k: v for k, v in vars(args).items() if k in parser.flags}
     values["task"] = values["task"] or "entity_tracking"

@@ -87,7 +87,12 @@ class Run:
                                for k, v in asdict(self.cfg).items() if saved_config.get(k) != v)
             raise RunFolderError(f"{state_path.parent} holds a run with other settings ({differ})"
                                  f"; {fix}")
-        if state.get("identity") != self.identity:
+        saved_identity = state.get("identity") or {}
+        if not isinstance(saved_identity.get("student"), str):
+            # fingerprints were two float sums before cdist.store's hash: this cannot tell
+            raise RunFolderError(f"{state_path.parent} holds a run saved by an earlier cdist, "
+                                 f"whose model fingerprints this one cannot compare; {fix}")
+        if saved_identity != self.identity:
             raise RunFolderError(f"{state_path.parent} holds a run of another student, teacher, "
                                  f"head set or training set; {fix}")
         self.weights.load_state_dict(state["weights"])

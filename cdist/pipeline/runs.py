@@ -2,10 +2,11 @@
 training regime, and the accuracies every row of the table is made of.
 
 A run's record (its folder's ``eval.json``) holds its identity beside its results: the arm's
-training config, the pairs and heads it trained, its items' fingerprints and the teacher's and
-base student's; the same identity reuses the record, and an interrupted run resumes from its
-checkpoint (``cdist.distill``). Per-item correctness is kept as strings of 0/1 (test and OOD sets),
-so every statistic can be recomputed from the records.
+training config, the pairs and heads it trained, its items' fingerprints, the number of random
+circuits its evaluation draws, and the teacher's and base student's fingerprints; the same
+identity reuses the record, and an interrupted run resumes from its checkpoint
+(``cdist.distill``). Per-item correctness is kept as strings of 0/1 (test and OOD sets), so every
+statistic can be recomputed from the records.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def train_run(ctx: Context, circuits: Circuits, arm: arms.Arm, *, n_train: int, 
         used = matching.random_control(head_map, _all_heads(ctx.model("teacher")), seed=seed)
     identity = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
                 "heads": [str(h) for h in s_heads], "train_items": n_train,
-                "items": ctx.items.identity(n_train),
+                "items": ctx.items.identity(n_train), "n_random": cfg.n_random,
                 "models": {"teacher": ctx.fingerprint("teacher"),
                            "student": ctx.fingerprint("student")}}
 
