@@ -1,12 +1,13 @@
-"""One store for every result cdist reuses by identity: scans, circuit searches, head maps,
-trained runs and teacher caches.
+"""One store for every result cdist reuses by identity (scans, circuits, circuit searches, head
+maps, trained runs' records), and the fingerprints that every identity is made of (the teacher
+cache and training checkpoints compare them too).
 
 A result is kept as one JSON file, ``{"identity": ..., "value": ...}``, written atomically
-(``cdist.checkpoints``). Its *identity* is everything that made it: the models' fingerprints, the
-items' fingerprints and the settings. The rule is the same everywhere: the same identity reuses
-the kept value; another identity, or a file that cannot be read (a kill leaves no half-written
-file, but a user's edit can), is either recomputed (a cache) or refused (a result the user may want
-to keep), as the caller says.
+(``cdist.checkpoints``); a run's record (``Store.record``) carries its identity among its own
+fields instead, since people and reports read it as it is. Its *identity* is everything that made
+it: the models' fingerprints, the items' fingerprints and the settings. The rule is the same
+everywhere: the same identity reuses the kept value; another identity, or a file that cannot be
+read (a kill leaves no half-written file, but a user's edit can), is made again.
 
 Fingerprints are cheap at any scale: a model's is a hash of each parameter's name, shape, dtype
 and three float64 sums (plain, of squares, position-weighted; no copy of the weights leaves the
@@ -20,17 +21,15 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import torch
 
 from cdist.checkpoints import atomic_write_json, read_json
-from cdist.errors import RunFolderError
 
 __all__ = ["Store", "items_fingerprint", "jsonable", "model_fingerprint"]
 
 T = TypeVar("T")
-OnMismatch = Literal["recompute", "refuse"]
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -88,38 +87,27 @@ class Store:
             raise ValueError(f"{name}: a store's names are relative to its folder {self.root}")
         return self.root / name
 
-    def load(self, name: str, identity, *, on_mismatch: OnMismatch = "recompute"):
-        """The value kept under ``name`` for ``identity``; None when there is none, or (with
-        ``on_mismatch="recompute"``) when it was made for another identity or cannot be read.
-
-        Raises:
-            RunFolderError: ``on_mismatch="refuse"`` and the file holds another identity's
-                value, or cannot be read.
-        """
-        path = self.path(name)
-        if not path.is_file():
-            return None
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and "value" in saved and saved.get("identity") == jsonable(
-                identity):
-            return saved["value"]
-        if on_mismatch == "refuse":
-            raise RunFolderError(f"{path} holds a result made from other models, items or "
-                                 "settings (or was edited); delete it to make it again, or "
-                                 "write elsewhere")
-        return None
-
-    def kept(self, name: str | Path):
-        """The value kept under ``name`` whatever its identity (for a report that shows what a
-        folder holds); None when there is none or it cannot be read."""
+    def _read(self, name: str | Path) -> dict | None:
+        """The file kept under ``name`` as written (``{"identity", "value"}``); None when there
+        is none or it cannot be read (a kill leaves no half-written file, but a user's edit
+        can)."""
         try:
             saved = json.loads(self.path(name).read_text())
         except (OSError, ValueError):
             return None
-        return saved.get("value") if isinstance(saved, dict) else None
+        return saved if isinstance(saved, dict) and "value" in saved else None
+
+    def load(self, name: str, identity):
+        """The value kept under ``name`` for ``identity``; None when there is none, it was made
+        for another identity, or it cannot be read."""
+        saved = self._read(name)
+        return saved["value"] if saved and saved.get("identity") == jsonable(identity) else None
+
+    def kept(self, name: str | Path):
+        """The value kept under ``name`` whatever its identity (for a report that shows what a
+        folder holds); None when there is none or it cannot be read."""
+        saved = self._read(name)
+        return saved["value"] if saved else None
 
     def save(self, name: str, identity, value) -> None:
         """Keep ``value`` (JSON) under ``name`` for ``identity``, atomically."""
@@ -127,11 +115,10 @@ class Store:
 
     def reuse(self, name: str, identity, make: Callable[[], T], *,
               encode: Callable[[T], object] = lambda v: v,
-              decode: Callable[[object], T] = lambda v: v,
-              on_mismatch: OnMismatch = "recompute") -> T:
+              decode: Callable[[object], T] = lambda v: v) -> T:
         """The value kept for ``identity`` (decoded), else ``make()``'s, kept (encoded). A kept
         value that ``decode`` cannot read (an edited record) is made anew."""
-        kept = self.load(name, identity, on_mismatch=on_mismatch)
+        kept = self.load(name, identity)
         if kept is not None:
             try:
                 return decode(kept)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from cdist.errors import RunFolderError
+from cdist.errors import FileFormatError
 from cdist.store import Store, items_fingerprint, model_fingerprint
 
 
@@ -35,7 +35,7 @@ def test_items_fingerprint_reads_the_tokens_and_answers_or_the_columns_named():
     assert items_fingerprint(data, ["pos_last"]) == items_fingerprint(other, ["pos_last"])
 
 
-def test_store_reuses_the_same_identity_and_remakes_or_refuses_another(tmp_path):
+def test_store_reuses_the_same_identity_and_remakes_another(tmp_path):
     store, made = Store(tmp_path), []
 
     def make():
@@ -46,13 +46,29 @@ def test_store_reuses_the_same_identity_and_remakes_or_refuses_another(tmp_path)
     assert store.reuse("a/b.json", ["m", [1, 2]], make) == {"n": 1}  # tuples read back as lists
     assert store.reuse("a/b.json", ["other"], make) == {"n": 2}  # recomputed, replaced
     assert json.loads((tmp_path / "a/b.json").read_text())["identity"] == ["other"]
-    with pytest.raises(RunFolderError, match="other models, items or settings"):
-        store.load("a/b.json", ["m"], on_mismatch="refuse")
+    assert store.load("a/b.json", ["m"]) is None and store.kept("a/b.json") == {"n": 2}
     (tmp_path / "a/b.json").write_text("{not json")  # a user's edit: remade
     assert store.reuse("a/b.json", ["other"], make) == {"n": 3}
     # a kept value its reader cannot decode is remade too
     assert store.reuse("a/b.json", ["other"], make, decode=lambda v: v["missing"]) == {"n": 4}
-    assert store.load("nothing.json", ["x"], on_mismatch="refuse") is None
+    assert store.load("nothing.json", ["x"]) is None and store.kept("nothing.json") is None
+
+
+def test_a_record_keeps_its_identity_among_its_fields(tmp_path):
+    store, made = Store(tmp_path), []
+
+    def make():
+        made.append(1)
+        return {"accuracy": len(made) / 10}
+
+    first = store.record("run/eval.json", {"seed": 0, "items": [3, "h"]}, make)
+    assert first == {"seed": 0, "items": [3, "h"], "accuracy": 0.1}
+    assert json.loads((tmp_path / "run/eval.json").read_text()) == first  # read as it is
+    assert store.record("run/eval.json", {"seed": 0, "items": (3, "h")}, make) == first
+    assert store.record("run/eval.json", {"seed": 1, "items": [3, "h"]}, make)["accuracy"] == 0.2
+    (tmp_path / "run/eval.json").write_text("{")  # maybe the only copy: the user's to delete
+    with pytest.raises(FileFormatError, match="run/eval.json is not valid JSON"):
+        store.record("run/eval.json", {"seed": 1}, make)
 
 
 def test_store_names_are_relative_to_its_folder(tmp_path):
