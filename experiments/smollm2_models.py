@@ -20,7 +20,9 @@ comes):
 Both are plain task fine-tuning (``distill`` with ``labels="answers"`` and no teacher), checkpointed
 and resumable: an interrupted call continues where it stopped, and a finished model is reused.
 Each goes to ``OUT/<role>`` as a transformers checkpoint; ``OUT/models.json`` records the config,
-the commit, the wall times and the validation accuracy before and after. The checkpoints (0.5 GB for
+the commit, the wall times, the validation accuracy before and after, and each checkpoint's
+fingerprint (``cdist.store.model_fingerprint``: a table refuses a model that is not the one
+recorded). The checkpoints (0.5 GB for
 the teacher in float32) stay out of git.
 """
 
@@ -61,6 +63,7 @@ from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.evaluate import accuracy  # noqa: E402
 from cdist.pretrained import smollm2_gguf  # noqa: E402
 from cdist.provenance import git_commit  # noqa: E402
+from cdist.store import model_fingerprint  # noqa: E402
 
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -120,6 +123,8 @@ def make(role: str, model, steps: int, lr: float) -> None:
         "val_accuracy_before": before, "val_accuracy_after": after,
         "train_wall_time_s": run["wall_time_s"], "wall_time_s": round(time.time() - started, 1),
         "curve": [(m["step"], m["accuracy"]) for m in run["metrics"]],
+        # of the checkpoint as a table loads it: a table refuses a model that is not this one
+        "fingerprint": model_fingerprint(models.load_llama(out / role)),
     }
     atomic_write_json(record, record_path)
     # the saved checkpoint is the run's product (recorded above); the run's copy is not needed
