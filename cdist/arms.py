@@ -12,8 +12,12 @@ its pairs' CKA is monitored even where it is not in the loss.
 The two controls keep the aligned arm's gradient scale and change one thing each:
 - ``CE + Shuffled CKA``: the aligned pairs, the teacher's rows permuted within each batch (no item
   correspondence);
-- ``CE + Rand CKA``: each aligned pair's student head and positions, with a teacher head drawn
-  without replacement from the teacher heads outside the aligned map (``matching.random_control``).
+- ``CE + Rand CKA``: the aligned map's shape (as many pairs, one to one where it is), each aligned
+  teacher head replaced by one drawn from outside the whole teacher circuit, each pair keeping its
+  student head and positions (``matching.random_control``).
+
+``CE + Align CKA (homolog)`` aligns each student circuit head with its homolog, the teacher head it
+descends from (``cdist.homologs``), where the student was cut from the teacher's own base model.
 
 The positive control asks whether alignment alone carries task signal: Align CKA only at a small
 learning rate (``ExperimentConfig.control_lr``), correctly paired against shuffled.
@@ -34,8 +38,8 @@ from cdist.errors import InputError
 if TYPE_CHECKING:  # the command line reads the arms' names without importing torch
     from cdist.distill import DistillConfig
 
-__all__ = ["ARMS", "COMPARISONS", "MATCHERS", "MATCHER_RECORDS", "PRIMARY", "STRONG_RATIO", "Arm",
-           "Matcher", "arm", "matcher"]
+__all__ = ["ARMS", "COMPARISONS", "DEFAULT_ARMS", "MATCHERS", "MATCHER_RECORDS", "PRIMARY",
+           "SELECTABLE", "STRONG_RATIO", "Arm", "Comparison", "Matcher", "arm", "matcher"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Arm:
         control_lr: train at the positive control's small learning rate instead of the table's.
         strong: train at the strong lambda (module doc) instead of the selected one.
         model: whose model the row is (the teacher's row is the teacher, evaluated as it is).
+        head_map: "selected" (the map selection chose) or "homolog" (``cdist.homologs``).
     """
 
     name: str
@@ -63,14 +68,17 @@ class Arm:
     control_lr: bool = False
     strong: bool = False
     model: Literal["student", "teacher"] = "student"
+    head_map: Literal["selected", "homolog"] = "selected"
 
     def __post_init__(self) -> None:
         if (self.trainable not in ("heads", "all")
                 or self.cka not in (None, "align", "shuffled", "random")
-                or self.model not in ("student", "teacher")):
+                or self.model not in ("student", "teacher")
+                or self.head_map not in ("selected", "homolog")):
             raise InputError(f"arm {self.name!r}: trainable {self.trainable!r} (heads or all), "
                              f"cka {self.cka!r} (None, align, shuffled or random), model "
-                             f"{self.model!r} (student or teacher)")
+                             f"{self.model!r} (student or teacher), head_map {self.head_map!r} "
+                             "(selected or homolog)")
 
     def config(self, base: DistillConfig, *, lam: float, lr: float, control_lr: float,
                seed: int) -> DistillConfig:
@@ -90,6 +98,7 @@ ARMS: tuple[Arm, ...] = (
     Arm("circuit distilled, CE"),
     Arm("circuit distilled, KD", ce_weight=0.0, kd_weight=1.0),
     Arm("circuit distilled, CE + Align CKA", cka="align"),
+    Arm("circuit distilled, CE + Align CKA (homolog)", cka="align", head_map="homolog"),
     Arm("circuit distilled, CE + Shuffled CKA", cka="shuffled"),
     Arm("circuit distilled, CE + Rand CKA", cka="random"),
     Arm("circuit distilled, Align CKA", ce_weight=0.0, cka="align"),
@@ -100,54 +109,87 @@ ARMS: tuple[Arm, ...] = (
         control_lr=True),
 )
 
-# The comparison declared before the runs (the primary test of the table): CE + Align CKA against
-# CE + Shuffled CKA at the small training regime, test accuracy, pooled over seeds by the
-# Cochran-Mantel-Haenszel test.
-PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Shuffled CKA")
-# Every comparison the table tests (arm a vs arm b, on each evaluation set), the primary first;
-# the others are secondary, reported uncorrected.
-COMPARISONS: tuple[tuple[str, str], ...] = (
-    PRIMARY,
-    ("circuit distilled, CE + Align CKA", "circuit distilled, CE"),
-    ("circuit distilled, CE + Align CKA", "circuit distilled, CE + Rand CKA"),
-    ("circuit distilled, CE + Align CKA", "circuit distilled, KD"),
-    ("circuit distilled, CE + Align CKA (strong)",
-     "circuit distilled, CE + Shuffled CKA (strong)"),
-    ("circuit distilled, CE + Align CKA (strong)", "circuit distilled, CE"),
-    ("positive control, Align CKA (small lr)", "positive control, Shuffled CKA (small lr)"),
+ALIGN, CE = "circuit distilled, CE + Align CKA", "circuit distilled, CE"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm ``a`` against arm ``b``, and how the table reads it.
+
+    ``role``: "primary" (declared before the runs: the one comparison the table is designed to
+    decide, on the test items), "secondary" (a family, Holm-corrected together with the primary's
+    OOD sets) or "check" (reported uncorrected: whether a control behaves as a control should).
+    """
+
+    a: str
+    b: str
+    role: Literal["primary", "secondary", "check"]
+
+
+# a table's arms unless told: every arm that any pair of models can have (the homolog arm needs a
+# student cut from the teacher, so it is asked for by name)
+DEFAULT_ARMS: tuple[str, ...] = tuple(a.name for a in ARMS if a.head_map != "homolog")
+
+# The question of circuit distillation (Wadhwa et al.: CE + Align CKA beats circuit CE alone), the
+# primary first: the mean over seeds of the per-seed difference in test accuracy, with its interval
+# and an equivalence test at the experiment's margin (cdist.stats).
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison(ALIGN, CE, "primary"),
+    Comparison("circuit distilled, CE + Align CKA (homolog)", CE, "secondary"),
+    Comparison(ALIGN, "circuit distilled, CE + Shuffled CKA", "secondary"),
+    Comparison(ALIGN, "circuit distilled, CE + Rand CKA", "secondary"),
+    Comparison(ALIGN, "circuit distilled, KD", "check"),
+    Comparison("circuit distilled, CE + Align CKA (strong)",
+               "circuit distilled, CE + Shuffled CKA (strong)", "check"),
+    Comparison("circuit distilled, CE + Align CKA (strong)", CE, "check"),
+    Comparison("positive control, Align CKA (small lr)",
+               "positive control, Shuffled CKA (small lr)", "check"),
 )
+PRIMARY = (COMPARISONS[0].a, COMPARISONS[0].b)
 STRONG_RATIO = 0.3
 
 
 @dataclass(frozen=True)
 class Matcher:
-    """One way to pair each student circuit head with teacher circuit heads; a table chooses among
-    them on validation items (``cdist.pipeline.head_maps`` makes each one's map).
+    """One way to pair each student circuit head with teacher heads; a table chooses among them on
+    validation items (``cdist.pipeline.head_maps`` makes each one's map).
 
     Attributes:
         name: how the command line and the results name it.
-        method: "ablation" (the heads whose mean-ablation drops are closest; Wadhwa et al.) or
-            "cka" (the heads whose activations are most similar; Kornblith et al. 2019).
+        method: "ablation" (the heads whose mean-ablation drops are closest; Wadhwa et al.),
+            "cka" (the heads whose activations are most similar; Kornblith et al. 2019) or
+            "homolog" (each student head's homolog, ``cdist.homologs``: a ground truth where the
+            student was cut from the teacher, not a candidate for selection).
         normalise: for "ablation", None (the paper's rule: both drops against the student's
             baseline) or "baseline" (each drop against its own model's baseline).
+        one_to_one: each teacher head paired at most once (Hungarian assignment) instead of each
+            student head to its nearest teacher head.
     """
 
     name: str
-    method: Literal["ablation", "cka"]
+    method: Literal["ablation", "cka", "homolog"]
     normalise: Literal["baseline"] | None = None
+    one_to_one: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in ("ablation", "cka") or self.normalise not in (None, "baseline"):
-            raise InputError(f"matcher {self.name!r}: method {self.method!r} (ablation or cka), "
-                             f"normalise {self.normalise!r} (None or baseline)")
+        if (self.method not in ("ablation", "cka", "homolog")
+                or self.normalise not in (None, "baseline")):
+            raise InputError(f"matcher {self.name!r}: method {self.method!r} (ablation, cka or "
+                             f"homolog), normalise {self.normalise!r} (None or baseline)")
 
 
 MATCHER_RECORDS: tuple[Matcher, ...] = (
     Matcher("ablation", "ablation"),
     Matcher("ablation-baseline", "ablation", normalise="baseline"),
     Matcher("cka", "cka"),
+    Matcher("ablation-1to1", "ablation", one_to_one=True),
+    Matcher("ablation-baseline-1to1", "ablation", normalise="baseline", one_to_one=True),
+    Matcher("cka-1to1", "cka", one_to_one=True),
+    Matcher("homolog", "homolog", one_to_one=True),
 )
 MATCHERS: tuple[str, ...] = tuple(m.name for m in MATCHER_RECORDS)
+# what table selection tries by default: every learned rule, many to one and one to one
+SELECTABLE: tuple[str, ...] = tuple(m.name for m in MATCHER_RECORDS if m.method != "homolog")
 
 
 def matcher(name: str) -> Matcher:

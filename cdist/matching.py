@@ -21,8 +21,8 @@ was made on, and the chosen ``HeadPair``s):
   student head maps to the most similar teacher head.
 - ``random_matcher``: each student head gets a different random teacher head, drawn without
   replacement from the teacher heads not excluded (the paper's "Rand CKA" control;
-  ``random_control`` builds it from an aligned map, excluding the aligned teacher heads and keeping
-  each pair's positions).
+  ``random_control`` builds it from an aligned map in the aligned map's shape, excluding the
+  teacher circuit, and keeping each pair's positions).
 
 ``one_to_one=True`` (ablation and CKA matchers) instead solves the assignment problem (Hungarian
 algorithm, ``scipy.optimize.linear_sum_assignment``): each teacher head is used at most once and the
@@ -322,21 +322,26 @@ def random_matcher(
                    "random", student_model, teacher_model)
 
 
-def random_control(head_map: HeadMap, teacher_heads: Sequence[Head], *, seed: int) -> HeadMap:
-    """The "CE + Rand CKA" map of an aligned ``head_map``: each of its pairs keeps its student head
-    and its positions but gets a teacher head drawn without replacement from ``teacher_heads``
-    outside the aligned teacher heads, so no random pair shares a teacher head with an aligned
-    one."""
-    aligned = {p.teacher for p in head_map.pairs}
-    # one draw per pair, even for a repeated student
-    slots = [Head(0, i) for i in range(len(head_map.pairs))]
-    drawn = random_matcher(slots, teacher_heads, seed=seed, exclude=aligned)
-    pairs = tuple(replace(p, teacher=d.teacher)
-                  for p, d in zip(head_map.pairs, drawn.pairs, strict=True))
+def random_control(head_map: HeadMap, teacher_heads: Sequence[Head], *, seed: int,
+                   exclude: Iterable[Head] = ()) -> HeadMap:
+    """The "CE + Rand CKA" map of an aligned ``head_map``, of its shape: each distinct aligned
+    teacher head is replaced by a distinct teacher head drawn (``random.Random(seed)``) from
+    ``teacher_heads`` outside ``exclude`` (the whole teacher circuit, in a table) and outside the
+    aligned ones; every pair keeps its student head and positions. So the control has as many
+    pairs, one to one where the aligned map is, and as many student heads crowding one teacher
+    head where it crowds; only which teacher head each is read from changes."""
+    aligned = tuple(dict.fromkeys(p.teacher for p in head_map.pairs))
+    excluded = set(exclude) | set(aligned)
+    pool = tuple(h for h in teacher_heads if h not in excluded)
+    if len(pool) < len(aligned):
+        raise InputError(f"the random control needs {len(aligned)} teacher heads outside the "
+                         f"{len(excluded)} excluded; the teacher has only {len(pool)} more")
+    drawn = dict(zip(aligned, random.Random(seed).sample(pool, len(aligned)), strict=True))
+    pairs = tuple(replace(p, teacher=drawn[p.teacher]) for p in head_map.pairs)
     students = tuple(dict.fromkeys(p.student for p in pairs))
-    matrix = torch.zeros(len(students), len(drawn.teacher_heads))
-    return HeadMap(pairs, students, drawn.teacher_heads, matrix, "distance", "random",
-                   head_map.student_model, head_map.teacher_model)
+    teachers = tuple(drawn.values())
+    return HeadMap(pairs, students, teachers, torch.zeros(len(students), len(teachers)),
+                   "distance", "random", head_map.student_model, head_map.teacher_model)
 
 
 # --------------------------------------------------------------------------------------------------

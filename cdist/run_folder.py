@@ -11,7 +11,9 @@ distillation's) does first:
    ``cdist.checkpoints``) are removed: with the lock held no one else is writing them;
 4. the folder was made for the same inputs: ``identity.json`` records what defines its results
    (models, task, item sets, discovery rules), and a folder made for others is refused, naming the
-   settings that differ, rather than mixing two experiments' results.
+   settings that differ, rather than mixing two experiments' results;
+5. once a model is loaded, its weights are those the folder's results were made with
+   (``check_models``: a checkpoint rebuilt at the same path is refused, not trained over).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from cdist.checkpoints import atomic_write_json, is_follower
 from cdist.errors import RunFolderError
 
-__all__ = ["Claim", "check_writable", "claim", "release_all"]
+__all__ = ["Claim", "check_models", "check_writable", "claim", "release_all"]
 
 
 class Claim:
@@ -146,3 +148,30 @@ def _check_identity(folder: Path, identity: dict) -> None:
               for k in set(saved) | set(identity)}
     if merged != saved:
         atomic_write_json(merged, path)
+
+
+def check_models(folder: str | Path, fingerprints: dict[str, str]) -> None:
+    """Refuse models whose weights differ from those ``folder``'s results were made with (their
+    fingerprints, ``cdist.store.model_fingerprint``, kept in ``identity.json`` under
+    ``"models"``); record those not yet kept. Call it with the folder claimed.
+
+    Raises:
+        RunFolderError: naming the role and both fingerprints.
+    """
+    folder = Path(folder)
+    path = folder / "identity.json"
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise RunFolderError(f"{path} is not valid JSON (edited or damaged); restore it or choose "
+                             "another output folder") from None
+    kept = dict(saved.get("models") or {})
+    for role, fingerprint in fingerprints.items():
+        if kept.get(role, fingerprint) != fingerprint:
+            raise RunFolderError(
+                f"{folder} holds results made with another {role} (weights' fingerprint "
+                f"{kept[role][:12]}... there, {fingerprint[:12]}... now: was the checkpoint "
+                "rebuilt?); choose another output folder, or delete it to start again")
+    kept |= fingerprints
+    if kept != saved.get("models"):
+        atomic_write_json(saved | {"models": kept}, path)

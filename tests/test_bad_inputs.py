@@ -86,7 +86,7 @@ def world(tok, tmp_path_factory):
         paths[role] = save_llama(model, root / role, tokenizer=tok)
     paths |= _damaged(paths["student"], root / "bad")
     files = {"bad.toml": "stepz = 3\n", "broken.yaml": "steps: [1,\n", "afile": "mine\n",
-             "wrong-type.yaml": "steps: abc\n", "bool-string.yaml": 'one_to_one: "false"\n'}
+             "wrong-type.yaml": "steps: abc\n", "retired.yaml": "one_to_one: true\n"}
     for name, text in files.items():
         (root / name).write_text(text)
         paths[name] = root / name
@@ -132,8 +132,8 @@ CLI = [
     ("config-missing", ["distill", "--config", "{tmp}/missing.toml"], "missing.toml"),
     ("config-wrong-type", ["distill", "--config", "{wrong-type.yaml}"],
      "wrong-type.yaml: argument --steps: invalid int value: 'abc'"),
-    ("config-bool-string", ["distill", "--config", "{bool-string.yaml}"],
-     "one_to_one = 'false'; write true or false"),
+    ("config-retired-setting", ["distill", "--config", "{retired.yaml}"],
+     "one_to_one is no longer a setting; name the one-to-one matchers instead"),
     # training settings
     ("steps-0", ["distill", "--steps", "0"], "steps, eval_every >= 1"),
     ("steps-negative", ["distill", "--steps", "-5"], "steps=-5"),

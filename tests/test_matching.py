@@ -186,20 +186,35 @@ def test_random_matcher_draws_distinct_heads_and_is_seeded():
         matching.random_matcher(S, T, seed=0)
 
 
-def test_random_control_is_disjoint_from_the_aligned_map_and_keeps_positions():
+def test_random_control_has_the_aligned_maps_shape_outside_the_teacher_circuit():
     teachers = [Head(layer, h) for layer in range(2) for h in range(8)]
+    circuit = [T[0], Head(1, 3), Head(1, 5), Head(0, 7)]
     aligned = matching.ablation_matcher(0.5, per_head(S, [0.4, 0.2, 0.5]),
                                         per_head(T[:1] + [Head(1, 3)], [0.1, 0.4]))
     aligned = aligned.placed({T[0]: "pos_prev_label", Head(1, 3): "pos_last"})
+    assert len({p.teacher for p in aligned.pairs}) < len(aligned.pairs)  # many to one
+
+    def shape(hm):  # which pairs share a teacher head
+        return sorted(sorted(i for i, p in enumerate(hm.pairs) if p.teacher == t)
+                      for t in {p.teacher for p in hm.pairs})
+
     for seed in range(20):
-        rand = matching.random_control(aligned, teachers, seed=seed)
-        assert not {p.teacher for p in rand.pairs} & {p.teacher for p in aligned.pairs}
-        assert len({p.teacher for p in rand.pairs}) == len(rand.pairs) == len(aligned.pairs)
+        rand = matching.random_control(aligned, teachers, seed=seed, exclude=circuit)
+        assert not {p.teacher for p in rand.pairs} & set(circuit)
+        assert shape(rand) == shape(aligned)
         for r, a in zip(rand.pairs, aligned.pairs, strict=True):
             assert ((r.student, r.student_position, r.teacher_position)
                     == (a.student, a.student_position, a.teacher_position))
     first = matching.random_control(aligned, teachers, seed=1).pairs
     assert first == matching.random_control(aligned, teachers, seed=1).pairs
+    assert any(matching.random_control(aligned, teachers, seed=s).pairs != first
+               for s in range(2, 10))
+    one_to_one = matching.ablation_matcher(0.5, per_head(S[:2], [0.4, 0.2]),
+                                           per_head(T, [0.1, 0.4]), one_to_one=True)
+    rand = matching.random_control(one_to_one, teachers, seed=0, exclude=circuit)
+    assert len({p.teacher for p in rand.pairs}) == len(rand.pairs) == 2
+    with pytest.raises(ValueError, match="random control needs"):
+        matching.random_control(aligned, teachers[:2], seed=0, exclude=circuit)
 
 
 def test_placed_at_and_crowded():

@@ -151,21 +151,21 @@ def _task_kwargs(s: RunSettings, spec, organism: dict | None) -> dict:
     return kwargs
 
 
-def _teacher_positions(s: RunSettings) -> dict[str, str]:
-    positions = {}
-    for item in s.teacher_positions or ():
-        head, sep, column = item.partition("=")
-        if not sep:  # the head name and the column are checked by ExperimentConfig
-            raise UsageError(f"--teacher-positions {item!r}: write HEAD=COLUMN, "
-                             "e.g. a0.h3=pos_prev_label")
-        positions[head] = column
-    return positions
+def _pairs(items, flag: str, form: str, example: str) -> dict[str, str]:
+    """``KEY=VALUE`` words as a dict (the keys and values are checked by ExperimentConfig)."""
+    pairs = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{flag} {item!r}: write {form}, e.g. {example}")
+        pairs[key] = value
+    return pairs
 
 
 # ExperimentConfig fields that a flag of the same name sets, where the step takes it
 _DESIGN = ("seeds", "select_seed", "regimes", "val_items", "test_items", "reference_items",
            "discovery_items", "n_random", "data_seed", "ood_items", "lambdas", "matchers",
-           "one_to_one")
+           "margin", "student_layer_origin")
 
 
 def experiment_config(s: RunSettings):
@@ -196,7 +196,9 @@ def experiment_config(s: RunSettings):
         ood=_ood(spec, bool(organism), {"n_boxes": s.ood_boxes, "template": s.ood_templates}),
         lrs=tuple(s.lrs or LRS[kind]),
         control_lr=s.control_lr if s.control_lr is not None else CONTROL_LR[kind],
-        teacher_positions=_teacher_positions(s), distill=base,
+        teacher_positions=_pairs(s.teacher_positions, "--teacher-positions",
+                                 "HEAD=COLUMN", "a0.h3=pos_prev_label"), distill=base,
+        fingerprints=_pairs(s.fingerprints, "--fingerprints", "ROLE=HEX", "teacher=3f2a..."),
         discovery=discovery.DiscoveryConfig(**rule),
         student_discovery=replace(defaults.student_discovery,
                                   method=s.student_method or "mean_ablation", **rule),

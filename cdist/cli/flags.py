@@ -82,6 +82,10 @@ def add_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], *, roles=("te
     g.add_argument("--config", default=None,
                    help="a TOML or YAML file of settings (flag names as keys); flags override it")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
+    g.add_argument("--fingerprints", nargs="*", default=None, metavar="ROLE=HEX",
+                   help="the weights each model must have, as its build recorded them "
+                        "(cdist.store.model_fingerprint), e.g. teacher=3f2a...: another "
+                        "checkpoint is refused")
     add_shared(g, "threads")
     if "items" in groups:
         _items_flags(p)
@@ -138,10 +142,14 @@ def _discovery_flags(p: argparse.ArgumentParser) -> None:
 
 def _matching_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("matching")
-    g.add_argument("--matchers", nargs="+", choices=arms.MATCHERS, default=list(arms.MATCHERS),
-                   help="matchers made (cdist match) or tried (cdist table)")
-    g.add_argument("--one-to-one", action=argparse.BooleanOptionalAction, default=False,
-                   help="assign each teacher head at most once")
+    g.add_argument("--matchers", nargs="+", choices=arms.SELECTABLE,
+                   default=list(arms.SELECTABLE),
+                   help="matchers made (cdist match) or tried (cdist table); '-1to1' assigns each "
+                        "teacher head at most once (the homolog map is made whenever the "
+                        "student's layer origin is known)")
+    g.add_argument("--student-layer-origin", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="the teacher's layer each student layer was cut from (default: the "
+                        "student checkpoint's record, if any)")
     g.add_argument("--cka-position", default=None,
                    help="read every pair at this position column instead of its teacher head's "
                         "position")
@@ -170,11 +178,14 @@ def _design_flags(p: argparse.ArgumentParser) -> None:
                    help="seed of the selection runs (not a table seed)")
     g.add_argument("--regimes", type=int, nargs="+", default=[128, 2000],
                    help="training items; the first is primary")
-    g.add_argument("--arms", nargs="+", default=[a.name for a in arms.ARMS],
-                   help="which arms (default: all)")
+    g.add_argument("--arms", nargs="+", default=list(arms.DEFAULT_ARMS),
+                   help="which arms (default: all but the homolog arm, which needs a student cut "
+                        "from the teacher)")
     g.add_argument("--lrs", type=float, nargs="+", default=None,
                    help=f"learning rates tried for circuit CE (default: {LRS['zoo']} for zoo "
                         f"students, {LRS['pretrained']} for checkpoints; the paper: 2e-5 for "
                         "Llama-3)")
     g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0],
                    help="CKA weights tried")
+    g.add_argument("--margin", type=float, default=0.02,
+                   help="equivalence margin of the comparisons (accuracy, both ways)")

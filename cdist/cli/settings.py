@@ -48,6 +48,7 @@ class RunSettings:
     config: str | None = None
     device: str | None = None
     threads: int | None = None
+    fingerprints: tuple[str, ...] | None = None
     # items
     val_items: int | None = None
     test_items: int | None = None
@@ -73,7 +74,7 @@ class RunSettings:
     roles: tuple[str, ...] | None = None
     # matching
     matchers: tuple[str, ...] | None = None
-    one_to_one: bool | None = None
+    student_layer_origin: tuple[int, ...] | None = None
     cka_position: str | None = None
     teacher_positions: tuple[str, ...] | None = None
     # training
@@ -96,6 +97,7 @@ class RunSettings:
     arms: tuple[str, ...] | None = None
     lrs: tuple[float, ...] | None = None
     lambdas: tuple[float, ...] | None = None
+    margin: float | None = None
     figures: str | None = None
 
     def model(self, role: str) -> str | None:
@@ -138,7 +140,12 @@ def read_settings(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path}: expected a table of settings, got a "
                          f"{type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # a setting of earlier run folders: one-to-one assignment is now a matcher of its own
+    if data.pop("one_to_one", False) is not False:
+        raise UsageError(f"config file {path}: one_to_one is no longer a setting; name the "
+                         "one-to-one matchers instead, e.g. matchers: [ablation-1to1, cka-1to1]")
+    return data
 
 
 def _argv(parser: Parser, settings: dict, where: str) -> list[str]:

@@ -213,7 +213,7 @@ def _distill(top: argparse.Namespace) -> dict:
     if args.train_items < args.batch_size:
         raise flags.UsageError(f"--train-items {args.train_items} cannot fill one batch of "
                                 f"{args.batch_size}; give more items or a smaller --batch-size")
-    # the run's items are the first of the table's pool
+    # the run's items are the first of its seed's pool, as in a table
     args = replace(args, regimes=(args.train_items,))
     ctx = common.context(args)
     arm = arms.arm(args.arm)
@@ -223,10 +223,11 @@ def _distill(top: argparse.Namespace) -> dict:
                seed=args.seed)
     ctx.claim()  # held until the command ends
     settings.keep_settings(top.parser, args)
-    circuits, maps = _matched(ctx, (args.matcher,))
+    matcher = "homolog" if arm.head_map == "homolog" else args.matcher
+    circuits, maps = _matched(ctx, (matcher,))
     folder = pipeline.run_dir(ctx, arm, args.train_items, args.seed)
     record = pipeline.train_run(ctx, circuits, arm, n_train=args.train_items, seed=args.seed,
-                                lr=lr, lam=args.lam, head_map=maps.maps[args.matcher],
+                                lr=lr, lam=args.lam, head_map=maps.maps[matcher],
                                 folder=folder)
     print(f"{arm.name}, lr {lr}, lambda {args.lam}, seed {args.seed}: test accuracy full "
           f"{record['full_accuracy']:.3f}, circuit {record['circuit_accuracy']:.3f} "

@@ -154,7 +154,22 @@ def load_llama(
         for key in _zero_biases(cfg):
             params[key].zero_()
     model.hf_token_ids = ckpt.special_token_ids
+    model.layer_origin = _layer_origin(getattr(ckpt.hf_config, LINEAGE_KEY, None), ckpt.path, cfg)
     return model.eval()
+
+
+# config.json's record of a checkpoint cut from a deeper model: each layer's number there
+LINEAGE_KEY = "cdist_layer_origin"
+
+
+def _layer_origin(value, path, cfg) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != cfg.n_layers
+            or not all(isinstance(i, int) and i >= 0 for i in value)):
+        raise InputError(f"{path}: config.json's {LINEAGE_KEY} = {value!r} is not one layer "
+                         f"number per layer ({cfg.n_layers}); correct or remove it")
+    return tuple(value)
 
 
 def save_llama(
@@ -193,6 +208,8 @@ def save_llama(
     hf_config = hf_config_from_hooked(
         model.cfg, tie_word_embeddings="lm_head.weight" not in hf_sd, token_ids=token_ids
     )
+    if getattr(model, "layer_origin", None) is not None:
+        setattr(hf_config, LINEAGE_KEY, list(model.layer_origin))
 
     def write(tmp: Path) -> None:
         weights = {k: v.cpu() for k, v in hf_sd.items()}
@@ -215,6 +232,10 @@ def keep_layers(model: HookedTransformer, layers: Sequence[int]) -> HookedTransf
     prune blocks of deep layers but keep the last). The copy shares no tensor with ``model`` and
     keeps its tokenizer and special-token ids, so ``save_llama`` writes it as a checkpoint of its
     own.
+
+    The copy's ``layer_origin`` names, for each of its layers, the layer of the model it was cut
+    from (composed through earlier cuts), and ``save_llama`` records it, so its heads' homologs in
+    that model are known (``matching.homolog_map``).
     """
     layers = [int(layer) for layer in layers]
     n = model.cfg.n_layers
@@ -238,6 +259,8 @@ def keep_layers(model: HookedTransformer, layers: Sequence[int]) -> HookedTransf
     copied.load_state_dict(kept, strict=True)  # copies; a name left out would raise
     if hasattr(model, "hf_token_ids"):
         copied.hf_token_ids = dict(model.hf_token_ids)
+    origin = getattr(model, "layer_origin", None)
+    copied.layer_origin = tuple(origin[i] if origin is not None else i for i in layers)
     return copied.eval()
 
 

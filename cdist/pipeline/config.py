@@ -43,8 +43,7 @@ class ExperimentConfig:
     min_teacher_ood: float = 0.9  # an OOD set where the teacher is below this is flagged, not read
     lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
     lambdas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
-    matchers: tuple[str, ...] = arms.MATCHERS
-    one_to_one: bool = False
+    matchers: tuple[str, ...] = arms.SELECTABLE
     control_lr: float = 3e-4
     # teacher head name -> position column (user-named)
     teacher_positions: dict = field(default_factory=dict)
@@ -52,7 +51,16 @@ class ExperimentConfig:
     discovery: DiscoveryConfig = DiscoveryConfig()
     student_discovery: DiscoveryConfig = DiscoveryConfig(method="mean_ablation")
     n_random: int = 5
-    arms: tuple[str, ...] = tuple(a.name for a in arms.ARMS)
+    arms: tuple[str, ...] = arms.DEFAULT_ARMS
+    # the equivalence margin of every comparison (accuracy, both ways), declared with the primary
+    margin: float = 0.02
+    alpha: float = 0.05
+    # the student's layers' numbers in the teacher, where it was cut from the teacher's base model
+    # and its checkpoint does not say so (models.keep_layers records it); () = the checkpoint's
+    student_layer_origin: tuple[int, ...] = ()
+    # role -> the weights' fingerprint (cdist.store.model_fingerprint) a model must have, as its
+    # build recorded it (experiments/smollm2_models.py): a rebuilt checkpoint is refused
+    fingerprints: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
@@ -64,9 +72,13 @@ class ExperimentConfig:
                                   f"their settings are {sorted(takes)}")
         for name in self.arms:
             arms.arm(name)
-        unknown = sorted(set(self.matchers) - set(arms.MATCHERS))
+        unknown = sorted(set(self.matchers) - set(arms.SELECTABLE))
         if unknown or not self.matchers:
-            raise ConfigError(f"matchers {unknown or '(none)'}; choose from {list(arms.MATCHERS)}")
+            raise ConfigError(f"matchers {unknown or '(none)'}; choose from "
+                              f"{list(arms.SELECTABLE)} (the homolog map is an arm of its own)")
+        if not 0 < self.margin < 1 or not 0 < self.alpha < 1:
+            raise ConfigError(f"margin {self.margin} and alpha {self.alpha}: each must be "
+                              "between 0 and 1")
         if not self.seeds or not self.regimes or not self.lrs or not self.lambdas:
             raise ConfigError("seeds, regimes, lrs and lambdas each need at least one value")
         for name in ("seeds", "regimes"):
@@ -99,6 +111,10 @@ class ExperimentConfig:
                               "batch_size or give more items")
         for lr in {*self.lrs, self.control_lr}:
             replace(self.distill, lr=lr)  # DistillConfig refuses a rate it could not train with
+        for role, value in self.fingerprints.items():
+            if role not in ROLES or not isinstance(value, str) or len(value) != 64:
+                raise ConfigError(f"fingerprints[{role!r}] = {value!r}: give a teacher's or "
+                                  "student's 64-digit hex fingerprint")
         for head, column in self.teacher_positions.items():
             Head.parse(head)  # a bad name raises ValueError naming it
             if not str(column).startswith("pos_"):

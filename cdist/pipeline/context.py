@@ -12,7 +12,7 @@ from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
-from cdist import run_folder
+from cdist import homologs, run_folder
 from cdist.discovery import ablation
 from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
@@ -51,14 +51,30 @@ class Context:
         self._models: dict[Role, HookedTransformer] = {}
         self._means: dict[Role, object] = {}
         self._fingerprints: dict[Role, str] = {}
+        self._claimed = False
 
     def has(self, role: Role) -> bool:
         return role in self.loaders
 
     def model(self, role: Role) -> HookedTransformer:
-        """``role``'s model, loaded on first use and kept (never trained in place)."""
+        """``role``'s model, loaded on first use and kept (never trained in place); refused if
+        its weights are not those the config expects or the run folder's results were made
+        with.
+
+        Raises:
+            ConfigError: the config's ``fingerprints`` name other weights for ``role``.
+            RunFolderError: the claimed folder's results were made with other weights.
+        """
         if role not in self._models:
             self._models[role] = self.loaders[role]()
+            found, expected = self.fingerprint(role), self.cfg.fingerprints.get(role)
+            if expected and found != expected:
+                del self._models[role]
+                raise ConfigError(f"the {role} {self.names[role]} is not the model this "
+                                  f"experiment names (weights' fingerprint {found[:12]}..., "
+                                  f"expected {expected[:12]}...); give the recorded checkpoint")
+            if self._claimed:
+                run_folder.check_models(self.out, {role: found})
         return self._models[role]
 
     def fresh(self, role: Role) -> HookedTransformer:
@@ -69,6 +85,16 @@ class Context:
         if role not in self._fingerprints:
             self._fingerprints[role] = model_fingerprint(self.model(role))
         return self._fingerprints[role]
+
+    def layer_origin(self) -> tuple[int, ...] | None:
+        """The teacher layer each student layer was cut from (``cdist.homologs``): the config's,
+        else the student checkpoint's record, else None."""
+        origin = (self.cfg.student_layer_origin
+                  or getattr(self.model("student"), "layer_origin", None))
+        if origin:
+            homologs.check_origin(origin, self.model("student").cfg.n_layers,
+                                  self.model("teacher").cfg.n_layers)
+        return tuple(origin) if origin else None
 
     @cached_property
     def items(self) -> ItemSets:
@@ -95,4 +121,8 @@ class Context:
                                                     "discovery_items", "ood", "ood_items")},
                     "discovery": asdict(cfg.discovery),
                     "student_discovery": asdict(cfg.student_discovery)}
-        return run_folder.claim(self.out, identity)
+        held = run_folder.claim(self.out, identity)
+        self._claimed = True
+        for role in self._models:  # models loaded before the claim
+            run_folder.check_models(self.out, {role: self.fingerprint(role)})
+        return held

@@ -8,7 +8,12 @@ loading torch); each names one of the methods here (``METHODS``) and its options
   items is closest to its own (the paper's rule, Wadhwa et al., reads both against the student's
   baseline; ``normalise="baseline"`` reads each against its own model's);
 - ``cka``: each student head to the teacher head whose activations it is most CKA-similar to
-  (Kornblith et al. 2019) on the validation items.
+  (Kornblith et al. 2019) on the validation items;
+- ``homolog``: each student head to the teacher head it descends from (``cdist.homologs``), read
+  where that head works (its circuit group's position, else its largest ablation effect). Made
+  whenever the student's layer origin is known, and every map's homolog recovery is reported.
+
+A ``-1to1`` matcher assigns each teacher head at most once (Hungarian assignment).
 
 Every map made under the same circuits, positions, models and validation items is kept in the
 store (``cache/head-maps.json``), so a later step makes only what it lacks;
@@ -20,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdist import alignment, arms, matching
+from cdist import alignment, arms, homologs, matching
 from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
+from cdist.errors import InputError
 from cdist.matching import HeadMap
 from cdist.models import check_heads
 from cdist.pipeline.circuits import Circuits, ablation_scan
@@ -43,9 +49,12 @@ class HeadMaps:
     diagnostics: dict[str, dict]
 
 
-def _kw(ctx: Context) -> dict:
-    return {"one_to_one": ctx.cfg.one_to_one, "student_model": ctx.names["student"],
-            "teacher_model": ctx.names["teacher"]}
+def _names(ctx: Context) -> dict:
+    return {"student_model": ctx.names["student"], "teacher_model": ctx.names["teacher"]}
+
+
+def _kw(ctx: Context, matcher: arms.Matcher) -> dict:
+    return {"one_to_one": matcher.one_to_one, **_names(ctx)}
 
 
 def _ablation_map(ctx: Context, circuits: Circuits, placement: Placement,
@@ -55,7 +64,7 @@ def _ablation_map(ctx: Context, circuits: Circuits, placement: Placement,
              for role in ("student", "teacher")}
     hmap = matching.ablation_matcher_from_scans(
         scans["student"], scans["teacher"], circuits.heads("student"), circuits.heads("teacher"),
-        normalise=matcher.normalise, **_kw(ctx))
+        normalise=matcher.normalise, **_kw(ctx, matcher))
     return hmap.placed(placement.positions)
 
 
@@ -67,12 +76,30 @@ def _cka_map(ctx: Context, circuits: Circuits, placement: Placement,
                                [(h, c) for h in circuits.heads("student") for c in columns])
     teacher_z = head_z_dataset(ctx.model("teacher"), ctx.items.val,
                                [(h, positions[h]) for h in t_heads])
-    return matching.cka_matcher(student_z, teacher_z, **_kw(ctx))
+    return matching.cka_matcher(student_z, teacher_z, **_kw(ctx, matcher))
+
+
+def _homolog_map(ctx: Context, circuits: Circuits, placement: Placement,
+                 matcher: arms.Matcher) -> HeadMap:
+    origin = ctx.layer_origin()
+    if origin is None:
+        raise InputError("the homolog map needs the teacher layer each student layer was cut "
+                         "from: cut the student with models.keep_layers (its checkpoint records "
+                         "it), or give --student-layer-origin")
+    s_heads = circuits.heads("student")
+    positions = dict(placement.positions)
+    outside = [t for t in (homologs.homolog(h, origin) for h in s_heads) if t not in positions]
+    if outside:  # read where each works, as a ranked circuit's heads are placed
+        found, _ = matching.work_positions(ctx.model("teacher"), ctx.items.found_on, outside,
+                                           ctx.means("teacher"))
+        positions |= found
+    return homologs.homolog_map(s_heads, origin, positions, **_names(ctx))
 
 
 METHODS: dict[str, Callable[[Context, Circuits, Placement, arms.Matcher], HeadMap]] = {
     "ablation": _ablation_map,
     "cka": _cka_map,
+    "homolog": _homolog_map,
 }
 
 
@@ -96,9 +123,12 @@ def _kept(ctx: Context, name: str, identity) -> dict:
 
 def _diagnosed(ctx: Context, hmap: HeadMap) -> dict:
     student, teacher, val = ctx.model("student"), ctx.model("teacher"), ctx.items.val
+    diagnostics = alignment.diagnose(student, teacher, hmap, val, warn=False)
+    origin = ctx.layer_origin()
+    if origin is not None:
+        diagnostics["homolog_recovery"] = homologs.recovery(hmap, origin)
     # the same pairs all read at the last token, as reading without positions would
-    return {"map": hmap.to_dict(),
-            "diagnostics": alignment.diagnose(student, teacher, hmap, val, warn=False),
+    return {"map": hmap.to_dict(), "diagnostics": diagnostics,
             "at_last": alignment.diagnose(student, teacher, hmap.at("pos_last"), val, warn=False)}
 
 
@@ -118,13 +148,15 @@ def _write_views(ctx: Context, kept: dict) -> None:
 
 def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
                    names: tuple[str, ...] | None = None) -> HeadMaps:
-    """Stage 3 for the matchers ``names`` (default: the config's) (module doc)."""
-    names = tuple(names or ctx.cfg.matchers)
+    """Stage 3 for the matchers ``names`` (default: the config's, and the homolog map where the
+    student's layer origin is known) (module doc)."""
+    origin = ctx.layer_origin()
+    names = tuple(names or (*ctx.cfg.matchers, *(("homolog",) if origin else ())))
     identity = [ctx.fingerprint("student"), ctx.fingerprint("teacher"),
                 items_fingerprint(ctx.items.val),
                 {"teacher": circuits.of("teacher").to_dict(),
                  "student": circuits.of("student").to_dict()},
-                placement.to_dict(), ctx.cfg.one_to_one,
+                placement.to_dict(), list(origin or ()),
                 [ctx.names["teacher"], ctx.names["student"]]]
     cache = "cache/head-maps.json"
     kept = _kept(ctx, cache, identity)
@@ -141,6 +173,11 @@ def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
         diagnostics |= {name: kept[name]["diagnostics"],
                         f"{name} at pos_last": kept[name]["at_last"]}
         ctx.log(f"head map ({name}): " + ", ".join(map(str, hmap.pairs)))
+        found = kept[name]["diagnostics"].get("homolog_recovery")
+        if found:
+            ctx.log(f"  homologs: {found['homolog_pairs']} of {found['pairs']} pairs "
+                    f"({found['reachable']} of {found['student_heads']} student heads have "
+                    "theirs among its teacher heads)")
         for flag in kept[name]["diagnostics"]["flags"]:
             ctx.log(f"  warning: {flag}")
         ctx.log(f"  read at pos_last instead, {len(kept[name]['at_last']['flags'])} flags")

@@ -1,9 +1,12 @@
 """The item sets of one experiment, all fresh from the task generator, each from its own seed.
 
-- ``train``: one pool (train split) whose first n items are the training set of regime n, so the
-  small set is inside the large one;
-- ``val`` (train split, another seed, minus any training prompt): chooses the hyperparameters,
-  places and matches heads, and is logged during training;
+- ``training(n, seed)``: each run seed's own training set (train split, from a pool of the seed's
+  own, less any validation prompt), whose first n items are the set of regime n, so a seed's small
+  set is inside its large one. A run is the unit of replication: seeds that shared their items would
+  repeat the same item effects, and their spread would understate what another draw of training
+  items does;
+- ``val`` (train split): chooses the hyperparameters, places and matches heads, and is logged
+  during training;
 - ``reference`` (test split): the head means that mean ablation writes;
 - ``found_on`` (test split): where the circuits are discovered;
 - ``test`` and ``ood`` (test split; other box counts or templates): where every reported accuracy
@@ -12,7 +15,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cdist import matching, tasks
 from cdist.errors import ConfigError
@@ -33,30 +38,52 @@ def _generate(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, *
 class ItemSets:
     """The item sets of one experiment (module doc)."""
 
-    train: dict  # regime (training items) -> the first that many of one pool
     val: object
     reference: object
     found_on: object
     test: object
     ood: dict  # OOD set name -> its items
+    pool: Callable[[int], object]  # run seed -> its training pool (module doc)
+    _pools: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def identity(self, n_train: int) -> dict:
-        """Fingerprints of the items a run of ``n_train`` training items trains and is scored on:
-        a saved run is reused only for the same items."""
-        return {"train": items_fingerprint(self.train[n_train]),
+    def training(self, n_train: int, seed: int):
+        """The first ``n_train`` items of run seed ``seed``'s training pool."""
+        if seed not in self._pools:
+            self._pools[seed] = self.pool(seed)
+        pool = self._pools[seed]
+        if n_train > len(pool):
+            raise ConfigError(f"{n_train} training items asked of a pool of {len(pool)}")
+        return pool.select(range(n_train))
+
+    def identity(self, n_train: int, seed: int) -> dict:
+        """Fingerprints of the items a run of ``n_train`` training items and ``seed`` trains and
+        is scored on: a saved run is reused only for the same items."""
+        return {"train": items_fingerprint(self.training(n_train, seed)),
                 "val": items_fingerprint(self.val), "test": items_fingerprint(self.test),
                 "ood": {k: items_fingerprint(v) for k, v in self.ood.items()}}
+
+
+def train_seed(data_seed: int, seed: int) -> int:
+    """The generator seed of run seed ``seed``'s training pool: apart from every other set's
+    (``data_seed * 10 + 1..``, small numbers) and from every other run seed's."""
+    return zlib.crc32(f"cdist training items {data_seed} {seed}".encode()) + 1_000
 
 
 def make_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
     """The experiment's item sets, made with ``tokenizer`` (module doc)."""
     seed = cfg.data_seed * 10
-    pool = _generate(cfg, tokenizer, max(cfg.regimes), "train", seed + 1)
-    seen = set(pool["prompt"])
     val = _generate(cfg, tokenizer, cfg.val_items, "train", seed + 2)
+    held_out = set(val["prompt"])
+
+    def pool(run_seed: int):
+        # as many spare items as validation has, for those a seed's draw shares with it
+        made = _generate(cfg, tokenizer, max(cfg.regimes) + len(val), "train",
+                         train_seed(cfg.data_seed, run_seed))
+        kept = [i for i, p in enumerate(made["prompt"]) if p not in held_out]
+        return made.select(kept[:max(cfg.regimes)])
+
     return ItemSets(
-        train={n: pool.select(range(n)) for n in cfg.regimes},
-        val=val.select([i for i, p in enumerate(val["prompt"]) if p not in seen]),
+        val=val, pool=pool,
         reference=_generate(cfg, tokenizer, cfg.reference_items, "test", seed + 3),
         found_on=_generate(cfg, tokenizer, cfg.discovery_items, "test", seed + 4),
         test=_generate(cfg, tokenizer, cfg.test_items, "test", seed + 5),

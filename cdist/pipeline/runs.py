@@ -79,16 +79,18 @@ def train_run(ctx: Context, circuits: Circuits, arm: arms.Arm, *, n_train: int, 
     dcfg = arm.config(cfg.distill, lam=lam, lr=lr, control_lr=cfg.control_lr, seed=seed)
     used = head_map
     if arm.cka == "random":
-        used = matching.random_control(head_map, _all_heads(ctx.model("teacher")), seed=seed)
+        used = matching.random_control(head_map, _all_heads(ctx.model("teacher")), seed=seed,
+                                       exclude=circuits.heads("teacher"))
     identity = {"config": asdict(dcfg), "pairs": [str(p) for p in used.pairs],
                 "heads": [str(h) for h in s_heads], "train_items": n_train,
-                "items": ctx.items.identity(n_train), "n_random": cfg.n_random,
+                "items": ctx.items.identity(n_train, seed), "n_random": cfg.n_random,
                 "models": {"teacher": ctx.fingerprint("teacher"),
                            "student": ctx.fingerprint("student")}}
 
     def train() -> dict:
         model = ctx.fresh("student")
-        history = distill.distill(model, ctx.model("teacher"), used, ctx.items.train[n_train],
+        history = distill.distill(model, ctx.model("teacher"), used,
+                                  ctx.items.training(n_train, seed),
                                   ctx.items.val, dcfg, folder, heads=s_heads,
                                   progress=ctx.progress)
         return {"metrics": history["metrics"], "trainable": history["trainable"],

@@ -32,6 +32,7 @@ class Selection:
     threshold: float
     head_map: HeadMap
     record: dict
+    homolog_map: HeadMap | None = None  # where the student's layer origin is known
 
 
 def _select_lr(ctx: Context, circuits: Circuits, head_map: HeadMap, n: int) -> list[dict]:
@@ -86,4 +87,5 @@ def select(ctx: Context, circuits: Circuits, maps: HeadMaps) -> Selection:
             f"sample-efficiency threshold {threshold:.3f}")
     head_map = maps.maps[matcher]
     write_record(head_map, ctx.out / "head_map.json")
-    return Selection(lr, matcher, lam, lam_strong, threshold, head_map, record)
+    return Selection(lr, matcher, lam, lam_strong, threshold, head_map, record,
+                     maps.maps.get("homolog"))

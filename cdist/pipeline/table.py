@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cdist import arms
+from cdist.errors import InputError
 from cdist.pipeline.circuits import Circuits
 from cdist.pipeline.context import Context
 from cdist.pipeline.runs import evaluate_model, run_dir, train_run, unbits
@@ -42,12 +43,22 @@ def _row(ctx: Context, circuits: Circuits, selection: Selection, arm: arms.Arm, 
     if not arm.trained:
         return evaluate_model(ctx, circuits, ctx.model(arm.model), arm.model, seed)
     lam = selection.lam_strong if arm.strong else selection.lam
+    head_map = selection.homolog_map if arm.head_map == "homolog" else selection.head_map
     return train_run(ctx, circuits, arm, n_train=n_train, seed=seed, lr=selection.lr, lam=lam,
-                     head_map=selection.head_map, folder=run_dir(ctx, arm, n_train, seed))
+                     head_map=head_map, folder=run_dir(ctx, arm, n_train, seed))
 
 
 def make_table(ctx: Context, circuits: Circuits, selection: Selection) -> Table:
-    """Stage 5 (module doc)."""
+    """Stage 5 (module doc).
+
+    Raises:
+        InputError: an arm needs the homolog map and the student's layer origin is unknown.
+    """
+    homolog_arms = [a for a in ctx.cfg.arms if arms.arm(a).head_map == "homolog"]
+    if homolog_arms and selection.homolog_map is None:
+        raise InputError(f"{homolog_arms[0]!r} needs the teacher layer each student layer was "
+                         "cut from: cut the student with models.keep_layers (its checkpoint "
+                         "records it), give --student-layer-origin, or leave the arm out")
     teacher_ood = _teacher_ood(ctx, circuits)
     runs = []
     for n_train in ctx.cfg.regimes:
