@@ -13,10 +13,12 @@ variance is ``pi - delta^2`` and the mean over m items adds ``(pi - delta^2) / m
 
     Var(measured difference of one run) = sigma^2_run + (pi - delta^2) / m
 
-More test items shrink only the second term; past the point where sigma^2_run dominates, only more
-seeds help. ``run_variance`` estimates sigma^2_run from a pilot's per-seed differences,
-``design_power`` gives the power for m items and n seeds, and ``plan`` the seeds needed per choice
-of m.
+(Exactly, when each run's own difference delta_r has variance pi - delta_r^2, the item term is
+``(pi - delta^2 - sigma^2_run) / m``; the model drops ``sigma^2_run / m``, negligible beside
+sigma^2_run.) More test items shrink only the second term; past the point where sigma^2_run
+dominates, only more seeds help. ``run_variance`` estimates sigma^2_run from a pilot's per-seed
+differences, ``design_power`` gives the power for m items and n seeds, and ``plan`` the seeds
+needed per choice of m.
 
 Warning:
     The model takes a run's items as fresh draws. Where every run is evaluated on the same items
