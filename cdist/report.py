@@ -34,14 +34,21 @@ def _cell(stat: dict) -> str:
     return "–" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
 
 
-def _test_line(name: str, test: dict) -> str:
-    pooled = test["pooled"]
-    seeds = ", ".join(f"{t['p_value']:.2g}" for t in test["per_seed"])
-    return (f"{name}: pooled B = {pooled['b']}, C = {pooled['c']} "
-            f"(odds ratio {pooled['odds_ratio']:.2f}), "
-            f"CMH chi2 = {pooled['statistic']:.2f}, p = {pooled['p_value_chi2']:.3g} "
-            f"(exact {pooled['p_value']:.3g}); "
-            f"per-seed McNemar p: {seeds}")
+def _short(arm: str) -> str:
+    return arm.replace("circuit distilled, ", "").replace("positive control, ", "control: ")
+
+
+def _comparison_line(e: dict) -> str:
+    """One comparison: the per-seed difference with its interval, p, equivalence verdict, and the
+    clustered test beside it (``cdist.pipeline.comparisons``)."""
+    s, clustered = e["seed_level"], e["clustered"]
+    holm = (f", Holm p {e['holm_p']:.3g} (corrected: {e['holm_verdict']})" if "holm_p" in e
+            else "")
+    return (f"{_short(e['a'])} vs {_short(e['b'])} [{e['set']}, {e['role']}]: difference "
+            f"{s['mean']:+.3f} (95% CI {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f}, {e['n_seeds']} "
+            f"seeds), p {s['p_value']:.3g}{holm}; equivalence at ±{s['margin']:g}: p "
+            f"{s['tost_p']:.3g}, **{s['verdict']}**; clustered McNemar p "
+            f"{clustered['p_value']:.3g}")
 
 
 def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str:
@@ -67,12 +74,13 @@ def _primary_lines(summary: dict, command: str, commit: str) -> list[str]:
         lines.append(f"`{command}`" + (f" at commit `{commit}`" if commit else "") +
                      f"; {summary['wall_time_s'] / 60:.0f} min.")
     lines += ["", "**Primary comparison (declared before the runs):** "
-              f"{arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at {small} training items, test accuracy, "
-              f"pooled over seeds {cfg['seeds']} by the Cochran-Mantel-Haenszel test for matched "
-              "pairs (each item and seed a pair), per-seed McNemar beside it.", ""]
-    primary = summary["tests"].get(summary["primary"])
-    result = _test_line("result", primary["test"]) if primary else "not run (an arm is missing)"
-    lines.append("- " + result)
+              f"{arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at {small} training items, test accuracy: "
+              f"the mean over seeds {cfg['seeds']} of the per-seed difference, its 95% t "
+              f"interval and p, and two one-sided tests at ±{summary['margin']:g} (equivalence); "
+              "Durkalski's clustered McNemar test (items as clusters) beside it.", ""]
+    primary = [e for e in summary["comparisons"] if e["role"] == "primary"]
+    lines.append("- " + (_comparison_line(primary[0]) if primary
+                         else "not run (an arm is missing)"))
     return lines
 
 
@@ -152,11 +160,9 @@ def _regime_lines(summary: dict, regime: str, rows: dict) -> list[str]:
         lines.append(f"| {arm} | " + " | ".join(_cell(row[k]) for k, _ in METRICS)
                      + "".join(f" | {_cell(row['ood'][n])}" for n in ood_names)
                      + f" | {steps_cell} | {'–' if not ce else f'{ce[-1][1]:.3f}'} |")
-    lines += ["", "Tests (test items, then each OOD set):", ""]
-    for name, sets in summary["tests"].items():
-        if name.startswith(regime + ":"):
-            for set_name, test in sets.items():
-                lines.append("- " + _test_line(f"{name[len(regime) + 2:]} [{set_name}]", test))
+    lines += ["", "Comparisons (test items, then each OOD set; the secondaries Holm-corrected as "
+              "one family, the checks uncorrected):", ""]
+    lines += ["- " + _comparison_line(e) for e in summary["comparisons"] if e["regime"] == regime]
     return lines
 
 

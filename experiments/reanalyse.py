@@ -4,12 +4,12 @@
     python experiments/reanalyse.py results/entity_tracking   # one table (its folder or file)
     python experiments/reanalyse.py --margin 0.02 --alpha 0.05
 
-For each table, training regime, pair of arms (``cdist.arms.COMPARISONS`` and CE + Align CKA vs
-circuit CE) and evaluation set: the mean per-seed accuracy difference with its t interval, p-value,
-equivalence test and verdict (the primary reading); Durkalski's clustered McNemar test; the pooled
-Cochran-Mantel-Haenszel test the shipped summaries reported (not for the primary reading). Declared
-primary here: CE + Align CKA vs circuit CE at the smallest regime, test set; every other row is
-secondary, Holm-adjusted as one family per table (a seed-level p that is undefined counts as 1).
+For each table, training regime, declared comparison (``cdist.arms.COMPARISONS``, read as a
+table's summary reads them: ``cdist.pipeline.comparisons``) and evaluation set: the mean per-seed
+accuracy difference with its t interval, p-value, equivalence test and verdict (the primary
+reading); Durkalski's clustered McNemar test; the pooled Cochran-Mantel-Haenszel test the shipped
+summaries reported (not for reading). Primary: CE + Align CKA vs circuit CE at the smallest regime,
+test set; the secondaries are Holm-adjusted as one family per table, the checks uncorrected.
 Writes ``reanalysis.json`` beside each ``per_item.json`` and prints a compact table.
 """
 
@@ -20,16 +20,13 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from cdist import arms, stats
+from cdist import arms
 from cdist.checkpoints import atomic_write_json, read_json
 from cdist.errors import CdistError, FileFormatError, MissingFileError
+from cdist.pipeline.comparisons import compare_arms
 from cdist.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIMARY = ("circuit distilled, CE + Align CKA", "circuit distilled, CE")
-PAIRS = (PRIMARY, *(p for p in arms.COMPARISONS if p != PRIMARY))
 NOTE = ("The shipped tables' seeds shared their training items (a seed changed only the data "
         "order and draws), so per-seed differences understate run-to-run variance: read the "
         "seed-level intervals as too narrow, and the pooled CMH p-values as far too small.")
@@ -46,44 +43,14 @@ def find(paths: list[str]) -> list[Path]:
     return found
 
 
-def bits(run: dict, name: str, n: int) -> torch.Tensor:
-    """A run's per-item correctness on evaluation set ``name`` (``n`` items)."""
-    text = run["test_full"] if name == "test" else run["ood"][name]
-    if len(text) != n or set(text) - {"0", "1"}:
-        raise FileFormatError(f"{run['arm']}, seed {run['seed']}, {name}: expected {n} "
-                              f"characters of 0/1, got {len(text)}")
-    return torch.tensor([ch == "1" for ch in text])
-
-
-def analyse(table: dict, margin: float, alpha: float) -> list[dict]:
-    """One entry per (regime, pair, evaluation set) present, the primary first."""
-    runs, sets = table["runs"], table["eval_sets"]
-    regimes = sorted({r["train_items"] for r in runs})
-    entries = []
-    for regime in regimes:
-        by_arm: dict[str, dict[int, dict]] = {}
-        for r in runs:
-            if r["train_items"] == regime:
-                by_arm.setdefault(r["arm"], {})[r["seed"]] = r
-        for a, b in PAIRS:
-            if a not in by_arm or b not in by_arm:
-                continue
-            seeds = sorted(set(by_arm[a]) & set(by_arm[b]))
-            for name in sorted(sets, key=lambda k: (k != "test", k)):
-                n = sets[name]
-                record = stats.compare([bits(by_arm[a][s], name, n) for s in seeds],
-                                       [bits(by_arm[b][s], name, n) for s in seeds],
-                                       margin=margin, alpha=alpha)
-                entries.append({"regime": f"n{regime}", "a": a, "b": b, "set": name,
-                                "seeds": seeds, "primary": (a, b, name, regime) ==
-                                (*PRIMARY, "test", regimes[0]), **record})
-    entries.sort(key=lambda e: not e["primary"])
-    secondary = [e for e in entries if not e["primary"]]
-    p = [e["seed_level"]["p_value"] for e in secondary]
-    for e, adj in zip(secondary, stats.holm([1.0 if math.isnan(x) else x for x in p]),
-                      strict=True):
-        e["holm_p"] = adj
-    return entries
+def check(table: dict) -> None:
+    """Every run's per-item strings are 0/1 and as long as their evaluation set."""
+    for run in table["runs"]:
+        for name, text in {"test": run["test_full"], **run["ood"]}.items():
+            n = table["eval_sets"][name]
+            if len(text) != n or set(text) - {"0", "1"}:
+                raise FileFormatError(f"{run['arm']}, seed {run['seed']}, {name}: expected {n} "
+                                      f"characters of 0/1, got {len(text)}")
 
 
 def clean(x):
@@ -100,14 +67,15 @@ def show(folder: str, entries: list[dict]) -> str:
     short = {n: n.replace("circuit distilled, ", "").replace("positive control, ", "pos. ")
              for e in entries for n in (e["a"], e["b"])}
     head = ("comparison", "set", "mean diff", "95% CI", "p seed", "p clust", "p CMH", "p Holm",
-            "verdict")
+            "verdict (Holm)")
     rows = [head]
     for e in entries:
         s, ci = e["seed_level"], e["seed_level"]["ci"]
         rows.append((f"{e['regime']} {short[e['a']]} vs {short[e['b']]}", e["set"],
                      f"{s['mean']:+.4f}", f"[{ci[0]:+.4f}, {ci[1]:+.4f}]", f"{s['p_value']:.3g}",
                      f"{e['clustered']['p_value']:.3g}", f"{e['pooled_cmh']['p_value']:.3g}",
-                     "primary" if e["primary"] else f"{e['holm_p']:.3g}", s["verdict"]))
+                     f"{e['holm_p']:.3g}" if "holm_p" in e else e["role"],
+                     e.get("holm_verdict", s["verdict"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     seeds = sorted({len(e["seeds"]) for e in entries})
@@ -126,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         files = find(args.tables)
         for f in files:
             try:
-                entries = analyse(read_json(f), args.margin, args.alpha)
+                table = read_json(f)
+                check(table)
+                entries = compare_arms(table["runs"], margin=args.margin, alpha=args.alpha)
             except (KeyError, TypeError) as err:
                 raise FileFormatError(f"{f}: not a table's per_item.json ({err!r})") from None
             try:
@@ -136,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             # --------------------------------------------------------------------------------
             atomic_write_json(clean({"folder": folder, "commit": git_commit(),
                                      "margin": args.margin, "alpha": args.alpha, "note": NOTE,
-                                     "primary": {"a": PRIMARY[0], "b": PRIMARY[1], "set": "test",
-                                                 "regime": "smallest"},
+                                     "primary": {"a": arms.PRIMARY[0], "b": arms.PRIMARY[1],
+                                                 "set": "test", "regime": "smallest"},
                                      "comparisons": entries}), f.parent / "reanalysis.json")
             print(show(folder, entries), end="\n\n")
     except CdistError as err:

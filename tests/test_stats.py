@@ -332,8 +332,9 @@ def test_reanalyse_writes_a_record_for_a_table(tmp_path, capsys):
     record = json.loads((tmp_path / "reanalysis.json").read_text())
     assert record["margin"] == 0.02 and record["commit"] and "shared" in record["note"]
     entries = record["comparisons"]
-    assert len(entries) == 4 and entries[0]["primary"]  # 2 pairs present x 2 sets
+    assert len(entries) == 4 and entries[0]["role"] == "primary"  # 2 pairs present x 2 sets
     assert (entries[0]["a"], entries[0]["b"], entries[0]["set"]) == (*arms[:2], "test")
+    assert [e["role"] for e in entries[1:]] == ["secondary"] * 3  # the primary's OOD set too
     assert all(e["holm_p"] >= e["seed_level"]["p_value"] for e in entries[1:])
     assert "CE + Align CKA vs CE" in capsys.readouterr().out
 

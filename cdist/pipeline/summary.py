@@ -1,8 +1,8 @@
 """Stage 6, the summary: per arm and regime the accuracies (mean and sd over seeds), OOD accuracy,
 steps to the sample-efficiency threshold and the validation curves; the declared comparisons
-(``arms.COMPARISONS``, the first primary) by McNemar's test per seed and pooled over seeds
-(Cochran-Mantel-Haenszel), each recomputed from the runs' per-item strings; and the table's record,
-``results.json`` and ``per_item.json``.
+(``cdist.pipeline.comparisons``: the primary, the Holm-corrected secondaries and the checks), each
+recomputed from the runs' per-item strings; and the table's record, ``results.json`` and
+``per_item.json``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 
-from cdist import arms, distill, stats
+from cdist import distill
 from cdist.checkpoints import atomic_write_json
 from cdist.pipeline.circuits import Circuits
+from cdist.pipeline.comparisons import compare_arms
 from cdist.pipeline.config import ExperimentConfig
 from cdist.pipeline.context import Context
 from cdist.pipeline.head_maps import HeadMaps
@@ -65,18 +66,6 @@ def _row(recs: list[dict], threshold: float) -> dict:
     return row | _curves(recs, threshold)
 
 
-def _compare(ra: list[dict], rb: list[dict]) -> dict:
-    """Arm a against arm b on every evaluation set: McNemar per seed and pooled."""
-    ra, rb = sorted(ra, key=lambda r: r["seed"]), sorted(rb, key=lambda r: r["seed"])
-    sets = {"test": ([unbits(r["test_full"]) for r in ra], [unbits(r["test_full"]) for r in rb])}
-    for name in ra[0]["ood"]:
-        sets[name] = ([unbits(r["ood"][name]) for r in ra], [unbits(r["ood"][name]) for r in rb])
-    return {name: {"pooled": stats.mcnemar_pooled(xa, xb),
-                   "per_seed": [{"seed": r["seed"], **stats.mcnemar(x, y)}
-                                for r, x, y in zip(ra, xa, xb, strict=True)]}
-            for name, (xa, xb) in sets.items()}
-
-
 def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict:
     """The rows and tests of the table (module doc), from the runs' records alone."""
     table: dict = {}
@@ -84,11 +73,8 @@ def summarise(runs: list[dict], cfg: ExperimentConfig, threshold: float) -> dict
         table.setdefault(f"n{r['train_items']}", {}).setdefault(r["arm"], []).append(r)
     rows = {regime: {arm: _row(recs, threshold) for arm, recs in by_arm.items()}
             for regime, by_arm in table.items()}
-    tests = {f"{regime}: {a} vs {b}": _compare(by_arm[a], by_arm[b])
-             for regime, by_arm in table.items() for a, b in arms.COMPARISONS
-             if a in by_arm and b in by_arm}
-    primary = f"n{min(cfg.regimes)}: {arms.PRIMARY[0]} vs {arms.PRIMARY[1]}"
-    return {"rows": rows, "tests": tests, "primary": primary, "threshold": threshold}
+    return {"rows": rows, "comparisons": compare_arms(runs, margin=cfg.margin, alpha=cfg.alpha),
+            "margin": cfg.margin, "alpha": cfg.alpha, "threshold": threshold}
 
 
 def write_summary(ctx: Context, circuits: Circuits, placement: Placement, maps: HeadMaps,
