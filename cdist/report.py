@@ -20,8 +20,9 @@ from plotly.subplots import make_subplots
 from cdist import arms, plots
 from cdist.checkpoints import atomic_write_json, atomic_write_text
 from cdist.matching import HeadMap
+from cdist.pipeline.comparisons import compare_arms
 
-__all__ = ["markdown_table", "write_report"]
+__all__ = ["markdown_table", "with_comparisons", "write_report"]
 
 METRICS = (("full_accuracy", "full"), ("circuit_accuracy", "circuit"),
            ("random_accuracy", "random circuit"), ("faithfulness", "faithfulness"))
@@ -51,6 +52,19 @@ def _comparison_line(e: dict) -> str:
             f"{clustered['p_value']:.3g}")
 
 
+def with_comparisons(summary: dict, per_item: dict | None, *, margin: float = 0.02,
+                     alpha: float = 0.05) -> dict:
+    """``summary`` with its comparisons: a table summarised by an earlier cdist (pooled tests
+    only) gets them recomputed from its ``per_item.json`` (``cdist.pipeline.comparisons``), and
+    says so."""
+    if "comparisons" in summary or per_item is None:
+        return summary
+    return summary | {"comparisons": compare_arms(per_item["runs"], margin=margin, alpha=alpha),
+                      "margin": margin, "alpha": alpha,
+                      "comparisons_from": "recomputed from per_item.json (the table was "
+                                          "summarised by an earlier cdist)"}
+
+
 def markdown_table(summary: dict, *, command: str = "", commit: str = "") -> str:
     """The report as markdown: the primary comparison, then the selection of lr, matcher and
     lambda, the head map's diagnostics, what the circuit arms train, and one table of test results
@@ -76,11 +90,18 @@ def _primary_lines(summary: dict, command: str, commit: str) -> list[str]:
     lines += ["", "**Primary comparison (declared before the runs):** "
               f"{arms.PRIMARY[0]} vs {arms.PRIMARY[1]} at {small} training items, test accuracy: "
               f"the mean over seeds {cfg['seeds']} of the per-seed difference, its 95% t "
-              f"interval and p, and two one-sided tests at ±{summary['margin']:g} (equivalence); "
+              f"interval and p, and two one-sided tests at ±{summary.get('margin', 0.02):g} "
+              "(equivalence); "
               "Durkalski's clustered McNemar test (items as clusters) beside it.", ""]
-    primary = [e for e in summary["comparisons"] if e["role"] == "primary"]
+    comparisons = summary.get("comparisons")
+    if comparisons is None:
+        return [*lines, "- not in this summary (made by an earlier cdist, without per-item "
+                "results beside it)"]
+    primary = [e for e in comparisons if e["role"] == "primary"]
     lines.append("- " + (_comparison_line(primary[0]) if primary
                          else "not run (an arm is missing)"))
+    if "comparisons_from" in summary:
+        lines.append(f"- every comparison here is {summary['comparisons_from']}")
     return lines
 
 
@@ -162,7 +183,8 @@ def _regime_lines(summary: dict, regime: str, rows: dict) -> list[str]:
                      + f" | {steps_cell} | {'–' if not ce else f'{ce[-1][1]:.3f}'} |")
     lines += ["", "Comparisons (test items, then each OOD set; the secondaries Holm-corrected as "
               "one family, the checks uncorrected):", ""]
-    lines += ["- " + _comparison_line(e) for e in summary["comparisons"] if e["regime"] == regime]
+    lines += ["- " + _comparison_line(e) for e in summary.get("comparisons") or []
+              if e["regime"] == regime]
     return lines
 
 

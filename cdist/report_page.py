@@ -23,7 +23,7 @@ from cdist.checkpoints import atomic_write_text, read_json
 from cdist.errors import FileFormatError, MissingFileError
 from cdist.matching import HeadMap
 from cdist.records import read_record
-from cdist.report import curve_figure, markdown_table
+from cdist.report import curve_figure, markdown_table, with_comparisons
 from cdist.store import Store
 from cdist.types import Circuit, Scan
 
@@ -153,7 +153,8 @@ def run_page(run_dir: str | Path) -> str:
     results = run / "results.json"
     title = f"cdist run {run.name}"
     if results.is_file():
-        summary = _read(results)
+        per_item = run / "per_item.json"
+        summary = with_comparisons(_read(results), _read(per_item) if per_item.is_file() else None)
         table = markdown.markdown(markdown_table(summary), extensions=["tables"])
         curves = [_figure(curve_figure(summary, key, label), f"curve-{key}") for key, label in
                   (("val_ce_curve", "validation CE, mean over seeds"),
