@@ -8,7 +8,7 @@ found.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -102,6 +102,17 @@ class Context:
         # must agree for distillation anyway)
         return make_items(self.cfg, self.model("student" if self.has("student") else "teacher")
                           .tokenizer)
+
+    def on_validation(self) -> Context:
+        """This context with the validation items as its test set and no OOD sets, sharing its
+        models, means, fingerprints and store: where runs that choose settings (selection, a
+        pilot) are scored, so that no choice ever reads the test items."""
+        other = Context(self.cfg, self.out, self.loaders, self.names, progress=self.progress,
+                        log=self.log)
+        other._models, other._means = self._models, self._means
+        other._fingerprints, other._claimed = self._fingerprints, self._claimed
+        other.__dict__["items"] = replace(self.items, test=self.items.val, ood={})
+        return other
 
     def means(self, role: Role):
         """``role``'s per-position head means on the reference items (mean ablation's values)."""

@@ -1,9 +1,10 @@
 """Stage 4, selection on validation items, with ``select_seed`` (never a table seed) at the smallest
-regime: the lr of circuit CE; then the matcher and lambda of CE + Align CKA at that lr, each
-lambda's CKA:CE gradient ratio at the start recorded; the sample-efficiency threshold (halfway from
-the start of circuit CE's selected validation curve to its end); and the "strong" lambda, the
-smallest whose gradient ratio reaches ``arms.STRONG_RATIO`` (the largest of the grid if none
-does). Ties go to the smaller lr or lambda.
+regime, its runs scored on the validation items too (nothing chosen here reads the test items):
+the lr of circuit CE; then the matcher and lambda of CE + Align CKA at that lr, each lambda's
+CKA:CE gradient ratio at the start recorded; the sample-efficiency threshold (halfway from the
+start of circuit CE's selected validation curve to its end); and the "strong" lambda, the smallest
+whose gradient ratio reaches ``arms.STRONG_RATIO`` (the largest of the grid if none does). Ties go
+to the smaller lr or lambda.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def _select_align(ctx: Context, circuits: Circuits, maps: HeadMaps, lr: float,
 def select(ctx: Context, circuits: Circuits, maps: HeadMaps) -> Selection:
     """Stage 4 (module doc); the chosen map is written to ``head_map.json``."""
     cfg, small = ctx.cfg, min(ctx.cfg.regimes)
+    ctx = ctx.on_validation()
     record: dict = {"seed": cfg.select_seed, "train_items": small}
     record["lr"] = _select_lr(ctx, circuits, maps.maps[cfg.matchers[0]], small)
     best_lr = max(record["lr"], key=lambda r: (r["val_accuracy"], -r["lr"]))

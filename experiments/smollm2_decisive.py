@@ -1,0 +1,245 @@
+"""The decisive SmolLM2 table: does CE + Align CKA beat circuit CE alone on a real model?
+
+    python experiments/smollm2_models.py --out runs/smollm2            # the teacher and student
+    python experiments/smollm2_decisive.py pilot --models runs/smollm2  # choices and power
+    python experiments/smollm2_decisive.py table --models runs/smollm2  # the table itself
+
+Both steps resume where they stopped (every finished run is kept by its identity) and refuse models
+other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
+
+**Pilot** (``OUT/pilot``, validation items only, seeds that are not the table's):
+1. the circuits (the teacher's by path patching, grown until it is faithful; the student's by
+   mean ablation), the teacher heads' positions, every one-to-one head map and the homolog map
+   (the student is SmolLM2 without layers 12-19, so every student head has a homolog), each map's
+   homolog recovery;
+2. the teacher's accuracy at box counts outside both models' training mix (2-7 boxes): the OOD
+   box count is the largest of ``OOD_BOXES`` where the teacher is at or above 0.9;
+3. headroom: circuit CE for every training-set size and lr of the grid, ``GRID_STEPS`` steps; the
+   size and lr whose final validation accuracy is nearest 0.75 within 0.70-0.80 (nearest 0.75
+   if none is), and the steps: 1.5 times the step where that curve first comes within 0.01 of its
+   best (its plateau), so that slower arms pass it too;
+4. selection (``cdist.pipeline.select``, seed ``SELECT_SEED``): the matcher (one-to-one rules) and
+   lambda of CE + Align CKA, lambdas spanning a CKA:CE gradient ratio of about 0.1 to 1;
+5. power: circuit CE and the selected CE + Align CKA on ``PILOT_SEEDS``, their per-seed
+   validation differences and discordance give the run-to-run variance (``cdist.power``), and the
+   seeds and test items the table needs for ``POWER`` power at a ``EFFECT`` difference.
+``OUT/pilot/pilot.json`` records every number and choice.
+
+**Table** (``OUT``): the arms of ``ARMS`` on the chosen settings, as many seeds and test items as
+the pilot asks (at least ``MIN_SEEDS``), the OOD box count and another template, 1,000 items
+each; the primary comparison (declared in ``cdist.arms`` and in the README before the table runs):
+CE + Align CKA vs circuit CE, test accuracy, mean per-seed difference with its interval, p and the
+equivalence verdict at +-``EFFECT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("step", choices=["pilot", "table"])
+parser.add_argument("--models", default="runs/smollm2",
+                    help="the folder experiments/smollm2_models.py wrote")
+parser.add_argument("--out", default="results/entity_tracking_smollm2_decisive")
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+args = parser.parse_args()
+
+import torch  # noqa: E402  (after argparse, so that --help answers at once)
+
+from cdist import arms, models, pipeline, power, stats, tasks  # noqa: E402
+from cdist.checkpoints import atomic_write_json  # noqa: E402
+from cdist.discovery import DiscoveryConfig  # noqa: E402
+from cdist.distill import DistillConfig  # noqa: E402
+from cdist.evaluate import accuracy  # noqa: E402
+from cdist.pipeline.runs import unbits  # noqa: E402
+from cdist.provenance import git_commit  # noqa: E402
+
+TASK_KWARGS = {"n_boxes": 3, "template": "prakash"}
+GRID_N, GRID_LR, GRID_STEPS, EVAL_EVERY = (16, 32, 64), (1e-4, 3e-4, 1e-3), 240, 20
+MATCHERS = ("ablation-1to1", "ablation-baseline-1to1", "cka-1to1")
+LAMBDAS = (0.03, 0.1, 0.3, 1.0)
+SELECT_SEED, PILOT_SEEDS = 100, (201, 202, 203, 204)
+OOD_BOXES, OOD_TEMPLATE, OOD_ITEMS = (10, 9, 8), "compact", 1000
+EFFECT, POWER, ALPHA, MIN_SEEDS = 0.02, 0.8, 0.05, 5
+ITEM_OPTIONS = (1000, 2000, 3000)
+ARMS = ("base student", "teacher", "fully distilled, CE", "circuit distilled, CE",
+        "circuit distilled, KD", "circuit distilled, CE + Align CKA",
+        "circuit distilled, CE + Align CKA (homolog)", "circuit distilled, CE + Shuffled CKA",
+        "circuit distilled, CE + Rand CKA", "positive control, Align CKA (small lr)",
+        "positive control, Shuffled CKA (small lr)")
+# what the table folder takes from the pilot's: kept by identity, so reused only if the same
+FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select")
+
+if args.threads:
+    torch.set_num_threads(args.threads)
+source, out = Path(args.models), Path(args.out)
+built = json.loads((source / "models.json").read_text())["models"]
+
+
+def config(**design) -> pipeline.ExperimentConfig:
+    """The experiment on the recorded models, with ``design`` (item counts, regimes, grids)."""
+    steps = design.pop("steps", GRID_STEPS)
+    return pipeline.ExperimentConfig(
+        task="entity_tracking", task_kwargs=TASK_KWARGS, data_seed=0, val_items=500,
+        reference_items=64, discovery_items=64, n_random=1, select_seed=SELECT_SEED,
+        distill=DistillConfig(steps=steps, eval_every=EVAL_EVERY, batch_size=16),
+        # the teacher's search scans exactly only the 30 senders per group that path
+        # attribution ranks first (30 layers: each exact scan is minutes)
+        discovery=DiscoveryConfig(prefilter=30),
+        matchers=MATCHERS, margin=EFFECT, alpha=ALPHA,
+        student_layer_origin=tuple(built["student"]["kept_layers"]),
+        fingerprints={role: built[role]["fingerprint"] for role in ("teacher", "student")},
+        **design)
+
+
+def context(cfg, folder: Path) -> pipeline.Context:
+    loaders = {role: (lambda role=role: models.load_llama(source / role))
+               for role in ("teacher", "student")}
+    ctx = pipeline.Context(cfg, folder, loaders,
+                           {role: str(source / role) for role in ("teacher", "student")})
+    pipeline.check_items(cfg, ctx.model("student").tokenizer)
+    return ctx
+
+
+def plateau(curve: list) -> int:
+    """The first step whose validation accuracy is within 0.01 of the curve's best."""
+    best = max(acc for _, acc in curve)
+    return next(step for step, acc in curve if acc >= best - 0.01)
+
+
+def ood_boxes(ctx) -> dict:
+    """The teacher's accuracy at each box count outside the training mix, 300 items each."""
+    found = {}
+    for boxes in OOD_BOXES:
+        items = tasks.get_task("entity_tracking").items(
+            300, tokenizer=ctx.model("student").tokenizer, seed=7000 + boxes, split="test",
+            **{**TASK_KWARGS, "n_boxes": boxes})
+        found[boxes] = accuracy(ctx.model("teacher"), items)
+        ctx.log(f"teacher at {boxes} boxes: {found[boxes]:.3f}")
+    return found
+
+
+def headroom(ctx, circuits, maps) -> list[dict]:
+    """Circuit CE for every size and lr of the grid, on the validation items (pilot seed 0)."""
+    val, ce, rows = ctx.on_validation(), arms.arm("circuit distilled, CE"), []
+    for n in GRID_N:
+        for lr in GRID_LR:
+            rec = pipeline.train_run(val, circuits, ce, n_train=n, seed=PILOT_SEEDS[0], lr=lr,
+                                     lam=0.0, head_map=maps.maps[MATCHERS[0]],
+                                     folder=ctx.out / "grid" / f"ce-n{n}-lr{lr}")
+            curve = [(m["step"], m["accuracy"]) for m in rec["metrics"]]
+            rows.append({"train_items": n, "lr": lr, "val_accuracy": curve[-1][1],
+                         "plateau_step": plateau(curve), "curve": curve})
+            ctx.log(f"grid n={n} lr={lr}: validation {curve[-1][1]:.3f}, plateau at step "
+                    f"{rows[-1]['plateau_step']}")
+    return rows
+
+
+def choose(rows: list[dict]) -> dict:
+    """The size and lr nearest 0.75 (within 0.70-0.80 where one is), and the steps."""
+    inside = [r for r in rows if 0.70 <= r["val_accuracy"] <= 0.80]
+    best = min(inside or rows, key=lambda r: (abs(r["val_accuracy"] - 0.75), r["train_items"]))
+    steps = min(GRID_STEPS, EVAL_EVERY * math.ceil(1.5 * max(best["plateau_step"], EVAL_EVERY)
+                                                   / EVAL_EVERY))
+    return {"train_items": best["train_items"], "lr": best["lr"], "steps": steps,
+            "in_range": bool(inside), "val_accuracy": best["val_accuracy"]}
+
+
+def power_pilot(ctx, circuits, selection, chosen: dict) -> dict:
+    """Circuit CE and the selected CE + Align CKA on the pilot seeds: the per-seed differences,
+    the run-to-run variance and the seeds and items the table needs."""
+    val, runs = ctx.on_validation(), {}
+    for name in (arms.PRIMARY[0], arms.PRIMARY[1]):
+        for seed in PILOT_SEEDS:
+            runs[name, seed] = pipeline.train_run(
+                val, circuits, arms.arm(name), n_train=chosen["train_items"], seed=seed,
+                lr=chosen["lr"], lam=selection.lam, head_map=selection.head_map,
+                folder=ctx.out / "power" / f"{pipeline.slug(name)}-seed{seed}")
+    bits = {name: [unbits(runs[name, s]["test_full"]) for s in PILOT_SEEDS]
+            for name in arms.PRIMARY}
+    compared = stats.compare(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]], margin=EFFECT,
+                             alpha=ALPHA)
+    n_val = len(bits[arms.PRIMARY[0]][0])
+    variance = power.run_variance(compared["seed_level"]["diffs"], compared["discordance"], n_val)
+    plans = power.plan(EFFECT, variance["run_var"], compared["discordance"], ITEM_OPTIONS,
+                       power=POWER, alpha=ALPHA)
+    return {"seeds": list(PILOT_SEEDS), "validation_items": n_val, "comparison": compared,
+            "run_variance": variance, "plans": plans}
+
+
+def design(pilot: dict) -> dict:
+    """The table's seeds and test items from the power plan: the fewest items whose plan needs at
+    most 12 seeds, at least ``MIN_SEEDS`` seeds."""
+    plans = pilot["power"]["plans"]
+    ok = [p for p in plans if p["n_seeds"] is not None and p["n_seeds"] <= 12]
+    chosen = ok[0] if ok else plans[-1]
+    seeds = max(MIN_SEEDS, chosen["n_seeds"] or 12)
+    achieved = power.design_power(EFFECT, pilot["power"]["run_variance"]["run_var"],
+                                  pilot["power"]["comparison"]["discordance"],
+                                  chosen["n_items"], seeds, ALPHA)
+    return {"seeds": list(range(seeds)), "test_items": chosen["n_items"],
+            "planned_power": achieved}
+
+
+def run_pilot() -> None:
+    folder = out / "pilot"
+    cfg = config(test_items=100, regimes=GRID_N, lrs=GRID_LR, lambdas=LAMBDAS,
+                 seeds=PILOT_SEEDS)
+    ctx = context(cfg, folder)
+    with ctx.claim():
+        circuits = pipeline.find_circuits(ctx)
+        placement = pipeline.place_teacher_heads(ctx, circuits)
+        maps = pipeline.make_head_maps(ctx, circuits, placement)
+        boxes = ood_boxes(ctx)
+        grid = headroom(ctx, circuits, maps)
+        chosen = choose(grid)
+        ctx.log(f"chosen: {chosen}")
+        sel_cfg = config(test_items=100, regimes=(chosen["train_items"],),
+                         lrs=(chosen["lr"],), lambdas=LAMBDAS, seeds=PILOT_SEEDS,
+                         steps=chosen["steps"])
+        sel_ctx = context(sel_cfg, folder)
+        with sel_ctx.claim():
+            selection = pipeline.select(sel_ctx, circuits, maps)
+            powered = power_pilot(sel_ctx, circuits, selection, chosen)
+    fit = [b for b in OOD_BOXES if boxes[b] >= 0.9]
+    record = {"commit": git_commit(), "grid": grid, "chosen": chosen,
+              "teacher_ood_boxes": boxes, "ood_boxes": fit[0] if fit else min(OOD_BOXES),
+              "ood_boxes_teacher_ok": bool(fit),
+              "selection": selection.record, "power": powered,
+              "homolog_recovery": {name: d.get("homolog_recovery")
+                                   for name, d in maps.diagnostics.items()
+                                   if not name.endswith("at pos_last")},
+              "effect": EFFECT, "alpha": ALPHA, "target_power": POWER}
+    record["design"] = design(record)
+    atomic_write_json(record, folder / "pilot.json")
+    print(json.dumps({k: record[k] for k in ("chosen", "design", "ood_boxes",
+                                             "homolog_recovery")}, indent=1))
+
+
+def run_table() -> None:
+    pilot = json.loads((out / "pilot" / "pilot.json").read_text())
+    chosen, plan, sel = pilot["chosen"], pilot["design"], pilot["selection"]["chosen"]
+    ood = ((f"{pilot['ood_boxes']} boxes", {"n_boxes": pilot["ood_boxes"]}),
+           (f"template {OOD_TEMPLATE}", {"template": OOD_TEMPLATE}))
+    cfg = config(test_items=plan["test_items"], ood=ood, ood_items=OOD_ITEMS,
+                 seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
+                 lrs=(chosen["lr"],), lambdas=(sel["lambda"],), matchers=(sel["matcher"],),
+                 control_lr=chosen["lr"] / 10, steps=chosen["steps"], arms=ARMS)
+    for name in FROM_PILOT:
+        if (out / "pilot" / name).exists() and not (out / name).exists():
+            shutil.copytree(out / "pilot" / name, out / name)
+    ctx = context(cfg, out)
+    with ctx.claim():
+        summary = pipeline.run_stages(ctx)
+    primary = next(e for e in summary["comparisons"] if e["role"] == "primary")
+    print(json.dumps({k: primary[k] for k in ("a", "b", "set", "seed_level", "clustered")},
+                     indent=1, default=str))
+
+
+if __name__ == "__main__":
+    run_pilot() if args.step == "pilot" else run_table()
