@@ -41,10 +41,10 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     figures, out = tmp_path / "figures", tmp_path / "out"
     argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1",
             "--regimes", "16", "32", "--select-seed", "7", *ARGS, "--out", str(out),
-            "--figures", str(figures)]
+            "--figures", str(figures), "--matchers", "ablation", "ablation-baseline", "cka-1to1"]
     summary = run_table("entity_tracking", argv)
     assert list(summary["rows"]) == ["n16", "n32"]
-    assert list(summary["rows"]["n16"]) == [a.name for a in arms.ARMS]
+    assert list(summary["rows"]["n16"]) == list(arms.DEFAULT_ARMS)
     assert summary["config"]["task_kwargs"]["template"] == "prakash"
     assert set(summary["teacher_ood"]) == {"3 boxes", "template compact"}
     # selection: every lr for circuit CE, then every matcher x lambda, each with its starting
@@ -70,7 +70,7 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     # per-item results: every run's accuracies and every test are recomputed from the stored
     # strings
     per_item = json.loads((out / "per_item.json").read_text())
-    assert len(per_item["runs"]) == 2 * 2 * len(arms.ARMS)
+    assert len(per_item["runs"]) == 2 * 2 * len(arms.DEFAULT_ARMS)
     assert per_item["eval_sets"]["test"] == 40
     for run in per_item["runs"]:
         row = summary["rows"][f"n{run['train_items']}"][run["arm"]]
@@ -79,13 +79,17 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
         mean = sum(r["test_full"].count("1") / 40 for r in runs) / len(runs)
         assert row["full_accuracy"]["mean"] == pytest.approx(mean)
         assert len(run["ood"]["3 boxes"]) == 16
-    primary = summary["tests"][summary["primary"]]["test"]
+    primary = summary["comparisons"][0]
+    assert (primary["role"], primary["a"], primary["b"], primary["set"], primary["regime"]) == (
+        "primary", *arms.PRIMARY, "test", "n16")
     bits = {name: [torch.tensor([c == "1" for c in r["test_full"]]) for r in sorted(
         (r for r in per_item["runs"] if r["arm"] == name and r["train_items"] == 16),
         key=lambda r: r["seed"])]
         for name in arms.PRIMARY}
-    assert primary["pooled"] == stats.mcnemar_pooled(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]])
-    assert [t["seed"] for t in primary["per_seed"]] == [0, 1]
+    again = stats.compare(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]], margin=0.02)
+    assert json.dumps(primary["seed_level"]) == json.dumps(again["seed_level"])
+    assert primary["clustered"] == again["clustered"] and primary["seeds"] == [0, 1]
+    assert all("holm_p" in e for e in summary["comparisons"] if e["role"] == "secondary")
     # the circuit arms train only the student circuit's query/output slices
     assert summary["config"]["distill"]["kv_policy"] == "qo"
     assert summary["trainable_group"]["params"] > summary["trainable"]["params"]
