@@ -26,7 +26,7 @@ from cdist.models import new_llama, save_llama
 
 SMALL = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items", "32",
          "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "2", "--min-effect", "0",
-         "--device", "cpu"]
+         "--min-faithfulness", "0", "--device", "cpu"]  # random models: no task, no faithfulness
 RUN = ["--steps", "2", "--eval-every", "1", "--batch-size", "8", "--train-items", "16"]
 ALIGN = "circuit_distilled-CE+Align_CKA"
 

@@ -53,6 +53,14 @@ class ExperimentConfig:
     student_discovery: DiscoveryConfig = DiscoveryConfig(method="mean_ablation")
     n_random: int = 5
     arms: tuple[str, ...] = tuple(a.name for a in arms.ARMS)
+    # Stage 1's faithfulness check (cdist.pipeline.circuits): each circuit alone (every other head
+    # mean-ablated) must keep this share of its model's accuracy on the validation items; 0 turns
+    # the check off. A model at or below chance there is refused whatever the circuit.
+    min_faithfulness: float = 0.8
+    # below min_faithfulness: grow the circuit (the path-patching groups' runners-up, then heads by
+    # their mean-ablation drop on the validation items) until it holds; False: refuse at once
+    grow_circuits: bool = True
+    grow_max_share: float = 0.25  # growth stops at this share of the model's heads, and refuses
 
     def __post_init__(self) -> None:
         spec = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks
