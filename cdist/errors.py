@@ -15,12 +15,15 @@ does.
   holds results of another run.
 - ``NumericsError``: a loss or gradient that stopped being finite during training (nothing is
   saved from that step).
+- ``UnfaithfulCircuitError``: a circuit that does not do its model's task alone (its faithfulness
+  on held-out items is below the threshold), or a model at or below chance on the task, whose
+  circuit means nothing.
 """
 
 from __future__ import annotations
 
 __all__ = ["CdistError", "ConfigError", "FileFormatError", "InputError", "MismatchError",
-           "MissingFileError", "NumericsError", "RunFolderError"]
+           "MissingFileError", "NumericsError", "RunFolderError", "UnfaithfulCircuitError"]
 
 
 class CdistError(Exception):
@@ -53,3 +56,8 @@ class RunFolderError(CdistError, ValueError):
 
 class NumericsError(CdistError, ArithmeticError):
     """A loss or gradient that is not finite."""
+
+
+class UnfaithfulCircuitError(InputError):
+    """A circuit that cannot stand for its model: alone it keeps too little of the model's
+    accuracy, or the model itself does no better than chance."""

@@ -26,7 +26,7 @@ from cdist.models import new_llama, save_llama
 
 SMALL = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items", "32",
          "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "2", "--min-effect", "0",
-         "--device", "cpu"]
+         "--min-faithfulness", "0", "--device", "cpu"]  # random models: no task, no faithfulness
 RUN = ["--steps", "2", "--eval-every", "1", "--batch-size", "8", "--train-items", "16"]
 ALIGN = "circuit_distilled-CE+Align_CKA"
 
@@ -86,7 +86,8 @@ def world(tok, tmp_path_factory):
         paths[role] = save_llama(model, root / role, tokenizer=tok)
     paths |= _damaged(paths["student"], root / "bad")
     files = {"bad.toml": "stepz = 3\n", "broken.yaml": "steps: [1,\n", "afile": "mine\n",
-             "wrong-type.yaml": "steps: abc\n", "retired.yaml": "one_to_one: true\n"}
+             "wrong-type.yaml": "steps: abc\n", "retired.yaml": "one_to_one: true\n",
+             "bool-string.yaml": 'grow_circuits: "false"\n'}
     for name, text in files.items():
         (root / name).write_text(text)
         paths[name] = root / name
@@ -132,6 +133,8 @@ CLI = [
     ("config-missing", ["distill", "--config", "{tmp}/missing.toml"], "missing.toml"),
     ("config-wrong-type", ["distill", "--config", "{wrong-type.yaml}"],
      "wrong-type.yaml: argument --steps: invalid int value: 'abc'"),
+    ("config-bool-string", ["distill", "--config", "{bool-string.yaml}"],
+     "grow_circuits = 'false'; write true or false"),
     ("config-retired-setting", ["distill", "--config", "{retired.yaml}"],
      "one_to_one is no longer a setting; name the one-to-one matchers instead"),
     # training settings

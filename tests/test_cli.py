@@ -18,7 +18,7 @@ from cdist.models import new_llama, save_llama
 STEPS = ("discover", "match", "distill", "evaluate", "table")
 SMALL = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items", "32",
          "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "2", "--min-effect", "0",
-         "--device", "cpu"]
+         "--min-faithfulness", "0", "--device", "cpu"]  # random models: no task, no faithfulness
 
 
 def test_help_answers_without_the_heavy_libraries():

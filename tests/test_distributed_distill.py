@@ -75,7 +75,7 @@ def test_the_distill_command_runs_under_torchrun(tok, tmp_path):
         models += [f"--{role}", str(save_llama(model, tmp_path / role, tokenizer=tok))]
     small = ["--n-boxes", "3", "--val-items", "16", "--test-items", "16", "--ood-items", "8",
              "--reference-items", "16", "--discovery-items", "16", "--ood-boxes", "3",
-             "--n-random", "1", "--min-effect", "0", "--device", "cpu"]
+             "--n-random", "1", "--min-effect", "0", "--min-faithfulness", "0", "--device", "cpu"]
     cli.run(["discover", *models, *small, "--out", str(tmp_path / "one")])
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     step = ["distill", "--steps", "2", "--eval-every", "1", "--batch-size", "8", "--train-items",

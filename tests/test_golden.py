@@ -19,6 +19,12 @@ def test_golden_table_is_reproduced_bit_for_bit(tmp_path):
         made = json.loads(json.dumps(golden.run(tmp_path)))  # tuples as lists, as stored
     finally:
         torch.set_num_threads(threads)
+    # settings added since the recording, which its command turns off (golden.py)
+    config = made["results"]["config"]
+    assert [config.pop(k) for k in ("min_faithfulness", "grow_circuits", "grow_max_share")] == \
+        [0.0, True, 0.25]
+    assert [config[rule].pop("min_share") for rule in ("discovery", "student_discovery")] == \
+        [0.0, 0.0]
     assert len(made["runs"]) == len(expected["runs"]) == 15  # 13 arms' and selection runs
     for key, run in expected["runs"].items():
         # a run's record now also names the models it started from (their fingerprints) and the

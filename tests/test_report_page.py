@@ -95,7 +95,7 @@ def test_a_pipeline_folder_page_renders_too(tok, tmp_path, monkeypatch):
     out = "run"
     small = ["--val-items", "24", "--test-items", "40", "--ood-items", "16", "--reference-items",
              "32", "--discovery-items", "24", "--ood-boxes", "3", "--n-random", "1",
-             "--min-effect", "0", "--device", "cpu"]
+             "--min-effect", "0", "--min-faithfulness", "0", "--device", "cpu"]
     cli.run(["discover", "--teacher", ckpt["teacher"], "--student", ckpt["student"], *small,
              "--out", out])
     cli.run(["match", "--matchers", "ablation", "--out", out])

@@ -165,7 +165,8 @@ def _pairs(items, flag: str, form: str, example: str) -> dict[str, str]:
 # ExperimentConfig fields that a flag of the same name sets, where the step takes it
 _DESIGN = ("seeds", "select_seed", "regimes", "val_items", "test_items", "reference_items",
            "discovery_items", "n_random", "data_seed", "ood_items", "lambdas", "matchers",
-           "margin", "student_layer_origin")
+           "margin", "student_layer_origin", "min_faithfulness", "grow_circuits",
+           "grow_max_share")
 
 
 def experiment_config(s: RunSettings):
@@ -184,7 +185,7 @@ def experiment_config(s: RunSettings):
         base = distill.DistillConfig(steps=s.steps, batch_size=s.batch_size,
                                      kv_policy=s.kv_policy, eval_every=s.eval_every,
                                      cka_position=s.cka_position)
-    rule = {k: getattr(s, k) for k in ("k", "min_effect", "prefilter")
+    rule = {k: getattr(s, k) for k in ("k", "min_effect", "prefilter", "min_share")
             if getattr(s, k) is not None}
     fields = {k: getattr(s, k) for k in _DESIGN if getattr(s, k) is not None}
     if s.arms is not None:

@@ -16,7 +16,7 @@ from cdist.errors import ConfigError
 from cdist.tasks.registry import TASKS
 
 __all__ = ["CONTROL_LR", "LRS", "SHARED", "UsageError", "add_flags", "add_shared",
-           "parse_min_effect"]
+           "parse_min_effect", "parse_share"]
 
 # Learning rates by kind of student. Zoo organisms: circuit CE needs about 1e-3 to move in a few
 # hundred steps. Pretrained checkpoints: around the paper's 2e-5 (Llama-3, thousands of steps) and
@@ -40,6 +40,34 @@ def parse_min_effect(text: str) -> float | str:
         value = -1.0
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is neither 'noise' nor a number >= 0")
+    return value
+
+
+def parse_share(text: str, *, zero: bool = True) -> float:
+    """A command line's share (argparse type): a number in [0, 1], or (0, 1] with ``zero``
+    off."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value <= 1 and (zero or value > 0)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in {'[' if zero else '('}0, 1]")
+    return value
+
+
+def _parse_positive_share(text: str) -> float:
+    """A share in (0, 1] (argparse type)."""
+    return parse_share(text, zero=False)
+
+
+def _parse_faithfulness(text: str) -> float:
+    """``--min-faithfulness``: a number >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
     return value
 
 
@@ -132,6 +160,19 @@ def _items_flags(p: argparse.ArgumentParser) -> None:
 def _discovery_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("circuits")
     add_shared(g, "k", "min-effect")
+    g.add_argument("--min-share", type=parse_share, default=0.01,
+                   help="a head's effect must be at least this share of the largest effect it is "
+                        "measured against (its scan's; in a path-patching search, the earlier "
+                        "groups' too), 0 turns it off")
+    g.add_argument("--min-faithfulness", type=_parse_faithfulness, default=0.8,
+                   help="each circuit alone (every other head mean-ablated) must keep this share "
+                        "of its model's accuracy on the validation items before anything trains; "
+                        "0 turns the check off (a model at or below chance is refused otherwise)")
+    g.add_argument("--grow-circuits", action=argparse.BooleanOptionalAction, default=True,
+                   help="grow a circuit below --min-faithfulness (path-patching groups' next "
+                        "heads, then heads by mean-ablation drop) instead of refusing it")
+    g.add_argument("--grow-max-share", type=_parse_positive_share, default=0.25,
+                   help="a grown circuit has at most this share of its model's heads")
     g.add_argument("--prefilter", type=int, default=None,
                    help="entity tracking's searches: scan exactly only the N senders per group "
                         "that path attribution ranks first (for deep models; default: every head)")

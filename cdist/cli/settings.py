@@ -71,6 +71,10 @@ class RunSettings:
     min_effect: float | str | None = None
     prefilter: int | None = None
     student_method: str | None = None
+    min_share: float | None = None
+    min_faithfulness: float | None = None
+    grow_circuits: bool | None = None
+    grow_max_share: float | None = None
     roles: tuple[str, ...] | None = None
     # matching
     matchers: tuple[str, ...] | None = None

@@ -3,8 +3,12 @@ each the stages of ``cdist.pipeline`` it needs, on one run folder.
 
 What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``):
 - ``discover``: ``circuit-<role>.json``, ``discovery-<role>.json`` (method, positions, the circuit's
-  accuracy and faithfulness on the test items), the scans (``scans/``, ``search-<role>/``), and a
-  heatmap of each scan with the circuit outlined (``figures/``).
+  accuracy and faithfulness on the test items, chance there, warnings), ``faithfulness-<role>.json``
+  (stage 1's check on the validation items, and the heads a grown circuit gained), the scans
+  (``scans/``, ``search-<role>/``), and a heatmap of each scan with the circuit outlined
+  (``figures/``). Unlike the later steps it does not stop at a circuit that fails the check: it
+  says so, and says when the model is at or below chance on the test items (its circuit then means
+  nothing) or the circuit is not faithful there.
 - ``match``: ``head_maps/<matcher>.json``, ``diagnostics.json`` and each map's figure.
 - every step: ``cache/`` (each model's finding and the head maps with the inputs they were made
   from, so a later step in the folder reuses them and redoes nothing).
@@ -22,7 +26,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from cdist import arms, run_folder
+from cdist import arms, run_folder, tasks
 from cdist.cli import common, flags, settings
 from cdist.cli.parser import Parser
 from cdist.cli.settings import RunSettings
@@ -151,7 +155,21 @@ def _discovery_record(ctx, args: RunSettings, role: str, found, circuits) -> dic
     result = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
     record["test"] = {k: result[k] for k in ("full_accuracy", "circuit_accuracy",
                                              "random_accuracy", "faithfulness")}
+    record["test"]["chance"] = tasks.get_task(args.task).chance_accuracy(ctx.items.test)
+    record["warnings"] = _warnings(ctx.cfg.min_faithfulness, role, record["test"])
     return record
+
+
+def _warnings(threshold: float, role: str, test: dict) -> list[str]:
+    """What a user must know before reading a circuit's test numbers: its model at or below
+    chance, or the circuit below the faithfulness threshold (0: not checked)."""
+    if not test["full_accuracy"] > test["chance"]:
+        return [f"the {role} is at or below chance ({test['chance']:.3f}) on the test items: it "
+                "cannot do the task, so its circuit means nothing"]
+    if test["faithfulness"] < threshold:
+        return [f"the {role}'s circuit is not faithful: faithfulness {test['faithfulness']:.3f} "
+                f"on the test items, below --min-faithfulness {threshold}"]
+    return []
 
 
 def _discover(top: argparse.Namespace) -> dict:
@@ -161,7 +179,7 @@ def _discover(top: argparse.Namespace) -> dict:
     args, ctx = _prepared(top, "discover")
     out, made = Path(args.out), {}
     for role in _roles(args):
-        circuits = pipeline.find_circuits(ctx, (role,))
+        circuits = pipeline.find_circuits(ctx, (role,), refuse=False)
         found = getattr(circuits, role)
         record = _discovery_record(ctx, args, role, found, circuits)
         atomic_write_json(record, out / f"discovery-{role}.json")
@@ -174,6 +192,8 @@ def _discover(top: argparse.Namespace) -> dict:
               f"{record['test']['circuit_accuracy']:.3f}, random "
               f"{record['test']['random_accuracy']:.3f}, faithfulness "
               f"{record['test']['faithfulness']:.3f}")
+        for warning in record["warnings"]:
+            print(f"  warning: {warning}")
         made[role] = record
     print(f"written to {out}")
     return made
@@ -253,7 +273,7 @@ def _evaluate(top: argparse.Namespace) -> dict:
             raise FileFormatError(f"{path} is not a run's evaluation (it lacks {lacks}); {fix}")
         result["runs"][str(path.parent.relative_to(out))] = {k: rec[k] for k in keys}
     for role in _roles(args):
-        circuits = pipeline.find_circuits(ctx, (role,))
+        circuits = pipeline.find_circuits(ctx, (role,), refuse=False)
         rec = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
         rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
         result["models"][role] = {"model": args.model(role), **rec}
@@ -281,7 +301,7 @@ def _report(top: argparse.Namespace) -> Path:
 
 
 def _table(top: argparse.Namespace) -> dict:
-    from cdist import pipeline, report, tasks
+    from cdist import pipeline, report
     from cdist.provenance import git_commit
 
     args, ctx = _prepared(top, "table")

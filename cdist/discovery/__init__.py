@@ -5,7 +5,8 @@ batch) runs the scans of ``ablation`` (mean ablation, and the circuit's own eval
 ``path_patching``, ``activation_patching`` and ``attribution_patching`` (and path attribution, the
 search's pre-filter at depth); each scan returns a ``cdist.types.Scan`` and keeps a slow twin.
 ``selection`` picks a scan's heads; ``search`` chains path-patching scans into the entity-tracking
-circuit search; ``circuits`` turns scans into ``Circuit``s by each task's method (``find_circuit``).
+circuit search; ``circuits`` turns scans into ``Circuit``s by each task's method (``find_circuit``);
+``faithfulness`` measures a circuit alone and grows one that is not faithful.
 """
 
 from cdist.discovery import (
@@ -14,6 +15,7 @@ from cdist.discovery import (
     attribution_patching,
     circuits,
     engine,
+    faithfulness,
     path_patching,
     search,
     selection,
@@ -29,6 +31,7 @@ __all__ = [
     "attribution_patching",
     "circuits",
     "engine",
+    "faithfulness",
     "find_circuit",
     "path_patching",
     "ranked_circuit",

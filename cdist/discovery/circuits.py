@@ -2,13 +2,14 @@
 
 - Entity tracking: Prakash et al. 2024's backward path-patching search
   (``cdist.discovery.search``), ``k`` heads per group whose relative change is at most
-  ``-min_effect``; on the organisms' adjacent form the search also looks for the object binders
+  ``-min_effect`` and at least ``min_share`` of the largest effect of the groups searched so far;
+  on the organisms' adjacent form the search also looks for the object binders
   (``search.ET_SEARCH_ADJACENT``).
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
   probability drop, as in circuit distillation (Wadhwa et al. 2025); the circuit is the smallest
   top-n whose faithfulness on the discovery items reaches ``target``, with at most ``budget`` of all
   heads (a model that gets nothing right has no defined faithfulness, so its circuit grows to the
-  budget).
+  budget). A head whose drop is under ``min_share`` of the largest drop is never taken.
 
 Each method is one function of ``DISCOVERERS``, all with one signature, so a method is added in one
 place. Which method and search a task uses by default is its registry entry's
@@ -29,13 +30,14 @@ from torch import Tensor
 
 from cdist import discovery_names
 from cdist.discovery import ablation, search
-from cdist.discovery.selection import NOISE_Z, ranked_circuit, select_heads
+from cdist.discovery.selection import MIN_SHARE, NOISE_Z, ranked_circuit, select_heads
 from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
 from cdist.tasks import get_task
 from cdist.types import Circuit, Scan
 
-__all__ = ["DISCOVERERS", "METHODS", "NOISE_Z", "SEARCHES", "Discovery", "DiscoveryConfig",
+__all__ = ["DISCOVERERS", "METHODS", "MIN_SHARE", "NOISE_Z", "SEARCHES", "Discovery",
+           "DiscoveryConfig",
            "Method", "SearchName", "find_circuit", "ranked_circuit", "select_heads"]
 
 # A discovery method's name (``cdist.discovery_names``): "auto" runs the task's own.
@@ -49,7 +51,23 @@ SEARCHES: tuple[str, ...] = get_args(SearchName)
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    """How a circuit is chosen (module doc)."""
+    """How a circuit is chosen (module doc).
+
+    Attributes:
+        method: "auto" (the task's), or a key of ``DISCOVERERS``.
+        search: path patching: "auto" (the task's, by the items' template), or a key of
+            ``search.SEARCHES``.
+        k: path patching: heads per group.
+        min_effect: path patching: "noise" (an effect must clear ``NOISE_Z`` standard errors over
+            the items) or a number the effect must reach (``select_heads``).
+        budget: mean ablation: the largest circuit, as a share of all heads.
+        target: mean ablation: the faithfulness on the discovery items that ends the growth.
+        prefilter: path patching: exact scans of this many pre-filtered senders per group.
+        min_share: every method: a head's effect must be at least this share of the largest
+            effect it is measured against (its scan's, and for path patching the earlier groups'
+            too; ``select_heads``), so that a head whose effect is practically zero never enters
+            a circuit; 0 turns the floor off.
+    """
 
     method: Method = "auto"  # "auto" (the task's), or a key of DISCOVERERS
     search: SearchName = "auto"  # path patching: "auto" (the task's), or a key of search.SEARCHES
@@ -59,6 +77,7 @@ class DiscoveryConfig:
     budget: float = 0.2
     target: float = 0.8
     prefilter: int | None = None  # path patching: exact scans of this many pre-filtered senders
+    min_share: float = MIN_SHARE  # a head's effect: at least this share of the largest (0: off)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -72,6 +91,9 @@ class DiscoveryConfig:
                               f"k={self.k}, min_effect={self.min_effect!r}")
         if self.prefilter is not None and self.prefilter < 1:
             raise ConfigError(f"prefilter={self.prefilter}; give a number of senders >= 1 or None")
+        if not 0 <= self.min_share <= 1:
+            raise ConfigError(f"min_share={self.min_share}; give a share of the largest effect "
+                              "in [0, 1] (0 turns the floor off)")
         if not 0 < self.budget <= 1 or not self.target >= 0:
             raise ConfigError(f"budget in (0, 1] and target >= 0 are needed; got {self.budget}, "
                               f"{self.target}")
@@ -150,12 +172,14 @@ def path_patching_discovery(
     the task's for the items' template; ``means`` and ``scan`` are not used."""
     name = get_task(task).search(items) if cfg.search == "auto" else cfg.search
     circuit, groups = search.entity_tracking_circuit(
-        model, items, k=cfg.k, min_effect=cfg.min_effect, search=search.SEARCHES[name],
+        model, items, k=cfg.k, min_effect=cfg.min_effect, min_share=cfg.min_share,
+        search=search.SEARCHES[name],
         model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
         progress=progress)
     return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
                      {"method": "path_patching", "search": name, "k": cfg.k,
-                      "min_effect": cfg.min_effect, "prefilter": cfg.prefilter})
+                      "min_effect": cfg.min_effect, "min_share": cfg.min_share,
+                      "prefilter": cfg.prefilter})
 
 
 def mean_ablation_discovery(
@@ -169,14 +193,17 @@ def mean_ablation_discovery(
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     faith = math.nan
     for n in range(1, limit + 1):
-        circuit = ranked_circuit(scan, n, model=model_name, method="mean_ablation")
+        circuit = ranked_circuit(scan, n, model=model_name, method="mean_ablation",
+                                 min_share=cfg.min_share)
+        if n > 1 and len(circuit.heads) < n:
+            break  # no further head passes the rule: the circuit of n - 1 stands, evaluated
         evaluation = ablation.evaluate_circuit(model, circuit, items, means=means, n_random=0)
         faith = evaluation["faithfulness"]
         if faith >= cfg.target:
             break
     return Discovery(circuit, {"mean_ablation": scan},
                      {"method": "mean_ablation", "budget": cfg.budget, "target": cfg.target,
-                      "discovery_faithfulness": faith})
+                      "min_share": cfg.min_share, "discovery_faithfulness": faith})
 
 
 # A discovery method: (model, task, items, means, cfg, *, model_name, scan, checkpoint_dir,

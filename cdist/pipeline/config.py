@@ -61,6 +61,14 @@ class ExperimentConfig:
     # role -> the weights' fingerprint (cdist.store.model_fingerprint) a model must have, as its
     # build recorded it (experiments/smollm2_models.py): a rebuilt checkpoint is refused
     fingerprints: dict = field(default_factory=dict)
+    # Stage 1's faithfulness check (cdist.pipeline.circuits): each circuit alone (every other head
+    # mean-ablated) must keep this share of its model's accuracy on the validation items; 0 turns
+    # the check off. A model at or below chance there is refused whatever the circuit.
+    min_faithfulness: float = 0.8
+    # below min_faithfulness: grow the circuit (the path-patching groups' runners-up, then heads by
+    # their mean-ablation drop on the validation items) until it holds; False: refuse at once
+    grow_circuits: bool = True
+    grow_max_share: float = 0.25  # growth stops at this share of the model's heads, and refuses
 
     def __post_init__(self) -> None:
         spec = tasks.get_task(self.task)  # UnknownTaskError lists the registered tasks

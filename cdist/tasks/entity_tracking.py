@@ -313,4 +313,6 @@ TASK = register(Task(
     organism_kwargs=("n_boxes",), default_ood=_default_ood, table_stem="table1-entity-tracking",
     default_models=("et-teacher", "et-student"), organism_rows="multi_query", curriculum=True,
     word_lists={"objects": OBJECTS, "labels": LABELS},
+    # the answer is one of the item's n_boxes objects
+    chance=lambda items: sum(1 / n for n in items["n_boxes"]) / len(items),
 ))

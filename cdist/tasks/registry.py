@@ -60,6 +60,9 @@ class Task:
             allows (needs ``n_boxes`` in ``organism_kwargs``); otherwise they train on ``n_boxes``.
         word_lists: each word-list argument of ``generate`` (e.g. ``"objects"``) -> its default
             words, in order; ``default_words`` says which of them a tokenizer keeps.
+        chance: ``chance(items)`` -> the accuracy of a uniform guess among each item's possible
+            answers, averaged over the items (entity tracking: 1 / its boxes); None: only the
+            most common answer's share counts (``chance_accuracy``).
     """
 
     name: str
@@ -77,6 +80,7 @@ class Task:
     warmup_boxes: int | None = None
     curriculum: bool = False
     word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    chance: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.discovery_method not in DISCOVERY_METHODS:
@@ -109,6 +113,17 @@ class Task:
     def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
         """``n`` items of the task (``generate``'s arguments)."""
         return self.generate(n, tokenizer=tokenizer, seed=seed, split=split, **kwargs)
+
+    def chance_accuracy(self, items) -> float:
+        """What a model that does not do the task gets right on ``items``: the larger of a
+        uniform guess among each item's possible answers (``chance``) and always giving the
+        items' most common answer (theory of mind's "unknown" is 5/12 of its answers, above a
+        guess among three)."""
+        answers = [int(a) for a in items["answer_id"]]
+        if not answers:
+            raise InputError("chance_accuracy needs at least one item; the dataset is empty")
+        common = max(answers.count(a) for a in set(answers)) / len(answers)
+        return max(common, float(self.chance(items)) if self.chance is not None else 0.0)
 
 
 TASKS: dict[str, Task] = {}

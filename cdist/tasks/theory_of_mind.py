@@ -378,4 +378,6 @@ TASK = register(Task(
     # Its stories bind two containers to two states, so its entity-tracking warm-up uses two boxes.
     default_models=("tom-teacher", "tom-student"), warmup_boxes=2,
     word_lists={"characters": CHARACTERS, "containers": CONTAINERS, "states": STATES},
+    # the answer is one of the story's two states or "unknown"
+    chance=lambda items: sum(1 / (len(s) + 1) for s in items["states"]) / len(items),
 ))
