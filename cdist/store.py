@@ -10,8 +10,9 @@ everywhere: the same identity reuses the kept value; another identity, or a file
 read (a kill leaves no half-written file, but a user's edit can), is made again.
 
 Fingerprints are cheap at any scale: a model's is a hash of each parameter's name, shape, dtype
-and three float64 sums (plain, of squares, position-weighted; no copy of the weights leaves the
-device), so two models share it only if every tensor agrees in all three; an item set's hashes the
+and three exact integer sums of its bits (plain, of squares, position-weighted; no copy of the
+weights leaves the device, and the same weights give the same fingerprint on any device and thread
+count), so two models share it only if every tensor agrees in all three; an item set's hashes the
 token columns it is read by.
 """
 
@@ -33,26 +34,30 @@ T = TypeVar("T")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter's name, shape, dtype and three float64 sums (module doc)."""
+    """A hash of every parameter's name, shape, dtype and three exact sums of its bits (module
+    doc)."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            sums = ":".join(f"{s:.17g}" for s in _sums(p.detach().reshape(-1)))
+            sums = ":".join(map(str, _sums(p.detach().reshape(-1))))
             digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{sums};".encode())
     return digest.hexdigest()
 
 
-def _sums(flat: torch.Tensor, chunk: int = 1 << 22) -> tuple[float, float, float]:
+def _sums(flat: torch.Tensor, chunk: int = 1 << 22) -> tuple[int, int, int]:
     """The sum, the sum of squares and a position-weighted sum (weights 1..1009 repeating, so
-    that weights moved within a tensor, such as two heads swapped, change it), in float64 and in
-    chunks, so that no float64 copy of a large embedding is made at once."""
-    total = squares = weighted = 0.0
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk].double()
-        index = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.float64)
-        total += part.sum().item()
-        squares += part.square().sum().item()
-        weighted += (part * (index % 1009 + 1)).sum().item()
+    that weights moved within a tensor, such as two heads swapped, change it) of the tensor's bits
+    read as 16-bit integers. Integer sums are exact, so they are the same on any device and any
+    number of threads (a float sum's last bits depend on the order a parallel reduction takes), and
+    no copy of the weights leaves the device. In chunks, each far from int64's range."""
+    bits = flat.contiguous().view(torch.int16 if flat.element_size() >= 2 else torch.int8)
+    total = squares = weighted = 0
+    for start in range(0, bits.numel(), chunk):
+        part = bits[start:start + chunk].long()
+        index = torch.arange(start, start + part.numel(), device=part.device)
+        total += int(part.sum())
+        squares += int(part.square().sum())
+        weighted += int((part * (index % 1009 + 1)).sum())
     return total, squares, weighted
 
 

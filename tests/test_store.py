@@ -26,6 +26,23 @@ def test_model_fingerprint_tells_weights_apart_and_ignores_copies():
     assert model_fingerprint(c) != model_fingerprint(a)
 
 
+def test_model_fingerprint_is_the_same_on_any_number_of_threads():
+    """A float sum's last bits depend on how a parallel reduction splits it; the fingerprint must
+    not (a model built with one thread count was refused when loaded with another)."""
+    big = torch.nn.Linear(1024, 2048)
+    threads = torch.get_num_threads()
+    try:
+        made = set()
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            made.add(model_fingerprint(big))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(made) == 1
+    half = torch.nn.Linear(8, 4).to(torch.bfloat16)  # 2-byte weights too
+    assert model_fingerprint(half) == model_fingerprint(half)
+
+
 def test_items_fingerprint_reads_the_tokens_and_answers_or_the_columns_named():
     columns = {"input_ids": [[1, 2], [3, 4]], "answer_id": [5, 6], "pos_last": [1, 1]}
     data = Dataset.from_dict(columns)
