@@ -13,8 +13,9 @@ from conftest import unchecked
 
 from cdist import arms, cli, distill, stats
 from cdist.cli import common
-from cdist.models import new_llama, save_llama
-from cdist.pipeline import ExperimentConfig
+from cdist.models import keep_layers, new_llama, save_llama
+from cdist.pipeline import ExperimentConfig, slug
+from cdist.types import Head, HeadPair
 
 ARGS = ["--steps", "4", "--eval-every", "2", "--batch-size", "8", "--lrs", "1e-3", "3e-3",
         "--lambdas", "0.5", "2.0", "--val-items", "24", "--test-items", "40", "--ood-items", "16",
@@ -108,6 +109,44 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     assert again["rows"] == summary["rows"]
 
 
+@pytest.mark.slow
+def test_a_student_cut_from_its_teacher_gets_the_homolog_map_and_arm(tok, tmp_path):
+    """The student is the teacher without its middle layer: every map reports its homolog
+    recovery, the homolog map pairs each student circuit head with the head it descends from, and
+    the homolog arm trains on it; the random control keeps the aligned map's shape outside the
+    teacher's circuit."""
+    teacher = new_llama(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                        vocab_size=len(tok), seed=0, tokenizer=tok)
+    dirs = {"teacher": save_llama(teacher, tmp_path / "teacher", tokenizer=tok),
+            "student": save_llama(keep_layers(teacher, [0, 2]), tmp_path / "student",
+                                  tokenizer=tok)}
+    homolog_arm = "circuit distilled, CE + Align CKA (homolog)"
+    argv = ["--teacher", str(dirs["teacher"]), "--student", str(dirs["student"]), "--seeds", "0",
+            "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas", "0.5",
+            "--matchers", "cka-1to1", "--min-faithfulness", "0", "--out", str(tmp_path / "out"),
+            "--figures", str(tmp_path / "figures"), "--arms", "circuit distilled, CE",
+            "circuit distilled, CE + Align CKA", homolog_arm, "circuit distilled, CE + Rand CKA"]
+    summary = run_table("entity_tracking", argv)
+    assert set(summary["head_maps"]) == {"cka-1to1", "homolog"}
+    origin = (0, 2)
+    for name in ("cka-1to1", "homolog"):
+        found = summary["diagnostics"][name]["homolog_recovery"]
+        assert found["pairs"] == len({(p["student"], p["teacher"])
+                                      for p in summary["head_maps"][name]["pairs"]})
+    assert summary["diagnostics"]["homolog"]["homolog_recovery"]["recovery"] == 1.0
+    for pair in summary["head_maps"]["homolog"]["pairs"]:
+        s, t = Head.parse(pair["student"]), Head.parse(pair["teacher"])
+        assert (t.layer, t.head) == (origin[s.layer], s.head)
+    runs = tmp_path / "out" / "runs" / "n16"
+    trained = json.loads((runs / f"{slug(homolog_arm)}-seed0" / "eval.json").read_text())
+    assert trained["pairs"] == [str(HeadPair.from_dict(p)) for p in
+                                summary["head_maps"]["homolog"]["pairs"]]
+    rand = json.loads((runs / "circuit_distilled-CE+Rand_CKA-seed0" / "eval.json").read_text())
+    circuit = {h for heads in summary["circuits"]["teacher"]["groups"].values() for h in heads}
+    assert len(rand["pairs"]) == len(summary["head_map"]["pairs"])
+    assert not {p.split("-> ")[-1].split("@")[0] for p in rand["pairs"]} & circuit
+
+
 def test_arms_build_their_runs():
     strong = [a.name for a in arms.ARMS if a.strong]
     assert strong == ["circuit distilled, CE + Align CKA (strong)",
@@ -146,6 +185,9 @@ def test_arms_build_their_runs():
     ({"regimes": (16, 16)}, "regimes=(16, 16) repeats a value"),
     ({"seeds": (0.5,)}, "seeds=(0.5,): give whole numbers"),
     ({"lrs": (float("inf"),)}, "each must be a finite number"),
+    ({"matchers": ("homolog",)}, "the homolog map is an arm of its own"),
+    ({"margin": 0.0}, "margin 0.0 and alpha 0.05: each must be between 0 and 1"),
+    ({"fingerprints": {"teacher": "abc"}}, "give a teacher's or student's 64-digit hex"),
 ])
 def test_experiment_config_refuses_bad_values_before_any_model(changes, message):
     with unchecked(), pytest.raises(ValueError, match=re.escape(message)):
