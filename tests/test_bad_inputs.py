@@ -160,6 +160,11 @@ CLI = [
      "4 training items cannot fill one batch of 8"),
     ("lrs-inf", ["table", "--lrs", "inf"], "must be a finite number"),
     ("matcher-unknown", ["match", "--matchers", "nosuch"], "invalid choice: 'nosuch'"),
+    # circuits
+    ("min-share-above-1", ["discover", "--min-share", "1.5"], "'1.5' is not a number in [0, 1]"),
+    ("min-faithfulness-negative", ["match", "--min-faithfulness", "-0.5"],
+     "'-0.5' is not a number >= 0"),
+    ("grow-max-share-0", ["table", "--grow-max-share", "0"], "'0' is not a number in (0, 1]"),
     # items
     ("val-items-3", ["distill", "--val-items", "3"], "at least 4 validation items"),
     ("test-items-0", ["distill", "--test-items", "0"], "test_items=0"),
