@@ -47,7 +47,8 @@ def _comparison_line(e: dict) -> str:
             else "")
     return (f"{_short(e['a'])} vs {_short(e['b'])} [{e['set']}, {e['role']}]: difference "
             f"{s['mean']:+.3f} (95% CI {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f}, {e['n_seeds']} "
-            f"seeds), p {s['p_value']:.3g}{holm}; equivalence at ±{s['margin']:g}: p "
+            f"seed{'s' if e['n_seeds'] != 1 else ''}), p {s['p_value']:.3g}{holm}; "
+            f"equivalence at ±{s['margin']:g}: p "
             f"{s['tost_p']:.3g}, **{s['verdict']}**; clustered McNemar p "
             f"{clustered['p_value']:.3g}")
 
@@ -148,11 +149,27 @@ def _head_map_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _faithfulness_lines(summary: dict) -> list[str]:
+    """Each circuit's faithfulness check (stage 1), where the summary has one."""
+    lines = []
+    for role, rec in (summary.get("faithfulness") or {}).items():
+        if not rec or not rec.get("after"):
+            continue
+        before, after = rec.get("before") or {}, rec["after"]
+        grown = len(rec.get("added") or [])
+        lines.append(f"The {role}'s circuit alone on validation items: faithfulness "
+                     f"{before.get('faithfulness', float('nan')):.3f}"
+                     + (f", grown by {grown} heads to {after.get('faithfulness', float('nan')):.3f}"
+                        if grown else "") + f" ({rec.get('verdict', '')}).")
+    return ["", *lines] if lines else []
+
+
 def _trainable_lines(summary: dict) -> list[str]:
     """What the circuit arms train, and the teacher's accuracy out of distribution."""
     cfg = summary["config"]
     tr, grp = summary["trainable"], summary["trainable_group"]
-    lines = ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
+    lines = _faithfulness_lines(summary)
+    lines += ["", f"Circuit arms train {tr['heads']} heads, {tr['params']:,} parameters "
              f"({100 * tr['param_share']:.1f}% of the student; "
              f"kv policy `{cfg['distill']['kv_policy']}`); the "
              f"`group` policy would train {grp['params']:,}."]

@@ -86,6 +86,10 @@ def write_summary(ctx: Context, circuits: Circuits, placement: Placement, maps: 
         "config": jsonable(asdict(cfg)), "teacher": ctx.names["teacher"],
         "student": ctx.names["student"],
         "circuits": {role: circuits.of(role).to_dict() for role in ("teacher", "student")},
+        # each circuit's faithfulness check on the validation items (stage 1): before, after,
+        # the heads it added
+        "faithfulness": {role: getattr(circuits, role).record.get("faithfulness")
+                         for role in ("teacher", "student")},
         "teacher_positions": placement.to_dict(), "positions_from": placement.how,
         "head_maps": {name: m.to_dict() for name, m in maps.maps.items()},
         "diagnostics": maps.diagnostics, "selection": selection.record,
