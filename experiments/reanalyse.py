@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.05, help="level of every test")
     args = parser.parse_args(argv)
     # ----------------------------------------------------------------------------------------
+    commit = git_commit()  # before anything is written, so the record is not "+dirty"
     try:
         files = find(args.tables)
         for f in files:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 folder = str(f.parent)
             # --------------------------------------------------------------------------------
-            atomic_write_json(clean({"folder": folder, "commit": git_commit(),
+            atomic_write_json(clean({"folder": folder, "commit": commit,
                                      "margin": args.margin, "alpha": args.alpha, "note": NOTE,
                                      "primary": {"a": arms.PRIMARY[0], "b": arms.PRIMARY[1],
                                                  "set": "test", "regime": "smallest"},
