@@ -207,7 +207,7 @@ def experiment_config(s: RunSettings):
     )
 
 
-def context(s: RunSettings, *, log=print):
+def context(s: RunSettings, *, log=None):
     """The run folder's ``cdist.pipeline.Context`` for these settings, checked before anything is
     written; models load when a stage needs them."""
     from cdist.pipeline import Context, check_items
@@ -224,7 +224,7 @@ def context(s: RunSettings, *, log=print):
     toks = {r: o.tokenizer() for r, o in opened.items()}
     if len(names) == 2:
         check_tokenizers(opened, toks, (names["teacher"], names["student"]))
-    ctx = Context(cfg, s.out, loaders, names, progress=True, log=log)
+    ctx = Context(cfg, s.out, loaders, names, progress=True, **({"log": log} if log else {}))
     # the items are made with the student's tokenizer (the teacher's when found alone)
     role = "student" if "student" in opened else "teacher"
     if toks[role] is None:

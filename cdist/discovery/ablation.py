@@ -8,10 +8,8 @@ contribution and loses what it computes from the particular prompt, which keeps 
 closer to its usual distribution than zeroing does.
 
 Why ``hook_z``: a layer's attention output is ``sum_h z[..., h, :] @ W_O[h] + b_O``, so replacing
-one head's ``z`` removes exactly that head's term and nothing else. Under grouped-query attention
-``z`` is still per *query* head (only keys and values are shared), so a query head can be ablated
-without touching its siblings. Ablating ``z`` rather than ``hook_result`` also avoids
-TransformerLens' ``use_attn_result`` mode.
+one head's ``z`` removes exactly that head's term and nothing else, and under grouped-query
+attention ``z`` is still per *query* head, so a query head is ablated without touching its siblings.
 
 Choices that are ours:
 - Means are per absolute position: the mean at ``p`` is over the reference prompts that reach
@@ -23,9 +21,8 @@ Choices that are ours:
 - Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in
   float32) and top-1 correctness, averaged over the examples.
 
-Hooks are ``(name, fn)`` pairs on the hook names of ``cdist.models``, used inside ``with
-model.hooks(fwd_hooks=...)`` so that nothing outlives the block. The batched scan runs on
-``cdist.discovery.engine``; under ``torchrun`` each rank ablates its share of the heads.
+Hooks are ``(name, fn)`` pairs used inside ``with model.hooks(fwd_hooks=...)``, so that nothing
+outlives the block; under ``torchrun`` each rank ablates its share of the heads.
 """
 
 from __future__ import annotations
@@ -45,21 +42,16 @@ from cdist.discovery.engine import (
     replace_heads,
     sum_over_ranks,
 )
+from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, last_logits, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
+from cdist.progress import bar as progress_bar
 from cdist.types import Circuit, Head, Scan
 
-__all__ = [
-    "ablated_logits",
-    "circuit_logits",
-    "evaluate_circuit",
-    "head_ablation_scan",
-    "head_ablation_scan_reference",
-    "head_means",
-    "make_mean_ablation_hook",
-    "mean_ablation_hooks",
-]
+__all__ = ["ablated_logits", "circuit_logits", "evaluate_circuit", "head_ablation_scan",
+           "head_ablation_scan_reference", "head_means", "make_mean_ablation_hook",
+           "mean_ablation_hooks"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +190,7 @@ def head_ablation_scan(
     heads_per_pass: int = 8,
     memory_budget: float | None = None,
     position: str | None = None,
+    progress: bool = False,
 ) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
 
@@ -218,6 +211,7 @@ def head_ablation_scan(
             ``batch_size`` (``engine.budget_batch_size``).
         heads_per_pass: ablation variants per forward pass.
         position: a position column; ablate only there (default: every position).
+        progress: a progress bar over batches (``cdist.progress``; rank 0's under ``torchrun``).
 
     Returns:
         A ``Scan`` (method "mean_ablation", ranked by ``prob_drop``) of ``[layer, head_index]``
@@ -237,6 +231,8 @@ def head_ablation_scan(
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
     mine = rank_heads(torch.arange(n_all))  # every head, with one process
     columns = () if position is None else (position,)
+    bar = progress_bar(-(-len(data) // batch_size), "mean-ablation scan",
+                       enabled=progress and is_main(), unit="batch")
     for batch in batches(data, batch_size, pad_id(model), columns):
 
         def ablate(layer, rows, n_copies, batch=batch):
@@ -249,6 +245,8 @@ def head_ablation_scan(
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
         correct_abl[mine] += c_abl[mine].sum(1)
+        bar.update()
+    bar.close()
     prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
     return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
                           (n_layers, n_heads), position)
@@ -368,7 +366,7 @@ def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int,
 
 
 def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, batch_size: int,
-             keep_at_positions: bool) -> Tensor:
+             keep_at_positions: bool, bar=None) -> Tensor:
     """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full
     model)."""
     at_positions = circuit is not None and keep_at_positions
@@ -387,6 +385,8 @@ def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, bat
                         keep_at.setdefault(h, []).append(batch[circuit.positions[name]])
             logits = circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at, pos=last)
         out.append(answer_stats(logits, batch["answer_id"])[1])
+        if bar is not None:
+            bar.update()
     return torch.cat(out).bool()
 
 
@@ -427,6 +427,7 @@ def evaluate_circuit(
     seed: int = 0,
     batch_size: int = 64,
     keep_at_positions: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Full, circuit and random-circuit accuracy, and faithfulness (circuit distillation's
     evaluation).
@@ -448,6 +449,7 @@ def evaluate_circuit(
         keep_at_positions: keep each circuit head only at its group's position column (Prakash
             et al.'s stricter circuit), mean-ablating it elsewhere; needs a ``Circuit``. Random
             circuits then get the same group sizes and positions.
+        progress: a progress bar over the batches of every pass (``cdist.progress``).
 
     Returns:
         ``full_accuracy``, ``circuit_accuracy``, ``random_accuracy`` (mean), ``random_accuracies``
@@ -457,21 +459,23 @@ def evaluate_circuit(
         tensors, for McNemar's test between methods).
 
     Warning:
-        Faithfulness is undefined when the full model gets nothing right: both ratios are then
-        ``nan``.
+        Faithfulness is undefined (``nan``) when the full model gets nothing right.
         Faithfulness can exceed 1 (a circuit may do better without the heads it leaves out).
     """
     circuit = _circuit_to_evaluate(model, circuit_heads, data, means, n_random, batch_size,
                                    keep_at_positions)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    full_correct = _correct(model, data, None, means, batch_size, keep_at_positions)
-    circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions)
+    bar = progress_bar((2 + n_random) * -(-len(data) // batch_size), "circuit evaluation",
+                       enabled=progress, unit="batch")
+    full_correct = _correct(model, data, None, means, batch_size, keep_at_positions, bar)
+    circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions, bar)
     generator = torch.Generator().manual_seed(seed)
     randoms = [
         _correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator), means,
-                 batch_size, keep_at_positions).float().mean().item()
+                 batch_size, keep_at_positions, bar).float().mean().item()
         for _ in range(n_random)
     ]
+    bar.close()
     full = full_correct.float().mean().item()
     circuit_acc = circuit_correct.float().mean().item()
     random_acc = sum(randoms) / len(randoms) if randoms else math.nan

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from cdist.discovery.engine import (
     PatchSums,
@@ -31,6 +30,7 @@ from cdist.discovery.engine import (
 from cdist.distributed import is_main
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
+from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
 
 __all__ = ["activation_patching_scan", "activation_patching_scan_reference"]
@@ -82,8 +82,8 @@ def activation_patching_scan(
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = () if position is None else (position,)
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    bar = tqdm(total=total, disable=None if progress and is_main() else True,
-               desc="activation patching", unit="pass")
+    bar = progress_bar(total, "activation patching", enabled=progress and is_main(),
+                       unit="pass")
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids = batch["input_ids"].to(device)
         _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)

@@ -18,7 +18,7 @@ is the smallest the bisection saw reach the threshold, not certainly the smalles
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -66,6 +66,7 @@ def grow_until_faithful(
     threshold: float,
     max_heads: int,
     batch_size: int = 64,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[int | None, list[dict]]:
     """How many of ``candidates`` (taken in order) a circuit of ``heads`` needs for its
     faithfulness on ``data`` to reach ``threshold`` (module doc: doubling, then bisection).
@@ -79,6 +80,7 @@ def grow_until_faithful(
         full_accuracy: the model's accuracy on ``data`` (> 0).
         threshold: the faithfulness to reach.
         max_heads: the most heads the grown circuit may have.
+        log: told each evaluation as it is made (each is a pass over ``data``).
 
     Returns:
         The number of (new) candidates to add, or None when even ``max_heads`` heads (or every
@@ -97,6 +99,9 @@ def grow_until_faithful(
         accuracy = circuit_accuracy(model, base + extra[:n], data, means, batch_size=batch_size)
         tried[n] = {"added": n, "heads": len(base) + n, "circuit_accuracy": accuracy,
                     "faithfulness": accuracy / full_accuracy}
+        if log is not None:
+            log(f"  growing: {len(base) + n} heads keep faithfulness "
+                f"{tried[n]['faithfulness']:.3f} (evaluation {len(tried)}, target {threshold})")
         return tried[n]["faithfulness"] >= threshold
 
     failed, passed, n = 0, None, 1

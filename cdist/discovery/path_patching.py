@@ -52,7 +52,6 @@ from typing import Literal
 import torch
 from jaxtyping import Bool
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from cdist.discovery.engine import (
     OneItem,
@@ -77,6 +76,7 @@ from cdist.models import (
     hook_z,
     unembed,
 )
+from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
 
 __all__ = [
@@ -170,8 +170,7 @@ def path_patching_scan(
     sums = PatchSums(model)
     sums.add_unreachable(asked[asked >= paths.top * n_heads])
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
-    bar = tqdm(total=total, disable=None if progress and is_main() else True, desc="path patching",
-               unit="pass")
+    bar = progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass")
     for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
         if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise InputError("receivers=() means the logits at pos_last; "

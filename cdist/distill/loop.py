@@ -17,7 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from cdist import distributed, evaluate, run_folder
 from cdist.checkpoints import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -31,6 +30,7 @@ from cdist.distill.teachers import teacher_source
 from cdist.errors import InputError, RunFolderError
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
+from cdist.progress import bar as progress_bar
 from cdist.store import items_fingerprint, model_fingerprint
 from cdist.teacher_cache import TeacherCache
 from cdist.types import Head
@@ -213,9 +213,8 @@ def _train(run: Run, train_data, state_path: Path, progress: bool) -> tuple[list
         next(stream)
     if not metrics:
         metrics.append({"step": 0, **run.measure()})
-    # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI)
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill",
-               disable=None if progress and distributed.is_main() else True)
+    bar = progress_bar(cfg.steps, "distill", enabled=progress and distributed.is_main(),
+                       initial=step)
     t0 = time.time() - wall
     while step < cfg.steps:
         perm = permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None

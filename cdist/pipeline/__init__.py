@@ -37,6 +37,7 @@ from cdist.pipeline.runs import evaluate_model, run_dir, slug, train_run
 from cdist.pipeline.selection import Selection, select
 from cdist.pipeline.summary import summarise, write_summary
 from cdist.pipeline.table import Table, make_table
+from cdist.progress import say
 
 __all__ = ["ROLES", "Circuits", "Context", "ExperimentConfig", "HeadMaps", "ItemSets",
            "Placement", "Role", "Selection", "Table", "check_items", "evaluate_model",
@@ -65,7 +66,7 @@ def run_experiment(
     *,
     names: tuple[str, str] = ("teacher", "student"),
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> dict:
     """Run the experiment (module doc); write ``results.json`` and ``per_item.json`` to
     ``out_dir``. Finished runs are reused when their identity is the same, and an interrupted

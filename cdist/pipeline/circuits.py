@@ -80,7 +80,8 @@ def ablation_scan(ctx: Context, role: Role, items, name: str) -> Scan:
                 items_fingerprint(ctx.items.reference)]
     return ctx.store.reuse(
         f"scans/{name}.json", identity,
-        lambda: ablation.head_ablation_scan(ctx.model(role), items, means=ctx.means(role)),
+        lambda: ablation.head_ablation_scan(ctx.model(role), items, means=ctx.means(role),
+                                            progress=ctx.progress),
         encode=Scan.to_dict, decode=Scan.from_dict)
 
 
@@ -260,7 +261,7 @@ def _grow(ctx: Context, role: Role, found: Discovery, full: float, max_heads: in
     n, evaluations = faithfulness.grow_until_faithful(
         ctx.model(role), circuit.heads, [c.head for c in candidates], ctx.items.val,
         ctx.means(role), full_accuracy=full, threshold=ctx.cfg.min_faithfulness,
-        max_heads=max_heads)
+        max_heads=max_heads, log=ctx.log)
     if n is None:
         return {"verdict": "unfaithful", "evaluations": evaluations}
     added = candidates[:n]

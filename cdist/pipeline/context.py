@@ -18,6 +18,7 @@ from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
 from cdist.pipeline.config import ROLES, ExperimentConfig, Role
 from cdist.pipeline.items import ItemSets, make_items
+from cdist.progress import say
 from cdist.store import Store, model_fingerprint
 
 __all__ = ["Context"]
@@ -39,7 +40,7 @@ class Context:
     def __init__(self, cfg: ExperimentConfig, out: str | Path,
                  loaders: Mapping[Role, Callable[[], HookedTransformer]],
                  names: Mapping[Role, str] | None = None, *, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = say):
         unknown = set(loaders) - set(ROLES)
         if unknown or not loaders:
             raise ConfigError(f"loaders for {sorted(unknown) or 'no model'}; give a teacher "

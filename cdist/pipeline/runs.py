@@ -58,7 +58,8 @@ def evaluate_model(ctx: Context, circuits: Circuits, model: HookedTransformer, r
     loaded = ctx.has(role) and model is ctx.model(role)
     means = ctx.means(role) if loaded else ablation.head_means(model, items.reference)
     result = ablation.evaluate_circuit(model, circuits.of(role), items.test, means=means,
-                                       n_random=ctx.cfg.n_random, seed=seed)
+                                       n_random=ctx.cfg.n_random, seed=seed,
+                                       progress=ctx.progress)
     keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")
     ood = {name: bits(predictions(model, d) == torch.tensor(d["answer_id"]))
            for name, d in items.ood.items()}

@@ -42,12 +42,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cdist import evaluate, tasks
 from cdist.checkpoints import atomic_torch_save
 from cdist.errors import InputError
+from cdist.progress import bar as progress_bar
 from cdist.types import Head
 from cdist.zoo.organism_config import OrganismConfig
 from cdist.zoo.organism_data import IGNORE, held_out, training_batch
@@ -195,9 +195,7 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
     done = bool(run.history) and run.history[-1].get("stop", False)
     t0 = time.time() - run.wall
     # The penalty's hooks live only while training runs: none are left after it, error or not.
-    # disable=None: quiet when stderr is not a terminal (logs, CI)
-    bar = tqdm(total=cfg.steps, initial=run.step, disable=None if progress else True,
-               desc=cfg.name)
+    bar = progress_bar(cfg.steps, cfg.name, enabled=progress, initial=run.step)
     penalty = None
     if cfg.head_sparsity:
         penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads)

@@ -34,6 +34,7 @@ from cdist import discovery, plots, stats, tasks, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text, read_json
 from cdist.discovery import ablation, activation_patching, attribution_patching
 from cdist.errors import ConfigError
+from cdist.progress import say
 from cdist.provenance import git_commit
 from cdist.records import write_record
 from cdist.types import Circuit
@@ -89,7 +90,7 @@ def _rounded(t: torch.Tensor) -> list:
     return [[round(float(v), 6) for v in row] for row in t]
 
 
-def survey_model(name: str, cfg: SurveyConfig, out: Path, commit: str, log=print) -> list[dict]:
+def survey_model(name: str, cfg: SurveyConfig, out: Path, commit: str, log=say) -> list[dict]:
     """One zoo model's rows (one per discovery method); writes its circuits and scores."""
     model, tokenizer = zoo.load(name)
     org = organisms.OrganismConfig.from_dict(zoo.manifest(name)["config"])
@@ -146,7 +147,7 @@ def survey_model(name: str, cfg: SurveyConfig, out: Path, commit: str, log=print
 
 
 def survey(names: list[str], cfg: SurveyConfig, out: str | Path, *, command: str = "",
-           log=print) -> list[dict]:
+           log=say) -> list[dict]:
     """Every named zoo model's rows (``survey_model``), and the tables: ``results.json`` (with the
     config, command and commit), ``results.csv`` and ``results.md``."""
     from dataclasses import asdict

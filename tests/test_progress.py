@@ -1,0 +1,60 @@
+"""Progress in a log: a line at the start, after the first step (with an ETA), every interval,
+and at the end; a tqdm bar on a terminal; nothing when asked for none."""
+
+import io
+import sys
+
+from tqdm.auto import tqdm
+
+from cdist import progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_the_size_an_eta_periodic_lines_and_the_end():
+    out, clock = io.StringIO(), Clock()
+    bar = progress.LogProgress(100, "path patching", unit="pass", every=30, stream=out,
+                               clock=clock)
+    clock.now = 2.0
+    bar.update()  # the first step is timed: 2 s a pass, 99 to go
+    for _ in range(9):
+        clock.now += 2.0
+        bar.update()  # 20 s in, 18 after the last line: none yet
+    clock.now = 33.0
+    bar.set_postfix(ce="0.512")
+    bar.update()
+    bar.close()
+    bar.close()  # once
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "path patching: 100 passes",
+        "path patching: 1/100 passes, 2 s, about 3 min 18 s left",
+        "path patching: 11/100 passes, 33 s, about 4 min 27 s left (ce 0.512)",
+        "path patching: done, 11/100 passes, 33 s, about 4 min 27 s left (ce 0.512)",
+    ]
+
+
+def test_durations_read_as_people_read_them():
+    assert [progress.duration(s) for s in (0.4, 42, 185, 7620)] == [
+        "0 s", "42 s", "3 min 05 s", "2 h 07 min"]
+
+
+def test_a_terminal_gets_tqdm_and_no_progress_gets_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    terminal = progress.bar(5, "distill")
+    assert isinstance(terminal, tqdm)
+    terminal.close()
+    quiet = progress.bar(5, "distill", enabled=False)
+    quiet.update()
+    quiet.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    logged = progress.bar(5, "distill", initial=2)
+    assert isinstance(logged, progress.LogProgress)
+    logged.close()
+    assert "distill: 5 steps, from 2" in capsys.readouterr().err
