@@ -9,6 +9,7 @@ step).
     cdist evaluate --out runs/et                     # full / circuit / random-circuit accuracy
     cdist table --out runs/et --seeds 0 1 2          # Table 1 or 2 (every arm, seeds, statistics)
     cdist report runs/et                             # runs/et/report.html, one page of it all
+    cdist export runs/et/runs/n128/circuit_distilled-CE+Align_CKA-seed0 --to students/et
     cdist demo                                       # the zoo table and a small distillation
 
 Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback).

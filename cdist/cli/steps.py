@@ -17,6 +17,9 @@ What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``)
 - ``evaluate``: ``evaluation.json`` (each model's test and OOD accuracy, its circuit's and random
   circuits'; every trained run's from its ``eval.json``).
 - ``table``: ``results.json``, ``per_item.json``, and the report under ``--figures``.
+
+``export`` reads a trained run's folder and writes its student elsewhere, as a transformers
+checkpoint (``cdist.distill.export``).
 """
 
 from __future__ import annotations
@@ -117,6 +120,30 @@ def add_parsers(sub) -> None:
     report.add_argument("--page", default=None, help="where the page goes "
                         "(default: RUN_DIR/report.html)")
     report.set_defaults(run=_report, parser=report)
+    _add_export(sub)
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export", help="a trained run's student as a transformers checkpoint",
+        description="Write a finished distillation run (its state.pt: the trained heads' deltas, "
+                    "or every weight) on the base student it was trained from, as a transformers "
+                    "LlamaForCausalLM folder with its tokenizer (cdist.distill.export). The base "
+                    "student is the one the run folder's config.yaml names, checked against the "
+                    "fingerprint the run recorded.",
+        epilog="example:\n  cdist export runs/et/runs/n128/circuit_distilled-CE+Align_CKA-seed0 "
+               "--to students/et-ce-align\n  # then, anywhere: "
+               "LlamaForCausalLM.from_pretrained('students/et-ce-align')",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("run_folder", metavar="RUN", help="a trained run's folder "
+                        "(OUT/runs/n<items>/<arm>-seed<seed>, as cdist distill prints it)")
+    export.add_argument("--to", required=True, metavar="DIR",
+                        help="the checkpoint folder to write (new, empty, or an earlier "
+                             "checkpoint, which is replaced)")
+    export.add_argument("--student", default=None, metavar="MODEL",
+                        help="the base student (zoo name or checkpoint) when the run folder's "
+                             "config.yaml does not name it")
+    export.set_defaults(run=_export, parser=export)
 
 
 def _roles(args: RunSettings) -> tuple[str, ...]:
@@ -297,6 +324,32 @@ def _report(top: argparse.Namespace) -> Path:
         run_folder.check_writable(top.page, file=True)
     path = write_run_page(top.run_dir, top.page)
     print(path)
+    return path
+
+
+def _base_student(run: Path) -> str:
+    """The student ``run`` was trained from, as its run folder's ``config.yaml`` names it."""
+    top = run.resolve().parents[2] if len(run.resolve().parents) > 2 else run.resolve()
+    config = top / settings.RUN_CONFIG
+    named = settings.read_settings(config).get("student") if config.is_file() else None
+    if not named:
+        raise flags.UsageError(f"{config} does not name the student {run} was trained from; "
+                               "pass --student MODEL")
+    return str(named)
+
+
+def _export(top: argparse.Namespace) -> Path:
+    from cdist.distill import export
+
+    run = Path(top.run_folder)
+    export.state_path(run)  # a folder that is not a run is refused before any model loads
+    out = export.check_output(top.to)
+    source = top.student or _base_student(run)
+    if Path(source).exists() and Path(source).resolve() == out.resolve():
+        raise flags.UsageError(f"--to {top.to} is the base student's own checkpoint; give a new "
+                               "folder")
+    path = export.export_run(run, common.loader(source, "cpu")(), out)
+    print(f"{run} (on {source}) -> {path}")
     return path
 
 

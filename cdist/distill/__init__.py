@@ -31,6 +31,8 @@ are those of one process on the global batch. Rank 0 evaluates, logs and checkpo
 diagnostics are computed on it alone.
 
 Runs are resumable and refuse a saved run of other settings or inputs (``cdist.distill.loop``).
+A finished run's folder becomes a transformers checkpoint of the trained student with
+``export_run`` (``cdist.distill.export``; ``cdist export`` on the command line).
 With ``labels="answers"`` and no teacher the same loop is plain task fine-tuning (how the real-LM
 teacher and student are made, ``experiments/smollm2_models.py``).
 """
@@ -39,12 +41,13 @@ from __future__ import annotations
 
 from cdist.distill.batches import batch_stream, permutation
 from cdist.distill.config import DistillConfig, KVPolicy, Labels, Trainable
+from cdist.distill.export import export_run, trained_student
 from cdist.distill.loop import Run, distill
 from cdist.distill.params import HeadDelta, trainable_share
 from cdist.distill.plan import check_pair, make_plan
 
 __all__ = ["DistillConfig", "HeadDelta", "KVPolicy", "Labels", "Trainable", "check_pair", "distill",
-           "trainable_share"]
+           "export_run", "trainable_share", "trained_student"]
 
 # A run's pieces under the names the tests drive them by (tests/torchrun_distill.py takes one
 # step by hand; tests/test_distill.py reads the data order and the shuffled control's permutations).
