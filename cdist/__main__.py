@@ -1,0 +1,7 @@
+"""``python -m cdist`` is the ``cdist`` command, as ``python -m cdist.cli`` is."""
+
+import sys
+
+from cdist.cli import main
+
+sys.exit(main())
