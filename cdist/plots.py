@@ -1,23 +1,99 @@
-"""Figures: layer x head heatmaps of per-head scores and head-correspondence maps, written as
-interactive HTML and static PNG that both work offline.
+"""Figures: layer x head heatmaps of per-head scores and head-correspondence maps (as a matrix and
+as links between the two models' heads), written as interactive HTML and static PNG that both work
+offline.
 
 Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (megabytes
 once instead of in every file, and no CDN, which an offline machine cannot reach). The PNG is drawn
 by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
+
+Colour: a signed per-head score is drawn on a symmetric-log scale (``signed_colour``) so that a
+circuit's moderate heads stay visible beside one huge effect, and values below ``NEUTRAL_FLOOR`` of
+the largest are drawn white (noise, not effects). Colour bars carry explicit ticks whose labels are
+given as many significant digits as it takes to tell them apart (``colour_ticks``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
 from cdist.types import Head, Scan
 
-__all__ = ["head_heatmap", "head_map_figure", "save_figure", "scan_figure"]
+__all__ = ["NEUTRAL_FLOOR", "colour_ticks", "head_heatmap", "head_map_figure",
+           "head_map_links_figure", "heatmap_size", "save_figure", "scan_figure", "signed_colour",
+           "wrap_title"]
+
+NEUTRAL_FLOOR = 0.01
+"""Scores smaller in size than this share of the largest are drawn neutral (white)."""
+
+
+def colour_ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], list[str]]:
+    """``n`` evenly spaced ticks from ``lo`` to ``hi`` and their labels, printed with the fewest
+    significant digits (2 to 8, ``.Ng``) that keep every label distinct; one tick for an empty
+    range."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return [float(lo)], [f"{lo:.3g}"]
+    values = np.linspace(lo, hi, n)
+    values[np.abs(values) < 1e-9 * (hi - lo)] = 0.0  # no "1e-17" where 0 is meant
+    for digits in range(2, 9):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == n:
+            break
+    return values.tolist(), labels
+
+
+def signed_colour(z: np.ndarray, floor: float = NEUTRAL_FLOOR) -> tuple[np.ndarray, float]:
+    """Signed scores mapped to colour positions in [-1, 1] on a symmetric-log scale.
+
+    With ``m`` the largest ``|z|`` and ``c = floor * m``: ``|z| < c`` maps to 0 (neutral: noise such
+    as +-1e-6 is not drawn as an effect); otherwise ``sign(z) * log(1 + |z|/c) / log(1 + m/c)``, so
+    ``m`` is the scale's end, ``m/10`` about halfway and ``c`` about 0.15. A head a tenth the size
+    of the largest effect is thus clearly coloured instead of nearly white, as on a linear scale.
+
+    Returns:
+        The colour positions (``z``'s shape) and ``m`` (1 where every score is 0).
+    """
+    m = float(np.nanmax(np.abs(z))) if z.size else 0.0
+    m = m if m > 0 and np.isfinite(m) else 1.0
+    c = floor * m
+    out = np.sign(z) * np.log1p(np.abs(z) / c) / np.log1p(m / c)
+    out[np.abs(z) < c] = 0.0
+    return out, m
+
+
+def _signed_ticks(m: float, floor: float = NEUTRAL_FLOOR) -> tuple[list[float], list[str]]:
+    """Colour-bar ticks for ``signed_colour``: 0, +-m/10 and +-m at their colour positions."""
+    raw = [-m, -m / 10, 0.0, m / 10, m]
+    pos = [float(np.sign(v) * np.log1p(abs(v) / (floor * m)) / np.log1p(1 / floor)) for v in raw]
+    return pos, [f"{v:.2g}" for v in raw]
+
+
+def wrap_title(title: str, width: int, subtitle: str = "") -> tuple[str, int]:
+    """``title`` (and a smaller ``subtitle``) broken into lines that fit a ``width``-pixel figure;
+    returns the plotly title text and the top margin it needs.
+
+    plotly does not wrap a title: a long one runs off both ends of the figure. A line holds about
+    ``width / 11`` characters of plotly's 17 px title font (``width / 8`` of the subtitle's).
+    """
+    lines = textwrap.wrap(title, max(12, (width - 40) // 11)) or [""]
+    subs = textwrap.wrap(subtitle, max(16, (width - 40) // 8)) if subtitle else []
+    text = "<br>".join(lines + [f"<sup>{s}</sup>" for s in subs])
+    return text, 40 + 24 * len(lines) + 16 * len(subs)
+
+
+def heatmap_size(n_layers: int, n_heads: int) -> tuple[int, int]:
+    """A layer x head heatmap's (width, height) in pixels: 44 px cells, rows shrinking (to 14 px)
+    for deep models so that the figure stays under about 700 px tall (SmolLM2's 30 layers x 9
+    heads is not a 1,500 px strip)."""
+    cell_h = max(14, min(44, 480 // max(1, n_layers)))
+    return max(560, 220 + 44 * n_heads), max(320, 220 + cell_h * n_layers)
 
 
 def head_heatmap(
@@ -29,35 +105,52 @@ def head_heatmap(
     diverging: bool = True,
 ) -> go.Figure:
     """A layer (rows, layer 0 at the top) x head (columns) heatmap; ``marked`` heads get a black
-    box.
+    box. The axes show exactly the model's layers and heads (integer ticks, no padding rows).
+
+    Colour: with ``diverging``, a red-white-blue scale on ``signed_colour``'s symmetric-log
+    positions: sizes below ``NEUTRAL_FLOOR`` (1%) of the largest are white, and every head a tenth
+    the size of the largest is still clearly coloured; the colour bar is labelled in the scores'
+    units. The trace's ``z`` holds those colour positions; the scores themselves are its
+    ``customdata`` and hover text. Without ``diverging``, a linear sequential scale from the
+    smallest score to the largest (``z`` is the scores).
 
     Args:
         scores: one number per head.
-        title: figure title.
-        colorbar: what the colour means, with its sign convention.
+        title: figure title (wrapped to the figure's width).
+        colorbar: what the colour means, with its sign convention (the subtitle).
         marked: heads to outline (a circuit).
-        diverging: a red-white-blue scale centred on 0 (signed scores); else a sequential scale.
+        diverging: signed scores, centred on 0; else a sequential scale.
     """
     z = scores.detach().float().cpu().numpy()
     n_layers, n_heads = z.shape
     text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)]
             for layer in range(n_layers)]
-    limit = float(abs(z).max()) or 1.0
-    heat = go.Heatmap(
-        z=z, x=list(range(n_heads)), y=list(range(n_layers)), text=text, hoverinfo="text",
-        colorscale="RdBu" if diverging else "Viridis", zmid=0 if diverging else None,
-        zmin=-limit if diverging else None, zmax=limit if diverging else None,
-    )
+    if diverging:
+        colour, largest = signed_colour(z)
+        tickvals, ticktext = _signed_ticks(largest)
+        scale = {"colorscale": "RdBu", "zmid": 0, "zmin": -1, "zmax": 1}
+    else:
+        colour = z
+        tickvals, ticktext = colour_ticks(float(z.min()), float(z.max()))
+        scale = {"colorscale": "Viridis"}
+    heat = go.Heatmap(z=colour, customdata=z, x=list(range(n_heads)), y=list(range(n_layers)),
+                      text=text, hoverinfo="text",
+                      colorbar={"tickvals": tickvals, "ticktext": ticktext}, **scale)
     fig = go.Figure(heat)
     for h in marked:
         fig.add_shape(type="rect", x0=h.head - 0.5, x1=h.head + 0.5, y0=h.layer - 0.5,
                       y1=h.layer + 0.5, line={"color": "black", "width": 3})
+    width, height = heatmap_size(n_layers, n_heads)
+    title_text, top = wrap_title(title, width, colorbar)
+    grid = {"showgrid": False, "zeroline": False, "automargin": True}
     fig.update_layout(
-        title={"text": f"{title}<br><sup>{colorbar}</sup>"},
-        xaxis={"title": "head", "dtick": 1, "constrain": "domain"},
-        yaxis={"title": "layer", "dtick": 1, "autorange": "reversed", "scaleanchor": "x"},
-        width=max(560, 160 + 44 * n_heads), height=max(300, 200 + 44 * n_layers),
-        template="plotly_white", margin={"t": 90},
+        title={"text": title_text},
+        xaxis={"title": "head", "tickvals": list(range(n_heads)),
+               "range": [-0.5, n_heads - 0.5], **grid},
+        # layer 0 at the top: a reversed range, exactly the layers
+        yaxis={"title": "layer", "tickvals": list(range(n_layers)),
+               "range": [n_layers - 0.5, -0.5], **grid},
+        width=width, height=height, template="plotly_white", margin={"t": top},
     )
     return fig
 
@@ -87,17 +180,26 @@ def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
     return [html, write_png(fig, stem.with_suffix(".png"))]
 
 
+def _map_title(head_map, title: str | None, what: str) -> str:
+    name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
+    return title or f"head correspondence ({what}), {head_map.method} matcher: {name}"
+
+
 def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
     """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher
-    heads (columns), colour = the matcher's distance or similarity, chosen pairs marked with a black
-    box and labelled with the position column they are read at (student / teacher where the two
-    differ)."""
+    heads (columns), colour = the matcher's distance or similarity (linear; the colour bar's ticks
+    from ``colour_ticks``), chosen pairs marked with a black box and labelled with the position
+    column they are read at (student / teacher where the two differ). The title is wrapped to the
+    figure's width. ``head_map_links_figure`` draws the same map as links."""
     z = head_map.matrix.detach().float().cpu().numpy()
     students = [str(h) for h in head_map.student_heads]
     teachers = [str(h) for h in head_map.teacher_heads]
     label = "distance |dP_s - dP_t|" if head_map.kind == "distance" else "similarity (CKA)"
     scale = "Viridis_r" if head_map.kind == "distance" else "Viridis"
-    heat = go.Heatmap(z=z, x=teachers, y=students, colorscale=scale, colorbar={"title": label},
+    tickvals, ticktext = colour_ticks(float(z.min()), float(z.max())) if z.size else ([], [])
+    heat = go.Heatmap(z=z, x=teachers, y=students, colorscale=scale,
+                      colorbar={"title": {"text": label, "side": "right"}, "tickvals": tickvals,
+                                "ticktext": ticktext},
                       hovertemplate="student %{y} / teacher %{x}: %{z:.3g}<extra></extra>")
     fig = go.Figure(heat)
     for pair in head_map.pairs:
@@ -109,12 +211,76 @@ def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
             where = pair.student_position.removeprefix("pos_") + " / " + where
         fig.add_annotation(x=c, y=r, text=where, showarrow=False,
                            font={"size": 10, "color": "white"})
-    name = f"{head_map.student_model or 'student'} -> {head_map.teacher_model or 'teacher'}"
+    width = max(560, 260 + 46 * len(teachers))
+    title_text, top = wrap_title(_map_title(head_map, title, "matrix"), width)
     fig.update_layout(
-        title=title or f"head correspondence, {head_map.method} matcher: {name}",
-        xaxis={"title": "teacher head", "type": "category"},
-        yaxis={"title": "student head", "type": "category", "autorange": "reversed"},
-        width=max(520, 220 + 46 * len(teachers)), height=max(320, 180 + 36 * len(students)),
-        template="plotly_white",
+        title={"text": title_text},
+        xaxis={"title": "teacher head", "type": "category", "automargin": True},
+        yaxis={"title": "student head", "type": "category", "autorange": "reversed",
+               "automargin": True},
+        width=width, height=max(360, 140 + top + 36 * len(students)),
+        template="plotly_white", margin={"t": top},
+    )
+    return fig
+
+
+def _closeness(head_map) -> np.ndarray:
+    """The matrix as closeness in [0, 1] (1 = the closest pair of the map): similarity as is,
+    distance reversed, both scaled over the matrix's range; all ones for a constant matrix (the
+    random matcher's zeros)."""
+    z = head_map.matrix.detach().float().cpu().numpy()
+    lo, hi = (float(z.min()), float(z.max())) if z.size else (0.0, 0.0)
+    if hi <= lo:
+        return np.ones_like(z)
+    return (hi - z) / (hi - lo) if head_map.kind == "distance" else (z - lo) / (hi - lo)
+
+
+def _column(heads: Sequence[Head]) -> list[float]:
+    """Heights of a column of nodes, first at the top, spread over [0, 1]."""
+    n = len(heads)
+    return [0.5] if n == 1 else [1 - i / (n - 1) for i in range(n)]
+
+
+def head_map_links_figure(head_map, *, title: str | None = None) -> go.Figure:
+    """A ``cdist.matching.HeadMap`` drawn as links: student heads in a column on the left, teacher
+    heads on the right (both in the map's order), one line per chosen pair, wider and darker the
+    closer the pair (``_closeness``: similarity, or distance reversed, scaled over the map). Each
+    teacher head's marker grows with its in-degree (how many student heads learn from it) and is
+    labelled "xk" for k > 1, so a crowded teacher head shows at a glance; heads in no pair are
+    grey. Drawn to PNG by ``save_figure`` / ``cdist.static_png.write_png``, like every figure here.
+    """
+    close = _closeness(head_map)
+    students, teachers = list(head_map.student_heads), list(head_map.teacher_heads)
+    ys, yt = _column(students), _column(teachers)
+    fig = go.Figure()
+    for pair in head_map.pairs:
+        r, c = students.index(pair.student), teachers.index(pair.teacher)
+        s = float(close[r, c])
+        fig.add_trace(go.Scatter(
+            x=[0, 1], y=[ys[r], yt[c]], mode="lines", showlegend=False, hoverinfo="text",
+            text=f"{pair.student} -> {pair.teacher}: {float(head_map.matrix[r, c]):.3g}",
+            line={"width": 1 + 5 * s, "color": f"rgba(31, 119, 180, {0.3 + 0.7 * s:.2f})"}))
+    used = {p.student for p in head_map.pairs}
+    degree = Counter(p.teacher for p in head_map.pairs)
+    fig.add_trace(go.Scatter(
+        x=[0] * len(students), y=ys, mode="markers+text", textposition="middle left",
+        text=[str(h) for h in students], showlegend=False, hoverinfo="text",
+        marker={"size": 12, "color": ["#1f77b4" if h in used else "#bbbbbb" for h in students]}))
+    fig.add_trace(go.Scatter(
+        x=[1] * len(teachers), y=yt, mode="markers+text", textposition="middle right",
+        text=[f"{h} x{degree[h]}" if degree[h] > 1 else str(h) for h in teachers],
+        showlegend=False, hoverinfo="text",
+        marker={"size": [10 + 6 * degree[h] for h in teachers],
+                "color": ["#d62728" if degree[h] else "#bbbbbb" for h in teachers]}))
+    for x, name in ((0, "student heads"), (1, "teacher heads")):
+        fig.add_annotation(x=x, y=1.1, text=name, showarrow=False, font={"size": 13})
+    width = 560
+    title_text, top = wrap_title(_map_title(head_map, title, "links"), width)
+    hidden = {"visible": False, "fixedrange": True}
+    fig.update_layout(
+        title={"text": title_text}, xaxis={"range": [-0.6, 1.6], **hidden},
+        yaxis={"range": [-0.08, 1.18], **hidden}, width=width,
+        height=max(360, top + 80 + 30 * max(len(students), len(teachers))),
+        template="plotly_white", margin={"t": top},
     )
     return fig

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import markdown
+import plotly.colors
 import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
@@ -70,7 +71,8 @@ def _circuits(run: Path) -> list[str]:
         if not path.is_file():
             continue
         circuit = read_record(Circuit, path)
-        groups = "; ".join(f"{g}: {' '.join(map(str, hs))}" for g, hs in circuit.groups.items())
+        groups = "; ".join(f"{g}: {' '.join(map(str, hs))}" for g, hs in circuit.groups.items()
+                           if hs)  # a group left empty is not printed as "name: ;"
         parts.append(f"<h3>{role}: {html.escape(circuit.model or '')}</h3>"
                      f"<p>{len(circuit)} heads by {html.escape(circuit.method)} "
                      f"({html.escape(groups)})</p>")
@@ -122,22 +124,28 @@ def _diagnostics(run: Path) -> list[str]:
 
 
 def training_curves(run: Path) -> go.Figure | None:
-    """Validation CE, accuracy and mean pair CKA over steps, one line per trained run."""
+    """Validation CE, accuracy and mean pair CKA over steps, one line per trained run, in one colour
+    in every panel, with one legend entry per run."""
     paths = sorted(run.glob("runs/*/*/metrics.json")) + sorted(run.glob("select/*/metrics.json"))
     if not paths:
         return None
     panels = (("val_ce", "validation CE"), ("accuracy", "validation accuracy"),
               ("cka_val_mean", "pair CKA (validation)"))
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels])
-    for path in paths:
+    palette = plotly.colors.qualitative.Plotly
+    for i, path in enumerate(paths):
         metrics = _read(path)["metrics"]
+        colour = palette[i % len(palette)]
+        shown = False
         name = str(path.parent.relative_to(run))
         for col, (key, _) in enumerate(panels, start=1):
             points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
             if points:
                 fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points],
                                          mode="lines", name=name, legendgroup=name,
-                                         showlegend=col == 1), row=1, col=col)
+                                         line={"color": colour}, showlegend=not shown),
+                              row=1, col=col)
+                shown = True
     fig.update_xaxes(title_text="step")
     fig.update_layout(title="training runs (validation items)", template="plotly_white",
                       width=1250, height=460)

@@ -87,7 +87,7 @@ def test_scan_figure_is_a_layer_by_head_heatmap():
     assert isinstance(fig, go.Figure)
     (heat,) = fig.data
     assert heat.type == "heatmap" and heat.z.shape == scan.shape
-    assert (heat.z == scan["relative_change"].numpy()).all()
+    assert (heat.customdata == scan["relative_change"].numpy()).all()  # z: colour positions
     assert len(fig.layout.shapes) == 2
     assert "path_patching at pos_query_label" in fig.layout.title.text
     other = plots.scan_figure(ablation_scan(), "accuracy_drop")
