@@ -85,14 +85,14 @@ def _circuits(run: Path) -> list[str]:
         scans = sorted((run / "scans").glob(f"{role}-*.json"))
         for path in scans:
             scan = Scan.from_dict(_kept(run, path))
-            fig = plots.scan_figure(scan, marked=circuit.heads)
-            fig.update_layout(title=f"{role}: {path.stem} ({scan.method}, {scan.n_items} items)")
+            fig = plots.scan_figure(scan, marked=circuit.heads, title=f"{role}: {path.stem} "
+                                    f"({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))
         for path in sorted((run / f"search-{role}").glob("*.json")):
             for name, data in _kept(run, path).items():
                 scan = Scan.from_dict(data)
-                fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()))
-                fig.update_layout(title=f"{role}: path patching, {name}")
+                fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()),
+                                        title=f"{role}: path patching, {name}")
                 parts.append(_figure(fig, f"search-{role}-{name}"))
     return parts
 
