@@ -107,11 +107,18 @@ def test_marks_are_checked():
     assert not why_not_run(Block("python", "x\n", 1, "<!-- not run: needs a GPU -->"))
 
 
+def _env() -> dict[str, str]:
+    """This checkout's cdist first on the path, the way a user's shell has it after install."""
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.mark.parametrize("block", PYTHON, ids=str)
-def test_python_block_runs(block, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = compile(block.code, str(block), "exec")
-    exec(code, {"__name__": "__readme__"})  # a fresh namespace: the block defines what it uses
+def test_python_block_runs(block, tmp_path):
+    """In a fresh interpreter, as a user runs it (so without the suite's runtime type checker)."""
+    done = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{block} failed:\n{done.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("block", BASH, ids=str)
@@ -122,8 +129,7 @@ def test_bash_block_runs(block, tmp_path):
     for name, target in (("cdist", f"{python} -m cdist.cli"), ("python", python)):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec {target} "$@"\n')
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
