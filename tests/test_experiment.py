@@ -42,8 +42,8 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     dirs = checkpoints(tok, tmp_path, {"teacher": (3, 64, 4, 0), "student": (2, 32, 8, 1)})
     figures, out = tmp_path / "figures", tmp_path / "out"
     argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0", "1",
-            "--regimes", "16", "32", "--select-seed", "7", *ARGS, "--out", str(out),
-            "--figures", str(figures), "--matchers", "ablation", "ablation-baseline", "cka-1to1"]
+            "--regimes", "16", "32", "--select-seed", "7", *ARGS, "--matchers", "ablation",
+            "ablation-baseline", "cka-1to1", "--out", str(out), "--figures", str(figures)]
     summary = run_table("entity_tracking", argv)
     assert list(summary["rows"]) == ["n16", "n32"]
     assert list(summary["rows"]["n16"]) == list(arms.DEFAULT_ARMS)
