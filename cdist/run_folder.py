@@ -128,15 +128,20 @@ def claim(folder: str | Path, identity: dict | None = None) -> Claim:
     return held
 
 
-def _check_identity(folder: Path, identity: dict) -> None:
-    path = folder / "identity.json"
-    identity = json.loads(json.dumps(identity))  # tuples as lists, as they will be read back
+def _saved_identity(path: Path) -> dict:
+    """A folder's ``identity.json`` ({} where there is none yet)."""
     try:
         saved = json.loads(path.read_text()) if path.exists() else None
     except ValueError:
         raise RunFolderError(f"{path} is not valid JSON (edited or damaged); restore it or choose "
                              "another output folder") from None
-    saved = saved or {}
+    return saved or {}
+
+
+def _check_identity(folder: Path, identity: dict) -> None:
+    path = folder / "identity.json"
+    identity = json.loads(json.dumps(identity))  # tuples as lists, as they will be read back
+    saved = _saved_identity(path)
     # None is "not fixed yet" (a teacher discovered alone names no student): either side fills it
     differ = sorted(k for k in set(saved) | set(identity)
                     if None not in (saved.get(k), identity.get(k)) and saved[k] != identity[k])
@@ -160,11 +165,7 @@ def check_models(folder: str | Path, fingerprints: dict[str, str]) -> None:
     """
     folder = Path(folder)
     path = folder / "identity.json"
-    try:
-        saved = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        raise RunFolderError(f"{path} is not valid JSON (edited or damaged); restore it or choose "
-                             "another output folder") from None
+    saved = _saved_identity(path)
     kept = dict(saved.get("models") or {})
     for role, fingerprint in fingerprints.items():
         if kept.get(role, fingerprint) != fingerprint:

@@ -51,7 +51,7 @@ from cdist.types import Circuit, Head, Scan
 
 __all__ = ["ablated_logits", "circuit_logits", "evaluate_circuit", "head_ablation_scan",
            "head_ablation_scan_reference", "head_means", "make_mean_ablation_hook",
-           "mean_ablation_hooks"]
+           "mean_ablation_hooks", "per_item_correct"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,10 +365,10 @@ def _random_circuit(circuit: Circuit, n_layers: int, n_heads: int,
     return Circuit(groups, positions=circuit.positions, model=circuit.model, method="random")
 
 
-def _correct(model: HookedTransformer, data, circuit: Circuit | None, means, batch_size: int,
-             keep_at_positions: bool, bar=None) -> Tensor:
-    """Per-item top-1 correctness, with everything outside ``circuit`` ablated (None: the full
-    model)."""
+def per_item_correct(model: HookedTransformer, data, circuit: Circuit | None, means,
+                     batch_size: int = 64, keep_at_positions: bool = False, bar=None) -> Tensor:
+    """Per-item top-1 correctness, with everything outside ``circuit`` mean-ablated (None: the
+    full model); ``bar`` advances a batch at a time."""
     at_positions = circuit is not None and keep_at_positions
     columns = sorted(set(circuit.positions.values())) if at_positions else []
     out = []
@@ -467,14 +467,12 @@ def evaluate_circuit(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     bar = progress_bar((2 + n_random) * -(-len(data) // batch_size), "circuit evaluation",
                        enabled=progress, unit="batch")
-    full_correct = _correct(model, data, None, means, batch_size, keep_at_positions, bar)
-    circuit_correct = _correct(model, data, circuit, means, batch_size, keep_at_positions, bar)
+    args = (means, batch_size, keep_at_positions, bar)
+    full_correct = per_item_correct(model, data, None, *args)
+    circuit_correct = per_item_correct(model, data, circuit, *args)
     generator = torch.Generator().manual_seed(seed)
-    randoms = [
-        _correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator), means,
-                 batch_size, keep_at_positions, bar).float().mean().item()
-        for _ in range(n_random)
-    ]
+    randoms = [per_item_correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator),
+                                *args).float().mean().item() for _ in range(n_random)]
     bar.close()
     full = full_correct.float().mean().item()
     circuit_acc = circuit_correct.float().mean().item()

@@ -24,11 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.discovery.ablation import circuit_logits
+from cdist.discovery.ablation import per_item_correct
 from cdist.errors import InputError
-from cdist.evaluate import answer_stats, batches, pad_id
 from cdist.models import HookedTransformer, check_heads
-from cdist.types import Head
+from cdist.types import Circuit, Head
 
 __all__ = ["circuit_accuracy", "grow_until_faithful"]
 
@@ -48,11 +47,9 @@ def circuit_accuracy(
     if len(data) == 0:
         raise InputError("circuit_accuracy needs at least one item; the dataset is empty")
     check_heads(model, heads, "circuit heads")
-    correct = []
-    for batch in batches(data, batch_size, pad_id(model)):
-        logits = circuit_logits(model, batch["input_ids"], heads, means, pos=batch["pos_last"])
-        correct.append(answer_stats(logits, batch["answer_id"])[1])
-    return torch.cat(correct).mean().item()
+    circuit = Circuit({"circuit": heads})
+    correct = per_item_correct(model, data, circuit, means, batch_size=batch_size)
+    return correct.double().mean().item()
 
 
 def grow_until_faithful(
