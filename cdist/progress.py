@@ -48,7 +48,7 @@ class LogProgress:
         self.every, self.stream, self.clock = every, stream or sys.stderr, clock
         self.start = self.last = clock()
         self.start_n, self.postfix, self.closed = initial, "", False
-        self.units = unit + ("es" if unit.endswith("s") else "s")
+        self.units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
         self._say(f"{total:,} {self.units}" + (f", from {initial:,}" if initial else ""))
 
     def _say(self, text: str) -> None:

@@ -138,6 +138,15 @@ def _saved_identity(path: Path) -> dict:
     return saved or {}
 
 
+def _differences(key: str, there, now):
+    """(name, there, now) for each setting that differs, a record's fields by their own names
+    (``discovery.min_effect``) rather than the whole record."""
+    if isinstance(there, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(there) | set(now)) if there.get(k) != now.get(k)
+                for d in _differences(f"{key}.{k}", there.get(k), now.get(k))]
+    return [(key, there, now)]
+
+
 def _check_identity(folder: Path, identity: dict) -> None:
     path = folder / "identity.json"
     identity = json.loads(json.dumps(identity))  # tuples as lists, as they will be read back
@@ -146,9 +155,11 @@ def _check_identity(folder: Path, identity: dict) -> None:
     differ = sorted(k for k in set(saved) | set(identity)
                     if None not in (saved.get(k), identity.get(k)) and saved[k] != identity[k])
     if differ:
-        what = "; ".join(f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in differ)
+        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k in differ
+                         for k, a, b in _differences(k, saved.get(k), identity.get(k)))
         raise RunFolderError(f"{folder} holds results made with other settings ({what}); "
-                             "choose another output folder, or delete it to start again")
+                             "keep the folder's settings (leave those flags out), or write to "
+                             "another folder (--out)")
     merged = {k: identity.get(k) if saved.get(k) is None else saved[k]
               for k in set(saved) | set(identity)}
     if merged != saved:

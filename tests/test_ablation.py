@@ -172,6 +172,18 @@ def test_batched_scan_matches_the_one_head_loop(model, data, means, position):
     assert fast["prob_drop"].abs().max() > 0 and fast["accuracy_drop"].max() > 0
 
 
+def test_the_scan_reports_progress_pass_by_pass(model, data, means, capsys, monkeypatch):
+    """In a log the scan counts forward passes (a batch of a deep model is minutes of them):
+    2 layers of 4 heads, 3 per pass, is 2 + 2 passes a batch, 3 batches of 5 of 12 items."""
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    ablation.head_ablation_scan(model, data, means=means, batch_size=5, heads_per_pass=3,
+                                progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "mean-ablation scan: 12 passes"
+    assert lines[1].startswith("mean-ablation scan: 1/12 passes, ")
+    assert lines[-1].startswith("mean-ablation scan: done, 12/12 passes, ")
+
+
 def teacher_labelled(model, data):
     """``data`` answered by the model itself (as distillation labels are), so that its accuracy
     is 1."""

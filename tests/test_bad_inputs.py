@@ -269,6 +269,10 @@ def _break(name: str, out: Path) -> None:
 
 FOLDER = [
     ("other-items", [], ["distill", *RUN, "--val-items", "30"], "val_items: 24 there, 30 now"),
+    ("other-discovery-rule", [], ["discover", "--min-effect", "0.5"],
+     "(discovery.min_effect: 0.0 there, 0.5 now; student_discovery.min_effect: 0.0 there, "
+     "0.5 now); keep the folder's settings (leave those flags out), or write to another "
+     "folder (--out)"),
     ("other-run-settings", [], ["distill", *RUN, "--steps", "3", "--seed", "0"],
      "other settings (steps: 2 there, 3 now"),
     ("eval-not-json", ["eval-not-json"], ["evaluate"], "eval.json is not valid JSON"),
@@ -295,6 +299,10 @@ def test_a_run_folder_with_other_settings_or_damaged_files_is_refused(damage, ar
     argv = [a.format(out=out) for a in argv]
     assert _main([*argv, "--out", str(out)] if argv[0] != "report" else argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    # the settings the folder lent the step are said first (cdist.cli.settings.announce)
+    said = [line for line in err if " settings kept in " in line]
+    assert err[:len(said)] == said and len(said) <= 1
+    err = err[len(said):]
     assert len(err) == 1 and message in err[0], err
     after = _tree(out)
     assert set(after) == set(before)

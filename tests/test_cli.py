@@ -80,7 +80,14 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(head_maps, "METHODS", {
         name: (lambda *a, name=name: matched.append(a[-1].name) or methods[name](*a))
         for name in methods})
+    capsys.readouterr()
     maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
+    # the step says which settings it took from the folder, as the flags that would set them
+    said = [line for line in capsys.readouterr().err.splitlines() if "settings kept" in line]
+    assert len(said) == 1 and said[0].startswith(f"cdist match: settings kept in {out}/config.yaml")
+    assert "--val-items 24" in said[0] and "--min-effect 0.0 " in said[0]
+    assert f"--teacher {dirs['teacher']}" in said[0] and "--matchers" not in said[0].split(";")[0]
+    assert said[0].split("; given: ")[1].startswith("--matchers ablation --out")
     assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
     assert (out / "diagnostics.json").is_file()
     run = cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1",

@@ -58,3 +58,10 @@ def test_a_terminal_gets_tqdm_and_no_progress_gets_nothing(monkeypatch, capsys):
     assert isinstance(logged, progress.LogProgress)
     logged.close()
     assert "distill: 5 steps, from 2" in capsys.readouterr().err
+
+
+def test_units_take_their_plural():
+    for unit, plural in (("step", "4 steps"), ("pass", "4 passes"), ("batch", "4 batches")):
+        out = io.StringIO()
+        progress.LogProgress(4, "scan", unit=unit, stream=out)
+        assert out.getvalue() == f"scan: {plural}\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,7 +25,7 @@ from cdist.cli.flags import UsageError
 from cdist.cli.parser import Parser
 from cdist.tasks.registry import TASKS
 
-__all__ = ["RUN_CONFIG", "RunSettings", "keep_settings", "parse", "read_settings"]
+__all__ = ["RUN_CONFIG", "RunSettings", "announce", "keep_settings", "parse", "read_settings"]
 
 RUN_CONFIG = "config.yaml"
 # Settings of the machine, of one invocation or of one training run, which a run folder does not
@@ -42,6 +43,8 @@ class RunSettings:
     out: str
     argv: tuple[str, ...] = ()
     named_roles: tuple[str, ...] = ()  # the models named on the command line itself
+    # the run folder's kept settings this step took (not given, not the default), as flags
+    from_folder: tuple[str, ...] = ()
     # models and output
     teacher: str | None = None
     student: str | None = None
@@ -194,7 +197,7 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
     first = parser.parse_args(argv)
     spec = tasks.get_task(first.task or "entity_tracking")
     out = Path(first.out or f"results/{spec.name}")
-    layers = []
+    layers, kept, given = [], {}, {}
     saved = out / RUN_CONFIG
     if saved.is_file():
         kept = {k: v for k, v in read_settings(saved).items() if k in parser.flags}
@@ -205,6 +208,10 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
         others = {f.name for f in fields(RunSettings)} - set(parser.flags)
         given = {k: v for k, v in read_settings(Path(first.config)).items() if k not in others}
         layers.append(_argv(parser, given, first.config))
+    on_line = _given(parser, argv)
+    carried = {k: v for k, v in kept.items()
+               if k not in on_line and k not in given and k not in _NOT_KEPT and v is not None
+               and _plain(parser.flags[k].default) != v}
     args = parser.parse_args([*(flag for layer in layers for flag in layer), *argv])
     values = {k: v for k, v in vars(args).items() if k in parser.flags}
     values["task"] = values["task"] or "entity_tracking"
@@ -218,7 +225,37 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
             values[role] = pair[role == "student"]
     named = tuple(r for r in ("teacher", "student") if getattr(first, r, None))
     return RunSettings(command=command, argv=tuple(argv), named_roles=named,
+                       from_folder=tuple(" ".join(_argv(parser, {k: v}, str(saved)))
+                                         for k, v in sorted(carried.items())),
                        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _given(parser: Parser, argv: list[str]) -> set[str]:
+    """The settings ``argv`` names itself (``--flag value``, ``--flag=value``, ``--no-flag``)."""
+    options = {o: dest for dest, a in parser.flags.items() for o in a.option_strings}
+    # argparse also takes an unambiguous prefix of a long flag
+    named = set()
+    for token in argv:
+        word = token.split("=", 1)[0]
+        if not word.startswith("--"):
+            continue
+        hits = {dest for o, dest in options.items() if o == word} or \
+            {dest for o, dest in options.items() if o.startswith(word)}
+        if len(hits) == 1:
+            named |= hits
+    return named
+
+
+def announce(args: RunSettings) -> None:
+    """Say which settings this step took from the run folder rather than from its command line
+    (on stderr, so that a step's printed results stay clean), so that a flag left out is not
+    mistaken for its default."""
+    if args.from_folder:
+        given = f"; given: {shlex.join(args.argv)}" if args.argv else ""
+        print(f"cdist {args.command}: settings kept in {Path(args.out) / RUN_CONFIG}: "
+              f"{' '.join(args.from_folder)}{given} (a flag given replaces a kept one; "
+              "settings that fix the folder's items or circuits need a new --out)",
+              file=sys.stderr, flush=True)
 
 
 def keep_settings(parser: Parser, args: RunSettings) -> None:

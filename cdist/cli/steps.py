@@ -154,6 +154,7 @@ def _prepared(top: argparse.Namespace, command: str):
     """The step's settings (``common.parse``) and run context, checked and the folder claimed
     before anything is written."""
     args = settings.parse(top.parser, top.argv, command)
+    settings.announce(args)
     if command == "table":
         run_folder.check_writable(_figures(args))  # before the hours of the table, not after
     ctx = common.context(args)
@@ -254,6 +255,7 @@ def _distill(top: argparse.Namespace) -> dict:
     from cdist import pipeline
 
     args = settings.parse(top.parser, top.argv, "distill")
+    settings.announce(args)
     if args.train_items < 1 or args.lam < 0:
         raise flags.UsageError(f"--train-items {args.train_items} and --lam {args.lam}: give at "
                                 "least 1 training item and a lambda >= 0")

@@ -38,6 +38,7 @@ from cdist.discovery.engine import (
     Hook,
     budget_batch_size,
     one_head_scan,
+    passes_per_batch,
     rank_heads,
     replace_heads,
     sum_over_ranks,
@@ -231,8 +232,9 @@ def head_ablation_scan(
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
     mine = rank_heads(torch.arange(n_all))  # every head, with one process
     columns = () if position is None else (position,)
-    bar = progress_bar(-(-len(data) // batch_size), "mean-ablation scan",
-                       enabled=progress and is_main(), unit="batch")
+    # counted in passes, not batches: at real depth a batch is minutes of passes
+    total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
+    bar = progress_bar(total, "mean-ablation scan", enabled=progress and is_main(), unit="pass")
     for batch in batches(data, batch_size, pad_id(model), columns):
 
         def ablate(layer, rows, n_copies, batch=batch):
@@ -241,11 +243,10 @@ def head_ablation_scan(
 
         p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), batch["answer_id"],
                                            batch["pos_last"], ablate, heads_per_pass=heads_per_pass,
-                                           heads=mine)
+                                           heads=mine, on_pass=bar.update)
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
         correct_abl[mine] += c_abl[mine].sum(1)
-        bar.update()
     bar.close()
     prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
     return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),

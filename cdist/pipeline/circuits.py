@@ -131,8 +131,8 @@ def find_circuit(ctx: Context, role: Role, *, refuse: bool = True) -> Discovery:
                 "delete the file to find the circuit again")
     if not circuit.heads:
         raise InputError(f"the {role}'s circuit is empty: no head passed the discovery "
-                         f"rule {rule}; lower --min-effect or --min-share (or check that the "
-                         "model does the task)")
+                         f"rule {rule}; lower --min-effect or --min-share, with a new --out "
+                         f"({ctx.out} keeps this rule), or check that the model does the task")
     found = faithful_circuit(ctx, role, found, refuse=refuse)
     circuit = found.circuit
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +328,8 @@ def _refusal(ctx: Context, role: Role, record: dict) -> str:
             f"{before['circuit_accuracy']:.3f} on {n} validation items against the full "
             f"{role}'s {record['full_accuracy']:.3f}: faithfulness {before['faithfulness']:.3f}, "
             f"below --min-faithfulness {record['threshold']}")
-    settings = "find the circuit with other settings (--k, --min-effect, --min-share)"
+    settings = ("find the circuit with other settings (--k, --min-effect, --min-share) in a new "
+                "--out")
     if not record["grow"]:
         return f"{line}; let it grow (--grow-circuits), lower --min-faithfulness, or {settings}"
     tried = record["evaluations"]
