@@ -1,5 +1,6 @@
-"""One self-contained HTML page for a run folder (``cdist report RUN_DIR``): the table, the
-circuits' heatmaps, the head-correspondence maps, the training curves, the alignment diagnostics,
+"""One self-contained HTML page for a run folder (``cdist report RUN_DIR``): the table (or, for
+a folder of single steps, each model's and trained run's accuracies), the circuits' heatmaps, the
+head-correspondence maps (heatmap and links), the training curves, the alignment diagnostics,
 the settings and the commits.
 
 Each section is drawn from the files a step left (``cdist.cli.steps``) and left out where there are
@@ -98,11 +99,73 @@ def _circuits(run: Path) -> list[str]:
 
 
 def _head_maps(run: Path) -> list[str]:
+    """Each head map twice: as a heatmap of every pair's score and as links between the chosen
+    pairs (which teacher heads are crowded shows there at a glance)."""
     paths = sorted((run / "head_maps").glob("*.json"))
     if not paths and (run / "head_map.json").is_file():
         paths = [run / "head_map.json"]
-    return [_figure(plots.head_map_figure(read_record(HeadMap, p)), f"head-map-{p.stem}")
-            for p in paths]
+    parts = []
+    for p in paths:
+        hmap = read_record(HeadMap, p)
+        parts += [_figure(plots.head_map_figure(hmap), f"head-map-{p.stem}"),
+                  _figure(plots.head_map_links_figure(hmap), f"head-map-links-{p.stem}")]
+    return parts
+
+
+def _ood(rec: dict) -> dict[str, float]:
+    """A record's out-of-distribution accuracies: a model's (``ood_accuracy``) or, from its
+    per-item bits, a trained run's."""
+    if "ood_accuracy" in rec:
+        return rec["ood_accuracy"]
+    return {k: bits.count("1") / len(bits) for k, bits in (rec.get("ood") or {}).items() if bits}
+
+
+def _pair_cka(rec: dict) -> tuple[float, float] | None:
+    """A trained run's mean pair CKA on the validation items before training and at its end."""
+    seen = [m["cka_val_mean"] for m in rec.get("metrics") or []
+            if m.get("cka_val_mean") is not None]
+    return (seen[0], seen[-1]) if len(seen) > 1 else None
+
+
+def _results(run: Path) -> list[str]:
+    """Every trained run's accuracies beside the base student's and the teacher's (the models'
+    from ``evaluation.json``, which ``cdist evaluate`` writes; the runs' from their own
+    ``eval.json``), with each run's change in accuracy over the base student and in pair CKA over
+    its training."""
+    rows = {}
+    evaluation = run / "evaluation.json"
+    models = _read(evaluation).get("models", {}) if evaluation.is_file() else {}
+    for role in ("teacher", "student"):
+        if role in models:
+            rows[f"{'base student' if role == 'student' else 'teacher'} "
+                 f"({models[role].get('model', role)})"] = models[role]
+    for path in sorted(run.glob("runs/*/*/eval.json")):
+        rows[str(path.parent.relative_to(run))] = _read(path)
+    if not rows:
+        return []
+    base = models.get("student", {}).get("full_accuracy")
+    sets = sorted({k for rec in rows.values() for k in _ood(rec)})
+    head = ["", "full", "vs base student", "circuit", "random circuit", "faithfulness",
+            *(f"OOD: {k}" for k in sets), "pair CKA: start → end"]
+
+    def cell(value, signed=False):
+        return "" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
+
+    body = []
+    for name, rec in rows.items():
+        full, ood, cka = rec.get("full_accuracy"), _ood(rec), _pair_cka(rec)
+        change = None if base is None or full is None or name.startswith("base") else full - base
+        values = [cell(full), cell(change, signed=True), cell(rec.get("circuit_accuracy")),
+                  cell(rec.get("random_accuracy")), cell(rec.get("faithfulness")),
+                  *(cell(ood.get(k)) for k in sets),
+                  "" if cka is None else f"{cka[0]:.3f} → {cka[1]:.3f} ({cka[1] - cka[0]:+.3f})"]
+        body.append(f"<tr><td>{html.escape(name)}</td>"
+                    + "".join(f"<td>{v}</td>" for v in values) + "</tr>")
+    note = ("" if models else "<p>the base student and the teacher are not evaluated yet: "
+            f"<code>cdist evaluate --out {html.escape(str(run))}</code> adds them</p>")
+    return [note + "<p>test items; the trained runs' pair CKA on the validation items</p>"
+            "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+            + "".join(body) + "</table>"]
 
 
 def _diagnostics(run: Path) -> list[str]:
@@ -170,6 +233,8 @@ def run_page(run_dir: str | Path) -> str:
         sections.append(("table", [table, *curves]))
         title = f"{summary['config']['task'].replace('_', ' ')}: {summary['student']} from " \
                 f"{summary['teacher']}"
+    if not results.is_file():  # a table's own results are its table
+        sections.append(("results", _results(run)))
     sections.append(("circuits", _circuits(run)))
     sections.append(("head maps", _head_maps(run)))
     if not results.is_file():  # a table has its per-arm curves above and diagnostics in its text

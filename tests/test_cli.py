@@ -103,8 +103,18 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     assert (run_dir / "eval.json").is_file() and (run_dir / "metrics.csv").is_file()
     assert run["config"]["cka_weight"] == 0.5 and run["config"]["lr"] == 1e-3
     assert run["heads"] == found["student"]["heads"]
+    capsys.readouterr()
     result = cli.run(["evaluate", "--out", str(out)])
+    printed = [line for line in capsys.readouterr().out.splitlines() if ": full " in line]
     assert set(result["models"]) == {"teacher", "student"}
+    # every model and run with its out-of-distribution accuracy, printed as kept
+    saved = json.loads((run_dir / "eval.json").read_text())
+    ood = {k: bits.count("1") / len(bits) for k, bits in saved["ood"].items()}
+    assert list(ood) == ["3 boxes", "template compact"] and len(saved["ood"]["3 boxes"]) == 16
+    assert result["runs"]["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]["ood_accuracy"] == ood
+    assert len(printed) == 4 and all(", OOD 3 boxes " in line for line in printed)
+    assert printed[2].endswith(f"OOD 3 boxes {ood['3 boxes']:.3f}, OOD template compact "
+                               f"{ood['template compact']:.3f}")
     assert list(result["runs"]) == ["runs/n16/circuit_distilled-CE+Align_CKA-seed0",
                                     "runs/n16/circuit_distilled-CE+Align_CKA-seed1"]
     assert result["runs"]["runs/n16/circuit_distilled-CE+Align_CKA-seed0"]["full_accuracy"] == \
@@ -113,11 +123,21 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     log = (out / "commands.log").read_text().splitlines()
     assert len(log) == 5
     page = cli.run(["report", str(out)]).read_text()
-    for section in ("circuits", "head-maps", "training", "diagnostics", "settings-and-commits"):
+    for section in ("results", "circuits", "head-maps", "training", "diagnostics",
+                    "settings-and-commits"):
         assert f'id="{section}"' in page
-    # every saved scan, every searched group of the teacher, the two head maps, the training
+    # the results: the teacher, the base student and both runs, each run's change over the base
+    # student and its pair CKA before and after training
+    results = page.split('id="results"')[1].split("</section>")[0]
+    assert results.count("<tr>") == 5 and "<th>OOD: template compact</th>" in results
+    base = result["models"]["student"]["full_accuracy"]
+    assert f"<td>{run['full_accuracy'] - base:+.3f}</td>" in results
+    first, last = saved["metrics"][0]["cka_val_mean"], saved["metrics"][-1]["cka_val_mean"]
+    assert f"{first:.3f} → {last:.3f} ({last - first:+.3f})" in results
+    # every saved scan, every searched group of the teacher, the two head maps as heatmaps and
+    # as links, the training
     figures = len(list((out / "scans").glob("*.json"))) + len(list(out.glob("search-teacher/*")))
-    assert page.count('class="figure"') == figures + 3
+    assert page.count('class="figure"') == figures + 5
     assert log[0].split(" ", 3)[3] == shlex.join(["cdist", "discover", *models, *SMALL, "--out",
                                                    str(out)])
     # naming one model discovers that one only

@@ -300,7 +300,10 @@ def _evaluate(top: argparse.Namespace) -> dict:
         lacks = sorted(set(keys) - set(rec if isinstance(rec, dict) else {}))
         if lacks:
             raise FileFormatError(f"{path} is not a run's evaluation (it lacks {lacks}); {fix}")
-        result["runs"][str(path.parent.relative_to(out))] = {k: rec[k] for k in keys}
+        result["runs"][str(path.parent.relative_to(out))] = {
+            **{k: rec[k] for k in keys},
+            "ood_accuracy": {k: bits.count("1") / len(bits) for k, bits in
+                             (rec.get("ood") or {}).items() if bits}}
     for role in _roles(args):
         circuits = pipeline.find_circuits(ctx, (role,), refuse=False)
         rec = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
@@ -314,9 +317,10 @@ def _evaluate(top: argparse.Namespace) -> dict:
 
 
 def _accuracy_line(name: str, rec: dict) -> str:
+    ood = "".join(f", OOD {k} {v:.3f}" for k, v in rec.get("ood_accuracy", {}).items())
     return (f"{name}: full {rec['full_accuracy']:.3f}, circuit {rec['circuit_accuracy']:.3f}, "
             f"random circuit {rec['random_accuracy']:.3f}, faithfulness "
-            f"{rec['faithfulness']:.3f}")
+            f"{rec['faithfulness']:.3f}{ood}")
 
 
 def _report(top: argparse.Namespace) -> Path:
