@@ -220,3 +220,22 @@ def test_a_run_folder_config_sets_any_of_its_steps(tmp_path):
     config.write_text("val_items: 30\nstepz: 5\n")
     with pytest.raises(UsageError, match="unknown setting 'stepz'"):
         settings.parse(p, ["--config", str(config), "--out", str(tmp_path / "x")], "evaluate")
+
+
+def test_one_model_named_as_teacher_and_student_has_one_loader(dirs, tmp_path):
+    """So that the run context loads (and, for a GGUF file, de-quantizes) it once."""
+    from cdist.cli import common, settings, steps
+    from cdist.cli.parser import Parser
+
+    p = Parser(prog="cdist match")
+    steps._configure(p, "match")
+
+    def loaders(teacher, student):
+        s = settings.parse(p, ["--teacher", teacher, "--student", student, *SMALL, "--out",
+                               str(tmp_path / "out")], "match")
+        return common.context(s).loaders
+
+    same = loaders(dirs["teacher"], dirs["teacher"])
+    assert same["teacher"] is same["student"]
+    other = loaders(dirs["teacher"], dirs["student"])
+    assert other["teacher"] is not other["student"]

@@ -81,3 +81,20 @@ def test_the_layer_origin_comes_from_the_checkpoint_or_the_config(tok, tmp_path)
     wrong = ExperimentConfig(**CFG, student_layer_origin=(0, 1, 2, 3))
     with pytest.raises(ValueError, match="is this student cut from this teacher"):
         Context(wrong, tmp_path, loaders).layer_origin()
+
+
+def test_one_model_as_teacher_and_student_is_loaded_once(tok, tmp_path):
+    """Roles given one loader (the command line does so for one model named twice) share one
+    loaded model; other loaders, and fresh copies for training, still load their own."""
+    loads = []
+
+    def load():
+        loads.append(1)
+        return _tiny(tok, 1)
+
+    ctx = Context(ExperimentConfig(**CFG), tmp_path / "a", {"teacher": load, "student": load})
+    assert ctx.model("student") is ctx.model("teacher") and len(loads) == 1
+    assert ctx.fresh("student") is not ctx.model("student") and len(loads) == 2
+    apart = Context(ExperimentConfig(**CFG), tmp_path / "b",
+                    {"teacher": load, "student": lambda: load()})
+    assert apart.model("student") is not apart.model("teacher") and len(loads) == 4

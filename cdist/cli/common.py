@@ -219,7 +219,9 @@ def context(s: RunSettings, *, log=None):
         raise UsageError(str(e)) from None
     dev = device(s)
     names = {r: s.model(r) for r in ("teacher", "student") if s.model(r)}
-    loaders = {r: loader(name, dev) for r, name in names.items()}
+    # one model named as both teacher and student gets one loader, so the Context loads it once
+    by_name = {name: loader(name, dev) for name in dict.fromkeys(names.values())}
+    loaders = {r: by_name[name] for r, name in names.items()}
     opened = {r: _opened(name) for r, name in names.items()}
     toks = {r: o.tokenizer() for r, o in opened.items()}
     if len(names) == 2:

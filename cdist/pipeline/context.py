@@ -67,7 +67,10 @@ class Context:
             RunFolderError: the claimed folder's results were made with other weights.
         """
         if role not in self._models:
-            self._models[role] = self.loaders[role]()
+            # roles given the same loader are one model (a teacher that is also the student): it
+            # is loaded once and shared, which is safe as ``model`` is never trained in place
+            same = [r for r in self._models if self.loaders[r] is self.loaders[role]]
+            self._models[role] = self._models[same[0]] if same else self.loaders[role]()
             found, expected = self.fingerprint(role), self.cfg.fingerprints.get(role)
             if expected and found != expected:
                 del self._models[role]
