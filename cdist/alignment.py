@@ -23,12 +23,15 @@ the fix.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+import cdist
 from cdist.activations import head_z_dataset
 from cdist.cka import linear_cka
 from cdist.matching import HeadMap
@@ -60,7 +63,19 @@ def _batch_cka(x: Tensor, y: Tensor, batch_size: int) -> float:
     return sum(float(linear_cka(a, b)) for a, b in chunks) / len(chunks) if chunks else float("nan")
 
 
-@torch.no_grad()
+def _callers_level(frame) -> int:
+    """The ``stacklevel``, for a warning raised in ``frame``, of the first frame outside cdist,
+    torch and the decorators that may wrap cdist's functions (jaxtyping's checks), so that the
+    warning names the user's line."""
+    import jaxtyping
+
+    inside = tuple(str(Path(m.__file__).parent) for m in (cdist, torch, jaxtyping))
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def diagnose(
     student: HookedTransformer,
     teacher: HookedTransformer,
@@ -89,8 +104,10 @@ def diagnose(
         ``{"pairs": [per-pair record], "crowded": {teacher head: n students}, "flags": [messages],
         "min_variation", "items"}``.
     """
-    s_sites, t_sites = head_map.sites()
-    zs, zt = head_z_dataset(student, items, s_sites), head_z_dataset(teacher, items, t_sites)
+    with torch.no_grad():
+        s_sites, t_sites = head_map.sites()
+        zs = head_z_dataset(student, items, s_sites)
+        zt = head_z_dataset(teacher, items, t_sites)
     perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
     records, flags = [], []
     for p in head_map.pairs:
@@ -113,10 +130,12 @@ def diagnose(
     for t, n in crowded.items():
         flags.append(f"head map {head_map.method} sends {n} of {n_students} student heads to "
                      f"teacher head {t}; most of the student's circuit would copy one head: "
-                     "try another matcher ('ablation', 'ablation-baseline', 'cka') "
-                     "or one_to_one=True")
+                     "try a one-to-one matcher (--matchers ablation-1to1 "
+                     "ablation-baseline-1to1 cka-1to1 on the command line; one_to_one=True "
+                     "in matching's functions)")
     if warn:
         for message in flags:
-            warnings.warn(message, AlignmentWarning, stacklevel=2)
+            warnings.warn(message, AlignmentWarning,
+                          stacklevel=_callers_level(sys._getframe()))
     return {"pairs": records, "crowded": {str(t): n for t, n in crowded.items()}, "flags": flags,
             "min_variation": min_variation, "items": len(items)}

@@ -67,9 +67,12 @@ def test_a_crowded_teacher_head_is_flagged(tok, models):
     hm = matching.HeadMap(pairs, students, (Head(1, 2), Head(0, 0)), torch.zeros(3, 2),
                           "distance", "manual")
     with pytest.warns(alignment.AlignmentWarning,
-                      match="sends 2 of 3 student heads to teacher head a1.h2"):
+                      match="sends 2 of 3 student heads to teacher head a1.h2") as caught:
         report = alignment.diagnose(student, teacher, hm, items)
     assert report["crowded"] == {"a1.h2": 2}
+    # the advice names the command line's one-to-one matchers, and the warning the caller's line
+    assert "--matchers ablation-1to1 ablation-baseline-1to1 cka-1to1" in report["flags"][-1]
+    assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warn=False records the flags without warning
         quiet = alignment.diagnose(student, teacher, hm, items, warn=False)

@@ -8,6 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -123,6 +124,7 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     log = (out / "commands.log").read_text().splitlines()
     assert len(log) == 5
     page = cli.run(["report", str(out)]).read_text()
+    assert cli.run(["report", "--out", str(out)]) == out / "report.html"  # as the steps name it
     for section in ("results", "circuits", "head-maps", "training", "diagnostics",
                     "settings-and-commits"):
         assert f'id="{section}"' in page
@@ -239,3 +241,33 @@ def test_one_model_named_as_teacher_and_student_has_one_loader(dirs, tmp_path):
     assert same["teacher"] is same["student"]
     other = loaders(dirs["teacher"], dirs["student"])
     assert other["teacher"] is not other["student"]
+
+
+def test_without_out_a_step_writes_outside_the_committed_results(monkeypatch):
+    """The command's default folder is runs/<task> (out of git); the table scripts, which remake
+    the committed tables, write to results/<task> unless given another --out."""
+    from cdist.cli import settings, steps
+    from cdist.cli.parser import Parser
+
+    p = Parser(prog="cdist match")
+    steps._configure(p, "match")
+    assert settings.parse(p, ["--task", "theory_of_mind"], "match").out == "runs/theory_of_mind"
+    assert "/runs/" in (Path(__file__).parents[1] / ".gitignore").read_text().split()
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
+    cli.table_script("entity_tracking", ["--seeds", "0"])
+    assert seen == [["table", "--task", "entity_tracking", "--out", "results/entity_tracking",
+                     "--figures", "figures", "--seeds", "0"]]
+
+
+def test_help_shows_each_default():
+    from cdist.cli import steps
+    from cdist.cli.parser import Parser
+
+    p = Parser(prog="cdist distill")
+    steps._configure(p, "distill")
+    text = " ".join(p.format_help().split())
+    for shown in ("validation items (selection, matching and curves) (default: 500)",
+                  "seed of every item set (default: 0)", "(default: runs/<task>, out of git)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text

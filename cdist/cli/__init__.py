@@ -22,7 +22,7 @@ import os
 import sys
 
 from cdist.cli import steps, zoo_commands
-from cdist.cli.parser import Parser
+from cdist.cli.parser import Formatter, Parser
 from cdist.errors import CdistError
 
 __all__ = ["main", "run", "table_script"]
@@ -30,7 +30,7 @@ __all__ = ["main", "run", "table_script"]
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="cdist", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter,
+               formatter_class=Formatter,
                epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for module in (zoo_commands, steps):
@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table_script(task: str, argv: list[str]) -> int:
-    """A table script (``experiments/<task>.py``): ``cdist table --task TASK`` with the repository's
-    ``figures/`` (a later ``--figures`` wins); another ``--task`` is refused, not obeyed."""
+    """A table script (``experiments/<task>.py``): ``cdist table --task TASK`` into the
+    repository's committed ``results/<task>`` and ``figures/`` (a later ``--out`` or ``--figures``
+    wins); another ``--task`` is refused, not obeyed."""
     if any(a == "--task" or a.startswith("--task=") for a in argv):
         print(f"cdist: error: this script makes the {task} table; for another task run "
               "cdist table --task NAME", file=sys.stderr)
         return 2
-    return main(["table", "--task", task, "--figures", "figures", *argv])
+    return main(["table", "--task", task, "--out", f"results/{task}", "--figures", "figures",
+                 *argv])
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def add_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], *, roles=("te
     g.add_argument("--task", default=default_task, choices=sorted(TASKS),
                    help="the task (default: the run folder's, else entity_tracking)")
     g.add_argument("--out", default=None,
-                   help="the run folder every step reads and writes (default: results/<task>)")
+                   help="the run folder every step reads and writes (default: runs/<task>, "
+                        "out of git)")
     g.add_argument("--config", default=None,
                    help="a TOML or YAML file of settings (flag names as keys); flags override it")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")

@@ -6,6 +6,7 @@ argparse's public interface.
   recognises only plain negative integers and decimals, ``-3`` and ``-0.001``), so that a negative
   learning rate reaches the check that names it: such a token is passed on in its exact decimal
   form (``-0.001``), which argparse reads as a value.
+- ``--help`` shows each flag's default (``Formatter``).
 - Every flag a parser takes is recorded (``flags``), so that config files and a run folder's
   ``config.yaml`` can be checked and re-read as the flags that would set them.
 """
@@ -16,9 +17,21 @@ import argparse
 import re
 from decimal import Decimal
 
-__all__ = ["Parser"]
+__all__ = ["Formatter", "Parser"]
 
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written, and each flag's default after its help where it has
+    one (not for switches and settings whose default is "decided later", None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,6 +39,7 @@ class Parser(argparse.ArgumentParser):
     flags (module doc)."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
         super().__init__(*args, **kwargs)
         self.flags: dict[str, argparse.Action] = {}
 

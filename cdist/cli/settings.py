@@ -196,7 +196,8 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
     """``argv`` parsed over the run folder's settings and the ``--config`` file's (module doc)."""
     first = parser.parse_args(argv)
     spec = tasks.get_task(first.task or "entity_tracking")
-    out = Path(first.out or f"results/{spec.name}")
+    # runs/ is out of git: a step without --out never writes beside the committed results/
+    out = Path(first.out or f"runs/{spec.name}")
     layers, kept, given = [], {}, {}
     saved = out / RUN_CONFIG
     if saved.is_file():

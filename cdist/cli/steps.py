@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cdist import arms, run_folder, tasks
 from cdist.cli import common, flags, settings
-from cdist.cli.parser import Parser
+from cdist.cli.parser import Formatter, Parser
 from cdist.cli.settings import RunSettings
 
 __all__ = ["add_parsers"]
@@ -107,16 +107,20 @@ def add_parsers(sub) -> None:
     for name, (text, _) in _STEPS.items():
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
                            epilog="example:\n  " + _EXAMPLES[name].replace("\n", "\n  "),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=Formatter)
         _configure(p, name)
     report = sub.add_parser("report", help="one self-contained HTML page for a run folder",
                             description="One HTML page (plotly inlined: it opens offline) with "
                                         "whatever the folder holds: the table, the circuits' "
                                         "heatmaps, the head maps, the training curves, the "
                                         "diagnostics, the settings and the commits.",
-                            epilog="example:\n  cdist report runs/et   # -> runs/et/report.html",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("run_dir", help="a folder a cdist command wrote (its --out)")
+                            epilog=("example:\n"
+                                    "  cdist report --out runs/et  # -> runs/et/report.html"),
+                            formatter_class=Formatter)
+    report.add_argument("run_dir", nargs="?", default=None,
+                        help="a folder a cdist command wrote (its --out); or give it as --out")
+    report.add_argument("--out", default=None, dest="out_dir", metavar="RUN_DIR",
+                        help="the same folder, named as every other step names it")
     report.add_argument("--page", default=None, help="where the page goes "
                         "(default: RUN_DIR/report.html)")
     report.set_defaults(run=_report, parser=report)
@@ -134,7 +138,7 @@ def _add_export(sub) -> None:
         epilog="example:\n  cdist export runs/et/runs/n128/circuit_distilled-CE+Align_CKA-seed0 "
                "--to students/et-ce-align\n  # then, anywhere: "
                "LlamaForCausalLM.from_pretrained('students/et-ce-align')",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=Formatter)
     export.add_argument("run_folder", metavar="RUN", help="a trained run's folder "
                         "(OUT/runs/n<items>/<arm>-seed<seed>, as cdist distill prints it)")
     export.add_argument("--to", required=True, metavar="DIR",
@@ -242,12 +246,11 @@ def _match(top: argparse.Namespace) -> dict:
     args, ctx = _prepared(top, "match")
     _, maps = _matched(ctx)
     out = Path(args.out)
-    for name, hmap in maps.maps.items():
+    for name, hmap in maps.maps.items():  # the stage has logged each map and its warnings
         plots.save_figure(plots.head_map_figure(hmap), out / "figures" / f"head-map-{name}")
-        flags = maps.diagnostics[name]["flags"]
-        print(f"{name}: {', '.join(map(str, hmap.pairs))}"
-              + (f" ({len(flags)} warnings in diagnostics.json)" if flags else ""))
-    print(f"written to {out}/head_maps")
+        plots.save_figure(plots.head_map_links_figure(hmap),
+                          out / "figures" / f"head-map-links-{name}")
+    print(f"written to {out}/head_maps, figures in {out}/figures")
     return maps.maps
 
 
@@ -326,9 +329,14 @@ def _accuracy_line(name: str, rec: dict) -> str:
 def _report(top: argparse.Namespace) -> Path:
     from cdist.report_page import write_run_page
 
+    if top.run_dir and top.out_dir and Path(top.run_dir) != Path(top.out_dir):
+        raise flags.UsageError(f"two run folders, {top.run_dir} and --out {top.out_dir}; give one")
+    run_dir = top.run_dir or top.out_dir
+    if run_dir is None:
+        raise flags.UsageError("give the run folder: cdist report --out RUN_DIR")
     if top.page is not None:
         run_folder.check_writable(top.page, file=True)
-    path = write_run_page(top.run_dir, top.page)
+    path = write_run_page(run_dir, top.page)
     print(path)
     return path
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,12 +20,13 @@ from cdist import run_folder
 from cdist.cli import steps
 from cdist.cli.common import set_threads
 from cdist.cli.flags import UsageError, add_shared
+from cdist.cli.parser import Formatter
 
 __all__ = ["add_parsers"]
 
 
 def add_parsers(sub) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = Formatter
     zoo = sub.add_parser("zoo", help="list, train or export the zoo's model organisms",
                          description=__doc__.split("\n\n")[0], formatter_class=raw,
                          epilog="examples:\n" + "\n".join(

@@ -180,5 +180,8 @@ def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
                     "theirs among its teacher heads)")
         for flag in kept[name]["diagnostics"]["flags"]:
             ctx.log(f"  warning: {flag}")
-        ctx.log(f"  read at pos_last instead, {len(kept[name]['at_last']['flags'])} flags")
+        at_last = len(kept[name]["at_last"]["flags"])
+        ctx.log(f"  (the same pairs read at the last token, not where each teacher head works, "
+                f"would raise {at_last} warning{'s' * (at_last != 1)}: diagnostics.json, "
+                f'"{name} at pos_last")')
     return HeadMaps(maps, diagnostics)
