@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
@@ -127,7 +128,8 @@ def head_heatmap(
             for layer in range(n_layers)]
     if diverging:
         colour, largest = signed_colour(z)
-        tickvals, ticktext = _signed_ticks(largest)
+        # every score 0 (no effect anywhere): one tick, not a +-1 scale that nothing reaches
+        tickvals, ticktext = _signed_ticks(largest) if np.abs(z).max() > 0 else ([0.0], ["0"])
         scale = {"colorscale": "RdBu", "zmid": 0, "zmin": -1, "zmax": 1}
     else:
         colour = z
@@ -185,12 +187,21 @@ def _map_title(head_map, title: str | None, what: str) -> str:
     return title or f"head correspondence ({what}), {head_map.method} matcher: {name}"
 
 
+def _label_colour(scale: str, at: float) -> str:
+    """Black or white, whichever reads on the colour ``scale`` has at ``at`` (0..1): black on the
+    light end of Viridis (its yellow), white on the dark."""
+    red, green, blue = plotly.colors.unlabel_rgb(
+        plotly.colors.sample_colorscale(scale, [min(max(at, 0.0), 1.0)])[0])
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
+
+
 def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
     """The head-correspondence map of a ``cdist.matching.HeadMap``: student heads (rows) x teacher
     heads (columns), colour = the matcher's distance or similarity (linear; the colour bar's ticks
     from ``colour_ticks``), chosen pairs marked with a black box and labelled with the position
-    column they are read at (student / teacher where the two differ). The title is wrapped to the
-    figure's width. ``head_map_links_figure`` draws the same map as links."""
+    column they are read at (student / teacher where the two differ), in black or white, whichever
+    reads on the pair's colour. The title is wrapped to the figure's width.
+    ``head_map_links_figure`` draws the same map as links."""
     z = head_map.matrix.detach().float().cpu().numpy()
     students = [str(h) for h in head_map.student_heads]
     teachers = [str(h) for h in head_map.teacher_heads]
@@ -209,8 +220,9 @@ def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
         where = pair.teacher_position.removeprefix("pos_")
         if pair.student_position != pair.teacher_position:
             where = pair.student_position.removeprefix("pos_") + " / " + where
+        at = (z[r, c] - z.min()) / (z.max() - z.min()) if z.max() > z.min() else 0.5
         fig.add_annotation(x=c, y=r, text=where, showarrow=False,
-                           font={"size": 10, "color": "white"})
+                           font={"size": 10, "color": _label_colour(scale, float(at))})
     width = max(560, 260 + 46 * len(teachers))
     title_text, top = wrap_title(_map_title(head_map, title, "matrix"), width)
     fig.update_layout(
@@ -245,7 +257,8 @@ def head_map_links_figure(head_map, *, title: str | None = None) -> go.Figure:
     """A ``cdist.matching.HeadMap`` drawn as links: student heads in a column on the left, teacher
     heads on the right (both in the map's order), one line per chosen pair, wider and darker the
     closer the pair (``_closeness``: similarity, or distance reversed, scaled over the map). Each
-    teacher head's marker grows with its in-degree (how many student heads learn from it) and is
+    teacher head's marker grows with its in-degree (how many student heads learn from it; its area
+    about in proportion, so that one head taking every student still fits the figure) and is
     labelled "xk" for k > 1, so a crowded teacher head shows at a glance; heads in no pair are
     grey. Drawn to PNG by ``save_figure`` / ``cdist.static_png.write_png``, like every figure here.
     """
@@ -270,7 +283,9 @@ def head_map_links_figure(head_map, *, title: str | None = None) -> go.Figure:
         x=[1] * len(teachers), y=yt, mode="markers+text", textposition="middle right",
         text=[f"{h} x{degree[h]}" if degree[h] > 1 else str(h) for h in teachers],
         showlegend=False, hoverinfo="text",
-        marker={"size": [10 + 6 * degree[h] for h in teachers],
+        # the marker's area grows with the in-degree: 10 px alone, 18 px for one student head,
+        # about 50 for 24 (a linear size would be 154 px there, larger than the figure's margin)
+        marker={"size": [10 + 8 * degree[h] ** 0.5 for h in teachers],
                 "color": ["#d62728" if degree[h] else "#bbbbbb" for h in teachers]}))
     for x, name in ((0, "student heads"), (1, "teacher heads")):
         fig.add_annotation(x=x, y=1.1, text=name, showarrow=False, font={"size": 13})

@@ -5,7 +5,9 @@ HTML, PNG.
 first, then the selection, the alignment diagnostics and one table per training regime),
 ``{stem}.csv`` (regime x arm x metric, mean and sd over seeds), ``{stem}.json`` (the whole summary),
 ``{stem}-val-ce.html/.png`` (CE on the fixed validation items over steps, the paper's Fig. 5),
-``{stem}-val-accuracy.html/.png`` and ``{stem}-head-map.html/.png``.
+``{stem}-val-accuracy.html/.png``, and the chosen head map as a matrix and as links,
+``{stem}-head-map.html/.png`` and ``{stem}-head-map-links.html/.png``. ``write_figures`` draws the
+figures alone, from a summary already written (``cdist table --draw-only``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cdist.checkpoints import atomic_write_json, atomic_write_text
 from cdist.matching import HeadMap
 from cdist.pipeline.comparisons import compare_arms
 
-__all__ = ["markdown_table", "with_comparisons", "write_report"]
+__all__ = ["markdown_table", "with_comparisons", "write_figures", "write_report"]
 
 METRICS = (("full_accuracy", "full"), ("circuit_accuracy", "circuit"),
            ("random_accuracy", "random circuit"), ("faithfulness", "faithfulness"))
@@ -205,9 +207,12 @@ def _regime_lines(summary: dict, regime: str, rows: dict) -> list[str]:
     return lines
 
 
+CURVE_AXES = {"val_ce_curve": "validation CE", "val_accuracy_curve": "validation accuracy"}
+
+
 def curve_figure(summary: dict, key: str, title: str) -> go.Figure:
-    """``key`` ("val_ce_curve" or "val_accuracy_curve") over steps, seed means, one panel per
-    regime."""
+    """``key`` ("val_ce_curve" or "val_accuracy_curve", the y axis's title in ``CURVE_AXES``) over
+    steps, seed means, one panel per regime."""
     regimes = list(summary["rows"])
     titles = [f"{r[1:]} training items" for r in regimes]
     fig = make_subplots(rows=1, cols=len(regimes), subplot_titles=titles)
@@ -220,6 +225,7 @@ def curve_figure(summary: dict, key: str, title: str) -> go.Figure:
                                    showlegend=col == 1)
                 fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(title_text="step", row=1, col=col)
+        fig.update_yaxes(title_text=CURVE_AXES[key], row=1, col=col)
     fig.update_layout(title=title, template="plotly_white", width=460 * len(regimes) + 200,
                       height=420)
     return fig
@@ -227,7 +233,8 @@ def curve_figure(summary: dict, key: str, title: str) -> go.Figure:
 
 def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str = "",
                  commit: str = "") -> list[Path]:
-    """Write the markdown and CSV tables, the JSON summary and the figures; returns the paths."""
+    """Write the markdown and CSV tables, the JSON summary and the figures (``write_figures``);
+    returns the paths."""
     out = Path(out_dir)
     atomic_write_text(markdown_table(summary, command=command, commit=commit), out / f"{stem}.md")
     atomic_write_json({**summary, "command": command, "commit": commit}, out / f"{stem}.json")
@@ -243,16 +250,25 @@ def write_report(summary: dict, out_dir: str | Path, stem: str, *, command: str 
             writer.writerow([regime[1:], arm] + [_num(s[p]) for s in stats_ for p in ("mean", "sd")]
                             + [row["full_accuracy"]["n"]])
     atomic_write_text(table.getvalue(), out / f"{stem}.csv")
-    written = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv"]
-    val_ce = curve_figure(summary, "val_ce_curve",
-                          "CE on the fixed validation items (teacher's labels), mean over seeds")
-    written += plots.save_figure(val_ce, out / f"{stem}-val-ce")
-    val_accuracy = curve_figure(summary, "val_accuracy_curve",
-                                "validation accuracy, mean over seeds")
-    written += plots.save_figure(val_accuracy, out / f"{stem}-val-accuracy")
-    written += plots.save_figure(plots.head_map_figure(HeadMap.from_dict(summary["head_map"])),
-                                 out / f"{stem}-head-map")
-    return written
+    return [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.csv",
+            *write_figures(summary, out, stem)]
+
+
+def write_figures(summary: dict, out_dir: str | Path, stem: str) -> list[Path]:
+    """The report's figures (module doc), HTML and PNG, from ``summary`` alone: the validation CE
+    and accuracy curves, and the chosen head map as a matrix and as links; returns the paths."""
+    out = Path(out_dir)
+    head_map = HeadMap.from_dict(summary["head_map"])
+    figures = {
+        "val-ce": curve_figure(summary, "val_ce_curve", "CE on the fixed validation items "
+                               "(teacher's labels), mean over seeds"),
+        "val-accuracy": curve_figure(summary, "val_accuracy_curve",
+                                     "validation accuracy, mean over seeds"),
+        "head-map": plots.head_map_figure(head_map),
+        "head-map-links": plots.head_map_links_figure(head_map),
+    }
+    return [path for name, fig in figures.items()
+            for path in plots.save_figure(fig, out / f"{stem}-{name}")]
 
 
 def _num(x) -> str:

@@ -252,25 +252,32 @@ def _finish_axes(canvas: _Canvas) -> None:
 
 
 def _legend_and_title(canvas: _Canvas, renderer) -> None:
-    """One legend (each named line once, whichever panel it is in) and the figure's title,
-    wrapped to the figure's width."""
+    """The figure's title, wrapped to the figure's width, and under it, at the right, one legend
+    (each named line once, whichever panel it is in) in as many columns as the width holds: a
+    legend beside the title would be drawn over it."""
+    figure = canvas.figure
+    width, height = figure.bbox.width, figure.bbox.height
+    top = 1 - _PAD / height  # figure fraction: where the next thing down may start
+    title = _strip(canvas.layout.title.text) if canvas.layout.title else ""
+    if title:
+        text = figure.suptitle(title, fontsize=10, y=top, va="top")
+        lines = title.split("\n")
+        for chars in range(max(map(len, lines)), 8, -2):
+            text.set_text("\n".join(textwrap.fill(line, chars) for line in lines))
+            if text.get_window_extent(renderer).width <= width - 2 * _PAD:
+                break
+        top = (text.get_window_extent(renderer).y0 - _PAD) / height
     entries: dict[str, object] = {}  # label -> its first line, one entry per name in any panel
     for ax in canvas.axes.values():
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
-    if entries:
-        canvas.figure.legend(list(entries.values()), list(entries), loc="upper right",
-                             fontsize=7, frameon=False)
-    title = _strip(canvas.layout.title.text) if canvas.layout.title else ""
-    if not title:
-        return
-    pad = _PAD / canvas.figure.bbox.height
-    text = canvas.figure.suptitle(title, fontsize=10, y=1 - pad, va="top")
-    lines = title.split("\n")
-    for width in range(max(map(len, lines)), 8, -2):
-        text.set_text("\n".join(textwrap.fill(line, width) for line in lines))
-        if text.get_window_extent(renderer).width <= canvas.figure.bbox.width - 2 * _PAD:
+    for columns in range(len(entries), 0, -1):
+        legend = figure.legend(list(entries.values()), list(entries), loc="upper right",
+                               bbox_to_anchor=(1 - _PAD / width, top), ncols=columns,
+                               fontsize=7, frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= width - 2 * _PAD:
             break
+        legend.remove()
 
 
 def _fit(canvas: _Canvas, renderer) -> None:
@@ -286,7 +293,7 @@ def _fit(canvas: _Canvas, renderer) -> None:
         if not boxes:
             return
         drawn = Bbox.union(boxes)
-        top = height - _PAD  # below the title and the legend, both in the figure's top corner
+        top = height - _PAD  # below the title and the legend under it
         for above in (figure._suptitle, *figure.legends):
             if above is not None:
                 top = min(top, above.get_window_extent(renderer).y0 - _PAD)

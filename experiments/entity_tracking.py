@@ -8,6 +8,8 @@ it uses.
     python experiments/entity_tracking.py  # the zoo, 3 seeds, all rows
     python experiments/entity_tracking.py --teacher /ckpt/Llama-3.1-8B \
         --student /ckpt/Llama-3.2-1B --lrs 2e-5 --device cuda
+    python experiments/entity_tracking.py --draw-only  # only the figures, again, from
+        # results/entity_tracking/results.json (--out R --figures F: another table's)
 """
 
 import sys

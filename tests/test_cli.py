@@ -271,3 +271,21 @@ def test_help_shows_each_default():
                   "seed of every item set (default: 0)", "(default: runs/<task>, out of git)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_table_draw_only_redraws_the_figures_from_results_json_alone(tmp_path, capsys):
+    """``cdist table --draw-only``: the committed Table 2's figures again from its results.json,
+    named by the task that made it (not the default task), and nothing else written anywhere."""
+    results = Path(__file__).resolve().parents[1] / "results" / "theory_of_mind" / "results.json"
+    out, figures = tmp_path / "run", tmp_path / "figures"
+    out.mkdir()
+    (out / "results.json").write_bytes(results.read_bytes())
+    assert cli.main(["table", "--out", str(out), "--figures", str(figures), "--draw-only"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    names = {p.name for p in figures.iterdir()}
+    for view in ("val-ce", "val-accuracy", "head-map", "head-map-links"):
+        assert {f"table2-theory-of-mind-{view}.html", f"table2-theory-of-mind-{view}.png"} <= names
+    assert "plotly.min.js" in names and not any(n.endswith((".md", ".csv", ".json")) for n in names)
+    assert "8 figure files" in capsys.readouterr().out
+    assert cli.main(["table", "--out", str(tmp_path / "none"), "--draw-only"]) == 2
+    assert "results.json is missing" in capsys.readouterr().err

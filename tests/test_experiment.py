@@ -102,7 +102,7 @@ def test_experiment_runs_on_checkpoint_directories(tok, tmp_path):
     assert saved["commit"] and saved["command"].endswith(str(figures))
     csv_text = (figures / "table1-entity-tracking.csv").read_text()
     assert csv_text.startswith("train_items,arm,full_accuracy_mean")
-    for name in ("val-ce", "val-accuracy", "head-map"):
+    for name in ("val-ce", "val-accuracy", "head-map", "head-map-links"):
         assert (figures / f"table1-entity-tracking-{name}.html").exists()
     # a second call reuses every finished run and gives the same table
     again = run_table("entity_tracking", argv)

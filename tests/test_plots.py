@@ -197,3 +197,72 @@ def test_empty_groups_are_not_printed(tmp_path):
     write_record(circuit, tmp_path / "circuit-teacher.json")
     text = "".join(_circuits(tmp_path))
     assert "value_fetcher: a1.h2" in text and "position_detector" not in text
+
+
+def test_a_teacher_head_every_student_learns_from_keeps_its_marker_inside_the_figure():
+    """SmolLM2's map: 24 student heads, all on one teacher head. Its marker stays larger than a
+    less crowded head's, and lies inside the image (a size linear in the in-degree did not)."""
+    students = [Head(layer, h) for layer in range(8) for h in range(3)]
+    teachers = [Head(layer, 1) for layer in range(8)]
+    pairs = tuple(HeadPair(s, teachers[-1]) for s in students[:-2])
+    pairs += (HeadPair(students[-2], teachers[0]), HeadPair(students[-1], teachers[0]))
+    matrix = torch.rand(len(students), len(teachers), generator=torch.Generator().manual_seed(0))
+    hm = HeadMap(pairs, tuple(students), tuple(teachers), matrix, "distance", "ablation", *LONG)
+    fig = plots.head_map_links_figure(hm)
+    sizes = list(fig.data[-1].marker.size)
+    assert sizes[-1] > sizes[0] > sizes[1]  # in-degree 22, 2, 0
+    figure = static_png.draw(fig)
+    try:
+        figure.canvas.draw()
+        (ax,) = figure.axes
+        teachers_drawn = ax.collections[-1]
+        centres = ax.transData.transform(teachers_drawn.get_offsets())
+        radii = np.sqrt(teachers_drawn.get_sizes()) / 2 * figure.dpi / 72  # points^2 -> pixels
+        box = figure.bbox
+        assert (centres[:, 1] - radii >= box.y0).all() and (centres[:, 1] + radii <= box.y1).all()
+        assert (centres[:, 0] + radii <= box.x1).all()
+    finally:
+        plt.close(figure)
+
+
+def test_curves_have_both_axis_titles_and_the_legend_under_the_title():
+    """The table's curve figure (``cdist.report.curve_figure``, one panel, long arm names): the
+    PNG's legend is not drawn over its title, and each panel says what its y axis is."""
+    from cdist.report import CURVE_ARMS, curve_figure
+
+    curve = [(0, 1.7), (40, 0.4), (80, 0.2)]
+    summary = {"rows": {"n128": {arm: {"val_ce_curve": curve} for arm in CURVE_ARMS}}}
+    fig = curve_figure(summary, "val_ce_curve", "CE on the fixed validation items (teacher's "
+                                                "labels), mean over seeds")
+    outside, drawn = texts_outside(fig)
+    assert outside == [] and "validation CE" in drawn and "step" in drawn
+    figure = static_png.draw(fig)
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        title = figure._suptitle.get_window_extent(renderer)
+        (legend,) = figure.legends
+        assert not title.overlaps(legend.get_window_extent(renderer))
+        assert len(legend.get_texts()) == len(CURVE_ARMS)
+    finally:
+        plt.close(figure)
+
+
+@pytest.mark.parametrize("kind", ["distance", "similarity"])
+def test_pair_labels_read_on_their_cells(kind):
+    """A pair's position label is black on Viridis' light yellow end and white on its dark end
+    (white on yellow could not be read)."""
+    students, teachers = (Head(0, 0), Head(0, 1)), (Head(1, 0), Head(1, 1))
+    matrix = torch.tensor([[0.0, 0.5], [0.5, 1.0]])
+    pairs = (HeadPair(students[0], teachers[0]), HeadPair(students[1], teachers[1]))
+    fig = plots.head_map_figure(HeadMap(pairs, students, teachers, matrix, kind, "cka", *LONG))
+    colours = [note.font.color for note in fig.layout.annotations]
+    light = 0 if kind == "distance" else 1  # Viridis_r: the smallest distance is yellow
+    assert colours[light] == "black" and colours[1 - light] == "white"
+
+
+def test_a_heatmap_of_zeros_has_no_scale_it_does_not_reach():
+    heat = plots.head_heatmap(torch.zeros(2, 8), title="t", colorbar="c").data[0]
+    assert list(heat.colorbar.ticktext) == ["0"] and np.all(np.asarray(heat.z) == 0)
+    ticks = plots.head_heatmap(torch.tensor([[0.0, -0.5]]), title="t", colorbar="c").data[0]
+    assert list(ticks.colorbar.ticktext) == ["-0.5", "-0.05", "0", "0.05", "0.5"]

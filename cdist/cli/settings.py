@@ -30,8 +30,8 @@ __all__ = ["RUN_CONFIG", "RunSettings", "announce", "keep_settings", "parse", "r
 RUN_CONFIG = "config.yaml"
 # Settings of the machine, of one invocation or of one training run, which a run folder does not
 # hand on to its next step (a second `cdist distill` there is another run, not the same again).
-_NOT_KEPT = {"command", "config", "out", "device", "threads", "figures", "roles", "arm", "matcher",
-             "lr", "lam", "seed", "train_items"}
+_NOT_KEPT = {"command", "config", "out", "device", "threads", "figures", "draw_only", "roles",
+             "arm", "matcher", "lr", "lam", "seed", "train_items"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class RunSettings:
     lambdas: tuple[float, ...] | None = None
     margin: float | None = None
     figures: str | None = None
+    draw_only: bool | None = None
 
     def model(self, role: str) -> str | None:
         return self.teacher if role == "teacher" else self.student

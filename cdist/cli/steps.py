@@ -16,7 +16,8 @@ What each leaves in the run folder (beside ``config.yaml`` and ``commands.log``)
   ``eval.json``).
 - ``evaluate``: ``evaluation.json`` (each model's test and OOD accuracy, its circuit's and random
   circuits'; every trained run's from its ``eval.json``).
-- ``table``: ``results.json``, ``per_item.json``, and the report under ``--figures``.
+- ``table``: ``results.json``, ``per_item.json``, and the report under ``--figures``; with
+  ``--draw-only``, only the report's figures again, from the folder's ``results.json``.
 
 ``export`` reads a trained run's folder and writes its student elsewhere, as a transformers
 checkpoint (``cdist.distill.export``).
@@ -45,7 +46,8 @@ _EXAMPLES = {
                "--lam 1.0 --seed 0 --steps 300",
     "evaluate": "cdist evaluate --out runs/et",
     "table": "cdist table --task entity_tracking --seeds 0 1 2 --out runs/et\n"
-             "cdist table --teacher ckpt/teacher --student ckpt/student --device cuda --lrs 2e-5",
+             "cdist table --teacher ckpt/teacher --student ckpt/student --device cuda --lrs 2e-5\n"
+             "cdist table --out runs/et --draw-only   # its figures again, from results.json",
 }
 
 
@@ -92,6 +94,9 @@ def _configure(p: argparse.ArgumentParser, name: str) -> None:
     if name == "table":
         p.add_argument("--figures", default=None,
                        help="where the tables and figures go (default: OUT/figures)")
+        p.add_argument("--draw-only", action="store_true",
+                       help="only redraw the table's figures into --figures from OUT/results.json "
+                            "(nothing is run, recomputed or rewritten in OUT)")
     p.set_defaults(run=_HANDLERS[name], parser=p)
 
 
@@ -368,6 +373,9 @@ def _export(top: argparse.Namespace) -> Path:
 
 
 def _table(top: argparse.Namespace) -> dict:
+    drawing = settings.parse(top.parser, top.argv, "table")
+    if drawing.draw_only:
+        return _redraw_table(drawing)
     from cdist import pipeline, report
     from cdist.provenance import git_commit
 
@@ -384,6 +392,23 @@ def _table(top: argparse.Namespace) -> dict:
     return summary
 
 
+def _redraw_table(args: RunSettings) -> dict:
+    """``cdist table --draw-only``: the figures of the table in ``--out`` drawn again from its
+    ``results.json``, named by the task that made it; the tables and the run folder are left as
+    they are."""
+    from cdist import report
+    from cdist.checkpoints import read_json
+
+    results = Path(args.out) / "results.json"
+    if not results.is_file():
+        raise flags.UsageError(f"no table in {args.out} ({results} is missing); run cdist table "
+                               f"--out {args.out} first")
+    summary = read_json(results, "restore it from git or run the table again")
+    figures = run_folder.check_writable(_figures(args))
+    stem = tasks.get_task(summary["config"]["task"]).table_stem
+    written = report.write_figures(summary, figures, stem)
+    print(f"{len(written)} figure files in {figures}")
+    return summary
 
 
 _HANDLERS = {"discover": _discover, "match": _match, "distill": _distill, "evaluate": _evaluate,
