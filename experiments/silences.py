@@ -15,11 +15,14 @@ status is the command's own if it failed, else 1 when a silence exceeded the lim
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import pty
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -38,6 +41,8 @@ def _chunks(command: list[str], terminal: bool):
     """The command's output as (time, bytes) chunks as they arrive, then its exit status."""
     if terminal:
         leader, follower = pty.openpty()
+        # a terminal's size, 120 x 40: a pseudo-terminal starts at 0 x 0, where tqdm draws nothing
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower,
                                 stderr=follower, close_fds=True)
         os.close(follower)

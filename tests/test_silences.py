@@ -41,3 +41,11 @@ def test_the_command_line_reports_silences_over_the_limit(tmp_path, monkeypatch,
     assert json.loads(out.read_text())["over_limit"] == 1
     monkeypatch.setattr(sys, "argv", ["silences.py", "--", sys.executable, "-c", "exit(3)"])
     assert silences.main() == 3
+
+
+def test_a_terminal_has_a_size_so_tqdm_draws_its_bar():
+    code = ("from tqdm import tqdm\n"
+            "for _ in tqdm(range(3), desc='scan', mininterval=0): pass\n")
+    report = silences.silences([sys.executable, "-c", code], terminal=True)
+    assert any(e["line"].startswith("scan: 100%") and "3/3" in e["line"]
+               for e in report["longest"]), report
