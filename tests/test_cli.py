@@ -84,7 +84,11 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     capsys.readouterr()
     maps = cli.run(["match", "--matchers", "ablation", "--out", str(out)])
     # the step says which settings it took from the folder, as the flags that would set them
-    said = [line for line in capsys.readouterr().err.splitlines() if "settings kept" in line]
+    err = capsys.readouterr().err.splitlines()
+    # making a map shows progress: made, diagnosed, diagnosed at the last token
+    assert "head maps: 3 parts" in err
+    assert any(line.startswith("head maps: done, 3/3 parts") for line in err), err
+    said = [line for line in err if "settings kept" in line]
     assert len(said) == 1 and said[0].startswith(f"cdist match: settings kept in {out}/config.yaml")
     assert "--val-items 24" in said[0] and "--min-effect 0.0 " in said[0]
     assert f"--teacher {dirs['teacher']}" in said[0] and "--matchers" not in said[0].split(";")[0]

@@ -34,6 +34,7 @@ from cdist.models import check_heads
 from cdist.pipeline.circuits import Circuits, ablation_scan
 from cdist.pipeline.context import Context
 from cdist.pipeline.positions import Placement
+from cdist.progress import bar as progress_bar
 from cdist.records import write_record
 from cdist.store import items_fingerprint
 
@@ -121,15 +122,17 @@ def _kept(ctx: Context, name: str, identity) -> dict:
     return kept
 
 
-def _diagnosed(ctx: Context, hmap: HeadMap) -> dict:
+def _diagnosed(ctx: Context, hmap: HeadMap, bar) -> dict:
     student, teacher, val = ctx.model("student"), ctx.model("teacher"), ctx.items.val
     diagnostics = alignment.diagnose(student, teacher, hmap, val, warn=False)
+    bar.update()
     origin = ctx.layer_origin()
     if origin is not None:
         diagnostics["homolog_recovery"] = homologs.recovery(hmap, origin)
     # the same pairs all read at the last token, as reading without positions would
-    return {"map": hmap.to_dict(), "diagnostics": diagnostics,
-            "at_last": alignment.diagnose(student, teacher, hmap.at("pos_last"), val, warn=False)}
+    at_last = alignment.diagnose(student, teacher, hmap.at("pos_last"), val, warn=False)
+    bar.update()
+    return {"map": hmap.to_dict(), "diagnostics": diagnostics, "at_last": at_last}
 
 
 def _write_views(ctx: Context, kept: dict) -> None:
@@ -160,12 +163,18 @@ def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
                 [ctx.names["teacher"], ctx.names["student"]]]
     cache = "cache/head-maps.json"
     kept = _kept(ctx, cache, identity)
-    for name in names:
-        if name not in kept:
-            matcher = arms.matcher(name)
-            made = METHODS[matcher.method](ctx, circuits, placement, matcher)
-            kept[name] = _diagnosed(ctx, made)
-            ctx.store.save(cache, identity, kept)
+    missing = [name for name in names if name not in kept]
+    # three parts a map: made, diagnosed where its pairs are read, diagnosed at the last token
+    bar = progress_bar(3 * len(missing), "head maps", enabled=ctx.progress and bool(missing),
+                       unit="part")
+    for name in missing:
+        matcher = arms.matcher(name)
+        bar.set_postfix(map=name)
+        made = METHODS[matcher.method](ctx, circuits, placement, matcher)
+        bar.update()
+        kept[name] = _diagnosed(ctx, made, bar)
+        ctx.store.save(cache, identity, kept)
+    bar.close()
     _write_views(ctx, kept)
     maps, diagnostics = {}, {}
     for name in names:
