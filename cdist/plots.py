@@ -8,8 +8,10 @@ by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium
 
 Colour: a signed per-head score is drawn on a symmetric-log scale (``signed_colour``) so that a
 circuit's moderate heads stay visible beside one huge effect, and values below ``NEUTRAL_FLOOR`` of
-the largest are drawn white (noise, not effects). Colour bars carry explicit ticks whose labels are
-given as many significant digits as it takes to tell them apart (``colour_ticks``).
+the largest are drawn white (noise, not effects), except a circuit's own heads, which are always
+coloured; the groups of one search share a scale (``shared_scale``), so a group of noise is white.
+Colour bars carry explicit ticks whose labels are given as many significant digits as it takes to
+tell them apart (``colour_ticks``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from torch import Tensor
 from cdist.types import Head, Scan
 
 __all__ = ["NEUTRAL_FLOOR", "colour_ticks", "head_heatmap", "head_map_figure",
-           "head_map_links_figure", "heatmap_size", "save_figure", "scan_figure", "signed_colour",
-           "wrap_title"]
+           "head_map_links_figure", "heatmap_size", "save_figure", "scan_figure", "shared_scale",
+           "signed_colour", "wrap_title"]
 
 NEUTRAL_FLOOR = 0.01
 """Scores smaller in size than this share of the largest are drawn neutral (white)."""
@@ -50,29 +52,41 @@ def colour_ticks(lo: float, hi: float, n: int = 5) -> tuple[list[float], list[st
     return values.tolist(), labels
 
 
-def signed_colour(z: np.ndarray, floor: float = NEUTRAL_FLOOR) -> tuple[np.ndarray, float]:
+def signed_colour(z: np.ndarray, floor: float = NEUTRAL_FLOOR, *, largest: float | None = None,
+                  keep: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """Signed scores mapped to colour positions in [-1, 1] on a symmetric-log scale.
 
-    With ``m`` the largest ``|z|`` and ``c = floor * m``: ``|z| < c`` maps to 0 (neutral: noise such
-    as +-1e-6 is not drawn as an effect); otherwise ``sign(z) * log(1 + |z|/c) / log(1 + m/c)``, so
-    ``m`` is the scale's end, ``m/10`` about halfway and ``c`` about 0.15. A head a tenth the size
-    of the largest effect is thus clearly coloured instead of nearly white, as on a linear scale.
+    With ``m`` the largest ``|z|`` (or ``largest``, a scale shared by several figures, beyond which
+    colours saturate) and ``c = floor * m``: ``|z| < c`` maps to 0 (neutral: noise such as +-1e-6
+    is not drawn as an effect); otherwise ``sign(z) * log(1 + |z|/c) / log(1 + m/c)``, so ``m`` is
+    the scale's end, ``m/10`` about halfway and ``c`` about 0.15. A head a tenth the size of the
+    largest effect is thus clearly coloured instead of nearly white, as on a linear scale. Where
+    ``keep`` (a mask: a circuit's heads) holds a nonzero score below ``c``, ``c`` comes down to half
+    the smallest such score (not below ``floor**2 * m``), so that a circuit head is never drawn as
+    noise.
 
     Returns:
-        The colour positions (``z``'s shape) and ``m`` (1 where every score is 0).
+        The colour positions (``z``'s shape), ``m`` (1 where every score is 0) and ``c``.
     """
-    m = float(np.nanmax(np.abs(z))) if z.size else 0.0
+    m = largest if largest is not None else (float(np.nanmax(np.abs(z))) if z.size else 0.0)
     m = m if m > 0 and np.isfinite(m) else 1.0
     c = floor * m
-    out = np.sign(z) * np.log1p(np.abs(z) / c) / np.log1p(m / c)
+    if keep is not None:
+        kept = np.abs(z[keep & (z != 0) & np.isfinite(z)])
+        if kept.size and kept.min() < c:
+            c = max(float(kept.min()) / 2, floor ** 2 * m)
+    out = np.clip(np.sign(z) * np.log1p(np.abs(z) / c) / np.log1p(m / c), -1.0, 1.0)
     out[np.abs(z) < c] = 0.0
-    return out, m
+    return out, m, c
 
 
-def _signed_ticks(m: float, floor: float = NEUTRAL_FLOOR) -> tuple[list[float], list[str]]:
-    """Colour-bar ticks for ``signed_colour``: 0, +-m/10 and +-m at their colour positions."""
+def _signed_ticks(m: float, c: float) -> tuple[list[float], list[str]]:
+    """Colour-bar ticks for ``signed_colour``: 0, +-m/10 and +-m at their colour positions, and
+    +-c where ``c`` (the neutral floor) sits well below m/10."""
     raw = [-m, -m / 10, 0.0, m / 10, m]
-    pos = [float(np.sign(v) * np.log1p(abs(v) / (floor * m)) / np.log1p(1 / floor)) for v in raw]
+    if c < m / 100:
+        raw = sorted(raw + [-c, c])
+    pos = [float(np.sign(v) * np.log1p(abs(v) / c) / np.log1p(m / c)) for v in raw]
     return pos, [f"{v:.2g}" for v in raw]
 
 
@@ -104,6 +118,7 @@ def head_heatmap(
     colorbar: str,
     marked: Iterable[Head] = (),
     diverging: bool = True,
+    largest: float | None = None,
 ) -> go.Figure:
     """A layer (rows, layer 0 at the top) x head (columns) heatmap; ``marked`` heads get a black
     box. The axes show exactly the model's layers and heads (integer ticks, no padding rows).
@@ -121,15 +136,22 @@ def head_heatmap(
         colorbar: what the colour means, with its sign convention (the subtitle).
         marked: heads to outline (a circuit).
         diverging: signed scores, centred on 0; else a sequential scale.
+        largest: the diverging scale's end, shared by figures drawn side by side (the groups of
+            one search), so that a group of mere noise is drawn white; default this figure's own.
     """
     z = scores.detach().float().cpu().numpy()
     n_layers, n_heads = z.shape
+    marked = list(marked)
     text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)]
             for layer in range(n_layers)]
     if diverging:
-        colour, largest = signed_colour(z)
+        keep = np.zeros(z.shape, dtype=bool)
+        for h in marked:
+            keep[h.layer, h.head] = True
+        colour, end, floor = signed_colour(z, largest=largest, keep=keep)
         # every score 0 (no effect anywhere): one tick, not a +-1 scale that nothing reaches
-        tickvals, ticktext = _signed_ticks(largest) if np.abs(z).max() > 0 else ([0.0], ["0"])
+        tickvals, ticktext = (_signed_ticks(end, floor) if np.abs(z).max() > 0
+                              else ([0.0], ["0"]))
         scale = {"colorscale": "RdBu", "zmid": 0, "zmin": -1, "zmax": 1}
     else:
         colour = z
@@ -158,13 +180,22 @@ def head_heatmap(
 
 
 def scan_figure(scan: Scan, metric: str | None = None, *, marked: Iterable[Head] = (),
-                title: str | None = None) -> go.Figure:
+                title: str | None = None, largest: float | None = None) -> go.Figure:
     """A scan's layer x head heatmap (``head_heatmap``) of ``metric`` (default: the metric it ranks
-    heads by), ``marked`` heads outlined; titled by its method and the position it intervened at."""
+    heads by), ``marked`` heads outlined; titled by its method and the position it intervened at;
+    ``largest``: a colour scale shared with other scans (``shared_scale``)."""
     metric = metric or scan.metric
     where = "every position" if scan.position is None else scan.position
     return head_heatmap(scan[metric], title=title or f"{scan.method} at {where}", colorbar=metric,
-                        marked=marked)
+                        marked=marked, largest=largest)
+
+
+def shared_scale(scans: Iterable[Scan], metric: str | None = None) -> float | None:
+    """The largest ``|score|`` over ``scans`` (each by its own ranking metric, or ``metric``): one
+    colour scale for the groups of a search, so that each group is read against the largest
+    effect of the search, as its heads were chosen (``min_share``); None if there are none."""
+    sizes = [float(s[metric or s.metric].abs().nan_to_num().max()) for s in scans]
+    return max(sizes) if sizes and max(sizes) > 0 else None
 
 
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:

@@ -89,12 +89,14 @@ def _circuits(run: Path) -> list[str]:
             fig = plots.scan_figure(scan, marked=circuit.heads, title=f"{role}: {path.stem} "
                                     f"({scan.method}, {scan.n_items} items)")
             parts.append(_figure(fig, f"scan-{path.stem}"))
-        for path in sorted((run / f"search-{role}").glob("*.json")):
-            for name, data in _kept(run, path).items():
-                scan = Scan.from_dict(data)
-                fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()),
-                                        title=f"{role}: path patching, {name}")
-                parts.append(_figure(fig, f"search-{role}-{name}"))
+        searched = [(path, name, Scan.from_dict(data))
+                    for path in sorted((run / f"search-{role}").glob("*.json"))
+                    for name, data in _kept(run, path).items()]
+        largest = plots.shared_scale(scan for _, _, scan in searched)  # one scale per search
+        for path, name, scan in searched:
+            fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()),
+                                    title=f"{role}: path patching, {name}", largest=largest)
+            parts.append(_figure(fig, f"search-{role}-{name}"))
     return parts
 
 
@@ -144,7 +146,7 @@ def _results(run: Path) -> list[str]:
     if not rows:
         return []
     base = models.get("student", {}).get("full_accuracy")
-    sets = sorted({k for rec in rows.values() for k in _ood(rec)})
+    sets = list(dict.fromkeys(k for rec in rows.values() for k in _ood(rec)))  # as made
     head = ["", "full", "vs base student", "circuit", "random circuit", "faithfulness",
             *(f"OOD: {k}" for k in sets), "pair CKA: start → end"]
 

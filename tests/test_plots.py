@@ -14,7 +14,7 @@ import torch
 
 from cdist import plots, static_png
 from cdist.matching import HeadMap
-from cdist.types import Head, HeadPair
+from cdist.types import Head, HeadPair, Scan
 
 LONG = ("HuggingFaceTB/SmolLM2-135M-entity-tracking-student",
         "HuggingFaceTB/SmolLM2-360M-entity-tracking-teacher")
@@ -266,3 +266,33 @@ def test_a_heatmap_of_zeros_has_no_scale_it_does_not_reach():
     assert list(heat.colorbar.ticktext) == ["0"] and np.all(np.asarray(heat.z) == 0)
     ticks = plots.head_heatmap(torch.tensor([[0.0, -0.5]]), title="t", colorbar="c").data[0]
     assert list(ticks.colorbar.ticktext) == ["-0.5", "-0.05", "0", "0.05", "0.5"]
+
+
+def test_a_circuit_head_below_the_floor_is_still_coloured():
+    """et-teacher's mean-ablation scan: a0.h3 drops 0.99, circuit heads a1.h4 and a1.h7 about
+    0.005 (under 1% of it): outlined, they must not be drawn as noise; unmarked they are."""
+    z = torch.full((2, 8), 1e-6)
+    z[0, 3], z[1, 4], z[1, 7] = 0.99, 0.0046, 0.005
+    circuit = [Head(0, 3), Head(1, 4), Head(1, 7)]
+    marked = np.asarray(plots.head_heatmap(z, title="t", colorbar="c", marked=circuit).data[0].z)
+    plain = np.asarray(plots.head_heatmap(z, title="t", colorbar="c").data[0].z)
+    assert plain[1, 4] == plain[1, 7] == 0
+    assert marked[1, 4] > 0.05 and marked[1, 7] > marked[1, 4]
+    assert marked[0, 3] == pytest.approx(1.0)
+    assert marked[0, 0] == 0  # noise stays neutral
+    ticks = plots.head_heatmap(z, title="t", colorbar="c", marked=circuit).data[0].colorbar
+    assert "0.0023" in list(ticks.ticktext)  # the lowered floor is on the colour bar
+
+
+def test_a_search_shares_one_scale_so_a_group_of_noise_is_white():
+    def scan(values):
+        return Scan("path_patching", {"relative_change": torch.tensor(values)},
+                    "relative_change", higher_is_important=False, n_items=8)
+
+    real, noise = scan([[-0.6, 0.0], [-0.1, 0.0]]), scan([[1.9e-6, -1.2e-6], [0.0, 1e-7]])
+    largest = plots.shared_scale([real, noise])
+    assert largest == pytest.approx(0.6)
+    alone = np.asarray(plots.scan_figure(noise).data[0].z)
+    shared = np.asarray(plots.scan_figure(noise, largest=largest).data[0].z)
+    assert np.abs(alone).max() == pytest.approx(1.0) and (shared == 0).all()
+    assert plots.shared_scale([]) is None

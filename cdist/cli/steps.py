@@ -220,8 +220,12 @@ def _discover(top: argparse.Namespace) -> dict:
         found = getattr(circuits, role)
         record = _discovery_record(ctx, args, role, found, circuits)
         atomic_write_json(record, out / f"discovery-{role}.json")
+        # a search's groups on one colour scale
+        largest = plots.shared_scale(s for n, s in found.scans.items()
+                                     if n.startswith("path_patching_"))
         for name, scan in found.scans.items():
-            plots.save_figure(plots.scan_figure(scan, marked=found.circuit.heads),
+            shared = largest if name.startswith("path_patching_") else None
+            plots.save_figure(plots.scan_figure(scan, marked=found.circuit.heads, largest=shared),
                               out / "figures" / f"{role}-{name}")
         print(f"{role} ({record['model']}): {len(found.circuit)} heads "
               f"{' '.join(map(str, found.circuit.heads))}; test accuracy full "

@@ -189,18 +189,22 @@ def draw(results: str | Path, out: str | Path) -> list[Path]:
         name = saved["model"]
         circuits = {method: Circuit.from_dict(c) for method, c in saved["circuits"].items()}
         own = next(iter(circuits.values()))  # the task's own method comes first
+        # a search's groups share one colour scale (plots.shared_scale)
+        groups = [abs(v) for k, vs in saved["scores"].items() if k.startswith("path_patching_")
+                  for row in vs for v in row]
+        search_scale = max(groups) if groups and max(groups) > 0 else None
         for key, values in saved["scores"].items():
             if key.startswith("path_patching_"):
                 group, found = key.removeprefix("path_patching_"), circuits["path_patching"]
                 label = (f"relative change of p(answer), senders at {found.positions[group]} "
                          "(- = important)")
-                marked = found.groups[group]
+                marked, largest = found.groups[group], search_scale
                 title = f"{name}: path patching, {group.replace('_', ' ')}s"
             else:
-                label = _LABELS[key]
+                label, largest = _LABELS[key], None
                 circuit = circuits["mean_ablation"] if key.startswith("ablation_") else own
                 marked, title = circuit.heads, f"{name}: {key.replace('_', ' ')}"
             fig = plots.head_heatmap(torch.tensor(values), title=title, colorbar=label,
-                                     marked=marked)
+                                     marked=marked, largest=largest)
             written += plots.save_figure(fig, Path(out) / f"{name}-{key}")
     return written
