@@ -40,6 +40,29 @@ def test_mean_ablation_rule_grows_until_the_target_within_the_budget(tom_teacher
     assert record["discovery_faithfulness"] < math.inf
 
 
+def test_mean_ablation_growth_bisects_to_the_plain_loops_circuit(tom_teacher, tok):
+    """Doubling then bisection on the ranked list finds the circuit one evaluation per added head
+    finds (the plain twin, here), in a handful of evaluations."""
+    from cdist.discovery import faithfulness
+    from cdist.evaluate import accuracy
+
+    items, means = tom_items(tok, 40, 5), ablation.head_means(tom_teacher, tom_items(tok, 60, 6))
+    n_heads = tom_teacher.cfg.n_layers * tom_teacher.cfg.n_heads
+    found = None
+    for target in (0.8, 0.95):
+        rule = discovery.DiscoveryConfig(method="mean_ablation", budget=0.5, target=target)
+        found = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, rule)
+        ranked = found.scans["mean_ablation"].ranking().top(math.floor(0.5 * n_heads))
+        full = accuracy(tom_teacher, items)
+        plain = next(n for n in range(1, len(ranked) + 1)
+                     if faithfulness.circuit_accuracy(tom_teacher, ranked[:n], items, means)
+                     / full >= target)
+        assert set(found.circuit.heads) == set(ranked[:plain]), target
+        assert found.record["evaluations"] <= 2 * math.ceil(math.log2(len(ranked))) + 1
+        assert found.record["discovery_faithfulness"] >= target
+    assert plain > 1  # the second target needed growth, not the first head alone
+
+
 def test_a_model_that_gets_nothing_right_grows_to_the_budget(model, tok):
     """Faithfulness is undefined (NaN) when the full model scores 0, so the target is never met."""
     items = tom_items(tok, 16, 5)
