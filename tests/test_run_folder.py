@@ -89,7 +89,8 @@ def test_a_folder_made_for_other_inputs_is_refused_naming_what_differs(tmp_path)
     assert json.loads((tmp_path / "identity.json").read_text())["student"] == "b"
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     time.sleep(0.01)
-    with pytest.raises(RunFolderError, match=r"val_items: 24 there, 50 now.*another output") as e:
+    with pytest.raises(RunFolderError,
+                       match=r"val_items: 24 there, 50 now.*another folder \(--out\)") as e:
         run_folder.claim(tmp_path, {"teacher": "a", "student": "b", "val_items": 50})
     assert "\n" not in str(e.value)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
