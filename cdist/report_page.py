@@ -24,6 +24,7 @@ from cdist import plots
 from cdist.checkpoints import atomic_write_text, read_json
 from cdist.errors import FileFormatError, MissingFileError
 from cdist.matching import HeadMap
+from cdist.pipeline.runs import ood_accuracies
 from cdist.records import read_record
 from cdist.report import curve_figure, markdown_table, with_comparisons
 from cdist.store import Store
@@ -117,9 +118,7 @@ def _head_maps(run: Path) -> list[str]:
 def _ood(rec: dict) -> dict[str, float]:
     """A record's out-of-distribution accuracies: a model's (``ood_accuracy``) or, from its
     per-item bits, a trained run's."""
-    if "ood_accuracy" in rec:
-        return rec["ood_accuracy"]
-    return {k: bits.count("1") / len(bits) for k, bits in (rec.get("ood") or {}).items() if bits}
+    return rec["ood_accuracy"] if "ood_accuracy" in rec else ood_accuracies(rec.get("ood") or {})
 
 
 def _pair_cka(rec: dict) -> tuple[float, float] | None:

@@ -155,8 +155,8 @@ def _check_identity(folder: Path, identity: dict) -> None:
     differ = sorted(k for k in set(saved) | set(identity)
                     if None not in (saved.get(k), identity.get(k)) and saved[k] != identity[k])
     if differ:
-        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k in differ
-                         for k, a, b in _differences(k, saved.get(k), identity.get(k)))
+        what = "; ".join(f"{name}: {a!r} there, {b!r} now" for k in differ
+                         for name, a, b in _differences(k, saved.get(k), identity.get(k)))
         raise RunFolderError(f"{folder} holds results made with other settings ({what}); "
                              "keep the folder's settings (leave those flags out), or write to "
                              "another folder (--out)")

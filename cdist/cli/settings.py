@@ -156,32 +156,34 @@ def read_settings(path: Path) -> dict:
     return data
 
 
+def _flags(parser: Parser, key: str, value, where: str) -> list[str]:
+    """One setting as the flags that would set it (none for None)."""
+    action = parser.flags.get(key)
+    if action is None:
+        raise UsageError(f"{where}: unknown setting {key!r} for this command; known: "
+                         f"{', '.join(sorted(parser.flags))}")
+    if value is None:
+        return []
+    option = action.option_strings[0]
+    both_ways = isinstance(action, argparse.BooleanOptionalAction)
+    store_true = not both_ways and action.nargs == 0 and action.const is True
+    if action.nargs == 0 and not (both_ways or store_true):
+        raise UsageError(f"{where}: {key} cannot be set from a file; give --{key} on the "
+                         "command line")
+    if (both_ways or store_true) and not isinstance(value, bool):  # YAML's "false" is text
+        raise UsageError(f"{where}: {key} = {value!r}; write true or false")
+    if both_ways:
+        return [option if value else "--no-" + option.removeprefix("--")]
+    if store_true:
+        return [option] if value else []
+    if action.nargs in ("+", "*"):
+        return [option, *map(str, value if isinstance(value, list) else [value])]
+    return [option, str(value)]
+
+
 def _argv(parser: Parser, settings: dict, where: str) -> list[str]:
     """``settings`` as the flags that would set them, so that argparse checks their types."""
-    argv = []
-    for key, value in settings.items():
-        action = parser.flags.get(key)
-        if action is None:
-            raise UsageError(f"{where}: unknown setting {key!r} for this command; known: "
-                             f"{', '.join(sorted(parser.flags))}")
-        if value is None:
-            continue
-        option = action.option_strings[0]
-        both_ways = isinstance(action, argparse.BooleanOptionalAction)
-        store_true = not both_ways and action.nargs == 0 and action.const is True
-        if action.nargs == 0 and not (both_ways or store_true):
-            raise UsageError(f"{where}: {key} cannot be set from a file; give --{key} on the "
-                             "command line")
-        if (both_ways or store_true) and not isinstance(value, bool):  # YAML's "false" is text
-            raise UsageError(f"{where}: {key} = {value!r}; write true or false")
-        if both_ways:
-            argv.append(option if value else "--no-" + option.removeprefix("--"))
-        elif store_true:
-            argv += [option] if value else []
-        elif action.nargs in ("+", "*"):
-            argv += [option, *map(str, value if isinstance(value, list) else [value])]
-        else:
-            argv += [option, str(value)]
+    argv = [flag for key, value in settings.items() for flag in _flags(parser, key, value, where)]
     # argparse checks the values' types and choices here, so that an error names the file
     parser.exit_on_error = False
     try:
@@ -227,7 +229,7 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
             values[role] = pair[role == "student"]
     named = tuple(r for r in ("teacher", "student") if getattr(first, r, None))
     return RunSettings(command=command, argv=tuple(argv), named_roles=named,
-                       from_folder=tuple(" ".join(_argv(parser, {k: v}, str(saved)))
+                       from_folder=tuple(" ".join(_flags(parser, k, v, str(saved)))
                                          for k, v in sorted(carried.items())),
                        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

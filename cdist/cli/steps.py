@@ -300,6 +300,7 @@ def _evaluate(top: argparse.Namespace) -> dict:
     from cdist import pipeline
     from cdist.checkpoints import atomic_write_json, read_json
     from cdist.errors import FileFormatError
+    from cdist.pipeline.runs import ood_accuracies
 
     args, ctx = _prepared(top, "evaluate")
     out = Path(args.out)
@@ -314,12 +315,11 @@ def _evaluate(top: argparse.Namespace) -> dict:
             raise FileFormatError(f"{path} is not a run's evaluation (it lacks {lacks}); {fix}")
         result["runs"][str(path.parent.relative_to(out))] = {
             **{k: rec[k] for k in keys},
-            "ood_accuracy": {k: bits.count("1") / len(bits) for k, bits in
-                             (rec.get("ood") or {}).items() if bits}}
+            "ood_accuracy": ood_accuracies(rec.get("ood") or {})}
     for role in _roles(args):
         circuits = pipeline.find_circuits(ctx, (role,), refuse=False)
         rec = pipeline.evaluate_model(ctx, circuits, ctx.model(role), role)
-        rec["ood_accuracy"] = {k: bits.count("1") / len(bits) for k, bits in rec["ood"].items()}
+        rec["ood_accuracy"] = ood_accuracies(rec["ood"])
         result["models"][role] = {"model": args.model(role), **rec}
         print(_accuracy_line(f"{role} ({args.model(role)})", rec))
     for name, rec in result["runs"].items():

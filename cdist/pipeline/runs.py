@@ -26,7 +26,7 @@ from cdist.pipeline.config import Role
 from cdist.pipeline.context import Context
 from cdist.types import Head
 
-__all__ = ["bits", "evaluate_model", "run_dir", "slug", "train_run", "unbits"]
+__all__ = ["bits", "evaluate_model", "ood_accuracies", "run_dir", "slug", "train_run", "unbits"]
 
 
 def bits(correct: torch.Tensor) -> str:
@@ -36,6 +36,11 @@ def bits(correct: torch.Tensor) -> str:
 
 def unbits(text: str) -> torch.Tensor:
     return torch.tensor([b == "1" for b in text])
+
+
+def ood_accuracies(ood: dict[str, str]) -> dict[str, float]:
+    """Each OOD set's accuracy from its per-item bits (a record's ``ood``); empty sets left out."""
+    return {name: text.count("1") / len(text) for name, text in ood.items() if text}
 
 
 def slug(arm_name: str) -> str:
