@@ -174,6 +174,23 @@ def test_a_path_patching_circuit_grows_by_its_groups_then_where_heads_work(pair,
         assert placement.positions[Head.parse(a["head"])] == position
 
 
+def test_growth_candidates_come_by_their_ablation_drop_and_runners_up_keep_their_group(
+        pair, tmp_path):
+    ctx = context(pair, tmp_path, ("teacher",), min_faithfulness=0.0,  # the circuit as found
+                  discovery=DiscoveryConfig(k=1, min_effect=0.0))
+    found = pipeline.find_circuits(ctx, ("teacher",)).teacher
+    candidates = stage._candidates(ctx, "teacher", found)
+    drops = stage.ablation_scan(ctx, "teacher", ctx.items.val, "teacher-validation").ranking()
+    outside = [h for h in drops.top(drops.scores.numel()) if h not in found.circuit.heads]
+    helping = [h for h in outside if drops[h] > 0]
+    assert [c.head for c in candidates[:len(helping)]] == helping
+    # the rest are runners-up whose ablation costs nothing, each in the group it passed
+    assert all(c.group is not None for c in candidates[len(helping):])
+    runners = {c.head: c.group for c in candidates if c.group is not None}
+    assert runners and set(runners.values()) <= set(found.circuit.groups)
+    assert all(h not in found.circuit.groups[g] for h, g in runners.items())
+
+
 def test_a_model_at_chance_is_refused_and_discover_says_its_circuit_means_nothing(
         model, tok, tmp_path, capsys):
     cfg = replace(SMALL, task_kwargs={"template": "adjacent", "n_boxes": 3})
