@@ -27,6 +27,11 @@ layers, 32 heads, 8 key/value heads, d_model 2048) or ``--shape``, with the real
    its top ``--recall-top`` heads, that are among attribution's top P (with the Spearman
    correlation of the two rankings over every head).
 
+5. ``--growth-items N``: a ranked circuit grown to ``--growth-target`` faithfulness on N held-out
+   items (the full scan's ranking, up to a fifth of the heads), by doubling and bisection
+   (``faithfulness.grow_until_faithful``) and by its plain twin, one evaluation per added head
+   (``grow_one_at_a_time``, how cdist grew circuits before): each one's heads, evaluations and time.
+
 Results go to ``results/bench_discovery-<model>-<device>.json`` with the config, device name and
 commit.
 """
@@ -59,6 +64,10 @@ parser.add_argument("--prefilter", type=int, default=30,
                     help="senders per group that the pre-filtered search scans exactly")
 parser.add_argument("--recall-top", type=int, default=10,
                     help="the exact search's top heads per group whose recall is reported")
+parser.add_argument("--growth-items", type=int, default=0,
+                    help="held-out items for the circuit-growth comparison (0: skip it)")
+parser.add_argument("--growth-target", type=float, default=0.8,
+                    help="the faithfulness the grown circuit must reach")
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--heads-per-pass", type=int, default=16)
 parser.add_argument("--repeats", type=int, default=3,
@@ -66,7 +75,8 @@ parser.add_argument("--repeats", type=int, default=3,
 args = parser.parse_args()
 
 from cdist import tasks  # noqa: E402  (after argparse, so that --help answers at once)
-from cdist.discovery import ablation, path_patching  # noqa: E402
+from cdist.discovery import ablation, faithfulness, path_patching  # noqa: E402
+from cdist.evaluate import accuracy  # noqa: E402
 from cdist.provenance import device_name, timed  # noqa: E402
 from cdist.types import Head  # noqa: E402
 
@@ -114,8 +124,8 @@ for case, (fast, slow) in ({} if args.no_reference else cases).items():
           f"speed-up {t_slow / t_fast:6.1f}x, "
           f"{n_heads / t_fast:8.1f} heads/s, max |diff| {diff:.2e} ({len(small)} items)")
 full = data.select(range(args.items))
-_, t_full = timed(lambda: ablation.head_ablation_scan(model, full, means=means, **scan_kw),
-                  args.device)
+scan, t_full = timed(lambda: ablation.head_ablation_scan(model, full, means=means, **scan_kw),
+                     args.device)
 results["full_ablation_scan"] = {"seconds": t_full, "items": len(full), "heads": n_heads}
 print(f"full ablation scan: {n_heads} heads x {len(full)} items in {t_full:.2f} s")
 
@@ -132,6 +142,28 @@ if args.search_items:
     results["entity_tracking_search"] = bench.prefilter_search(
         model, items, args.device, args.prefilter, args.recall_top,
         dict(patch_kw, batch_size=min(args.batch_size, 16)))
+
+if args.growth_items:
+    held_out = tasks.entity_tracking(args.growth_items, tokenizer=tokenizer, seed=args.seed + 3,
+                                     split="test", **make)
+    full_acc = accuracy(model, held_out)
+    ranked = scan.ranking().top(n_heads)
+    grow = dict(full_accuracy=full_acc, threshold=args.growth_target,
+                max_heads=max(1, n_heads // 5), batch_size=args.batch_size)
+    (n_fast, tried), t_fast = timed(lambda: faithfulness.grow_until_faithful(
+        model, [], ranked, held_out, means, **grow), args.device)
+    (n_plain, plain_evals), t_plain = timed(lambda: faithfulness.grow_one_at_a_time(
+        model, [], ranked, held_out, means, **grow), args.device)
+    results["circuit_growth"] = {
+        "items": len(held_out), "full_accuracy": full_acc, "target": args.growth_target,
+        "max_heads": grow["max_heads"], "bisection": {"heads": n_fast, "evaluations": len(tried),
+                                                      "seconds": t_fast, "tried": tried},
+        "one_at_a_time": {"heads": n_plain, "evaluations": plain_evals, "seconds": t_plain},
+        "speedup": t_plain / t_fast}
+    print(f"circuit growth to faithfulness {args.growth_target} on {len(held_out)} items (full "
+          f"accuracy {full_acc:.3f}): bisection {n_fast} heads in {len(tried)} evaluations, "
+          f"{t_fast:.1f} s; one at a time {n_plain} heads in {plain_evals} evaluations, "
+          f"{t_plain:.1f} s; speed-up {t_plain / t_fast:.1f}x")
 
 # ---- save ----------------------------------------------------------------------------------------
 bench.save_results(f"results/bench_discovery-{name}-{args.device.split(':')[0]}.json", vars(args),

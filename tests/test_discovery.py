@@ -54,9 +54,9 @@ def test_mean_ablation_growth_bisects_to_the_plain_loops_circuit(tom_teacher, to
         found = discovery.find_circuit(tom_teacher, "theory_of_mind", items, means, rule)
         ranked = found.scans["mean_ablation"].ranking().top(math.floor(0.5 * n_heads))
         full = accuracy(tom_teacher, items)
-        plain = next(n for n in range(1, len(ranked) + 1)
-                     if faithfulness.circuit_accuracy(tom_teacher, ranked[:n], items, means)
-                     / full >= target)
+        plain, _ = faithfulness.grow_one_at_a_time(
+            tom_teacher, [], ranked, items, means, full_accuracy=full, threshold=target,
+            max_heads=len(ranked))
         assert set(found.circuit.heads) == set(ranked[:plain]), target
         assert found.record["evaluations"] <= 2 * math.ceil(math.log2(len(ranked))) + 1
         assert found.record["discovery_faithfulness"] >= target

@@ -5,7 +5,7 @@ A circuit stands for its model only if, alone (every other head mean-ablated at 
 accuracy / full accuracy (Wadhwa et al. 2025 report 0.84-1.00 for their circuits). A path-patching
 search can return a circuit that is not: its groups keep heads whose paths matter, but the task may
 also need heads that no searched path reaches. ``grow_until_faithful`` adds heads from an ordered
-list of candidates (the caller's: the groups' runners-up, then heads by their mean-ablation drop)
+list of candidates (the caller's: ``pipeline.circuits`` takes heads by their mean-ablation drop)
 until the threshold holds or a cap is reached.
 
 Our choices, for cost: one evaluation is a forward pass over the items with the circuit alone,
@@ -13,7 +13,9 @@ tens of seconds on SmolLM2, so growth does not add one head at a time. It
 tries 1, 2, 4, ... candidates (doubling, then the cap itself), and once a size reaches the
 threshold it bisects between that size and the last one that did not, so the result costs about
 2 log2(cap) evaluations. Faithfulness is not quite monotone in the heads added, so the size found
-is the smallest the bisection saw reach the threshold, not certainly the smallest that would.
+is the smallest the bisection saw reach the threshold, not certainly the smallest that would;
+``grow_one_at_a_time`` is the plain twin that finds that one, an evaluation per head (the tests'
+oracle, and ``experiments/bench_discovery.py --growth-items``'s baseline).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cdist.errors import InputError
 from cdist.models import HookedTransformer, check_heads
 from cdist.types import Circuit, Head
 
-__all__ = ["circuit_accuracy", "grow_until_faithful"]
+__all__ = ["circuit_accuracy", "grow_one_at_a_time", "grow_until_faithful"]
 
 
 @torch.no_grad()
@@ -112,3 +114,27 @@ def grow_until_faithful(
         middle = (passed + failed) // 2
         passed, failed = (middle, failed) if reaches(middle) else (passed, middle)
     return passed, list(tried.values())
+
+
+def grow_one_at_a_time(
+    model: HookedTransformer,
+    heads: Sequence[Head],
+    candidates: Sequence[Head],
+    data,
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
+    *,
+    full_accuracy: float,
+    threshold: float,
+    max_heads: int,
+    batch_size: int = 64,
+) -> tuple[int | None, int]:
+    """``grow_until_faithful``'s plain twin: candidates are added one at a time, each size
+    evaluated, until the threshold holds. Returns the number added (None: never within
+    ``max_heads``) and the number of evaluations made."""
+    base = list(dict.fromkeys(heads))
+    extra = [h for h in dict.fromkeys(candidates) if h not in base]
+    for n in range(1, min(len(extra), max_heads - len(base)) + 1):
+        accuracy = circuit_accuracy(model, base + extra[:n], data, means, batch_size=batch_size)
+        if accuracy / full_accuracy >= threshold:
+            return n, n
+    return None, min(len(extra), max_heads - len(base))
