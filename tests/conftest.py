@@ -158,3 +158,17 @@ def smollm2_tokenizer(smollm2_gguf):
 
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
+
+@pytest.fixture(scope="session")
+def model3(tok):
+    """A tiny random three-layer GQA Llama for the patching tests."""
+    from cdist.models import new_llama
+
+    # Larger weights than the default init, so that heads matter and probabilities move measurably.
+    model = new_llama(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                      vocab_size=len(tok), seed=5, tokenizer=tok).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("W_Q", "W_K", "_W_K", "W_V", "_W_V", "W_O")):
+                p.mul_(3.0)
+    return model

@@ -15,24 +15,12 @@ from cdist import tasks
 from cdist.discovery import activation_patching, attribution_patching, circuits, path_patching
 from cdist.discovery import search as et_search
 from cdist.evaluate import answer_stats
-from cdist.models import hook_z, new_llama
+from cdist.models import hook_z
 from cdist.records import read_record, write_record
 from cdist.store import Store
 from cdist.types import Circuit, Head, HeadScores, Scan
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def model3(tok):
-    # Larger weights than the default init, so that heads matter and probabilities move measurably.
-    model = new_llama(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
-                      vocab_size=len(tok), seed=5, tokenizer=tok).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("W_Q", "W_K", "_W_K", "W_V", "_W_V", "W_O")):
-                p.mul_(3.0)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ Choices that are ours:
   means' position axis is named ``ref_pos`` in signatures: it spans the longest reference prompt.
 - Heads are ablated at every position unless positions are given; ``evaluate_circuit`` can also keep
   a circuit's heads only at their group's position (``keep_at_positions``), as Prakash et al. do.
-- Scores are measured at ``pos_last`` against ``answer_id``: the answer's probability (softmax in
-  float32) and top-1 correctness, averaged over the examples.
+- Scores are measured at ``pos_last`` against ``answer_id``: by default the answer's probability
+  (softmax in float32; a logit difference with ``metric``, ``cdist.discovery.metrics``) and top-1
+  correctness, averaged over the examples.
 
 Hooks are ``(name, fn)`` pairs used inside ``with model.hooks(fwd_hooks=...)``, so that nothing
 outlives the block; under ``torchrun`` each rank ablates its share of the heads.
@@ -34,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist.discovery import metrics
 from cdist.discovery.engine import (
     Hook,
     budget_batch_size,
@@ -43,6 +45,7 @@ from cdist.discovery.engine import (
     replace_heads,
     sum_over_ranks,
 )
+from cdist.discovery.metrics import CONTRAST, Target
 from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, last_logits, pad_id
@@ -170,15 +173,26 @@ def ablated_logits(
 # --------------------------------------------------------------------------------------------------
 
 
-def _ablation_scan(prob: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int,
-                   shape: tuple[int, int], position: str | None) -> Scan:
-    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated probability and
-    correctness."""
-    metrics = {}
-    for kind, (base, ablated) in (("prob", prob), ("accuracy", correct)):
+def _ablation_scan(value: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor], n: int,
+                   shape: tuple[int, int], position: str | None, metric: str = "prob",
+                   gap: float | None = None) -> Scan:
+    """The ``Scan`` from sums over ``n`` items of the clean and per-head ablated value of the
+    metric and correctness; ``gap``, the items' mean clean-minus-corrupt value, normalises
+    ``"logit_diff_normalised"``."""
+    scores = {}
+    kind = "prob" if metric == "prob" else "logit_diff"
+    for name, (base, ablated) in ((kind, value), ("accuracy", correct)):
         ablated = (ablated / n).reshape(shape)
-        metrics |= {f"{kind}_drop": base / n - ablated, f"{kind}_ablated": ablated}
-    return Scan("mean_ablation", metrics, "prob_drop", position=position, n_items=n)
+        scores |= {f"{name}_drop": base / n - ablated, f"{name}_ablated": ablated}
+    if metric == "logit_diff_normalised":
+        if not gap > 0:
+            raise InputError(f"the corrupt prompts do not lower the logit difference (mean clean "
+                             f"minus corrupt gap {gap:.3g} over {n} items), so nothing normalises "
+                             "it; use metric 'logit_diff', or items whose counterfactual changes "
+                             "the answer")
+        scores["logit_diff_normalised_drop"] = scores["logit_diff_drop"] / gap
+    return Scan("mean_ablation", scores, metrics.score_name(metric, "drop"), position=position,
+                n_items=n)
 
 
 @torch.no_grad()
@@ -191,6 +205,7 @@ def head_ablation_scan(
     heads_per_pass: int = 8,
     memory_budget: float | None = None,
     position: str | None = None,
+    metric: str = "prob",
     progress: bool = False,
 ) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
@@ -212,45 +227,57 @@ def head_ablation_scan(
             ``batch_size`` (``engine.budget_batch_size``).
         heads_per_pass: ablation variants per forward pass.
         position: a position column; ablate only there (default: every position).
+        metric: what is read at the answer (``cdist.discovery.metrics``); a logit difference
+            needs the items' ``contrast_id``, its normalised form their ``corrupt_input_ids``.
         progress: a progress bar over batches (``cdist.progress``; rank 0's under ``torchrun``).
 
     Returns:
-        A ``Scan`` (method "mean_ablation", ranked by ``prob_drop``) of ``[layer, head_index]``
+        A ``Scan`` (method "mean_ablation", ranked by the metric's drop) of ``[layer, head_index]``
         float32 CPU tensors: ``prob_drop`` (mean over examples of the answer's probability at
         ``pos_last``, base minus ablated), ``accuracy_drop`` (base minus ablated accuracy), and
         ``prob_ablated`` / ``accuracy_ablated`` (the ablated values themselves, which the teacher
-        side of head matching needs: dP_t = P_s_base - P_t_abl).
+        side of head matching needs: dP_t = P_s_base - P_t_abl); under a logit difference
+        ``logit_diff_drop`` and ``logit_diff_ablated`` instead of the first pair, and
+        ``logit_diff_normalised_drop`` (that drop over the clean-minus-corrupt gap) when
+        normalised.
     """
     if len(data) == 0:
         raise InputError("head_ablation_scan needs at least one item; the dataset is empty")
+    metrics.check_metric(metric, data)
+    normalised = metric == "logit_diff_normalised"
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_all, device = n_layers * n_heads, device_of(model)
-    prob_base = correct_base = torch.zeros((), dtype=torch.float64)
+    prob_base = correct_base = gap = torch.zeros((), dtype=torch.float64)
     prob_abl = torch.zeros(n_all, dtype=torch.float64)
     correct_abl = torch.zeros(n_all, dtype=torch.float64)
     mine = rank_heads(torch.arange(n_all))  # every head, with one process
-    columns = () if position is None else (position,)
+    columns = (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
     # counted in passes, not batches: at real depth a batch is minutes of passes
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
     bar = progress_bar(total, "mean-ablation scan", enabled=progress and is_main(), unit="pass")
-    for batch in batches(data, batch_size, pad_id(model), columns):
+    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=normalised):
 
         def ablate(layer, rows, n_copies, batch=batch):
             at = None if position is None else batch[position].repeat(n_copies)
             return make_mean_ablation_hook(layer, rows, means, at)
 
-        p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), batch["answer_id"],
-                                           batch["pos_last"], ablate, heads_per_pass=heads_per_pass,
-                                           heads=mine, on_pass=bar.update)
+        target = Target.of(batch, metric)
+        p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
+                                           batch["pos_last"], ablate, metric=metric,
+                                           heads_per_pass=heads_per_pass, heads=mine,
+                                           on_pass=bar.update)
+        if normalised:
+            corrupt = model(batch["corrupt_input_ids"].to(device))
+            gap = gap + (p - metrics.measure(corrupt, target, metric, batch["pos_last"])[0]).sum()
         prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
         prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
         correct_abl[mine] += c_abl[mine].sum(1)
     bar.close()
     prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
     return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
-                          (n_layers, n_heads), position)
+                          (n_layers, n_heads), position, metric, float(gap) / len(data))
 
 
 @torch.no_grad()
@@ -260,6 +287,7 @@ def head_ablation_scan_reference(
     *,
     means: Float[Tensor, "layer ref_pos head_index d_head"],
     position: str | None = None,
+    metric: str = "prob",
 ) -> Scan:
     """The slow twin of ``head_ablation_scan``: one head, one unpadded prompt, one forward
     pass at a time.
@@ -270,15 +298,19 @@ def head_ablation_scan_reference(
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     device = device_of(model)
-    prob_base = correct_base = 0.0
+    metrics.check_metric(metric, data)
+    prob_base = correct_base = gap = 0.0
     prob_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     correct_abl = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     for item in data:
         ids = torch.tensor([item["input_ids"]], device=device)
-        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
+        target, last = Target.of(item, metric), torch.tensor([item["pos_last"]])
         at = slice(None) if position is None else item[position]
-        p, c = answer_stats(model(ids), answer, last)
+        p, c = metrics.measure(model(ids), target, metric, last)
         prob_base, correct_base = prob_base + p.item(), correct_base + c.item()
+        if metric == "logit_diff_normalised":
+            corrupt = model(torch.tensor([item["corrupt_input_ids"]], device=device))
+            gap += p.item() - metrics.measure(corrupt, target, metric, last)[0].item()
         for layer in range(n_layers):
             for head in range(n_heads):
 
@@ -288,12 +320,12 @@ def head_ablation_scan_reference(
                     return z
 
                 with model.hooks(fwd_hooks=[(hook_z(layer), replace)]):
-                    p, c = answer_stats(model(ids), answer, last)
+                    p, c = metrics.measure(model(ids), target, metric, last)
                 prob_abl[layer, head] += p.item()
                 correct_abl[layer, head] += c.item()
     return _ablation_scan((torch.tensor(prob_base, dtype=torch.float64), prob_abl),
                           (torch.tensor(correct_base, dtype=torch.float64), correct_abl), len(data),
-                          (n_layers, n_heads), position)
+                          (n_layers, n_heads), position, metric, gap / len(data))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 One head's output ``z`` (``cdist.models.hook_z``) comes from the run on the corrupt prompt (the
 item's counterfactual, aligned token for token), the rest of the network recomputes, and the change
-of the clean answer's probability at ``pos_last`` is the head's score:
-``relative_change`` = (p_patched - p_clean) / p_clean and ``prob_change`` = p_patched - p_clean,
-averaged over the items. Batched on ``cdist.discovery.engine`` (copy ``j`` of a stacked batch
-patches head ``j``, each pass starting at the patched layer); ``activation_patching_scan_reference``
-is its one-head-one-prompt twin. Under ``torchrun`` each rank patches only its share of the heads
-(``engine.rank_heads``).
+of the metric at ``pos_last`` is the head's score (``cdist.discovery.metrics``; by default
+``relative_change`` = (p_patched - p_clean) / p_clean and ``prob_change`` = p_patched - p_clean of
+the clean answer's probability), averaged over the items. Batched on ``cdist.discovery.engine``
+(copy ``j`` of a stacked batch patches head ``j``, each pass starting at the patched layer);
+``activation_patching_scan_reference`` is its one-head-one-prompt twin. Under ``torchrun`` each
+rank patches only its share of the heads (``engine.rank_heads``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cdist.discovery import metrics
 from cdist.discovery.engine import (
     PatchSums,
     budget_batch_size,
@@ -27,8 +28,9 @@ from cdist.discovery.engine import (
     rank_heads,
     replacing,
 )
+from cdist.discovery.metrics import CONTRAST, Target
 from cdist.distributed import is_main
-from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
@@ -46,6 +48,7 @@ def activation_patching_scan(
     heads_per_pass: int = 8,
     memory_budget: float | None = None,
     heads: Sequence[Head | str] | None = None,
+    metric: str = "prob",
     progress: bool = False,
 ) -> Scan:
     """Patch each head's ``z`` from the corrupt run into the clean run, alone, and
@@ -66,37 +69,41 @@ def activation_patching_scan(
         heads_per_pass: heads per forward pass.
         heads: the heads to patch (e.g. a pre-filter's candidates); default every head. The
             others score NaN.
+        metric: what is read at the answer (``cdist.discovery.metrics``).
         progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
 
     Returns:
-        A ``Scan`` (method "activation_patching") with ``relative_change``, ``prob_change`` and
-        ``relative_change_se`` (``[layer, head_index]``, float32, CPU).
+        A ``Scan`` (method "activation_patching") with the metric's score, its ``_se`` and the
+        absolute change (for ``"prob"``: ``relative_change``, ``relative_change_se``,
+        ``prob_change``), ``[layer, head_index]``, float32, CPU.
     """
-    check_items(data, position)
+    check_items(data, position, metric)
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     mine = rank_heads(flat_heads(heads, n_layers, n_heads))
-    sums = PatchSums(model)
+    sums = PatchSums(model, metric)
     names = [hook_z(layer) for layer in range(n_layers)]
-    columns = () if position is None else (position,)
+    columns = (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
     bar = progress_bar(total, "activation patching", enabled=progress and is_main(),
                        unit="pass")
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
-        ids = batch["input_ids"].to(device)
-        _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
+        ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
+        corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                       names_filter=names)
 
         def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
             at = None if position is None else batch[position].repeat(n_copies)
             source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
             return names[layer], replacing(rows, source, at)
 
-        p_clean, _, p, _ = one_head_scan(model, ids, batch["answer_id"], batch["pos_last"], patch,
-                                         heads_per_pass=heads_per_pass, heads=mine,
-                                         on_pass=bar.update)
+        p_clean, _, p, _ = one_head_scan(model, ids, target, batch["pos_last"], patch,
+                                         metric=metric, heads_per_pass=heads_per_pass,
+                                         heads=mine, on_pass=bar.update)
         sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
+        sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric, batch["pos_last"])[0])
     bar.close()
     sums.add_other_ranks()
     return sums.scan("activation_patching", len(data), position=position)
@@ -104,11 +111,12 @@ def activation_patching_scan(
 
 @torch.no_grad()
 def activation_patching_scan_reference(
-    model: HookedTransformer, data, *, position: str | None = None
+    model: HookedTransformer, data, *, position: str | None = None, metric: str = "prob"
 ) -> Scan:
     """The slow twin of ``activation_patching_scan``: one head, one unpadded prompt at a time."""
-    sums = PatchSums(model)
-    for run in one_item_runs(model, data, position):
+    sums = PatchSums(model, metric)
+    for run in one_item_runs(model, data, position, metric):
+        sums.add_gap(torch.tensor([run.p_clean]), torch.tensor([run.p_corrupt]))
         for layer in range(model.cfg.n_layers):
             for head in range(model.cfg.n_heads):
 
@@ -118,6 +126,6 @@ def activation_patching_scan_reference(
                     return z
 
                 with model.hooks(fwd_hooks=[(hook_z(layer), patch)]):
-                    p = answer_stats(model(run.ids), run.answer, run.last)[0].item()
+                    p = metrics.measure(model(run.ids), run.target, metric, run.last)[0].item()
                 sums.add(layer, head, p - run.p_clean, run.p_clean)
     return sums.scan("activation_patching", len(data), position=position)

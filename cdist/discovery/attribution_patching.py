@@ -19,14 +19,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cdist.discovery import metrics
 from cdist.discovery.engine import PatchSums, check_items, one_item_runs
+from cdist.discovery.metrics import CONTRAST, Target
 from cdist.discovery.path_patching import (
     ReceiverInput,
-    path_patched_prob,
+    path_patched_value,
     receiver_masks,
     reference_path_scan,
 )
-from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.types import Head, Scan
 
@@ -35,7 +37,8 @@ __all__ = ["attribution_patching_scan", "attribution_patching_scan_reference",
 
 
 def attribution_patching_scan(
-    model: HookedTransformer, data, *, position: str | None = None, batch_size: int = 32
+    model: HookedTransformer, data, *, position: str | None = None, batch_size: int = 32,
+    metric: str = "prob",
 ) -> Scan:
     """First-order estimate of ``activation_patching_scan`` for every head at once.
 
@@ -43,18 +46,19 @@ def attribution_patching_scan(
     ``prob_change ~ sum_pos (z_corrupt - z_clean)[i, pos, h] . d p_i / d z[i, pos, h]`` (over
     ``position`` only, if given), and ``relative_change`` = that / p_i. One clean forward and
     backward and one corrupt forward per batch, whatever the number of heads. Parameter gradients
-    are not accumulated (only ``z`` is differentiated).
+    are not accumulated (only ``z`` is differentiated). With ``metric``, ``p`` is that metric's
+    value (``cdist.discovery.metrics``).
     """
-    check_items(data, position)
+    check_items(data, position, metric)
     n_layers, device = model.cfg.n_layers, device_of(model)
-    sums = PatchSums(model)
+    sums = PatchSums(model, metric)
     names = [hook_z(layer) for layer in range(n_layers)]
-    columns = () if position is None else (position,)
+    columns = _columns(position, metric)
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
-        ids = batch["input_ids"].to(device)
+        ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
         with torch.no_grad():
-            _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
-                                              names_filter=names)
+            corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                           names_filter=names)
         clean: dict[str, Tensor] = {}
         probes: dict[str, Tensor] = {}
 
@@ -69,9 +73,9 @@ def attribution_patching_scan(
         with torch.enable_grad(), model.hooks(fwd_hooks=[(name, probe) for name in names]):
             logits = model(ids)
             rows = torch.arange(len(ids), device=logits.device)
-            probs = logits[rows, batch["pos_last"].to(device)].float().softmax(-1)
-            p = probs[rows, batch["answer_id"].to(device)]
+            p = metrics.measure(logits, target, metric, batch["pos_last"])[0]
             grads = torch.autograd.grad(p.sum(), [probes[name] for name in names])
+        sums.add_gap(p.detach(), _value(corrupt_logits, batch, metric))
         with torch.no_grad():
             for layer, (name, grad) in enumerate(zip(names, grads, strict=True)):
                 delta = (corrupt[name] - clean[name]) * grad  # [batch, pos, head_index, d_head]
@@ -82,17 +86,17 @@ def attribution_patching_scan(
 
 
 def attribution_patching_scan_reference(
-    model: HookedTransformer, data, *, position: str | None = None
+    model: HookedTransformer, data, *, position: str | None = None, metric: str = "prob"
 ) -> Scan:
     """The slow twin of ``attribution_patching_scan``: one head, one unpadded prompt,
     one backward at a time.
 
     The head's clean ``z`` is replaced by a leaf equal to it, whose gradient is the derivative of
-    the answer's probability; nothing is shared with the fast path but the model and
-    ``answer_stats``.
+    metric; nothing is shared with the fast path but the model and ``metrics.measure``.
     """
-    sums = PatchSums(model)
-    for run in one_item_runs(model, data, position):
+    sums = PatchSums(model, metric)
+    for run in one_item_runs(model, data, position, metric):
+        sums.add_gap(torch.tensor([run.p_clean]), torch.tensor([run.p_corrupt]))
         for layer in range(model.cfg.n_layers):
             name = hook_z(layer)
             for head in range(model.cfg.n_heads):
@@ -104,7 +108,7 @@ def attribution_patching_scan_reference(
                     return z
 
                 with torch.enable_grad(), model.hooks(fwd_hooks=[(name, swap)]):
-                    p = answer_stats(model(run.ids), run.answer, run.last)[0].sum()
+                    p = metrics.measure(model(run.ids), run.target, metric, run.last)[0].sum()
                     (grad,) = torch.autograd.grad(p, leaf)
                 delta = (run.corrupt[name][0, :, head] - run.clean[name][0, :, head]) * grad
                 sums.add(layer, head, float(delta[run.at].sum()), p.item())
@@ -119,6 +123,7 @@ def path_attribution_scan(
     receiver_input: ReceiverInput = "q",
     position: str = "pos_last",
     batch_size: int = 16,
+    metric: str = "prob",
 ) -> Scan:
     """First-order estimate of ``path_patching_scan`` for every sender at once: the pre-filter of a
     search.
@@ -145,26 +150,28 @@ def path_attribution_scan(
         ``relative_change``, ``prob_change`` and ``relative_change_se``; senders at or above the
         last receiver's layer score 0.
     """
-    check_items(data, position)
+    check_items(data, position, metric)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     receivers = tuple(sorted(set(receivers)))
     in_masks = receiver_masks(receivers, receiver_input, cfg)
     top = max(r.layer for r in receivers) if receivers else n_layers
-    sums = PatchSums(model)
+    sums = PatchSums(model, metric)
     sums.add_unreachable(torch.arange(top * n_heads, n_layers * n_heads))
     names = [hook_z(layer) for layer in range(n_layers)]
     # receivers in layer 0 have no senders: nothing to differentiate
-    for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True) if top else ():
+    columns = _columns(position, metric)
+    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True) if top else ():
         ids = batch["input_ids"].to(device)
         rows = torch.arange(len(ids), device=device)
         here = batch[position].to(device)
         with torch.no_grad():
-            _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
-                                              names_filter=names[:top])
-        weights, p = (_receiver_weights(model, batch, in_masks, rows, here) if receivers
+            corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                           names_filter=names[:top])
+        weights, p = (_receiver_weights(model, batch, in_masks, rows, here, metric) if receivers
                       else ({}, None))
-        p, clean, grads = _frozen_gradients(model, batch, top, weights, p, rows, here)
+        p, clean, grads = _frozen_gradients(model, batch, top, weights, p, rows, here, metric)
+        sums.add_gap(p.detach(), _value(corrupt_logits, batch, metric))
         with torch.no_grad():
             for layer, grad in enumerate(grads):
                 name = names[layer]
@@ -174,12 +181,18 @@ def path_attribution_scan(
                      receiver_input=receiver_input if receivers else None)
 
 
-def _answer_prob(logits: Tensor, batch: dict) -> Tensor:
-    return answer_stats(logits, batch["answer_id"], batch["pos_last"])[0]
+def _columns(position: str | None, metric: str) -> tuple[str, ...]:
+    """The batch columns a scan at ``position`` under ``metric`` reads besides the answer."""
+    return (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
+
+
+def _value(logits: Tensor, batch: dict, metric: str) -> Tensor:
+    """The metric's value of a batch's rows at ``pos_last`` (differentiable)."""
+    return metrics.measure(logits, Target.of(batch, metric), metric, batch["pos_last"])[0]
 
 
 def _receiver_weights(model: HookedTransformer, batch: dict, in_masks: dict, rows: Tensor,
-                      here: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+                      here: Tensor, metric: str) -> tuple[dict[str, Tensor], Tensor]:
     """Step 1 of ``path_attribution_scan``: ``r`` = d p / d (the receivers' inputs at
     ``position``) in the clean run, per input hook name, kept for the receivers' heads only; and
     ``p``, the clean answer probabilities."""
@@ -197,7 +210,7 @@ def _receiver_weights(model: HookedTransformer, batch: dict, in_masks: dict, row
 
     with torch.enable_grad():
         with model.hooks(fwd_hooks=[(name, probe_input) for name in probes]):
-            p = _answer_prob(model(batch["input_ids"].to(device)), batch)
+            p = _value(model(batch["input_ids"].to(device)), batch, metric)
         grads = torch.autograd.grad(p.sum(), list(probes.values()))
         weights = {}
         for ((_, name), mask), grad in zip(in_masks.items(), grads, strict=True):
@@ -208,7 +221,7 @@ def _receiver_weights(model: HookedTransformer, batch: dict, in_masks: dict, row
 
 def _frozen_gradients(
     model: HookedTransformer, batch: dict, top: int, weights: dict[str, Tensor],
-    p: Tensor | None, rows: Tensor, here: Tensor,
+    p: Tensor | None, rows: Tensor, here: Tensor, metric: str,
 ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, ...]]:
     """Step 2 of ``path_attribution_scan``: the run in which every head's ``z`` is a constant
     plus a zero probe, so that a sender reaches the receivers only through the residual stream
@@ -240,7 +253,7 @@ def _frozen_gradients(
             target = sum((inputs[name][rows, here] * w).sum() for name, w in weights.items())
             p = p.detach()
         else:
-            p = _answer_prob(logits, batch)
+            p = _value(logits, batch, metric)
             target = p.sum()
         grads = torch.autograd.grad(target, [z_probes[name] for name in names[:top]])
     return p, clean, grads
@@ -253,6 +266,7 @@ def path_attribution_scan_reference(
     receivers: Sequence[Head] = (),
     receiver_input: ReceiverInput = "q",
     position: str = "pos_last",
+    metric: str = "prob",
 ) -> Scan:
     """The slow twin of ``path_attribution_scan``: the derivative, at t = 0, of the plain
     path-patching twin's answer probability when one sender's ``z`` is ``z_clean + t (z_corrupt -
@@ -264,9 +278,10 @@ def path_attribution_scan_reference(
         corrupt = run.corrupt[hook_z(layer)][0, run.at, head]
         t = torch.zeros((), requires_grad=True)
         with torch.enable_grad():
-            p = path_patched_prob(model, run, layer, head, clean + t * (corrupt - clean), in_masks)
+            p = path_patched_value(model, run, layer, head, clean + t * (corrupt - clean),
+                                   in_masks, metric)
             (slope,) = torch.autograd.grad(p, t)
         return slope.item()
 
     return reference_path_scan(model, data, receivers, receiver_input, position,
-                               "attribution_patching", change)
+                               "attribution_patching", change, metric)

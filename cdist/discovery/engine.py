@@ -26,8 +26,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cdist import distributed
+from cdist.discovery import metrics
+from cdist.discovery.metrics import Target
 from cdist.errors import InputError
-from cdist.evaluate import answer_stats, device_of
+from cdist.evaluate import device_of
 from cdist.models import (
     HookedTransformer,
     finish_layer,
@@ -114,10 +116,11 @@ def one_head_variants(
 def one_head_scan(
     model: HookedTransformer,
     ids: Int[Tensor, "batch pos"],
-    answer_id: Int[Tensor, " batch"],
+    target: Target,
     pos_last: Int[Tensor, " batch"],
     hook_for: Callable[[int, Bool[Tensor, "rows head_index"], int], Hook],
     *,
+    metric: str = "prob",
     heads_per_pass: int = 8,
     heads: Int[Tensor, " scanned"] | None = None,
     on_pass: Callable[[], None] | None = None,
@@ -135,12 +138,14 @@ def one_head_scan(
     layer's ``hook_z``, whatever its ``hook`` argument.
 
     Args:
+        target: each row's answer (and its rival for a logit difference).
+        metric: what is read at the answer (``cdist.discovery.metrics``).
         heads: flat indices (``layer * n_heads + head``) of the heads to intervene on; default
             every head. The others are not run and come back NaN.
         on_pass: called after each pass (progress bars).
 
     Returns:
-        Clean answer probability and correctness ``[batch]``, and the same for each head's
+        The clean value of the metric and correctness ``[batch]``, and the same for each head's
         intervention, ``[layer * n_heads + head, batch]``; float64 on the CPU.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
@@ -149,7 +154,7 @@ def one_head_scan(
     names = [hook_resid_pre(layer) for layer in range(n_layers)]
     top_names = [hook_z(top), hook_resid_mid(top)]
     logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
-    p_base, c_base = answer_stats(logits, answer_id, pos_last)
+    p_base, c_base = metrics.measure(logits, target, metric, pos_last)
     prob = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     correct = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     scanned = torch.arange(n_layers * n_heads) if heads is None else heads.unique().cpu()
@@ -175,7 +180,7 @@ def one_head_scan(
                 with model.hooks(fwd_hooks=[(name, fn)]):
                     final = model(cache[names[layer]].repeat(n_copies, 1, 1), start_at_layer=layer,
                                   stop_at_layer=n_layers)[at, last]
-            p, c = answer_stats(unembed(model, final), answer_id.repeat(n_copies))
+            p, c = metrics.measure(unembed(model, final), target.repeat(n_copies), metric)
             prob[chunk], correct[chunk] = p.view(n_copies, n_rows), c.view(n_copies, n_rows)
             if on_pass is not None:
                 on_pass()
@@ -243,21 +248,31 @@ def patch_scan(
     n: int,
     shape: tuple[int, int],
     total_rel_sq: Float[Tensor, " heads"] | None = None,
+    *,
+    metric: str = "prob",
+    gap: float | None = None,
     **where,
 ) -> Scan:
-    """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the relative and
-    absolute change of the answer probability; the relative change is Prakash et al.'s score (most
-    negative: most important). With the sums of squares, ``relative_change_se`` is each head's
-    standard error of the mean over items (NaN with one item): the noise ``select_heads`` compares
-    effects with.
+    """A patching scan's ``Scan`` from its per-head sums over ``n`` items of the per-item score
+    and the absolute change of the metric (``cdist.discovery.metrics``: for ``"prob"`` the score
+    is the relative change, Prakash et al.'s; for a logit difference the change itself, divided
+    here by ``gap``, the mean clean-minus-corrupt logit difference, when normalised). Most
+    negative: most important. With the sums of squares, ``<score>_se`` is each head's standard
+    error of the mean over items (NaN with one item): the noise ``select_heads`` compares effects
+    with.
     """
-    metrics = {"relative_change": (total_rel / n).reshape(shape),
-               "prob_change": (total_diff / n).reshape(shape)}
+    name = metrics.score_name(metric, "change")
+    scale = 1.0 / gap if metric == "logit_diff_normalised" else 1.0
+    mean = total_rel / n
+    scores = {name: (mean * scale).reshape(shape),
+              "prob_change" if metric == "prob" else "logit_diff_change":
+                  (total_diff / n).reshape(shape)}
+    if metric == "logit_diff_normalised":
+        scores["logit_diff_normalised"] = (1 + mean * scale).reshape(shape)
     if total_rel_sq is not None:
-        mean = total_rel / n
         var = (total_rel_sq / n - mean**2).clamp(min=0) * n / (n - 1) if n > 1 else mean * torch.nan
-        metrics["relative_change_se"] = (var / n).sqrt().reshape(shape)
-    return Scan(method, metrics, "relative_change", higher_is_important=False, n_items=n, **where)
+        scores[f"{name}_se"] = ((var / n).sqrt() * abs(scale)).reshape(shape)
+    return Scan(method, scores, name, higher_is_important=False, n_items=n, **where)
 
 
 @torch.no_grad()
@@ -290,7 +305,10 @@ def budget_batch_size(model: HookedTransformer, data, per_pass: int, memory_budg
     return int(max(1, min(len(data), memory_budget * 2**30 // per_item)))
 
 
-def check_items(data, position: str | None) -> None:
+def check_items(data, position: str | None, metric: str = "prob") -> None:
+    """Refuse items a scan cannot read: none, no ``position`` column, no rival for a logit
+    difference (``metrics.check_metric``)."""
+    metrics.check_metric(metric, data)
     if len(data) == 0:
         raise InputError("patching needs at least one item; the dataset is empty")
     if position is not None and position not in data.column_names:
@@ -307,54 +325,67 @@ class OneItem(NamedTuple):
     runs."""
 
     ids: Int[Tensor, "1 pos"]
-    answer: Int[Tensor, " 1"]
+    target: Target  # its answer (and rival)
     last: Int[Tensor, " 1"]
     at: slice | int  # the item's position column, or every position
     clean: dict  # hook_z name -> the clean run's z
     corrupt: dict  # hook_z name -> the corrupt run's z
-    p_clean: float  # the clean run's answer probability
+    p_clean: float  # the clean run's value of the metric
+    p_corrupt: float  # the corrupt run's
 
 
-def one_item_runs(model: HookedTransformer, data, position: str | None) -> Iterator[OneItem]:
-    """Each item of ``data`` with its clean and corrupt ``z`` of every layer, unbatched and
-    unpadded, for the slow twins; the fast scans never use it. ``data`` is checked first."""
-    check_items(data, position)
+def one_item_runs(model: HookedTransformer, data, position: str | None,
+                  metric: str = "prob") -> Iterator[OneItem]:
+    """Each item of ``data`` with its clean and corrupt ``z`` of every layer and the metric's
+    value on both, unbatched and unpadded, for the slow twins; the fast scans never use it.
+    ``data`` is checked first."""
+    check_items(data, position, metric)
     device = device_of(model)
     names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
     for item in data:
         ids = torch.tensor([item["input_ids"]], device=device)
-        answer, last = torch.tensor([item["answer_id"]]), torch.tensor([item["pos_last"]])
+        target, last = Target.of(item, metric), torch.tensor([item["pos_last"]])
         with torch.no_grad():  # closed before the yield, so the caller's grad mode is its own
             logits, clean = model.run_with_cache(ids, names_filter=names)
             corrupt_ids = torch.tensor([item["corrupt_input_ids"]], device=device)
-            _, corrupt = model.run_with_cache(corrupt_ids, names_filter=names)
-            p_clean = answer_stats(logits, answer, last)[0].item()
+            corrupt_logits, corrupt = model.run_with_cache(corrupt_ids, names_filter=names)
+            p_clean = metrics.measure(logits, target, metric, last)[0].item()
+            p_corrupt = metrics.measure(corrupt_logits, target, metric, last)[0].item()
         at = slice(None) if position is None else item[position]
-        yield OneItem(ids, answer, last, at, clean, corrupt, p_clean)
+        yield OneItem(ids, target, last, at, clean, corrupt, p_clean, p_corrupt)
 
 
 class PatchSums:
-    """Per-head sums over items of a patch's change of the answer probability (absolute, relative
-    to the clean probability, and the relative change squared); ``scan`` turns them into a patching
-    ``Scan``, NaN for heads never added."""
+    """Per-head sums over items of a patch's change of the metric (``cdist.discovery.metrics``):
+    the per-item score (the change relative to the clean value for ``"prob"``, the change itself
+    for a logit difference), the change and the score squared; and the items' clean and corrupt
+    values, whose mean gap normalises ``"logit_diff_normalised"``. ``scan`` turns them into a
+    patching ``Scan``, NaN for heads never added."""
 
-    def __init__(self, model: HookedTransformer):
+    def __init__(self, model: HookedTransformer, metric: str = "prob"):
+        metrics.check_metric(metric)
+        self.metric = metric
         self.shape = (model.cfg.n_layers, model.cfg.n_heads)
         n = self.shape[0] * self.shape[1]
         self.rel, self.diff, self.rel_sq = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
         self.scanned = torch.zeros(n, dtype=torch.bool)
+        self.gap = torch.zeros(1, dtype=torch.float64)  # sum over items of clean - corrupt
 
     def add_batch(self, heads: Int[Tensor, " k"], change: Float[Tensor, "k batch"],
                   base: Float[Tensor, " batch"]) -> None:
         """Add a batch: ``change[j, i]`` is head ``heads[j]``'s (flat index) change on item ``i``,
-        whose clean probability is ``base[i]``."""
+        whose clean value is ``base[i]``."""
         change = change.double().cpu()
-        rel = change / base.double().cpu()[None, :]
+        rel = change / base.double().cpu()[None, :] if self.metric == "prob" else change
         heads = heads.cpu()
         self.rel[heads] += rel.sum(1)
         self.diff[heads] += change.sum(1)
         self.rel_sq[heads] += (rel**2).sum(1)
         self.scanned[heads] = True
+
+    def add_gap(self, clean: Float[Tensor, " batch"], corrupt: Float[Tensor, " batch"]) -> None:
+        """Add a batch of items' clean and corrupt values (once per item, whatever the heads)."""
+        self.gap += (clean.double().cpu() - corrupt.double().cpu()).sum()
 
     def add_layer(self, layer: int, change: Float[Tensor, "batch head_index"],
                   base: Float[Tensor, " batch"]) -> None:
@@ -375,12 +406,24 @@ class PatchSums:
     def add_other_ranks(self) -> None:
         """Add every other rank's sums into this rank's (each rank having added only its share of
         the heads, ``rank_heads``), so that every rank holds the whole scan; nothing with one
-        process. Every rank must call it."""
+        process. Every rank must call it. Every rank sees every item, so the gap is its own."""
         *sums, scanned = sum_over_ranks(self.rel, self.diff, self.rel_sq, self.scanned.double())
         self.rel, self.diff, self.rel_sq = sums
         self.scanned = scanned > 0
 
     def scan(self, method: str, n: int, **where) -> Scan:
+        """The ``Scan`` over ``n`` items.
+
+        Raises:
+            InputError: ``"logit_diff_normalised"`` on items whose corrupt prompts do not lower
+                the logit difference on average: there is nothing to normalise by.
+        """
+        gap = float(self.gap) / n
+        if self.metric == "logit_diff_normalised" and not gap > 0:
+            raise InputError(f"the corrupt prompts do not lower the logit difference (mean clean "
+                             f"minus corrupt gap {gap:.3g} over {n} items), so nothing normalises "
+                             "it; use metric 'logit_diff', or items whose counterfactual changes "
+                             "the answer")
         nan = torch.where(self.scanned, 0.0, torch.nan)
         return patch_scan(method, self.rel + nan, self.diff + nan, n, self.shape,
-                          self.rel_sq + nan, **where)
+                          self.rel_sq + nan, metric=self.metric, gap=gap, **where)

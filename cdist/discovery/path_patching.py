@@ -35,9 +35,10 @@ Where the speed comes from (each exact, each checked against ``path_patching_sca
 - Under ``torchrun`` each rank runs only its share of the senders (``engine.rank_heads``), and the
   ranks add up their sums.
 
-Scores, per head, averaged over the examples: ``relative_change`` = (p_patched - p_clean) / p_clean,
-Prakash et al.'s path-patching score (most negative = most important), and
-``prob_change`` = p_patched - p_clean.
+Scores, per head, averaged over the examples, by default: ``relative_change`` = (p_patched -
+p_clean) / p_clean, Prakash et al.'s path-patching score (most negative = most important), and
+``prob_change`` = p_patched - p_clean; a logit difference instead with ``metric``
+(``cdist.discovery.metrics``).
 
 The search that chains these scans backwards from the logits, group by group, is
 ``cdist.discovery.search``.
@@ -53,6 +54,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from cdist.discovery import metrics
 from cdist.discovery.engine import (
     OneItem,
     PatchSums,
@@ -64,9 +66,10 @@ from cdist.discovery.engine import (
     rank_heads,
     replacing,
 )
+from cdist.discovery.metrics import CONTRAST, Target
 from cdist.distributed import is_main
 from cdist.errors import InputError
-from cdist.evaluate import answer_stats, batches, device_of, pad_id
+from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import (
     HookedTransformer,
     attention_inputs,
@@ -81,7 +84,7 @@ from cdist.types import Head, Scan
 
 __all__ = [
     "ReceiverInput",
-    "path_patched_prob",
+    "path_patched_value",
     "path_patching_scan",
     "path_patching_scan_reference",
     "receiver_masks",
@@ -129,6 +132,7 @@ def path_patching_scan(
     senders_per_pass: int = 8,
     memory_budget: float | None = None,
     senders: Sequence[Head | str] | None = None,
+    metric: str = "prob",
     progress: bool = False,
 ) -> Scan:
     """Path-patch every head, as a sender at ``position``, into the logits or into ``receivers``.
@@ -153,29 +157,32 @@ def path_patching_scan(
         senders: the senders to patch (e.g. ``path_attribution_scan``'s top candidates); default
             every head. The others score NaN, except those at or above the last receiver's layer,
             which cannot reach a receiver and score 0.
+        metric: what is read at the answer (``cdist.discovery.metrics``).
         progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
 
     Returns:
-        A ``Scan`` (method "path_patching", ranked by ``relative_change``, most negative first) with
-        ``relative_change``, ``prob_change`` and ``relative_change_se``: ``[layer, head_index]``
-        float32 CPU tensors (module doc).
+        A ``Scan`` (method "path_patching", ranked by the metric's score, most negative first;
+        for ``"prob"`` ``relative_change``, ``prob_change`` and ``relative_change_se``):
+        ``[layer, head_index]`` float32 CPU tensors (module doc).
     """
-    check_items(data, position)
+    check_items(data, position, metric)
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, senders_per_pass, memory_budget)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     paths = _Paths.of(model, receivers, receiver_input, position)
     asked = flat_heads(senders, n_layers, n_heads)
     run = rank_heads(asked[asked < paths.top * n_heads])  # flat index layer * n_heads + head
-    sums = PatchSums(model)
+    sums = PatchSums(model, metric)
     sums.add_unreachable(asked[asked >= paths.top * n_heads])
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
     bar = progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass")
-    for batch in batches(data, batch_size, pad_id(model), (position,), corrupt=True):
+    columns = (position,) + ((CONTRAST,) if metric != "prob" else ())
+    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise InputError("receivers=() means the logits at pos_last; "
                              f"position={position!r} differs")
-        for chunk, change, p_clean in _patched_chunks(model, batch, paths, run, senders_per_pass):
+        chunks = _patched_chunks(model, batch, paths, run, senders_per_pass, metric, sums)
+        for chunk, change, p_clean in chunks:
             sums.add_batch(chunk, change, p_clean)
             bar.update()
     bar.close()
@@ -215,12 +222,14 @@ class _Paths:
 
 
 def _patched_chunks(
-    model: HookedTransformer, batch: dict, paths: _Paths, run: Tensor, senders_per_pass: int
+    model: HookedTransformer, batch: dict, paths: _Paths, run: Tensor, senders_per_pass: int,
+    metric: str, sums: PatchSums,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Path-patch one batch, ``senders_per_pass`` of this rank's senders ``run`` per pass.
+    """Path-patch one batch, ``senders_per_pass`` of this rank's senders ``run`` per pass; the
+    batch's clean and corrupt values go to ``sums``'s gap.
 
-    Yields, per pass: its senders (flat indices), the change of each copy's answer probability
-    (``[senders, rows]``) and the clean probability (``[rows]``).
+    Yields, per pass: its senders (flat indices), the change of each copy's value of the metric
+    (``[senders, rows]``) and the clean value (``[rows]``).
     """
     device = device_of(model)
     names = [hook_z(layer) for layer in range(paths.top)]
@@ -228,9 +237,12 @@ def _patched_chunks(
     ids, n_rows = batch["input_ids"].to(device), len(batch["input_ids"])
     rows = torch.arange(n_rows, device=device)
     here = batch[paths.position].to(device)
+    target = Target.of(batch, metric)
     logits, clean = model.run_with_cache(ids, names_filter=names + resid_names)
-    p_clean, _ = answer_stats(logits, batch["answer_id"], batch["pos_last"])
-    _, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device), names_filter=names)
+    p_clean, _ = metrics.measure(logits, target, metric, batch["pos_last"])
+    corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                   names_filter=names)
+    sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric, batch["pos_last"])[0])
     # [batch, head_index, d_head] at ``position``
     clean_z = [clean[name][rows, here] for name in names]
     corrupt_z = [corrupt[name][rows, here] for name in names]
@@ -243,7 +255,7 @@ def _patched_chunks(
         else:
             final = _receiving_run(model, batch, paths, clean[hook_resid_pre(paths.start)], resid,
                                    n_copies)
-        p, _ = answer_stats(unembed(model, final), batch["answer_id"].repeat(n_copies))
+        p, _ = metrics.measure(unembed(model, final), target.repeat(n_copies), metric)
         yield chunk, p.view(n_copies, n_rows) - p_clean[None, :], p_clean
 
 
@@ -282,12 +294,12 @@ def _receiving_run(model: HookedTransformer, batch: dict, paths: _Paths, clean_r
     return final[torch.arange(len(final), device=device), last]
 
 
-def path_patched_prob(model: HookedTransformer, run: OneItem, layer: int, head: int,
-                      sender_z: Tensor, in_masks: dict) -> Tensor:
-    """One item's answer probability when sender ``(layer, head)``'s ``z`` at the item's position is
-    ``sender_z`` and every other head is frozen to its clean ``z`` (run 1), read by the receivers of
-    ``in_masks`` (run 2) or directly by the logits; plain full forward passes, differentiable in
-    ``sender_z``. The slow twins' one step."""
+def path_patched_value(model: HookedTransformer, run: OneItem, layer: int, head: int,
+                       sender_z: Tensor, in_masks: dict, metric: str = "prob") -> Tensor:
+    """One item's value of ``metric`` (by default the answer's probability) when sender
+    ``(layer, head)``'s ``z`` at the item's position is ``sender_z`` and every other head is frozen
+    to its clean ``z`` (run 1), read by the receivers of ``in_masks`` (run 2) or directly by the
+    logits; plain full forward passes, differentiable in ``sender_z``. The slow twins' one step."""
     names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
 
     def freeze(z, hook):
@@ -318,21 +330,23 @@ def path_patched_prob(model: HookedTransformer, run: OneItem, layer: int, head: 
 
         with model.hooks(fwd_hooks=[(name, receive) for _, name in in_masks]):
             logits = model(run.ids)
-    return answer_stats(logits, run.answer, run.last)[0].sum()
+    return metrics.measure(logits, run.target, metric, run.last)[0].sum()
 
 
 def reference_path_scan(model: HookedTransformer, data, receivers: Sequence[Head],
                         receiver_input: ReceiverInput, position: str, method: str,
-                        change: Callable[[OneItem, int, int, dict], float]) -> Scan:
+                        change: Callable[[OneItem, int, int, dict], float],
+                        metric: str = "prob") -> Scan:
     """The slow twins' loop: every item, every sender below the last receiver's layer, one at a
     time; ``change(run, layer, head, in_masks)`` is one sender's change on one item."""
     cfg = model.cfg
     receivers = tuple(sorted(set(receivers)))
     in_masks = receiver_masks(receivers, receiver_input, cfg)
     top = max(r.layer for r in receivers) if receivers else cfg.n_layers
-    sums = PatchSums(model)
+    sums = PatchSums(model, metric)
     sums.add_unreachable(torch.arange(top * cfg.n_heads, cfg.n_layers * cfg.n_heads))
-    for run in one_item_runs(model, data, position):
+    for run in one_item_runs(model, data, position, metric):
+        sums.add_gap(torch.tensor([run.p_clean]), torch.tensor([run.p_corrupt]))
         for layer in range(top):
             for head in range(cfg.n_heads):
                 sums.add(layer, head, change(run, layer, head, in_masks), run.p_clean)
@@ -348,6 +362,7 @@ def path_patching_scan_reference(
     receivers: Sequence[Head] = (),
     receiver_input: ReceiverInput = "q",
     position: str = "pos_last",
+    metric: str = "prob",
 ) -> Scan:
     """The slow twin of ``path_patching_scan``: one sender, one unpadded prompt,
     full forward passes.
@@ -359,7 +374,8 @@ def path_patching_scan_reference(
 
     def change(run, layer, head, in_masks):
         corrupt = run.corrupt[hook_z(layer)][0, run.at, head]
-        return path_patched_prob(model, run, layer, head, corrupt, in_masks).item() - run.p_clean
+        return (path_patched_value(model, run, layer, head, corrupt, in_masks, metric).item()
+                - run.p_clean)
 
     return reference_path_scan(model, data, receivers, receiver_input, position, "path_patching",
-                               change)
+                               change, metric)
