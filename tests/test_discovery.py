@@ -95,8 +95,11 @@ def test_every_method_and_search_name_has_its_function():
     """The config's Literal types name exactly the registered methods and searches, and a name
     outside them is refused with the choices."""
     assert circuits.METHODS == ("auto", *circuits.DISCOVERERS)
-    assert circuits.SEARCHES == ("auto", *search.SEARCHES)
+    assert circuits.SEARCHES == ("auto", *search.SEARCHES, "positions")
+    assert circuits.METRIC_NAMES == ("auto", "prob", "logit_diff", "logit_diff_normalised")
     with unchecked():
+        with pytest.raises(ValueError, match=r"metric 'kl'.*'logit_diff'"):
+            discovery.DiscoveryConfig(metric="kl")
         with pytest.raises(ValueError, match=r"'magic'.*'path_patching', 'mean_ablation'"):
             discovery.DiscoveryConfig(method="magic")
         with pytest.raises(ValueError, match=r"search 'deep'.*'prakash', 'adjacent'"):

@@ -403,10 +403,10 @@ def test_get_task_returns_the_registered_records():
 
 def test_unknown_task_names_the_registered_ones():
     with pytest.raises(tasks.UnknownTaskError) as info:
-        tasks.get_task("ioi")
+        tasks.get_task("greater_than")
     assert isinstance(info.value, ValueError)
-    assert "'ioi'" in str(info.value) and "'entity_tracking'" in str(info.value)
-    assert "'theory_of_mind'" in str(info.value)
+    assert "'greater_than'" in str(info.value) and "'entity_tracking'" in str(info.value)
+    assert "'theory_of_mind'" in str(info.value) and "'ioi'" in str(info.value)
 
 
 def _toy(**changes) -> tasks.Task:

@@ -185,8 +185,9 @@ def experiment_config(s: RunSettings):
         base = distill.DistillConfig(steps=s.steps, batch_size=s.batch_size,
                                      kv_policy=s.kv_policy, eval_every=s.eval_every,
                                      cka_position=s.cka_position)
-    rule = {k: getattr(s, k) for k in ("k", "min_effect", "prefilter", "min_share")
+    rule = {k: getattr(s, k) for k in ("k", "min_effect", "prefilter", "min_share", "metric")
             if getattr(s, k) is not None}
+    search = {"search": s.search} if s.search is not None else {}
     fields = {k: getattr(s, k) for k in _DESIGN if getattr(s, k) is not None}
     if s.arms is not None:
         for arm_name in s.arms:
@@ -200,7 +201,7 @@ def experiment_config(s: RunSettings):
         teacher_positions=_pairs(s.teacher_positions, "--teacher-positions",
                                  "HEAD=COLUMN", "a0.h3=pos_prev_label"), distill=base,
         fingerprints=_pairs(s.fingerprints, "--fingerprints", "ROLE=HEX", "teacher=3f2a..."),
-        discovery=discovery.DiscoveryConfig(**rule),
+        discovery=discovery.DiscoveryConfig(**rule, **search),
         student_discovery=replace(defaults.student_discovery,
                                   method=s.student_method or "mean_ablation", **rule),
         **fields,

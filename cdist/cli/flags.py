@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from cdist import arms
-from cdist.discovery_names import DISCOVERY_METHODS
+from cdist.discovery_names import DISCOVERY_METHODS, METRICS, SEARCH_NAMES
 from cdist.errors import ConfigError
 from cdist.tasks.registry import TASKS
 
@@ -175,8 +175,15 @@ def _discovery_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grow-max-share", type=_parse_positive_share, default=0.25,
                    help="a grown circuit has at most this share of its model's heads")
     g.add_argument("--prefilter", type=int, default=None,
-                   help="entity tracking's searches: scan exactly only the N senders per group "
+                   help="path-patching searches: scan exactly only the N senders per group "
                         "that path attribution ranks first (for deep models; default: every head)")
+    g.add_argument("--search", choices=["auto", *SEARCH_NAMES], default="auto",
+                   help="the path-patching search (auto: the task's; positions: the default "
+                        "search built from the items' named positions)")
+    g.add_argument("--metric", choices=["auto", *METRICS], default="auto",
+                   help="what discovery scans read at the answer: the answer's probability, its "
+                        "logit difference against a rival answer, or that normalised by the "
+                        "clean-minus-corrupt gap (auto: the task's)")
     g.add_argument("--student-method", default="mean_ablation",
                    choices=["auto", *DISCOVERY_METHODS],
                    help="how the student's circuit is found (auto: as the teacher's, by task)")

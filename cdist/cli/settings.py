@@ -67,12 +67,17 @@ class RunSettings:
     characters: tuple[str, ...] | None = None
     containers: tuple[str, ...] | None = None
     states: tuple[str, ...] | None = None
+    names: tuple[str, ...] | None = None
+    places: tuple[str, ...] | None = None
+    gifts: tuple[str, ...] | None = None
     ood_boxes: tuple[int, ...] | None = None
     ood_templates: tuple[str, ...] | None = None
     # circuits
     k: int | None = None
     min_effect: float | str | None = None
     prefilter: int | None = None
+    search: str | None = None
+    metric: str | None = None
     student_method: str | None = None
     min_share: float | None = None
     min_faithfulness: float | None = None

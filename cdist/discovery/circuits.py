@@ -1,10 +1,11 @@
 """From scans to circuits: find a model's task circuit the way the task's own papers do.
 
 - Entity tracking: Prakash et al. 2024's backward path-patching search
-  (``cdist.discovery.search``), ``k`` heads per group whose relative change is at most
-  ``-min_effect`` and at least ``min_share`` of the largest effect of the groups searched so far;
-  on the organisms' adjacent form the search also looks for the object binders
-  (``search.ET_SEARCH_ADJACENT``).
+  (``cdist.discovery.search``), ``k`` heads per group whose score (relative change by default) is
+  at most ``-min_effect`` and at least ``min_share`` of the largest effect of the groups searched
+  so far; on the organisms' adjacent form the search also looks for the object binders
+  (``search.ET_SEARCH_ADJACENT``). IOI: Wang et al. 2022's search; any other task with named
+  positions: ``search.positions_search``.
 - Theory of mind (or any task, with ``method="mean_ablation"``): heads ranked by their mean-ablation
   probability drop, as in circuit distillation (Wadhwa et al. 2025); the circuit is the smallest
   top-n whose faithfulness on the discovery items reaches ``target``, with at most ``budget`` of all
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -29,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cdist import discovery_names
-from cdist.discovery import ablation, faithfulness, search
+from cdist.discovery import ablation, faithfulness, metrics, search
 from cdist.discovery.selection import MIN_SHARE, NOISE_Z, ranked_circuit, select_heads
 from cdist.errors import ConfigError
 from cdist.evaluate import accuracy
@@ -38,9 +39,9 @@ from cdist.progress import say
 from cdist.tasks import get_task
 from cdist.types import Circuit, Scan
 
-__all__ = ["DISCOVERERS", "METHODS", "MIN_SHARE", "NOISE_Z", "SEARCHES", "Discovery",
-           "DiscoveryConfig",
-           "Method", "SearchName", "find_circuit", "ranked_circuit", "select_heads"]
+__all__ = ["DISCOVERERS", "METHODS", "METRIC_NAMES", "MIN_SHARE", "NOISE_Z", "SEARCHES",
+           "Discovery", "DiscoveryConfig", "Method", "SearchName", "find_circuit",
+           "ranked_circuit", "select_heads"]
 
 # A discovery method's name (``cdist.discovery_names``): "auto" runs the task's own.
 Method = Literal["auto", discovery_names.DiscoveryMethod]
@@ -49,6 +50,8 @@ Method = Literal["auto", discovery_names.DiscoveryMethod]
 SearchName = Literal["auto", discovery_names.SearchName]
 METHODS: tuple[str, ...] = get_args(Method)
 SEARCHES: tuple[str, ...] = get_args(SearchName)
+# A scan's metric (``cdist.discovery.metrics``): "auto" takes the task's.
+METRIC_NAMES: tuple[str, ...] = ("auto", *metrics.METRICS)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class DiscoveryConfig:
             effect it is measured against (its scan's, and for path patching the earlier groups'
             too; ``select_heads``), so that a head whose effect is practically zero never enters
             a circuit; 0 turns the floor off.
+        metric: what the scans read at the answer: "auto" (the task's) or one of
+            ``metrics.METRICS``.
     """
 
     method: Method = "auto"  # "auto" (the task's), or a key of DISCOVERERS
@@ -80,8 +85,11 @@ class DiscoveryConfig:
     target: float = 0.8
     prefilter: int | None = None  # path patching: exact scans of this many pre-filtered senders
     min_share: float = MIN_SHARE  # a head's effect: at least this share of the largest (0: off)
+    metric: str = "auto"  # "auto" (the task's), or one of metrics.METRICS
 
     def __post_init__(self) -> None:
+        if self.metric not in METRIC_NAMES:
+            raise ConfigError(f"discovery metric {self.metric!r}; choose from {METRIC_NAMES}")
         if self.method not in METHODS:
             raise ConfigError(f"discovery method {self.method!r}; choose from {METHODS}")
         if self.search not in SEARCHES:
@@ -103,6 +111,10 @@ class DiscoveryConfig:
     def method_for(self, task: str) -> str:
         """The method this rule runs on ``task``: ``method``, or the task's own for "auto"."""
         return get_task(task).discovery_method if self.method == "auto" else self.method
+
+    def metric_for(self, task: str) -> str:
+        """The metric this rule's scans read on ``task``: ``metric``, or the task's for "auto"."""
+        return get_task(task).metric if self.metric == "auto" else self.metric
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,18 +182,20 @@ def path_patching_discovery(
     model: HookedTransformer, task: str, items, means: Tensor, cfg: DiscoveryConfig, *,
     model_name: str, scan: Scan | None, checkpoint_dir: str | Path | None, progress: bool,
 ) -> Discovery:
-    """The entity-tracking search (``search.entity_tracking_circuit``) named by ``cfg.search``, or
-    the task's for the items' template; ``means`` and ``scan`` are not used."""
+    """The path-patching search (``search.path_patching_circuit``) named by ``cfg.search``, or the
+    task's for the items; ``means`` and ``scan`` are not used. The record keeps the steps, so
+    that a search built from the items' positions can be read again."""
     name = get_task(task).search(items) if cfg.search == "auto" else cfg.search
-    circuit, groups = search.entity_tracking_circuit(
-        model, items, k=cfg.k, min_effect=cfg.min_effect, min_share=cfg.min_share,
-        search=search.SEARCHES[name],
-        model_name=model_name, prefilter=cfg.prefilter, checkpoint_dir=checkpoint_dir,
-        progress=progress)
+    steps, metric = search.search_steps(name, items), cfg.metric_for(task)
+    circuit, groups = search.path_patching_circuit(
+        model, items, search=steps, k=cfg.k, min_effect=cfg.min_effect, min_share=cfg.min_share,
+        metric=metric, model_name=model_name, prefilter=cfg.prefilter,
+        checkpoint_dir=checkpoint_dir, progress=progress)
     return Discovery(circuit, {f"path_patching_{group}": s for group, s in groups.items()},
                      {"method": "path_patching", "search": name, "k": cfg.k,
                       "min_effect": cfg.min_effect, "min_share": cfg.min_share,
-                      "prefilter": cfg.prefilter})
+                      "prefilter": cfg.prefilter, "metric": metric,
+                      "steps": [asdict(step) for step in steps]})
 
 
 def mean_ablation_discovery(
@@ -193,8 +207,8 @@ def mean_ablation_discovery(
     doubling then bisection on the ranked list (``faithfulness.grow_until_faithful``: about
     2 log2(budget) evaluations instead of one per head); with ``progress`` each evaluation is
     said; ``checkpoint_dir`` is not used."""
-    scan = scan if scan is not None else ablation.head_ablation_scan(model, items, means=means,
-                                                                     progress=progress)
+    scan = scan if scan is not None else ablation.head_ablation_scan(
+        model, items, means=means, metric=cfg.metric_for(task), progress=progress)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     # the heads that pass the rule, best first: every circuit tried is a prefix of them
     ranked = list(select_heads(scan, limit, 0.0, cfg.min_share))
@@ -227,7 +241,7 @@ DISCOVERERS: dict[str, Discoverer] = {
 # The method and search names live in the torch-free ``cdist.discovery_names`` (the task registry
 # checks tasks against them); refuse to import when a registry here and those names disagree.
 if (tuple(DISCOVERERS) != discovery_names.DISCOVERY_METHODS
-        or tuple(search.SEARCHES) != discovery_names.SEARCH_NAMES):
+        or (*search.SEARCHES, "positions") != discovery_names.SEARCH_NAMES):
     raise ImportError(f"cdist.discovery_names lists methods {discovery_names.DISCOVERY_METHODS} "
                       f"and searches {discovery_names.SEARCH_NAMES}, but DISCOVERERS has "
                       f"{tuple(DISCOVERERS)} and search.SEARCHES {tuple(search.SEARCHES)}: name "

@@ -31,13 +31,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from cdist.discovery_names import METRICS, Metric
 from cdist.errors import ConfigError, InputError
 from cdist.evaluate import answer_stats, logits_at
 
 __all__ = ["CONTRAST", "METRICS", "Metric", "Target", "check_metric", "measure", "score_name"]
 
-Metric = Literal["prob", "logit_diff", "logit_diff_normalised"]
-METRICS: tuple[str, ...] = ("prob", "logit_diff", "logit_diff_normalised")
 # the items' column of each answer's rival in a logit difference
 CONTRAST = "contrast_id"
 

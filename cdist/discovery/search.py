@@ -1,13 +1,25 @@
-"""The entity-tracking circuit search: Prakash et al. 2024's backward path-patching search over
-groups of heads ("Fine-Tuning Enhances Existing Mechanisms: A Case Study on Entity Tracking").
+"""The backward path-patching search over groups of heads, as the circuit literature runs it
+(Wang et al. 2022's IOI circuit; Prakash et al. 2024's entity-tracking circuit).
 
-The search starts at the answer and walks back one group at a time: the heads whose path into the
-logits matters most at ``pos_last`` (Value Fetchers), then the heads whose path into the fetchers'
-queries matters (Position Transmitters), then into the transmitters' values at the queried label
-(Position Detectors), then into the detectors' values at the label before it (Structure Readers).
-Each step is one ``path_patching_scan`` with the previous group as receivers, so a group is defined
-by the path it feeds and not by its own effect alone, which is what separates it from heads that
-merely matter somewhere (Wang et al. 2022; Goldowsky-Dill et al. 2023).
+A search is a list of steps (``SearchStep``), each one ``path_patching_scan`` with an earlier
+group as receivers, so a group is defined by the path it feeds and not by its own effect alone,
+which is what separates it from heads that merely matter somewhere (Wang et al. 2022;
+Goldowsky-Dill et al. 2023). ``path_patching_circuit`` runs any search; the configurations:
+
+- ``ET_SEARCH`` (``"prakash"``), Prakash et al.'s entity-tracking search: the heads whose path into
+  the logits matters most at ``pos_last`` (Value Fetchers), then the heads whose path into the
+  fetchers' queries matters (Position Transmitters), then into the transmitters' values at the
+  queried label (Position Detectors), then into the detectors' values at the label before it
+  (Structure Readers); ``ET_SEARCH_ADJACENT`` (``"adjacent"``) adds the organisms' object binders.
+- ``IOI_SEARCH`` (``"ioi"``), Wang et al.'s: name movers (into the logits at the end), S-inhibition
+  heads (into the name movers' queries at the end), induction and duplicate-token heads (into the
+  S-inhibition heads' values at S2) and previous-token heads (into the induction heads' keys at
+  the token after S1).
+- ``positions_search(columns)`` (``"positions"``), the default for a task that names positions and
+  nothing more (a task file's): the heads acting directly on the logits at ``pos_last``, then, into
+  those heads, the ones acting on their queries at ``pos_last`` and on their keys and values at
+  each named position, one group each: the first two steps of the literature's walk, with no
+  guess at what the groups mean. A user who knows more writes their own list of steps.
 
 Heads are kept by ``select_heads``'s rule. Every group's scores are one unit (the relative change
 of the answer's probability), so its floor (``min_share``) measures a head against the largest
@@ -33,6 +45,7 @@ from functools import partial
 from pathlib import Path
 
 from cdist.discovery.attribution_patching import path_attribution_scan
+from cdist.discovery.metrics import CONTRAST, check_metric
 from cdist.discovery.path_patching import ReceiverInput, path_patching_scan
 from cdist.discovery.selection import MIN_SHARE, largest_effect, select_heads
 from cdist.distributed import barrier, broadcast, is_main
@@ -41,8 +54,9 @@ from cdist.models import HookedTransformer
 from cdist.store import Store, items_fingerprint, model_fingerprint
 from cdist.types import Circuit, Head, Scan
 
-__all__ = ["ET_SEARCH", "ET_SEARCH_ADJACENT", "SEARCHES", "SearchStep", "entity_tracking_circuit",
-           "passing_heads"]
+__all__ = ["ET_SEARCH", "ET_SEARCH_ADJACENT", "IOI_SEARCH", "SEARCHES", "SearchStep",
+           "entity_tracking_circuit", "passing_heads", "path_patching_circuit", "positions_search",
+           "recorded_steps", "search_steps"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,61 @@ ET_SEARCH_ADJACENT: tuple[SearchStep, ...] = (
     *ET_SEARCH,
     SearchStep("object_binder", "pos_prev_label", "value_fetcher", "v"),
 )
-SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT}
+# Wang et al. 2022's IOI search ("When Mary and John went to the store, John gave a drink to" ->
+# " Mary"), in order; the S-inhibition heads' values at S2 carry the duplicate-token and induction
+# heads' signal, and the induction heads' keys at S1+1 the previous-token heads'.
+IOI_SEARCH: tuple[SearchStep, ...] = (
+    SearchStep("name_mover", "pos_last"),
+    SearchStep("s_inhibition", "pos_last", "name_mover", "q"),
+    SearchStep("induction_duplicate", "pos_s2", "s_inhibition", "v"),
+    SearchStep("previous_token", "pos_s1_next", "induction_duplicate", "k"),
+)
+SEARCHES: dict[str, tuple[SearchStep, ...]] = {"prakash": ET_SEARCH, "adjacent": ET_SEARCH_ADJACENT,
+                                               "ioi": IOI_SEARCH}
+
+
+def positions_search(columns: Sequence[str]) -> tuple[SearchStep, ...]:
+    """The default search of a task that names positions (module doc): ``direct`` into the logits
+    at ``pos_last``, then into its heads ``q_last`` (queries at ``pos_last``) and ``k_<name>`` /
+    ``v_<name>`` (keys and values) at ``pos_last`` and at each named position column
+    (``pos_<name>``, in ``columns``' order)."""
+    named = [c for c in dict.fromkeys(columns) if c.startswith("pos_") and c != "pos_last"]
+    steps = [SearchStep("direct", "pos_last"), SearchStep("q_last", "pos_last", "direct", "q")]
+    for column in ("pos_last", *named):
+        where = column.removeprefix("pos_")
+        steps += [SearchStep(f"{kv}_{where}", column, "direct", kv) for kv in ("k", "v")]
+    return tuple(steps)
+
+
+def recorded_steps(record: Mapping) -> tuple[SearchStep, ...]:
+    """The steps a path-patching discovery's ``record`` was searched with (records made before
+    the steps were kept name one of ``SEARCHES``)."""
+    if "steps" in record:
+        return tuple(SearchStep(**step) for step in record["steps"])
+    return SEARCHES[record["search"]]
+
+
+def search_steps(name: str, data) -> tuple[SearchStep, ...]:
+    """The steps of the search called ``name``: one of ``SEARCHES``, or ``"positions"``
+    (``positions_search`` of ``data``'s integer position columns).
+
+    Raises:
+        InputError: an unknown name, or a search that reads a position ``data`` lacks.
+    """
+    if name == "positions":
+        steps = positions_search([c for c in data.column_names
+                                  if c.startswith("pos_") and isinstance(data[0][c], int)])
+    elif name in SEARCHES:
+        steps = SEARCHES[name]
+    else:
+        raise InputError(f"path-patching search {name!r}; choose from "
+                         f"{[*SEARCHES, 'positions']}")
+    missing = sorted({st.position for st in steps} - set(data.column_names))
+    if missing:
+        raise InputError(f"the {name!r} search reads positions {missing} that the items lack "
+                         f"(they have {[c for c in data.column_names if c.startswith('pos_')]}); "
+                         "use the task's own search or items that name them")
+    return steps
 
 # The items' columns every step reads; each step also reads its own position column.
 SEARCH_COLUMNS = ("input_ids", "corrupt_input_ids", "answer_id", "pos_last")
@@ -97,12 +165,12 @@ def _check_order(search: Sequence[SearchStep]) -> None:
 
 def _scan_group(
     model: HookedTransformer, data, step: SearchStep, receivers: tuple[Head, ...], *,
-    prefilter: int | None, batch_size: int, senders_per_pass: int, progress: bool,
+    prefilter: int | None, batch_size: int, senders_per_pass: int, metric: str, progress: bool,
 ) -> dict[str, Scan]:
     """One step's scans: ``step.name``'s path-patching scan, and with ``prefilter`` the
     ``<step>_prefilter`` attribution scan whose top senders it was limited to."""
     kw = dict(receivers=receivers, receiver_input=step.receiver_input, position=step.position,
-              batch_size=batch_size)
+              batch_size=batch_size, metric=metric)
     scans, senders = {}, None
     if prefilter is not None:
         scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
@@ -135,14 +203,23 @@ def _kept_or_scanned(store: Store | None, name: str, identity,
     return scans
 
 
-def entity_tracking_circuit(
+def entity_tracking_circuit(model: HookedTransformer, data, *,
+                            search: Sequence[SearchStep] = ET_SEARCH,
+                            **kwargs) -> tuple[Circuit, dict[str, Scan]]:
+    """Prakash et al.'s backward path-patching search for the entity-tracking circuit (module
+    doc): ``path_patching_circuit`` with ``ET_SEARCH``."""
+    return path_patching_circuit(model, data, search=search, **kwargs)
+
+
+def path_patching_circuit(
     model: HookedTransformer,
     data,
     *,
+    search: Sequence[SearchStep],
     k: int | Mapping[str, int] = 2,
     min_effect: float | str = "noise",
     min_share: float = MIN_SHARE,
-    search: Sequence[SearchStep] = ET_SEARCH,
+    metric: str = "prob",
     model_name: str = "",
     batch_size: int = 16,
     senders_per_pass: int = 8,
@@ -150,7 +227,7 @@ def entity_tracking_circuit(
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> tuple[Circuit, dict[str, Scan]]:
-    """Prakash et al.'s backward path-patching search for the entity-tracking circuit (module doc).
+    """The backward path-patching search ``search`` (module doc).
 
     Each group keeps its top ``k`` heads whose effect clears ``min_effect`` and ``min_share``
     (``select_heads``, against the largest effect of the groups so far: module doc); a group whose
@@ -160,12 +237,14 @@ def entity_tracking_circuit(
 
     Args:
         model: a HookedTransformer.
-        data: entity-tracking items (``cdist.tasks.entity_tracking``).
+        data: task items with counterfactuals and the position columns the steps read.
+        search: the steps, in order; each step's receivers must come earlier.
         k: heads per group, one number or group name -> number.
-        min_effect: ``"noise"`` (default: a head's relative change must be negative by more than
+        min_effect: ``"noise"`` (default: a head's score must be negative by more than
             ``NOISE_Z`` standard errors over the items) or a number (at most ``-min_effect``).
         min_share: the floor, a share of the largest effect so far (0 turns it off).
-        search: the steps, in order; each step's receivers must come earlier.
+        metric: what every group's scan reads at the answer (``cdist.discovery.metrics``); one
+            for the whole search, so that ``min_share`` compares groups in one unit.
         model_name: recorded in the circuit.
         batch_size, senders_per_pass: as for ``path_patching_scan``.
         prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
@@ -184,12 +263,14 @@ def entity_tracking_circuit(
     if prefilter is not None and prefilter < 1:
         raise InputError(f"prefilter={prefilter}; give a number of senders >= 1, or None for all")
     _check_order(search)
+    check_metric(metric, data)
     store = Store(checkpoint_dir) if checkpoint_dir is not None else None
     # what a group's scans depend on besides its step and receivers (k, min_effect and min_share
     # only select from them, so a kept group can be re-selected under other ones)
     made_from = None if store is None else {
         "model": model_fingerprint(model),
-        "items": items_fingerprint(data, (*SEARCH_COLUMNS, *sorted({s.position for s in search})))}
+        "items": items_fingerprint(data, (*SEARCH_COLUMNS, *sorted({s.position for s in search}),
+                                          *((CONTRAST,) if metric != "prob" else ())))}
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, Scan] = {}
     scores: dict[Head, float] = {}
@@ -202,9 +283,11 @@ def entity_tracking_circuit(
         identity = None if made_from is None else made_from | {
             "step": [step.name, step.position, step.receiver_input],
             "receivers": [str(r) for r in receivers], "prefilter": prefilter}
+        if identity is not None and metric != "prob":  # kept groups of earlier versions: "prob"
+            identity["metric"] = metric
         scans = _kept_or_scanned(store, f"{step.name}.json", identity, partial(
             _scan_group, model, data, step, receivers, prefilter=prefilter, batch_size=batch_size,
-            senders_per_pass=senders_per_pass, progress=progress))
+            senders_per_pass=senders_per_pass, metric=metric, progress=progress))
         found |= scans
         k_here = k if isinstance(k, int) else k.get(step.name, 0)
         groups[step.name] = select_heads(scans[step.name], k_here, min_effect, min_share,

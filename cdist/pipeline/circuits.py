@@ -80,15 +80,18 @@ class Circuits:
         return self.of(role).heads
 
 
-def ablation_scan(ctx: Context, role: Role, items, name: str) -> Scan:
-    """``role``'s mean-ablation scan of ``items``, kept as ``scans/<name>.json`` while the model,
-    the items and the reference items are the same: at real depth each scan is minutes."""
+def ablation_scan(ctx: Context, role: Role, items, name: str, metric: str = "prob") -> Scan:
+    """``role``'s mean-ablation scan of ``items`` under ``metric``, kept as ``scans/<name>.json``
+    while the model, the items, the reference items and the metric are the same: at real depth
+    each scan is minutes."""
     identity = [ctx.fingerprint(role), items_fingerprint(items),
                 items_fingerprint(ctx.items.reference)]
+    if metric != "prob":  # scans kept before there was a choice read the probability
+        identity.append(metric)
     return ctx.store.reuse(
         f"scans/{name}.json", identity,
         lambda: ablation.head_ablation_scan(ctx.model(role), items, means=ctx.means(role),
-                                            progress=ctx.progress),
+                                            metric=metric, progress=ctx.progress),
         encode=Scan.to_dict, decode=Scan.from_dict)
 
 
@@ -125,7 +128,8 @@ def find_circuit(ctx: Context, role: Role, *, refuse: bool = True) -> Discovery:
                 items_fingerprint(items.reference), cfg.task, asdict(rule), name]
 
     def search() -> Discovery:
-        scan = (ablation_scan(ctx, role, items.found_on, f"{role}-discovery")
+        scan = (ablation_scan(ctx, role, items.found_on, f"{role}-discovery",
+                              rule.metric_for(cfg.task))
                 if rule.method_for(cfg.task) == "mean_ablation" else None)
         return _search(ctx, role, rule, name, scan)
 
@@ -247,7 +251,7 @@ def _candidates(ctx: Context, role: Role, found: Discovery) -> list[_Candidate]:
     circuit, rule, runners = found.circuit, _rule(ctx.cfg, role), {}
     if found.record.get("method") == "path_patching":
         scans = {n.removeprefix("path_patching_"): s for n, s in found.scans.items()}
-        passing = search.passing_heads(scans, search.SEARCHES[found.record["search"]],
+        passing = search.passing_heads(scans, search.recorded_steps(found.record),
                                        min_effect=rule.min_effect, min_share=rule.min_share)
         for score, h, g in sorted((scans[g].ranking()[h], h, g) for g, heads in passing.items()
                                   for h in heads if h not in circuit.groups.get(g, ())):

@@ -3,6 +3,8 @@
 - ``entity_tracking``: "The apple is in Box F, ... . Box F contains the" -> "apple"
   (Prakash et al. 2024).
 - ``theory_of_mind``: CausalToM belief questions, answer a drink or "unknown" (Prakash et al. 2025).
+- ``ioi``: "When Mary and John went to the store, John gave a drink to" -> " Mary" (Wang et al.
+  2022).
 
 Each registers a ``Task`` record (``get_task(name)``) that the rest of cdist asks instead of
 comparing names.
@@ -37,6 +39,7 @@ from cdist.tasks.entity_tracking import (
     render_entity_tracking,
     render_query,
 )
+from cdist.tasks.ioi import IOI_TEMPLATES, IoiTemplate, ioi
 from cdist.tasks.registry import (
     TASKS,
     Task,
@@ -59,9 +62,10 @@ from cdist.tasks.theory_of_mind import (
 )
 
 __all__ = [
-    "ET_TEMPLATES", "TASKS", "TEST_FRACTION", "TOM_TEMPLATES", "UNKNOWN", "VISIBILITIES",
-    "EntityTrackingTemplate", "Task", "TheoryOfMindTemplate", "UnknownTaskError", "WordChoice",
-    "belief", "default_words", "entity_tracking", "entity_tracking_words", "get_task",
+    "ET_TEMPLATES", "IOI_TEMPLATES", "TASKS", "TEST_FRACTION", "TOM_TEMPLATES", "UNKNOWN",
+    "VISIBILITIES", "EntityTrackingTemplate", "IoiTemplate", "Task", "TheoryOfMindTemplate",
+    "UnknownTaskError", "WordChoice", "belief", "default_words", "entity_tracking",
+    "entity_tracking_words", "get_task", "ioi",
     "item_split", "organism_vocabulary", "register", "render_context", "render_entity_tracking",
     "render_query", "render_question", "render_story", "render_theory_of_mind",
     "single_token_id", "single_token_words", "theory_of_mind", "theory_of_mind_words",

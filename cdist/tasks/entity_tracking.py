@@ -207,7 +207,8 @@ def entity_tracking(
             A-Z that are single tokens for ``tokenizer``.
 
     Returns:
-        A Dataset with columns prompt, answer, input_ids, answer_id, corrupt_prompt,
+        A Dataset with columns prompt, answer, input_ids, answer_id, contrast_id (the next box's
+        object: a logit difference's rival, ``cdist.discovery.metrics``), corrupt_prompt,
         corrupt_input_ids, pos_last, pos_query_label, pos_prev_label, pos_prev_object, pos_objects,
         pos_labels, objects, labels, query_index, query_label, corrupt_objects, corrupt_labels,
         n_boxes, template. Positions index ``input_ids`` (its BOS included, where the tokenizer
@@ -272,6 +273,8 @@ def _row(item, prompt: str, ids: list[int], pos: dict[str, int], corrupt_prompt:
         "answer": objs[q],
         "input_ids": ids,
         "answer_id": answer_ids[objs[q]],
+        # the rival of a logit difference: the next box's object, the one a positional slip picks
+        "contrast_id": answer_ids[objs[(q + 1) % n_boxes]],
         "corrupt_prompt": corrupt_prompt,
         "corrupt_input_ids": c_ids,
         "pos_last": len(ids) - 1,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cdist.discovery_names import DISCOVERY_METHODS
+from cdist.discovery_names import DISCOVERY_METHODS, METRICS
 from cdist.errors import ConfigError, InputError
 from cdist.tasks.common import WordChoice, single_token_words
 
@@ -63,6 +63,9 @@ class Task:
         chance: ``chance(items)`` -> the accuracy of a uniform guess among each item's possible
             answers, averaged over the items (entity tracking: 1 / its boxes); None: only the
             most common answer's share counts (``chance_accuracy``).
+        metric: what its discovery scans read at the answer by default
+            (``cdist.discovery.metrics``: ``"prob"``, ``"logit_diff"``,
+            ``"logit_diff_normalised"``); a logit difference needs its items' ``contrast_id``.
     """
 
     name: str
@@ -81,8 +84,11 @@ class Task:
     curriculum: bool = False
     word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     chance: Callable | None = None
+    metric: str = "prob"
 
     def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"task {self.name!r}: metric {self.metric!r}; choose from {METRICS}")
         if self.discovery_method not in DISCOVERY_METHODS:
             raise ConfigError(f"task {self.name!r}: discovery method {self.discovery_method!r}; "
                               f"choose {' or '.join(map(repr, DISCOVERY_METHODS))}")
