@@ -116,10 +116,11 @@ def _organism(s: RunSettings) -> dict | None:
     from cdist import zoo
     from cdist.errors import MismatchError
 
+    own_data = tasks.get_task(s.task).size is not None  # a task file: the user's items decide
     for role in ("teacher", "student"):
         name = s.model(role)
         trained_on = zoo.manifest(name)["config"]["task"] if name in zoo.names() else None
-        if trained_on not in (None, s.task):
+        if trained_on not in (None, s.task) and not own_data:
             raise MismatchError(f"--{role} {name} was trained on {trained_on}, not {s.task}; "
                                 f"pass --task {trained_on} or a {s.task} model")
     student = s.student or s.teacher
@@ -129,7 +130,9 @@ def _organism(s: RunSettings) -> dict | None:
 def _task_kwargs(s: RunSettings, spec, organism: dict | None) -> dict:
     """The generator's settings: a zoo student's own items (its template, boxes, words), else the
     task's real template; then the flags' template, box count and word lists."""
-    if organism:
+    if spec.size is not None:  # a task file's items are its rows
+        kwargs = {}
+    elif organism:
         kwargs = {"template": organism["template"], **organism.get("task_kwargs", {})}
         kwargs |= {k: organism[k] for k in spec.organism_kwargs}
     else:

@@ -86,6 +86,16 @@ SHARED: dict[str, dict] = {
 }
 
 
+def _task(name: str) -> str:
+    """A registered task's name or a path to task data (checked without reading it)."""
+    from cdist.tasks.from_file import is_task_file
+
+    if name in TASKS or is_task_file(name):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r} is neither a task ({', '.join(sorted(TASKS))}) "
+                                     "nor a .jsonl, .csv or datasets folder of items")
+
+
 def add_shared(group, *names: str) -> None:
     """The ``SHARED`` flags ``names`` on ``group`` (a parser or an argument group)."""
     for name in names:
@@ -103,8 +113,10 @@ def add_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], *, roles=("te
         g.add_argument(f"--{role}", default=None,
                        help="zoo name, checkpoint directory or .gguf file (default: the run "
                             "folder's, else the task's zoo pair)")
-    g.add_argument("--task", default=default_task, choices=sorted(TASKS),
-                   help="the task (default: the run folder's, else entity_tracking)")
+    g.add_argument("--task", default=default_task, type=_task,
+                   help=f"the task: one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv file "
+                        "or datasets folder of your own items (cdist/tasks/from_file.py) "
+                        "(default: the run folder's, else entity_tracking)")
     g.add_argument("--out", default=None,
                    help="the run folder every step reads and writes (default: runs/<task>, "
                         "out of git)")

@@ -71,6 +71,8 @@ def train_seed(data_seed: int, seed: int) -> int:
 
 def make_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
     """The experiment's item sets, made with ``tokenizer`` (module doc)."""
+    if tasks.get_task(cfg.task).size is not None:
+        return _finite_items(cfg, tokenizer)
     seed = cfg.data_seed * 10
     val = _generate(cfg, tokenizer, cfg.val_items, "train", seed + 2)
     held_out = set(val["prompt"])
@@ -90,6 +92,48 @@ def make_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
         ood={name: _generate(cfg, tokenizer, cfg.ood_items, "test", seed + 6 + i, **kw)
              for i, (name, kw) in enumerate(cfg.ood)},
     )
+
+
+def _finite_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
+    """The sets of a task of finitely many items (a task file): each split's sets are disjoint
+    slices of one order of its items (the data seed's), and each run seed's training pool is
+    every other train item in the run seed's own order."""
+    task, seed = tasks.get_task(cfg.task), cfg.data_seed * 10
+
+    def sliced(split: str, counts: dict[str, int]) -> dict:
+        wanted, out, offset = sum(counts.values()), {}, 0
+        have = task.size(tokenizer, split)
+        if wanted > have:
+            raise ConfigError(f"{cfg.task}: {wanted} {split} items asked for ("
+                              + ", ".join(f"{k} {v}" for k, v in counts.items())
+                              + f") but {have} of its rows fall in the {split} split; add rows "
+                              "or lower those counts")
+        for name, n in counts.items():
+            out[name] = _generate(cfg, tokenizer, n, split, seed, offset=offset)
+            offset += n
+        return out
+
+    train = sliced("train", {"--val-items": cfg.val_items})
+    test = sliced("test", {"--reference-items": cfg.reference_items,
+                           "--discovery-items": cfg.discovery_items,
+                           "--test-items": cfg.test_items})
+    val = train["--val-items"]
+    held_out = set(val["prompt"])
+    n_train = task.size(tokenizer, "train")
+    if max(cfg.regimes) > n_train - len(val):
+        raise ConfigError(f"{cfg.task}: a regime of {max(cfg.regimes)} training items, but "
+                          f"{n_train - len(val)} train-split rows are left after the "
+                          f"{len(val)} validation items; add rows or lower --regimes")
+
+    def pool(run_seed: int):
+        made = _generate(cfg, tokenizer, n_train, "train", train_seed(cfg.data_seed, run_seed))
+        kept = [i for i, p in enumerate(made["prompt"]) if p not in held_out]
+        return made.select(kept[:max(cfg.regimes)])
+
+    return ItemSets(val=val, pool=pool, reference=test["--reference-items"],
+                    found_on=test["--discovery-items"], test=test["--test-items"],
+                    ood={name: _generate(cfg, tokenizer, cfg.ood_items, "test", seed + 6 + i, **kw)
+                         for i, (name, kw) in enumerate(cfg.ood)})
 
 
 def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None) -> None:

@@ -63,6 +63,10 @@ class Task:
         chance: ``chance(items)`` -> the accuracy of a uniform guess among each item's possible
             answers, averaged over the items (entity tracking: 1 / its boxes); None: only the
             most common answer's share counts (``chance_accuracy``).
+        size: for a task of finitely many items (a task file), ``size(tokenizer, split)`` -> the
+            items of ``split``; its generator then takes ``offset`` (skip that many of the seed's
+            order), and an experiment's sets of one split are disjoint slices of one order
+            (``pipeline.items``). None: a generator that draws fresh items.
         metric: what its discovery scans read at the answer by default
             (``cdist.discovery.metrics``: ``"prob"``, ``"logit_diff"``,
             ``"logit_diff_normalised"``); a logit difference needs its items' ``contrast_id``.
@@ -85,6 +89,7 @@ class Task:
     word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     chance: Callable | None = None
     metric: str = "prob"
+    size: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -143,17 +148,29 @@ def register(task: Task) -> Task:
     return task
 
 
+_FILES: dict[str, Task] = {}
+
+
 def get_task(name: str | Task) -> Task:
-    """The registered task called ``name`` (a ``Task`` is returned as it is).
+    """The registered task called ``name``, or the task of the data file or folder at ``name``
+    (``cdist.tasks.from_file``); a ``Task`` is returned as it is.
 
     Raises:
-        UnknownTaskError: ``name`` is not registered; the message lists the registered names.
+        UnknownTaskError: ``name`` is neither registered nor task data; the message lists the
+            registered names.
     """
     if isinstance(name, Task):
         return name
-    if name not in TASKS:
-        raise UnknownTaskError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name]
+    if name in TASKS:
+        return TASKS[name]
+    from cdist.tasks.from_file import is_task_file, task_from_file
+
+    if is_task_file(name):
+        if name not in _FILES:
+            _FILES[name] = task_from_file(name)
+        return _FILES[name]
+    raise UnknownTaskError(f"unknown task {name!r}; choose from {sorted(TASKS)}, or give a "
+                           ".jsonl or .csv file or a datasets folder of your own items")
 
 
 def default_words(task: str | Task, tokenizer) -> dict[str, WordChoice]:
