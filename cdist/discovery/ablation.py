@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist import limits
 from cdist.discovery.engine import (
     Hook,
     budget_batch_size,
@@ -44,7 +46,7 @@ from cdist.discovery.engine import (
     sum_over_ranks,
 )
 from cdist.distributed import is_main
-from cdist.errors import InputError
+from cdist.errors import InputError, MismatchError
 from cdist.evaluate import answer_stats, batches, device_of, last_logits, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.progress import bar as progress_bar
@@ -413,7 +415,14 @@ def _circuit_to_evaluate(model: HookedTransformer, circuit_heads: Circuit | Iter
                          "got bare heads")
     else:
         circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
+    source = getattr(model, "source", None)  # load_llama's checkpoint path
+    if circuit.model and source and Path(circuit.model).name != Path(source).name:
+        raise MismatchError(f"the circuit was found in {circuit.model}, not in this model "
+                            f"({source}); evaluate it on its own model, or pass its heads "
+                            "(circuit.heads) to evaluate them here")
     check_heads(model, circuit.heads, "circuit heads")
+    limits.check_random_circuits(n_random, cfg.n_layers * cfg.n_heads, len(circuit.heads),
+                                 "the circuit")
     return circuit
 
 

@@ -63,6 +63,9 @@ class Task:
         chance: ``chance(items)`` -> the accuracy of a uniform guess among each item's possible
             answers, averaged over the items (entity tracking: 1 / its boxes); None: only the
             most common answer's share counts (``chance_accuracy``).
+        distinct: ``distinct(words, **generate_kwargs)`` -> how many distinct items the generator
+            can make, ``words`` giving each word list's length (``distinct_items``); None:
+            unbounded.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Task:
     curriculum: bool = False
     word_lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     chance: Callable | None = None
+    distinct: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         if self.discovery_method not in DISCOVERY_METHODS:
@@ -113,6 +117,16 @@ class Task:
     def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
         """``n`` items of the task (``generate``'s arguments)."""
         return self.generate(n, tokenizer=tokenizer, seed=seed, split=split, **kwargs)
+
+    def distinct_items(self, tokenizer, **kwargs) -> int | None:
+        """How many distinct items ``items(..., tokenizer=tokenizer, **kwargs)`` can draw from
+        (both splits together; about 80% of them are in train); None: unbounded."""
+        if self.distinct is None:
+            return None
+        words = {role: len(kwargs[role]) if kwargs.get(role) is not None
+                 else len(default_words(self, tokenizer)[role].kept) for role in self.word_lists}
+        return self.distinct(words, **{k: v for k, v in kwargs.items()
+                                       if k not in self.word_lists})
 
     def chance_accuracy(self, items) -> float:
         """What a model that does not do the task gets right on ``items``: the larger of a
