@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,7 +45,7 @@ from cdist.discovery.engine import (
     sum_over_ranks,
 )
 from cdist.distributed import is_main
-from cdist.errors import InputError, MismatchError
+from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, last_logits, pad_id
 from cdist.models import HookedTransformer, check_heads, hook_z
 from cdist.progress import bar as progress_bar
@@ -408,21 +407,14 @@ def _circuit_to_evaluate(model: HookedTransformer, circuit_heads: Circuit | Iter
         raise InputError(f"means of shape {tuple(means.shape)} are not this model's "
                          f"[{cfg.n_layers} layers, positions, {cfg.n_heads} heads, {cfg.d_head}]; "
                          "make them with head_means(model, reference items)")
-    if isinstance(circuit_heads, Circuit):
-        circuit = circuit_heads
-    elif keep_at_positions:
+    if keep_at_positions and not isinstance(circuit_heads, Circuit):
         raise InputError("keep_at_positions needs a Circuit (its groups name the positions); "
                          "got bare heads")
-    else:
-        circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
-    source = getattr(model, "source", None)  # load_llama's checkpoint path
-    if circuit.model and source and Path(circuit.model).name != Path(source).name:
-        raise MismatchError(f"the circuit was found in {circuit.model}, not in this model "
-                            f"({source}); evaluate it on its own model, or pass its heads "
-                            "(circuit.heads) to evaluate them here")
+    circuit = (circuit_heads if isinstance(circuit_heads, Circuit)
+               else Circuit({"circuit": tuple(sorted(set(circuit_heads)))}))
+    circuit.check_found_in(getattr(model, "source", None))  # load_llama's checkpoint path
     check_heads(model, circuit.heads, "circuit heads")
-    limits.check_random_circuits(n_random, cfg.n_layers * cfg.n_heads, len(circuit.heads),
-                                 "the circuit")
+    limits.check_random_circuits(n_random, cfg.n_layers * cfg.n_heads, len(circuit), "the circuit")
     return circuit
 
 

@@ -98,7 +98,7 @@ class ExperimentConfig:
                              ("lambdas", self.lambdas), ("matchers", self.matchers),
                              ("arms", self.arms), ("ood", [label for label, _ in self.ood])):
             if len(set(values)) != len(values):
-                raise ConfigError(f"{name}={list(values)} repeats a value; give each once")
+                raise ConfigError(f"{name}={tuple(values)} repeats a value; give each once")
         for name, value in (("data_seed", self.data_seed), ("select_seed", self.select_seed),
                             *(("seeds", seed) for seed in self.seeds)):
             limits.check_seed(name, value)
