@@ -42,6 +42,12 @@ def _atomic(path: Path, write, every_rank: bool = False) -> None:
             os.unlink(tmp)
 
 
+def atomic_file(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path`` (a library's own writer: a figure's
+    ``savefig``), which is then renamed into place."""
+    _atomic(Path(path), write)
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
     import torch  # here, so that the command line's help needs no torch

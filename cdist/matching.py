@@ -54,7 +54,7 @@ from cdist.cka import linear_cka
 from cdist.discovery.ablation import ablated_logits
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
-from cdist.models import HookedTransformer
+from cdist.models import HookedTransformer, check_heads
 from cdist.types import Circuit, Head, HeadPair, Scan
 
 __all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
@@ -117,6 +117,32 @@ class HeadMap:
         return replace(self, pairs=tuple(replace(p, student_position=position,
                                                  teacher_position=position)
                                          for p in self.pairs))
+
+    def check(self, student=None, teacher=None, columns=None, where: str = "the head map",
+              fix: str = "give each pair once") -> None:
+        """Refuse a map that cannot be trained on as it stands (a hand-edited file, say): a pair
+        given twice (its CKA term would count twice), heads outside ``student`` or ``teacher``
+        (models or checkpoint configs), positions outside ``columns`` (the items' position
+        columns). Each check runs where its argument is given.
+
+        Raises:
+            InputError: naming ``where``, the first pairs at fault, and ``fix``.
+        """
+        seen = Counter(self.pairs)
+        twice = [str(p) for p, n in seen.items() if n > 1]
+        if twice:
+            raise InputError(f"{where} repeats the pairs {twice[:3]}; {fix}")
+        for model, role in ((student, "student"), (teacher, "teacher")):
+            if model is not None:
+                check_heads(model, [getattr(p, role) for p in self.pairs],
+                            f"{where}'s {role} heads", fix)
+        if columns is not None:
+            unknown = sorted({c for p in self.pairs for c in (p.student_position,
+                                                              p.teacher_position)}
+                             - set(columns))
+            if unknown:
+                raise InputError(f"{where} reads positions {unknown}, which the task's items do "
+                                 f"not have; {fix}")
 
     def crowded(self) -> dict[Head, int]:
         """Teacher heads that more than half of the paired student heads map to, with how many do.

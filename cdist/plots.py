@@ -201,15 +201,20 @@ def shared_scale(scans: Iterable[Scan], metric: str | None = None) -> float | No
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
     """Write ``stem.html`` (with ``plotly.min.js`` beside it) and ``stem.png``; returns the two
     paths."""
-    from cdist.checkpoints import is_follower
+    from plotly.offline import get_plotlyjs
+
+    from cdist.checkpoints import atomic_write_text, is_follower
     from cdist.static_png import write_png
 
     stem = Path(stem)
     if is_follower():  # under torchrun rank 0 writes the figures
         return [stem.with_suffix(".html"), stem.with_suffix(".png")]
-    stem.parent.mkdir(parents=True, exist_ok=True)
     html = stem.with_suffix(".html")
-    fig.write_html(html, include_plotlyjs="directory")
+    # plotly's write_html writes plotly.min.js only where it is missing, so a copy cut short by a
+    # stopped run would stay for good: the page and its script are each written whole or not at
+    # all (a cut-short script is replaced, being of another size)
+    atomic_write_text(fig.to_html(include_plotlyjs="directory"), html)
+    atomic_write_text(get_plotlyjs(), html.parent / "plotly.min.js")
     return [html, write_png(fig, stem.with_suffix(".png"))]
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from cdist.checkpoints import atomic_write_json, is_follower
 from cdist.errors import RunFolderError
 
-__all__ = ["Claim", "check_models", "check_writable", "claim", "release_all"]
+__all__ = ["Claim", "check_models", "check_writable", "claim", "held", "release_all"]
 
 
 class Claim:
@@ -54,6 +54,11 @@ class Claim:
 
 
 _HELD: dict[Path, Claim] = {}
+
+
+def held() -> list[Path]:
+    """The folders this process holds now."""
+    return list(_HELD)
 
 
 def release_all() -> None:
@@ -135,6 +140,10 @@ def _saved_identity(path: Path) -> dict:
     except ValueError:
         raise RunFolderError(f"{path} is not valid JSON (edited or damaged); restore it or choose "
                              "another output folder") from None
+    if saved is not None and not isinstance(saved, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(saved), "a number")
+        raise RunFolderError(f"{path} holds {kind}, not a run folder's identity (edited or "
+                             "damaged); restore it or choose another output folder")
     return saved or {}
 
 

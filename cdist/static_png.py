@@ -310,11 +310,13 @@ def _fit(canvas: _Canvas, renderer) -> None:
 def write_png(fig: go.Figure, path: str | Path) -> Path:
     """Draw ``fig`` with matplotlib at its layout's width and height (pixels) into ``path``; titles,
     axis labels and colour bars are kept inside the image (``_fit``)."""
+    from cdist.checkpoints import atomic_file
+
     path = Path(path)
     figure = draw(fig)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=_DPI)
+        # whole or not at all: a stopped run leaves no cut-short image
+        atomic_file(path, lambda tmp: figure.savefig(tmp, dpi=_DPI, format="png"))
     finally:
         plt.close(figure)
     return path

@@ -110,6 +110,12 @@ class TeacherCache:
                 raise FileFormatError(f"{path} lacks the shards {missing} of its {name!r} items "
                                       f"(an interrupted build); {fix}")
             parts = [load_file(path / f) for f in spec["shards"]]
+            for f, part in zip(spec["shards"], parts, strict=True):
+                # every tensor of a shard holds one row per item of it
+                rows = {k: len(v) for k, v in part.items()}
+                if "labels" not in rows or len(set(rows.values())) != 1:
+                    raise FileFormatError(f"{path / f} is not a shard of teacher outputs: its "
+                                          f"tensors' rows {rows} differ or lack labels; {fix}")
             joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             sets[name] = CachedItems(
                 spec["fingerprint"], joined["labels"], joined.get("logits"),
@@ -123,8 +129,13 @@ class TeacherCache:
             MismatchError: the cache holds no such items (``what`` names them in the message).
         """
         want = items_fingerprint(data)
-        for cached in self.sets.values():
+        for name, cached in self.sets.items():
             if cached.fingerprint == want:
+                if len(cached.labels) != len(data):
+                    raise FileFormatError(f"the teacher cache's {name!r} set has "
+                                          f"{len(cached.labels)} rows for {len(data)} items; "
+                                          "build it again with cdist.teacher_cache."
+                                          "build_teacher_cache")
                 return cached
         raise MismatchError(f"the teacher cache holds no {what} of these {len(data)} items (it "
                             f"holds {sorted(self.sets)}); build it on the items the run uses")

@@ -18,12 +18,13 @@ import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.errors import ConfigError, InputError
+from cdist.errors import ConfigError, InputError, MismatchError
 
 __all__ = ["Ablation", "Circuit", "Head", "HeadPair", "HeadScores", "Scan"]
 
@@ -198,6 +199,15 @@ class Circuit:
             scores = {Head.parse(h) if isinstance(h, str) else h: float(s)
                       for h, s in self.scores.items()}
             object.__setattr__(self, "scores", scores)
+
+    def check_found_in(self, source: str | None) -> None:
+        """Refuse to read the circuit in a model loaded from ``source`` (a checkpoint's path;
+        None: unknown) when it names another model (``MismatchError``): heads of one model name
+        other heads, of another role, in the next."""
+        if self.model and source and PurePath(self.model).name != PurePath(source).name:
+            raise MismatchError(f"the circuit was found in {self.model}, not in this model "
+                                f"({source}); evaluate it on its own model, or pass its heads "
+                                "(circuit.heads) to evaluate them here")
 
     @property
     def heads(self) -> tuple[Head, ...]:

@@ -222,6 +222,13 @@ CLI = [
 @pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CLI], ids=[c[0] for c in CLI])
 def test_the_command_line_refuses_in_one_line_before_writing(argv, message, world, tmp_path,
                                                              capsys):
+    refused_before_writing(argv, message, world, tmp_path, capsys)
+
+
+def refused_before_writing(argv: list[str], message: str, world: dict, tmp_path: Path,
+                           capsys) -> None:
+    """A ``CLI`` case: refused with exit status 2 in one line holding ``message``, every file as
+    it was (also the harness of ``test_catalogue_runs``)."""
     argv = _argv(argv, world, tmp_path)
     if argv[0] not in ("zoo", "demo", "report") and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
@@ -295,9 +302,17 @@ FOLDER = [
                          ids=[c[0] for c in FOLDER])
 def test_a_run_folder_with_other_settings_or_damaged_files_is_refused(damage, argv, message,
                                                                       world, tmp_path, capsys):
+    folder_refuses(lambda out: [_break(name, out) for name in damage], argv, message, world,
+                   tmp_path, capsys)
+
+
+def folder_refuses(damage, argv: list[str], message: str, world: dict, tmp_path: Path,
+                   capsys) -> None:
+    """A ``FOLDER`` case: a copy of the prepared run folder, ``damage(folder)`` done to it, is
+    refused in one line holding ``message``, only its bookkeeping written (also the harness of
+    ``test_catalogue_runs``)."""
     out = shutil.copytree(world["prepared"], tmp_path / "out")
-    for name in damage:
-        _break(name, out)
+    damage(out)
     before = _tree(out)
     argv = [a.format(out=out) for a in argv]
     assert _main([*argv, "--out", str(out)] if argv[0] != "report" else argv) == 2

@@ -13,14 +13,18 @@ step).
     cdist demo                                       # the zoo table and a small distillation
 
 Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback).
+Ctrl-C or SIGTERM stops a command within a moment, anywhere: one line says what the run folder
+kept, the exit status is 130 or 143, and the same command resumes (``cdist.interrupts``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
+from cdist import interrupts
 from cdist.cli import steps, zoo_commands
 from cdist.cli.parser import Formatter, Parser
 from cdist.errors import CdistError
@@ -45,22 +49,35 @@ def run(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv[1:]  # the pipeline's steps parse again, over the run folder's settings
+    from cdist import run_folder
+
     try:
         return args.run(args)
+    except KeyboardInterrupt as e:
+        # named before they are let go: the folders the step held keep what it finished
+        raise interrupts.Interrupted(getattr(e, "signum", signal.SIGINT),
+                                     run_folder.held()) from None
     finally:
-        from cdist import run_folder
-
         run_folder.release_all()  # the folders a step held, for the next command in this process
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console script: ``run``, with input errors as one line and exit status 2."""
+    """The console script: ``run``, with input errors as one line and exit status 2, and SIGINT
+    or SIGTERM as one line and exit status 130 or 143 (``cdist.interrupts``)."""
     from cdist.checkpoints import is_follower
 
-    if is_follower():  # under torchrun every rank runs the command and rank 0 speaks for them
+    follower = is_follower()
+    if follower:  # under torchrun every rank runs the command and rank 0 speaks for them
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["cdist", *argv[:2 if argv[:1] == ["zoo"] else 1]])
     try:
-        run(argv)
+        with interrupts.trapped(command, quiet=follower):
+            run(argv)
+    except KeyboardInterrupt as e:
+        if not follower:
+            print(interrupts.message(command, e), file=sys.stderr, flush=True)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (CdistError, ValueError, FileNotFoundError) as e:
         if os.environ.get("CDIST_TRACEBACK"):
             raise

@@ -7,6 +7,7 @@ not when the command line is built, so that ``--help`` answers at once.
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 
 from cdist import arms, tasks
@@ -42,8 +43,18 @@ def device(args: RunSettings) -> str:
         raise UsageError(f"--device: {e}") from None
 
 
+def shadowed(source: str) -> bool:
+    """Whether ``source`` names a zoo model and also a file or folder here: the zoo model is taken
+    (as in every run folder's record, whichever folder a step runs from); ``./NAME`` takes the
+    local one."""
+    from cdist import zoo
+
+    return source in zoo.names() and Path(source).exists()
+
+
 def loader(source: str, dev: str):
-    """A function that loads ``source`` (a zoo name, checkpoint directory or .gguf file)."""
+    """A function that loads ``source`` (a zoo name, checkpoint directory or .gguf file; a zoo
+    name first, ``shadowed``)."""
     import torch
 
     from cdist import models, zoo
@@ -58,9 +69,14 @@ def loader(source: str, dev: str):
 
 
 def set_threads(threads: int | None) -> None:
-    """``--threads``: torch's CPU threads, or torch's default when not given."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads {threads}: give 1 or more (or leave it out)")
+    """``--threads``: torch's CPU threads (at most this process's cores, ``cdist.limits``), or
+    torch's default when not given."""
+    from cdist import limits
+
+    try:
+        limits.check_threads(threads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if threads:
         import torch
 
@@ -161,6 +177,8 @@ def _pairs(items, flag: str, form: str, example: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"{flag} {item!r}: write {form}, e.g. {example}")
+        if key in pairs:
+            raise UsageError(f"{flag} names {key} twice; give each once")
         pairs[key] = value
     return pairs
 
@@ -223,6 +241,11 @@ def context(s: RunSettings, *, log=None):
         raise UsageError(str(e)) from None
     dev = device(s)
     names = {r: s.model(r) for r in ("teacher", "student") if s.model(r)}
+    for role, name in names.items():
+        if shadowed(name):
+            print(f"cdist {s.command}: --{role} {name} is a zoo model and also a path here; "
+                  f"taking the zoo model (write ./{name} for the path)", file=sys.stderr,
+                  flush=True)
     # one model named as both teacher and student gets one loader, so the Context loads it once
     by_name = {name: loader(name, dev) for name in dict.fromkeys(names.values())}
     loaders = {r: by_name[name] for r, name in names.items()}
@@ -237,7 +260,8 @@ def context(s: RunSettings, *, log=None):
         raise UsageError(f"--{role} {names[role]} has no tokenizer files "
                          "(tokenizer.json); save the tokenizer beside the weights")
     try:
-        check_items(cfg, toks[role], opened["teacher"].hf_config if "teacher" in opened else None)
+        check_items(cfg, toks[role], opened["teacher"].hf_config if "teacher" in opened else None,
+                    models={r: o.hf_config for r, o in opened.items()}, device=dev)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ctx

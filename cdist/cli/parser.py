@@ -6,6 +6,8 @@ argparse's public interface.
   recognises only plain negative integers and decimals, ``-3`` and ``-0.001``), so that a negative
   learning rate reaches the check that names it: such a token is passed on in its exact decimal
   form (``-0.001``), which argparse reads as a value.
+- A flag given an empty value (``--out ''``, an unset shell variable) is refused, not read as
+  the flag left out (which would write into the default folder).
 - ``--help`` shows each flag's default (``Formatter``).
 - Every flag a parser takes is recorded (``flags``), so that config files and a run folder's
   ``config.yaml`` can be checked and re-read as the flags that would set them.
@@ -64,7 +66,16 @@ class Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if args is not None:
             args = [format(Decimal(a), "f") if _NUMBER.match(a) else a for a in args]
-        return super().parse_known_args(args, namespace)
+        parsed, rest = super().parse_known_args(args, namespace)
+        for dest, action in self.flags.items():
+            value = getattr(parsed, dest, None)
+            if value == "" or (isinstance(value, list) and "" in value):
+                message = ("an empty value (an unset shell variable?); give one, or leave the "
+                           "flag out")
+                if not self.exit_on_error:
+                    raise argparse.ArgumentError(action, message)
+                self.error(f"argument {'/'.join(action.option_strings)}: {message}")
+        return parsed, rest
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

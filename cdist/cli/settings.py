@@ -4,7 +4,9 @@ folder's memory of them.
 A run folder (``--out``) is where each step leaves what the next one reads (circuits, scans, head
 maps, trained runs; ``cdist.pipeline``), and ``config.yaml`` there keeps the settings its steps
 used. A step's settings come from, lowest first: the flags' defaults, the run folder's
-``config.yaml``, a ``--config`` file (TOML or YAML), and the flags given. So ``cdist discover
+``config.yaml``, a ``--config`` file (TOML or YAML), and the flags given. ``out`` and ``config``
+are the command line's alone (they say which files are read): a config file that sets them is
+refused. So ``cdist discover
 --val-items 100 --out R`` followed by ``cdist match --out R`` matches on the same items, and
 ``cdist table --config R/config.yaml --out R2`` re-makes a run from its record. The result is a
 ``RunSettings``: every flag of every step, None where the step takes no such flag (the
@@ -32,6 +34,9 @@ RUN_CONFIG = "config.yaml"
 # hand on to its next step (a second `cdist distill` there is another run, not the same again).
 _NOT_KEPT = {"command", "config", "out", "device", "threads", "figures", "draw_only", "roles",
              "arm", "matcher", "lr", "lam", "seed", "train_items"}
+
+# Settings read before any file is (they say which files to read): a config file cannot set them
+_ON_THE_LINE = {"out", "config"}
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,9 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
         # so that the file re-makes any of its steps; a key no step takes is refused
         others = {f.name for f in fields(RunSettings)} - set(parser.flags)
         given = {k: v for k, v in read_settings(Path(first.config)).items() if k not in others}
+        for key in sorted(set(given) & _ON_THE_LINE):
+            raise UsageError(f"config file {first.config} sets {key}, which only the command line "
+                             f"names; remove it and give --{key} on the command line")
         layers.append(_argv(parser, given, first.config))
     on_line = _given(parser, argv)
     carried = {k: v for k, v in kept.items()

@@ -156,6 +156,8 @@ def _add_export(sub) -> None:
 
 
 def _roles(args: RunSettings) -> tuple[str, ...]:
+    if args.roles and len(set(args.roles)) != len(args.roles):
+        raise flags.UsageError(f"--roles {' '.join(args.roles)} repeats a role; give each once")
     return tuple(args.roles or args.named_roles or ("teacher", "student"))
 
 
@@ -164,6 +166,7 @@ def _prepared(top: argparse.Namespace, command: str):
     before anything is written."""
     args = settings.parse(top.parser, top.argv, command)
     settings.announce(args)
+    _roles(args)  # a repeated role is refused before anything is written
     if command == "table":
         run_folder.check_writable(_figures(args))  # before the hours of the table, not after
     ctx = common.context(args)

@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from cdist import limits
 from cdist.discovery import metrics
 from cdist.discovery.engine import (
     Hook,
@@ -438,14 +439,14 @@ def _circuit_to_evaluate(model: HookedTransformer, circuit_heads: Circuit | Iter
         raise InputError(f"means of shape {tuple(means.shape)} are not this model's "
                          f"[{cfg.n_layers} layers, positions, {cfg.n_heads} heads, {cfg.d_head}]; "
                          "make them with head_means(model, reference items)")
-    if isinstance(circuit_heads, Circuit):
-        circuit = circuit_heads
-    elif keep_at_positions:
+    if keep_at_positions and not isinstance(circuit_heads, Circuit):
         raise InputError("keep_at_positions needs a Circuit (its groups name the positions); "
                          "got bare heads")
-    else:
-        circuit = Circuit({"circuit": tuple(sorted(set(circuit_heads)))})
+    circuit = (circuit_heads if isinstance(circuit_heads, Circuit)
+               else Circuit({"circuit": tuple(sorted(set(circuit_heads)))}))
+    circuit.check_found_in(getattr(model, "source", None))  # load_llama's checkpoint path
     check_heads(model, circuit.heads, "circuit heads")
+    limits.check_random_circuits(n_random, cfg.n_layers * cfg.n_heads, len(circuit), "the circuit")
     return circuit
 
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from cdist import limits
 from cdist.errors import ConfigError
 
 __all__ = ["CHOICES", "DistillConfig", "KVPolicy", "Labels", "Trainable"]
@@ -90,6 +91,7 @@ class DistillConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name}={value!r}; give a whole number")
+        limits.check_seed("seed", self.seed)
         for name in ("shuffle_teacher", "debiased_cka"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}; give True or False")

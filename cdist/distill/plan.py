@@ -36,6 +36,8 @@ def make_plan(head_map: HeadMap | None, heads, train_data, eval_data, cfg: Disti
     if len(eval_data) < 4:
         raise InputError(f"eval_data has {len(eval_data)} items; the debiased CKA and accuracy "
                          "need at least 4")
+    if head_map is not None:
+        head_map.check()
     if head_map is not None and cfg.cka_position is not None:
         head_map = head_map.at(cfg.cka_position)
     pairs = list(head_map.pairs) if head_map is not None else []

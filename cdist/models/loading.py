@@ -118,7 +118,9 @@ def load_llama(
 
     Returns:
         The model in eval mode, with raw (unfolded) weights; ``model.hf_token_ids`` keeps the
-        checkpoint's special-token ids for ``save_llama``.
+        checkpoint's special-token ids for ``save_llama``, ``model.source`` the ``source`` given
+        (``cdist.discovery.ablation.evaluate_circuit`` checks a circuit's model against its
+        name).
     """
     check_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -154,6 +156,7 @@ def load_llama(
         for key in _zero_biases(cfg):
             params[key].zero_()
     model.hf_token_ids = ckpt.special_token_ids
+    model.source = str(source)  # as named, like a circuit found in it (Circuit.model)
     model.layer_origin = _layer_origin(getattr(ckpt.hf_config, LINEAGE_KEY, None), ckpt.path, cfg)
     return model.eval()
 

@@ -42,7 +42,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from cdist import discovery, matching
+from cdist import discovery, limits, matching
 from cdist.discovery import Discovery, ablation, faithfulness, search
 from cdist.errors import ConfigError, InputError, UnfaithfulCircuitError
 from cdist.evaluate import accuracy
@@ -140,12 +140,21 @@ def find_circuit(ctx: Context, role: Role, *, refuse: bool = True) -> Discovery:
     check_heads(ctx.model(role), circuit.heads,
                 f"{ctx.store.path(cache)}: the {role} circuit's heads",
                 "delete the file to find the circuit again")
+    unknown = sorted(set(circuit.positions.values()) - set(matching.position_columns(items.val)))
+    if unknown:
+        raise InputError(f"{ctx.store.path(cache)}: the {role} circuit reads positions {unknown}, "
+                         "which the task's items do not have; delete the file to find the "
+                         "circuit again")
     if not circuit.heads:
         raise InputError(f"the {role}'s circuit is empty: no head passed the discovery "
                          f"rule {rule}; lower --min-effect or --min-share, with a new --out "
                          f"({ctx.out} keeps this rule), or check that the model does the task")
     found = faithful_circuit(ctx, role, found, refuse=refuse)
     circuit = found.circuit
+    shape = ctx.model(role).cfg
+    # before any evaluation of it, or any training
+    limits.check_random_circuits(cfg.n_random, shape.n_layers * shape.n_heads, len(circuit.heads),
+                                 f"the {role}'s circuit")
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_record(circuit, ctx.out / f"circuit-{role}.json")
     ctx.log(f"{role} circuit: {len(circuit.heads)} heads {[str(h) for h in circuit.heads]}")

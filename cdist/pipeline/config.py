@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from cdist import arms, tasks
+from cdist import arms, limits, tasks
 from cdist.discovery import DiscoveryConfig
 from cdist.distill import DistillConfig
 from cdist.errors import ConfigError
@@ -93,8 +93,15 @@ class ExperimentConfig:
             values = getattr(self, name)
             if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
                 raise ConfigError(f"{name}={values}: give whole numbers")
+        # a list value given twice would run, or test, the same thing twice
+        for name, values in (("seeds", self.seeds), ("regimes", self.regimes), ("lrs", self.lrs),
+                             ("lambdas", self.lambdas), ("matchers", self.matchers),
+                             ("arms", self.arms), ("ood", [label for label, _ in self.ood])):
             if len(set(values)) != len(values):
-                raise ConfigError(f"{name}={values} repeats a value; give each once")
+                raise ConfigError(f"{name}={tuple(values)} repeats a value; give each once")
+        for name, value in (("data_seed", self.data_seed), ("select_seed", self.select_seed),
+                            *(("seeds", seed) for seed in self.seeds)):
+            limits.check_seed(name, value)
         if not all(math.isfinite(x) for x in (*self.lrs, *self.lambdas, self.control_lr)):
             raise ConfigError(f"lrs {self.lrs}, lambdas {self.lambdas}, control_lr "
                               f"{self.control_lr}: each must be a finite number")

@@ -30,7 +30,6 @@ from cdist.activations import head_z_dataset
 from cdist.checkpoints import atomic_write_json
 from cdist.errors import InputError
 from cdist.matching import HeadMap
-from cdist.models import check_heads
 from cdist.pipeline.circuits import Circuits, ablation_scan
 from cdist.pipeline.context import Context
 from cdist.pipeline.positions import Placement
@@ -114,11 +113,10 @@ def _kept(ctx: Context, name: str, identity) -> dict:
         except (KeyError, TypeError, ValueError, AttributeError):
             del kept[matcher]
             continue
-        for role, heads in (("student", [p.student for p in hmap.pairs]),
-                            ("teacher", [p.teacher for p in hmap.pairs])):
-            check_heads(ctx.model(role), heads,
-                        f"{ctx.store.path(name)}: the {matcher} map's {role} heads",
-                        "delete the file to make the head maps again")
+        hmap.check(ctx.model("student"), ctx.model("teacher"),
+                   matching.position_columns(ctx.items.val),
+                   f"{ctx.store.path(name)}: the {matcher} map",
+                   "delete the file to make the head maps again")
     return kept
 
 

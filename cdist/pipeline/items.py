@@ -19,11 +19,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cdist import matching, tasks
+from cdist import limits, matching, tasks
 from cdist.errors import ConfigError
 from cdist.models import check_heads
 from cdist.pipeline.config import ExperimentConfig
 from cdist.store import items_fingerprint
+from cdist.tasks.common import TEST_FRACTION
 from cdist.types import Head
 
 __all__ = ["ItemSets", "check_items", "make_items"]
@@ -136,14 +137,18 @@ def _finite_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
                          for i, (name, kw) in enumerate(cfg.ood)})
 
 
-def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None) -> None:
+def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None, *,
+                models: dict | None = None, device: str = "cpu") -> None:
     """Refuse, before a run folder is claimed, settings that would fail only once items are made:
     one item of every kind of set is made with ``tokenizer`` (so the task's words, boxes and
-    templates are tried), and the position columns and teacher heads the config names are looked
-    up (heads in ``teacher_config``, a checkpoint's config, when given).
+    templates are tried), the position columns and teacher heads the config names are looked
+    up (heads in ``teacher_config``, a checkpoint's config, when given), and every count is held
+    to what the task can make and the machine can hold (``cdist.limits``): the items, and one
+    training batch of ``models`` (role -> checkpoint config) on ``device``.
 
     Raises:
-        ConfigError: a named position column the items lack.
+        ConfigError: a named position column the items lack; more items than the task makes
+            distinct or than fit in memory; a batch too large for ``device``.
         InputError: a named teacher head outside the teacher.
     """
     made = [_generate(cfg, tokenizer, 1, "train", 0)]
@@ -158,3 +163,33 @@ def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None) -> None:
     if teacher_config is not None:
         check_heads(teacher_config, [Head.parse(h) for h in cfg.teacher_positions],
                     "teacher_positions heads")
+    _check_counts(cfg, tokenizer, made[0])
+    if models:
+        seq = max(len(ids) for d in made for ids in d["input_ids"])
+        shapes = {role: {"n_layers": c.num_hidden_layers, "d_model": c.hidden_size,
+                         "n_heads": c.num_attention_heads, "d_mlp": c.intermediate_size,
+                         "d_vocab": c.vocab_size} for role, c in models.items()}
+        limits.check_batch_memory(cfg.distill.batch_size, seq, shapes, device)
+
+
+def _check_counts(cfg: ExperimentConfig, tokenizer, sample) -> None:
+    """Each item set within the distinct items its split holds, and all of them (with one run
+    seed's training pool) within memory (``cdist.limits``)."""
+    spec = tasks.get_task(cfg.task)
+    pool = max(cfg.regimes) + cfg.val_items  # made, then the items validation shares are dropped
+    sets = [("training items (--train-items, --regimes)", "train", max(cfg.regimes), {}),
+            ("--val-items", "train", cfg.val_items, {}),
+            ("--reference-items", "test", cfg.reference_items, {}),
+            ("--discovery-items", "test", cfg.discovery_items, {}),
+            ("--test-items", "test", cfg.test_items, {})]
+    sets += [(f"--ood-items ({name})", "test", cfg.ood_items, kw) for name, kw in cfg.ood]
+    for what, split, n, kw in sets:
+        distinct = spec.distinct_items(tokenizer, **{**cfg.task_kwargs, **kw})
+        share = TEST_FRACTION if split == "test" else 1 - TEST_FRACTION
+        if distinct is not None and n > distinct * share:
+            raise ConfigError(f"{what} {n:,}: {cfg.task} makes about {int(distinct * share):,} "
+                              f"distinct {split} items with these words; give at most that, or "
+                              "longer word lists")
+    counts = {what: (n, n) for what, _, n, _ in sets}
+    counts[sets[0][0]] = (max(cfg.regimes), pool)
+    limits.check_item_memory(counts, sample.data.nbytes)

@@ -41,6 +41,7 @@ T = TypeVar("T")
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
 _BUCKETS = 10_000
+LARGE = 20_000  # items: a set this large is made with a progress bar
 
 
 def item_split(key: tuple) -> str:
@@ -88,11 +89,16 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
     A generator, so a caller that draws more from the same rng between items (a counterfactual, say)
     keeps the first k items independent of ``n``.
     """
+    from cdist.progress import bar
+
     check_request(n, split)
     # About 1 in 5 proposals lands in test; 100x that without success means the item
     # space is degenerate.
     budget = 100 * n + 1000
     made = 0
+    # a set that takes more than a few seconds to make says so (cdist.limits refuses sets that
+    # could not fit in memory before any is made)
+    progress = bar(n, f"{split} items", enabled=n >= LARGE, unit="item")
     while made < n:
         if budget == 0:
             raise InputError(
@@ -103,7 +109,9 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
         item = propose()
         if item_split(key(item)) == split:
             made += 1
+            progress.update()
             yield item
+    progress.close()
 
 
 def _is_one_token(tokenizer, ids: Sequence[int]) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import perm
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # datasets is slow to import; the command line's --help needs none
@@ -225,6 +226,9 @@ def entity_tracking(
     objects = default_or_given(tokenizer, objects, OBJECTS, "object", n_boxes)
     # The counterfactual needs n_boxes labels other than the queried one.
     labels = default_or_given(tokenizer, labels, LABELS, "label", n_boxes + 1)
+    clash = sorted(set(objects) & set(labels))
+    if clash:  # an answer that is also a label: the model cannot tell what is asked
+        raise InputError(f"words {clash} are both objects and labels; keep the lists apart")
     answer_ids = {w: single_token_id(tokenizer, w) for w in objects}
     for label in labels:
         single_token_id(tokenizer, label, role="label")
@@ -245,6 +249,12 @@ def entity_tracking(
     from datasets import Dataset
 
     return Dataset.from_list(rows)
+
+
+def distinct_items(words: dict[str, int], n_boxes: int = 7, **_) -> int:
+    """How many distinct items (keys) ``words`` (role -> how many words) make: the ordered
+    objects and labels of the boxes, times the queried box."""
+    return perm(words["objects"], n_boxes) * perm(words["labels"], n_boxes) * n_boxes
 
 
 def _draw_items(n: int, seed: int, split: str, objects: Sequence[str], labels: Sequence[str],
@@ -315,7 +325,7 @@ TASK = register(Task(
     discovery_methods=("path_patching", "mean_ablation"), search=_search,
     organism_kwargs=("n_boxes",), default_ood=_default_ood, table_stem="table1-entity-tracking",
     default_models=("et-teacher", "et-student"), organism_rows="multi_query", curriculum=True,
-    word_lists={"objects": OBJECTS, "labels": LABELS},
+    word_lists={"objects": OBJECTS, "labels": LABELS}, distinct=distinct_items,
     # the answer is one of the item's n_boxes objects
     chance=lambda items: sum(1 / n for n in items["n_boxes"]) / len(items),
 ))

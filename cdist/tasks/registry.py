@@ -70,6 +70,9 @@ class Task:
         metric: what its discovery scans read at the answer by default
             (``cdist.discovery.metrics``: ``"prob"``, ``"logit_diff"``,
             ``"logit_diff_normalised"``); a logit difference needs its items' ``contrast_id``.
+        distinct: ``distinct(words, **generate_kwargs)`` -> how many distinct items the generator
+            can make, ``words`` giving each word list's length (``distinct_items``); None:
+            unbounded.
     """
 
     name: str
@@ -90,6 +93,7 @@ class Task:
     chance: Callable | None = None
     metric: str = "prob"
     size: Callable | None = None
+    distinct: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -124,6 +128,16 @@ class Task:
     def items(self, n: int, *, tokenizer, seed: int = 0, split: str = "train", **kwargs):
         """``n`` items of the task (``generate``'s arguments)."""
         return self.generate(n, tokenizer=tokenizer, seed=seed, split=split, **kwargs)
+
+    def distinct_items(self, tokenizer, **kwargs) -> int | None:
+        """How many distinct items ``items(..., tokenizer=tokenizer, **kwargs)`` can draw from
+        (both splits together; about 80% of them are in train); None: unbounded."""
+        if self.distinct is None:
+            return None
+        words = {role: len(kwargs[role]) if kwargs.get(role) is not None
+                 else len(default_words(self, tokenizer)[role].kept) for role in self.word_lists}
+        return self.distinct(words, **{k: v for k, v in kwargs.items()
+                                       if k not in self.word_lists})
 
     def chance_accuracy(self, items) -> float:
         """What a model that does not do the task gets right on ``items``: the larger of a

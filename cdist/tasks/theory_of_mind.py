@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from math import perm
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # datasets is slow to import; the command line's --help needs none
@@ -225,6 +226,14 @@ def _visibility_mix(
     return list(mix), list(mix.values())
 
 
+def distinct_items(words: dict[str, int], visibility=VISIBILITIES, **_) -> int:
+    """How many distinct items (keys) ``words`` (role -> how many words) make: two ordered
+    characters, containers and states, a visibility condition, the queried character and
+    container."""
+    stories = perm(words["characters"], 2) * perm(words["containers"], 2) * perm(words["states"], 2)
+    return stories * len(visibility) * 2 * 2
+
+
 def theory_of_mind(
     n: int,
     *,
@@ -378,6 +387,7 @@ TASK = register(Task(
     # Its stories bind two containers to two states, so its entity-tracking warm-up uses two boxes.
     default_models=("tom-teacher", "tom-student"), warmup_boxes=2,
     word_lists={"characters": CHARACTERS, "containers": CONTAINERS, "states": STATES},
+    distinct=distinct_items,
     # the answer is one of the story's two states or "unknown"
     chance=lambda items: sum(1 / (len(s) + 1) for s in items["states"]) / len(items),
 ))
