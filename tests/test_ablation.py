@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cdist import tasks
-from cdist.discovery import ablation
+from cdist.discovery import ablation, circuit_eval
 from cdist.evaluate import answer_stats
 from cdist.models import hook_attn_out, hook_z
 from cdist.records import read_record, write_record
@@ -196,7 +196,7 @@ def teacher_labelled(model, data):
 def test_full_circuit_is_perfectly_faithful(model, data, means):
     labelled = teacher_labelled(model, data)
     everything = [Head(layer, h) for layer in range(2) for h in range(4)]
-    result = ablation.evaluate_circuit(model, everything, labelled, means=means, n_random=2)
+    result = circuit_eval.evaluate_circuit(model, everything, labelled, means=means, n_random=2)
     assert result["full_accuracy"] == result["circuit_accuracy"] == result["random_accuracy"] == 1.0
     assert result["faithfulness"] == 1.0 and result["n_circuit_heads"] == result["n_heads"] == 8
     assert torch.equal(result["full_correct"], result["circuit_correct"])
@@ -209,16 +209,17 @@ def test_circuit_evaluation(model, data, means):
     ids = torch.tensor(labelled["input_ids"])
     others = [Head(layer, h) for layer in range(2) for h in range(4)
               if Head(layer, h) not in circuit.heads]
-    torch.testing.assert_close(ablation.circuit_logits(model, ids, circuit.heads, means),
+    torch.testing.assert_close(circuit_eval.circuit_logits(model, ids, circuit.heads, means),
                                ablation.ablated_logits(model, ids, others, means))
-    a = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=3, seed=7)
-    b = ablation.evaluate_circuit(model, circuit.heads, labelled, means=means, n_random=3, seed=7)
+    a = circuit_eval.evaluate_circuit(model, circuit, labelled, means=means, n_random=3, seed=7)
+    b = circuit_eval.evaluate_circuit(model, circuit.heads, labelled, means=means, n_random=3,
+                                      seed=7)
     assert a["circuit_accuracy"] == b["circuit_accuracy"]
     assert a["random_accuracies"] == b["random_accuracies"]
     assert a["faithfulness"] == pytest.approx(a["circuit_accuracy"])
     assert len(a["random_accuracies"]) == 3
     wrong = labelled.remove_columns("answer_id").add_column("answer_id", [0] * len(labelled))
-    unfaithful = ablation.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)
+    unfaithful = circuit_eval.evaluate_circuit(model, circuit, wrong, means=means, n_random=1)
     assert math.isnan(unfaithful["faithfulness"])
 
 
@@ -248,17 +249,17 @@ def test_circuit_kept_only_at_its_positions(model, data, means):
         with model.hooks(fwd_hooks=[ablate_all_but_the_circuit_at(layer) for layer in range(2)]):
             by_hand = model(ids)
         keep_at = {h: [at] for h, at in where.items()}
-        kept = ablation.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
-        everywhere = ablation.circuit_logits(model, ids, circuit.heads, means)
+        kept = circuit_eval.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at)
+        everywhere = circuit_eval.circuit_logits(model, ids, circuit.heads, means)
     torch.testing.assert_close(kept, by_hand, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the one-position path reads the same logits
-        at_last = ablation.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at,
+        at_last = circuit_eval.circuit_logits(model, ids, circuit.heads, means, keep_at=keep_at,
                                           pos=last)
     assert at_last.shape == (len(ids), model.cfg.d_vocab)
     torch.testing.assert_close(at_last, by_hand[rows, last], atol=1e-5, rtol=1e-5)
     # The restriction bites: keeping the heads everywhere gives other logits.
     assert not torch.allclose(kept[rows, last], everywhere[rows, last], atol=1e-3)
-    strict = ablation.evaluate_circuit(model, circuit, labelled, means=means, n_random=1,
+    strict = circuit_eval.evaluate_circuit(model, circuit, labelled, means=means, n_random=1,
                                        keep_at_positions=True)
     correct = answer_stats(by_hand, answer, last)[1]
     assert torch.equal(strict["circuit_correct"], correct.bool())
@@ -273,6 +274,6 @@ def test_heads_outside_the_model_are_refused(model, tok):
     means = ablation.head_means(model, items)
     bad = [Head(0, 0), Head(9, 99)]
     with pytest.raises(InputError, match=r"a9\.h99 are outside the model"):
-        ablation.evaluate_circuit(model, bad, items, means=means, n_random=1)
+        circuit_eval.evaluate_circuit(model, bad, items, means=means, n_random=1)
     with pytest.raises(InputError, match="outside the model"):
         head_z_dataset(model, items, [Head(model.cfg.n_layers, 0)])

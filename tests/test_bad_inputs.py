@@ -349,13 +349,13 @@ def _distill(fx, teacher_heads=("a0.h1", "a1.h2"), **kw):
 
 
 def _evaluate(fx, **kw):
-    from cdist.discovery import ablation
+    from cdist.discovery import ablation, circuit_eval
     from cdist.types import Head
 
     items = _et(8)
     args = {"means": ablation.head_means(fx["model"], items), "batch_size": 4} | kw
     heads = args.pop("heads", [Head(0, 1)])
-    return ablation.evaluate_circuit(fx["model"], heads, items, **args)
+    return circuit_eval.evaluate_circuit(fx["model"], heads, items, **args)
 
 
 def _cfg(**kw):

@@ -156,13 +156,13 @@ def test_a_zoo_name_that_is_also_a_folder_here_takes_the_zoo_model_and_says_so(
 
 # --------------------------------------------------------------------------------------------- API
 def _other_models_circuit(fx):
-    from cdist.discovery import ablation
+    from cdist.discovery import ablation, circuit_eval
     from cdist.models import load_llama
     from cdist.types import Circuit, Head
 
     student, items = load_llama(fx["student"]), _et(8)
     circuit = Circuit({"circuit": [Head(0, 1)]}, model=str(fx["teacher"]))
-    return ablation.evaluate_circuit(student, circuit, items,
+    return circuit_eval.evaluate_circuit(student, circuit, items,
                                      means=ablation.head_means(student, items), batch_size=4)
 
 
@@ -197,11 +197,11 @@ def _repeated_pair_distill(fx):
 
 
 def _evaluate_random(fx, n_random):
-    from cdist.discovery import ablation
+    from cdist.discovery import ablation, circuit_eval
     from cdist.types import Head
 
     items = _et(8)
-    return ablation.evaluate_circuit(fx["model"], [Head(0, 1)], items, n_random=n_random,
+    return circuit_eval.evaluate_circuit(fx["model"], [Head(0, 1)], items, n_random=n_random,
                                      means=ablation.head_means(fx["model"], items), batch_size=4)
 
 

@@ -36,7 +36,7 @@ def items(tok, model3):
         rise = corrupt - clean
         rise[item["answer_id"]] = -torch.inf
         rival.append(int(rise.argmax()))
-    return data.add_column(metrics.CONTRAST, rival)
+    return data.remove_columns(metrics.CONTRAST).add_column(metrics.CONTRAST, rival)
 
 
 def _ld(logits, item):

@@ -454,7 +454,7 @@ def test_shipped_organisms_have_small_faithful_circuits(name):
     """The zoo's point (SPEC 3, issue 3's aim): the top 20% of the heads by mean-ablation impact,
     ranked on some items, keep at least 0.8 of the accuracy on others and beat random circuits of
     their size. The *-dense models are the ones that do not (README, "The zoo")."""
-    from cdist.discovery import ablation, circuits
+    from cdist.discovery import ablation, circuit_eval, circuits
 
     model, tokenizer = zoo.load(name)
     cfg = organisms.OrganismConfig.from_dict(zoo.manifest(name)["config"])
@@ -463,7 +463,8 @@ def test_shipped_organisms_have_small_faithful_circuits(name):
     means = ablation.head_means(model, reference)
     scan = ablation.head_ablation_scan(model, found_on, means=means)
     circuit = circuits.ranked_circuit(scan, int(0.2 * cfg.n_layers * cfg.n_heads))
-    result = ablation.evaluate_circuit(model, circuit, evaluation, means=means, n_random=5, seed=0)
+    result = circuit_eval.evaluate_circuit(model, circuit, evaluation, means=means, n_random=5,
+                                           seed=0)
     assert result["faithfulness"] >= 0.8
     assert result["circuit_accuracy"] > result["random_accuracy"] + 0.05
 

@@ -28,7 +28,7 @@ from cdist.discovery.engine import (
     rank_heads,
     replacing,
 )
-from cdist.discovery.metrics import CONTRAST, Target
+from cdist.discovery.metrics import Target
 from cdist.distributed import is_main
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
@@ -85,7 +85,7 @@ def activation_patching_scan(
     mine = rank_heads(flat_heads(heads, n_layers, n_heads))
     sums = PatchSums(model, metric)
     names = [hook_z(layer) for layer in range(n_layers)]
-    columns = (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
+    columns = metrics.columns(position, metric)
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
     bar = progress_bar(total, "activation patching", enabled=progress and is_main(),
                        unit="pass")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from cdist.discovery import metrics
 from cdist.discovery.engine import PatchSums, check_items, one_item_runs
-from cdist.discovery.metrics import CONTRAST, Target
+from cdist.discovery.metrics import Target
 from cdist.discovery.path_patching import (
     ReceiverInput,
     path_patched_value,
@@ -53,7 +53,7 @@ def attribution_patching_scan(
     n_layers, device = model.cfg.n_layers, device_of(model)
     sums = PatchSums(model, metric)
     names = [hook_z(layer) for layer in range(n_layers)]
-    columns = _columns(position, metric)
+    columns = metrics.columns(position, metric)
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
         with torch.no_grad():
@@ -160,7 +160,7 @@ def path_attribution_scan(
     sums.add_unreachable(torch.arange(top * n_heads, n_layers * n_heads))
     names = [hook_z(layer) for layer in range(n_layers)]
     # receivers in layer 0 have no senders: nothing to differentiate
-    columns = _columns(position, metric)
+    columns = metrics.columns(position, metric)
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True) if top else ():
         ids = batch["input_ids"].to(device)
         rows = torch.arange(len(ids), device=device)
@@ -179,11 +179,6 @@ def path_attribution_scan(
                 sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
     return sums.scan("attribution_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
-
-
-def _columns(position: str | None, metric: str) -> tuple[str, ...]:
-    """The batch columns a scan at ``position`` under ``metric`` reads besides the answer."""
-    return (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
 
 
 def _value(logits: Tensor, batch: dict, metric: str) -> Tensor:

@@ -1,7 +1,7 @@
 """Is a circuit faithful, and if not, how few more heads make it so.
 
 A circuit stands for its model only if, alone (every other head mean-ablated at every position,
-``ablation.circuit_logits``), it keeps most of the model's accuracy: faithfulness = circuit
+``circuit_eval.circuit_logits``), it keeps most of the model's accuracy: faithfulness = circuit
 accuracy / full accuracy (Wadhwa et al. 2025 report 0.84-1.00 for their circuits). A path-patching
 search can return a circuit that is not: its groups keep heads whose paths matter, but the task may
 also need heads that no searched path reaches. ``grow_until_faithful`` adds heads from an ordered
@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cdist.discovery.ablation import per_item_correct
+from cdist.discovery.circuit_eval import per_item_correct
 from cdist.errors import InputError
 from cdist.models import HookedTransformer, check_heads
 from cdist.types import Circuit, Head
@@ -44,7 +44,7 @@ def circuit_accuracy(
     batch_size: int = 64,
 ) -> float:
     """Top-1 accuracy on ``data`` with every head outside ``heads`` mean-ablated at every position
-    (``ablation.evaluate_circuit``'s circuit accuracy, without its full and random runs)."""
+    (``circuit_eval.evaluate_circuit``'s circuit accuracy, without its full and random runs)."""
     heads = tuple(heads)
     if len(data) == 0:
         raise InputError("circuit_accuracy needs at least one item; the dataset is empty")

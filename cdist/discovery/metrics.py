@@ -35,7 +35,8 @@ from cdist.discovery_names import METRICS, Metric
 from cdist.errors import ConfigError, InputError
 from cdist.evaluate import answer_stats, logits_at
 
-__all__ = ["CONTRAST", "METRICS", "Metric", "Target", "check_metric", "measure", "score_name"]
+__all__ = ["CONTRAST", "METRICS", "Metric", "Target", "check_metric", "columns", "measure",
+           "score_name"]
 
 # the items' column of each answer's rival in a logit difference
 CONTRAST = "contrast_id"
@@ -67,6 +68,12 @@ def check_metric(metric: str, data=None) -> None:
     if metric != "prob" and data is not None and CONTRAST not in data.column_names:
         raise InputError(f"metric {metric!r} needs each item's rival answer ({CONTRAST!r} column), "
                          f"which these items lack; use metric 'prob' or a task that names one")
+
+
+def columns(position: str | None, metric: str) -> tuple[str, ...]:
+    """The batch columns a scan at ``position`` (None: every position) under ``metric`` reads
+    besides the prompt and the answer."""
+    return (() if position is None else (position,)) + ((CONTRAST,) if metric != "prob" else ())
 
 
 def score_name(metric: str, kind: Literal["change", "drop"]) -> str:

@@ -66,7 +66,7 @@ from cdist.discovery.engine import (
     rank_heads,
     replacing,
 )
-from cdist.discovery.metrics import CONTRAST, Target
+from cdist.discovery.metrics import Target
 from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
@@ -176,7 +176,7 @@ def path_patching_scan(
     sums.add_unreachable(asked[asked >= paths.top * n_heads])
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
     bar = progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass")
-    columns = (position,) + ((CONTRAST,) if metric != "prob" else ())
+    columns = metrics.columns(position, metric)
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
         if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
             raise InputError("receivers=() means the logits at pos_last; "

@@ -265,12 +265,7 @@ def path_patching_circuit(
     _check_order(search)
     check_metric(metric, data)
     store = Store(checkpoint_dir) if checkpoint_dir is not None else None
-    # what a group's scans depend on besides its step and receivers (k, min_effect and min_share
-    # only select from them, so a kept group can be re-selected under other ones)
-    made_from = None if store is None else {
-        "model": model_fingerprint(model),
-        "items": items_fingerprint(data, (*SEARCH_COLUMNS, *sorted({s.position for s in search}),
-                                          *((CONTRAST,) if metric != "prob" else ())))}
+    made_from = None if store is None else _made_from(model, data, search, metric)
     groups: dict[str, tuple[Head, ...]] = {}
     found: dict[str, Scan] = {}
     scores: dict[Head, float] = {}
@@ -283,8 +278,6 @@ def path_patching_circuit(
         identity = None if made_from is None else made_from | {
             "step": [step.name, step.position, step.receiver_input],
             "receivers": [str(r) for r in receivers], "prefilter": prefilter}
-        if identity is not None and metric != "prob":  # kept groups of earlier versions: "prob"
-            identity["metric"] = metric
         scans = _kept_or_scanned(store, f"{step.name}.json", identity, partial(
             _scan_group, model, data, step, receivers, prefilter=prefilter, batch_size=batch_size,
             senders_per_pass=senders_per_pass, metric=metric, progress=progress))
@@ -297,6 +290,18 @@ def path_patching_circuit(
     circuit = Circuit(groups, positions={step.name: step.position for step in search},
                       scores=scores, model=model_name, method="path_patching")
     return circuit, found
+
+
+def _made_from(model: HookedTransformer, data, search: Sequence[SearchStep], metric: str) -> dict:
+    """What a kept group's scans depend on besides its step and receivers (``k``, ``min_effect``
+    and ``min_share`` only select from them, so a kept group can be re-selected under other
+    ones)."""
+    columns = (*SEARCH_COLUMNS, *sorted({s.position for s in search}),
+               *((CONTRAST,) if metric != "prob" else ()))
+    made = {"model": model_fingerprint(model), "items": items_fingerprint(data, columns)}
+    if metric != "prob":  # groups kept before there was a choice read the probability
+        made["metric"] = metric
+    return made
 
 
 def passing_heads(scans: Mapping[str, Scan], search: Sequence[SearchStep], *,

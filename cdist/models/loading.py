@@ -119,7 +119,7 @@ def load_llama(
     Returns:
         The model in eval mode, with raw (unfolded) weights; ``model.hf_token_ids`` keeps the
         checkpoint's special-token ids for ``save_llama``, ``model.source`` the ``source`` given
-        (``cdist.discovery.ablation.evaluate_circuit`` checks a circuit's model against its
+        (``cdist.discovery.circuit_eval.evaluate_circuit`` checks a circuit's model against its
         name).
     """
     check_device(device)

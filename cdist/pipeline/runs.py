@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cdist import arms, distill, matching
-from cdist.discovery import ablation
+from cdist.discovery import ablation, circuit_eval
 from cdist.evaluate import predictions
 from cdist.matching import HeadMap
 from cdist.models import HookedTransformer
@@ -62,7 +62,7 @@ def evaluate_model(ctx: Context, circuits: Circuits, model: HookedTransformer, r
     items = ctx.items
     loaded = ctx.has(role) and model is ctx.model(role)
     means = ctx.means(role) if loaded else ablation.head_means(model, items.reference)
-    result = ablation.evaluate_circuit(model, circuits.of(role), items.test, means=means,
+    result = circuit_eval.evaluate_circuit(model, circuits.of(role), items.test, means=means,
                                        n_random=ctx.cfg.n_random, seed=seed,
                                        progress=ctx.progress)
     keys = ("full_accuracy", "circuit_accuracy", "random_accuracy", "faithfulness")

@@ -39,6 +39,7 @@ from cdist.tasks.entity_tracking import (
     render_entity_tracking,
     render_query,
 )
+from cdist.tasks.from_file import write_task_file
 from cdist.tasks.ioi import IOI_TEMPLATES, IoiTemplate, ioi
 from cdist.tasks.registry import (
     TASKS,
@@ -69,6 +70,7 @@ __all__ = [
     "item_split", "organism_vocabulary", "register", "render_context", "render_entity_tracking",
     "render_query", "render_question", "render_story", "render_theory_of_mind",
     "single_token_id", "single_token_words", "theory_of_mind", "theory_of_mind_words",
+    "write_task_file",
 ]
 
 

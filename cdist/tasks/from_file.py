@@ -43,7 +43,7 @@ from pathlib import Path
 
 from cdist.errors import FileFormatError, InputError, MissingFileError
 from cdist.tasks.common import check_request, check_split, item_split, task_rng
-from cdist.tasks.registry import Task
+from cdist.tasks.registry import Task, register_file_loader
 
 __all__ = ["SPAN", "TaskFile", "is_task_file", "task_from_file", "write_task_file"]
 
@@ -314,3 +314,6 @@ def _marked(tokenizer, text: str, item: Mapping, positions: tuple[str, ...]) -> 
         out += text[last:start] + f"[[{name}:{text[start:end]}]]"
         last = end
     return out + text[last:]
+
+
+register_file_loader(is_task_file, task_from_file)

@@ -16,7 +16,8 @@ from cdist.discovery_names import DISCOVERY_METHODS, METRICS
 from cdist.errors import ConfigError, InputError
 from cdist.tasks.common import WordChoice, single_token_words
 
-__all__ = ["TASKS", "Task", "UnknownTaskError", "default_words", "get_task", "register"]
+__all__ = ["TASKS", "Task", "UnknownTaskError", "default_words", "get_task", "register",
+           "register_file_loader"]
 
 
 class UnknownTaskError(ConfigError):
@@ -163,6 +164,13 @@ def register(task: Task) -> Task:
 
 
 _FILES: dict[str, Task] = {}
+# (is this name task data?, its Task): set by cdist.tasks.from_file, which needs Task itself
+_FILE_LOADER: list[tuple[Callable[[str], bool], Callable[[str], Task]]] = []
+
+
+def register_file_loader(is_data: Callable[[str], bool], load: Callable[[str], Task]) -> None:
+    """How ``get_task`` reads a task given as data (``cdist.tasks.from_file`` sets it)."""
+    _FILE_LOADER[:] = [(is_data, load)]
 
 
 def get_task(name: str | Task) -> Task:
@@ -177,12 +185,11 @@ def get_task(name: str | Task) -> Task:
         return name
     if name in TASKS:
         return TASKS[name]
-    from cdist.tasks.from_file import is_task_file, task_from_file
-
-    if is_task_file(name):
-        if name not in _FILES:
-            _FILES[name] = task_from_file(name)
-        return _FILES[name]
+    for is_data, load in _FILE_LOADER:
+        if is_data(name):
+            if name not in _FILES:
+                _FILES[name] = load(name)
+            return _FILES[name]
     raise UnknownTaskError(f"unknown task {name!r}; choose from {sorted(TASKS)}, or give a "
                            ".jsonl or .csv file or a datasets folder of your own items")
 

@@ -32,7 +32,7 @@ import torch
 
 from cdist import discovery, plots, stats, tasks, zoo
 from cdist.checkpoints import atomic_write_json, atomic_write_text, read_json
-from cdist.discovery import ablation, activation_patching, attribution_patching
+from cdist.discovery import ablation, activation_patching, attribution_patching, circuit_eval
 from cdist.errors import ConfigError
 from cdist.progress import say
 from cdist.provenance import git_commit
@@ -125,7 +125,7 @@ def survey_model(name: str, cfg: SurveyConfig, out: Path, commit: str, log=say) 
         circuit = found.circuit
         scores |= {k: s[s.metric] for k, s in found.scans.items() if s.method == "path_patching"}
         timings[f"{method}_search_s"] = time.time() - t
-        result = ablation.evaluate_circuit(model, circuit, evaluation, means=means,
+        result = circuit_eval.evaluate_circuit(model, circuit, evaluation, means=means,
                                            n_random=cfg.n_random, seed=cfg.seed)
         row = {"model": name, "task": org.task, "method": method,
                **{k: result[k] for k in _KEEP}, "circuit_share": len(circuit.heads) / n_heads,
