@@ -15,6 +15,7 @@ image at the figure's own size.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -308,15 +309,18 @@ def _fit(canvas: _Canvas, renderer) -> None:
 
 
 def write_png(fig: go.Figure, path: str | Path) -> Path:
-    """Draw ``fig`` with matplotlib at its layout's width and height (pixels) into ``path``; titles,
-    axis labels and colour bars are kept inside the image (``_fit``)."""
+    """Draw ``fig`` with matplotlib at its layout's width and height (pixels) into ``path``
+    (atomically); titles, axis labels and colour bars are kept inside the image (``_fit``)."""
+    from cdist.checkpoints import atomic_write_bytes
+
     path = Path(path)
     figure = draw(fig)
+    png = io.BytesIO()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=_DPI)
+        figure.savefig(png, dpi=_DPI, format="png")
     finally:
         plt.close(figure)
+    atomic_write_bytes(png.getvalue(), path)
     return path
 
 
