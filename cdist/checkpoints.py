@@ -98,15 +98,38 @@ def _atomic(path: Path, write, every_rank: bool = False) -> None:
             os.unlink(tmp)
 
 
+class _Sink:
+    """A file for ``torch.save`` that keeps the error of a write that failed: torch's zip writer
+    reports a full disk only as "unexpected pos", after the write that met it returned short."""
+
+    def __init__(self, f):
+        self.f, self.name, self.failed = f, f.name, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.failed = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
     import torch  # here, so that the command line's help needs no torch
 
     def save(tmp: str) -> None:
-        # through a Python file, so that a full disk is an OSError (torch's own file writer says
-        # only "unexpected pos")
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            sink = _Sink(f)
+            try:
+                torch.save(obj, sink)
+                f.flush()
+            except RuntimeError:
+                if sink.failed is not None:
+                    raise sink.failed from None
+                raise
 
     _atomic(Path(path), save)
 

@@ -62,6 +62,9 @@ class WriteError(CdistError, OSError):
     """A file that the system would not let cdist write (a full disk, a quota, an I/O error); an
     ``OSError`` too, with the system's ``errno``."""
 
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form of its errno
+        return str(self.args[0]) if self.args else ""
+
 
 class NumericsError(CdistError, ArithmeticError):
     """A loss or gradient that is not finite."""

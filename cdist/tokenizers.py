@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from cdist.checkpoints import atomic_directory
+from cdist.checkpoints import atomic_directory, check_replaceable
 from cdist.errors import InputError
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
@@ -116,6 +116,7 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
 
 
 def _build_llama3_tokenizer(out_dir: Path) -> None:
+    check_replaceable(out_dir, _earlier_cache)  # before the slow conversion, not after
     # Imported here: llama_models and the converter are only needed for the one-off build.
     from llama_models.llama3 import tokenizer as meta
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -153,12 +154,13 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
     # leaves a half-written cache that later calls would trust; a folder of the user's given as
     # the cache is refused, not replaced (an incomplete cache of an earlier cdist, which wrote
     # only tokenizer files there, is replaced).
-    atomic_directory(out_dir, fast.save_pretrained,
-                     earlier=lambda d: all(p.name.startswith(_TOKENIZER_FILES)
-                                           for p in d.iterdir()))
+    atomic_directory(out_dir, fast.save_pretrained, earlier=_earlier_cache)
 
 
-_TOKENIZER_FILES = ("tokenizer", "special_tokens_map")
+def _earlier_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds only tokenizer files (an earlier cdist's cache, before checkpoints
+    recorded their files)."""
+    return all(p.name.startswith(("tokenizer", "special_tokens_map")) for p in folder.iterdir())
 
 
 # Encoded by both tokenizers of a teacher-student pair: a prompt of each task's shape, with the
