@@ -4,10 +4,13 @@
 distillation's) does first:
 
 1. the folder is cdist's (``check_owned``): new, empty, or made by cdist, which marks every run
-   folder it makes with ``.cdist-run`` (``RUN_MARKER``); a folder of the user's is refused before
-   anything is read or written there, so that cdist never rewrites or deletes a file it did not
-   make. A run folder made before the marker existed is known by what only cdist writes there: its
-   lock ``.cdist.lock``, ``identity.json``, or a ``config.yaml`` that opens with cdist's header;
+   folder it makes with ``.cdist-run`` (``RUN_MARKER``; a folder inside a marked one, such as a
+   trained run's ``runs/n128/<arm>-seed0``, is the run folder's too); a folder of the user's is
+   refused before anything is written there, so that cdist never rewrites or deletes a file it
+   did not make (and a step's settings are never read from the user's own ``config.yaml``). A
+   run folder made before the marker existed is known by what only cdist writes there: its lock
+   ``.cdist.lock``, ``identity.json``, or a ``config.yaml`` that opens with cdist's header (the
+   repository's committed results, whose locks git ignores, carry the marker);
 2. the folder can be made and written (not a file, not under a file, not read-only), which is
    tried with a probe file, so that no training starts that could not save its result;
 3. no other process holds it (an advisory ``flock`` on ``.cdist.lock``, released when the process
@@ -36,9 +39,11 @@ from cdist.checkpoints import TMP_PREFIX, atomic_write_json, atomic_write_text, 
 from cdist.errors import RunFolderError
 
 __all__ = ["RUN_MARKER", "Claim", "check_models", "check_owned", "check_writable", "claim",
-           "release_all"]
+           "made_by_cdist", "release_all"]
 
 RUN_MARKER = ".cdist-run"
+_MARKER_TEXT = ("This folder was made by cdist, which writes only into folders that hold this file "
+                "(or none at all).\n")
 # What only cdist writes in a run folder, by which one made before RUN_MARKER is known
 _EARLIER_SIGNS = (".cdist.lock", "identity.json")
 _SETTINGS_HEADER = "# cdist run folder settings"
@@ -98,29 +103,35 @@ def check_writable(path: str | Path, *, file: bool = False) -> Path:
     return path
 
 
+def made_by_cdist(folder: str | Path) -> bool:
+    """Whether ``folder`` is a run folder cdist made (module doc, 1): it, or a folder it is in,
+    holds ``RUN_MARKER``, or it holds what only an earlier cdist wrote there. Reads nothing but
+    listings and the first line of its ``config.yaml``."""
+    folder = Path(folder).absolute()
+    if any((f / RUN_MARKER).is_file() for f in (folder, *folder.parents)):
+        return True  # a run folder's own subfolders (runs/, cache/) are cdist's too
+    if any((folder / name).exists() for name in _EARLIER_SIGNS):
+        return True
+    try:
+        with open(folder / "config.yaml") as f:
+            return f.readline().startswith(_SETTINGS_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False  # none, or not text: not cdist's
+
+
 def check_owned(folder: str | Path) -> Path:
     """``folder``, refused (``RunFolderError``) when it exists, is not empty and cdist did not
-    make it (module doc, 1); reads nothing but the folder's listing and the first line of its
-    ``config.yaml``."""
+    make it (``made_by_cdist``)."""
     folder = Path(folder)
-    if not folder.is_dir() or (folder / RUN_MARKER).is_file():
+    if not folder.is_dir() or made_by_cdist(folder):
         return folder
-    if any((folder / name).exists() for name in _EARLIER_SIGNS):
-        return folder
-    settings = folder / "config.yaml"
-    try:
-        with open(settings) as f:
-            if f.readline().startswith(_SETTINGS_HEADER):
-                return folder
-    except (OSError, UnicodeDecodeError):
-        pass  # none, or not text: not cdist's
     theirs = sorted(p.name for p in folder.iterdir())
-    if not theirs:
-        return folder
-    raise RunFolderError(f"{folder} is not a run folder cdist made (it holds "
-                         f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); cdist "
-                         "writes only into a new or empty folder or one it made: choose another "
-                         "output folder")
+    if theirs:
+        raise RunFolderError(f"{folder} is not a run folder cdist made (it holds "
+                             f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); "
+                             "cdist writes only into a new or empty folder or one it made: choose "
+                             "another output folder")
+    return folder
 
 
 def claim(folder: str | Path, identity: dict | None = None) -> Claim:
@@ -161,8 +172,7 @@ def claim(folder: str | Path, identity: dict | None = None) -> Claim:
         if identity is not None:
             _check_identity(folder, identity)
         if not (folder / RUN_MARKER).is_file():
-            atomic_write_text("This folder was made by cdist, which writes only into folders "
-                              "that hold this file (or none at all).\n", folder / RUN_MARKER)
+            atomic_write_text(_MARKER_TEXT, folder / RUN_MARKER)
     except BaseException:
         held.release()
         raise

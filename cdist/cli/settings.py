@@ -203,9 +203,9 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
     out = Path(first.out or f"runs/{spec.name}")
     layers, kept, given = [], {}, {}
     saved = out / RUN_CONFIG
-    # a folder of the user's is refused before its config.yaml could be taken for cdist's
-    run_folder.check_owned(out)
-    if saved.is_file():
+    # a config.yaml of the user's own is not cdist's record (a step that writes refuses the
+    # folder when it claims it, cdist.run_folder)
+    if saved.is_file() and run_folder.made_by_cdist(out):
         kept = {k: v for k, v in read_settings(saved).items() if k in parser.flags}
         layers.append(_argv(parser, kept, str(saved)))
     if first.config:
