@@ -213,8 +213,8 @@ def test_prompts_past_the_context_are_refused_before_the_folder(ckpt, tmp_path, 
             "--out", str(tmp_path / "out")]
     assert _main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "takes prompts of at most 16 tokens (max_position_embeddings), " \
-        "but the training items run to" in err[0], err
+    assert len(err) == 1 and "takes prompts of at most 16 tokens (its context: " \
+        "max_position_embeddings, capped at 8192), but the training items run to" in err[0], err
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from cdist import matching, tasks
 from cdist.errors import ConfigError, InputError
-from cdist.models import check_heads
+from cdist.models import MAX_N_CTX, check_heads
 from cdist.pipeline.config import ExperimentConfig
 from cdist.store import items_fingerprint
 from cdist.types import Head
@@ -108,10 +108,10 @@ def check_positions(sets: Mapping[str, object], n_ctx: int, who: str) -> None:
     for name, data in sets.items():
         longest = max((len(row) for row in data["input_ids"]), default=0)
         if longest > n_ctx:
-            raise InputError(f"{who} takes prompts of at most {n_ctx} tokens "
-                             f"(max_position_embeddings), but the {name} items run to {longest}; "
-                             "give fewer boxes (--n-boxes, --ood-boxes) or a model with a longer "
-                             "context")
+            raise InputError(f"{who} takes prompts of at most {n_ctx} tokens (its context: "
+                             f"max_position_embeddings, capped at {MAX_N_CTX}), but the {name} "
+                             f"items run to {longest}; give fewer boxes (--n-boxes, --ood-boxes) "
+                             "or a model with a longer context")
 
 
 def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None,
