@@ -11,8 +11,11 @@ does.
 - ``MismatchError``: two things that must agree do not: a teacher and a student with other
   tokenizers, a model and the task its manifest names.
 - ``FileFormatError``: a file that cannot be read as what it should be (it is named).
-- ``RunFolderError``: an output folder that cannot be written, is in use by another process, or
-  holds results of another run.
+- ``RunFolderError``: an output folder that cannot be written, is in use by another process,
+  holds results of another run, or holds files cdist did not write (it writes only in folders it
+  made, ``cdist.run_folder``).
+- ``WriteError``: a file that could not be written: the disk is full, a quota or an I/O error
+  (named with the system's reason). No half-written file is left where a result goes.
 - ``NumericsError``: a loss or gradient that stopped being finite during training (nothing is
   saved from that step).
 - ``UnfaithfulCircuitError``: a circuit that does not do its model's task alone (its faithfulness
@@ -23,7 +26,8 @@ does.
 from __future__ import annotations
 
 __all__ = ["CdistError", "ConfigError", "FileFormatError", "InputError", "MismatchError",
-           "MissingFileError", "NumericsError", "RunFolderError", "UnfaithfulCircuitError"]
+           "MissingFileError", "NumericsError", "RunFolderError", "UnfaithfulCircuitError",
+           "WriteError"]
 
 
 class CdistError(Exception):
@@ -52,6 +56,14 @@ class MissingFileError(CdistError, FileNotFoundError):
 
 class RunFolderError(CdistError, ValueError):
     """An output folder that cannot be used as it is."""
+
+
+class WriteError(CdistError, OSError):
+    """A file that the system would not let cdist write (a full disk, a quota, an I/O error); an
+    ``OSError`` too, with the system's ``errno``."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form of its errno
+        return str(self.args[0]) if self.args else ""
 
 
 class NumericsError(CdistError, ArithmeticError):

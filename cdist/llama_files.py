@@ -13,28 +13,50 @@ page it reads stays resident until the file is closed, which is the same doublin
 so safetensors files are read here with plain ``readinto`` calls into one fresh tensor at a time.
 GGUF files are dequantized by transformers as one dict (the file itself is mapped, but it is a
 quantized fraction of the model's size); its entries are handed out and dropped one by one.
+
+What is checked before a checkpoint is used (``open_llama``, ``LlamaSource.check``; every weight
+is also checked finite as it is loaded, ``cdist.models.load_llama``):
+- every file in a checkpoint folder (or the ``.gguf`` itself) is a regular file: a named pipe, a
+  device or a socket is refused from its ``stat``, before anything opens it (a pipe would block);
+- the weights are exactly the files an index names, or else the one ``*.safetensors`` file; two
+  candidates (``model.safetensors`` beside a stale ``model_old.safetensors``) are refused, naming
+  both, rather than one read over the other;
+- the config is one transformers accepts, and its attention layout is whole: the key/value heads
+  divide the heads, and without an explicit ``head_dim`` the heads divide ``hidden_size``;
+- every weight of the config is there with the config's shape, and a checkpoint cdist wrote
+  (``save_llama`` records the attention layout in its safetensors metadata) has the layout it was
+  saved with. What is not detectable: a config that regroups the same weights into other heads
+  with every shape unchanged (8 heads of 16 as 4 heads of 32, say) in a checkpoint that does not
+  record its layout (transformers' own): Llama has no per-head tensor (no q/k norm, rotary has no
+  weights), so only the config says where one head ends;
+- a GGUF file whose metadata is cut short is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor
 from transformers import AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from cdist.errors import FileFormatError, InputError, MissingFileError
 
 __all__ = [
+    "ATTENTION_KEY",
     "OFFICIAL_LLAMA3",
     "SPECIAL_TOKEN_FIELDS",
     "CheckpointNotFoundError",
     "LlamaSource",
+    "attention_layout",
+    "check_regular",
     "open_llama",
     "resolve_checkpoint",
     "safetensors_header",
@@ -48,6 +70,10 @@ OFFICIAL_LLAMA3 = tuple(
 # The config's token ids, kept from load to save so that a round trip writes them back unchanged.
 SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
+# The attention layout save_llama records in a safetensors file's metadata (attention_layout), the
+# one record of where a head ends that a config's edit cannot change
+ATTENTION_KEY = "cdist_attention"
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -57,6 +83,26 @@ _SAFETENSORS_DTYPES = {
 
 class CheckpointNotFoundError(MissingFileError):
     """No Llama checkpoint where we looked; the message says where, in one line."""
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular(path: Path) -> None:
+    """Refuse (``FileFormatError``) ``path``, or any entry of the folder ``path``, that is a
+    named pipe, a device or a socket, from its ``stat`` alone: opening a pipe to read it blocks
+    until something writes to it, and a device never ends. Links are followed; a broken one is
+    left to the reader that needs it."""
+    for entry in ([path, *path.iterdir()] if path.is_dir() else [path]):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue
+        kind = next((name for test, name in _SPECIAL if test(mode)), None)
+        if kind is not None:
+            raise FileFormatError(f"{entry} is {kind}, not a file; a checkpoint is read from "
+                                  "regular files: put the file itself there")
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -72,6 +118,8 @@ def resolve_checkpoint(source: str | Path) -> Path:
         CheckpointNotFoundError: one line saying where it looked.
     """
     path = Path(source).expanduser()
+    if path.suffix == ".gguf" and path.exists():
+        check_regular(path)
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     aliases = {}
@@ -124,12 +172,17 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
             f"no *.safetensors in {ckpt}; cdist reads safetensors only "
             "(re-save with safe_serialization=True)"
         )
+    if len(files) > 1:  # without an index, which one holds the weights is a guess
+        raise FileFormatError(f"{ckpt} holds {len(files)} weight files and no index naming them "
+                              f"({', '.join(f.name for f in files[:3])}); move all but the "
+                              "checkpoint's own out of the folder")
     return files
 
 
-def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
-    """A safetensors file's header length and its entries (name -> dtype, shape, offsets), checked
-    against the file's size, so that a damaged file is named before any tensor is read.
+def safetensors_header(file: Path) -> tuple[int, dict[str, dict], dict[str, str]]:
+    """A safetensors file's header length, its entries (name -> dtype, shape, offsets) and its
+    metadata, checked against the file's size, so that a damaged file is named before any tensor
+    is read.
 
     Raises:
         FileFormatError: not a safetensors file, an unknown dtype, or data past the end (truncated).
@@ -141,7 +194,7 @@ def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
             if length > size - 8:  # also spares reading a garbled length's petabytes
                 raise InputError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
+            metadata = header.pop("__metadata__", None) or {}
             for info in header.values():
                 start, end = info["data_offsets"]
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
@@ -157,13 +210,13 @@ def safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
         if 8 + length + info["data_offsets"][1] > size:
             raise FileFormatError(f"{file} is truncated: {name} ends past the end of the file; "
                                   "re-save or re-download it")
-    return length, header
+    return length, header, metadata if isinstance(metadata, dict) else {}
 
 
 def read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
     """A safetensors file's tensors in file order, each read into its own fresh CPU tensor (no
     memory map, so nothing read stays resident once the caller drops it)."""
-    length, header = safetensors_header(file)
+    length, header, _ = safetensors_header(file)
     with open(file, "rb") as f:
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = info["data_offsets"]
@@ -219,9 +272,15 @@ class LlamaSource:
             return
         from transformers import LlamaForCausalLM
 
-        found = {}
+        found, recorded = {}, None
         for file in _safetensors_files(self.path):
-            found |= {k: tuple(v["shape"]) for k, v in safetensors_header(file)[1].items()}
+            _, header, metadata = safetensors_header(file)
+            found |= {k: tuple(v["shape"]) for k, v in header.items()}
+            recorded = recorded or metadata.get(ATTENTION_KEY)
+        if recorded is not None and recorded != attention_layout(self.hf_config):
+            raise FileFormatError(f"{self.path}: config.json makes the attention "
+                                  f"{attention_layout(self.hf_config)}, but its weights were saved "
+                                  f"as {recorded}; pass the config the weights were saved with")
         with torch.device("meta"):  # the config's shapes, with no memory behind them
             skeleton = LlamaForCausalLM(self.hf_config)
         wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -259,6 +318,40 @@ class LlamaSource:
             yield name, tensors.pop(name).to(dtype)
 
 
+def attention_layout(hf_config: LlamaConfig) -> str:
+    """The config's attention layout in words, as ``save_llama`` records it: "8 heads of 16, 4
+    key/value heads"."""
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return (f"{heads} heads of {head_dim}, {hf_config.num_key_value_heads or heads} key/value "
+            "heads")
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message in one line: its last non-empty line, where libraries put the cause
+    (transformers' validators open with a heading), else its type's name."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _check_attention(config: dict, where: Path) -> None:
+    """Refuse an attention layout that cannot be whole (module doc): key/value heads that do not
+    divide the heads, or heads that do not divide ``hidden_size`` when no ``head_dim`` says how
+    wide one is."""
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    kv = config.get("num_key_value_heads") or heads
+    if not all(isinstance(n, int) and n > 0 for n in (heads, hidden, kv)):
+        return  # transformers' own checks name these
+    if heads % kv:
+        raise FileFormatError(f"{where}: num_key_value_heads = {kv} does not divide "
+                              f"num_attention_heads = {heads} (each key/value head serves a "
+                              "whole group of heads); pass the config the weights were saved with")
+    if config.get("head_dim") is None and hidden % heads:
+        raise FileFormatError(f"{where}: hidden_size = {hidden} is not a multiple of "
+                              f"num_attention_heads = {heads}, and no head_dim says how wide a "
+                              "head is; pass the config the weights were saved with")
+
+
 def open_llama(source: str | Path) -> LlamaSource:
     """Open a Llama checkpoint (see ``resolve_checkpoint``) and read its config.
 
@@ -271,11 +364,13 @@ def open_llama(source: str | Path) -> LlamaSource:
         where = path
         try:
             config_dict, _ = LlamaConfig.get_config_dict(path.parent, gguf_file=path.name)
-        except (ValueError, KeyError, OSError) as err:  # an unsupported or unreadable GGUF
-            raise FileFormatError(f"{path} is not a GGUF file transformers can read: "
-                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                                  ) from err
+        # an unsupported or unreadable GGUF; one cut inside its metadata fails in the gguf
+        # reader's unpacking (struct.error, IndexError)
+        except (ValueError, KeyError, OSError, IndexError, struct.error) as err:
+            raise FileFormatError(f"{path} is not a GGUF file transformers can read (cut short or "
+                                  f"damaged?): {_first_line(err)}; re-download it") from None
     else:
+        check_regular(path)
         where = path / "config.json"
         if not where.is_file():
             raise CheckpointNotFoundError(
@@ -294,8 +389,15 @@ def open_llama(source: str | Path) -> LlamaSource:
             f"{where} has model_type={config_dict.get('model_type')!r}; cdist loads 'llama' only"
             " (a Llama-architecture checkpoint)"
         )
+    _check_attention(config_dict, where)
     # from the dict already read: parsing a GGUF file's metadata again is slow
-    hf_config = LlamaConfig.from_dict(config_dict)
+    try:
+        hf_config = LlamaConfig.from_dict(config_dict)
+    # transformers' own checks (an odd head_dim for rope), through huggingface_hub's validators
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise FileFormatError(f"{where} is not a config transformers accepts: "
+                              f"{_first_line(err)}; pass the config the weights were saved with"
+                              ) from None
     # A GGUF's tensors come out dequantized, as plain floats: nothing of its quantization is kept.
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config

@@ -2,9 +2,12 @@
 as links between the two models' heads), written as interactive HTML and static PNG that both work
 offline.
 
-Each HTML file loads plotly.js from ``plotly.min.js`` beside it, written once per folder (megabytes
-once instead of in every file, and no CDN, which an offline machine cannot reach). The PNG is drawn
-by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
+Each HTML file loads plotly.js from ``plotly.min.js`` beside it, one per folder (megabytes once
+instead of in every file, and no CDN, which an offline machine cannot reach). Every file is written
+atomically (``cdist.checkpoints``), and ``plotly.min.js`` is compared with the installed plotly's
+each time a figure is saved and rewritten when it differs, so a copy cut short (a full disk, a
+kill, by an earlier cdist that let plotly write it) is repaired by the next run rather than kept.
+The PNG is drawn by matplotlib (``cdist.static_png``), since plotly's own export needs a Chromium.
 
 Colour: a signed per-head score is drawn on a symmetric-log scale (``signed_colour``) so that a
 circuit's moderate heads stay visible beside one huge effect, and values below ``NEUTRAL_FLOOR`` of
@@ -199,22 +202,24 @@ def shared_scale(scans: Iterable[Scan], metric: str | None = None) -> float | No
 
 
 def save_figure(fig: go.Figure, stem: str | Path) -> list[Path]:
-    """Write ``stem.html`` (with ``plotly.min.js`` beside it) and ``stem.png``; returns the two
-    paths."""
+    """Write ``stem.html`` (with ``plotly.min.js`` beside it, checked: module doc) and
+    ``stem.png``, atomically; returns the two paths.
+
+    Raises:
+        WriteError: the disk is full, or another error the system gives while writing.
+    """
     from plotly.offline import get_plotlyjs
 
     from cdist.checkpoints import atomic_write_text, is_follower
     from cdist.static_png import write_png
 
     stem = Path(stem)
-    if is_follower():  # under torchrun rank 0 writes the figures
-        return [stem.with_suffix(".html"), stem.with_suffix(".png")]
     html = stem.with_suffix(".html")
-    # plotly's write_html writes plotly.min.js only where it is missing, so a copy cut short by a
-    # stopped run would stay for good: the page and its script are each written whole or not at
-    # all (a cut-short script is replaced, being of another size)
+    if is_follower():  # under torchrun rank 0 writes the figures
+        return [html, stem.with_suffix(".png")]
+    # plotly's own write_html writes plotly.min.js in place and keeps any file of that name
+    atomic_write_text(get_plotlyjs(), stem.parent / "plotly.min.js")
     atomic_write_text(fig.to_html(include_plotlyjs="directory"), html)
-    atomic_write_text(get_plotlyjs(), html.parent / "plotly.min.js")
     return [html, write_png(fig, stem.with_suffix(".png"))]
 
 

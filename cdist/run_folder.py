@@ -3,16 +3,25 @@
 ``claim(folder, identity)`` is what every step that writes a run folder (an experiment's, a
 distillation's) does first:
 
-1. the folder can be made and written (not a file, not under a file, not read-only), which is
+1. the folder is cdist's (``check_owned``): new, empty, or made by cdist, which marks every run
+   folder it makes with ``.cdist-run`` (``RUN_MARKER``; a folder inside a marked one, such as a
+   trained run's ``runs/n128/<arm>-seed0``, is the run folder's too); a folder of the user's is
+   refused before anything is written there, so that cdist never rewrites or deletes a file it
+   did not make (and a step's settings are never read from the user's own ``config.yaml``). A
+   run folder made before the marker existed is known by what only cdist writes there: its lock
+   ``.cdist.lock``, ``identity.json``, or a ``config.yaml`` that opens with cdist's header (the
+   repository's committed results, whose locks git ignores, carry the marker);
+2. the folder can be made and written (not a file, not under a file, not read-only), which is
    tried with a probe file, so that no training starts that could not save its result;
-2. no other process holds it (an advisory ``flock`` on ``.cdist.lock``, released when the process
+3. no other process holds it (an advisory ``flock`` on ``.cdist.lock``, released when the process
    ends, even by SIGKILL);
-3. temporary files that a killed process left behind (``.NAME.XXXX.tmp``, from
-   ``cdist.checkpoints``) are removed: with the lock held no one else is writing them;
-4. the folder was made for the same inputs: ``identity.json`` records what defines its results
+4. temporary files that a killed process left behind (``.cdist-tmp-*``, from
+   ``cdist.checkpoints``) are removed: with the lock held no one else is writing them. Only those:
+   a file of the user's that merely looks temporary (``notes.tmp``) stays;
+5. the folder was made for the same inputs: ``identity.json`` records what defines its results
    (models, task, item sets, discovery rules), and a folder made for others is refused, naming the
    settings that differ, rather than mixing two experiments' results;
-5. once a model is loaded, its weights are those the folder's results were made with
+6. once a model is loaded, its weights are those the folder's results were made with
    (``check_models``: a checkpoint rebuilt at the same path is refused, not trained over).
 """
 
@@ -22,13 +31,22 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
-from cdist.checkpoints import atomic_write_json, is_follower
+from cdist.checkpoints import TMP_PREFIX, atomic_write_json, atomic_write_text, is_follower
 from cdist.errors import RunFolderError
 
-__all__ = ["Claim", "check_models", "check_writable", "claim", "held", "release_all"]
+__all__ = ["RUN_MARKER", "Claim", "check_models", "check_owned", "check_writable", "claim",
+           "held", "made_by_cdist", "release_all"]
+
+RUN_MARKER = ".cdist-run"
+_MARKER_TEXT = ("This folder was made by cdist, which writes only into folders that hold this file "
+                "(or none at all).\n")
+# What only cdist writes in a run folder, by which one made before RUN_MARKER is known
+_EARLIER_SIGNS = (".cdist.lock", "identity.json")
+_SETTINGS_HEADER = "# cdist run folder settings"
 
 
 class Claim:
@@ -90,10 +108,41 @@ def check_writable(path: str | Path, *, file: bool = False) -> Path:
     return path
 
 
+def made_by_cdist(folder: str | Path) -> bool:
+    """Whether ``folder`` is a run folder cdist made (module doc, 1): it, or a folder it is in,
+    holds ``RUN_MARKER``, or it holds what only an earlier cdist wrote there. Reads nothing but
+    listings and the first line of its ``config.yaml``."""
+    folder = Path(folder).absolute()
+    if any((f / RUN_MARKER).is_file() for f in (folder, *folder.parents)):
+        return True  # a run folder's own subfolders (runs/, cache/) are cdist's too
+    if any((folder / name).exists() for name in _EARLIER_SIGNS):
+        return True
+    try:
+        with open(folder / "config.yaml") as f:
+            return f.readline().startswith(_SETTINGS_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False  # none, or not text: not cdist's
+
+
+def check_owned(folder: str | Path) -> Path:
+    """``folder``, refused (``RunFolderError``) when it exists, is not empty and cdist did not
+    make it (``made_by_cdist``)."""
+    folder = Path(folder)
+    if not folder.is_dir() or made_by_cdist(folder):
+        return folder
+    theirs = sorted(p.name for p in folder.iterdir())
+    if theirs:
+        raise RunFolderError(f"{folder} is not a run folder cdist made (it holds "
+                             f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); "
+                             "cdist writes only into a new or empty folder or one it made: choose "
+                             "another output folder")
+    return folder
+
+
 def claim(folder: str | Path, identity: dict | None = None) -> Claim:
     """Check and hold ``folder`` for this process (module doc); raises ``RunFolderError``. Under
     ``torchrun`` only rank 0 holds it (the ranks are one run, and only rank 0 writes)."""
-    folder = check_writable(folder)
+    folder = check_owned(check_writable(folder))
     if is_follower():
         return Claim(folder.resolve(), None)
     key = folder.resolve()
@@ -120,10 +169,15 @@ def claim(folder: str | Path, identity: dict | None = None) -> Claim:
                              "another output folder") from None
     held = _HELD[key] = Claim(key, fd)
     try:
-        for tmp in folder.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in list(folder.rglob(f"{TMP_PREFIX}*")):  # listed first: dirs go
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         if identity is not None:
             _check_identity(folder, identity)
+        if not (folder / RUN_MARKER).is_file():
+            atomic_write_text(_MARKER_TEXT, folder / RUN_MARKER)
     except BaseException:
         held.release()
         raise

@@ -15,6 +15,7 @@ image at the figure's own size.
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -308,17 +309,18 @@ def _fit(canvas: _Canvas, renderer) -> None:
 
 
 def write_png(fig: go.Figure, path: str | Path) -> Path:
-    """Draw ``fig`` with matplotlib at its layout's width and height (pixels) into ``path``; titles,
-    axis labels and colour bars are kept inside the image (``_fit``)."""
-    from cdist.checkpoints import atomic_file
+    """Draw ``fig`` with matplotlib at its layout's width and height (pixels) into ``path``
+    (atomically); titles, axis labels and colour bars are kept inside the image (``_fit``)."""
+    from cdist.checkpoints import atomic_write_bytes
 
     path = Path(path)
     figure = draw(fig)
+    png = io.BytesIO()
     try:
-        # whole or not at all: a stopped run leaves no cut-short image
-        atomic_file(path, lambda tmp: figure.savefig(tmp, dpi=_DPI, format="png"))
+        figure.savefig(png, dpi=_DPI, format="png")
     finally:
         plt.close(figure)
+    atomic_write_bytes(png.getvalue(), path)
     return path
 
 

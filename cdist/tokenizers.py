@@ -16,7 +16,6 @@ returned.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from cdist.checkpoints import atomic_directory, check_replaceable
 from cdist.errors import InputError
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
@@ -116,6 +116,7 @@ def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizer
 
 
 def _build_llama3_tokenizer(out_dir: Path) -> None:
+    check_replaceable(out_dir, _earlier_cache)  # before the slow conversion, not after
     # Imported here: llama_models and the converter are only needed for the one-off build.
     from llama_models.llama3 import tokenizer as meta
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -150,21 +151,16 @@ def _build_llama3_tokenizer(out_dir: Path) -> None:
         model_max_length=131072,
     )
     # Written beside the cache and renamed into place, so a concurrent or interrupted build never
-    # leaves a half-written cache that later calls would trust.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        fast.save_pretrained(tmp)
-        if out_dir.exists() and not (out_dir / "tokenizer.json").is_file():
-            shutil.rmtree(out_dir)  # a stale, incomplete cache
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            # not a concurrent build that finished first
-            if not (out_dir / "tokenizer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # leaves a half-written cache that later calls would trust; a folder of the user's given as
+    # the cache is refused, not replaced (an incomplete cache of an earlier cdist, which wrote
+    # only tokenizer files there, is replaced).
+    atomic_directory(out_dir, fast.save_pretrained, earlier=_earlier_cache)
+
+
+def _earlier_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds only tokenizer files (an earlier cdist's cache, before checkpoints
+    recorded their files)."""
+    return all(p.name.startswith(("tokenizer", "special_tokens_map")) for p in folder.iterdir())
 
 
 # Encoded by both tokenizers of a teacher-student pair: a prompt of each task's shape, with the

@@ -10,6 +10,7 @@ import torch
 from conftest import unchecked
 
 from cdist import distill, evaluate, matching, tasks
+from cdist.checkpoints import TMP_PREFIX
 from cdist.cka import linear_cka
 from cdist.errors import RunFolderError
 from cdist.models import hook_z, new_llama
@@ -211,10 +212,12 @@ def evaluate_fn(model):
         os.kill(os.getpid(), signal.SIGKILL)
     return {}
 
-def save_half_then_die(obj, path):
+def save_half_then_die(obj, f):
     saves.append(1)
-    real_save(obj, path)
+    real_save(obj, f)
     if len(saves) == 2:
+        f.flush()
+        path = f.name  # the temporary file cdist writes through
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
@@ -256,7 +259,7 @@ def test_a_run_killed_in_training_or_in_a_checkpoint_write_resumes_bit_for_bit(t
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert torch.load(run_dir / "state.pt", weights_only=False)["step"] == 3
         if where == "saving":  # the half-written checkpoint is a temporary file, never state.pt
-            assert list(run_dir.glob(".state.pt.*.tmp"))
+            assert list(run_dir.glob(f"{TMP_PREFIX}state.pt-*.tmp"))
         resumed = fresh(tok, 1)
         out = distill.distill(resumed, fresh(tok, 2), head_map(), *items, CFG, run_dir,
                               progress=False)

@@ -121,9 +121,10 @@ def test_bad_input_is_one_line(tok, circuit_run, tmp_path, capsys):
     _refused(["export", str(tmp_path / "absent"), "--to", out], capsys, "not a folder")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    _refused(["export", str(run), "--to", str(tmp_path / "notes")], capsys, "refusing")
+    _refused(["export", str(run), "--to", str(tmp_path / "notes")], capsys,
+             "holds files cdist did not write (todo.txt)")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
-    _refused(["export", str(run), "--to", str(run)], capsys, "not a checkpoint")
+    _refused(["export", str(run), "--to", str(run)], capsys, "holds files cdist did not write")
     _refused(["export", str(run), "--to", str(base)], capsys, "base student's own")
     other = save_llama(_llama(tok, 5), tmp_path / "other")
     _refused(["export", str(run), "--to", out, "--student", str(other)], capsys,

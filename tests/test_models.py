@@ -12,7 +12,7 @@ import torch
 from conftest import LLAMA_SHAPES
 from transformers import LlamaForCausalLM
 
-from cdist.errors import FileFormatError
+from cdist.errors import FileFormatError, RunFolderError
 from cdist.models import (
     CheckpointNotFoundError,
     HookedTransformer,
@@ -126,13 +126,15 @@ def test_save_replaces_a_checkpoint_but_not_other_folders(hf_llama_dir, tmp_path
     model = load_llama(hf_llama_dir("gqa")[0])
     out = tmp_path / "ckpt"
     save_llama(model, out)
-    (out / "stale.txt").write_text("from the previous save")
-    save_llama(model, out)
-    assert not (out / "stale.txt").exists()
+    save_llama(model, out)  # its own checkpoint, as it wrote it: replaced
+    (out / "notes.txt").write_text("added by the user")
+    with pytest.raises(RunFolderError, match=r"holds files cdist did not write \(notes.txt\)"):
+        save_llama(model, out)
+    assert (out / "notes.txt").read_text() == "added by the user"
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(RunFolderError):
         save_llama(model, precious)
     assert (precious / "notes.txt").exists()
 

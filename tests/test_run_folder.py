@@ -1,5 +1,6 @@
 """Output folders: unwritable ones refused before work starts, one process at a time, orphan
-temporary files cleared, and a folder made for other inputs refused, naming what differs."""
+temporary files of cdist's cleared (and nobody else's), and a folder made for other inputs refused,
+naming what differs. Folders of the user's are refused in tests/test_catalogue_files.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from cdist import run_folder
+from cdist.checkpoints import TMP_PREFIX
 from cdist.errors import RunFolderError
 
 HOLD = ("import sys, time\n"
@@ -69,15 +71,20 @@ def test_the_same_process_shares_its_claim_and_releases_it(tmp_path):
 
 
 def test_temporary_files_of_a_killed_writer_are_removed(tmp_path):
+    with run_folder.claim(tmp_path):  # made by cdist
+        pass
     (tmp_path / "runs").mkdir()
-    orphans = [tmp_path / ".results.json.abc123.tmp", tmp_path / "runs" / ".state.pt.x.tmp"]
+    orphans = [tmp_path / f"{TMP_PREFIX}results.json-abc123.tmp",
+               tmp_path / "runs" / f"{TMP_PREFIX}state.pt-x.tmp"]
     for path in orphans:
         path.write_bytes(b"half")
     (tmp_path / "results.json").write_text("{}")
+    (tmp_path / ".notes.tmp").write_text("the user's, not cdist's")
     with run_folder.claim(tmp_path):
         pass
     assert not any(p.exists() for p in orphans)
     assert (tmp_path / "results.json").read_text() == "{}"
+    assert (tmp_path / ".notes.tmp").read_text() == "the user's, not cdist's"
 
 
 def test_a_folder_made_for_other_inputs_is_refused_naming_what_differs(tmp_path):

@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM
 
 from cdist import cli, evaluate, tasks, zoo
 from cdist.checkpoints import atomic_directory
+from cdist.errors import RunFolderError
 from cdist.models import load_llama
 from cdist.zoo import organisms
 
@@ -265,7 +266,7 @@ def test_training_leaves_no_hooks_on_the_model(tmp_path, monkeypatch):
 
 def test_atomic_directory_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(RunFolderError, match="holds files cdist did not write"):
         atomic_directory(tmp_path, lambda tmp: None)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 

@@ -12,14 +12,17 @@ step).
     cdist export runs/et/runs/n128/circuit_distilled-CE+Align_CKA-seed0 --to students/et
     cdist demo                                       # the zoo table and a small distillation
 
-Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback).
-Ctrl-C or SIGTERM stops a command within a moment, anywhere: one line says what the run folder
-kept, the exit status is 130 or 143, and the same command resumes (``cdist.interrupts``).
+Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback), and
+so is a file the system would not let cdist read or write (a full disk, an I/O error), named with
+the system's reason. Ctrl-C or SIGTERM stops a command within a moment, anywhere: one line says
+what the run folder kept, the exit status is 130 or 143, and the same command resumes
+(``cdist.interrupts``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -78,15 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         if not follower:
             print(interrupts.message(command, e), file=sys.stderr, flush=True)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except (CdistError, ValueError, FileNotFoundError) as e:
+    except (CdistError, ValueError, OSError) as e:
         if os.environ.get("CDIST_TRACEBACK"):
             raise
-        # cdist.errors (and the ValueError / FileNotFoundError of a library check) already say
-        # what is wrong in one line
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"cdist: error: {message}", file=sys.stderr)
+        print(f"cdist: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """What went wrong, in one line: cdist.errors (and the ValueError of a library check) already
+    say it; an OSError that cdist did not name (a full disk while appending to a log, a file that
+    cannot be read) is its file and the system's reason."""
+    if isinstance(e, OSError) and not isinstance(e, CdistError) and e.strerror:
+        where = e.filename if e.filename is not None else "a file"
+        fix = ("free some space or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "check the path and the disk, then run the command again")
+        return f"{where}: {e.strerror}; {fix}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def table_script(task: str, argv: list[str]) -> int:

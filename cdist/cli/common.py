@@ -232,6 +232,7 @@ def experiment_config(s: RunSettings):
 def context(s: RunSettings, *, log=None):
     """The run folder's ``cdist.pipeline.Context`` for these settings, checked before anything is
     written; models load when a stage needs them."""
+    from cdist.models import hooked_config_from_hf
     from cdist.pipeline import Context, check_items
 
     set_threads(s.threads)
@@ -259,9 +260,11 @@ def context(s: RunSettings, *, log=None):
     if toks[role] is None:
         raise UsageError(f"--{role} {names[role]} has no tokenizer files "
                          "(tokenizer.json); save the tokenizer beside the weights")
+    contexts = {f"the {r} {names[r]}": hooked_config_from_hf(o.hf_config).n_ctx
+                for r, o in opened.items()}
     try:
         check_items(cfg, toks[role], opened["teacher"].hf_config if "teacher" in opened else None,
-                    models={r: o.hf_config for r, o in opened.items()}, device=dev)
+                    contexts, models={r: o.hf_config for r, o in opened.items()}, device=dev)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ctx

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cdist import tasks
+from cdist import run_folder, tasks
 from cdist.cli.flags import UsageError
 from cdist.cli.parser import Parser
 from cdist.tasks.registry import TASKS
@@ -213,7 +213,9 @@ def parse(parser: Parser, argv: list[str], command: str) -> RunSettings:
     out = Path(first.out or f"runs/{spec.name}")
     layers, kept, given = [], {}, {}
     saved = out / RUN_CONFIG
-    if saved.is_file():
+    # a config.yaml of the user's own is not cdist's record (a step that writes refuses the
+    # folder when it claims it, cdist.run_folder)
+    if saved.is_file() and run_folder.made_by_cdist(out):
         kept = {k: v for k, v in read_settings(saved).items() if k in parser.flags}
         layers.append(_argv(parser, kept, str(saved)))
     if first.config:
@@ -280,7 +282,7 @@ def keep_settings(parser: Parser, args: RunSettings) -> None:
     command to its ``commands.log``, before the step does any work."""
     import yaml
 
-    from cdist.checkpoints import atomic_write_text, is_follower
+    from cdist.checkpoints import atomic_write_text, is_follower, writing
     from cdist.provenance import git_commit
 
     if is_follower():  # under torchrun rank 0 keeps the folder's records
@@ -296,6 +298,6 @@ def keep_settings(parser: Parser, args: RunSettings) -> None:
               f"{commit}, {time.strftime('%Y-%m-%d %H:%M:%S')}.\n# Re-make a step: cdist "
               f"{args.command} --config {saved} --out NEW_FOLDER\n")
     atomic_write_text(header + yaml.safe_dump(settings, sort_keys=True), saved)
-    with open(out / "commands.log", "a") as log:
+    with writing(out / "commands.log"), open(out / "commands.log", "a") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {commit} "
                   f"{shlex.join(['cdist', args.command, *args.argv])}\n")

@@ -147,8 +147,8 @@ def _add_export(sub) -> None:
     export.add_argument("run_folder", metavar="RUN", help="a trained run's folder "
                         "(OUT/runs/n<items>/<arm>-seed<seed>, as cdist distill prints it)")
     export.add_argument("--to", required=True, metavar="DIR",
-                        help="the checkpoint folder to write (new, empty, or an earlier "
-                             "checkpoint, which is replaced)")
+                        help="the checkpoint folder to write (new, empty, or a checkpoint "
+                             "cdist wrote there before, which is replaced)")
     export.add_argument("--student", default=None, metavar="MODEL",
                         help="the base student (zoo name or checkpoint) when the run folder's "
                              "config.yaml does not name it")

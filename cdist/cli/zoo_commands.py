@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from cdist import run_folder
+from cdist.checkpoints import check_replaceable
 from cdist.cli import steps
 from cdist.cli.common import set_threads
 from cdist.cli.flags import UsageError, add_shared
@@ -161,9 +162,7 @@ def _export(args) -> Path:
 
     if args.name not in zoo.names():
         raise UsageError(f"{args.name!r} is not a zoo model; choose from {zoo.names()}")
-    out = run_folder.check_writable(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not empty; name a new directory")
+    out = check_replaceable(run_folder.check_writable(args.out))
     path = zoo.export_hf(args.name, out)
     print(f"{args.name} -> {path}")
     return path

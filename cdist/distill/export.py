@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from cdist import models
+from cdist.checkpoints import check_replaceable
 from cdist.distill.config import DistillConfig
 from cdist.distill.params import trained_parameters, training_weights
 from cdist.errors import (
@@ -163,14 +164,10 @@ def trained_student(student: HookedTransformer, run_dir: str | Path) -> HookedTr
 
 
 def check_output(out_dir: str | Path) -> Path:
-    """``out_dir``, refused (``RunFolderError``) when it exists and is not an empty folder or a
-    checkpoint (one with a ``config.json``), which ``save_llama`` would not replace."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (
-            not any(out_dir.iterdir()) or (out_dir / "config.json").is_file())):
-        raise RunFolderError(f"{out_dir} exists and is not a checkpoint folder; refusing to "
-                             "replace it: give a new folder")
-    return out_dir
+    """``out_dir``, refused (``RunFolderError``) unless ``save_llama`` may write it: new, empty,
+    or a checkpoint cdist wrote that holds nothing else (``cdist.checkpoints.check_replaceable``).
+    """
+    return check_replaceable(out_dir)
 
 
 def export_run(run_dir: str | Path, student: HookedTransformer, out_dir: str | Path) -> Path:
@@ -179,8 +176,9 @@ def export_run(run_dir: str | Path, student: HookedTransformer, out_dir: str | P
     Args:
         run_dir: a finished run's folder (``OUT/runs/n<items>/<arm>-seed<seed>``).
         student: the base student it was trained from (changes in place: ``trained_student``).
-        out_dir: the checkpoint folder: new, empty, or an earlier checkpoint (which is replaced
-            atomically); any other existing folder is refused before anything is loaded.
+        out_dir: the checkpoint folder: new, empty, or an earlier checkpoint of cdist's that
+            holds nothing else (replaced atomically); any other existing folder is refused
+            (``RunFolderError``) before anything is loaded, so no file of the user's is lost.
 
     Returns:
         ``out_dir``, holding ``config.json``, ``model.safetensors`` and the tokenizer files.
@@ -188,8 +186,4 @@ def export_run(run_dir: str | Path, student: HookedTransformer, out_dir: str | P
     out_dir = check_output(out_dir)
     if out_dir.resolve() == Path(run_dir).resolve():
         raise RunFolderError(f"{out_dir} is the run's own folder; give a new folder")
-    model = trained_student(student, run_dir)
-    try:
-        return models.save_llama(model, out_dir)
-    except FileExistsError as err:  # made meanwhile by someone else
-        raise RunFolderError(str(err)) from None
+    return models.save_llama(trained_student(student, run_dir), out_dir)

@@ -21,8 +21,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from cdist.checkpoints import atomic_directory
-from cdist.errors import InputError
-from cdist.llama_files import SPECIAL_TOKEN_FIELDS, open_llama
+from cdist.errors import FileFormatError, InputError, MismatchError
+from cdist.llama_files import (
+    ATTENTION_KEY,
+    SPECIAL_TOKEN_FIELDS,
+    attention_layout,
+    open_llama,
+)
 from cdist.models.config import hf_config_from_hooked, hooked_config_from_hf
 from cdist.models.conversion import (
     _hooked_weight_names,
@@ -121,6 +126,12 @@ def load_llama(
         checkpoint's special-token ids for ``save_llama``, ``model.source`` the ``source`` given
         (``cdist.discovery.circuit_eval.evaluate_circuit`` checks a circuit's model against its
         name).
+
+    Raises:
+        CheckpointNotFoundError, FileFormatError: a checkpoint that is damaged or inconsistent
+            (``cdist.llama_files`` lists the checks), or a weight that is NaN or infinite (each
+            is checked as it is read, and named).
+        MismatchError: a tokenizer whose ids reach past the embedding.
     """
     check_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -129,7 +140,9 @@ def load_llama(
     ckpt.check()  # a damaged checkpoint is named before the model is made
     cfg = hooked_config_from_hf(ckpt.hf_config, dtype=dtype, device=device, n_ctx=n_ctx)
     cfg.init_weights = False  # about to be overwritten: skip the (slow, for 8B) random init
-    model = _hooked(cfg, tokenizer if tokenizer is not None else ckpt.tokenizer())
+    tokenizer = tokenizer if tokenizer is not None else ckpt.tokenizer()
+    _check_vocabulary(tokenizer, cfg.d_vocab, ckpt.path)
+    model = _hooked(cfg, tokenizer)
     model.cfg.init_weights = True
     params = dict(model.named_parameters())
     filled = set()
@@ -139,6 +152,7 @@ def load_llama(
             if converted is None:
                 continue
             key, value = converted
+            _check_finite(weight, name, ckpt.path)
             if params[key].shape != value.shape:
                 raise InputError(f"{ckpt.path}: {name} has shape {tuple(value.shape)}, but the "
                                  f"config makes it {tuple(params[key].shape)}")
@@ -159,6 +173,28 @@ def load_llama(
     model.source = str(source)  # as named, like a circuit found in it (Circuit.model)
     model.layer_origin = _layer_origin(getattr(ckpt.hf_config, LINEAGE_KEY, None), ckpt.path, cfg)
     return model.eval()
+
+
+def _check_finite(weight: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse a weight that is not finite (one pass over the tensor, as it is loaded): a NaN or
+    an inf spreads to every output, and a circuit search then finds nothing to explain."""
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = weight[~finite]
+        raise FileFormatError(f"{path}: {name} holds {int(bad.isnan().sum())} NaN and "
+                              f"{int(bad.isinf().sum())} infinite values (read as {weight.dtype});"
+                              " a checkpoint's weights must be finite: re-save or re-download it")
+
+
+def _check_vocabulary(tokenizer: PreTrainedTokenizerBase | None, rows: int, path: Path) -> None:
+    """Refuse a tokenizer that makes ids past the model's embedding (a lookup there fails)."""
+    if tokenizer is None:
+        return
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= rows:
+        raise MismatchError(f"{path}: the tokenizer makes ids up to {largest}, but the embedding "
+                            f"has {rows} rows (vocab_size); give the tokenizer the model was "
+                            "trained with")
 
 
 # config.json's record of a checkpoint cut from a deeper model: each layer's number there
@@ -190,16 +226,23 @@ def save_llama(
     the config's special-token ids are those of the checkpoint the model was loaded from
     (``model.hf_token_ids``), else of the tokenizer. It is written into a
     temporary directory beside ``out_dir`` and renamed into place, so ``out_dir`` is always either
-    the old checkpoint or the complete new one.
+    the old checkpoint or the complete new one. The safetensors metadata records the attention
+    layout (``cdist.llama_files.attention_layout``), which ``load_llama`` compares with the
+    config's.
 
     Args:
         model: a Llama-shaped HookedTransformer whose extra biases are still zero.
-        out_dir: the checkpoint directory; an existing one is replaced only if it is empty or holds
-            a ``config.json`` (so a wrong path never wipes an unrelated folder).
+        out_dir: the checkpoint directory; an existing one is replaced only if it is empty or is
+            a checkpoint cdist wrote that holds nothing else (``cdist.checkpoints``), so a wrong
+            path never wipes a folder or a file of the user's.
         tokenizer: overrides ``model.tokenizer``.
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        RunFolderError: ``out_dir`` holds files cdist did not write.
+        WriteError: the disk is full (or another write error); ``out_dir`` is as it was.
     """
     token_ids = getattr(model, "hf_token_ids", None) if tokenizer is None else None
     if tokenizer is None:
@@ -216,7 +259,9 @@ def save_llama(
 
     def write(tmp: Path) -> None:
         weights = {k: v.cpu() for k, v in hf_sd.items()}
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        # the attention layout, so that a config.json edited to regroup the heads is refused
+        save_file(weights, tmp / "model.safetensors",
+                  metadata={"format": "pt", ATTENTION_KEY: attention_layout(hf_config)})
         hf_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

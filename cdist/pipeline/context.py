@@ -17,7 +17,7 @@ from cdist.discovery import ablation
 from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
 from cdist.pipeline.config import ROLES, ExperimentConfig, Role
-from cdist.pipeline.items import ItemSets, make_items
+from cdist.pipeline.items import ItemSets, check_positions, make_items
 from cdist.progress import say
 from cdist.store import Store, model_fingerprint
 
@@ -79,7 +79,13 @@ class Context:
                                   f"expected {expected[:12]}...); give the recorded checkpoint")
             if self._claimed:
                 run_folder.check_models(self.out, {role: found})
+            if "items" in self.__dict__:  # made already, with another role's tokenizer
+                self._check_positions(role, self.items)
         return self._models[role]
+
+    def _check_positions(self, role: Role, items: ItemSets) -> None:
+        check_positions(items.named(), self._models[role].cfg.n_ctx,
+                        f"the {role} {self.names[role]}")
 
     def fresh(self, role: Role) -> HookedTransformer:
         """A new copy of ``role``'s model, for a run that trains it."""
@@ -104,8 +110,11 @@ class Context:
     def items(self) -> ItemSets:
         # the student's tokenizer makes the items; a teacher found alone uses its own (the two
         # must agree for distillation anyway)
-        return make_items(self.cfg, self.model("student" if self.has("student") else "teacher")
+        made = make_items(self.cfg, self.model("student" if self.has("student") else "teacher")
                           .tokenizer)
+        for role in self._models:
+            self._check_positions(role, made)
+        return made
 
     def on_validation(self) -> Context:
         """This context with the validation items as its test set and no OOD sets, sharing its

@@ -16,18 +16,18 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cdist import limits, matching, tasks
-from cdist.errors import ConfigError
-from cdist.models import check_heads
+from cdist.errors import ConfigError, InputError
+from cdist.models import MAX_N_CTX, check_heads
 from cdist.pipeline.config import ExperimentConfig
 from cdist.store import items_fingerprint
 from cdist.tasks.common import TEST_FRACTION
 from cdist.types import Head
 
-__all__ = ["ItemSets", "check_items", "make_items"]
+__all__ = ["ItemSets", "check_items", "check_positions", "make_items"]
 
 
 def _generate(cfg: ExperimentConfig, tokenizer, n: int, split: str, seed: int, **overrides):
@@ -46,6 +46,12 @@ class ItemSets:
     ood: dict  # OOD set name -> its items
     pool: Callable[[int], object]  # run seed -> its training pool (module doc)
     _pools: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def named(self) -> dict[str, object]:
+        """Every fixed set by name (the training pools are drawn per seed, from the same
+        template as ``val``)."""
+        return {"validation": self.val, "reference": self.reference, "discovery": self.found_on,
+                "test": self.test, **{f"OOD {k}": v for k, v in self.ood.items()}}
 
     def training(self, n_train: int, seed: int):
         """The first ``n_train`` items of run seed ``seed``'s training pool."""
@@ -137,22 +143,44 @@ def _finite_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
                          for i, (name, kw) in enumerate(cfg.ood)})
 
 
-def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None, *,
-                models: dict | None = None, device: str = "cpu") -> None:
+def check_positions(sets: Mapping[str, object], n_ctx: int, who: str) -> None:
+    """Refuse item sets (name -> items) with a prompt longer than a model's context ``n_ctx``
+    (rotary positions past it were never trained, and TransformerLens' tables stop there).
+
+    Raises:
+        InputError: naming the model, the set and both lengths.
+    """
+    for name, data in sets.items():
+        longest = max((len(row) for row in data["input_ids"]), default=0)
+        if longest > n_ctx:
+            raise InputError(f"{who} takes prompts of at most {n_ctx} tokens (its context: "
+                             f"max_position_embeddings, capped at {MAX_N_CTX}), but the {name} "
+                             f"items run to {longest}; give fewer boxes (--n-boxes, --ood-boxes) "
+                             "or a model with a longer context")
+
+
+def check_items(cfg: ExperimentConfig, tokenizer, teacher_config=None,
+                contexts: Mapping[str, int] | None = None, *, models: dict | None = None,
+                device: str = "cpu") -> None:
     """Refuse, before a run folder is claimed, settings that would fail only once items are made:
     one item of every kind of set is made with ``tokenizer`` (so the task's words, boxes and
-    templates are tried), the position columns and teacher heads the config names are looked
-    up (heads in ``teacher_config``, a checkpoint's config, when given), and every count is held
-    to what the task can make and the machine can hold (``cdist.limits``): the items, and one
-    training batch of ``models`` (role -> checkpoint config) on ``device``.
+    templates are tried, and their length against each model's context in ``contexts``, a
+    description of the model -> its ``n_ctx``), the position columns and teacher heads the config
+    names are looked up (heads in ``teacher_config``, a checkpoint's config, when given), and every
+    count is held to what the task can make and the machine can hold (``cdist.limits``): the items,
+    and one training batch of ``models`` (role -> checkpoint config) on ``device``.
 
     Raises:
         ConfigError: a named position column the items lack; more items than the task makes
             distinct or than fit in memory; a batch too large for ``device``.
-        InputError: a named teacher head outside the teacher.
+        InputError: a named teacher head outside the teacher, or items longer than a context.
     """
     made = [_generate(cfg, tokenizer, 1, "train", 0)]
     made += [_generate(cfg, tokenizer, 1, "test", 0, **kw) for _, kw in cfg.ood]
+    for who, n_ctx in (contexts or {}).items():
+        check_positions({"training": made[0], **{f"OOD {name}": d for (name, _), d
+                                                 in zip(cfg.ood, made[1:], strict=True)}},
+                        n_ctx, who)
     columns = set.intersection(*(set(matching.position_columns(d)) for d in made))
     named = {f"teacher_positions[{h!r}]": c for h, c in cfg.teacher_positions.items()}
     named["cka_position"] = cfg.distill.cka_position

@@ -153,15 +153,23 @@ def load(name: str, *, device: str = "cpu") -> tuple[HookedTransformer, object]:
     return model, model.tokenizer
 
 
+# What a save wrote into an organism's folder before cdist recorded the files of each checkpoint
+# it writes (cdist.checkpoints): such a folder holding nothing else is taken as the zoo's own.
+_EARLIER_FILES = {"config.json", "generation_config.json", "manifest.json", "model.safetensors",
+                  "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
+
+
 def save(model: LlamaForCausalLM, tokenizer, name: str, manifest: dict) -> Path:
-    """Write a trained organism, its tokenizer and its manifest into the zoo, atomically."""
+    """Write a trained organism, its tokenizer and its manifest into the zoo, atomically; an
+    organism's folder holding a file of someone else's is refused (``RunFolderError``)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(manifest, tmp / "manifest.json")
 
-    return atomic_directory(zoo_dir() / name, write)
+    return atomic_directory(zoo_dir() / name, write,
+                            earlier=lambda d: {p.name for p in d.iterdir()} <= _EARLIER_FILES)
 
 
 def init_weights(cfg: OrganismConfig) -> dict | None:
