@@ -439,3 +439,17 @@ def test_a_broken_config_json_is_named(hf_llama_dir, tmp_path):
         with pytest.raises(FileFormatError, match=message) as caught:
             load_llama(broken)
         assert "\n" not in str(caught.value)
+
+
+def test_transformer_lens_4_is_refused_in_one_line_naming_the_fix():
+    """TransformerLens 4 removed HookedTransformer: cdist says so before importing it."""
+    from cdist.errors import CdistError
+    from cdist.models import requirements
+
+    assert requirements.check_transformer_lens().startswith("3.")  # this environment's
+    assert requirements.check_transformer_lens("3.12.1") == "3.12.1"
+    for version in ("4.0.0", "3.8.2", "2.11.0", "dev"):
+        with pytest.raises(requirements.TransformerLensVersionError,
+                           match=f"has {version}: pip install 'transformer_lens>=3.9,<4'"):
+            requirements.check_transformer_lens(version)
+    assert issubclass(requirements.TransformerLensVersionError, (CdistError, ImportError))

@@ -11,8 +11,11 @@ alone. Everything else imports from here; the modules are:
   and devices.
 - ``hooks``: hook names (``hook_z``, ...), per-head weight names, ``check_heads``.
 - ``forward``: single steps of a forward pass (path patching's frozen run, ``unembed``).
+- ``requirements``: the TransformerLens versions cdist runs on, checked first.
 """
 
+# first: importing it checks the TransformerLens version, before an import below fails deep inside
+from cdist.models.requirements import check_transformer_lens  # noqa: I001
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cdist.llama_files import OFFICIAL_LLAMA3, CheckpointNotFoundError, resolve_checkpoint
@@ -59,6 +62,7 @@ __all__ = [
     "MAX_N_CTX",
     "OFFICIAL_LLAMA3",
     "CheckpointNotFoundError",
+    "check_transformer_lens",
     "HookedTransformer",
     "HookedTransformerConfig",
     "attach_tokenizer",
