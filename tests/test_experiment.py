@@ -171,7 +171,7 @@ def test_arms_build_their_runs():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"task": "ioi"}, "unknown task 'ioi'"),
+    ({"task": "greater_than"}, "unknown task 'greater_than'"),
     ({"matchers": ("magic",)}, "matchers ['magic']; choose from"),
     ({"arms": ("CE + Magic",)}, "unknown arm 'CE + Magic'"),
     ({"seeds": ()}, "seeds, regimes, lrs and lambdas each need at least one value"),

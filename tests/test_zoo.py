@@ -169,7 +169,7 @@ def test_shipped_manifests_still_make_configs(name):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"task": "ioi"}, "unknown task 'ioi'; choose from ['entity_tracking', 'theory_of_mind'"),
+    ({"task": "greater_than"}, "unknown task 'greater_than'; choose from ['entity_tracking', 'io"),
     ({"template": "causaltom"}, "template 'causaltom' is not a template of entity_tracking"),
     ({"warmup_templates": ("causaltom",)}, "warmup_templates ['causaltom'] are not entity"),
     ({"batch_size": 0}, "batch_size=0; it must be at least 1"),
