@@ -17,7 +17,7 @@ from cdist.checkpoints import atomic_write_bytes, atomic_write_text
 from cdist.errors import FileFormatError
 from cdist.types import Scan
 
-__all__ = ["load_scan", "read_record", "save_scan", "write_record"]
+__all__ = ["load_scan", "read_record", "records_in", "save_scan", "write_record"]
 
 
 def write_record(record, path: str | Path | None = None) -> str:
@@ -44,6 +44,18 @@ def read_record(cls, source: str | Path):
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise FileFormatError(f"{where} is not a {cls.__name__} record ({type(err).__name__}: "
                               f"{err}); write it with cdist.records.write_record") from None
+
+
+def records_in(cls, paths) -> dict[Path, object]:
+    """The files of ``paths`` that are ``cls`` records, read; any other file (a user's note
+    beside them) is left out, not an error."""
+    found = {}
+    for path in paths:
+        try:
+            found[Path(path)] = read_record(cls, Path(path))
+        except (FileFormatError, OSError):
+            continue
+    return found
 
 
 def save_scan(scan: Scan, path: str | Path) -> None:

@@ -25,7 +25,7 @@ from cdist.checkpoints import atomic_write_text, read_json
 from cdist.errors import FileFormatError, MissingFileError
 from cdist.matching import HeadMap
 from cdist.pipeline.runs import ood_accuracies
-from cdist.records import read_record
+from cdist.records import read_record, records_in
 from cdist.report import curve_figure, markdown_table, with_comparisons
 from cdist.store import Store
 from cdist.types import Circuit, Scan
@@ -104,12 +104,11 @@ def _circuits(run: Path) -> list[str]:
 def _head_maps(run: Path) -> list[str]:
     """Each head map twice: as a heatmap of every pair's score and as links between the chosen
     pairs (which teacher heads are crowded shows there at a glance)."""
-    paths = sorted((run / "head_maps").glob("*.json"))
-    if not paths and (run / "head_map.json").is_file():
-        paths = [run / "head_map.json"]
+    maps = records_in(HeadMap, sorted((run / "head_maps").glob("*.json")))  # a user's note: not
+    if not maps and (run / "head_map.json").is_file():
+        maps = {run / "head_map.json": read_record(HeadMap, run / "head_map.json")}
     parts = []
-    for p in paths:
-        hmap = read_record(HeadMap, p)
+    for p, hmap in maps.items():
         parts += [_figure(plots.head_map_figure(hmap), f"head-map-{p.stem}"),
                   _figure(plots.head_map_links_figure(hmap), f"head-map-links-{p.stem}")]
     return parts

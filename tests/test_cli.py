@@ -95,13 +95,18 @@ def test_pipeline_steps_share_one_run_folder(dirs, tmp_path, capsys, monkeypatch
     assert said[0].split("; given: ")[1].startswith("--matchers ablation --out")
     assert list(maps) == ["ablation"] and (out / "head_maps" / "ablation.json").is_file()
     assert (out / "diagnostics.json").is_file()
+    # the views are rewritten as maps come and go: a stale map's view goes, a user's file stays
+    (out / "head_maps" / "notes.json").write_text('{"mine": 1}')
+    (out / "head_maps" / "old.json").write_text((out / "head_maps" / "ablation.json").read_text())
     run = cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1",
                    "--batch-size", "8", "--train-items", "16", "--lr", "1e-3", "--lam", "0.5"])
     cli.run(["distill", "--out", str(out), "--steps", "2", "--eval-every", "1", "--batch-size",
              "8", "--train-items", "16", "--lr", "1e-3", "--lam", "0.5", "--matcher", "cka",
              "--seed", "1"])
     assert searched == [] and matched == ["ablation", "cka"]
-    assert sorted(p.stem for p in (out / "head_maps").glob("*.json")) == ["ablation", "cka"]
+    assert sorted(p.stem for p in (out / "head_maps").glob("*.json")) == ["ablation", "cka",
+                                                                          "notes"]
+    assert (out / "head_maps" / "notes.json").read_text() == '{"mine": 1}'
     assert set(json.loads((out / "diagnostics.json").read_text())) == {
         "ablation", "ablation at pos_last", "cka", "cka at pos_last"}
     run_dir = out / "runs" / "n16" / "circuit_distilled-CE+Align_CKA-seed0"

@@ -34,7 +34,7 @@ from cdist.pipeline.circuits import Circuits, ablation_scan
 from cdist.pipeline.context import Context
 from cdist.pipeline.positions import Placement
 from cdist.progress import bar as progress_bar
-from cdist.records import write_record
+from cdist.records import records_in, write_record
 from cdist.store import items_fingerprint
 
 __all__ = ["METHODS", "HeadMaps", "make_head_maps"]
@@ -134,10 +134,11 @@ def _diagnosed(ctx: Context, hmap: HeadMap, bar) -> dict:
 
 
 def _write_views(ctx: Context, kept: dict) -> None:
-    """``head_maps/<name>.json`` and ``diagnostics.json``: every map kept, nothing else."""
+    """``head_maps/<name>.json`` and ``diagnostics.json``: every map kept, and no view of a map
+    that is not (a file there that is not a head map is the user's, and stays)."""
     maps_dir = ctx.out / "head_maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
-    for stale in maps_dir.glob("*.json"):
+    for stale in records_in(HeadMap, maps_dir.glob("*.json")):
         if stale.stem not in kept:
             stale.unlink()
     diagnostics = {}
