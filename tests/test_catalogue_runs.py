@@ -66,6 +66,8 @@ CLI = [
     ("ood-templates-twice", ["discover", "--ood-templates", "compact", "compact"],
      "repeats a value"),
     ("lrs-twice", ["table", "--lrs", "1e-3", "1e-3"], "lrs=(0.001, 0.001) repeats a value"),
+    ("arms-twice", ["table", "--arms", "teacher", "teacher"],
+     "--arms 'teacher' 'teacher' repeats an arm; give each once"),
     ("roles-twice", ["evaluate", "--roles", "student", "student"],
      "--roles student student repeats a role"),
     ("teacher-positions-twice", ["distill", "--teacher-positions", "a0.h1=pos_last",

@@ -213,6 +213,8 @@ def experiment_config(s: RunSettings):
     if s.arms is not None:
         for arm_name in s.arms:
             arms.arm(arm_name)  # names the arm and the choices
+        if len(set(s.arms)) != len(s.arms):
+            raise UsageError(f"--arms {' '.join(map(repr, s.arms))} repeats an arm; give each once")
         fields["arms"] = tuple(a.name for a in arms.ARMS if a.name in s.arms)
     return ExperimentConfig(
         task=s.task, task_kwargs=_task_kwargs(s, spec, organism),
