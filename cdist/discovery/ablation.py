@@ -184,12 +184,8 @@ def _ablation_scan(value: tuple[Tensor, Tensor], correct: tuple[Tensor, Tensor],
         ablated = (ablated / n).reshape(shape)
         scores |= {f"{name}_drop": base / n - ablated, f"{name}_ablated": ablated}
     if metric == "logit_diff_normalised":
-        if not gap > 0:
-            raise InputError(f"the corrupt prompts do not lower the logit difference (mean clean "
-                             f"minus corrupt gap {gap:.3g} over {n} items), so nothing normalises "
-                             "it; use metric 'logit_diff', or items whose counterfactual changes "
-                             "the answer")
-        scores["logit_diff_normalised_drop"] = scores["logit_diff_drop"] / gap
+        scores["logit_diff_normalised_drop"] = (scores["logit_diff_drop"]
+                                                / metrics.check_gap(gap, n))
     return Scan("mean_ablation", scores, metrics.score_name(metric, "drop"), position=position,
                 n_items=n)
 

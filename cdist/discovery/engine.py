@@ -419,11 +419,8 @@ class PatchSums:
                 the logit difference on average: there is nothing to normalise by.
         """
         gap = float(self.gap) / n
-        if self.metric == "logit_diff_normalised" and not gap > 0:
-            raise InputError(f"the corrupt prompts do not lower the logit difference (mean clean "
-                             f"minus corrupt gap {gap:.3g} over {n} items), so nothing normalises "
-                             "it; use metric 'logit_diff', or items whose counterfactual changes "
-                             "the answer")
+        if self.metric == "logit_diff_normalised":
+            metrics.check_gap(gap, n)
         nan = torch.where(self.scanned, 0.0, torch.nan)
         return patch_scan(method, self.rel + nan, self.diff + nan, n, self.shape,
                           self.rel_sq + nan, metric=self.metric, gap=gap, **where)

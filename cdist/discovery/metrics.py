@@ -35,8 +35,8 @@ from cdist.discovery_names import METRICS, Metric
 from cdist.errors import ConfigError, InputError
 from cdist.evaluate import answer_stats, logits_at
 
-__all__ = ["CONTRAST", "METRICS", "Metric", "Target", "check_metric", "columns", "measure",
-           "score_name"]
+__all__ = ["CONTRAST", "METRICS", "Metric", "Target", "check_gap", "check_metric", "columns",
+           "measure", "score_name"]
 
 # the items' column of each answer's rival in a logit difference
 CONTRAST = "contrast_id"
@@ -68,6 +68,19 @@ def check_metric(metric: str, data=None) -> None:
     if metric != "prob" and data is not None and CONTRAST not in data.column_names:
         raise InputError(f"metric {metric!r} needs each item's rival answer ({CONTRAST!r} column), "
                          f"which these items lack; use metric 'prob' or a task that names one")
+
+
+def check_gap(gap: float, n: int) -> float:
+    """``gap``, the items' mean clean-minus-corrupt logit difference, if it can normalise.
+
+    Raises:
+        InputError: the corrupt prompts do not lower the logit difference on average.
+    """
+    if not gap > 0:
+        raise InputError(f"the corrupt prompts do not lower the logit difference (mean clean minus "
+                         f"corrupt gap {gap:.3g} over {n} items), so nothing normalises it; use "
+                         "metric 'logit_diff', or items whose counterfactual changes the answer")
+    return gap
 
 
 def columns(position: str | None, metric: str) -> tuple[str, ...]:
