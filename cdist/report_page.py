@@ -22,7 +22,7 @@ from plotly.subplots import make_subplots
 
 from cdist import plots
 from cdist.checkpoints import atomic_write_text, read_json
-from cdist.errors import FileFormatError, MissingFileError
+from cdist.errors import FileFormatError, MissingFileError, RunFolderError
 from cdist.matching import HeadMap
 from cdist.pipeline.runs import ood_accuracies
 from cdist.records import read_record, records_in
@@ -32,6 +32,7 @@ from cdist.types import Circuit, Scan
 
 __all__ = ["run_page", "write_run_page"]
 
+_GENERATOR = "<meta name='generator' content='cdist report_page'>"
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1300px; margin: 2em auto; padding: 0 1em;
        color: #222; }
@@ -256,14 +257,27 @@ def run_page(run_dir: str | Path) -> str:
     nav = "".join(f'<a href="#{name.replace(" ", "-")}">{name}</a>' for name, _ in sections)
     body = "".join(f'<section id="{name.replace(" ", "-")}"><h2>{name}</h2>{"".join(parts)}'
                    "</section>" for name, parts in sections)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{_STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{_GENERATOR}"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script>"
             f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(str(run))}</p>"
             f"<nav>{nav}</nav>{body}</body></html>")
 
 
+def _made_by_cdist(page: Path) -> bool:
+    """Whether the file at ``page`` is a page cdist wrote: it names cdist as its generator, or,
+    written before it did, opens with this module's style sheet."""
+    with open(page, "rb") as f:
+        head = f.read(8192).decode(errors="replace")
+    return _GENERATOR in head or f"</title><style>{_STYLE}" in head
+
+
 def write_run_page(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``run_page(run_dir)`` to ``out`` (default ``RUN_DIR/report.html``)."""
+    """Write ``run_page(run_dir)`` to ``out`` (default ``RUN_DIR/report.html``). An existing file
+    there is replaced only if cdist wrote it (``RunFolderError`` otherwise): a page of the user's
+    of the same name is never overwritten."""
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    if path.is_file() and not _made_by_cdist(path):
+        raise RunFolderError(f"{path} exists and is not a page cdist wrote; give another path "
+                             "with --page (cdist replaces only its own pages)")
     atomic_write_text(run_page(run_dir), path)
     return path

@@ -39,7 +39,7 @@ from cdist.checkpoints import TMP_PREFIX, atomic_write_json, atomic_write_text, 
 from cdist.errors import RunFolderError
 
 __all__ = ["RUN_MARKER", "Claim", "check_models", "check_owned", "check_writable", "claim",
-           "held", "made_by_cdist", "release_all"]
+           "claim_figures", "held", "made_by_cdist", "release_all"]
 
 RUN_MARKER = ".cdist-run"
 _MARKER_TEXT = ("This folder was made by cdist, which writes only into folders that hold this file "
@@ -136,6 +136,24 @@ def check_owned(folder: str | Path) -> Path:
                              f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); "
                              "cdist writes only into a new or empty folder or one it made: choose "
                              "another output folder")
+    return folder
+
+
+def claim_figures(folder: str | Path) -> Path:
+    """A figures folder (``--figures``) checked as a run folder is (``check_writable``,
+    ``check_owned``: new, empty or made by cdist, so that a figure never replaces a user's file of
+    the same name) and marked as cdist's, so that the next drawing into it is accepted. No lock:
+    figures are written whole and atomically, and the last drawing wins."""
+    folder = check_owned(check_writable(folder))
+    if is_follower():
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not made_by_cdist(folder):
+            atomic_write_text(_MARKER_TEXT, folder / RUN_MARKER)
+    except OSError as e:
+        raise RunFolderError(f"{folder} cannot be written ({e.strerror}); choose a folder you "
+                             "can write to") from None
     return folder
 
 

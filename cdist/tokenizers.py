@@ -23,8 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from cdist.checkpoints import atomic_directory, check_replaceable
-from cdist.errors import InputError
+from cdist.checkpoints import atomic_directory, atomic_write_bytes, check_replaceable
+from cdist.errors import InputError, RunFolderError
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
@@ -40,10 +40,16 @@ def word_tokenizer(
     Args:
         words: the vocabulary, in id order after the four special tokens; duplicates are dropped,
             first wins.
-        save_dir: where to save it; a temporary directory when None.
+        save_dir: where to save it (a new folder, or beside what a folder holds, such as a
+            checkpoint's weights: a file of the tokenizer's names already there is replaced only
+            when it holds the same bytes, so no user's file is rewritten); a temporary directory
+            when None.
 
     Returns:
         The tokenizer, reloaded from ``save_dir``.
+
+    Raises:
+        RunFolderError: ``save_dir`` holds a different file of one of the tokenizer's names.
     """
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *words):
@@ -65,10 +71,31 @@ def word_tokenizer(
         pad_token="<pad>",
         unk_token="<unk>",
     )
-    save_dir = (Path(save_dir) if save_dir is not None
-                else Path(tempfile.mkdtemp(prefix="cdist-tok-")))
-    fast.save_pretrained(save_dir)
+    if save_dir is None:
+        save_dir = Path(tempfile.mkdtemp(prefix="cdist-tok-"))
+        fast.save_pretrained(save_dir)
+    else:
+        save_dir = _save_beside(fast, Path(save_dir))
     return PreTrainedTokenizerFast.from_pretrained(save_dir)
+
+
+def _save_beside(tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
+    """Save ``tokenizer``'s files into ``folder`` beside what it holds, each atomically, after
+    checking that none would replace a different file (``word_tokenizer``)."""
+    with tempfile.TemporaryDirectory(prefix="cdist-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        made = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} is a file, not a folder; give a folder")
+    clash = sorted(name for name, data in made.items()
+                   if (folder / name).exists() and (folder / name).read_bytes() != data)
+    if clash:
+        raise RunFolderError(f"{folder} already holds {', '.join(clash)}, which the tokenizer "
+                             "would replace; give another folder (cdist rewrites no file it "
+                             "did not write)")
+    for name, data in made.items():
+        atomic_write_bytes(data, folder / name)
+    return folder
 
 
 LLAMA3_BOS = "<|begin_of_text|>"

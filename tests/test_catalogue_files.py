@@ -32,10 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import SMALL, _main, _tree
 
-from cdist import run_folder
+from cdist import report_page, run_folder
 from cdist.checkpoints import TMP_PREFIX, atomic_torch_save, atomic_write_json
 from cdist.errors import CdistError, FileFormatError, MismatchError, RunFolderError, WriteError
 from cdist.models import load_llama, new_llama, save_llama
+from cdist.report_page import write_run_page
+from cdist.tokenizers import word_tokenizer
 
 USER_FILES = {"config.json": '{"my": "own config"}\n', "notes.md": "# my notes\n",
               "data.csv": "a,b\n1,2\n"}
@@ -218,6 +220,33 @@ def test_prompts_past_the_context_are_refused_before_the_folder(ckpt, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("call", ["head_means", "activation_patching_scan", "run_with_hooks",
+                                  "run_with_cache", "forward"])
+def test_the_api_refuses_prompts_past_the_context_in_one_typed_line(call, tok):
+    """Through the API (no run folder's check before it), every way into the model stops a
+    prompt past the context at the embedding, where TransformerLens would fail later on a shape."""
+    from cdist import tasks
+    from cdist.discovery import ablation, activation_patching
+    from cdist.errors import InputError
+
+    short = new_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64,
+                      vocab_size=len(tok), n_ctx=8, seed=0, tokenizer=tok)
+    items = tasks.entity_tracking(4, tokenizer=tok, n_boxes=3, seed=0)
+    tokens = torch.as_tensor(items["input_ids"][:1])
+    calls = {"head_means": lambda: ablation.head_means(short, items),
+             "activation_patching_scan": lambda: activation_patching.activation_patching_scan(
+                 short, items),
+             "run_with_hooks": lambda: short.run_with_hooks(tokens, fwd_hooks=[]),
+             "run_with_cache": lambda: short.run_with_cache(tokens),
+             "forward": lambda: short(tokens)}
+    with pytest.raises(InputError) as err:
+        calls[call]()
+    assert str(err.value) == (f"prompts of {tokens.shape[1]} tokens are longer than the model's "
+                              "context (cfg.n_ctx = 8); shorten the prompts, or load the model "
+                              f"with n_ctx={tokens.shape[1]} or more")
+    assert short(tokens[:, :8]).shape == (1, 8, len(tok))  # within the context it runs
+
+
 # ------------------------------------------------------------- cdist writes only what it made
 def _export_run(fx):
     from cdist.distill import export_run
@@ -249,6 +278,8 @@ FOLDERS = {
     "users": lambda root, ckpt: _user_folder(root, USER_FILES),
     "users-run": lambda root, ckpt: _user_folder(root, USER_RUN),
     "users-checkpoint": lambda root, ckpt: shutil.copytree(ckpt["theirs"], root),
+    "users-tokenizer": lambda root, ckpt: _user_folder(root, {**USER_FILES,
+                                                              "tokenizer.json": "{}\n"}),
     "ours-added-to": _ours_added_to,
 }
 
@@ -270,6 +301,14 @@ API = [
      "holds files cdist did not write"),
     ("claim-a-users-folder", "users-run", lambda fx: run_folder.claim(fx["folder"]),
      "is not a run folder cdist made"),
+    ("figures-into-a-users-folder", "users", lambda fx: run_folder.claim_figures(fx["folder"]),
+     "is not a run folder cdist made"),
+    ("word-tokenizer-over-a-users-tokenizer", "users-tokenizer",
+     lambda fx: word_tokenizer(["apple"], save_dir=fx["folder"]),
+     "already holds tokenizer.json, which the tokenizer would replace"),
+    ("report-page-over-a-users-file", "users",
+     lambda fx: write_run_page(fx["run"], fx["folder"] / "notes.md"),
+     "notes.md exists and is not a page cdist wrote"),
 ]
 
 
@@ -285,6 +324,32 @@ def test_a_folder_cdist_did_not_make_is_refused(kind, call, message, ckpt, model
     assert "\n" not in str(err.value) and message in str(err.value), str(err.value)
     assert _tree(tmp_path) == before
     assert {p.name for p in tmp_path.iterdir()} == {"run", "folder"}  # no temporary left
+
+
+def test_a_tokenizer_is_saved_beside_a_checkpoint_and_again_over_itself(tmp_path):
+    folder = _user_folder(tmp_path / "ckpt", USER_FILES)
+    word_tokenizer(["apple"], save_dir=folder)
+    assert word_tokenizer(["apple"], save_dir=folder).convert_tokens_to_ids("apple") == 4
+    assert all((folder / name).read_text() == text for name, text in USER_FILES.items())
+    with pytest.raises(RunFolderError, match="already holds tokenizer.json"):
+        word_tokenizer(["apple", "ball"], save_dir=folder)  # another vocabulary: not over it
+    assert word_tokenizer(["x"], save_dir=tmp_path / "new" / "tok").convert_tokens_to_ids("x") == 4
+
+
+def test_figures_and_pages_cdist_made_are_drawn_again(tmp_path):
+    figures = run_folder.claim_figures(tmp_path / "figures")
+    assert run_folder.made_by_cdist(figures)
+    (figures / "table1.html").write_text("a figure")
+    assert run_folder.claim_figures(figures) == figures  # its own: accepted again
+    run = run_folder.claim(tmp_path / "run")
+    run.release()
+    (tmp_path / "run" / "commands.log").write_text("cdist discover\n")
+    page = write_run_page(tmp_path / "run")
+    assert "cdist discover" in page.read_text()
+    write_run_page(tmp_path / "run")  # its own page: replaced
+    # a page written before pages named their generator is known by its style sheet
+    page.write_text(page.read_text().replace(report_page._GENERATOR, ""))
+    assert write_run_page(tmp_path / "run") == page and report_page._GENERATOR in page.read_text()
 
 
 def test_a_checkpoint_cdist_wrote_is_replaced(ckpt, model, tmp_path):
@@ -308,6 +373,14 @@ CLI = [
      "holds files cdist did not write"),
     ("zoo-export-into-a-users-folder", ["zoo", "export", "et-student", "{folder}"], "users",
      "holds files cdist did not write"),
+    ("zoo-figures-into-a-users-folder", ["zoo", "circuits", "--draw-only", "--figures",
+                                         "{folder}"], "users",
+     "is not a run folder cdist made (it holds config.json, data.csv, notes.md)"),
+    ("table-figures-into-a-users-folder", ["table", *SMALL, "--student", "{good}", "--teacher",
+                                           "{good}", "--figures", "{folder}", "--out", "{run}"],
+     "users", "is not a run folder cdist made (it holds config.json, data.csv, notes.md)"),
+    ("report-page-over-a-users-file", ["report", "--out", "{run}", "--page", "{folder}/notes.md"],
+     "users", "notes.md exists and is not a page cdist wrote; give another path with --page"),
 ]
 
 

@@ -403,3 +403,21 @@ def test_a_figure_cut_short_leaves_no_file_and_a_cut_short_script_is_replaced(tm
         plots.save_figure(fig, tmp_path / "fig")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "plotly.min.js"]
     assert (tmp_path / "plotly.min.js").read_text() == get_plotlyjs()
+
+
+@pytest.mark.slow
+def test_table_stopped_by_sigint_between_its_runs_resumes_to_the_same_table(world, tmp_path):
+    table = ["table", "--steps", "2", "--eval-every", "1", "--batch-size", "8", "--regimes", "16",
+             "--seeds", "1", "--lrs", "1e-3", "--lambdas", "1", "--matchers", "ablation", "--arms",
+             "circuit distilled, CE", "circuit distilled, CE + Align CKA"]
+    straight = shutil.copytree(world["prepared"], tmp_path / "straight")
+    assert cli.main([*table, "--out", str(straight)]) == 0
+    out = shutil.copytree(world["prepared"], tmp_path / "out")
+    first = out / "runs/n16/circuit_distilled-CE-seed1/eval.json"  # the second run is under way
+    status, lines = _stopped([*table, "--out", str(out)], first, signal.SIGINT)
+    _check_stopped(status, lines, signal.SIGINT, "table", out)
+    assert not (out / "results.json").exists()
+    assert cli.main([*table, "--out", str(out)]) == 0
+    assert _untimed(json.loads((out / "results.json").read_text())) == \
+        _untimed(json.loads((straight / "results.json").read_text()))
+    _same_files(out, straight, ["per_item.json"])

@@ -167,10 +167,12 @@ def _prepared(top: argparse.Namespace, command: str):
     args = settings.parse(top.parser, top.argv, command)
     settings.announce(args)
     _roles(args)  # a repeated role is refused before anything is written
-    if command == "table":
-        run_folder.check_writable(_figures(args))  # before the hours of the table, not after
+    if command == "table":  # before the hours of the table, not after
+        run_folder.check_owned(run_folder.check_writable(_figures(args)))
     ctx = common.context(args)
     ctx.claim()  # held until the command ends
+    if command == "table":  # marked once the run folder is, which may hold it
+        run_folder.claim_figures(_figures(args))
     settings.keep_settings(top.parser, args)
     return args, ctx
 
@@ -411,7 +413,7 @@ def _redraw_table(args: RunSettings) -> dict:
         raise flags.UsageError(f"no table in {args.out} ({results} is missing); run cdist table "
                                f"--out {args.out} first")
     summary = read_json(results, "restore it from git or run the table again")
-    figures = run_folder.check_writable(_figures(args))
+    figures = run_folder.claim_figures(_figures(args))
     stem = tasks.get_task(summary["config"]["task"]).table_stem
     written = report.write_figures(summary, figures, stem)
     print(f"{len(written)} figure files in {figures}")

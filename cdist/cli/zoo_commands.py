@@ -174,7 +174,7 @@ def _circuits(args) -> list:
     from cdist import zoo
     from cdist.zoo import survey
 
-    run_folder.check_writable(args.figures)
+    run_folder.check_owned(run_folder.check_writable(args.figures))
     if not args.draw_only:
         run_folder.check_writable(args.out)
         names = zoo.names() if args.only is None else args.only
@@ -193,7 +193,7 @@ def _circuits(args) -> list:
         print(f"wrote {args.out}/results.md, results.csv, results.json, circuits/, scores/")
     elif not list(Path(args.out, "scores").glob("*.json")):
         raise UsageError(f"no scores in {args.out}/scores; run `cdist zoo circuits` first")
-    written = survey.draw(args.out, args.figures)
+    written = survey.draw(args.out, run_folder.claim_figures(args.figures))
     print(f"{len(written)} figure files in {args.figures}")
     return written
 

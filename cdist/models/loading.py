@@ -47,9 +47,24 @@ def _hooked(
     with warnings.catch_warnings(), torch.device(cfg.device):
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         model = HookedTransformer(cfg)
+    # every forward pass embeds its tokens first, run_with_hooks (which calls forward directly)
+    # included, so the embedding is where a prompt past the context is stopped before the rotary
+    # tables fail on it with a shape error
+    model.embed.register_forward_pre_hook(_within_context)
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)
     return model
+
+
+def _within_context(embed: torch.nn.Module, args: tuple) -> None:
+    """Refuse (``InputError``) tokens longer than the model's context, in one line with the
+    numbers and the fix."""
+    tokens = args[0] if args else None
+    n_ctx = embed.cfg.n_ctx
+    if isinstance(tokens, torch.Tensor) and tokens.ndim and tokens.shape[-1] > n_ctx:
+        raise InputError(f"prompts of {tokens.shape[-1]} tokens are longer than the model's "
+                         f"context (cfg.n_ctx = {n_ctx}); shorten the prompts, or load the model "
+                         f"with n_ctx={tokens.shape[-1]} or more")
 
 
 def tokenizer_prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
