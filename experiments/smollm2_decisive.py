@@ -97,11 +97,18 @@ def config(**design) -> pipeline.ExperimentConfig:
         **design)
 
 
+def checkpoint(role: str) -> Path:
+    """``role``'s checkpoint: ``cdist finetune``'s ``ROLE/model``, or ``ROLE`` itself, where
+    ``smollm2_models.py`` saved it before it called ``cdist finetune``."""
+    made = source / role / "model"
+    return made if made.is_dir() else source / role
+
+
 def context(cfg, folder: Path) -> pipeline.Context:
-    loaders = {role: (lambda role=role: models.load_llama(source / role))
+    loaders = {role: (lambda role=role: models.load_llama(checkpoint(role)))
                for role in ("teacher", "student")}
     ctx = pipeline.Context(cfg, folder, loaders,
-                           {role: str(source / role) for role in ("teacher", "student")})
+                           {role: str(checkpoint(role)) for role in ("teacher", "student")})
     pipeline.check_items(cfg, ctx.model("student").tokenizer)
     return ctx
 

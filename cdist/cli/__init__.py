@@ -10,6 +10,7 @@ step).
     cdist table --out runs/et --seeds 0 1 2          # Table 1 or 2 (every arm, seeds, statistics)
     cdist report runs/et                             # runs/et/report.html, one page of it all
     cdist export runs/et/runs/n128/circuit_distilled-CE+Align_CKA-seed0 --to students/et
+    cdist finetune --model smollm2.gguf --steps 100 --out teachers/smol  # a teacher for a task
     cdist demo                                       # the zoo table and a small distillation
 
 Bad input is one line on stderr and exit status 2 (``CDIST_TRACEBACK=1`` shows the traceback), and
@@ -28,7 +29,7 @@ import signal
 import sys
 
 from cdist import interrupts
-from cdist.cli import steps, zoo_commands
+from cdist.cli import finetune_command, steps, zoo_commands
 from cdist.cli.parser import Formatter, Parser
 from cdist.errors import CdistError
 
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
                formatter_class=Formatter,
                epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for module in (zoo_commands, steps):
+    for module in (zoo_commands, steps, finetune_command):
         module.add_parsers(sub)
     return p
 

@@ -14,13 +14,19 @@ from cdist import arms, tasks
 from cdist.cli.flags import CONTROL_LR, LRS, UsageError
 from cdist.cli.settings import RunSettings
 
-__all__ = ["context", "device", "experiment_config", "loader", "set_threads"]
+__all__ = ["context", "device", "experiment_config", "loader", "organism_kwargs", "pick_device",
+           "set_threads"]
 
 # The kinds of OOD set that --ood-boxes and --ood-templates name: generator keyword -> label.
 _OOD_LABELS = {"n_boxes": "{} boxes", "template": "template {}"}
 
 
 def device(args: RunSettings) -> str:
+    """``--device`` (``pick_device``)."""
+    return pick_device(args.device)
+
+
+def pick_device(chosen: str | None) -> str:
     """The device named, checked to exist, or cuda when present; under ``torchrun`` this rank's
     GPU (``cdist.distributed``)."""
     import torch
@@ -29,7 +35,6 @@ def device(args: RunSettings) -> str:
     from cdist.errors import InputError
     from cdist.models import check_device
 
-    chosen = args.device
     if chosen is None:
         chosen = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -143,14 +148,20 @@ def _organism(s: RunSettings) -> dict | None:
     return zoo.manifest(student)["config"] if student in zoo.names() else None
 
 
+def organism_kwargs(spec, organism: dict) -> dict:
+    """The generator's settings of a zoo organism's own items (its template, boxes, words), from
+    its manifest's config."""
+    kwargs = {"template": organism["template"], **organism.get("task_kwargs", {})}
+    return kwargs | {k: organism[k] for k in spec.organism_kwargs}
+
+
 def _task_kwargs(s: RunSettings, spec, organism: dict | None) -> dict:
     """The generator's settings: a zoo student's own items (its template, boxes, words), else the
     task's real template; then the flags' template, box count and word lists."""
     if spec.size is not None:  # a task file's items are its rows
         kwargs = {}
     elif organism:
-        kwargs = {"template": organism["template"], **organism.get("task_kwargs", {})}
-        kwargs |= {k: organism[k] for k in spec.organism_kwargs}
+        kwargs = organism_kwargs(spec, organism)
     else:
         kwargs = {"template": spec.real_template}
     if s.template is not None:

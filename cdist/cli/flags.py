@@ -86,7 +86,7 @@ SHARED: dict[str, dict] = {
 }
 
 
-def _task(name: str) -> str:
+def task_name(name: str) -> str:
     """A registered task's name or a path to task data (checked without reading it)."""
     from cdist.tasks.from_file import is_task_file
 
@@ -113,7 +113,7 @@ def add_flags(p: argparse.ArgumentParser, groups: tuple[str, ...], *, roles=("te
         g.add_argument(f"--{role}", default=None,
                        help="zoo name, checkpoint directory or .gguf file (default: the run "
                             "folder's, else the task's zoo pair)")
-    g.add_argument("--task", default=default_task, type=_task,
+    g.add_argument("--task", default=default_task, type=task_name,
                    help=f"the task: one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv file "
                         "or datasets folder of your own items (cdist/tasks/from_file.py) "
                         "(default: the run folder's, else entity_tracking)")
