@@ -5,14 +5,19 @@ the row and the column, and the pipeline's sets of a file are disjoint."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from cdist import pipeline, tasks
-from cdist.errors import ConfigError, FileFormatError, InputError
+from cdist import cli, pipeline, tasks
+from cdist.errors import ConfigError, FileFormatError, InputError, RunFolderError
 from cdist.tasks.from_file import TaskFile, write_task_file
+from cdist.tokenizers import llama3_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +147,48 @@ def test_a_files_sets_are_disjoint_and_a_split_too_small_is_refused(ioi_file, ll
     with pytest.raises(ConfigError, match=r"88 test items asked for \(--reference-items 4, "
                                           r"--discovery-items 4, --test-items 80\) but 16"):
         pipeline.make_items(replace(cfg, test_items=80), llama_tok)
+
+
+def test_the_example_files_are_what_examples_make_writes_and_write_no_file_twice(tmp_path):
+    root = Path(__file__).parents[1]
+    subprocess.run([sys.executable, str(root / "examples" / "make.py"), str(tmp_path)],
+                   check=True, capture_output=True, env=os.environ | {"PYTHONPATH": str(root)})
+    for name in ("ioi.jsonl", "boxes.jsonl"):
+        assert (tmp_path / name).read_bytes() == (root / "examples" / name).read_bytes(), name
+    before = (tmp_path / "ioi.jsonl").read_bytes()
+    with pytest.raises(RunFolderError, match="exists; give a new path"):
+        write_task_file(tasks.ioi(2, tokenizer=llama3_tokenizer()), llama3_tokenizer(),
+                        tmp_path / "ioi.jsonl")
+    assert (tmp_path / "ioi.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_every_step_takes_the_example_file_on_the_zoo_pair(tmp_path):
+    """The README's pipeline on ``examples/boxes.jsonl``, at small sizes: the file's positions make
+    the teacher's path-patching search, and every step reads the file's sets."""
+    root = Path(__file__).parents[1]
+    out = str(tmp_path / "boxes")
+    first = ["--task", str(root / "examples" / "boxes.jsonl"), "--teacher", "et-teacher",
+             "--student", "et-student", "--val-items", "40", "--test-items", "40",
+             "--reference-items", "24", "--discovery-items", "24", "--n-random", "2"]
+    steps = [["discover", *first], ["match", "--matchers", "ablation"],
+             ["distill", "--steps", "4", "--eval-every", "2", "--batch-size", "8",
+              "--train-items", "16"], ["evaluate"],
+             ["table", "--seeds", "1", "--regimes", "16", "--steps", "2", "--eval-every", "1",
+              "--batch-size", "8", "--lrs", "1e-3", "--lambdas", "1", "--matchers", "ablation",
+              "--arms", "base student", "circuit distilled, CE",
+              "circuit distilled, CE + Align CKA"],
+             ["report"]]
+    for argv in steps:
+        assert cli.main([*argv, "--out", out]) == 0, argv
+    found = json.loads((tmp_path / "boxes" / "discovery-teacher.json").read_text())
+    record = found["selection"]
+    assert (record["method"], record["search"], record["metric"]) == \
+        ("path_patching", "positions", "logit_diff")
+    assert {step["position"] for step in record["steps"]} == \
+        {"pos_last", "pos_prev_label", "pos_query_label"}  # the file's marks
+    models = json.loads((tmp_path / "boxes" / "evaluation.json").read_text())["models"]
+    assert models["teacher"]["full_accuracy"] > 0.9  # et-teacher does the file's items
+    summary = json.loads((tmp_path / "boxes" / "results.json").read_text())
+    assert summary["config"]["task"].endswith("boxes.jsonl")
+    assert (tmp_path / "boxes" / "report.html").is_file()

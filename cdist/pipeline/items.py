@@ -127,12 +127,15 @@ def _finite_items(cfg: ExperimentConfig, tokenizer) -> ItemSets:
     val = train["--val-items"]
     held_out = set(val["prompt"])
     n_train = task.size(tokenizer, "train")
-    if max(cfg.regimes) > n_train - len(val):
-        raise ConfigError(f"{cfg.task}: a regime of {max(cfg.regimes)} training items, but "
-                          f"{n_train - len(val)} train-split rows are left after the "
-                          f"{len(val)} validation items; add rows or lower --regimes")
 
     def pool(run_seed: int):
+        # checked when a run needs its items, so that discovery on a small file is not refused
+        # for training it does not do
+        if max(cfg.regimes) > n_train - len(val):
+            raise ConfigError(f"{cfg.task}: a regime of {max(cfg.regimes)} training items, but "
+                              f"{n_train - len(val)} train-split rows are left after the "
+                              f"{len(val)} validation items; add rows or lower --regimes "
+                              "(--train-items for cdist distill)")
         made = _generate(cfg, tokenizer, n_train, "train", train_seed(cfg.data_seed, run_seed))
         kept = [i for i, p in enumerate(made["prompt"]) if p not in held_out]
         return made.select(kept[:max(cfg.regimes)])

@@ -41,7 +41,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
-from cdist.errors import FileFormatError, InputError, MissingFileError
+from cdist.checkpoints import atomic_write_text, writing
+from cdist.errors import FileFormatError, InputError, MissingFileError, RunFolderError
 from cdist.tasks.common import check_request, check_split, item_split, task_rng
 from cdist.tasks.registry import Task, register_file_loader
 
@@ -283,23 +284,36 @@ def _columns(path: Path) -> tuple[bool, bool]:
 def write_task_file(items, tokenizer, path: str | Path, positions: tuple[str, ...] = ()) -> Path:
     """Write task items (a built-in generator's, say) as a JSONL task file a user can edit: each
     named position column (``pos_<name>``) becomes a marked span around its token, and the
-    counterfactual prompt is marked alike; ``contrast_id`` becomes the counterfactual answer.
+    counterfactual prompt is marked alike; ``contrast_id`` becomes the counterfactual answer. An
+    existing ``path`` is refused (``RunFolderError``), and the file is written atomically.
     Reading the file back with the same tokenizer gives the same token ids, answers and
     positions (the tests hold it to that)."""
     path = Path(path)
+    if path.exists():
+        raise RunFolderError(f"{path} exists; give a new path (cdist rewrites no file it did not "
+                             "write)")
     lines = []
     for item in items:
         row = {"prompt": _marked(tokenizer, item["prompt"], item, positions),
-               "answer": tokenizer.decode([item["answer_id"]])}
+               "answer": _continuing(tokenizer.decode([item["answer_id"]]), item["prompt"])}
         if "corrupt_prompt" in item:
             row["counterfactual_prompt"] = _marked(tokenizer, item["corrupt_prompt"], item,
                                                    positions)
         if "contrast_id" in item:
-            row["counterfactual_answer"] = tokenizer.decode([item["contrast_id"]])
+            row["counterfactual_answer"] = _continuing(tokenizer.decode([item["contrast_id"]]),
+                                                       item["prompt"])
         lines.append(json.dumps(row, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def _continuing(answer: str, prompt: str) -> str:
+    """``answer`` as it continues ``prompt``: a word-level tokenizer decodes a word without the
+    space a BPE token carries, and the word would then read glued to the prompt's last one."""
+    glued = answer[:1].isalnum() and prompt[-1:].isalnum()
+    return " " + answer if glued else answer
 
 
 def _marked(tokenizer, text: str, item: Mapping, positions: tuple[str, ...]) -> str:
