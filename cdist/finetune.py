@@ -133,8 +133,6 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
             with other settings.
         InputError, ConfigError: heads outside the model, too few items for the task, ...
     """
-    from cdist.distill import DistillConfig, distill
-
     out = Path(out_dir)
     identity = {"finetune": asdict(cfg), "source_fingerprint": model_fingerprint(model)}
     if cfg.keep_layers is not None:
@@ -142,40 +140,56 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
     heads = [Head.parse(h) for h in cfg.heads] if cfg.heads is not None else None
     if heads is not None:  # before the folder is made
         models.check_heads(model, heads, fix="name heads of the model being fine-tuned")
-    with run_folder.claim(out, identity):
-        if command is not None:
-            with writing(out / "commands.log"), open(out / "commands.log", "a") as log:
-                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {git_commit()} {command}\n")
-        done = out / RECORD
-        if done.is_file() and (out / "model" / "config.json").is_file():
-            record = read_json(done, "delete the folder to fine-tune again")
-            if record.get("identity") == identity:
-                return record | {"reused": True}
-        started = time.time()
-        train = items(cfg, model.tokenizer, cfg.train_items, "train")
-        val = items(cfg, model.tokenizer, cfg.val_items, "test")
-        run_cfg = DistillConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                trainable="all" if heads is None else "heads",
-                                kv_policy=cfg.kv_policy, labels="answers",
-                                eval_every=cfg.eval_every, seed=cfg.seed)
-        before = accuracy(model, val)
-        run = distill(model, None, None, train, val, run_cfg, out / "run", heads=heads,
-                      progress=progress)
-        after = accuracy(model, val)
-        models.save_llama(model, out / "model")
-        record = {
-            "identity": identity, "source": source, "model": str(out / "model"),
-            "settings": asdict(cfg), "distill_config": asdict(run_cfg), "commit": git_commit(),
-            "layers": model.cfg.n_layers, "trained_heads": run["trained_heads"],
-            "val_items": len(val), "val_accuracy_before": before, "val_accuracy_after": after,
-            "train_wall_time_s": run["wall_time_s"],
-            "wall_time_s": round(time.time() - started, 1),
-            "curve": [[m["step"], m["accuracy"]] for m in run["metrics"]],
-            # of the checkpoint as a step loads it back: a table refuses a model not this one
-            "fingerprint": model_fingerprint(models.load_llama(out / "model")),
-        }
-        atomic_write_json(record, done)
-        # the saved checkpoint is the run's product (recorded above); its state is not needed
-        (out / "run" / "state.pt").unlink(missing_ok=True)
+    held = run_folder.claim(out, identity)
+    try:
+        record = _finetune(model, cfg, out, identity, heads, source, command, progress)
+    except KeyboardInterrupt:
+        raise  # held until the command ends, which names the folder as kept (cdist.interrupts)
+    except BaseException:
+        held.release()
+        raise
+    held.release()
+    return record
+
+
+def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity: dict, heads,
+              source: str | None, command: str | None, progress: bool) -> dict:
+    """``finetune``'s work in its claimed folder."""
+    from cdist.distill import DistillConfig, distill
+
+    if command is not None:
+        with writing(out / "commands.log"), open(out / "commands.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {git_commit()} {command}\n")
+    done = out / RECORD
+    if done.is_file() and (out / "model" / "config.json").is_file():
+        record = read_json(done, "delete the folder to fine-tune again")
+        if record.get("identity") == identity:
+            return record | {"reused": True}
+    started = time.time()
+    train = items(cfg, model.tokenizer, cfg.train_items, "train")
+    val = items(cfg, model.tokenizer, cfg.val_items, "test")
+    run_cfg = DistillConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                            trainable="all" if heads is None else "heads",
+                            kv_policy=cfg.kv_policy, labels="answers",
+                            eval_every=cfg.eval_every, seed=cfg.seed)
+    before = accuracy(model, val)
+    run = distill(model, None, None, train, val, run_cfg, out / "run", heads=heads,
+                  progress=progress)
+    after = accuracy(model, val)
+    models.save_llama(model, out / "model")
+    record = {
+        "identity": identity, "source": source, "model": str(out / "model"),
+        "settings": asdict(cfg), "distill_config": asdict(run_cfg), "commit": git_commit(),
+        "layers": model.cfg.n_layers, "trained_heads": run["trained_heads"],
+        "val_items": len(val), "val_accuracy_before": before, "val_accuracy_after": after,
+        "train_wall_time_s": run["wall_time_s"],
+        "wall_time_s": round(time.time() - started, 1),
+        "curve": [[m["step"], m["accuracy"]] for m in run["metrics"]],
+        # of the checkpoint as a step loads it back: a table refuses a model not this one
+        "fingerprint": model_fingerprint(models.load_llama(out / "model")),
+    }
+    atomic_write_json(record, done)
+    # the saved checkpoint is the run's product (recorded above); its state is not needed
+    (out / "run" / "state.pt").unlink(missing_ok=True)
     return record
 

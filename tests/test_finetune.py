@@ -5,6 +5,7 @@ were before it called it."""
 from __future__ import annotations
 
 import json
+import signal
 
 import datasets
 import pytest
@@ -121,3 +122,22 @@ def test_the_command_refuses_in_one_line_before_writing(argv, message, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cdist") and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_finetune_stopped_by_sigterm_resumes_to_the_same_model(tmp_path):
+    from test_catalogue_runs import _check_stopped, _stopped
+
+    argv = ["finetune", "--model", "et-student", "--steps", "8", "--eval-every", "2",
+            "--train-items", "32", "--val-items", "16", "--batch-size", "8", "--lr", "1e-3"]
+    assert _main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "out"
+    status, lines = _stopped([*argv, "--out", str(out)], out / "run" / "state.pt",
+                             signal.SIGTERM)
+    _check_stopped(status, lines, signal.SIGTERM, "finetune", out)
+    assert not (out / "finetune.json").exists()
+    assert _main([*argv, "--out", str(out)]) == 0
+    made, resumed = (json.loads((d / "finetune.json").read_text()) for d in
+                     (tmp_path / "straight", out))
+    assert resumed["fingerprint"] == made["fingerprint"]  # bit for bit
+    assert resumed["curve"] == made["curve"]
