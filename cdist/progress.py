@@ -11,6 +11,7 @@ progress, or a ``torchrun`` rank other than 0).
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 
@@ -104,10 +105,21 @@ class _Quiet:
         pass
 
 
+def _size() -> dict:
+    """Nothing (tqdm measures the terminal), or 80 columns and 24 rows where the terminal reports
+    0 x 0: a pseudo-terminal nobody gave a size, on which tqdm would draw nothing at all (a bar is
+    drawn only on a row below ``nrows``)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24} if 0 in size else {}
+
+
 def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "step", initial: int = 0):
     """A progress bar for ``total`` steps of ``desc`` (module doc)."""
     if not enabled:
         return _Quiet()
     if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, **_size())
     return LogProgress(total, desc, unit=unit, initial=initial)

@@ -65,3 +65,31 @@ def test_units_take_their_plural():
         out = io.StringIO()
         progress.LogProgress(4, "scan", unit=unit, stream=out)
         assert out.getvalue() == f"scan: {plural}\n"
+
+
+def test_a_bar_is_drawn_on_a_terminal_that_reports_no_width():
+    """A pseudo-terminal nobody gave a size reports 0 columns, on which tqdm alone draws nothing."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    main, side = pty.openpty()  # a new pty's size is 0 x 0
+    assert os.get_terminal_size(side).columns == 0
+    code = "from cdist.progress import bar\nb = bar(3, 'scan')\nb.update(3)\nb.close()\n"
+    root = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-c", code], stderr=side, check=True, timeout=120,
+                   env=os.environ | {"PYTHONPATH": str(root)})
+    os.close(side)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the pty's other side is closed: all read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(main)
+    assert b"scan" in drawn and b"3/3" in drawn, drawn
