@@ -35,7 +35,7 @@ from cdist.errors import ConfigError
 from cdist.evaluate import accuracy
 from cdist.models import HookedTransformer
 from cdist.provenance import git_commit
-from cdist.store import model_fingerprint
+from cdist.store import items_fingerprint, jsonable, model_fingerprint
 from cdist.types import Head
 
 __all__ = ["FinetuneConfig", "finetune", "items"]
@@ -125,8 +125,9 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
              progress: bool = True) -> dict:
     """Fine-tune ``model`` (or its ``keep_layers`` copy) on ``cfg.task`` in ``out_dir`` (module
     doc) and return the record written to ``OUT/finetune.json``; ``model`` itself changes only
-    when no layers are cut. ``source`` names where the model came from, for the record;
-    ``command``, the command line, is added to ``OUT/commands.log``.
+    when no layers are cut and the folder holds no finished run of these settings (which is
+    returned, marked ``reused``, and not loaded into ``model``). ``source`` names where the model
+    came from, for the record; ``command``, the command line, is added to ``OUT/commands.log``.
 
     Raises:
         RunFolderError: ``out_dir`` is not cdist's, is in use, or was made from another source or
@@ -134,15 +135,27 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
         InputError, ConfigError: heads outside the model, too few items for the task, ...
     """
     out = Path(out_dir)
-    identity = {"finetune": asdict(cfg), "source_fingerprint": model_fingerprint(model)}
+    source_fingerprint = model_fingerprint(model)
     if cfg.keep_layers is not None:
         model = models.keep_layers(model, cfg.keep_layers)
     heads = [Head.parse(h) for h in cfg.heads] if cfg.heads is not None else None
-    if heads is not None:  # before the folder is made
+    # everything that can be refused is, before the folder is made
+    if heads is not None:
         models.check_heads(model, heads, fix="name heads of the model being fine-tuned")
+    train = items(cfg, model.tokenizer, cfg.train_items, "train")
+    val = items(cfg, model.tokenizer, cfg.val_items, "test")
+    settings = asdict(cfg)
+    if heads is None:
+        del settings["kv_policy"]  # it says which weights of the heads train: none are chosen
+    # as JSON reads it back (lists, not tuples), so that a finished folder compares equal; the
+    # items' fingerprints, so that an edited task file is not taken for the one trained on
+    identity = jsonable({
+        "finetune": settings, "source_fingerprint": source_fingerprint,
+        "items": {"train": items_fingerprint(train), "val": items_fingerprint(val)}})
     held = run_folder.claim(out, identity)
     try:
-        record = _finetune(model, cfg, out, identity, heads, source, command, progress)
+        record = _finetune(model, cfg, out, identity, heads, (train, val), source, command,
+                           progress)
     except KeyboardInterrupt:
         raise  # held until the command ends, which names the folder as kept (cdist.interrupts)
     except BaseException:
@@ -153,7 +166,7 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
 
 
 def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity: dict, heads,
-              source: str | None, command: str | None, progress: bool) -> dict:
+              data: tuple, source: str | None, command: str | None, progress: bool) -> dict:
     """``finetune``'s work in its claimed folder."""
     from cdist.distill import DistillConfig, distill
 
@@ -166,8 +179,7 @@ def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity
         if record.get("identity") == identity:
             return record | {"reused": True}
     started = time.time()
-    train = items(cfg, model.tokenizer, cfg.train_items, "train")
-    val = items(cfg, model.tokenizer, cfg.val_items, "test")
+    train, val = data
     run_cfg = DistillConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                             trainable="all" if heads is None else "heads",
                             kv_policy=cfg.kv_policy, labels="answers",
@@ -177,7 +189,7 @@ def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity
                   progress=progress)
     after = accuracy(model, val)
     models.save_llama(model, out / "model")
-    record = {
+    record = jsonable({  # as finetune.json holds it, so that a reused record reads the same
         "identity": identity, "source": source, "model": str(out / "model"),
         "settings": asdict(cfg), "distill_config": asdict(run_cfg), "commit": git_commit(),
         "layers": model.cfg.n_layers, "trained_heads": run["trained_heads"],
@@ -187,7 +199,7 @@ def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity
         "curve": [[m["step"], m["accuracy"]] for m in run["metrics"]],
         # of the checkpoint as a step loads it back: a table refuses a model not this one
         "fingerprint": model_fingerprint(models.load_llama(out / "model")),
-    }
+    })
     atomic_write_json(record, done)
     # the saved checkpoint is the run's product (recorded above); its state is not needed
     (out / "run" / "state.pt").unlink(missing_ok=True)

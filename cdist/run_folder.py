@@ -142,9 +142,12 @@ def check_owned(folder: str | Path) -> Path:
 def claim_figures(folder: str | Path) -> Path:
     """A figures folder (``--figures``) checked as a run folder is (``check_writable``,
     ``check_owned``: new, empty or made by cdist, so that a figure never replaces a user's file of
-    the same name) and marked as cdist's, so that the next drawing into it is accepted. No lock:
-    figures are written whole and atomically, and the last drawing wins."""
-    folder = check_owned(check_writable(folder))
+    the same name; one with cdist's ``plotly.min.js`` beside its figures was drawn by a cdist
+    from before the marker) and marked as cdist's, so that the next drawing into it is accepted.
+    No lock: figures are written whole and atomically, and the last drawing wins."""
+    folder = check_writable(folder)
+    if not (folder / "plotly.min.js").is_file():  # figures an earlier cdist drew, unmarked
+        check_owned(folder)
     if is_follower():
         return folder
     try:

@@ -32,6 +32,7 @@ import test_bad_inputs
 import torch
 from conftest import unchecked
 from test_bad_inputs import RUN, SMALL, _et, _tree, folder_refuses, refused_before_writing
+from test_finetune import _resumed_from
 
 from cdist import cli
 from cdist.errors import CdistError
@@ -364,9 +365,12 @@ def test_distill_stopped_by_sigint_in_training_resumes_bit_for_bit(world, tmp_pa
     # stopped in training after its first checkpoint (step 2 of 8)
     status, lines = _stopped(argv, out / run / "state.pt", signal.SIGINT)
     _check_stopped(status, lines, signal.SIGINT, "distill", out)
-    assert torch.load(out / run / "state.pt", weights_only=False)["step"] < 8
+    stopped_at = torch.load(out / run / "state.pt", weights_only=False)["step"]
+    assert 0 < stopped_at < 8
     assert not (out / run / "eval.json").exists()
-    assert cli.main(argv) == 0
+    with _resumed_from() as steps:
+        assert cli.main(argv) == 0
+    assert steps == [stopped_at]  # resumed, not trained again from step 0
     (want, *records), (got, *resumed) = _run_files(straight / run), _run_files(out / run)
     assert resumed == records
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -417,7 +421,9 @@ def test_table_stopped_by_sigint_between_its_runs_resumes_to_the_same_table(worl
     status, lines = _stopped([*table, "--out", str(out)], first, signal.SIGINT)
     _check_stopped(status, lines, signal.SIGINT, "table", out)
     assert not (out / "results.json").exists()
+    finished = first.stat().st_mtime_ns
     assert cli.main([*table, "--out", str(out)]) == 0
+    assert first.stat().st_mtime_ns == finished  # the finished run was kept, not redone
     assert _untimed(json.loads((out / "results.json").read_text())) == \
         _untimed(json.loads((straight / "results.json").read_text()))
     _same_files(out, straight, ["per_item.json"])

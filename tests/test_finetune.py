@@ -4,6 +4,7 @@ were before it called it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 
@@ -82,6 +83,24 @@ def test_every_weight_is_fine_tuned_recorded_and_reused(student, tmp_path):
                  tmp_path / "ft")
 
 
+def test_a_finished_folder_is_reused_with_tuple_settings_and_refused_for_other_items(
+        student, tmp_path, monkeypatch):
+    """Settings held as tuples (boxes, heads, layers) read back from JSON as lists: the finished
+    folder must still be known; a task file edited since is not the one trained on."""
+    from cdist import finetune as module
+
+    cfg = FinetuneConfig(task_kwargs=_own("et-student"), n_boxes=(3, 4), heads=("a1.h3",),
+                         keep_layers=(0, 1), **SMALL)
+    first = finetune(student, cfg, tmp_path / "ft")
+    fresh = zoo.load("et-student", device="cpu")[0]
+    assert finetune(fresh, cfg, tmp_path / "ft")["reused"]
+    made = module.items
+    monkeypatch.setattr(module, "items", lambda *a: made(*a).select(range(1, made(*a).num_rows)))
+    with pytest.raises(RunFolderError, match="items"):
+        finetune(fresh, cfg, tmp_path / "ft")
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text()) == first
+
+
 def test_chosen_heads_are_the_only_weights_that_change(student, tmp_path):
     cfg = FinetuneConfig(task_kwargs=_own("et-student"), heads=("a1.h3",), **SMALL)
     before = {k: v.clone() for k, v in student.state_dict().items()}
@@ -136,8 +155,31 @@ def test_finetune_stopped_by_sigterm_resumes_to_the_same_model(tmp_path):
                              signal.SIGTERM)
     _check_stopped(status, lines, signal.SIGTERM, "finetune", out)
     assert not (out / "finetune.json").exists()
-    assert _main([*argv, "--out", str(out)]) == 0
+    stopped_at = torch.load(out / "run" / "state.pt", weights_only=False)["step"]
+    assert 0 < stopped_at < 8
+    with _resumed_from() as steps:
+        assert _main([*argv, "--out", str(out)]) == 0
+    assert steps == [stopped_at]  # resumed, not trained again from step 0
     made, resumed = (json.loads((d / "finetune.json").read_text()) for d in
                      (tmp_path / "straight", out))
     assert resumed["fingerprint"] == made["fingerprint"]  # bit for bit
     assert resumed["curve"] == made["curve"]
+
+
+@contextlib.contextmanager
+def _resumed_from():
+    """The steps each training run of the body started from (``distill``'s ``Run.resume``)."""
+    from cdist.distill import loop
+
+    steps, resume = [], loop.Run.resume
+
+    def spy(self, state_path):
+        found = resume(self, state_path)
+        steps.append(found[0])
+        return found
+
+    loop.Run.resume = spy
+    try:
+        yield steps
+    finally:
+        loop.Run.resume = resume

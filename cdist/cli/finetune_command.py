@@ -77,12 +77,14 @@ def _finetune(args: argparse.Namespace) -> dict:
         raise flags.UsageError(str(e)) from None
     from cdist import tasks, zoo
 
-    organism = zoo.manifest(args.model)["config"] if args.model in zoo.names() else None
+    spec = tasks.get_task(args.task)
+    # a task file's items are its rows: a zoo model takes them as they are
+    organism = (zoo.manifest(args.model)["config"]
+                if args.model in zoo.names() and spec.size is None else None)
     if organism is not None and organism["task"] != args.task:
         raise flags.UsageError(f"--model {args.model} was trained on {organism['task']}, not "
                                f"{args.task}; pass --task {organism['task']}")
-    own = (common.organism_kwargs(tasks.get_task(args.task), organism)
-           if organism is not None else {})
+    own = common.organism_kwargs(spec, organism) if organism is not None else {}
     keep = None if args.keep_layers is None else tuple(i for r in args.keep_layers for i in r)
     try:
         cfg = FinetuneConfig(
@@ -101,8 +103,11 @@ def _finetune(args: argparse.Namespace) -> dict:
                       command=shlex.join(["cdist", "finetune", *args.argv]))
     said = "reused, " if record.get("reused") else ""
     print(f"{args.model} -> {record['model']} ({said}{record['layers']} layers, "
-          f"{len(record['trained_heads']) or 'every weight'}"
-          f"{' heads' if record['trained_heads'] else ''}): validation accuracy "
+          f"{_trained(record['trained_heads'])}): validation accuracy "
           f"{record['val_accuracy_before']:.3f} -> {record['val_accuracy_after']:.3f} on "
           f"{record['val_items']} items in {cfg.steps} steps")
     return record
+
+
+def _trained(heads: list[str]) -> str:
+    return "every weight" if not heads else f"{len(heads)} head{'s' if len(heads) > 1 else ''}"

@@ -176,7 +176,7 @@ def _circuits(args) -> list:
 
     run_folder.check_owned(run_folder.check_writable(args.figures))
     if not args.draw_only:
-        run_folder.check_writable(args.out)
+        run_folder.claim(args.out)  # cdist's folder, marked, one process at a time
         names = zoo.names() if args.only is None else args.only
         unknown = sorted(set(names) - set(zoo.names()))
         if unknown or not names:

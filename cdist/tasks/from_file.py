@@ -312,7 +312,7 @@ def write_task_file(items, tokenizer, path: str | Path, positions: tuple[str, ..
 def _continuing(answer: str, prompt: str) -> str:
     """``answer`` as it continues ``prompt``: a word-level tokenizer decodes a word without the
     space a BPE token carries, and the word would then read glued to the prompt's last one."""
-    glued = answer[:1].isalnum() and prompt[-1:].isalnum()
+    glued = answer[:1].isalpha() and prompt[-1:].isalpha()  # what the reader refuses
     return " " + answer if glued else answer
 
 
