@@ -175,9 +175,8 @@ def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {git_commit()} {command}\n")
     done = out / RECORD
     if done.is_file() and (out / "model" / "config.json").is_file():
-        record = read_json(done, "delete the folder to fine-tune again")
-        if record.get("identity") == identity:
-            return record | {"reused": True}
+        # the claim refused a folder of other settings: a finished record here is of these
+        return read_json(done, "delete the folder to fine-tune again") | {"reused": True}
     started = time.time()
     train, val = data
     run_cfg = DistillConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
