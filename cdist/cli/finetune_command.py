@@ -67,15 +67,8 @@ def add_parsers(sub) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> dict:
-    from cdist import limits
-    from cdist.errors import ConfigError
+    from cdist import limits, tasks, zoo
     from cdist.finetune import FinetuneConfig, finetune
-
-    try:
-        limits.check_seed("seed", args.seed)
-    except ValueError as e:
-        raise flags.UsageError(str(e)) from None
-    from cdist import tasks, zoo
 
     spec = tasks.get_task(args.task)
     # a task file's items are its rows: a zoo model takes them as they are
@@ -87,6 +80,7 @@ def _finetune(args: argparse.Namespace) -> dict:
     own = common.organism_kwargs(spec, organism) if organism is not None else {}
     keep = None if args.keep_layers is None else tuple(i for r in args.keep_layers for i in r)
     try:
+        limits.check_seed("seed", args.seed)
         cfg = FinetuneConfig(
             task=args.task, template=args.template, task_kwargs=own,
             n_boxes=tuple(args.n_boxes) if args.n_boxes else None,
@@ -94,7 +88,7 @@ def _finetune(args: argparse.Namespace) -> dict:
             lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
             heads=tuple(args.heads) if args.heads else None, kv_policy=args.kv_policy,
             keep_layers=keep)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # ConfigError is one, and so is a bad head name
         raise flags.UsageError(str(e)) from None
     common.set_threads(args.threads)
     dev = common.pick_device(args.device)
