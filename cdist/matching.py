@@ -55,6 +55,7 @@ from cdist.discovery.ablation import ablated_logits
 from cdist.errors import InputError
 from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads
+from cdist.progress import bar as progress_bar
 from cdist.types import Circuit, Head, HeadPair, Scan
 
 __all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
@@ -402,6 +403,7 @@ def work_positions(
     *,
     columns: Sequence[str] | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> tuple[dict[Head, str], dict[Head, dict[str, float]]]:
     """Where each head does its work: the position column where mean-ablating the head *only there*
     lowers the answer's probability most (ties: the first column).
@@ -412,6 +414,7 @@ def work_positions(
         heads: the heads to place.
         means: ``discovery.ablation.head_means`` of the model.
         columns: candidate columns (default: ``position_columns(data)``).
+        progress: a bar over forward passes (one per head, column and batch).
 
     Returns:
         ``{head: column}`` and, per head, ``{column: mean probability drop}``.
@@ -419,13 +422,17 @@ def work_positions(
     heads = list(dict.fromkeys(heads))
     columns = list(columns or position_columns(data))
     drops = {h: dict.fromkeys(columns, 0.0) for h in heads}
-    for batch in batches(data, batch_size, pad_id(model), columns):
-        ids, answer, last = batch["input_ids"], batch["answer_id"], batch["pos_last"]
-        base, _ = answer_stats(model(ids.to(device_of(model))), answer, last)
-        for h in heads:
-            for col in columns:
-                ablated = ablated_logits(model, ids, [h], means, batch[col])
-                prob, _ = answer_stats(ablated, answer, last)
-                drops[h][col] += float((base - prob).sum()) / len(data)
+    total = -(-len(data) // batch_size) * (1 + len(heads) * len(columns))
+    with progress_bar(total, "where heads work", enabled=progress, unit="pass") as bar:
+        for batch in batches(data, batch_size, pad_id(model), columns):
+            ids, answer, last = batch["input_ids"], batch["answer_id"], batch["pos_last"]
+            base, _ = answer_stats(model(ids.to(device_of(model))), answer, last)
+            bar.update()
+            for h in heads:
+                for col in columns:
+                    ablated = ablated_logits(model, ids, [h], means, batch[col])
+                    prob, _ = answer_stats(ablated, answer, last)
+                    drops[h][col] += float((base - prob).sum()) / len(data)
+                    bar.update()
     chosen = {h: max(columns, key=lambda c, h=h: (drops[h][c], -columns.index(c))) for h in heads}
     return chosen, drops

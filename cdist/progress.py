@@ -6,20 +6,31 @@ or a pipe (a log of a long run, ``nohup``, CI), tqdm would stay quiet, so the ba
 time, once a step has been timed), then one every ``every`` seconds (done, elapsed, ETA) and one at
 the end, each flushed at once. Either is quiet when ``enabled`` is False (a caller asked for no
 progress, or a ``torchrun`` rank other than 0).
+
+A step can outlast the silence a user tolerates (one pass of a 30-layer model over a large batch,
+one head-map part on SmolLM2: about a minute on 2 cores), and a bar moves only when a step ends.
+So every bar has a heartbeat, a thread that redraws it every ``HEARTBEAT`` seconds on a terminal
+(its elapsed time moves) and in a log prints its status when ``every`` seconds passed without a
+line. ``phase(desc)`` is the same for work with no steps to count (loading a model, one evaluation):
+a line when it starts, the heartbeat while it runs, the time it took when it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-__all__ = ["EVERY", "LogProgress", "bar", "duration", "say"]
+__all__ = ["EVERY", "HEARTBEAT", "LogProgress", "bar", "duration", "phase", "say"]
 
 EVERY = 30.0  # seconds between a log's progress lines
+HEARTBEAT = 5.0  # seconds between a terminal bar's redraws while a step runs
 
 
 def say(line: str) -> None:
@@ -39,18 +50,40 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+class _Heartbeat:
+    """Calls ``beat`` every ``interval`` seconds, from a daemon thread, until ``stop``."""
+
+    def __init__(self, beat: Callable[[], None], interval: float):
+        self.beat, self.interval, self.stopped = beat, interval, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="cdist-progress")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.beat()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+
+
 class LogProgress:
-    """tqdm's ``update`` / ``set_postfix`` / ``close`` as lines in a log (module doc)."""
+    """tqdm's ``update`` / ``set_postfix`` / ``close`` as lines in a log (module doc); with
+    ``heartbeat``, a thread prints the status when ``every`` seconds pass without a line (tests
+    drive ``beat`` themselves, with their own clock)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "step", initial: int = 0,
                  every: float = EVERY, stream: io.TextIOBase | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, heartbeat: bool = False):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.every, self.stream, self.clock = every, stream or sys.stderr, clock
         self.start = self.last = clock()
         self.start_n, self.postfix, self.closed = initial, "", False
         self.units = unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
+        self.lock = threading.Lock()  # the heartbeat's thread and the work's
         self._say(f"{total:,} {self.units}" + (f", from {initial:,}" if initial else ""))
+        self.heartbeat = _Heartbeat(self.beat, min(every, HEARTBEAT)) if heartbeat else None
 
     def _say(self, text: str) -> None:
         print(f"{self.desc}: {text}", file=self.stream, flush=True)
@@ -64,20 +97,32 @@ class LogProgress:
         return f"{self.n:,}/{self.total:,} {self.units}, {duration(elapsed)}{eta}{post}"
 
     def update(self, n: int = 1) -> None:
-        first = self.n == self.start_n
-        self.n += n
-        now = self.clock()
-        if first or now - self.last >= self.every:
-            self.last = now
-            self._say(self._status())
+        with self.lock:
+            first = self.n == self.start_n
+            self.n += n
+            now = self.clock()
+            if first or now - self.last >= self.every:
+                self.last = now
+                self._say(self._status())
+
+    def beat(self) -> None:
+        """The status, if ``every`` seconds passed without a line: a step still running."""
+        with self.lock:
+            now = self.clock()
+            if not self.closed and now - self.last >= self.every:
+                self.last = now
+                self._say(self._status())
 
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._say("done, " + self._status())
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self._say("done, " + self._status())
 
     def __enter__(self) -> LogProgress:
         return self
@@ -116,10 +161,59 @@ def _size() -> dict:
     return {"ncols": size.columns or 80, "nrows": size.lines or 24} if 0 in size else {}
 
 
+class _TerminalBar(tqdm):
+    """tqdm, redrawn by a heartbeat every ``HEARTBEAT`` seconds until it closes (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heartbeat = _Heartbeat(self._beat, HEARTBEAT)
+
+    def _beat(self) -> None:
+        if not self.disable:
+            self.refresh()
+
+    def close(self) -> None:
+        heartbeat = getattr(self, "heartbeat", None)  # tqdm may close before __init__ ends
+        if heartbeat is not None:
+            heartbeat.stop()
+        super().close()
+
+
 def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "step", initial: int = 0):
     """A progress bar for ``total`` steps of ``desc`` (module doc)."""
     if not enabled:
         return _Quiet()
     if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, **_size())
-    return LogProgress(total, desc, unit=unit, initial=initial)
+        return _TerminalBar(total=total, initial=initial, desc=desc, unit=unit, **_size())
+    return LogProgress(total, desc, unit=unit, initial=initial, every=EVERY, heartbeat=True)
+
+
+@contextlib.contextmanager
+def phase(desc: str, *, enabled: bool = True) -> Iterator[None]:
+    """Work with no steps to count, shown while it runs (module doc): on a terminal a line whose
+    clock moves, in a log a line at the start, one every ``EVERY`` seconds and one at the end."""
+    if not enabled:
+        yield
+        return
+    start = time.monotonic()
+    if sys.stderr.isatty():
+        shown = _TerminalBar(total=None, desc=desc, bar_format="{desc}: {elapsed}", **_size())
+        try:
+            yield
+        finally:
+            shown.close()
+        return
+    print(f"{desc}: started", file=sys.stderr, flush=True)
+    last = [start]
+
+    def beat() -> None:
+        if time.monotonic() - last[0] >= EVERY:
+            last[0] = time.monotonic()
+            print(f"{desc}: {duration(last[0] - start)} so far", file=sys.stderr, flush=True)
+
+    heartbeat = _Heartbeat(beat, HEARTBEAT)
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+    print(f"{desc}: done in {duration(time.monotonic() - start)}", file=sys.stderr, flush=True)

@@ -8,8 +8,9 @@ log (``cdist.progress``). This measures that from outside, on the command as a u
 ``--terminal`` the command runs under a pseudo-terminal, so it draws its bars (each carriage
 return of a bar counts as output); without, its output is a pipe, as in a log file. Stdout and
 stderr are read together. The report gives the command's wall time, its longest silences with
-the line each followed, and whether any exceeded ``--limit``; ``--json`` keeps it. The exit
-status is the command's own if it failed, else 1 when a silence exceeded the limit, else 0.
+the line each followed, and whether any exceeded ``--limit``; ``--json`` keeps it, with every
+silence over the limit in order and the line before each. The exit status is the command's own if
+it failed, else 1 when a silence exceeded the limit, else 0.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _chunks(command: list[str], terminal: bool):
 def silences(command: list[str], *, terminal: bool = False, echo: bool = False) -> dict:
     """Run ``command`` and time its output (module doc): each line or bar redraw is an event."""
     start = last = time.monotonic()
-    events, partial, status = [], "", None
+    events, partial, status, previous = [], "", None, "(the command's start)"
     for when, data in _chunks(command, terminal):
         if when is None:
             status = data
@@ -80,13 +81,15 @@ def silences(command: list[str], *, terminal: bool = False, echo: bool = False) 
         partial = pieces.pop()
         for line in pieces:
             if line.strip():
-                events.append({"at": when - start, "gap": when - last, "line": line.strip()})
-                last = when
+                events.append({"at": when - start, "gap": when - last, "line": line.strip(),
+                               "after": previous})
+                last, previous = when, line.strip()
     end = time.monotonic()
     if partial.strip():
-        events.append({"at": end - start, "gap": end - last, "line": partial.strip()})
-        last = end
-    tail = {"at": end - start, "gap": end - last, "line": "(the command's end)"}
+        events.append({"at": end - start, "gap": end - last, "line": partial.strip(),
+                       "after": previous})
+        last, previous = end, partial.strip()
+    tail = {"at": end - start, "gap": end - last, "line": "(the command's end)", "after": previous}
     gaps = sorted(events + [tail], key=lambda e: -e["gap"])
     return {"command": command, "terminal": terminal, "status": status,
             "wall_s": end - start, "lines": len(events), "longest": gaps}
@@ -108,6 +111,7 @@ def main() -> int:
         print(f"  {e['gap']:7.1f} s before t={e['at']:.1f} s: {e['line'][:110]}")
     print(f"  {len(over)} over {args.limit:g} s")
     report["longest"] = report["longest"][:args.top]
+    report["over"] = sorted(over, key=lambda e: e["at"])  # every one, in the order they came
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return report["status"] or (1 if over else 0)

@@ -93,3 +93,76 @@ def test_a_bar_is_drawn_on_a_terminal_that_reports_no_width():
         drawn += chunk
     os.close(main)
     assert b"scan" in drawn and b"3/3" in drawn, drawn
+
+
+def test_a_log_hears_from_a_step_that_outlasts_its_interval():
+    """A step still running after ``every`` seconds prints the status (no ETA before one is
+    timed); a beat sooner prints nothing."""
+    out, clock = io.StringIO(), Clock()
+    bar = progress.LogProgress(4, "head maps", unit="part", every=30, stream=out, clock=clock)
+    clock.now = 20.0
+    bar.beat()
+    clock.now = 31.0
+    bar.beat()
+    clock.now = 45.0
+    bar.beat()  # 14 s after the last line
+    bar.close()
+    bar.beat()  # closed: quiet
+    assert out.getvalue().splitlines() == [
+        "head maps: 4 parts",
+        "head maps: 0/4 parts, 31 s",
+        "head maps: done, 0/4 parts, 45 s",
+    ]
+
+
+def test_the_heartbeat_runs_by_itself_and_stops_with_the_bar(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr(progress, "EVERY", 0.05)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.01)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = progress.bar(2, "scan", unit="pass")
+    time.sleep(0.5)  # one long step, no update
+    bar.close()
+    logged = capsys.readouterr().err.splitlines()
+    beats = [line for line in logged if line.startswith("scan: 0/2 passes")]
+    assert len(beats) >= 3, logged
+    assert logged[-1].startswith("scan: done")
+    time.sleep(0.2)
+    assert capsys.readouterr().err == ""  # the heartbeat stopped with the bar
+
+
+def test_a_terminal_bar_is_redrawn_while_a_step_runs(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.02)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = progress.bar(2, "scan", unit="pass")
+    drawn_at_start = capsys.readouterr().err.count("scan")
+    time.sleep(0.5)
+    bar.close()
+    assert drawn_at_start >= 1
+    assert capsys.readouterr().err.count("scan") >= 5
+
+
+def test_a_phase_says_when_it_starts_how_long_it_runs_and_when_it_ends(monkeypatch, capsys):
+    import time
+
+    monkeypatch.setattr(progress, "EVERY", 0.05)
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.01)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    with progress.phase("loading the teacher"):
+        time.sleep(0.3)
+    logged = capsys.readouterr().err.splitlines()
+    assert logged[0] == "loading the teacher: started"
+    assert any(line.endswith("so far") for line in logged[1:-1]), logged
+    assert logged[-1] == "loading the teacher: done in 0 s"
+    try:
+        with progress.phase("evaluation"):
+            raise KeyError("stopped")
+    except KeyError:
+        pass
+    assert "done" not in capsys.readouterr().err  # a phase that failed did not end
+    with progress.phase("quiet", enabled=False):
+        pass
+    assert capsys.readouterr().err == ""

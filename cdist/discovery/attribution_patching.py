@@ -28,8 +28,10 @@ from cdist.discovery.path_patching import (
     receiver_masks,
     reference_path_scan,
 )
+from cdist.distributed import is_main
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
+from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
 
 __all__ = ["attribution_patching_scan", "attribution_patching_scan_reference",
@@ -124,6 +126,7 @@ def path_attribution_scan(
     position: str = "pos_last",
     batch_size: int = 16,
     metric: str = "prob",
+    progress: bool = False,
 ) -> Scan:
     """First-order estimate of ``path_patching_scan`` for every sender at once: the pre-filter of a
     search.
@@ -140,7 +143,8 @@ def path_attribution_scan(
        residual stream and the MLPs, as in path patching's run 1. With no receivers, ``g`` is d p /
        d z in that run (the logits are the receivers).
 
-    Two forward and two backward passes per batch, whatever the number of senders. It is an
+    Two forward and two backward passes per batch, whatever the number of senders (``progress``:
+    a bar over batches). It is an
     estimate: how many of the exact scan's top senders its top candidates hold is to be measured
     against a full scan, not assumed. Twin:
     ``path_attribution_scan_reference`` (the derivative of the plain path-patching twin).
@@ -161,6 +165,8 @@ def path_attribution_scan(
     names = [hook_z(layer) for layer in range(n_layers)]
     # receivers in layer 0 have no senders: nothing to differentiate
     columns = metrics.columns(position, metric)
+    bar = progress_bar(-(-len(data) // batch_size) if top else 0, "attribution pre-filter",
+                       enabled=progress and is_main(), unit="batch")
     for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True) if top else ():
         ids = batch["input_ids"].to(device)
         rows = torch.arange(len(ids), device=device)
@@ -177,6 +183,8 @@ def path_attribution_scan(
                 name = names[layer]
                 delta = (corrupt[name][rows, here] - clean[name][rows, here]) * grad[rows, here]
                 sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
+        bar.update()
+    bar.close()
     return sums.scan("attribution_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from cdist.discovery.circuit_eval import per_item_correct
 from cdist.errors import InputError
 from cdist.models import HookedTransformer, check_heads
+from cdist.progress import phase
 from cdist.types import Circuit, Head
 
 __all__ = ["circuit_accuracy", "grow_one_at_a_time", "grow_until_faithful"]
@@ -66,6 +67,7 @@ def grow_until_faithful(
     max_heads: int,
     batch_size: int = 64,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[int | None, list[dict]]:
     """How many of ``candidates`` (taken in order) a circuit of ``heads`` needs for its
     faithfulness on ``data`` to reach ``threshold`` (module doc: doubling, then bisection).
@@ -80,6 +82,7 @@ def grow_until_faithful(
         threshold: the faithfulness to reach.
         max_heads: the most heads the grown circuit may have.
         log: told each evaluation as it is made (each is a pass over ``data``).
+        progress: show each evaluation while it runs (``cdist.progress.phase``).
 
     Returns:
         The number of (new) candidates to add, or None when even ``max_heads`` heads (or every
@@ -95,7 +98,9 @@ def grow_until_faithful(
     tried: dict[int, dict] = {}
 
     def reaches(n: int) -> bool:
-        accuracy = circuit_accuracy(model, base + extra[:n], data, means, batch_size=batch_size)
+        with phase(f"growing: evaluating a circuit of {len(base) + n} heads", enabled=progress):
+            accuracy = circuit_accuracy(model, base + extra[:n], data, means,
+                                        batch_size=batch_size)
         tried[n] = {"added": n, "heads": len(base) + n, "circuit_accuracy": accuracy,
                     "faithfulness": accuracy / full_accuracy}
         if log is not None:

@@ -173,7 +173,8 @@ def _scan_group(
               batch_size=batch_size, metric=metric)
     scans, senders = {}, None
     if prefilter is not None:
-        scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, **kw)
+        scans[f"{step.name}_prefilter"] = path_attribution_scan(model, data, progress=progress,
+                                                                **kw)
         # rank 0's candidates: the ranks' gradients may differ in their last bits
         senders = broadcast(scans[f"{step.name}_prefilter"].ranking().top(prefilter))
     scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,

@@ -49,6 +49,7 @@ from cdist.evaluate import accuracy
 from cdist.models import check_heads
 from cdist.pipeline.config import ExperimentConfig, Role
 from cdist.pipeline.context import Context
+from cdist.progress import phase
 from cdist.records import write_record
 from cdist.store import items_fingerprint
 from cdist.tasks import get_task
@@ -226,7 +227,8 @@ def _check(ctx: Context, role: Role, found: Discovery) -> dict:
     cfg, model, val = ctx.cfg, ctx.model(role), ctx.items.val
     circuit = found.circuit
     n_heads = model.cfg.n_layers * model.cfg.n_heads
-    full = accuracy(model, val)
+    with phase(f"{role} full accuracy on {len(val)} validation items", enabled=ctx.progress):
+        full = accuracy(model, val)
     record = {"items": "validation", "n_items": len(val),
               "chance": get_task(cfg.task).chance_accuracy(val), "full_accuracy": full,
               "threshold": cfg.min_faithfulness, "grow": cfg.grow_circuits, "n_heads": n_heads,
@@ -235,7 +237,9 @@ def _check(ctx: Context, role: Role, found: Discovery) -> dict:
               "circuit": circuit.to_dict()}
     if full <= record["chance"]:
         return record | {"verdict": "below chance"}
-    acc = faithfulness.circuit_accuracy(model, circuit.heads, val, ctx.means(role))
+    means = ctx.means(role)
+    with phase(f"{role} circuit accuracy on {len(val)} validation items", enabled=ctx.progress):
+        acc = faithfulness.circuit_accuracy(model, circuit.heads, val, means)
     record["before"] = record["after"] = {"heads": len(circuit), "circuit_accuracy": acc,
                                           "faithfulness": acc / full}
     if acc / full >= cfg.min_faithfulness:
@@ -283,7 +287,7 @@ def _grow(ctx: Context, role: Role, found: Discovery, full: float, max_heads: in
     n, evaluations = faithfulness.grow_until_faithful(
         ctx.model(role), circuit.heads, [c.head for c in candidates], ctx.items.val,
         ctx.means(role), full_accuracy=full, threshold=ctx.cfg.min_faithfulness,
-        max_heads=max_heads, log=ctx.log)
+        max_heads=max_heads, log=ctx.log, progress=ctx.progress)
     if n is None:
         return {"verdict": "unfaithful", "evaluations": evaluations}
     added = candidates[:n]
@@ -310,7 +314,7 @@ def _grown_circuit(ctx: Context, role: Role, circuit: Circuit,
     by_drop = [c.head for c in added if c.group is None]
     if by_drop and circuit.method == "path_patching":
         where, _ = matching.work_positions(ctx.model(role), ctx.items.val, by_drop,
-                                           ctx.means(role))
+                                           ctx.means(role), progress=ctx.progress)
         for h in by_drop:
             name = "grown_" + where[h].removeprefix("pos_")
             groups.setdefault(name, []).append(h)

@@ -18,7 +18,7 @@ from cdist.errors import ConfigError
 from cdist.models import HookedTransformer
 from cdist.pipeline.config import ROLES, ExperimentConfig, Role
 from cdist.pipeline.items import ItemSets, check_positions, make_items
-from cdist.progress import say
+from cdist.progress import phase, say
 from cdist.store import Store, model_fingerprint
 
 __all__ = ["Context"]
@@ -70,7 +70,11 @@ class Context:
             # roles given the same loader are one model (a teacher that is also the student): it
             # is loaded once and shared, which is safe as ``model`` is never trained in place
             same = [r for r in self._models if self.loaders[r] is self.loaders[role]]
-            self._models[role] = self._models[same[0]] if same else self.loaders[role]()
+            if same:
+                self._models[role] = self._models[same[0]]
+            else:
+                with phase(f"loading the {role} {self.names[role]}", enabled=self.progress):
+                    self._models[role] = self.loaders[role]()
             found, expected = self.fingerprint(role), self.cfg.fingerprints.get(role)
             if expected and found != expected:
                 del self._models[role]
@@ -89,7 +93,8 @@ class Context:
 
     def fresh(self, role: Role) -> HookedTransformer:
         """A new copy of ``role``'s model, for a run that trains it."""
-        return self.loaders[role]()
+        with phase(f"loading a fresh {role} {self.names[role]}", enabled=self.progress):
+            return self.loaders[role]()
 
     def fingerprint(self, role: Role) -> str:
         if role not in self._fingerprints:
@@ -130,7 +135,10 @@ class Context:
     def means(self, role: Role):
         """``role``'s per-position head means on the reference items (mean ablation's values)."""
         if role not in self._means:
-            self._means[role] = ablation.head_means(self.model(role), self.items.reference)
+            model, reference = self.model(role), self.items.reference
+            with phase(f"{role} head means on {len(reference)} reference items",
+                       enabled=self.progress):
+                self._means[role] = ablation.head_means(model, reference)
         return self._means[role]
 
     def claim(self) -> run_folder.Claim:

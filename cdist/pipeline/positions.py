@@ -42,7 +42,8 @@ def place_teacher_heads(ctx: Context, circuits: Circuits) -> Placement:
         positions, how = matching.circuit_positions(circuit), "circuit groups"
     else:
         positions, _ = matching.work_positions(ctx.model("teacher"), ctx.items.found_on,
-                                               circuit.heads, ctx.means("teacher"))
+                                               circuit.heads, ctx.means("teacher"),
+                                               progress=ctx.progress)
         how = "largest ablation effect"
     named = {Head.parse(h): col for h, col in ctx.cfg.teacher_positions.items()}
     check_heads(ctx.model("teacher"), named, "teacher_positions heads")
