@@ -93,17 +93,20 @@ def _signed_ticks(m: float, c: float) -> tuple[list[float], list[str]]:
     return pos, [f"{v:.2g}" for v in raw]
 
 
-def wrap_title(title: str, width: int, subtitle: str = "") -> tuple[str, int]:
+def wrap_title(title: str, width: int, subtitle: str = "") -> tuple[dict, int]:
     """``title`` (and a smaller ``subtitle``) broken into lines that fit a ``width``-pixel figure;
-    returns the plotly title text and the top margin it needs.
+    returns plotly's ``layout.title`` and the top margin it needs.
 
     plotly does not wrap a title: a long one runs off both ends of the figure. A line holds about
-    ``width / 11`` characters of plotly's 17 px title font (``width / 8`` of the subtitle's).
+    ``width / 11`` characters of plotly's 17 px title font (``width / 8`` of the subtitle's). The
+    title hangs from the figure's top edge: plotly centres it in the top margin otherwise, and a
+    title of four lines or more then reached into the plot (a head map named by two file paths).
     """
     lines = textwrap.wrap(title, max(12, (width - 40) // 11)) or [""]
     subs = textwrap.wrap(subtitle, max(16, (width - 40) // 8)) if subtitle else []
     text = "<br>".join(lines + [f"<sup>{s}</sup>" for s in subs])
-    return text, 40 + 24 * len(lines) + 16 * len(subs)
+    layout = {"text": text, "yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 14}}
+    return layout, 40 + 24 * len(lines) + 16 * len(subs)
 
 
 def heatmap_size(n_layers: int, n_heads: int) -> tuple[int, int]:
@@ -145,15 +148,17 @@ def head_heatmap(
     z = scores.detach().float().cpu().numpy()
     n_layers, n_heads = z.shape
     marked = list(marked)
-    text = [[f"a{layer}.h{head}: {z[layer, head]:.3g}" for head in range(n_heads)]
-            for layer in range(n_layers)]
+    # NaN: a head the scan did not patch (outside a pre-filter's top candidates)
+    text = [[f"a{layer}.h{head}: "
+             + (f"{z[layer, head]:.3g}" if np.isfinite(z[layer, head]) else "not scanned")
+             for head in range(n_heads)] for layer in range(n_layers)]
     if diverging:
         keep = np.zeros(z.shape, dtype=bool)
         for h in marked:
             keep[h.layer, h.head] = True
         colour, end, floor = signed_colour(z, largest=largest, keep=keep)
         # every score 0 (no effect anywhere): one tick, not a +-1 scale that nothing reaches
-        tickvals, ticktext = (_signed_ticks(end, floor) if np.abs(z).max() > 0
+        tickvals, ticktext = (_signed_ticks(end, floor) if np.nan_to_num(np.abs(z)).max() > 0
                               else ([0.0], ["0"]))
         scale = {"colorscale": "RdBu", "zmid": 0, "zmin": -1, "zmax": 1}
     else:
@@ -168,10 +173,10 @@ def head_heatmap(
         fig.add_shape(type="rect", x0=h.head - 0.5, x1=h.head + 0.5, y0=h.layer - 0.5,
                       y1=h.layer + 0.5, line={"color": "black", "width": 3})
     width, height = heatmap_size(n_layers, n_heads)
-    title_text, top = wrap_title(title, width, colorbar)
+    heading, top = wrap_title(title, width, colorbar)
     grid = {"showgrid": False, "zeroline": False, "automargin": True}
     fig.update_layout(
-        title={"text": title_text},
+        title=heading,
         xaxis={"title": "head", "tickvals": list(range(n_heads)),
                "range": [-0.5, n_heads - 0.5], **grid},
         # layer 0 at the top: a reversed range, exactly the layers
@@ -265,9 +270,9 @@ def head_map_figure(head_map, *, title: str | None = None) -> go.Figure:
         fig.add_annotation(x=c, y=r, text=where, showarrow=False,
                            font={"size": 10, "color": _label_colour(scale, float(at))})
     width = max(560, 260 + 46 * len(teachers))
-    title_text, top = wrap_title(_map_title(head_map, title, "matrix"), width)
+    heading, top = wrap_title(_map_title(head_map, title, "matrix"), width)
     fig.update_layout(
-        title={"text": title_text},
+        title=heading,
         xaxis={"title": "teacher head", "type": "category", "automargin": True},
         yaxis={"title": "student head", "type": "category", "autorange": "reversed",
                "automargin": True},
@@ -331,10 +336,10 @@ def head_map_links_figure(head_map, *, title: str | None = None) -> go.Figure:
     for x, name in ((0, "student heads"), (1, "teacher heads")):
         fig.add_annotation(x=x, y=1.1, text=name, showarrow=False, font={"size": 13})
     width = 560
-    title_text, top = wrap_title(_map_title(head_map, title, "links"), width)
+    heading, top = wrap_title(_map_title(head_map, title, "links"), width)
     hidden = {"visible": False, "fixedrange": True}
     fig.update_layout(
-        title={"text": title_text}, xaxis={"range": [-0.6, 1.6], **hidden},
+        title=heading, xaxis={"range": [-0.6, 1.6], **hidden},
         yaxis={"range": [-0.08, 1.18], **hidden}, width=width,
         height=max(360, top + 80 + 30 * max(len(students), len(teachers))),
         template="plotly_white", margin={"t": top},

@@ -41,6 +41,9 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f2f2f2; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .figure { margin: 1em 0; }
+.row { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
+details { margin: 0.6em 0; }
+summary { cursor: pointer; font-weight: 600; }
 nav a { margin-right: 1em; }
 """
 
@@ -52,6 +55,12 @@ def _figure(fig: go.Figure, name: str) -> str:
             + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
                           config={"responsive": False})
             + "</div>")
+
+
+def _row(figures: list[str]) -> list[str]:
+    """Figures side by side, wrapping at the page's width: a 30-layer model's heatmaps are tall and
+    narrow, and one under another made SmolLM2's page over 20,000 px long."""
+    return [f'<div class="row">{"".join(figures)}</div>'] if figures else []
 
 
 def _read(path: Path):
@@ -85,12 +94,12 @@ def _circuits(run: Path) -> list[str]:
             parts.append("<p>test items: " + ", ".join(
                 f"{k.replace('_', ' ')} {v:.3f}" for k, v in test.items() if v is not None)
                 + "</p>")
-        scans = sorted((run / "scans").glob(f"{role}-*.json"))
-        for path in scans:
+        figures = []
+        for path in sorted((run / "scans").glob(f"{role}-*.json")):
             scan = Scan.from_dict(_kept(run, path))
             fig = plots.scan_figure(scan, marked=circuit.heads, title=f"{role}: {path.stem} "
                                     f"({scan.method}, {scan.n_items} items)")
-            parts.append(_figure(fig, f"scan-{path.stem}"))
+            figures.append(_figure(fig, f"scan-{path.stem}"))
         searched = [(path, name, Scan.from_dict(data))
                     for path in sorted((run / f"search-{role}").glob("*.json"))
                     for name, data in _kept(run, path).items()]
@@ -98,20 +107,29 @@ def _circuits(run: Path) -> list[str]:
         for path, name, scan in searched:
             fig = plots.scan_figure(scan, marked=circuit.groups.get(path.stem, ()),
                                     title=f"{role}: path patching, {name}", largest=largest)
-            parts.append(_figure(fig, f"search-{role}-{name}"))
+            figures.append(_figure(fig, f"search-{role}-{name}"))
+        parts += _row(figures)
     return parts
 
 
 def _head_maps(run: Path) -> list[str]:
-    """Each head map twice: as a heatmap of every pair's score and as links between the chosen
-    pairs (which teacher heads are crowded shows there at a glance)."""
+    """Each head map twice, side by side: as a heatmap of every pair's score and as links between
+    the chosen pairs (which teacher heads are crowded shows there at a glance). Each map is a
+    section that opens and closes, its summary line saying how crowded it is; the first is open."""
     maps = records_in(HeadMap, sorted((run / "head_maps").glob("*.json")))  # a user's note: not
     if not maps and (run / "head_map.json").is_file():
         maps = {run / "head_map.json": read_record(HeadMap, run / "head_map.json")}
     parts = []
-    for p, hmap in maps.items():
-        parts += [_figure(plots.head_map_figure(hmap), f"head-map-{p.stem}"),
-                  _figure(plots.head_map_links_figure(hmap), f"head-map-links-{p.stem}")]
+    for i, (p, hmap) in enumerate(maps.items()):
+        students = {pair.student for pair in hmap.pairs}
+        teachers = {pair.teacher for pair in hmap.pairs}
+        crowded = ", ".join(f"{t} takes {n}" for t, n in hmap.crowded().items())
+        line = (f"{p.stem}: {len(hmap.pairs)} pairs, {len(students)} student heads to "
+                f"{len(teachers)} teacher heads" + (f"; crowded: {crowded}" if crowded else ""))
+        figures = _row([_figure(plots.head_map_figure(hmap), f"head-map-{p.stem}"),
+                        _figure(plots.head_map_links_figure(hmap), f"head-map-links-{p.stem}")])
+        parts.append(f"<details{' open' if i == 0 else ''}><summary>{html.escape(line)}</summary>"
+                     f"{''.join(figures)}</details>")
     return parts
 
 
@@ -174,16 +192,19 @@ def _diagnostics(run: Path) -> list[str]:
     if not path.is_file():
         return []
     parts = []
-    for name, d in _read(path).items():
+    for i, (name, d) in enumerate(_read(path).items()):
         rows = "".join(
             f"<tr><td>{html.escape(r['pair'])}</td><td>{r['teacher_variation']:.3g}</td>"
             f"<td>{r['student_variation']:.3g}</td><td>{r['cka_debiased']:.3f}</td>"
             f"<td>{r['cka_batch']:.3f} / {r['cka_batch_shuffled']:.3f}</td></tr>"
             for r in d["pairs"])
         flags = "".join(f"<li>{html.escape(f)}</li>" for f in d["flags"]) or "<li>none</li>"
-        parts.append(f"<h3>{html.escape(name)}</h3><table><tr><th>pair</th><th>teacher "
-                     "variation</th><th>student variation</th><th>debiased CKA</th><th>batch CKA "
-                     f"(paired / shuffled)</th></tr>{rows}</table><p>flags:</p><ul>{flags}</ul>")
+        # one section per map, the first open: a table per map made SmolLM2's page 8,000 px longer
+        line = f"{name}: {len(d['pairs'])} pairs, {len(d['flags'])} flags"
+        parts.append(f"<details{' open' if i == 0 else ''}><summary>{html.escape(line)}</summary>"
+                     "<table><tr><th>pair</th><th>teacher variation</th><th>student variation"
+                     "</th><th>debiased CKA</th><th>batch CKA (paired / shuffled)</th></tr>"
+                     f"{rows}</table><p>flags:</p><ul>{flags}</ul></details>")
     return parts
 
 

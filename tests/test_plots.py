@@ -97,6 +97,18 @@ def test_html_titles_are_wrapped_not_truncated():
         assert all(name.replace("-", "") in re.sub(r"<br>|-", "", text) for name in LONG)
         assert all(len(line) * 11 <= fig.layout.width - 40 for line in text.split("<br>"))
         assert fig.layout.margin.t >= 40 + 24 * len(text.split("<br>"))
+        # hung from the figure's top edge: centred in the margin, 5 lines reached into the plot
+        assert fig.layout.title.yref == "container" and fig.layout.title.yanchor == "top"
+
+
+def test_a_prefiltered_scan_keeps_its_scale_and_names_the_heads_it_did_not_scan():
+    """A search's exact scan patches only the pre-filter's candidates: the others are NaN. The
+    colour bar still spans the scores (it showed only "0" when NaN reached the largest |score|)."""
+    z = torch.full((3, 2), float("nan"))
+    z[2, 0], z[1, 1] = -3.25, -0.4
+    heat = plots.head_heatmap(z, title="t", colorbar="logit_diff_change").data[0]
+    assert list(heat.colorbar.ticktext) == ["-3.2", "-0.33", "0", "0.33", "3.2"]
+    assert heat.text[0][0] == "a0.h0: not scanned" and heat.text[2][0] == "a2.h0: -3.25"
 
 
 def test_heatmap_axes_are_exactly_the_layers_and_heads():

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from cdist import cli
 from cdist.report_page import run_page
@@ -27,6 +28,33 @@ def test_page_of_a_table_folder_has_every_section(tmp_path):
     assert "Primary comparison" in page and "<table>" in page
     assert "<script src=" not in page and "<link " not in page  # nothing to fetch
     assert page.count('class="figure"') >= 3
+
+
+def test_head_maps_and_diagnostics_open_one_at_a_time_and_figures_sit_side_by_side(tmp_path):
+    """A folder with three head maps and their diagnostics: each map a section of its own whose
+    summary says how crowded it is, the first open; each map's matrix and links in one row."""
+    from cdist.checkpoints import atomic_write_json
+    from cdist.matching import HeadMap
+    from cdist.records import write_record
+    from cdist.types import Head, HeadPair
+
+    students, teachers = (Head(0, 0), Head(0, 1), Head(1, 0)), (Head(0, 2), Head(1, 1))
+    run = tmp_path / "run"
+    (run / "head_maps").mkdir(parents=True)
+    for name, picks in (("one", (0, 1, 0)), ("two", (0, 0, 0)), ("three", (1, 0, 1))):
+        pairs = tuple(HeadPair(s, teachers[t]) for s, t in zip(students, picks))
+        write_record(HeadMap(pairs, students, teachers, torch.rand(3, 2), "distance",
+                             "ablation"), run / "head_maps" / f"{name}.json")
+    atomic_write_json({name: {"pairs": [], "flags": ["crowded"]} for name in ("one", "two")},
+                      run / "diagnostics.json")
+    page = run_page(run)
+    maps = page.split('id="head-maps"')[1].split("</section>")[0]
+    assert maps.count("<details") == 3 and maps.count("<details open>") == 1
+    assert maps.index("<details open>") == maps.index("<details")
+    assert "two: 3 pairs, 3 student heads to 1 teacher heads; crowded: a0.h2 takes 3" in maps
+    assert maps.count('<div class="row">') == 3  # matrix beside links, per map
+    diagnostics = page.split('id="diagnostics"')[1].split("</section>")[0]
+    assert diagnostics.count("<details") == 2 and "one: 0 pairs, 1 flags" in diagnostics
 
 
 def test_report_refuses_a_folder_with_nothing_of_cdist(tmp_path, capsys):

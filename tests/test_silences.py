@@ -38,7 +38,10 @@ def test_the_command_line_reports_silences_over_the_limit(tmp_path, monkeypatch,
                                       sys.executable, "-c", TALKER])
     assert silences.main() == 1
     assert "1 over 0.5 s" in capsys.readouterr().out
-    assert json.loads(out.read_text())["over_limit"] == 1
+    kept = json.loads(out.read_text())
+    assert kept["over_limit"] == 1
+    # every silence over the limit, with the line that came before it (what was running)
+    assert [(e["after"], e["line"]) for e in kept["over"]] == [("loading", "bar 1/2")]
     monkeypatch.setattr(sys, "argv", ["silences.py", "--", sys.executable, "-c", "exit(3)"])
     assert silences.main() == 3
 
