@@ -12,7 +12,8 @@ one head-map part on SmolLM2: about a minute on 2 cores), and a bar moves only w
 So every bar has a heartbeat, a thread that redraws it every ``HEARTBEAT`` seconds on a terminal
 (its elapsed time moves) and in a log prints its status when ``every`` seconds passed without a
 line. ``phase(desc)`` is the same for work with no steps to count (loading a model, one evaluation):
-a line when it starts, the heartbeat while it runs, the time it took when it ends.
+once it has run ``PHASE_DELAY`` seconds, a line that says how long (kept moving by the heartbeat),
+and at its end the time it took; a shorter phase prints nothing.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from collections.abc import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-__all__ = ["EVERY", "HEARTBEAT", "LogProgress", "bar", "duration", "phase", "say"]
+__all__ = ["EVERY", "HEARTBEAT", "PHASE_DELAY", "LogProgress", "bar", "duration", "phase",
+           "say"]
 
 EVERY = 30.0  # seconds between a log's progress lines
 HEARTBEAT = 5.0  # seconds between a terminal bar's redraws while a step runs
+PHASE_DELAY = 10.0  # seconds a phase runs before it is shown
 
 
 def say(line: str) -> None:
@@ -190,30 +193,42 @@ def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "step", init
 
 @contextlib.contextmanager
 def phase(desc: str, *, enabled: bool = True) -> Iterator[None]:
-    """Work with no steps to count, shown while it runs (module doc): on a terminal a line whose
-    clock moves, in a log a line at the start, one every ``EVERY`` seconds and one at the end."""
+    """Work with no steps to count, shown while it runs (module doc). Nothing is shown for the
+    first ``PHASE_DELAY`` seconds (a zoo model loads in well under one); then, on a terminal, one
+    line whose clock moves every ``HEARTBEAT`` seconds, in a log a line then and every ``EVERY``
+    seconds; either ends with the time it took (not when the work raised)."""
     if not enabled:
         yield
         return
-    start = time.monotonic()
-    if sys.stderr.isatty():
-        shown = _TerminalBar(total=None, desc=desc, bar_format="{desc}: {elapsed}", **_size())
-        try:
-            yield
-        finally:
-            shown.close()
-        return
-    print(f"{desc}: started", file=sys.stderr, flush=True)
-    last = [start]
+    terminal, start = sys.stderr.isatty(), time.monotonic()
+    shown, last = False, start
+
+    def write(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
     def beat() -> None:
-        if time.monotonic() - last[0] >= EVERY:
-            last[0] = time.monotonic()
-            print(f"{desc}: {duration(last[0] - start)} so far", file=sys.stderr, flush=True)
+        nonlocal shown, last
+        now = time.monotonic()
+        if now - start < PHASE_DELAY:
+            return
+        if terminal:
+            write(f"\r{desc}: {duration(now - start)}\x1b[K")
+        elif not shown or now - last >= EVERY:
+            write(f"{desc}: {duration(now - start)} so far\n")
+            last = now
+        shown = True
 
-    heartbeat = _Heartbeat(beat, HEARTBEAT)
+    heartbeat = _Heartbeat(beat, min(HEARTBEAT, PHASE_DELAY))
     try:
         yield
-    finally:
+    except BaseException:
         heartbeat.stop()
-    print(f"{desc}: done in {duration(time.monotonic() - start)}", file=sys.stderr, flush=True)
+        if shown and terminal:
+            write("\n")
+        raise
+    heartbeat.stop()
+    if shown:
+        write(("\r" if terminal else "")
+              + f"{desc}: done in {duration(time.monotonic() - start)}"
+              + ("\x1b[K\n" if terminal else "\n"))

@@ -42,7 +42,7 @@ def test_head_maps_and_diagnostics_open_one_at_a_time_and_figures_sit_side_by_si
     run = tmp_path / "run"
     (run / "head_maps").mkdir(parents=True)
     for name, picks in (("one", (0, 1, 0)), ("two", (0, 0, 0)), ("three", (1, 0, 1))):
-        pairs = tuple(HeadPair(s, teachers[t]) for s, t in zip(students, picks))
+        pairs = tuple(HeadPair(s, teachers[t]) for s, t in zip(students, picks, strict=True))
         write_record(HeadMap(pairs, students, teachers, torch.rand(3, 2), "distance",
                              "ablation"), run / "head_maps" / f"{name}.json")
     atomic_write_json({name: {"pairs": [], "flags": ["crowded"]} for name in ("one", "two")},
