@@ -177,7 +177,7 @@ CLI = [
     ("template-unknown", ["distill", "--template", "nosuch"],
      "argument --template: invalid choice: 'nosuch'"),
     ("ood-template-unknown", ["distill", "--ood-templates", "nosuch"],
-     "unknown entity-tracking template 'nosuch'"),
+     "--ood-templates nosuch: entity_tracking has templates"),
     ("cka-position-unknown", ["distill", "--cka-position", "pos_nowhere"],
      "'pos_nowhere' is not a position column"),
     ("teacher-position-outside", ["distill", "--teacher-positions", "a9.h99=pos_last"],

@@ -298,3 +298,28 @@ def test_table_draw_only_redraws_the_figures_from_results_json_alone(tmp_path, c
     assert "8 figure files" in capsys.readouterr().out
     assert cli.main(["table", "--out", str(tmp_path / "none"), "--draw-only"]) == 2
     assert "results.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--ood-templates", "mixed", "then"],
+     (("template mixed", {"template": "mixed"}), ("template then", {"template": "then"}))),
+    ([], ()),
+    (["--ood-boxes", "8"], "--ood-boxes: ioi has no boxes"),
+    (["--ood-templates", "prakash"], "--ood-templates prakash: ioi has templates"),
+])
+def test_ood_sets_of_a_task_with_no_default_ones_are_taken_or_refused(flags, expected):
+    """IOI has no default OOD sets; ``--ood-templates`` was dropped silently there (a table ran
+    with no OOD set), and a kind or value the task lacks must be refused in one line."""
+    from cdist.cli import common, settings, steps
+    from cdist.cli.flags import UsageError
+    from cdist.cli.parser import Parser
+
+    parser = Parser(prog="cdist discover")
+    steps._configure(parser, "discover")
+    argv = ["--task", "ioi", "--teacher", "t.gguf", "--student", "s", "--out", "o", *flags]
+    s = settings.parse(parser, argv, "discover")
+    if isinstance(expected, str):
+        with pytest.raises(UsageError, match=expected):
+            common.experiment_config(s)
+    else:
+        assert common.experiment_config(s).ood == expected

@@ -116,12 +116,29 @@ def check_tokenizers(opened: dict, toks: dict, names: tuple[str, str]) -> None:
                             f"tokenizers: {difference}; distil between models of one tokenizer")
 
 
-def _ood(spec, organism: bool, given: dict) -> tuple[tuple[str, dict], ...]:
+def _check_kind(task: str, spec, flag: str, kind: str, values) -> None:
+    """Refuse ``values`` of a generator setting (``template``, ``n_boxes``) the task lacks."""
+    if kind == "template":
+        unknown = [v for v in values if v not in spec.templates]
+        if unknown:
+            raise UsageError(f"{flag} {' '.join(unknown)}: {task} has templates "
+                             f"{sorted(spec.templates)}")
+    elif "n_boxes" not in inspect.signature(spec.generate).parameters:
+        raise UsageError(f"{flag}: {task} has no boxes")
+
+
+def _ood(task: str, spec, organism: bool, given: dict) -> tuple[tuple[str, dict], ...]:
     """The task's default out-of-distribution sets, each kind (``n_boxes``, ``template``) replaced
-    by the values ``given`` for it (a flag's values; None keeps the defaults), kinds in the
-    defaults' order."""
+    by the values ``given`` for it (a flag's values; None keeps the defaults; an empty list, none
+    of that kind), kinds in the defaults' order, then the others given (a task with no default
+    OOD sets, such as IOI, takes ``--ood-templates`` too: they were ignored)."""
     defaults = spec.default_ood(organism)
-    kinds = dict.fromkeys(key for _, overrides in defaults for key in overrides)
+    for kind, values in given.items():
+        if values:
+            _check_kind(task, spec, "--ood-" + ("boxes" if kind == "n_boxes" else "templates"),
+                        kind, values)
+    kinds = dict.fromkeys([key for _, overrides in defaults for key in overrides]
+                          + [kind for kind, values in given.items() if values is not None])
     ood = []
     for kind in kinds:
         if given.get(kind) is None:
@@ -165,13 +182,10 @@ def _task_kwargs(s: RunSettings, spec, organism: dict | None) -> dict:
     else:
         kwargs = {"template": spec.real_template}
     if s.template is not None:
-        if s.template not in spec.templates:
-            raise UsageError(f"--template {s.template}: {s.task} has templates "
-                             f"{sorted(spec.templates)}")
+        _check_kind(s.task, spec, "--template", "template", [s.template])
         kwargs["template"] = s.template
     if s.n_boxes is not None:
-        if "n_boxes" not in inspect.signature(spec.generate).parameters:
-            raise UsageError(f"--n-boxes: {s.task} has no boxes")
+        _check_kind(s.task, spec, "--n-boxes", "n_boxes", [s.n_boxes])
         kwargs["n_boxes"] = s.n_boxes
     for role, words in s.words().items():
         if role not in spec.word_lists:
@@ -229,7 +243,8 @@ def experiment_config(s: RunSettings):
         fields["arms"] = tuple(a.name for a in arms.ARMS if a.name in s.arms)
     return ExperimentConfig(
         task=s.task, task_kwargs=_task_kwargs(s, spec, organism),
-        ood=_ood(spec, bool(organism), {"n_boxes": s.ood_boxes, "template": s.ood_templates}),
+        ood=_ood(s.task, spec, bool(organism),
+                 {"n_boxes": s.ood_boxes, "template": s.ood_templates}),
         lrs=tuple(s.lrs or LRS[kind]),
         control_lr=s.control_lr if s.control_lr is not None else CONTROL_LR[kind],
         teacher_positions=_pairs(s.teacher_positions, "--teacher-positions",
