@@ -53,3 +53,22 @@ def test_no_upward_imports():
     upward = {m: sorted(t for t in ts if t.startswith(top))
               for m, ts in code_shape.import_graph().items() if not m.startswith(top)}
     assert {m: ts for m, ts in upward.items() if ts} == {}
+
+
+def test_every_progress_bar_is_closed_by_a_with_block():
+    """A bar's heartbeat is a thread that prints until the bar closes: a bar left open by an
+    exception (a scan interrupted in a notebook) would print its status every 30 s for good, so
+    every bar the library opens is the context of a ``with``."""
+    opened, in_with = [], set()
+    for module, path in code_shape.modules().items():
+        tree = ast.parse(path.read_text())
+        names = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module == "cdist.progress" for a in node.names if a.name == "bar"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in names:
+                opened.append((module, node.lineno))
+            if isinstance(node, (ast.With, ast.AsyncWith)):
+                in_with |= {(module, item.context_expr.lineno) for item in node.items
+                            if isinstance(item.context_expr, ast.Call)}
+    assert len(opened) >= 9
+    assert [site for site in opened if site not in in_with] == []

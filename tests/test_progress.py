@@ -191,3 +191,20 @@ def test_a_phase_on_a_terminal_is_one_line_whose_clock_moves(monkeypatch, capsys
     drawn = capsys.readouterr().err
     assert drawn.count("\n") == 1 and drawn.endswith("head means: done in 0 s\x1b[K\n")
     assert drawn.count("\rhead means: 0 s\x1b[K") >= 3, drawn
+
+
+def test_a_bar_left_by_an_exception_stops_its_heartbeat(monkeypatch, capsys):
+    """The library opens every bar in a ``with`` (tests/test_code_shape.py): work that raises (a
+    scan interrupted in a notebook) must not leave a thread printing for good."""
+    import threading
+
+    monkeypatch.setattr(progress, "HEARTBEAT", 0.01)
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda t=terminal: t, raising=False)
+        try:
+            with progress.bar(3, "scan", unit="pass"):
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        assert not [t for t in threading.enumerate() if t.name == "cdist-progress"]
+    capsys.readouterr()

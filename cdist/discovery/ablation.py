@@ -249,25 +249,25 @@ def head_ablation_scan(
     columns = metrics.columns(position, metric)
     # counted in passes, not batches: at real depth a batch is minutes of passes
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    bar = progress_bar(total, "mean-ablation scan", enabled=progress and is_main(), unit="pass")
-    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=normalised):
+    with progress_bar(total, "mean-ablation scan", enabled=progress and is_main(),
+                      unit="pass") as bar:
+        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=normalised):
+            def ablate(layer, rows, n_copies, batch=batch):
+                at = None if position is None else batch[position].repeat(n_copies)
+                return make_mean_ablation_hook(layer, rows, means, at)
 
-        def ablate(layer, rows, n_copies, batch=batch):
-            at = None if position is None else batch[position].repeat(n_copies)
-            return make_mean_ablation_hook(layer, rows, means, at)
-
-        target = Target.of(batch, metric)
-        p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
-                                           batch["pos_last"], ablate, metric=metric,
-                                           heads_per_pass=heads_per_pass, heads=mine,
-                                           on_pass=bar.update)
-        if normalised:
-            corrupt = model(batch["corrupt_input_ids"].to(device))
-            gap = gap + (p - metrics.measure(corrupt, target, metric, batch["pos_last"])[0]).sum()
-        prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
-        prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
-        correct_abl[mine] += c_abl[mine].sum(1)
-    bar.close()
+            target = Target.of(batch, metric)
+            p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
+                                               batch["pos_last"], ablate, metric=metric,
+                                               heads_per_pass=heads_per_pass, heads=mine,
+                                               on_pass=bar.update)
+            if normalised:
+                corrupt = model(batch["corrupt_input_ids"].to(device))
+                corrupt_p, _ = metrics.measure(corrupt, target, metric, batch["pos_last"])
+                gap = gap + (p - corrupt_p).sum()
+            prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
+            prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
+            correct_abl[mine] += c_abl[mine].sum(1)
     prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
     return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
                           (n_layers, n_heads), position, metric, float(gap) / len(data))

@@ -87,24 +87,24 @@ def activation_patching_scan(
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = metrics.columns(position, metric)
     total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    bar = progress_bar(total, "activation patching", enabled=progress and is_main(),
-                       unit="pass")
-    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
-        ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
-        corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
-                                                       names_filter=names)
+    with progress_bar(total, "activation patching", enabled=progress and is_main(),
+                      unit="pass") as bar:
+        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
+            ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
+            corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                           names_filter=names)
 
-        def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
-            at = None if position is None else batch[position].repeat(n_copies)
-            source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
-            return names[layer], replacing(rows, source, at)
+            def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
+                at = None if position is None else batch[position].repeat(n_copies)
+                source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
+                return names[layer], replacing(rows, source, at)
 
-        p_clean, _, p, _ = one_head_scan(model, ids, target, batch["pos_last"], patch,
-                                         metric=metric, heads_per_pass=heads_per_pass,
-                                         heads=mine, on_pass=bar.update)
-        sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
-        sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric, batch["pos_last"])[0])
-    bar.close()
+            p_clean, _, p, _ = one_head_scan(model, ids, target, batch["pos_last"], patch,
+                                             metric=metric, heads_per_pass=heads_per_pass,
+                                             heads=mine, on_pass=bar.update)
+            sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
+            sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric,
+                                                  batch["pos_last"])[0])
     sums.add_other_ranks()
     return sums.scan("activation_patching", len(data), position=position)
 

@@ -165,26 +165,25 @@ def path_attribution_scan(
     names = [hook_z(layer) for layer in range(n_layers)]
     # receivers in layer 0 have no senders: nothing to differentiate
     columns = metrics.columns(position, metric)
-    bar = progress_bar(-(-len(data) // batch_size) if top else 0, "attribution pre-filter",
-                       enabled=progress and is_main(), unit="batch")
-    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True) if top else ():
-        ids = batch["input_ids"].to(device)
-        rows = torch.arange(len(ids), device=device)
-        here = batch[position].to(device)
-        with torch.no_grad():
-            corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
-                                                           names_filter=names[:top])
-        weights, p = (_receiver_weights(model, batch, in_masks, rows, here, metric) if receivers
-                      else ({}, None))
-        p, clean, grads = _frozen_gradients(model, batch, top, weights, p, rows, here, metric)
-        sums.add_gap(p.detach(), _value(corrupt_logits, batch, metric))
-        with torch.no_grad():
-            for layer, grad in enumerate(grads):
-                name = names[layer]
-                delta = (corrupt[name][rows, here] - clean[name][rows, here]) * grad[rows, here]
-                sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
-        bar.update()
-    bar.close()
+    with progress_bar(-(-len(data) // batch_size) if top else 0, "attribution pre-filter",
+                      enabled=progress and is_main(), unit="batch") as bar:
+        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True) if top else ():
+            ids = batch["input_ids"].to(device)
+            rows = torch.arange(len(ids), device=device)
+            here = batch[position].to(device)
+            with torch.no_grad():
+                corrupt_logits, corrupt = model.run_with_cache(
+                    batch["corrupt_input_ids"].to(device), names_filter=names[:top])
+            weights, p = (_receiver_weights(model, batch, in_masks, rows, here, metric) if receivers
+                          else ({}, None))
+            p, clean, grads = _frozen_gradients(model, batch, top, weights, p, rows, here, metric)
+            sums.add_gap(p.detach(), _value(corrupt_logits, batch, metric))
+            with torch.no_grad():
+                for layer, grad in enumerate(grads):
+                    name = names[layer]
+                    delta = (corrupt[name][rows, here] - clean[name][rows, here]) * grad[rows, here]
+                    sums.add_layer(layer, delta.sum(-1), p.detach())  # [batch, head_index]
+            bar.update()
     return sums.scan("attribution_patching", len(data), position=position, receivers=receivers,
                      receiver_input=receiver_input if receivers else None)
 

@@ -194,15 +194,15 @@ def evaluate_circuit(
     circuit = _circuit_to_evaluate(model, circuit_heads, data, means, n_random, batch_size,
                                    keep_at_positions)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    bar = progress_bar((2 + n_random) * -(-len(data) // batch_size), "circuit evaluation",
-                       enabled=progress, unit="batch")
-    args = (means, batch_size, keep_at_positions, bar)
-    full_correct = per_item_correct(model, data, None, *args)
-    circuit_correct = per_item_correct(model, data, circuit, *args)
-    generator = torch.Generator().manual_seed(seed)
-    randoms = [per_item_correct(model, data, _random_circuit(circuit, n_layers, n_heads, generator),
-                                *args).float().mean().item() for _ in range(n_random)]
-    bar.close()
+    with progress_bar((2 + n_random) * -(-len(data) // batch_size), "circuit evaluation",
+                      enabled=progress, unit="batch") as bar:
+        args = (means, batch_size, keep_at_positions, bar)
+        full_correct = per_item_correct(model, data, None, *args)
+        circuit_correct = per_item_correct(model, data, circuit, *args)
+        generator = torch.Generator().manual_seed(seed)
+        randoms = [per_item_correct(model, data,
+                                    _random_circuit(circuit, n_layers, n_heads, generator),
+                                    *args).float().mean().item() for _ in range(n_random)]
     full = full_correct.float().mean().item()
     circuit_acc = circuit_correct.float().mean().item()
     random_acc = sum(randoms) / len(randoms) if randoms else math.nan

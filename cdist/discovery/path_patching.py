@@ -175,17 +175,16 @@ def path_patching_scan(
     sums = PatchSums(model, metric)
     sums.add_unreachable(asked[asked >= paths.top * n_heads])
     total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
-    bar = progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass")
-    columns = metrics.columns(position, metric)
-    for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
-        if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
-            raise InputError("receivers=() means the logits at pos_last; "
-                             f"position={position!r} differs")
-        chunks = _patched_chunks(model, batch, paths, run, senders_per_pass, metric, sums)
-        for chunk, change, p_clean in chunks:
-            sums.add_batch(chunk, change, p_clean)
-            bar.update()
-    bar.close()
+    with progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass") as bar:
+        columns = metrics.columns(position, metric)
+        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
+            if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
+                raise InputError("receivers=() means the logits at pos_last; "
+                                 f"position={position!r} differs")
+            chunks = _patched_chunks(model, batch, paths, run, senders_per_pass, metric, sums)
+            for chunk, change, p_clean in chunks:
+                sums.add_batch(chunk, change, p_clean)
+                bar.update()
     sums.add_other_ranks()
     return sums.scan("path_patching", len(data), position=position, receivers=paths.receivers,
                      receiver_input=receiver_input if paths.receivers else None)

@@ -213,26 +213,25 @@ def _train(run: Run, train_data, state_path: Path, progress: bool) -> tuple[list
         next(stream)
     if not metrics:
         metrics.append({"step": 0, **run.measure()})
-    bar = progress_bar(cfg.steps, "distill", enabled=progress and distributed.is_main(),
-                       initial=step)
-    t0 = time.time() - wall
-    while step < cfg.steps:
-        perm = permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None
-        out, loss = run.step(next(stream), perm, step + 1)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(ce=f"{out['ce'].item():.3f}")
-        if step % cfg.eval_every and step != cfg.steps:
-            continue
-        cka = out["cka"].detach()
-        metrics.append({
-            "step": step, "loss": loss.item(), "ce": out["ce"].item(),
-            "kd": out["kd"].item() if "kd" in out else None,
-            "cka_mean": cka.mean().item() if len(cka) else None,
-            **run.measure(),
-        })
-        run.save(state_path, step, time.time() - t0, metrics)
-    bar.close()
+    with progress_bar(cfg.steps, "distill", enabled=progress and distributed.is_main(),
+                      initial=step) as bar:
+        t0 = time.time() - wall
+        while step < cfg.steps:
+            perm = permutation(cfg.batch_size, cfg.seed, step) if cfg.shuffle_teacher else None
+            out, loss = run.step(next(stream), perm, step + 1)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(ce=f"{out['ce'].item():.3f}")
+            if step % cfg.eval_every and step != cfg.steps:
+                continue
+            cka = out["cka"].detach()
+            metrics.append({
+                "step": step, "loss": loss.item(), "ce": out["ce"].item(),
+                "kd": out["kd"].item() if "kd" in out else None,
+                "cka_mean": cka.mean().item() if len(cka) else None,
+                **run.measure(),
+            })
+            run.save(state_path, step, time.time() - t0, metrics)
     return metrics, t0
 
 

@@ -164,16 +164,15 @@ def make_head_maps(ctx: Context, circuits: Circuits, placement: Placement,
     kept = _kept(ctx, cache, identity)
     missing = [name for name in names if name not in kept]
     # three parts a map: made, diagnosed where its pairs are read, diagnosed at the last token
-    bar = progress_bar(3 * len(missing), "head maps", enabled=ctx.progress and bool(missing),
-                       unit="part")
-    for name in missing:
-        matcher = arms.matcher(name)
-        bar.set_postfix(map=name)
-        made = METHODS[matcher.method](ctx, circuits, placement, matcher)
-        bar.update()
-        kept[name] = _diagnosed(ctx, made, bar)
-        ctx.store.save(cache, identity, kept)
-    bar.close()
+    with progress_bar(3 * len(missing), "head maps", enabled=ctx.progress and bool(missing),
+                      unit="part") as bar:
+        for name in missing:
+            matcher = arms.matcher(name)
+            bar.set_postfix(map=name)
+            made = METHODS[matcher.method](ctx, circuits, placement, matcher)
+            bar.update()
+            kept[name] = _diagnosed(ctx, made, bar)
+            ctx.store.save(cache, identity, kept)
     _write_views(ctx, kept)
     maps, diagnostics = {}, {}
     for name in names:

@@ -98,20 +98,19 @@ def draw_split(n: int, split: str, propose: Callable[[], T],
     made = 0
     # a set that takes more than a few seconds to make says so (cdist.limits refuses sets that
     # could not fit in memory before any is made)
-    progress = bar(n, f"{split} items", enabled=n >= LARGE, unit="item")
-    while made < n:
-        if budget == 0:
-            raise InputError(
-                f"could not draw {n} {split} items: too few distinct items fall in this split; "
-                "use longer word lists"
-            )
-        budget -= 1
-        item = propose()
-        if item_split(key(item)) == split:
-            made += 1
-            progress.update()
-            yield item
-    progress.close()
+    with bar(n, f"{split} items", enabled=n >= LARGE, unit="item") as progress:
+        while made < n:
+            if budget == 0:
+                raise InputError(
+                    f"could not draw {n} {split} items: too few distinct items fall in this "
+                    "split; use longer word lists"
+                )
+            budget -= 1
+            item = propose()
+            if item_split(key(item)) == split:
+                made += 1
+                progress.update()
+                yield item
 
 
 def _is_one_token(tokenizer, ids: Sequence[int]) -> bool:

@@ -195,11 +195,11 @@ def train_organism(cfg: OrganismConfig, tokenizer, run_dir, *, init: dict | None
     done = bool(run.history) and run.history[-1].get("stop", False)
     t0 = time.time() - run.wall
     # The penalty's hooks live only while training runs: none are left after it, error or not.
-    bar = progress_bar(cfg.steps, cfg.name, enabled=progress, initial=run.step)
     penalty = None
     if cfg.head_sparsity:
         penalty = HeadOutputPenalty(model, cfg.head_sparsity_power, cfg.free_heads)
-    with penalty or contextlib.nullcontext(), bar:
+    with (penalty or contextlib.nullcontext(),
+          progress_bar(cfg.steps, cfg.name, enabled=progress, initial=run.step) as bar):
         model.train()
         while run.step < cfg.steps and not done:
             losses = _train_step(cfg, run, logits_of, reference, penalty, opt, rng)
