@@ -270,8 +270,10 @@ def test_theory_of_mind_places_pairs_where_teacher_heads_work(tok, tmp_path):
     effect, among the columns every item has (stories without a visibility sentence have no
     pos_visibility)."""
     dirs = checkpoints(tok, tmp_path, {"teacher": (2, 32, 4, 0), "student": (2, 32, 4, 1)})
+    at = ARGS.index("--ood-boxes")  # theory of mind has no boxes: the flag is refused there
     argv = ["--teacher", dirs["teacher"], "--student", dirs["student"], "--seeds", "0",
-            "--regimes", "16", *ARGS, "--lrs", "1e-3", "--lambdas", "0.5", "--matchers", "cka",
+            "--regimes", "16", *ARGS[:at], *ARGS[at + 2:], "--lrs", "1e-3", "--lambdas", "0.5",
+            "--matchers", "cka",
             "--arms", "circuit distilled, CE", "circuit distilled, CE + Align CKA",
             "--out", str(tmp_path / "out"), "--figures", str(tmp_path / "fig")]
     summary = run_table("theory_of_mind", argv)
