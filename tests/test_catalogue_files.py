@@ -247,6 +247,30 @@ def test_the_api_refuses_prompts_past_the_context_in_one_typed_line(call, tok):
     assert short(tokens[:, :8]).shape == (1, 8, len(tok))  # within the context it runs
 
 
+def test_generating_past_the_context_with_a_cache_is_refused_in_one_typed_line():
+    """``generate`` with a KV cache feeds one token at a time, which the embedding's check cannot
+    place; before the fix TransformerLens failed on a tensor shape (RuntimeError)."""
+    from cdist.errors import InputError
+    from cdist.models import keep_layers
+
+    short = new_llama(n_layers=2, d_model=16, n_heads=2, n_kv_heads=1, d_mlp=32, vocab_size=50,
+                      n_ctx=8, seed=0)
+    prompt = torch.arange(6).unsqueeze(0)
+
+    def generate(model, new):
+        return model.generate(prompt, max_new_tokens=new, use_past_kv_cache=True,
+                              stop_at_eos=False, verbose=False)
+
+    # the last new token is sampled, never fed: 6 + 3 tokens feed positions 0-7 only
+    assert generate(short, 3).shape == (1, 9)
+    for model in (short, keep_layers(short, [1])):
+        with pytest.raises(InputError) as err:
+            generate(model, 4)
+        assert str(err.value) == ("generating to 9 tokens runs past the model's context "
+                                  "(cfg.n_ctx = 8); ask for fewer new tokens, shorten the "
+                                  "prompt, or load the model with n_ctx=9 or more")
+
+
 # ------------------------------------------------------------- cdist writes only what it made
 def _export_run(fx):
     from cdist.distill import export_run

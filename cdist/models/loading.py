@@ -51,6 +51,9 @@ def _hooked(
     # included, so the embedding is where a prompt past the context is stopped before the rotary
     # tables fail on it with a shape error
     model.embed.register_forward_pre_hook(_within_context)
+    # generation with a KV cache embeds one token at a time, so the embedding cannot see how far
+    # into the context it is; the first attention layer gets the cache and can
+    model.blocks[0].attn.register_forward_pre_hook(_cache_within_context, with_kwargs=True)
     if tokenizer is not None:
         attach_tokenizer(model, tokenizer)
     return model
@@ -65,6 +68,20 @@ def _within_context(embed: torch.nn.Module, args: tuple) -> None:
         raise InputError(f"prompts of {tokens.shape[-1]} tokens are longer than the model's "
                          f"context (cfg.n_ctx = {n_ctx}); shorten the prompts, or load the model "
                          f"with n_ctx={tokens.shape[-1]} or more")
+
+
+def _cache_within_context(attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse (``InputError``) a cached forward pass (``generate``'s) that would run past the
+    model's context, in one line with the numbers and the fix."""
+    entry = kwargs.get("past_kv_cache_entry")
+    query = kwargs.get("query_input", args[0] if args else None)
+    if entry is None or not isinstance(query, torch.Tensor):
+        return
+    end, n_ctx = entry.past_keys.size(1) + query.shape[1], attn.cfg.n_ctx
+    if end > n_ctx:
+        raise InputError(f"generating to {end} tokens runs past the model's context "
+                         f"(cfg.n_ctx = {n_ctx}); ask for fewer new tokens, shorten the prompt, "
+                         f"or load the model with n_ctx={end} or more")
 
 
 def tokenizer_prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
