@@ -29,7 +29,7 @@ from pathlib import Path
 
 import datasets
 
-from cdist import models, run_folder, tasks
+from cdist import models, numerics, run_folder, tasks
 from cdist.checkpoints import atomic_write_json, read_json, writing
 from cdist.errors import ConfigError
 from cdist.evaluate import accuracy
@@ -60,6 +60,8 @@ class FinetuneConfig:
         kv_policy: ``"qo"`` or ``"group"`` (``DistillConfig``), for ``heads``.
         keep_layers: fine-tune a shallower copy of the source with these of its layers
             (``models.keep_layers``); None: the source as it is.
+        numerics: ``"native"`` (the CPU's fastest kernels) or ``"portable"`` (the same weights
+            on any x86-64 machine; the process must have called ``cdist.numerics.pin`` first).
     """
 
     task: str = "entity_tracking"
@@ -76,6 +78,7 @@ class FinetuneConfig:
     heads: tuple[str, ...] | None = None
     kv_policy: str = "qo"
     keep_layers: tuple[int, ...] | None = None
+    numerics: str = "native"
 
     def __post_init__(self) -> None:
         task = tasks.get_task(self.task)  # an unknown task is refused here, naming the known
@@ -95,6 +98,8 @@ class FinetuneConfig:
             Head.parse(head)  # a bad name raises ValueError naming it
         if self.heads is not None and len(set(self.heads)) != len(self.heads):
             raise ConfigError(f"heads={self.heads} repeats a head; give each once")
+        if self.numerics not in ("native", "portable"):
+            raise ConfigError(f"numerics={self.numerics!r}: give 'native' or 'portable'")
 
 
 def items(cfg: FinetuneConfig, tokenizer, n: int, split: str):
@@ -135,6 +140,9 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
         InputError, ConfigError: heads outside the model, too few items for the task, ...
     """
     out = Path(out_dir)
+    if cfg.numerics == "portable" and not numerics.pinned():
+        raise ConfigError("numerics='portable', but this process runs its CPU's own kernels: "
+                          "call cdist.numerics.pin() before any model loads")
     source_fingerprint = model_fingerprint(model)
     if cfg.keep_layers is not None:
         model = models.keep_layers(model, cfg.keep_layers)
@@ -147,6 +155,8 @@ def finetune(model: HookedTransformer, cfg: FinetuneConfig, out_dir: str | Path,
     settings = asdict(cfg)
     if heads is None:
         del settings["kv_policy"]  # it says which weights of the heads train: none are chosen
+    if cfg.numerics == "native":
+        del settings["numerics"]  # so that a folder made before the setting existed still fits
     # as JSON reads it back (lists, not tuples), so that a finished folder compares equal; the
     # items' fingerprints, so that an edited task file is not taken for the one trained on
     identity = jsonable({
@@ -196,6 +206,7 @@ def _finetune(model: HookedTransformer, cfg: FinetuneConfig, out: Path, identity
         "train_wall_time_s": run["wall_time_s"],
         "wall_time_s": round(time.time() - started, 1),
         "curve": [[m["step"], m["accuracy"]] for m in run["metrics"]],
+        "numerics": numerics.state(),
         # of the checkpoint as a step loads it back: a table refuses a model not this one
         "fingerprint": model_fingerprint(models.load_llama(out / "model")),
     })

@@ -26,14 +26,16 @@ the teacher is the GGUF itself, not fine-tuned; the student is the same cut (lay
 20-29), which starts near zero, fine-tuned for 6 steps at lr 3e-5 on the ``mixed`` templates
 (every step evaluated): 0.017 -> 0.667 on 120 items, short of the teacher on purpose.
 
-Both are ``cdist finetune`` (``cdist.finetune``: plain task fine-tuning, checkpointed and
-resumable; an interrupted call continues where it stopped, and a finished model is reused), the
-same as
+Both are ``cdist finetune --portable`` (``cdist.finetune``: plain task fine-tuning, checkpointed
+and resumable; an interrupted call continues where it stopped, and a finished model is reused;
+``cdist.numerics``: AVX2 kernels and one thread, so that every x86-64 machine makes the same
+weights, the fingerprints the tables check), the same as
 
     cdist finetune --model SmolLM2-135M-Instruct.Q4_1.gguf --template prakash \
-        --n-boxes 2 3 4 5 6 7 --steps 100 --out runs/smollm2/teacher
+        --n-boxes 2 3 4 5 6 7 --steps 100 --portable --out runs/smollm2/teacher
     cdist finetune --model SmolLM2-135M-Instruct.Q4_1.gguf --template prakash \
-        --n-boxes 2 3 4 5 6 7 --keep-layers 0-11 20-29 --steps 10 --out runs/smollm2/student
+        --n-boxes 2 3 4 5 6 7 --keep-layers 0-11 20-29 --steps 10 --portable \
+        --out runs/smollm2/student
 
 Each role's folder ``OUT/<role>`` holds its checkpoint (``model/``, a transformers checkpoint),
 its run and its ``finetune.json``; ``OUT/models.json`` gathers the records (config, commit, wall
@@ -67,7 +69,6 @@ parser.add_argument("--student-lr", type=float, default=None,
                     help="the student's learning rate (default: 1e-4; IOI 3e-5)")
 parser.add_argument("--eval-every", type=int, default=None,
                     help="steps between evaluations (default: 5; IOI 1)")
-parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 args = parser.parse_args()
 try:
     keep = tuple(i for part in args.student_layers
@@ -75,8 +76,10 @@ try:
 except ValueError:
     parser.error(f"--student-layers {args.student_layers}: give ranges like 0-4 20-29")
 
-import torch  # noqa: E402  (after argparse, so that --help answers at once)
+from cdist import numerics  # noqa: E402  (after argparse, so that --help answers at once)
 
+# before any model loads: the recorded fingerprints then hold on any x86-64 machine
+numerics.pin()
 from cdist import models  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.evaluate import accuracy  # noqa: E402
@@ -84,8 +87,6 @@ from cdist.finetune import FinetuneConfig, finetune, items  # noqa: E402
 from cdist.pretrained import smollm2_gguf  # noqa: E402
 from cdist.store import model_fingerprint  # noqa: E402
 
-if args.threads:
-    torch.set_num_threads(args.threads)
 # each task's defaults: what its recorded models were made with
 DEFAULTS = {"entity_tracking": {"student_steps": 10, "student_lr": 1e-4, "eval_every": 5},
             "ioi": {"student_steps": 6, "student_lr": 3e-5, "eval_every": 1}}
@@ -98,7 +99,8 @@ task = ({"task": "entity_tracking", "template": "prakash",
          "n_boxes": tuple(range(2, args.max_boxes + 1))} if args.task == "entity_tracking"
         else {"task": "ioi", "template": "mixed"})
 shared = dict(**task, train_items=args.train_items, val_items=args.val_items,
-              batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+              batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
+              numerics="portable")
 roles = {"teacher": FinetuneConfig(**shared, lr=args.lr, steps=args.teacher_steps),
          "student": FinetuneConfig(**shared, lr=args.student_lr, steps=args.student_steps,
                                    keep_layers=keep)}

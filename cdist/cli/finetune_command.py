@@ -63,6 +63,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="items and data order")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--portable", action="store_true",
+                   help="CPU arithmetic pinned (AVX2 kernels, one thread) so that any x86-64 "
+                        "machine makes the same weights, the same fingerprint (cdist.numerics)")
     p.set_defaults(run=_finetune, parser=p)
 
 
@@ -87,11 +90,19 @@ def _finetune(args: argparse.Namespace) -> dict:
             train_items=args.train_items, val_items=args.val_items, steps=args.steps,
             lr=args.lr, batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
             heads=tuple(args.heads) if args.heads else None, kv_policy=args.kv_policy,
-            keep_layers=keep)
+            keep_layers=keep, numerics="portable" if args.portable else "native")
     except ValueError as e:  # ConfigError is one, and so is a bad head name
         raise flags.UsageError(str(e)) from None
+    if args.portable and args.threads not in (None, 1):
+        raise flags.UsageError(f"--portable runs on one thread; leave out --threads {args.threads}")
     common.set_threads(args.threads)
     dev = common.pick_device(args.device)
+    if args.portable:
+        if dev != "cpu":
+            raise flags.UsageError(f"--portable pins CPU arithmetic; add --device cpu (not {dev})")
+        from cdist import numerics
+
+        numerics.pin()  # before the model loads: torch chooses its kernels at the first one
     model = common.loader(args.model, dev)()
     record = finetune(model, cfg, args.out, source=args.model,
                       command=shlex.join(["cdist", "finetune", *args.argv]))
