@@ -19,7 +19,9 @@ refused for the second. ``pin`` fixes what the CPU chooses:
 On the machine above, the pinned build gave ``f5c677a6...`` with and without ``MKL_CBWR``, and
 again on a second run. torch reads its choice once, at the first CPU kernel, so ``pin`` must run
 before any model loads; a process past that point is refused rather than silently left
-unpinned. ``state`` says what a process runs with, for a record.
+unpinned. ``state`` says what a process runs with, for a record. The test suite computes with
+these kernels too (``tests/conftest.py``), so that its bit-for-bit golden table holds on any such
+machine: on this one, every run of a record made elsewhere differed in its last bits.
 """
 
 from __future__ import annotations

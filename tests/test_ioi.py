@@ -5,6 +5,7 @@ circuit recorded before it was one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -106,7 +107,10 @@ def test_the_general_search_on_prakash_steps_is_the_recorded_entity_tracking_sea
                                               model_name="et-teacher")
     recorded = ROOT / "results" / "discovery" / "circuits" / "et-teacher-path_patching.json"
     expected = Circuit.from_dict(json.loads(recorded.read_text()))
-    assert circuit == expected and circuit.scores == expected.scores
+    # the same heads and groups; the scores to float32 rounding, since the record was made on
+    # another machine, whose kernels summed in another order (cdist.numerics)
+    assert dataclasses.replace(circuit, scores=expected.scores) == expected
+    assert circuit.scores == pytest.approx(expected.scores, rel=1e-5, abs=1e-7)
     assert circuit.groups["object_binder"] == (Head(0, 3),)
 
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_bad_inputs import _main
 
 from cdist import numerics
@@ -48,11 +47,17 @@ print(record["fingerprint"], torch.backends.cpu.get_cpu_capability(), torch.get_
 """
 
 
+def _python(code: str, *args: str, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh process, with ``env`` over this one's minus what the suite pins
+    (tests/conftest.py), so that it starts as an unpinned process on this machine would."""
+    clean = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT,
+                          env={**clean, "PYTHONPATH": str(ROOT), **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
 def _run(tmp_path: Path, name: str, mode: str, **env) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", _FINETUNE, str(tmp_path / name), mode], cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
-        timeout=300)
+    out = _python(_FINETUNE, str(tmp_path / name), mode, **env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split()[-3:]
 
@@ -81,18 +86,16 @@ def test_pinned_weights_do_not_depend_on_the_kernels_or_threads_the_machine_woul
 
 
 def test_a_process_past_its_first_kernel_is_not_pinned_in_silence():
-    torch.ones(3).sum()  # this process has chosen its kernels
-    if torch.backends.cpu.get_cpu_capability() == "AVX2":
-        pytest.skip("this process runs AVX2 kernels already: pinning it is not refused")
-    before = torch.get_num_threads()
-    try:
-        with pytest.raises(ConfigError, match="before any model loads"):
-            numerics.pin()
-    finally:
-        for name in numerics.PORTABLE:
-            os.environ.pop(name, None)
-        torch.set_num_threads(before)
-    assert not numerics.pinned()
+    out = _python("import torch\n"
+                  "torch.ones(3).sum()  # the process chooses its kernels here\n"
+                  "print(torch.backends.cpu.get_cpu_capability())\n"
+                  "from cdist import numerics\n"
+                  "numerics.pin()\n")
+    if out.stdout.split()[:1] == ["AVX2"]:
+        pytest.skip("this machine runs AVX2 kernels of its own accord: there is nothing to refuse")
+    assert out.returncode != 0
+    assert "ConfigError: portable numerics need torch's CPU kernels at AVX2" in out.stderr
+    assert "before any model loads" in out.stderr.splitlines()[-1]
 
 
 def test_a_portable_fine_tune_in_an_unpinned_process_is_refused(tmp_path):
