@@ -16,12 +16,14 @@ refused for the second. ``pin`` fixes what the CPU chooses:
 - oneDNN's at AVX2 (``ONEDNN_MAX_CPU_ISA``);
 - one thread (MKL's and torch's parallel sums depend on the thread count).
 
-On the machine above, the pinned build gave ``f5c677a6...`` with and without ``MKL_CBWR``, and
-again on a second run. torch reads its choice once, at the first CPU kernel, so ``pin`` must run
-before any model loads; a process past that point is refused rather than silently left
-unpinned. ``state`` says what a process runs with, for a record. The test suite computes with
-these kernels too (``tests/conftest.py``), so that its bit-for-bit golden table holds on any such
-machine: on this one, every run of a record made elsewhere differed in its last bits.
+On the machine above, AVX2 kernels on one thread gave ``f5c677a6...`` with and without
+``MKL_CBWR``, and so did two builds through ``pin``; on the zoo's et-student, leaving out
+``MKL_CBWR`` changed the weights, so both settings count. torch reads its choice once, at the
+first CPU kernel, so ``pin`` must run before any model loads; a process past that point is
+refused rather than silently left unpinned. ``state`` says what a process runs with, for a
+record. The test suite computes with these kernels too (``tests/conftest.py``), so that its
+bit-for-bit golden table holds on any such machine: on this one, every run of a record made
+elsewhere differed in its last bits.
 """
 
 from __future__ import annotations
