@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/cdist demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check cdist experiments tests

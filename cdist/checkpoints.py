@@ -116,8 +116,9 @@ class _Sink:
         self.f.flush()
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+def atomic_torch_save(obj, path: str | Path, *, every_rank: bool = False) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place (rank 0's
+    alone under ``torchrun``, unless ``every_rank``: each rank's own file)."""
     import torch  # here, so that the command line's help needs no torch
 
     def save(tmp: str) -> None:
@@ -131,7 +132,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
                     raise sink.failed from None
                 raise
 
-    _atomic(Path(path), save)
+    _atomic(Path(path), save, every_rank)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

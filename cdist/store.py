@@ -28,7 +28,7 @@ import torch
 
 from cdist.checkpoints import atomic_write_json, read_json
 
-__all__ = ["Store", "items_fingerprint", "jsonable", "model_fingerprint"]
+__all__ = ["Store", "items_fingerprint", "jsonable", "model_fingerprint", "tensor_fingerprint"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
             sums = ":".join(map(str, _sums(p.detach().reshape(-1))))
             digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{sums};".encode())
     return digest.hexdigest()
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    """A hash of a small tensor's shape, dtype and bytes (reference means, masks): unlike
+    ``model_fingerprint`` it copies the tensor to the CPU."""
+    data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(f"{tuple(x.shape)}:{x.dtype};".encode() + data).hexdigest()
 
 
 def _sums(flat: torch.Tensor, chunk: int = 1 << 22) -> tuple[int, int, int]:

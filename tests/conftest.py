@@ -17,6 +17,22 @@ import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test` runs one worker per core, at most four) each worker and the
+# processes it starts get the worker's share of the cores: threads that outnumber the cores spin
+# against each other, and a test that compares a subprocess's bits with its own needs the same
+# thread count in both.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, len(os.sched_getaffinity(0)) // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    torch.set_num_threads(share)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most four (each holds its own copies of the
+    session's models, and past four the workers mostly wait on the slowest file)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 # Nothing in the test suite may reach the model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -184,6 +184,62 @@ def test_the_scan_reports_progress_pass_by_pass(model, data, means, capsys, monk
     assert lines[-1].startswith("mean-ablation scan: done, 12/12 passes, ")
 
 
+def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, means, tmp_path,
+                                                                monkeypatch):
+    """Killed in its third batch, the scan keeps the sums of two; called again it runs only the
+    last and returns the uninterrupted scan exactly. Other items start over; so does a file
+    that is not the scan's (an edit, a kill of some other writer)."""
+    data = teacher_labelled(model, data)
+    kept = tmp_path / "scan.partial.pt"
+
+    def scan(items=data):
+        return ablation.head_ablation_scan(model, items, means=means, batch_size=5,
+                                           heads_per_pass=3, resume=kept)
+
+    straight = ablation.head_ablation_scan(model, data, means=means, batch_size=5,
+                                           heads_per_pass=3)
+    real, calls = ablation.one_head_scan, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "one_head_scan", counted)
+    kill_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        scan()
+    assert torch.load(kept, weights_only=True)["done"] == 2
+    calls.clear()
+    kill_at = None
+    resumed = scan()
+    assert calls == [2]  # the last batch (12 items in batches of 5) alone
+    assert not kept.exists()  # removed once the scan returned
+    for key in straight.metrics:
+        assert torch.equal(resumed[key], straight[key]), key
+    assert (resumed.n_items, resumed.metric) == (straight.n_items, straight.metric)
+
+    # sums kept for other items are not theirs: that scan starts over
+    kill_at = 2
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        scan()
+    other = data.select(range(11, -1, -1))
+    calls.clear()
+    kill_at = None
+    fresh = scan(other)
+    assert calls == [5, 5, 2]
+    want = ablation.head_ablation_scan(model, other, means=means, batch_size=5, heads_per_pass=3)
+    assert all(torch.equal(fresh[k], want[k]) for k in want.metrics)
+
+    kept.write_bytes(b"not a checkpoint")
+    calls.clear()
+    again = scan()
+    assert all(torch.equal(again[k], straight[k]) for k in straight.metrics)
+    assert calls == [5, 5, 2] and not kept.exists()
+
+
 def teacher_labelled(model, data):
     """``data`` answered by the model itself (as distillation labels are), so that its accuracy
     is 1."""

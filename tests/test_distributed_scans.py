@@ -81,7 +81,11 @@ def test_every_rank_returns_the_single_process_scans(ranks, single):
                                            equal_nan=True)
         # the search and its resumption reach the same groups
         assert rank["circuits"] == single["circuits"]
+        assert rank["resumed_from_disk"]  # a killed scan's running sums, each rank its own
+        for metric, value in rank["scans"]["mean_ablation_resumed"].items():
+            assert torch.equal(value, rank["scans"]["mean_ablation"][metric]), metric
     assert single["circuits"][1] == single["circuits"][0]
+    assert single["resumed_from_disk"]
 
 
 def test_each_rank_runs_only_its_share_of_the_heads(ranks, single):

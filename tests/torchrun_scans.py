@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,13 +63,39 @@ def heads_run():
         engine.one_head_variants = path_patching.one_head_variants = original
 
 
+def killed_and_resumed(scan, kept: Path) -> tuple[object, bool]:
+    """``scan(resume=kept)`` killed in its second batch, then called again: its result, and
+    whether this process's running sums were on disk after the kill (``<kept>.rank<r>`` under
+    torchrun)."""
+    real, calls = ablation.one_head_scan, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    ablation.one_head_scan = killed
+    try:
+        scan(resume=kept)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ablation.one_head_scan = real
+    own = kept.with_name(f"{kept.name}.rank{distributed.rank()}") if distributed.active() else kept
+    was_kept = own.is_file()
+    return scan(resume=kept), was_kept and not own.exists()
+
+
 def run_scans(model, data, checkpoint_dir) -> dict:
     """Every split scan, a search written to ``checkpoint_dir`` and its resumption.
 
     Returns:
         ``scans`` (name -> metric -> ``[layer, head_index]`` tensor), ``circuits`` (the search's,
         then the resumed one's, as dicts), ``ran`` (name -> sorted flat heads this process
-        intervened on, once per batch) and ``writes`` (the checkpoint files this process wrote).
+        intervened on, once per batch), ``writes`` (the checkpoint files this process wrote)
+        and ``resumed_from_disk`` (whether a killed mean-ablation scan kept its own running sums
+        and removed them when it was done).
     """
     means = ablation.head_means(model, data)
     search = dict(k=2, min_effect=0.0, prefilter=5, batch_size=2, senders_per_pass=2,
@@ -76,6 +103,10 @@ def run_scans(model, data, checkpoint_dir) -> dict:
     runs = {
         "mean_ablation": lambda: ablation.head_ablation_scan(
             model, data, means=means, batch_size=2, heads_per_pass=3),
+        "mean_ablation_resumed": lambda: killed_and_resumed(
+            lambda resume: ablation.head_ablation_scan(model, data, means=means, batch_size=2,
+                                                       heads_per_pass=3, resume=resume),
+            Path(checkpoint_dir) / "scan.partial.pt"),
         "mean_ablation_at_last": lambda: ablation.head_ablation_scan(
             model, data, means=means, batch_size=3, heads_per_pass=2, position="pos_last"),
         "activation_patching": lambda: activation_patching.activation_patching_scan(
@@ -107,6 +138,8 @@ def run_scans(model, data, checkpoint_dir) -> dict:
             with heads_run() as ran:
                 result = scan()
             out["ran"][name] = sorted(ran)
+            if name == "mean_ablation_resumed":
+                result, out["resumed_from_disk"] = result
             if isinstance(result, tuple):  # a search: its circuit and every group's scans
                 circuit, result = result
                 out["circuits"].append(circuit.to_dict())

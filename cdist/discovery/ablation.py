@@ -30,6 +30,7 @@ outlives the block; under ``torchrun`` each rank ablates its share of the heads.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,11 +47,13 @@ from cdist.discovery.engine import (
     sum_over_ranks,
 )
 from cdist.discovery.metrics import Target
+from cdist.discovery.resume import RunningSums
 from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.progress import bar as progress_bar
+from cdist.store import items_fingerprint, model_fingerprint, tensor_fingerprint
 from cdist.types import Head, Scan
 
 __all__ = ["ablated_logits", "head_ablation_scan", "head_ablation_scan_reference", "head_means",
@@ -202,6 +205,7 @@ def head_ablation_scan(
     position: str | None = None,
     metric: str = "prob",
     progress: bool = False,
+    resume: str | Path | None = None,
 ) -> Scan:
     """Mean-ablate every head alone and measure how much the task suffers.
 
@@ -225,6 +229,9 @@ def head_ablation_scan(
         metric: what is read at the answer (``cdist.discovery.metrics``); a logit difference
             needs the items' ``contrast_id``, its normalised form their ``corrupt_input_ids``.
         progress: a progress bar over batches (``cdist.progress``; rank 0's under ``torchrun``).
+        resume: a file for the running sums, kept after each batch (``RunningSums``): called
+            again with the same model, items and settings, a killed scan goes on from its last
+            whole batch, to the uninterrupted scan bit for bit. Removed when the scan returns.
 
     Returns:
         A ``Scan`` (method "mean_ablation", ranked by the metric's drop) of ``[layer, head_index]``
@@ -241,36 +248,62 @@ def head_ablation_scan(
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    n_all, device = n_layers * n_heads, device_of(model)
-    prob_base = correct_base = gap = torch.zeros((), dtype=torch.float64)
-    prob_abl = torch.zeros(n_all, dtype=torch.float64)
-    correct_abl = torch.zeros(n_all, dtype=torch.float64)
+    n_all = n_layers * n_heads
     mine = rank_heads(torch.arange(n_all))  # every head, with one process
     columns = metrics.columns(position, metric)
+    key = None if resume is None else _resume_key(
+        model, data, means, [*columns, *(["corrupt_input_ids"] if normalised else [])],
+        batch_size=batch_size, heads_per_pass=heads_per_pass, position=position, metric=metric)
+    zero = torch.zeros((), dtype=torch.float64)
+    running = RunningSums(resume, key, prob_base=zero, correct_base=zero.clone(), gap=zero.clone(),
+                          prob_abl=torch.zeros(n_all, dtype=torch.float64),
+                          correct_abl=torch.zeros(n_all, dtype=torch.float64))
     # counted in passes, not batches: at real depth a batch is minutes of passes
-    total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    with progress_bar(total, "mean-ablation scan", enabled=progress and is_main(),
-                      unit="pass") as bar:
-        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=normalised):
-            def ablate(layer, rows, n_copies, batch=batch):
-                at = None if position is None else batch[position].repeat(n_copies)
-                return make_mean_ablation_hook(layer, rows, means, at)
+    per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
+    with progress_bar(-(-len(data) // batch_size) * per_batch, "mean-ablation scan",
+                      enabled=progress and is_main(), unit="pass") as bar:
+        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
+                                          corrupt=normalised)):
+            if running.skip(i):
+                bar.update(per_batch)
+            else:
+                running.add(**_batch_sums(model, batch, means, mine, position, metric,
+                                          heads_per_pass, bar.update))
+    sums = running.finish()
+    prob_abl, correct_abl = sum_over_ranks(sums["prob_abl"], sums["correct_abl"])
+    return _ablation_scan((sums["prob_base"], prob_abl), (sums["correct_base"], correct_abl),
+                          len(data), (n_layers, n_heads), position, metric,
+                          float(sums["gap"]) / len(data))
 
-            target = Target.of(batch, metric)
-            p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
-                                               batch["pos_last"], ablate, metric=metric,
-                                               heads_per_pass=heads_per_pass, heads=mine,
-                                               on_pass=bar.update)
-            if normalised:
-                corrupt = model(batch["corrupt_input_ids"].to(device))
-                corrupt_p, _ = metrics.measure(corrupt, target, metric, batch["pos_last"])
-                gap = gap + (p - corrupt_p).sum()
-            prob_base, correct_base = prob_base + p.sum(), correct_base + c.sum()
-            prob_abl[mine] += p_abl[mine].sum(1)  # the other heads, NaN here, are other ranks'
-            correct_abl[mine] += c_abl[mine].sum(1)
-    prob_abl, correct_abl = sum_over_ranks(prob_abl, correct_abl)
-    return _ablation_scan((prob_base, prob_abl), (correct_base, correct_abl), len(data),
-                          (n_layers, n_heads), position, metric, float(gap) / len(data))
+
+def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
+                position: str | None, metric: str, heads_per_pass: int, on_pass) -> dict:
+    """One batch's sums for ``head_ablation_scan``: the clean metric and correctness, the same
+    with each of this rank's heads ablated (zero on the other ranks' heads), and the
+    clean-minus-corrupt gap when the metric is normalised."""
+    def ablate(layer, rows, n_copies):
+        at = None if position is None else batch[position].repeat(n_copies)
+        return make_mean_ablation_hook(layer, rows, means, at)
+
+    target, device = Target.of(batch, metric), device_of(model)
+    p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
+                                       batch["pos_last"], ablate, metric=metric,
+                                       heads_per_pass=heads_per_pass, heads=mine, on_pass=on_pass)
+    sums = {"prob_base": p.sum(), "correct_base": c.sum()}
+    if metric == "logit_diff_normalised":
+        corrupt = model(batch["corrupt_input_ids"].to(device))
+        sums["gap"] = (p - metrics.measure(corrupt, target, metric, batch["pos_last"])[0]).sum()
+    # the other heads, NaN in p_abl, are other ranks'
+    sums["prob_abl"], sums["correct_abl"] = torch.zeros(2, len(p_abl), dtype=torch.float64)
+    sums["prob_abl"][mine], sums["correct_abl"][mine] = p_abl[mine].sum(1), c_abl[mine].sum(1)
+    return sums
+
+
+def _resume_key(model: HookedTransformer, data, means: Tensor, columns, **settings) -> dict:
+    """What a mean-ablation scan's running sums depend on (``RunningSums``)."""
+    return {"scan": "mean_ablation", "model": model_fingerprint(model),
+            "items": items_fingerprint(data, ["input_ids", "answer_id", "pos_last", *columns]),
+            "means": tensor_fingerprint(means)} | settings
 
 
 @torch.no_grad()

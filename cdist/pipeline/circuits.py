@@ -84,7 +84,8 @@ class Circuits:
 def ablation_scan(ctx: Context, role: Role, items, name: str, metric: str = "prob") -> Scan:
     """``role``'s mean-ablation scan of ``items`` under ``metric``, kept as ``scans/<name>.json``
     while the model, the items, the reference items and the metric are the same: at real depth
-    each scan is minutes."""
+    each scan is minutes to hours, so a killed one goes on from ``scans/<name>.partial.pt``, its
+    sums after its last whole batch."""
     identity = [ctx.fingerprint(role), items_fingerprint(items),
                 items_fingerprint(ctx.items.reference)]
     if metric != "prob":  # scans kept before there was a choice read the probability
@@ -92,7 +93,8 @@ def ablation_scan(ctx: Context, role: Role, items, name: str, metric: str = "pro
     return ctx.store.reuse(
         f"scans/{name}.json", identity,
         lambda: ablation.head_ablation_scan(ctx.model(role), items, means=ctx.means(role),
-                                            metric=metric, progress=ctx.progress),
+                                            metric=metric, progress=ctx.progress,
+                                            resume=ctx.store.path(f"scans/{name}.partial.pt")),
         encode=Scan.to_dict, decode=Scan.from_dict)
 
 
