@@ -27,9 +27,8 @@ class RunningSums:
     """A batched scan's float64 sums over its batches, kept in a file after each batch when
     ``path`` is given, so that a killed scan goes on from its last whole batch.
 
-    At real depth a scan is hours on a CPU, and a kill (a session's end, a preempted job) used to
-    lose all of it. Resumed, the scan adds the remaining batches to the kept sums in the same
-    order, so it returns what an uninterrupted scan returns, bit for bit. The file is read only
+    Resumed, the scan adds the remaining batches to the kept sums in the same order, so it
+    returns what an uninterrupted scan returns, bit for bit. The file is read only
     when its ``key`` (what made the sums: the model's fingerprint, the items', the settings)
     equals this scan's and it names the same sums; otherwise the scan starts over and replaces
     it. It is written atomically (a kill leaves the last whole batch's file) and removed by
@@ -54,11 +53,9 @@ class RunningSums:
     def _read(self) -> dict | None:
         try:
             kept = torch.load(self.path, weights_only=True)
-        except FileNotFoundError:
-            return None
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
                 zipfile.BadZipFile):
-            return None  # not a file this class wrote whole: made again
+            return None  # none, or not a file this class wrote whole (an edit): made again
         if (not isinstance(kept, dict) or kept.get("key") != self.key
                 or not isinstance(kept.get("sums"), dict) or kept["sums"].keys() != self.sums.keys()
                 or not isinstance(kept.get("done"), int)):
