@@ -45,14 +45,17 @@ def _comparison_line(e: dict) -> str:
     """One comparison: the per-seed difference with its interval, p, equivalence verdict, and the
     clustered test beside it (``cdist.pipeline.comparisons``)."""
     s, clustered = e["seed_level"], e["clustered"]
-    holm = (f", Holm p {e['holm_p']:.3g} (corrected: {e['holm_verdict']})" if "holm_p" in e
-            else "")
+    seeds = f"{e['n_seeds']} seed{'s' if e['n_seeds'] != 1 else ''}"
+    if s.get("note"):  # one seed, or no spread: the seed-level tests are undefined, say why
+        tests = f"{seeds}; {s['note']}), **{s['verdict']}**"
+    else:
+        holm = (f", Holm p {e['holm_p']:.3g} (corrected: {e['holm_verdict']})" if "holm_p" in e
+                else "")
+        tests = (f"95% CI {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f}, {seeds}), p "
+                 f"{s['p_value']:.3g}{holm}; equivalence at ±{s['margin']:g}: p "
+                 f"{s['tost_p']:.3g}, **{s['verdict']}**")
     return (f"{_short(e['a'])} vs {_short(e['b'])} [{e['set']}, {e['role']}]: difference "
-            f"{s['mean']:+.3f} (95% CI {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f}, {e['n_seeds']} "
-            f"seed{'s' if e['n_seeds'] != 1 else ''}), p {s['p_value']:.3g}{holm}; "
-            f"equivalence at ±{s['margin']:g}: p "
-            f"{s['tost_p']:.3g}, **{s['verdict']}**; clustered McNemar p "
-            f"{clustered['p_value']:.3g}")
+            f"{s['mean']:+.3f} ({tests}; clustered McNemar p {clustered['p_value']:.3g}")
 
 
 def with_comparisons(summary: dict, per_item: dict | None, *, margin: float = 0.02,

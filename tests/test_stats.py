@@ -343,3 +343,27 @@ def test_reanalyse_refuses_a_bad_path_in_one_line(tmp_path, capsys):
     assert _script().main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "per_item.json" in err
+
+
+def test_a_comparison_line_prints_its_interval_or_why_there_is_none():
+    """The report's line for one comparison: with seeds to spread over, the interval, p and the
+    equivalence verdict; with one seed (as ``make demo`` runs) the reason the seed-level tests are
+    undefined, never "95% CI +nan to +nan"."""
+    from cdist.report import _comparison_line
+
+    gen = torch.Generator().manual_seed(3)
+
+    def line(n_seeds: int) -> str:
+        a = [torch.rand(40, generator=gen) < 0.8 for _ in range(n_seeds)]
+        b = [torch.rand(40, generator=gen) < 0.7 for _ in range(n_seeds)]
+        record = stats.compare(a, b, margin=0.02)
+        return _comparison_line({"a": "circuit distilled, CE + Align CKA",
+                                 "b": "circuit distilled, CE", "set": "test", "role": "primary",
+                                 **record})
+
+    three, one = line(3), line(1)
+    assert "95% CI" in three and "equivalence at ±0.02" in three and "nan" not in three
+    assert three.startswith("CE + Align CKA vs CE [test, primary]: difference ")
+    assert "nan" not in one and "95% CI" not in one
+    assert "(1 seed; one seed: no run-to-run spread to test against" in one
+    assert "**inconclusive**; clustered McNemar p " in one
