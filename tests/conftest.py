@@ -10,7 +10,8 @@ from cdist import numerics
 
 # The suite's arithmetic is the same on every x86-64 machine (cdist.numerics): tests that hold a
 # result bit for bit (the golden table) were made with these kernels, and torch reads the choice
-# at its first kernel, so before anything computes. Threads are left to each test.
+# at its first kernel, so before anything computes. Threads are left to each test in one process
+# (`python -m pytest`); under pytest-xdist, each worker has its share of the cores (below).
 os.environ.update(numerics.PORTABLE)
 
 import jaxtyping  # noqa: E402
@@ -29,7 +30,10 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core, at most four (each holds its own copies of the
-    session's models, and past four the workers mostly wait on the slowest file)."""
+    session's models, and past four the workers mostly wait on the slowest file), unless
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` says otherwise."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own rule reads it
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 

@@ -185,40 +185,56 @@ def test_the_scan_reports_progress_pass_by_pass(model, data, means, capsys, monk
 
 
 def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, means, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, capsys):
     """Killed in its third batch, the scan keeps the sums of two; called again it runs only the
-    last and returns the uninterrupted scan exactly. Other items start over; so does a file
-    that is not the scan's (an edit, a kill of some other writer)."""
+    last and ends with the uninterrupted scan's float64 sums exactly. Other items start over; so
+    does a file that is not the scan's (an edit, damaged bytes)."""
     data = teacher_labelled(model, data)
     kept = tmp_path / "scan.partial.pt"
-
-    def scan(items=data):
-        return ablation.head_ablation_scan(model, items, means=means, batch_size=5,
-                                           heads_per_pass=3, resume=kept)
-
-    straight = ablation.head_ablation_scan(model, data, means=means, batch_size=5,
-                                           heads_per_pass=3)
-    real, calls = ablation.one_head_scan, []
+    left = tmp_path / "scan.partial.pt.rank1"  # a torchrun's, under another layout of processes
+    left.write_bytes(b"")
+    real_scan, real_sums, calls, sums = ablation.one_head_scan, ablation._ablation_scan, [], []
 
     def counted(*args, **kwargs):
         calls.append(len(args[1]))
         if len(calls) == kill_at:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real_scan(*args, **kwargs)
+
+    def recorded(value, correct, *args):
+        sums.append((value, correct))  # the float64 sums, before the scores' float32
+        return real_sums(value, correct, *args)
 
     monkeypatch.setattr(ablation, "one_head_scan", counted)
+    monkeypatch.setattr(ablation, "_ablation_scan", recorded)
+
+    def scan(items=data, resume=kept, progress=False):
+        return ablation.head_ablation_scan(model, items, means=means, batch_size=5,
+                                           heads_per_pass=3, resume=resume, progress=progress)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True))
+
+    kill_at = None
+    straight = scan(resume=None)
+    calls.clear()
     kill_at = 3
     with pytest.raises(KeyboardInterrupt):
         scan()
     assert torch.load(kept, weights_only=True)["done"] == 2
     calls.clear()
     kill_at = None
-    resumed = scan()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    capsys.readouterr()
+    resumed = scan(progress=True)
     assert calls == [2]  # the last batch (12 items in batches of 5) alone
-    assert not kept.exists()  # removed once the scan returned
+    assert same(sums[-1], sums[0]) and len(sums) == 2
     for key in straight.metrics:
         assert torch.equal(resumed[key], straight[key]), key
     assert (resumed.n_items, resumed.metric) == (straight.n_items, straight.metric)
+    # 2 layers of 4 heads, 3 a pass: 4 passes a batch, 8 of 12 already done
+    assert capsys.readouterr().err.splitlines()[0] == "mean-ablation scan: 12 passes, from 8"
+    assert not kept.exists() and not left.exists()  # removed once the scan is made
 
     # sums kept for other items are not theirs: that scan starts over
     kill_at = 2
@@ -228,16 +244,16 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     other = data.select(range(11, -1, -1))
     calls.clear()
     kill_at = None
-    fresh = scan(other)
+    scan(other)
     assert calls == [5, 5, 2]
-    want = ablation.head_ablation_scan(model, other, means=means, batch_size=5, heads_per_pass=3)
-    assert all(torch.equal(fresh[k], want[k]) for k in want.metrics)
+    scan(other, resume=None)
+    assert same(sums[-1], sums[-2])
 
-    kept.write_bytes(b"not a checkpoint")
-    calls.clear()
-    again = scan()
-    assert all(torch.equal(again[k], straight[k]) for k in straight.metrics)
-    assert calls == [5, 5, 2] and not kept.exists()
+    for damaged in (b"not a checkpoint", b"\x80\x02X\x01", b"\x80\x02h\x05.", b"\x80"):
+        kept.write_bytes(damaged)
+        calls.clear()
+        scan()
+        assert calls == [5, 5, 2] and same(sums[-1], sums[0]) and not kept.exists()
 
 
 def teacher_labelled(model, data):

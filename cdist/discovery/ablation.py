@@ -229,9 +229,8 @@ def head_ablation_scan(
         metric: what is read at the answer (``cdist.discovery.metrics``); a logit difference
             needs the items' ``contrast_id``, its normalised form their ``corrupt_input_ids``.
         progress: a progress bar over batches (``cdist.progress``; rank 0's under ``torchrun``).
-        resume: a file for the running sums, kept after each batch (``RunningSums``): called
-            again with the same model, items and settings, a killed scan goes on from its last
-            whole batch, to the uninterrupted scan bit for bit. Removed when the scan returns.
+        resume: a file for the running sums after each batch (``RunningSums``, which says when
+            a killed scan resumes from it, bit for bit); removed when the scan returns.
 
     Returns:
         A ``Scan`` (method "mean_ablation", ranked by the metric's drop) of ``[layer, head_index]``
@@ -261,19 +260,20 @@ def head_ablation_scan(
     # counted in passes, not batches: at real depth a batch is minutes of passes
     per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
     with progress_bar(-(-len(data) // batch_size) * per_batch, "mean-ablation scan",
-                      enabled=progress and is_main(), unit="pass") as bar:
+                      enabled=progress and is_main(), unit="pass",
+                      initial=running.done * per_batch) as bar:
         for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
                                           corrupt=normalised)):
-            if running.skip(i):
-                bar.update(per_batch)
-            else:
+            if not running.skip(i):
                 running.add(**_batch_sums(model, batch, means, mine, position, metric,
                                           heads_per_pass, bar.update))
-    sums = running.finish()
+    sums = running.sums
     prob_abl, correct_abl = sum_over_ranks(sums["prob_abl"], sums["correct_abl"])
-    return _ablation_scan((sums["prob_base"], prob_abl), (sums["correct_base"], correct_abl),
+    scan = _ablation_scan((sums["prob_base"], prob_abl), (sums["correct_base"], correct_abl),
                           len(data), (n_layers, n_heads), position, metric,
                           float(sums["gap"]) / len(data))
+    running.finish()
+    return scan
 
 
 def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
@@ -301,9 +301,10 @@ def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
 
 def _resume_key(model: HookedTransformer, data, means: Tensor, columns, **settings) -> dict:
     """What a mean-ablation scan's running sums depend on (``RunningSums``)."""
+    # a column the items lack is refused by ``batches`` in one line, at the first batch
+    read = [c for c in ("input_ids", "answer_id", "pos_last", *columns) if c in data.column_names]
     return {"scan": "mean_ablation", "model": model_fingerprint(model),
-            "items": items_fingerprint(data, ["input_ids", "answer_id", "pos_last", *columns]),
-            "means": tensor_fingerprint(means)} | settings
+            "items": items_fingerprint(data, read), "means": tensor_fingerprint(means)} | settings
 
 
 @torch.no_grad()

@@ -9,8 +9,6 @@ group by group (``cdist.discovery.search``); the scans resume batch by batch, he
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -28,11 +26,13 @@ class RunningSums:
     ``path`` is given, so that a killed scan goes on from its last whole batch.
 
     Resumed, the scan adds the remaining batches to the kept sums in the same order, so it
-    returns what an uninterrupted scan returns, bit for bit. The file is read only
-    when its ``key`` (what made the sums: the model's fingerprint, the items', the settings)
-    equals this scan's and it names the same sums; otherwise the scan starts over and replaces
-    it. It is written atomically (a kill leaves the last whole batch's file) and removed by
-    ``finish``. Under ``torchrun`` each rank keeps its own share in ``<path>.rank<r>``.
+    returns what an uninterrupted scan returns, bit for bit, when it resumes on the same threads
+    and kernels (``cdist.numerics``; on others, the batches after the kill carry their last bits).
+    The file is read only when its ``key`` (what made the sums: the model's fingerprint, the
+    items', the settings) equals this scan's and it names the same sums; otherwise the scan
+    starts over and replaces it. It is written atomically (a kill leaves the last whole batch's
+    file) and removed by ``finish``. Under ``torchrun`` each rank keeps its own share in
+    ``<path>.rank<r>``.
 
     ``sums`` are the starting values (zeros), by name; ``done`` counts the batches they hold.
     """
@@ -53,9 +53,8 @@ class RunningSums:
     def _read(self) -> dict | None:
         try:
             kept = torch.load(self.path, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
-                zipfile.BadZipFile):
-            return None  # none, or not a file this class wrote whole (an edit): made again
+        except Exception:  # noqa: BLE001  # none, or not a file this class wrote (an edit) ...
+            return None  # ... and damaged bytes raise anything from struct.error to KeyError
         if (not isinstance(kept, dict) or kept.get("key") != self.key
                 or not isinstance(kept.get("sums"), dict) or kept["sums"].keys() != self.sums.keys()
                 or not isinstance(kept.get("done"), int)):
@@ -75,8 +74,14 @@ class RunningSums:
             atomic_torch_save({"key": self.key, "done": self.done, "sums": self.sums}, self.path,
                               every_rank=True)
 
-    def finish(self) -> dict[str, Tensor]:
-        """The sums, the file removed (the scan that needed it has returned)."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-        return self.sums
+    def finish(self) -> None:
+        """Remove the file, once the scan it served is made: this process's, and on the main
+        process those that another layout of processes left (``<path>`` of one process,
+        ``<path>.rank<r>`` of a torchrun), which no later scan of this layout would read."""
+        if self.path is None:
+            return
+        self.path.unlink(missing_ok=True)
+        if distributed.is_main():
+            plain = self.path.with_name(self.path.name.split(".rank")[0])
+            for left in (plain, *plain.parent.glob(f"{plain.name}.rank*")):
+                left.unlink(missing_ok=True)
