@@ -91,11 +91,11 @@ class LogProgress:
     def _say(self, text: str) -> None:
         print(f"{self.desc}: {text}", file=self.stream, flush=True)
 
-    def _status(self) -> str:
+    def _status(self, eta: bool = True) -> str:
         elapsed = self.clock() - self.start
         done = self.n - self.start_n
         eta = (f", about {duration(elapsed / done * (self.total - self.n))} left"
-               if 0 < done and self.n < self.total else "")
+               if eta and 0 < done and self.n < self.total else "")
         post = f" ({self.postfix})" if self.postfix else ""
         return f"{self.n:,}/{self.total:,} {self.units}, {duration(elapsed)}{eta}{post}"
 
@@ -119,19 +119,20 @@ class LogProgress:
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """The last line: "done", or "stopped" (no time left to tell) when the work raised."""
         if self.heartbeat is not None:
             self.heartbeat.stop()
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self._say("done, " + self._status())
+                self._say(("stopped, " if stopped else "done, ") + self._status(eta=not stopped))
 
     def __enter__(self) -> LogProgress:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(stopped=exc_type is not None)
 
 
 class _Quiet:

@@ -4,6 +4,7 @@ and at the end; a tqdm bar on a terminal; nothing when asked for none."""
 import io
 import sys
 
+import pytest
 from tqdm.auto import tqdm
 
 from cdist import progress
@@ -38,6 +39,18 @@ def test_a_log_gets_the_size_an_eta_periodic_lines_and_the_end():
         "path patching: 11/100 passes, 33 s, about 4 min 27 s left (ce 0.512)",
         "path patching: done, 11/100 passes, 33 s, about 4 min 27 s left (ce 0.512)",
     ]
+
+
+def test_a_log_says_stopped_not_done_when_the_work_raised():
+    """A scan interrupted at pass 67 of 189 said "done, 67/189 passes" before."""
+    out, clock = io.StringIO(), Clock()
+    with pytest.raises(KeyboardInterrupt):
+        with progress.LogProgress(189, "mean-ablation scan", unit="pass", stream=out,
+                                  clock=clock) as bar:
+            clock.now = 18.0
+            bar.update(67)
+            raise KeyboardInterrupt
+    assert out.getvalue().splitlines()[-1] == "mean-ablation scan: stopped, 67/189 passes, 18 s"
 
 
 def test_durations_read_as_people_read_them():
