@@ -45,10 +45,10 @@ def _comparison_line(e: dict) -> str:
     """One comparison: the per-seed difference with its interval, p, equivalence verdict, and the
     clustered test beside it (``cdist.pipeline.comparisons``)."""
     s, clustered = e["seed_level"], e["clustered"]
-    seeds = f"{e['n_seeds']} seed{'s' if e['n_seeds'] != 1 else ''}"
     if s.get("note"):  # one seed, or no spread: the seed-level tests are undefined, say why
-        tests = f"{seeds}; {s['note']}), **{s['verdict']}**"
+        tests = f"{s['note']}), **{s['verdict']}**"  # the note counts the seeds
     else:
+        seeds = f"{e['n_seeds']} seed{'s' if e['n_seeds'] != 1 else ''}"
         holm = (f", Holm p {e['holm_p']:.3g} (corrected: {e['holm_verdict']})" if "holm_p" in e
                 else "")
         tests = (f"95% CI {s['ci'][0]:+.3f} to {s['ci'][1]:+.3f}, {seeds}), p "
