@@ -151,9 +151,10 @@ def atomic_write_bytes(data: bytes, path: str | Path, *, every_rank: bool = Fals
     _atomic(path, lambda tmp: Path(tmp).write_bytes(data), every_rank)
 
 
-def atomic_write_json(obj, path: str | Path) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
+    """Write ``obj`` as indented JSON, atomically; ``sort_keys=False`` keeps each dict's order
+    where it carries meaning (a circuit's groups in the order its search found them)."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", path)
 
 
 def read_json(path: str | Path, fix: str = "restore it or delete it"):

@@ -122,8 +122,11 @@ class Store:
         return saved["value"] if saved else None
 
     def save(self, name: str, identity, value) -> None:
-        """Keep ``value`` (JSON) under ``name`` for ``identity``, atomically."""
-        atomic_write_json({"identity": jsonable(identity), "value": value}, self.path(name))
+        """Keep ``value`` (JSON) under ``name`` for ``identity``, atomically, its dicts in their
+        order: a value read back is the value made, so that what is written from it (a circuit's
+        record) does not change between a run and its resumption."""
+        atomic_write_json({"identity": jsonable(identity), "value": value}, self.path(name),
+                          sort_keys=False)
 
     def reuse(self, name: str, identity, make: Callable[[], T], *,
               encode: Callable[[T], object] = lambda v: v,

@@ -71,6 +71,22 @@ def test_store_reuses_the_same_identity_and_remakes_another(tmp_path):
     assert store.load("nothing.json", ["x"]) is None and store.kept("nothing.json") is None
 
 
+def test_a_circuit_read_back_from_the_store_writes_the_same_record(tmp_path):
+    # a search's groups come in search order and a ranking's scores largest first; sorted keys
+    # on the way through the store rewrote circuit-<role>.json in another order on every resume
+    from cdist.records import write_record
+    from cdist.types import Circuit
+
+    made = Circuit({"name_mover": ["a9.h1", "a2.h0"], "induction": ["a1.h3"]},
+                   scores={"a9.h1": -0.5, "a2.h0": -0.2, "a1.h3": -0.1})
+    store = Store(tmp_path)
+    store.reuse("c.json", ["id"], lambda: made, encode=Circuit.to_dict)
+    again = store.reuse("c.json", ["id"], lambda: pytest.fail("remade"), decode=Circuit.from_dict)
+    assert write_record(again) == write_record(made)
+    assert list(again.groups) == ["name_mover", "induction"]
+    assert list(again.scores) == list(made.scores)
+
+
 def test_a_record_keeps_its_identity_among_its_fields(tmp_path):
     store, made = Store(tmp_path), []
 
