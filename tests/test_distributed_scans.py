@@ -81,14 +81,17 @@ def test_every_rank_returns_the_single_process_scans(ranks, single):
                                            equal_nan=True)
         # the search and its resumption reach the same groups
         assert rank["circuits"] == single["circuits"]
-        assert rank["resumed_from_disk"]  # a killed scan's running sums, each rank its own
-        # killed in its second batch and resumed: every batch ran once, as in one scan
-        assert rank["ran"]["mean_ablation_resumed"] == rank["ran"]["mean_ablation"]
-        for metric, value in rank["scans"]["mean_ablation_resumed"].items():
-            assert torch.equal(value, rank["scans"]["mean_ablation"][metric]), metric
+        for name in ("mean_ablation", "path_patching"):
+            # a killed scan's running sums, each rank its own
+            assert rank["resumed_from_disk"][f"{name}_resumed"], name
+            # killed in its second batch and resumed: every batch ran once, as in one scan
+            assert rank["ran"][f"{name}_resumed"] == rank["ran"][name]
+            for metric, value in rank["scans"][f"{name}_resumed"].items():
+                assert torch.equal(value.nan_to_num(), rank["scans"][name][metric].nan_to_num())
     assert single["circuits"][1] == single["circuits"][0]
-    assert single["resumed_from_disk"]
-    assert single["ran"]["mean_ablation_resumed"] == single["ran"]["mean_ablation"]
+    for name in ("mean_ablation", "path_patching"):
+        assert single["resumed_from_disk"][f"{name}_resumed"], name
+        assert single["ran"][f"{name}_resumed"] == single["ran"][name]
 
 
 def test_each_rank_runs_only_its_share_of_the_heads(ranks, single):

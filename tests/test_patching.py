@@ -365,6 +365,81 @@ def test_search_remakes_a_group_whose_kept_file_was_damaged(model3, data, tmp_pa
     assert Store(tmp_path).load("value_fetcher.json", None) is None  # kept under its identity
 
 
+def test_a_killed_path_patching_scan_resumes_from_its_last_batch_bit_for_bit(
+        model3, data, tmp_path, monkeypatch):
+    """Killed in its third batch, the scan keeps two batches' sums; called again it patches only
+    the third and returns the uninterrupted scan exactly. Another receiver set or other items
+    start over; the file is removed once the scan is made."""
+    kept, real, calls = tmp_path / "scan.partial.pt", path_patching._patched_chunks, []
+
+    def counted(model, batch, *args):
+        calls.append(len(batch["input_ids"]))
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(path_patching, "_patched_chunks", counted)
+    into = (Head(2, 1),)
+
+    def scan(items=data, resume=kept, receivers=into):
+        return path_patching.path_patching_scan(model3, items, receivers=receivers,
+                                                batch_size=2, senders_per_pass=3, resume=resume)
+
+    kill_at = None
+    straight = scan(resume=None)
+    calls.clear()
+    kill_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        scan()
+    assert torch.load(kept, weights_only=True)["done"] == 2
+    calls.clear()
+    kill_at = None
+    resumed = scan()
+    assert calls == [1]  # 5 items in batches of 2: the last batch alone
+    for name in straight.metrics:
+        assert torch.equal(resumed[name].nan_to_num(), straight[name].nan_to_num()), name
+        assert torch.equal(resumed[name].isnan(), straight[name].isnan()), name
+    assert resumed.receivers == straight.receivers and not kept.exists()
+
+    for other in (dict(receivers=(Head(2, 0),)), dict(items=data.select([4, 3, 2, 1, 0]))):
+        kill_at = 2
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            scan()
+        calls.clear()
+        kill_at = None
+        scan(**other)
+        assert calls == [2, 2, 1] and not kept.exists()  # started over
+
+
+def test_a_search_killed_inside_a_group_resumes_that_group(model3, data, tmp_path, monkeypatch):
+    kw = dict(k=2, min_effect=0.0, checkpoint_dir=tmp_path, search=et_search.ET_SEARCH[:2],
+              batch_size=2)
+    circuit, found = et_search.entity_tracking_circuit(model3, data, **kw)
+    for name in ("value_fetcher", "position_transmitter"):
+        (tmp_path / f"{name}.json").unlink()
+    real, calls = path_patching._patched_chunks, []
+
+    def killed_in_the_second_group(model, batch, paths, *args):
+        calls.append(paths.receivers)
+        if len(calls) == 5:  # the first group's 3 batches, then the second's second
+            raise KeyboardInterrupt
+        return real(model, batch, paths, *args)
+
+    monkeypatch.setattr(path_patching, "_patched_chunks", killed_in_the_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        et_search.entity_tracking_circuit(model3, data, **kw)
+    assert (tmp_path / "position_transmitter.partial.pt").is_file()
+    calls.clear()
+    again, found_again = et_search.entity_tracking_circuit(model3, data, **kw)
+    assert len(calls) == 2  # the second group's last two batches; the first group was kept
+    assert again == circuit
+    for name, scan in found.items():
+        assert torch.equal(found_again[name].ranking().scores.nan_to_num(),
+                           scan.ranking().scores.nan_to_num()), name
+    assert not list(tmp_path.glob("*.partial.pt"))
+
+
 def test_search_steps_must_come_after_their_receivers(model3, data):
     bad = (et_search.SearchStep("a", "pos_last", "b", "q"),
            et_search.SearchStep("b", "pos_last"))

@@ -63,11 +63,11 @@ def heads_run():
         engine.one_head_variants = path_patching.one_head_variants = original
 
 
-def killed_and_resumed(scan, kept: Path) -> tuple[object, bool]:
-    """``scan(resume=kept)`` killed in its second batch, then called again: its result, and
-    whether this process's running sums were on disk after the kill (``<kept>.rank<r>`` under
-    torchrun)."""
-    real, calls = ablation.one_head_scan, []
+def killed_and_resumed(scan, kept: Path, module, name: str) -> tuple[object, bool]:
+    """``scan(resume=kept)`` killed in its second batch (at ``module.name``, called once a
+    batch), then called again: its result, and whether this process's running sums were on disk
+    after the kill (``<kept>.rank<r>`` under torchrun) and gone once the scan was made."""
+    real, calls = getattr(module, name), []
 
     def killed(*args, **kwargs):
         calls.append(1)
@@ -75,13 +75,13 @@ def killed_and_resumed(scan, kept: Path) -> tuple[object, bool]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    ablation.one_head_scan = killed
+    setattr(module, name, killed)
     try:
         scan(resume=kept)
     except KeyboardInterrupt:
         pass
     finally:
-        ablation.one_head_scan = real
+        setattr(module, name, real)
     own = kept.with_name(f"{kept.name}.rank{distributed.rank()}") if distributed.active() else kept
     was_kept = own.is_file()
     return scan(resume=kept), was_kept and not own.exists()
@@ -94,8 +94,8 @@ def run_scans(model, data, checkpoint_dir) -> dict:
         ``scans`` (name -> metric -> ``[layer, head_index]`` tensor), ``circuits`` (the search's,
         then the resumed one's, as dicts), ``ran`` (name -> sorted flat heads this process
         intervened on, once per batch), ``writes`` (the checkpoint files this process wrote)
-        and ``resumed_from_disk`` (whether a killed mean-ablation scan kept its own running sums
-        and removed them when it was done).
+        and ``resumed_from_disk`` (name -> whether a killed scan kept its own running sums and
+        removed them when it was done).
     """
     means = ablation.head_means(model, data)
     search = dict(k=2, min_effect=0.0, prefilter=5, batch_size=2, senders_per_pass=2,
@@ -106,7 +106,7 @@ def run_scans(model, data, checkpoint_dir) -> dict:
         "mean_ablation_resumed": lambda: killed_and_resumed(
             lambda resume: ablation.head_ablation_scan(model, data, means=means, batch_size=2,
                                                        heads_per_pass=3, resume=resume),
-            Path(checkpoint_dir) / "scan.partial.pt"),
+            Path(checkpoint_dir) / "scan.partial.pt", ablation, "one_head_scan"),
         "mean_ablation_at_last": lambda: ablation.head_ablation_scan(
             model, data, means=means, batch_size=3, heads_per_pass=2, position="pos_last"),
         "activation_patching": lambda: activation_patching.activation_patching_scan(
@@ -115,6 +115,10 @@ def run_scans(model, data, checkpoint_dir) -> dict:
             model, data, batch_size=3, heads=["a0.h1", "a1.h3", "a2.h0"]),
         "path_patching": lambda: path_patching.path_patching_scan(
             model, data, batch_size=2, senders_per_pass=3),
+        "path_patching_resumed": lambda: killed_and_resumed(
+            lambda resume: path_patching.path_patching_scan(model, data, batch_size=2,
+                                                            senders_per_pass=3, resume=resume),
+            Path(checkpoint_dir) / "path.partial.pt", path_patching, "_patched_chunks"),
         "path_patching_k": lambda: path_patching.path_patching_scan(
             model, data, receivers=[Head(2, 0), Head(2, 3)], receiver_input="k",
             position="pos_query_label", batch_size=3, senders_per_pass=2),
@@ -127,19 +131,19 @@ def run_scans(model, data, checkpoint_dir) -> dict:
     writes: list[str] = []
     original_write = store.atomic_write_json
 
-    def write(obj, path):
+    def write(obj, path, **kwargs):
         writes.append(path.name)
-        original_write(obj, path)
+        original_write(obj, path, **kwargs)
 
     store.atomic_write_json = write
-    out = {"scans": {}, "circuits": [], "ran": {}, "writes": writes}
+    out = {"scans": {}, "circuits": [], "ran": {}, "writes": writes, "resumed_from_disk": {}}
     try:
         for name, scan in runs.items():
             with heads_run() as ran:
                 result = scan()
             out["ran"][name] = sorted(ran)
-            if name == "mean_ablation_resumed":
-                result, out["resumed_from_disk"] = result
+            if name.endswith("_resumed"):
+                result, out["resumed_from_disk"][name] = result
             if isinstance(result, tuple):  # a search: its circuit and every group's scans
                 circuit, result = result
                 out["circuits"].append(circuit.to_dict())

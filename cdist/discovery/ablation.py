@@ -47,13 +47,13 @@ from cdist.discovery.engine import (
     sum_over_ranks,
 )
 from cdist.discovery.metrics import Target
-from cdist.discovery.resume import RunningSums
+from cdist.discovery.resume import RunningSums, scan_key
 from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
 from cdist.progress import bar as progress_bar
-from cdist.store import items_fingerprint, model_fingerprint, tensor_fingerprint
+from cdist.store import tensor_fingerprint
 from cdist.types import Head, Scan
 
 __all__ = ["ablated_logits", "head_ablation_scan", "head_ablation_scan_reference", "head_means",
@@ -250,9 +250,10 @@ def head_ablation_scan(
     n_all = n_layers * n_heads
     mine = rank_heads(torch.arange(n_all))  # every head, with one process
     columns = metrics.columns(position, metric)
-    key = None if resume is None else _resume_key(
-        model, data, means, [*columns, *(["corrupt_input_ids"] if normalised else [])],
-        batch_size=batch_size, heads_per_pass=heads_per_pass, position=position, metric=metric)
+    key = None if resume is None else scan_key(
+        "mean_ablation", model, data, [*columns, *(["corrupt_input_ids"] if normalised else [])],
+        means=tensor_fingerprint(means), batch_size=batch_size, heads_per_pass=heads_per_pass,
+        position=position, metric=metric)
     zero = torch.zeros((), dtype=torch.float64)
     running = RunningSums(resume, key, prob_base=zero, correct_base=zero.clone(), gap=zero.clone(),
                           prob_abl=torch.zeros(n_all, dtype=torch.float64),
@@ -297,14 +298,6 @@ def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
     sums["prob_abl"], sums["correct_abl"] = torch.zeros(2, len(p_abl), dtype=torch.float64)
     sums["prob_abl"][mine], sums["correct_abl"][mine] = p_abl[mine].sum(1), c_abl[mine].sum(1)
     return sums
-
-
-def _resume_key(model: HookedTransformer, data, means: Tensor, columns, **settings) -> dict:
-    """What a mean-ablation scan's running sums depend on (``RunningSums``)."""
-    # a column the items lack is refused by ``batches`` in one line, at the first batch
-    read = [c for c in ("input_ids", "answer_id", "pos_last", *columns) if c in data.column_names]
-    return {"scan": "mean_ablation", "model": model_fingerprint(model),
-            "items": items_fingerprint(data, read), "means": tensor_fingerprint(means)} | settings
 
 
 @torch.no_grad()

@@ -166,8 +166,10 @@ def find_circuit(
         cfg: method and selection rule.
         model_name: recorded in the circuit.
         scan: a ``head_ablation_scan`` of ``model`` on ``items`` if already computed.
-        checkpoint_dir: path patching saves each finished group there, and a later call on the
-            same model and items resumes from it (``entity_tracking_circuit``).
+        checkpoint_dir: path patching saves each finished group there, and the running sums
+            of the group in progress, and a later call on the same model and items resumes from
+            them (``search.path_patching_circuit``); a mean-ablation scan made here keeps its
+            running sums there.
         progress: tqdm bars.
 
     Returns:
@@ -206,9 +208,10 @@ def mean_ablation_discovery(
     faithfulness on ``items`` reaches ``cfg.target``, within ``cfg.budget`` of all heads, found by
     doubling then bisection on the ranked list (``faithfulness.grow_until_faithful``: about
     2 log2(budget) evaluations instead of one per head); with ``progress`` each evaluation is
-    said; ``checkpoint_dir`` is not used."""
+    said; a scan made here resumes from ``checkpoint_dir``'s ``mean-ablation.partial.pt``."""
+    resume = None if checkpoint_dir is None else Path(checkpoint_dir) / "mean-ablation.partial.pt"
     scan = scan if scan is not None else ablation.head_ablation_scan(
-        model, items, means=means, metric=cfg.metric_for(task), progress=progress)
+        model, items, means=means, metric=cfg.metric_for(task), progress=progress, resume=resume)
     limit = max(1, math.floor(cfg.budget * model.cfg.n_layers * model.cfg.n_heads))
     # the heads that pass the rule, best first: every circuit tried is a prefix of them
     ranked = list(select_heads(scan, limit, 0.0, cfg.min_share))

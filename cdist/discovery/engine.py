@@ -371,6 +371,18 @@ class PatchSums:
         self.scanned = torch.zeros(n, dtype=torch.bool)
         self.gap = torch.zeros(1, dtype=torch.float64)  # sum over items of clean - corrupt
 
+    def state(self) -> dict[str, Tensor]:
+        """The sums by name, as tensors that adding to them changes (``RunningSums`` keeps a
+        scan's between batches: a batch's ``state`` added to the total is the total it would
+        have reached, bit for bit, since each head is added once per batch)."""
+        return {"rel": self.rel, "diff": self.diff, "rel_sq": self.rel_sq,
+                "scanned": self.scanned, "gap": self.gap}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Take over ``state``'s sums (a ``state`` of the same model's sums)."""
+        self.rel, self.diff, self.rel_sq = state["rel"], state["diff"], state["rel_sq"]
+        self.scanned, self.gap = state["scanned"], state["gap"]
+
     def add_batch(self, heads: Int[Tensor, " k"], change: Float[Tensor, "k batch"],
                   base: Float[Tensor, " batch"]) -> None:
         """Add a batch: ``change[j, i]`` is head ``heads[j]``'s (flat index) change on item ``i``,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -67,6 +68,7 @@ from cdist.discovery.engine import (
     replacing,
 )
 from cdist.discovery.metrics import Target
+from cdist.discovery.resume import RunningSums, scan_key
 from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
@@ -134,6 +136,7 @@ def path_patching_scan(
     senders: Sequence[Head | str] | None = None,
     metric: str = "prob",
     progress: bool = False,
+    resume: str | Path | None = None,
 ) -> Scan:
     """Path-patch every head, as a sender at ``position``, into the logits or into ``receivers``.
 
@@ -159,6 +162,8 @@ def path_patching_scan(
             which cannot reach a receiver and score 0.
         metric: what is read at the answer (``cdist.discovery.metrics``).
         progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
+        resume: a file for the running sums after each batch (``RunningSums``, which says when
+            a killed scan resumes from it, bit for bit); removed when the scan returns.
 
     Returns:
         A ``Scan`` (method "path_patching", ranked by the metric's score, most negative first;
@@ -172,20 +177,35 @@ def path_patching_scan(
     paths = _Paths.of(model, receivers, receiver_input, position)
     asked = flat_heads(senders, n_layers, n_heads)
     run = rank_heads(asked[asked < paths.top * n_heads])  # flat index layer * n_heads + head
-    sums = PatchSums(model, metric)
-    sums.add_unreachable(asked[asked >= paths.top * n_heads])
-    total = -(-len(data) // batch_size) * -(-len(run) // senders_per_pass)
-    with progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass") as bar:
-        columns = metrics.columns(position, metric)
-        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
+    columns = metrics.columns(position, metric)
+    key = None if resume is None else scan_key(
+        "path_patching", model, data, ["corrupt_input_ids", *columns],
+        receivers=[str(r) for r in paths.receivers], receiver_input=receiver_input,
+        position=position, senders=asked.tolist(), batch_size=batch_size,
+        senders_per_pass=senders_per_pass, metric=metric)
+    running = RunningSums(resume, key, **PatchSums(model, metric).state())
+    per_batch = -(-len(run) // senders_per_pass)
+    total = -(-len(data) // batch_size) * per_batch
+    with progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass",
+                      initial=running.done * per_batch) as bar:
+        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
+                                          corrupt=True)):
             if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
                 raise InputError("receivers=() means the logits at pos_last; "
                                  f"position={position!r} differs")
-            chunks = _patched_chunks(model, batch, paths, run, senders_per_pass, metric, sums)
-            for chunk, change, p_clean in chunks:
-                sums.add_batch(chunk, change, p_clean)
+            if running.skip(i):
+                continue
+            part = PatchSums(model, metric)  # each head once a batch: adds to the total exactly
+            for chunk, change, p_clean in _patched_chunks(model, batch, paths, run,
+                                                          senders_per_pass, metric, part):
+                part.add_batch(chunk, change, p_clean)
                 bar.update()
+            running.add(**part.state())
+    sums = PatchSums(model, metric)
+    sums.load_state(running.sums)
+    sums.add_unreachable(asked[asked >= paths.top * n_heads])
     sums.add_other_ranks()
+    running.finish()
     return sums.scan("path_patching", len(data), position=position, receivers=paths.receivers,
                      receiver_input=receiver_input if paths.receivers else None)
 

@@ -16,9 +16,18 @@ from torch import Tensor
 
 from cdist import distributed
 from cdist.checkpoints import atomic_torch_save
-from cdist.store import jsonable
+from cdist.store import items_fingerprint, jsonable, model_fingerprint
 
-__all__ = ["RunningSums"]
+__all__ = ["RunningSums", "scan_key"]
+
+
+def scan_key(scan: str, model, data, columns, **settings) -> dict:
+    """What a ``scan``'s running sums depend on: the model's weights, the item columns it reads
+    (the usual ones and ``columns``, where the items have them) and its ``settings``."""
+    # a column the items lack is refused by ``batches`` in one line, at the first batch
+    read = [c for c in ("input_ids", "answer_id", "pos_last", *columns) if c in data.column_names]
+    return {"scan": scan, "model": model_fingerprint(model),
+            "items": items_fingerprint(data, read)} | settings
 
 
 class RunningSums:

@@ -166,9 +166,11 @@ def _check_order(search: Sequence[SearchStep]) -> None:
 def _scan_group(
     model: HookedTransformer, data, step: SearchStep, receivers: tuple[Head, ...], *,
     prefilter: int | None, batch_size: int, senders_per_pass: int, metric: str, progress: bool,
+    resume: Path | None,
 ) -> dict[str, Scan]:
-    """One step's scans: ``step.name``'s path-patching scan, and with ``prefilter`` the
-    ``<step>_prefilter`` attribution scan whose top senders it was limited to."""
+    """One step's scans: ``step.name``'s path-patching scan (resumable from ``resume``), and with
+    ``prefilter`` the ``<step>_prefilter`` attribution scan whose top senders it was limited to
+    (one gradient pass a batch: not worth keeping)."""
     kw = dict(receivers=receivers, receiver_input=step.receiver_input, position=step.position,
               batch_size=batch_size, metric=metric)
     scans, senders = {}, None
@@ -178,7 +180,7 @@ def _scan_group(
         # rank 0's candidates: the ranks' gradients may differ in their last bits
         senders = broadcast(scans[f"{step.name}_prefilter"].ranking().top(prefilter))
     scans[step.name] = path_patching_scan(model, data, senders_per_pass=senders_per_pass,
-                                          senders=senders, progress=progress, **kw)
+                                          senders=senders, progress=progress, resume=resume, **kw)
     return scans
 
 
@@ -252,7 +254,8 @@ def path_patching_circuit(
         checkpoint_dir: each finished group's scans are kept there (``<group>.json``) and reused
             by a later call with the same model, items (the columns the search reads), step,
             receivers and ``prefilter`` (``k`` and ``min_effect`` only select from them), so an
-            interrupted search resumes; a group kept under other ones is recomputed and replaced.
+            interrupted search resumes, the group it was in from its last whole batch
+            (``<group>.partial.pt``); a group kept under other ones is recomputed and replaced.
             Under ``torchrun`` rank 0 alone reads and writes them, and tells the others what it
             read.
         progress: a tqdm bar per group, advancing per forward pass (rank 0's, under ``torchrun``).
@@ -281,7 +284,8 @@ def path_patching_circuit(
             "receivers": [str(r) for r in receivers], "prefilter": prefilter}
         scans = _kept_or_scanned(store, f"{step.name}.json", identity, partial(
             _scan_group, model, data, step, receivers, prefilter=prefilter, batch_size=batch_size,
-            senders_per_pass=senders_per_pass, metric=metric, progress=progress))
+            senders_per_pass=senders_per_pass, metric=metric, progress=progress,
+            resume=None if store is None else store.path(f"{step.name}.partial.pt")))
         found |= scans
         k_here = k if isinstance(k, int) else k.get(step.name, 0)
         groups[step.name] = select_heads(scans[step.name], k_here, min_effect, min_share,
