@@ -43,6 +43,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -51,11 +52,9 @@ from torch import Tensor
 
 from cdist.activations import Site
 from cdist.cka import linear_cka
-from cdist.discovery.ablation import ablated_logits
+from cdist.discovery.ablation import position_drops
 from cdist.errors import InputError
-from cdist.evaluate import answer_stats, batches, device_of, pad_id
 from cdist.models import HookedTransformer, check_heads
-from cdist.progress import bar as progress_bar
 from cdist.types import Circuit, Head, HeadPair, Scan
 
 __all__ = ["HeadMap", "ablation_matcher", "ablation_matcher_from_scans", "circuit_positions",
@@ -404,6 +403,7 @@ def work_positions(
     columns: Sequence[str] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    resume: str | Path | None = None,
 ) -> tuple[dict[Head, str], dict[Head, dict[str, float]]]:
     """Where each head does its work: the position column where mean-ablating the head *only there*
     lowers the answer's probability most (ties: the first column).
@@ -414,25 +414,18 @@ def work_positions(
         heads: the heads to place.
         means: ``discovery.ablation.head_means`` of the model.
         columns: candidate columns (default: ``position_columns(data)``).
-        progress: a bar over forward passes (one per head, column and batch).
+        progress: a bar over forward passes.
+        resume: a file for the running sums after each batch (``ablation.position_drops``): at
+            SmolLM2 depth placing 57 heads on 500 items is about an hour on a core.
 
     Returns:
         ``{head: column}`` and, per head, ``{column: mean probability drop}``.
     """
     heads = list(dict.fromkeys(heads))
     columns = list(columns or position_columns(data))
-    drops = {h: dict.fromkeys(columns, 0.0) for h in heads}
-    total = -(-len(data) // batch_size) * (1 + len(heads) * len(columns))
-    with progress_bar(total, "where heads work", enabled=progress, unit="pass") as bar:
-        for batch in batches(data, batch_size, pad_id(model), columns):
-            ids, answer, last = batch["input_ids"], batch["answer_id"], batch["pos_last"]
-            base, _ = answer_stats(model(ids.to(device_of(model))), answer, last)
-            bar.update()
-            for h in heads:
-                for col in columns:
-                    ablated = ablated_logits(model, ids, [h], means, batch[col])
-                    prob, _ = answer_stats(ablated, answer, last)
-                    drops[h][col] += float((base - prob).sum()) / len(data)
-                    bar.update()
+    measured = position_drops(model, data, heads, means, columns, batch_size=batch_size,
+                              progress=progress, resume=resume)
+    drops = {h: {c: float(measured[j, i]) for j, c in enumerate(columns)}
+             for i, h in enumerate(heads)}
     chosen = {h: max(columns, key=lambda c, h=h: (drops[h][c], -columns.index(c))) for h in heads}
     return chosen, drops

@@ -256,6 +256,42 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
         assert calls == [5, 5, 2] and same(sums[-1], sums[0]) and not kept.exists()
 
 
+def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, means, tmp_path,
+                                                                 monkeypatch):
+    """Where heads work (every column in one pass over the items) is as resumable as the scan."""
+    kept, real, calls = tmp_path / "where.partial.pt", ablation._batch_sums, []
+    heads, columns = [Head(1, 2), Head(0, 3)], ["pos_last", "pos_query_label"]
+
+    def counted(model, batch, *args):
+        calls.append(len(batch["input_ids"]))
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(ablation, "_batch_sums", counted)
+
+    def drops(resume=kept):
+        return ablation.position_drops(model, data, heads, means, columns, batch_size=5,
+                                       heads_per_pass=1, resume=resume)
+
+    kill_at = None
+    straight = drops(resume=None)
+    assert straight.shape == (2, 2) and straight.dtype == torch.float64
+    for j, column in enumerate(columns):  # the scan at that column, for those heads
+        scan = ablation.head_ablation_scan(model, data, means=means, position=column)
+        for i, h in enumerate(heads):
+            assert float(straight[j, i]) == pytest.approx(float(scan["prob_drop"][h.layer, h.head]),
+                                                          abs=1e-6)
+    calls.clear()
+    kill_at = 5  # the third batch's first column (two calls a batch)
+    with pytest.raises(KeyboardInterrupt):
+        drops()
+    assert torch.load(kept, weights_only=True)["done"] == 2
+    calls.clear()
+    kill_at = None
+    assert torch.equal(drops(), straight) and calls == [2, 2] and not kept.exists()
+
+
 def teacher_labelled(model, data):
     """``data`` answered by the model itself (as distillation labels are), so that its accuracy
     is 1."""

@@ -40,6 +40,7 @@ from cdist.discovery import metrics
 from cdist.discovery.engine import (
     Hook,
     budget_batch_size,
+    flat_heads,
     one_head_scan,
     passes_per_batch,
     rank_heads,
@@ -57,7 +58,7 @@ from cdist.store import tensor_fingerprint
 from cdist.types import Head, Scan
 
 __all__ = ["ablated_logits", "head_ablation_scan", "head_ablation_scan_reference", "head_means",
-           "make_mean_ablation_hook", "mean_ablation_hooks"]
+           "make_mean_ablation_hook", "mean_ablation_hooks", "position_drops"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +299,53 @@ def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
     sums["prob_abl"], sums["correct_abl"] = torch.zeros(2, len(p_abl), dtype=torch.float64)
     sums["prob_abl"][mine], sums["correct_abl"][mine] = p_abl[mine].sum(1), c_abl[mine].sum(1)
     return sums
+
+
+@torch.no_grad()
+def position_drops(
+    model: HookedTransformer,
+    data,
+    heads: Sequence[Head | str],
+    means: Float[Tensor, "layer ref_pos head_index d_head"],
+    columns: Sequence[str],
+    *,
+    batch_size: int = 64,
+    heads_per_pass: int = 8,
+    progress: bool = False,
+    resume: str | Path | None = None,
+) -> Float[Tensor, "column head"]:
+    """Each of ``heads`` mean-ablated at one position column only, for each of ``columns``: the
+    mean drop of the answer's probability, ``[column, head]`` in the orders given (float64).
+
+    The scan of ``head_ablation_scan(position=column)`` restricted to ``heads``, every column in
+    the same pass over the items, so that a killed run resumes from its last whole batch
+    (``resume``, as there); ``head_ablation_scan_reference`` with ``position`` is its slow twin.
+    Every process measures every head (no ``torchrun`` split: a few heads, not a model's all).
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    flat = flat_heads(heads, n_layers, n_heads)  # sorted, each once: the order one scan runs in
+    heads = [Head.parse(h) if isinstance(h, str) else h for h in heads]
+    order = torch.tensor([h.layer * n_heads + h.head for h in heads], dtype=torch.long)
+    key = None if resume is None else scan_key(
+        "position_drops", model, data, columns, means=tensor_fingerprint(means),
+        heads=[str(h) for h in heads], batch_size=batch_size, heads_per_pass=heads_per_pass)
+    running = RunningSums(resume, key,
+                          drop=torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64))
+    per_batch = len(columns) * passes_per_batch(flat, n_layers, n_heads, heads_per_pass)
+    with progress_bar(-(-len(data) // batch_size) * per_batch, "where heads work",
+                      enabled=progress, unit="pass", initial=running.done * per_batch) as bar:
+        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns)):
+            if running.skip(i):
+                continue
+            drop = torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64)
+            for j, column in enumerate(columns):
+                sums = _batch_sums(model, batch, means, flat, column, "prob", heads_per_pass,
+                                   bar.update)
+                drop[j] = sums["prob_base"] - sums["prob_abl"]
+            running.add(drop=drop)
+    drops = running.sums["drop"][:, order] / len(data)
+    running.finish()
+    return drops
 
 
 @torch.no_grad()

@@ -315,8 +315,9 @@ def _grown_circuit(ctx: Context, role: Role, circuit: Circuit,
             scores.setdefault(c.head, c.score)
     by_drop = [c.head for c in added if c.group is None]
     if by_drop and circuit.method == "path_patching":
-        where, _ = matching.work_positions(ctx.model(role), ctx.items.val, by_drop,
-                                           ctx.means(role), progress=ctx.progress)
+        where, _ = matching.work_positions(
+            ctx.model(role), ctx.items.val, by_drop, ctx.means(role), progress=ctx.progress,
+            resume=ctx.store.path(f"scans/{role}-grown-positions.partial.pt"))
         for h in by_drop:
             name = "grown_" + where[h].removeprefix("pos_")
             groups.setdefault(name, []).append(h)

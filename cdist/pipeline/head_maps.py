@@ -90,8 +90,9 @@ def _homolog_map(ctx: Context, circuits: Circuits, placement: Placement,
     positions = dict(placement.positions)
     outside = [t for t in (homologs.homolog(h, origin) for h in s_heads) if t not in positions]
     if outside:  # read where each works, as a ranked circuit's heads are placed
-        found, _ = matching.work_positions(ctx.model("teacher"), ctx.items.found_on, outside,
-                                           ctx.means("teacher"), progress=ctx.progress)
+        found, _ = matching.work_positions(
+            ctx.model("teacher"), ctx.items.found_on, outside, ctx.means("teacher"),
+            progress=ctx.progress, resume=ctx.store.path("scans/teacher-homologs.partial.pt"))
         positions |= found
     return homologs.homolog_map(s_heads, origin, positions, **_names(ctx))
 

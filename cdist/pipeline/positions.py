@@ -41,9 +41,9 @@ def place_teacher_heads(ctx: Context, circuits: Circuits) -> Placement:
     if circuit.method == "path_patching":
         positions, how = matching.circuit_positions(circuit), "circuit groups"
     else:
-        positions, _ = matching.work_positions(ctx.model("teacher"), ctx.items.found_on,
-                                               circuit.heads, ctx.means("teacher"),
-                                               progress=ctx.progress)
+        positions, _ = matching.work_positions(
+            ctx.model("teacher"), ctx.items.found_on, circuit.heads, ctx.means("teacher"),
+            progress=ctx.progress, resume=ctx.store.path("scans/teacher-positions.partial.pt"))
         how = "largest ablation effect"
     named = {Head.parse(h): col for h, col in ctx.cfg.teacher_positions.items()}
     check_heads(ctx.model("teacher"), named, "teacher_positions heads")
