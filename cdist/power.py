@@ -17,8 +17,9 @@ variance is ``pi - delta^2`` and the mean over m items adds ``(pi - delta^2) / m
 ``(pi - delta^2 - sigma^2_run) / m``; the model drops ``sigma^2_run / m``, negligible beside
 sigma^2_run.) More test items shrink only the second term; past the point where sigma^2_run
 dominates, only more seeds help. ``run_variance`` estimates sigma^2_run from a pilot's per-seed
-differences, ``design_power`` gives the power for m items and n seeds, and ``plan`` the seeds
-needed per choice of m.
+differences, ``alternative_discordance`` the pi of arms that truly differ by delta,
+``design_power`` gives the power for m items and n seeds, and ``plan`` the seeds needed per choice
+of m.
 
 Warning:
     The model takes a run's items as fresh draws. Where every run is evaluated on the same items
@@ -36,7 +37,8 @@ from scipy import stats as scipy_stats
 
 from cdist.errors import InputError
 
-__all__ = ["design_power", "paired_t_power", "plan", "run_variance", "seeds_for_power"]
+__all__ = ["alternative_discordance", "design_power", "paired_t_power", "plan", "run_variance",
+           "seeds_for_power"]
 
 
 def _check(alpha: float, power: float | None = None) -> None:
@@ -129,6 +131,32 @@ def run_variance(diffs: Sequence[float], discordance: float, n_items: int) -> di
             if floored else None)
     return {"run_var": max(0.0, sample_var - item_var), "sample_var": sample_var,
             "item_var": item_var, "floored": floored, "note": note}
+
+
+def alternative_discordance(discordance: float, difference: float, effect: float) -> float:
+    """pi under the alternative, from a pilot's: the pilot's two-way churn (its ``discordance``
+    less its net ``difference``: items that flip each way in equal numbers, which a true
+    difference does not remove) plus the ``|effect|`` items that a true difference flips one way;
+    at most 1.
+
+    The pilot's own pi cannot stand for it. Two nearly identical arms disagree on fewer items
+    than the effect a table is sized for (the IOI pilot's circuit CE and CE + Align CKA: 1.1% of
+    items, against a 2-point effect), and the variance model needs ``|delta| <= pi``; and arms
+    that truly differ by ``effect`` disagree on the churn and on those items both.
+
+    Args:
+        discordance: the pilot's share of items the arms disagree on (``stats.compare``).
+        difference: the pilot's mean difference (at most ``discordance`` in size).
+        effect: the difference the table is sized for.
+
+    Raises:
+        InputError: ``|difference| > discordance``, or either outside [0, 1].
+    """
+    if not 0 <= abs(difference) <= discordance <= 1:
+        raise InputError(f"a pilot's mean difference {difference} cannot exceed its discordance "
+                         f"{discordance} (both shares of items, in [0, 1]); pass "
+                         "stats.compare's discordance and seed-level mean")
+    return min(1.0, discordance - abs(difference) + abs(effect))
 
 
 def design_power(effect: float, run_var: float, discordance: float, n_items: int, n_seeds: int,

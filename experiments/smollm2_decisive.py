@@ -29,8 +29,10 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
 4. selection (``cdist.pipeline.select``, seed ``SELECT_SEED``): the matcher (one-to-one rules) and
    lambda of CE + Align CKA, lambdas spanning a CKA:CE gradient ratio of about 0.1 to 1;
 5. power: circuit CE and the selected CE + Align CKA on ``PILOT_SEEDS``, their per-seed
-   validation differences and discordance give the run-to-run variance (``cdist.power``), and the
-   seeds and test items the table needs for ``POWER`` power at a ``EFFECT`` difference.
+   validation differences and discordance give the run-to-run variance (``cdist.power``), the
+   discordance of arms that truly differ by ``EFFECT`` (the pilot's two-way churn plus the items
+   such a difference flips one way: ``power.alternative_discordance``), and so the seeds and test
+   items the table needs for ``POWER`` power at a ``EFFECT`` difference.
 ``OUT/pilot/pilot.json`` records every number and choice.
 
 **Table** (``OUT``): the arms of ``ARMS`` on the chosen settings, as many seeds and test items as
@@ -227,10 +229,11 @@ def power_pilot(ctx, circuits, selection, chosen: dict) -> dict:
                              alpha=ALPHA)
     n_val = len(bits[arms.PRIMARY[0]][0])
     variance = power.run_variance(compared["seed_level"]["diffs"], compared["discordance"], n_val)
-    plans = power.plan(EFFECT, variance["run_var"], compared["discordance"], ITEM_OPTIONS,
-                       power=POWER, alpha=ALPHA)
+    pi = power.alternative_discordance(compared["discordance"], compared["seed_level"]["mean"],
+                                       EFFECT)
+    plans = power.plan(EFFECT, variance["run_var"], pi, ITEM_OPTIONS, power=POWER, alpha=ALPHA)
     return {"seeds": list(PILOT_SEEDS), "validation_items": n_val, "comparison": compared,
-            "run_variance": variance, "plans": plans}
+            "run_variance": variance, "discordance_alternative": pi, "plans": plans}
 
 
 def design(pilot: dict) -> dict:
@@ -241,7 +244,7 @@ def design(pilot: dict) -> dict:
     chosen = ok[0] if ok else plans[-1]
     seeds = max(MIN_SEEDS, chosen["n_seeds"] or 12)
     achieved = power.design_power(EFFECT, pilot["power"]["run_variance"]["run_var"],
-                                  pilot["power"]["comparison"]["discordance"],
+                                  pilot["power"]["discordance_alternative"],
                                   chosen["n_items"], seeds, ALPHA)
     return {"seeds": list(range(seeds)), "test_items": chosen["n_items"],
             "planned_power": achieved}

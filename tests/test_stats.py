@@ -293,6 +293,31 @@ def test_run_variance_floors_at_zero_and_says_so():
         power.design_power(0.3, 0.0, 0.2, 100, 5)
 
 
+def test_alternative_discordance_adds_the_effects_flips_to_the_pilots_churn():
+    """Items that flip each way with probability churn / 2, and one way with probability delta
+    more: the arms disagree on churn + delta of them, which is what the plan takes from a
+    pilot that saw only the churn (and a small net difference)."""
+    gen = torch.Generator().manual_seed(3)
+    churn, delta, m = 0.011, 0.02, 400_000
+    u = torch.rand(m, generator=gen, dtype=torch.float64)
+    d = torch.where(u < churn / 2, 1.0, torch.where(u < churn, -1.0,
+                                                    torch.where(u < churn + delta, 1.0, 0.0)))
+    assert float((d != 0).double().mean()) == pytest.approx(
+        power.alternative_discordance(churn, 0.0, delta), abs=5e-4)
+    assert float(d.mean()) == pytest.approx(delta, abs=5e-4)
+    # a pilot's net difference is not churn: the IOI pilot's 0.011 with +0.002 between the arms
+    assert power.alternative_discordance(0.011, 0.002, 0.02) == pytest.approx(0.029)
+    assert power.alternative_discordance(0.011, -0.002, -0.02) == pytest.approx(0.029)
+    assert power.alternative_discordance(0.99, 0.0, 0.05) == 1.0
+    # the variance model accepts what it gives where the pilot's own discordance is refused
+    with pytest.raises(InputError, match="discordance"):
+        power.design_power(0.02, 0.0, 0.011, 1000, 5)
+    assert 0 < power.design_power(0.02, 0.0, power.alternative_discordance(0.011, 0.002, 0.02),
+                                  1000, 5) < 1
+    with pytest.raises(InputError, match="cannot exceed"):
+        power.alternative_discordance(0.01, 0.02, 0.02)
+
+
 def test_plan_more_items_never_need_more_seeds():
     rows = power.plan(0.03, 0.01**2, 0.25, [100, 300, 1000, 10_000], max_seeds=30)
     seeds = [r["n_seeds"] for r in rows]
