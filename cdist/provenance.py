@@ -17,13 +17,18 @@ T = TypeVar("T")
 
 
 def git_commit() -> str:
-    """``<sha>`` of HEAD, with ``+dirty`` when tracked files differ from it; ``unknown`` outside a
-    checkout."""
+    """``<sha>`` of HEAD, with ``+dirty`` when tracked files other than ``results/``'s differ from
+    it; ``unknown`` outside a checkout.
+
+    The mark says whether the *code* was the commit's: a run that writes into a committed results
+    folder (a pilot resumed in its worktree rewrites its own records) has not changed the code.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO, capture_output=True, text=True,
+                               check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -113,7 +113,8 @@ ITEM_OPTIONS = (1000, 2000, 3000)
 ARMS = ("base student", "teacher", "fully distilled, CE", "circuit distilled, CE",
         "circuit distilled, KD", "circuit distilled, CE + Align CKA",
         "circuit distilled, CE + Align CKA (homolog)", "circuit distilled, CE + Shuffled CKA",
-        "circuit distilled, CE + Rand CKA", "positive control, Align CKA (small lr)",
+        "circuit distilled, CE + Rand CKA", "circuit distilled, CE + Align CKA (strong)",
+        "circuit distilled, CE + Shuffled CKA (strong)", "positive control, Align CKA (small lr)",
         "positive control, Shuffled CKA (small lr)")
 # what the table folder takes from the pilot's: kept by identity, so reused only if the same
 FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select")

@@ -40,3 +40,24 @@ def test_git_commit_is_head_in_this_checkout_and_unknown_outside_one(monkeypatch
     assert git_commit().removesuffix("+dirty") == head and len(head) == 40
     monkeypatch.setattr(provenance, "REPO", tmp_path)  # not a git checkout
     assert git_commit() == "unknown"
+
+
+def test_git_commit_is_dirty_for_changed_code_not_for_changed_results(monkeypatch, tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "run.json").write_text("{}\n")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD").strip()
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
+    assert git_commit() == head
+    (tmp_path / "results" / "run.json").write_text('{"rewritten": true}\n')
+    (tmp_path / "results" / "new.json").write_text("{}\n")
+    assert git_commit() == head  # a run's own records
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit() == head + "+dirty"
