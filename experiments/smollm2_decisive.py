@@ -48,6 +48,8 @@ import argparse
 import json
 import math
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,16 +290,31 @@ def run_table() -> None:
     pilot = json.loads((out / "pilot" / "pilot.json").read_text())
     chosen, plan, sel = pilot["chosen"], pilot["design"], pilot["selection"]["chosen"]
     ood = tuple((label, kwargs) for label, kwargs in pilot["ood"]["sets"])
+    # selection's grid as the pilot ran it, so that its runs are reused and it chooses again
+    # what the pilot chose: the matcher, lambda and the strong lambda, which is read from the
+    # whole grid's gradient ratios
     cfg = config(test_items=plan["test_items"], ood=ood, ood_items=OOD_ITEMS,
                  seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
-                 lrs=(chosen["lr"],), lambdas=(sel["lambda"],), matchers=(sel["matcher"],),
-                 control_lr=chosen["lr"] / 10, steps=chosen["steps"], arms=ARMS)
+                 lrs=(chosen["lr"],), lambdas=study.lambdas, control_lr=chosen["lr"] / 10,
+                 steps=chosen["steps"], arms=ARMS)
     for name in FROM_PILOT:
         if (out / "pilot" / name).exists() and not (out / name).exists():
             shutil.copytree(out / "pilot" / name, out / name)
     ctx = context(cfg, out)
     with ctx.claim():
-        summary = pipeline.run_stages(ctx)
+        started = time.time()
+        circuits = pipeline.find_circuits(ctx, ("teacher", "student"))
+        placement = pipeline.place_teacher_heads(ctx, circuits)
+        maps = pipeline.make_head_maps(ctx, circuits, placement)
+        selection = pipeline.select(ctx, circuits, maps)
+        again = {"matcher": selection.matcher, "lambda": selection.lam,
+                 "lambda_strong": selection.lam_strong, "lr": selection.lr}
+        if any(again[k] != sel[k] for k in again):
+            sys.exit(f"the table's selection chose {again}, the pilot's {sel}: the pilot's runs "
+                     "were not reused as they are; stopped before any table run")
+        table = pipeline.make_table(ctx, circuits, selection)
+        summary = pipeline.write_summary(ctx, circuits, placement, maps, selection, table,
+                                         time.time() - started)
     primary = next(e for e in summary["comparisons"] if e["role"] == "primary")
     print(json.dumps({k: primary[k] for k in ("a", "b", "set", "seed_level", "clustered")},
                      indent=1, default=str))
