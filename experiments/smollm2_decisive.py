@@ -35,10 +35,10 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
    items the table needs for ``POWER`` power at a ``EFFECT`` difference.
 ``OUT/pilot/pilot.json`` records every number and choice.
 
-**Table** (``OUT``): the arms of ``ARMS`` on the chosen settings, as many seeds and test items as
-the pilot asks (at least ``MIN_SEEDS``), the pilot's OOD sets, 1,000 items each; the primary
-comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align CKA
-vs circuit CE, test accuracy, mean per-seed difference with its interval, p and the
+**Table** (``OUT/table``): the arms of ``ARMS`` on the chosen settings, as many seeds and test
+items as the pilot asks (at least ``MIN_SEEDS``), the pilot's OOD sets, 1,000 items each; the
+primary comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align
+CKA vs circuit CE, test accuracy, mean per-seed difference with its interval, p and the
 equivalence verdict at +-``EFFECT``.
 """
 
@@ -297,11 +297,11 @@ def run_table() -> None:
                  seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
                  lrs=(chosen["lr"],), lambdas=study.lambdas, control_lr=chosen["lr"] / 10,
                  steps=chosen["steps"], arms=ARMS)
-    for name in FROM_PILOT:
-        if (out / "pilot" / name).exists() and not (out / name).exists():
-            shutil.copytree(out / "pilot" / name, out / name)
-    ctx = context(cfg, out)
+    ctx = context(cfg, out / "table")
     with ctx.claim():
+        for name in FROM_PILOT:  # into the folder claimed, which cdist writes only once it made it
+            if (out / "pilot" / name).exists() and not (out / "table" / name).exists():
+                shutil.copytree(out / "pilot" / name, out / "table" / name)
         started = time.time()
         circuits = pipeline.find_circuits(ctx, ("teacher", "student"))
         placement = pipeline.place_teacher_heads(ctx, circuits)
