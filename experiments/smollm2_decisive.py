@@ -118,8 +118,11 @@ ARMS = ("base student", "teacher", "fully distilled, CE", "circuit distilled, CE
         "circuit distilled, CE + Rand CKA", "circuit distilled, CE + Align CKA (strong)",
         "circuit distilled, CE + Shuffled CKA (strong)", "positive control, Align CKA (small lr)",
         "positive control, Shuffled CKA (small lr)")
-# what the table folder takes from the pilot's: kept by identity, so reused only if the same
-FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select")
+# what the table folder takes from the pilot's: kept by identity, so reused only if the same (the
+# faithfulness records hold the grown circuits with their heads' positions, an hour to place at
+# entity tracking's depth)
+FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select",
+              "faithfulness-teacher.json", "faithfulness-student.json")
 
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -300,8 +303,11 @@ def run_table() -> None:
     ctx = context(cfg, out / "table")
     with ctx.claim():
         for name in FROM_PILOT:  # into the folder claimed, which cdist writes only once it made it
-            if (out / "pilot" / name).exists() and not (out / "table" / name).exists():
-                shutil.copytree(out / "pilot" / name, out / "table" / name)
+            kept, into = out / "pilot" / name, out / "table" / name
+            if kept.is_dir() and not into.exists():
+                shutil.copytree(kept, into)
+            elif kept.is_file() and not into.exists():
+                shutil.copy2(kept, into)
         started = time.time()
         circuits = pipeline.find_circuits(ctx, ("teacher", "student"))
         placement = pipeline.place_teacher_heads(ctx, circuits)
