@@ -250,13 +250,15 @@ def test_item_flags_reach_the_items_and_checkpoints_get_the_pretrained_lrs(tok, 
     decoded = [tok.decode(ids) for ids in _test_items_of_config(summary, tok)]
     assert all(sum(o in text.split() for o in objects) == 4 for text in decoded)
     # a second call redoes no scan: the ablation scans and the search's groups are saved
-    from cdist.discovery import ablation, search
+    from cdist.discovery import ablation, circuit_eval, search
 
     def no_scan(*args, **kwargs):
         raise AssertionError("a saved scan was computed again")
 
     monkeypatch.setattr(ablation, "head_ablation_scan", no_scan)
     monkeypatch.setattr(search, "path_patching_scan", no_scan)
+    # nor an evaluation: the untrained rows (base student, teacher) are kept as the runs are
+    monkeypatch.setattr(circuit_eval, "evaluate_circuit", no_scan)
     again = run_table("entity_tracking", argv)
     assert again["circuits"] == summary["circuits"] and again["rows"] == summary["rows"]
 

@@ -66,7 +66,11 @@ class ItemSets:
         """Fingerprints of the items a run of ``n_train`` training items and ``seed`` trains and
         is scored on: a saved run is reused only for the same items."""
         return {"train": items_fingerprint(self.training(n_train, seed)),
-                "val": items_fingerprint(self.val), "test": items_fingerprint(self.test),
+                "val": items_fingerprint(self.val), **self.scored_on()}
+
+    def scored_on(self) -> dict:
+        """Fingerprints of the items a model is scored on: the test and the OOD sets."""
+        return {"test": items_fingerprint(self.test),
                 "ood": {k: items_fingerprint(v) for k, v in self.ood.items()}}
 
 

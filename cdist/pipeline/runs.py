@@ -4,7 +4,8 @@ training regime, and the accuracies every row of the table is made of.
 A run's record (its folder's ``eval.json``) holds its identity beside its results: the arm's
 training config, the pairs and heads it trained, its items' fingerprints, the number of random
 circuits its evaluation draws, and the teacher's and base student's fingerprints; the same
-identity reuses the record, and an interrupted run resumes from its checkpoint
+identity reuses the record (an untrained row's too: its model's fingerprint, circuit, items and
+seed), and an interrupted run resumes from its checkpoint
 (``cdist.distill``). Per-item correctness is kept as strings of 0/1 (test and OOD sets), so every
 statistic can be recomputed from the records.
 """
@@ -26,7 +27,8 @@ from cdist.pipeline.config import Role
 from cdist.pipeline.context import Context
 from cdist.types import Head
 
-__all__ = ["bits", "evaluate_model", "ood_accuracies", "run_dir", "slug", "train_run", "unbits"]
+__all__ = ["bits", "evaluate_model", "evaluation_run", "ood_accuracies", "run_dir", "slug",
+           "train_run", "unbits"]
 
 
 def bits(correct: torch.Tensor) -> str:
@@ -70,6 +72,19 @@ def evaluate_model(ctx: Context, circuits: Circuits, model: HookedTransformer, r
            for name, d in items.ood.items()}
     return {**{k: result[k] for k in keys}, "test_full": bits(result["full_correct"]),
             "test_circuit": bits(result["circuit_correct"]), "ood": ood}
+
+
+def evaluation_run(ctx: Context, circuits: Circuits, role: Role, seed: int) -> dict:
+    """``role``'s model evaluated as it is (an untrained row: base student, teacher), its record
+    kept in ``evaluations/<role>-seed<seed>.json`` and reused for the same model, circuit, items,
+    random circuits and seed: at real depth each is minutes of test and OOD items, once per
+    seed. Not under ``runs/``, whose folders are trained runs."""
+    identity = {"models": {role: ctx.fingerprint(role)},
+                "heads": [str(h) for h in circuits.heads(role)],
+                "items": ctx.items.scored_on(), "n_random": ctx.cfg.n_random, "seed": seed}
+    kept = ctx.store.record(f"evaluations/{role}-seed{seed}.json", identity,
+                            lambda: evaluate_model(ctx, circuits, ctx.model(role), role, seed))
+    return {k: v for k, v in kept.items() if k not in identity}  # a row as it was made
 
 
 def _all_heads(model: HookedTransformer) -> list[Head]:

@@ -13,7 +13,7 @@ from cdist import arms
 from cdist.errors import InputError
 from cdist.pipeline.circuits import Circuits
 from cdist.pipeline.context import Context
-from cdist.pipeline.runs import evaluate_model, run_dir, train_run, unbits
+from cdist.pipeline.runs import evaluation_run, run_dir, train_run, unbits
 from cdist.pipeline.selection import Selection
 
 __all__ = ["Table", "make_table"]
@@ -29,7 +29,8 @@ class Table:
 
 
 def _teacher_ood(ctx: Context, circuits: Circuits) -> dict[str, float]:
-    ood = evaluate_model(ctx, circuits, ctx.model("teacher"), "teacher")["ood"]
+    # the teacher's row of the first seed: evaluated once, for both
+    ood = evaluation_run(ctx, circuits, "teacher", ctx.cfg.seeds[0])["ood"]
     accuracy = {name: unbits(b).float().mean().item() for name, b in ood.items()}
     for name, acc in accuracy.items():
         flag = ("" if acc >= ctx.cfg.min_teacher_ood
@@ -41,7 +42,7 @@ def _teacher_ood(ctx: Context, circuits: Circuits) -> dict[str, float]:
 def _row(ctx: Context, circuits: Circuits, selection: Selection, arm: arms.Arm, n_train: int,
          seed: int) -> dict:
     if not arm.trained:
-        return evaluate_model(ctx, circuits, ctx.model(arm.model), arm.model, seed)
+        return evaluation_run(ctx, circuits, arm.model, seed)
     lam = selection.lam_strong if arm.strong else selection.lam
     head_map = selection.homolog_map if arm.head_map == "homolog" else selection.head_map
     return train_run(ctx, circuits, arm, n_train=n_train, seed=seed, lr=selection.lr, lam=lam,
