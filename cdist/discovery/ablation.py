@@ -230,8 +230,8 @@ def head_ablation_scan(
         metric: what is read at the answer (``cdist.discovery.metrics``); a logit difference
             needs the items' ``contrast_id``, its normalised form their ``corrupt_input_ids``.
         progress: a progress bar over batches (``cdist.progress``; rank 0's under ``torchrun``).
-        resume: a file for the running sums after each batch (``RunningSums``, which says when
-            a killed scan resumes from it, bit for bit); removed when the scan returns.
+        resume: a file for the running sums after each batch (``RunningSums``: when a killed
+            scan resumes from it bit for bit); removed when the scan returns.
 
     Returns:
         A ``Scan`` (method "mean_ablation", ranked by the metric's drop) of ``[layer, head_index]``
@@ -255,15 +255,13 @@ def head_ablation_scan(
         "mean_ablation", model, data, [*columns, *(["corrupt_input_ids"] if normalised else [])],
         means=tensor_fingerprint(means), batch_size=batch_size, heads_per_pass=heads_per_pass,
         position=position, metric=metric)
-    zero = torch.zeros((), dtype=torch.float64)
+    zero, zeros = torch.zeros((), dtype=torch.float64), torch.zeros(n_all, dtype=torch.float64)
     running = RunningSums(resume, key, prob_base=zero, correct_base=zero.clone(), gap=zero.clone(),
-                          prob_abl=torch.zeros(n_all, dtype=torch.float64),
-                          correct_abl=torch.zeros(n_all, dtype=torch.float64))
+                          prob_abl=zeros, correct_abl=zeros.clone())
     # counted in passes, not batches: at real depth a batch is minutes of passes
     per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    with progress_bar(-(-len(data) // batch_size) * per_batch, "mean-ablation scan",
-                      enabled=progress and is_main(), unit="pass",
-                      initial=running.done * per_batch) as bar:
+    with progress_bar(-(-len(data) // batch_size) * per_batch, "mean-ablation scan", unit="pass",
+                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
         for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
                                           corrupt=normalised)):
             if not running.skip(i):

@@ -179,28 +179,21 @@ def path_patching_scan(
     run = rank_heads(asked[asked < paths.top * n_heads])  # flat index layer * n_heads + head
     columns = metrics.columns(position, metric)
     key = None if resume is None else scan_key(
-        "path_patching", model, data, ["corrupt_input_ids", *columns],
-        receivers=[str(r) for r in paths.receivers], receiver_input=receiver_input,
-        position=position, senders=asked.tolist(), batch_size=batch_size,
-        senders_per_pass=senders_per_pass, metric=metric)
+        "path_patching", model, data, ["corrupt_input_ids", *columns], paths=paths.key(),
+        senders=asked.tolist(), batch_size=batch_size, senders_per_pass=senders_per_pass,
+        metric=metric)
     running = RunningSums(resume, key, **PatchSums(model, metric).state())
     per_batch = -(-len(run) // senders_per_pass)
-    total = -(-len(data) // batch_size) * per_batch
-    with progress_bar(total, "path patching", enabled=progress and is_main(), unit="pass",
-                      initial=running.done * per_batch) as bar:
+    with progress_bar(-(-len(data) // batch_size) * per_batch, "path patching", unit="pass",
+                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
         for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
                                           corrupt=True)):
             if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
                 raise InputError("receivers=() means the logits at pos_last; "
                                  f"position={position!r} differs")
-            if running.skip(i):
-                continue
-            part = PatchSums(model, metric)  # each head once a batch: adds to the total exactly
-            for chunk, change, p_clean in _patched_chunks(model, batch, paths, run,
-                                                          senders_per_pass, metric, part):
-                part.add_batch(chunk, change, p_clean)
-                bar.update()
-            running.add(**part.state())
+            if not running.skip(i):
+                running.add(**_batch_sums(model, batch, paths, run, senders_per_pass, metric,
+                                          bar.update).state())
     sums = PatchSums(model, metric)
     sums.load_state(running.sums)
     sums.add_unreachable(asked[asked >= paths.top * n_heads])
@@ -230,6 +223,11 @@ class _Paths:
     top: int
     start: int
 
+    def key(self) -> dict:
+        """What the paths are, for a scan's resume key (``RunningSums``)."""
+        return {"receivers": [str(r) for r in self.receivers],
+                "receiver_input": self.receiver_input, "position": self.position}
+
     @classmethod
     def of(cls, model: HookedTransformer, receivers: Sequence[Head],
            receiver_input: ReceiverInput, position: str) -> _Paths:
@@ -238,6 +236,18 @@ class _Paths:
         top = max(r.layer for r in receivers) if receivers else model.cfg.n_layers
         start = min(r.layer for r in receivers) if receivers else 0
         return cls(receivers, receiver_input, position, in_masks, top, start)
+
+
+def _batch_sums(model: HookedTransformer, batch: dict, paths: _Paths, run: Tensor,
+                senders_per_pass: int, metric: str, on_pass: Callable[[], object]) -> PatchSums:
+    """One batch's sums, each of this rank's senders once: added to the scan's, they give what
+    adding each pass to the scan's would have, bit for bit."""
+    part = PatchSums(model, metric)
+    for chunk, change, p_clean in _patched_chunks(model, batch, paths, run, senders_per_pass,
+                                                  metric, part):
+        part.add_batch(chunk, change, p_clean)
+        on_pass()
+    return part
 
 
 def _patched_chunks(

@@ -253,11 +253,10 @@ def path_patching_circuit(
         prefilter: exact scans of this many pre-filtered senders per group (None: of every head).
         checkpoint_dir: each finished group's scans are kept there (``<group>.json``) and reused
             by a later call with the same model, items (the columns the search reads), step,
-            receivers and ``prefilter`` (``k`` and ``min_effect`` only select from them), so an
-            interrupted search resumes, the group it was in from its last whole batch
-            (``<group>.partial.pt``); a group kept under other ones is recomputed and replaced.
-            Under ``torchrun`` rank 0 alone reads and writes them, and tells the others what it
-            read.
+            receivers and ``prefilter`` (``k`` and ``min_effect`` only select from them), and a
+            group in progress from its last batch (``<group>.partial.pt``); a group kept under
+            other ones is recomputed and replaced.
+            Under ``torchrun`` rank 0 alone reads and writes the groups, and tells the others.
         progress: a tqdm bar per group, advancing per forward pass (rank 0's, under ``torchrun``).
 
     Returns:
