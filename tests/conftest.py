@@ -42,6 +42,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+class Kill:
+    """``module.name`` wrapped (for the test's life) so that every call is counted, by the size of
+    its batch (its second argument, or that argument's ``input_ids``), and the ``at``-th call
+    raises ``KeyboardInterrupt``, as a kill would: the resumable scans' tests."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.real, self.calls, self.at = getattr(module, name), [], None
+        monkeypatch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        batch = args[1]
+        self.calls.append(len(batch["input_ids"] if isinstance(batch, dict) else batch))
+        if len(self.calls) == self.at:
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def unchecked():
     """Runtime type checking off (the suite runs with jaxtyping + beartype): a function's

@@ -8,6 +8,7 @@ import math
 import einops
 import pytest
 import torch
+from conftest import Kill
 
 from cdist import tasks
 from cdist.discovery import ablation, circuit_eval
@@ -193,19 +194,13 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     kept = tmp_path / "scan.partial.pt"
     left = tmp_path / "scan.partial.pt.rank1"  # a torchrun's, under another layout of processes
     left.write_bytes(b"")
-    real_scan, real_sums, calls, sums = ablation.one_head_scan, ablation._ablation_scan, [], []
-
-    def counted(*args, **kwargs):
-        calls.append(len(args[1]))
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt
-        return real_scan(*args, **kwargs)
+    kill = Kill(monkeypatch, ablation, "one_head_scan")
+    real_sums, sums = ablation._ablation_scan, []
 
     def recorded(value, correct, *args):
         sums.append((value, correct))  # the float64 sums, before the scores' float32
         return real_sums(value, correct, *args)
 
-    monkeypatch.setattr(ablation, "one_head_scan", counted)
     monkeypatch.setattr(ablation, "_ablation_scan", recorded)
 
     def scan(items=data, resume=kept, progress=False):
@@ -215,19 +210,19 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True))
 
-    kill_at = None
+    kill.at = None
     straight = scan(resume=None)
-    calls.clear()
-    kill_at = 3
+    kill.calls.clear()
+    kill.at = 3
     with pytest.raises(KeyboardInterrupt):
         scan()
     assert torch.load(kept, weights_only=True)["done"] == 2
-    calls.clear()
-    kill_at = None
+    kill.calls.clear()
+    kill.at = None
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     capsys.readouterr()
     resumed = scan(progress=True)
-    assert calls == [2]  # the last batch (12 items in batches of 5) alone
+    assert kill.calls == [2]  # the last batch (12 items in batches of 5) alone
     assert same(sums[-1], sums[0]) and len(sums) == 2
     for key in straight.metrics:
         assert torch.equal(resumed[key], straight[key]), key
@@ -237,44 +232,37 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     assert not kept.exists() and not left.exists()  # removed once the scan is made
 
     # sums kept for other items are not theirs: that scan starts over
-    kill_at = 2
-    calls.clear()
+    kill.at = 2
+    kill.calls.clear()
     with pytest.raises(KeyboardInterrupt):
         scan()
     other = data.select(range(11, -1, -1))
-    calls.clear()
-    kill_at = None
+    kill.calls.clear()
+    kill.at = None
     scan(other)
-    assert calls == [5, 5, 2]
+    assert kill.calls == [5, 5, 2]
     scan(other, resume=None)
     assert same(sums[-1], sums[-2])
 
     for damaged in (b"not a checkpoint", b"\x80\x02X\x01", b"\x80\x02h\x05.", b"\x80"):
         kept.write_bytes(damaged)
-        calls.clear()
+        kill.calls.clear()
         scan()
-        assert calls == [5, 5, 2] and same(sums[-1], sums[0]) and not kept.exists()
+        assert kill.calls == [5, 5, 2] and same(sums[-1], sums[0]) and not kept.exists()
 
 
 def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, means, tmp_path,
                                                                  monkeypatch):
     """Where heads work (every column in one pass over the items) is as resumable as the scan."""
-    kept, real, calls = tmp_path / "where.partial.pt", ablation._batch_sums, []
+    kept, kill = tmp_path / "where.partial.pt", Kill(monkeypatch, ablation, "_batch_sums")
     heads, columns = [Head(1, 2), Head(0, 3)], ["pos_last", "pos_query_label"]
 
-    def counted(model, batch, *args):
-        calls.append(len(batch["input_ids"]))
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt
-        return real(model, batch, *args)
-
-    monkeypatch.setattr(ablation, "_batch_sums", counted)
 
     def drops(resume=kept):
         return ablation.position_drops(model, data, heads, means, columns, batch_size=5,
                                        heads_per_pass=1, resume=resume)
 
-    kill_at = None
+    kill.at = None
     straight = drops(resume=None)
     assert straight.shape == (2, 2) and straight.dtype == torch.float64
     for j, column in enumerate(columns):  # the scan at that column, for those heads
@@ -282,14 +270,14 @@ def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, me
         for i, h in enumerate(heads):
             assert float(straight[j, i]) == pytest.approx(float(scan["prob_drop"][h.layer, h.head]),
                                                           abs=1e-6)
-    calls.clear()
-    kill_at = 5  # the third batch's first column (two calls a batch)
+    kill.calls.clear()
+    kill.at = 5  # the third batch's first column (two calls a batch)
     with pytest.raises(KeyboardInterrupt):
         drops()
     assert torch.load(kept, weights_only=True)["done"] == 2
-    calls.clear()
-    kill_at = None
-    assert torch.equal(drops(), straight) and calls == [2, 2] and not kept.exists()
+    kill.calls.clear()
+    kill.at = None
+    assert torch.equal(drops(), straight) and kill.calls == [2, 2] and not kept.exists()
 
 
 def teacher_labelled(model, data):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import unchecked
+from conftest import Kill, unchecked
 
 from cdist import tasks
 from cdist.discovery import activation_patching, attribution_patching, circuits, path_patching
@@ -370,46 +370,39 @@ def test_a_killed_path_patching_scan_resumes_from_its_last_batch_bit_for_bit(
     """Killed in its third batch, the scan keeps two batches' sums; called again it patches only
     the third and returns the uninterrupted scan exactly. Another receiver set or other items
     start over; the file is removed once the scan is made."""
-    kept, real, calls = tmp_path / "scan.partial.pt", path_patching._patched_chunks, []
+    kept, kill = tmp_path / "scan.partial.pt", Kill(monkeypatch, path_patching, "_patched_chunks")
 
-    def counted(model, batch, *args):
-        calls.append(len(batch["input_ids"]))
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt
-        return real(model, batch, *args)
-
-    monkeypatch.setattr(path_patching, "_patched_chunks", counted)
     into = (Head(2, 1),)
 
     def scan(items=data, resume=kept, receivers=into):
         return path_patching.path_patching_scan(model3, items, receivers=receivers,
                                                 batch_size=2, senders_per_pass=3, resume=resume)
 
-    kill_at = None
+    kill.at = None
     straight = scan(resume=None)
-    calls.clear()
-    kill_at = 3
+    kill.calls.clear()
+    kill.at = 3
     with pytest.raises(KeyboardInterrupt):
         scan()
     assert torch.load(kept, weights_only=True)["done"] == 2
-    calls.clear()
-    kill_at = None
+    kill.calls.clear()
+    kill.at = None
     resumed = scan()
-    assert calls == [1]  # 5 items in batches of 2: the last batch alone
+    assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
     for name in straight.metrics:
         assert torch.equal(resumed[name].nan_to_num(), straight[name].nan_to_num()), name
         assert torch.equal(resumed[name].isnan(), straight[name].isnan()), name
     assert resumed.receivers == straight.receivers and not kept.exists()
 
     for other in (dict(receivers=(Head(2, 0),)), dict(items=data.select([4, 3, 2, 1, 0]))):
-        kill_at = 2
-        calls.clear()
+        kill.at = 2
+        kill.calls.clear()
         with pytest.raises(KeyboardInterrupt):
             scan()
-        calls.clear()
-        kill_at = None
+        kill.calls.clear()
+        kill.at = None
         scan(**other)
-        assert calls == [2, 2, 1] and not kept.exists()  # started over
+        assert kill.calls == [2, 2, 1] and not kept.exists()  # started over
 
 
 def test_a_search_killed_inside_a_group_resumes_that_group(model3, data, tmp_path, monkeypatch):
