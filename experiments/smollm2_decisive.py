@@ -8,6 +8,12 @@
     python experiments/smollm2_decisive.py pilot --task ioi             # the same design on IOI
     python experiments/smollm2_decisive.py table --task ioi
 
+    python experiments/smollm2_decisive.py pilot --smoke --models M   # every step at toy sizes
+
+``--smoke`` runs both steps at the sizes of ``SMOKE`` (a few items and steps, two seeds, no
+faithfulness threshold) into ``runs/<task>_smollm2_decisive-smoke``: a check of a setup's
+mechanics in a minute on tiny models (``tests/test_decisive.py``), never a result.
+
 Each task is a ``Study`` (``STUDIES``): its items, its headroom grid and target, the lambdas, and
 its out-of-distribution candidates; every other step and rule is the same for both.
 
@@ -28,7 +34,7 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
    comes within 0.01 of its best (its plateau), so that slower arms pass it too;
 4. selection (``cdist.pipeline.select``, seed ``SELECT_SEED``): the matcher (one-to-one rules) and
    lambda of CE + Align CKA, lambdas spanning a CKA:CE gradient ratio of about 0.1 to 1;
-5. power: circuit CE and the selected CE + Align CKA on ``PILOT_SEEDS``, their per-seed
+5. power: circuit CE and the selected CE + Align CKA on ``Scale.pilot_seeds``, their per-seed
    validation differences and discordance give the run-to-run variance (``cdist.power``), the
    discordance of arms that truly differ by ``EFFECT`` (the pilot's two-way churn plus the items
    such a difference flips one way: ``power.alternative_discordance``), and so the seeds and test
@@ -36,7 +42,7 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
 ``OUT/pilot/pilot.json`` records every number and choice.
 
 **Table** (``OUT/table``): the arms of ``ARMS`` on the chosen settings, as many seeds and test
-items as the pilot asks (at least ``MIN_SEEDS``), the pilot's OOD sets, 1,000 items each; the
+items as the pilot asks (at least ``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the
 primary comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align
 CKA vs circuit CE, test accuracy, mean per-seed difference with its interval, p and the
 equivalence verdict at +-``EFFECT``.
@@ -50,7 +56,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 parser = argparse.ArgumentParser(description=__doc__,
@@ -61,6 +67,7 @@ parser.add_argument("--models", default=None, help="the folder experiments/smoll
                     "wrote (default: runs/smollm2, or runs/smollm2-ioi for IOI)")
 parser.add_argument("--out", default=None, help="default: results/<task>_smollm2_decisive")
 parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+parser.add_argument("--smoke", action="store_true", help="every step at toy sizes (module doc)")
 args = parser.parse_args()
 
 import torch  # noqa: E402  (after argparse, so that --help answers at once)
@@ -106,12 +113,38 @@ STUDIES = {
         # 0.56 there (300 items)
         ood=tuple((f"template {t}", {"template": t}) for t in ("then", "while", "after")),
         n_ood=2)}
-EVAL_EVERY = 20
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How many items, steps and seeds each step uses: ``FULL`` for the tables, ``SMOKE`` for
+    ``--smoke``."""
+
+    val_items: int = 500
+    reference_items: int = 64
+    discovery_items: int = 64
+    batch_size: int = 16
+    eval_every: int = 20
+    pilot_test_items: int = 100
+    pilot_seeds: tuple[int, ...] = (201, 202, 203, 204)
+    ood_items: int = 1000
+    ood_teacher_items: int = 300
+    item_options: tuple[int, ...] = (1000, 2000, 3000)  # the test-set sizes the power plan weighs
+    min_seeds: int = 5
+    seed_cap: int | None = None  # at most this many table seeds whatever the plan (smoke only)
+    min_faithfulness: float = 0.8
+    rule: dict = field(default_factory=dict)  # both discoveries' rules, beside their defaults
+
+
+FULL = Scale()
+# tiny models need not do the task: no head would clear the noise rule, no circuit be faithful
+SMOKE = Scale(rule={"min_effect": 0.0},val_items=24, reference_items=16, discovery_items=16, batch_size=8, eval_every=2,
+              pilot_test_items=16, pilot_seeds=(201, 202), ood_items=16, ood_teacher_items=16,
+              item_options=(24, 32), min_seeds=2, seed_cap=2, min_faithfulness=0.0)
 MATCHERS = ("ablation-1to1", "ablation-baseline-1to1", "cka-1to1")
-SELECT_SEED, PILOT_SEEDS = 100, (201, 202, 203, 204)
-OOD_ITEMS, OOD_TEACHER_ITEMS, OOD_MIN_TEACHER = 1000, 300, 0.9
-EFFECT, POWER, ALPHA, MIN_SEEDS = 0.02, 0.8, 0.05, 5
-ITEM_OPTIONS = (1000, 2000, 3000)
+SELECT_SEED = 100
+OOD_MIN_TEACHER = 0.9
+EFFECT, POWER, ALPHA = 0.02, 0.8, 0.05
 ARMS = ("base student", "teacher", "fully distilled, CE", "circuit distilled, CE",
         "circuit distilled, KD", "circuit distilled, CE + Align CKA",
         "circuit distilled, CE + Align CKA (homolog)", "circuit distilled, CE + Shuffled CKA",
@@ -126,10 +159,14 @@ FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select",
 
 if args.threads:
     torch.set_num_threads(args.threads)
-study = STUDIES[args.task]
+study, scale = STUDIES[args.task], SMOKE if args.smoke else FULL
+if args.smoke:
+    study = replace(study, grid_n=(8, 16), grid_lr=study.grid_lr[-1:], grid_steps=4,
+                    lambdas=study.lambdas[:2])
 source = Path(args.models or ("runs/smollm2" if args.task == "entity_tracking"
                               else "runs/smollm2-ioi"))
-out = Path(args.out or f"results/{args.task}_smollm2_decisive")
+out = Path(args.out or (f"runs/{args.task}_smollm2_decisive-smoke" if args.smoke
+                        else f"results/{args.task}_smollm2_decisive"))
 built = json.loads((source / "models.json").read_text())["models"]
 
 
@@ -137,12 +174,15 @@ def config(**design) -> pipeline.ExperimentConfig:
     """The experiment on the recorded models, with ``design`` (item counts, regimes, grids)."""
     steps = design.pop("steps", study.grid_steps)
     return pipeline.ExperimentConfig(
-        task=args.task, task_kwargs=study.task_kwargs, data_seed=0, val_items=500,
-        reference_items=64, discovery_items=64, n_random=1, select_seed=SELECT_SEED,
-        distill=DistillConfig(steps=steps, eval_every=EVAL_EVERY, batch_size=16),
+        task=args.task, task_kwargs=study.task_kwargs, data_seed=0, val_items=scale.val_items,
+        reference_items=scale.reference_items, discovery_items=scale.discovery_items,
+        n_random=1, select_seed=SELECT_SEED, min_faithfulness=scale.min_faithfulness,
+        distill=DistillConfig(steps=steps, eval_every=scale.eval_every,
+                              batch_size=scale.batch_size),
         # the teacher's search scans exactly only the 30 senders per group that path
         # attribution ranks first (30 layers: each exact scan is minutes)
-        discovery=DiscoveryConfig(prefilter=30),
+        discovery=DiscoveryConfig(prefilter=30, **scale.rule),
+        student_discovery=DiscoveryConfig(method="mean_ablation", **scale.rule),
         matchers=MATCHERS, margin=EFFECT, alpha=ALPHA,
         student_layer_origin=tuple(built["student"]["kept_layers"]),
         fingerprints={role: built[role]["fingerprint"] for role in ("teacher", "student")},
@@ -175,14 +215,14 @@ def plateau(curve: list) -> int:
 
 
 def ood_sets(ctx) -> dict:
-    """The teacher's accuracy on each OOD candidate (``OOD_TEACHER_ITEMS`` items, seed 7000 plus
+    """The teacher's accuracy on each OOD candidate (``ood_teacher_items``, seed 7000 plus
     the candidate's box count, or its place in the list), and the sets the table takes."""
     found = {}
     for i, (label, kwargs) in enumerate(study.ood):
         seed = 7000 + kwargs.get("n_boxes", i)
         items = tasks.get_task(args.task).items(
-            OOD_TEACHER_ITEMS, tokenizer=ctx.model("student").tokenizer, seed=seed, split="test",
-            **{**study.task_kwargs, **kwargs})
+            scale.ood_teacher_items, tokenizer=ctx.model("student").tokenizer, seed=seed,
+            split="test", **{**study.task_kwargs, **kwargs})
         found[label] = accuracy(ctx.model("teacher"), items)
         ctx.log(f"teacher on {label}: {found[label]:.3f}")
     fit = [(label, kw) for label, kw in study.ood if found[label] >= OOD_MIN_TEACHER]
@@ -197,7 +237,8 @@ def headroom(ctx, circuits, maps) -> list[dict]:
     val, ce, rows = ctx.on_validation(), arms.arm("circuit distilled, CE"), []
     for n in study.grid_n:
         for lr in study.grid_lr:
-            rec = pipeline.train_run(val, circuits, ce, n_train=n, seed=PILOT_SEEDS[0], lr=lr,
+            rec = pipeline.train_run(val, circuits, ce, n_train=n, seed=scale.pilot_seeds[0],
+                                     lr=lr,
                                      lam=0.0, head_map=maps.maps[MATCHERS[0]],
                                      folder=ctx.out / "grid" / f"ce-n{n}-lr{lr}")
             curve = [(m["step"], m["accuracy"]) for m in rec["metrics"]]
@@ -211,8 +252,8 @@ def headroom(ctx, circuits, maps) -> list[dict]:
 def choose(rows: list[dict]) -> dict:
     """The size and lr nearest the target (within +-0.05 where one is), and the steps."""
     best = min(rows, key=lambda r: (abs(r["val_accuracy"] - study.target), r["train_items"]))
-    steps = min(study.grid_steps,
-                EVAL_EVERY * math.ceil(1.5 * max(best["plateau_step"], EVAL_EVERY) / EVAL_EVERY))
+    every = scale.eval_every
+    steps = min(study.grid_steps, every * math.ceil(1.5 * max(best["plateau_step"], every) / every))
     return {"train_items": best["train_items"], "lr": best["lr"], "steps": steps,
             "in_range": abs(best["val_accuracy"] - study.target) <= 0.05,
             "val_accuracy": best["val_accuracy"],
@@ -224,12 +265,12 @@ def power_pilot(ctx, circuits, selection, chosen: dict) -> dict:
     the run-to-run variance and the seeds and items the table needs."""
     val, runs = ctx.on_validation(), {}
     for name in (arms.PRIMARY[0], arms.PRIMARY[1]):
-        for seed in PILOT_SEEDS:
+        for seed in scale.pilot_seeds:
             runs[name, seed] = pipeline.train_run(
                 val, circuits, arms.arm(name), n_train=chosen["train_items"], seed=seed,
                 lr=chosen["lr"], lam=selection.lam, head_map=selection.head_map,
                 folder=ctx.out / "power" / f"{pipeline.slug(name)}-seed{seed}")
-    bits = {name: [unbits(runs[name, s]["test_full"]) for s in PILOT_SEEDS]
+    bits = {name: [unbits(runs[name, s]["test_full"]) for s in scale.pilot_seeds]
             for name in arms.PRIMARY}
     compared = stats.compare(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]], margin=EFFECT,
                              alpha=ALPHA)
@@ -237,18 +278,20 @@ def power_pilot(ctx, circuits, selection, chosen: dict) -> dict:
     variance = power.run_variance(compared["seed_level"]["diffs"], compared["discordance"], n_val)
     pi = power.alternative_discordance(compared["discordance"], compared["seed_level"]["mean"],
                                        EFFECT)
-    plans = power.plan(EFFECT, variance["run_var"], pi, ITEM_OPTIONS, power=POWER, alpha=ALPHA)
-    return {"seeds": list(PILOT_SEEDS), "validation_items": n_val, "comparison": compared,
+    plans = power.plan(EFFECT, variance["run_var"], pi, scale.item_options, power=POWER,
+                       alpha=ALPHA)
+    return {"seeds": list(scale.pilot_seeds), "validation_items": n_val, "comparison": compared,
             "run_variance": variance, "discordance_alternative": pi, "plans": plans}
 
 
 def design(pilot: dict) -> dict:
     """The table's seeds and test items from the power plan: the fewest items whose plan needs at
-    most 12 seeds, at least ``MIN_SEEDS`` seeds."""
+    most 12 seeds, at least ``min_seeds`` seeds (at most ``seed_cap``, where one is set)."""
     plans = pilot["power"]["plans"]
     ok = [p for p in plans if p["n_seeds"] is not None and p["n_seeds"] <= 12]
     chosen = ok[0] if ok else plans[-1]
-    seeds = max(MIN_SEEDS, chosen["n_seeds"] or 12)
+    seeds = max(scale.min_seeds, chosen["n_seeds"] or 12)
+    seeds = min(seeds, scale.seed_cap or seeds)
     achieved = power.design_power(EFFECT, pilot["power"]["run_variance"]["run_var"],
                                   pilot["power"]["discordance_alternative"],
                                   chosen["n_items"], seeds, ALPHA)
@@ -258,8 +301,8 @@ def design(pilot: dict) -> dict:
 
 def run_pilot() -> None:
     folder = out / "pilot"
-    cfg = config(test_items=100, regimes=study.grid_n, lrs=study.grid_lr,
-                 lambdas=study.lambdas, seeds=PILOT_SEEDS)
+    cfg = config(test_items=scale.pilot_test_items, regimes=study.grid_n, lrs=study.grid_lr,
+                 lambdas=study.lambdas, seeds=scale.pilot_seeds)
     ctx = context(cfg, folder)
     with ctx.claim():
         circuits = pipeline.find_circuits(ctx)
@@ -269,8 +312,8 @@ def run_pilot() -> None:
         grid = headroom(ctx, circuits, maps)
         chosen = choose(grid)
         ctx.log(f"chosen: {chosen}")
-        sel_cfg = config(test_items=100, regimes=(chosen["train_items"],),
-                         lrs=(chosen["lr"],), lambdas=study.lambdas, seeds=PILOT_SEEDS,
+        sel_cfg = config(test_items=scale.pilot_test_items, regimes=(chosen["train_items"],),
+                         lrs=(chosen["lr"],), lambdas=study.lambdas, seeds=scale.pilot_seeds,
                          steps=chosen["steps"])
         sel_ctx = context(sel_cfg, folder)
         with sel_ctx.claim():
@@ -296,7 +339,7 @@ def run_table() -> None:
     # selection's grid as the pilot ran it, so that its runs are reused and it chooses again
     # what the pilot chose: the matcher, lambda and the strong lambda, which is read from the
     # whole grid's gradient ratios
-    cfg = config(test_items=plan["test_items"], ood=ood, ood_items=OOD_ITEMS,
+    cfg = config(test_items=plan["test_items"], ood=ood, ood_items=scale.ood_items,
                  seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
                  lrs=(chosen["lr"],), lambdas=study.lambdas, control_lr=chosen["lr"] / 10,
                  steps=chosen["steps"], arms=ARMS)

@@ -1,0 +1,86 @@
+"""``experiments/smollm2_decisive.py`` runs its pilot and then the table the pilot plans, at the toy
+sizes of ``--smoke``, on the entity-tracking teacher organism and a student cut from it (as the
+SmolLM2 student is cut from its teacher): the table reuses the pilot's circuits, scans and
+selection runs, chooses again what the pilot chose, trains every arm on the planned seeds, and a
+second call trains nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cdist import arms, zoo
+from cdist.models import keep_layers, load_llama, save_llama
+from cdist.store import model_fingerprint
+
+SCRIPT = "experiments/smollm2_decisive.py"
+
+
+def _models(root):
+    """A models folder as ``experiments/smollm2_models.py`` writes it: each role's checkpoint,
+    fingerprint and (the student's) layers kept from the teacher."""
+    teacher, tok = zoo.load("et-teacher")
+    record = {}
+    for role, model, kept in (("teacher", teacher, None),
+                              ("student", keep_layers(teacher, [1]), [1])):
+        path = save_llama(model, root / role / "model", tokenizer=tok)
+        record[role] = {"path": str(path), "fingerprint": model_fingerprint(load_llama(path)),
+                        "kept_layers": kept}
+    (root / "models.json").write_text(json.dumps({"task": "entity_tracking", "models": record}))
+    return root
+
+
+def _step(step: str, models, out) -> str:
+    done = subprocess.run([sys.executable, SCRIPT, step, "--smoke", "--models", str(models),
+                           "--out", str(out), "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
+    models, out = _models(tmp_path / "models"), tmp_path / "out"
+    _step("pilot", models, out)
+    pilot = json.loads((out / "pilot" / "pilot.json").read_text())
+    # SMOKE: a 2 x 1 headroom grid, two pilot seeds, test sizes 24 or 32, two table seeds
+    assert [(r["train_items"], r["lr"]) for r in pilot["grid"]] == [(8, 1e-3), (16, 1e-3)]
+    assert pilot["chosen"]["train_items"] in (8, 16) and pilot["chosen"]["steps"] == 4
+    assert pilot["power"]["seeds"] == [201, 202] and pilot["power"]["validation_items"] == 24
+    assert pilot["design"]["seeds"] == [0, 1] and pilot["design"]["test_items"] in (24, 32)
+    assert 0 <= pilot["design"]["planned_power"] <= 1
+    # the one-to-one rules and the homolog map, which finds every student head's own head
+    assert set(pilot["homolog_recovery"]) == {"ablation-1to1", "ablation-baseline-1to1",
+                                              "cka-1to1", "homolog"}
+    assert pilot["homolog_recovery"]["homolog"]["recovery"] == 1.0
+    # the OOD sets: the candidates' teacher accuracies, and the fixed template set always taken
+    assert set(pilot["ood"]["teacher"]) == {"10 boxes", "9 boxes", "8 boxes"}
+    assert pilot["ood"]["sets"][-1] == ["template compact", {"template": "compact"}]
+    sel = pilot["selection"]
+    assert {r["lambda"] for r in sel["align"]} == {0.03, 0.1} and len(sel["align"]) == 3 * 2
+
+    log = _step("table", models, out)
+    table = json.loads((out / "table" / "results.json").read_text())
+    # the pilot's choices, chosen again on the pilot's selection runs (none trained again) ...
+    for key in ("lr", "lambda", "lambda_strong"):
+        assert table[key] == sel["chosen"][key]
+    assert table["selection"]["chosen"]["matcher"] == sel["chosen"]["matcher"]
+    assert "path patching" not in log  # the circuits came from the pilot's folder
+    # ... and every trained arm on the planned seeds, the untrained rows evaluated once each
+    trained = [name for name in table["rows"][f"n{pilot['chosen']['train_items']}"]
+               if arms.arm(name).trained]
+    assert len(trained) == 11 and log.count("distill: done") == 11 * 2
+    per_item = json.loads((out / "table" / "per_item.json").read_text())
+    assert per_item["eval_sets"]["test"] == pilot["design"]["test_items"]
+    assert sorted({r["seed"] for r in per_item["runs"]}) == [0, 1]
+    assert set(per_item["eval_sets"]) >= {"test", *(label for label, _ in pilot["ood"]["sets"])}
+    primary = next(c for c in table["comparisons"] if c["role"] == "primary")
+    assert (primary["a"], primary["b"], primary["set"]) == (*arms.PRIMARY, "test")
+    assert primary["seed_level"]["n_seeds"] == 2
+
+    again = _step("table", models, out)
+    assert "distill: done" not in again
+    assert json.loads((out / "table" / "results.json").read_text())["rows"] == table["rows"]
