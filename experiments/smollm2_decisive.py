@@ -41,11 +41,12 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
    items the table needs for ``POWER`` power at a ``EFFECT`` difference.
 ``OUT/pilot/pilot.json`` records every number and choice.
 
-**Table** (``OUT/table``): the arms of ``ARMS`` on the chosen settings, as many seeds and test
-items as the pilot asks (at least ``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the
-primary comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align
-CKA vs circuit CE, test accuracy, mean per-seed difference with its interval, p and the
-equivalence verdict at +-``EFFECT``.
+**Table** (``OUT/table``, its report ``table.md``, ``.csv`` and figures from ``cdist.report``): the
+arms of ``ARMS`` on the chosen settings, as many seeds and test items as the pilot asks (at least
+``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the primary comparison (declared
+in ``cdist.arms`` and in the README before the table runs): CE + Align CKA vs circuit CE, test
+accuracy, mean per-seed difference with its interval, p and the equivalence verdict at
++-``EFFECT``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402  (after argparse, so that --help answers at once)
 
-from cdist import arms, models, pipeline, power, stats, tasks  # noqa: E402
+from cdist import arms, models, pipeline, power, report, stats, tasks  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import DiscoveryConfig  # noqa: E402
 from cdist.distill import DistillConfig  # noqa: E402
@@ -138,9 +139,10 @@ class Scale:
 
 FULL = Scale()
 # tiny models need not do the task: no head would clear the noise rule, no circuit be faithful
-SMOKE = Scale(rule={"min_effect": 0.0},val_items=24, reference_items=16, discovery_items=16, batch_size=8, eval_every=2,
+SMOKE = Scale(val_items=24, reference_items=16, discovery_items=16, batch_size=8, eval_every=2,
               pilot_test_items=16, pilot_seeds=(201, 202), ood_items=16, ood_teacher_items=16,
-              item_options=(24, 32), min_seeds=2, seed_cap=2, min_faithfulness=0.0)
+              item_options=(24, 32), min_seeds=2, seed_cap=2, min_faithfulness=0.0,
+              rule={"min_effect": 0.0})
 MATCHERS = ("ablation-1to1", "ablation-baseline-1to1", "cka-1to1")
 SELECT_SEED = 100
 OOD_MIN_TEACHER = 0.9
@@ -364,6 +366,8 @@ def run_table() -> None:
         table = pipeline.make_table(ctx, circuits, selection)
         summary = pipeline.write_summary(ctx, circuits, placement, maps, selection, table,
                                          time.time() - started)
+    report.write_report(summary, out / "table", "table", commit=git_commit(),
+                        command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     primary = next(e for e in summary["comparisons"] if e["role"] == "primary")
     print(json.dumps({k: primary[k] for k in ("a", "b", "set", "seed_level", "clustered")},
                      indent=1, default=str))

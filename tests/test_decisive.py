@@ -80,6 +80,11 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     primary = next(c for c in table["comparisons"] if c["role"] == "primary")
     assert (primary["a"], primary["b"], primary["set"]) == (*arms.PRIMARY, "test")
     assert primary["seed_level"]["n_seeds"] == 2
+    # the report: the tables with the declared primary first, and the figures
+    assert "Primary comparison (declared" in (out / "table" / "table.md").read_text()
+    assert (out / "table" / "table.csv").read_text().count("\n") == 1 + len(trained) + 2
+    for name in ("val-ce", "val-accuracy", "head-map", "head-map-links"):
+        assert (out / "table" / f"table-{name}.png").stat().st_size > 0
 
     again = _step("table", models, out)
     assert "distill: done" not in again
