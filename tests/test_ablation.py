@@ -12,6 +12,7 @@ from conftest import Kill
 
 from cdist import tasks
 from cdist.discovery import ablation, circuit_eval
+from cdist.discovery.engine import clean_run
 from cdist.evaluate import answer_stats
 from cdist.models import hook_attn_out, hook_z
 from cdist.records import read_record, write_record
@@ -263,8 +264,12 @@ def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, me
                                        heads_per_pass=1, resume=resume)
 
     kill.at = None
+    cleans = []
+    monkeypatch.setattr(ablation, "clean_run",
+                        lambda *a, **k: cleans.append(1) or clean_run(*a, **k))
     straight = drops(resume=None)
     assert straight.shape == (2, 2) and straight.dtype == torch.float64
+    assert len(cleans) == 3  # one clean run a batch (12 items in batches of 5), for both columns
     for j, column in enumerate(columns):  # the scan at that column, for those heads
         scan = ablation.head_ablation_scan(model, data, means=means, position=column)
         for i, h in enumerate(heads):

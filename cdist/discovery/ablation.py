@@ -38,8 +38,10 @@ from torch import Tensor
 
 from cdist.discovery import metrics
 from cdist.discovery.engine import (
+    CleanRun,
     Hook,
     budget_batch_size,
+    clean_run,
     flat_heads,
     one_head_scan,
     passes_per_batch,
@@ -277,10 +279,12 @@ def head_ablation_scan(
 
 
 def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
-                position: str | None, metric: str, heads_per_pass: int, on_pass) -> dict:
+                position: str | None, metric: str, heads_per_pass: int, on_pass,
+                clean: CleanRun | None = None) -> dict:
     """One batch's sums for ``head_ablation_scan``: the clean metric and correctness, the same
     with each of this rank's heads ablated (zero on the other ranks' heads), and the
-    clean-minus-corrupt gap when the metric is normalised."""
+    clean-minus-corrupt gap when the metric is normalised; ``clean``: the batch's clean run,
+    where the caller shares one."""
     def ablate(layer, rows, n_copies):
         at = None if position is None else batch[position].repeat(n_copies)
         return make_mean_ablation_hook(layer, rows, means, at)
@@ -288,7 +292,8 @@ def _batch_sums(model: HookedTransformer, batch, means: Tensor, mine: Tensor,
     target, device = Target.of(batch, metric), device_of(model)
     p, c, p_abl, c_abl = one_head_scan(model, batch["input_ids"].to(device), target,
                                        batch["pos_last"], ablate, metric=metric,
-                                       heads_per_pass=heads_per_pass, heads=mine, on_pass=on_pass)
+                                       heads_per_pass=heads_per_pass, heads=mine, on_pass=on_pass,
+                                       clean=clean)
     sums = {"prob_base": p.sum(), "correct_base": c.sum()}
     if metric == "logit_diff_normalised":
         corrupt = model(batch["corrupt_input_ids"].to(device))
@@ -336,9 +341,12 @@ def position_drops(
             if running.skip(i):
                 continue
             drop = torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64)
+            # one clean run for every column: they differ only in where the mean is written
+            clean = clean_run(model, batch["input_ids"].to(device_of(model)),
+                              Target.of(batch, "prob"), batch["pos_last"])
             for j, column in enumerate(columns):
                 sums = _batch_sums(model, batch, means, flat, column, "prob", heads_per_pass,
-                                   bar.update)
+                                   bar.update, clean)
                 drop[j] = sums["prob_base"] - sums["prob_abl"]
             running.add(drop=drop)
     drops = running.sums["drop"][:, order] / len(data)

@@ -41,9 +41,10 @@ from cdist.models import (
 )
 from cdist.types import Head, Scan
 
-__all__ = ["Hook", "OneItem", "PatchSums", "budget_batch_size", "check_items", "flat_heads",
-           "one_head_scan", "one_head_variants", "one_item_runs", "passes_per_batch", "patch_scan",
-           "rank_heads", "replace_heads", "replacing", "row_bytes", "sum_over_ranks"]
+__all__ = ["CleanRun", "Hook", "OneItem", "PatchSums", "budget_batch_size", "check_items",
+           "clean_run", "flat_heads", "one_head_scan", "one_head_variants", "one_item_runs",
+           "passes_per_batch", "patch_scan", "rank_heads", "replace_heads", "replacing",
+           "row_bytes", "sum_over_ranks"]
 
 Hook = tuple[str, Callable]
 
@@ -113,6 +114,28 @@ def one_head_variants(
     return out
 
 
+class CleanRun(NamedTuple):
+    """The clean pass ``one_head_scan`` starts its passes from: the metric and correctness per row,
+    and the activations cached (every layer's ``hook_resid_pre``; the last layer's ``hook_z`` and
+    ``hook_resid_mid``)."""
+
+    prob: Float[Tensor, " batch"]
+    correct: Float[Tensor, " batch"]
+    cache: object  # TransformerLens' ActivationCache
+
+
+def clean_run(model: HookedTransformer, ids: Int[Tensor, "batch pos"], target: Target,
+              pos_last: Int[Tensor, " batch"], metric: str = "prob") -> CleanRun:
+    """The clean pass of ``one_head_scan``, which scans that intervene on the same items
+    differently (``ablation.position_drops``: one head's mean at each of several positions) share
+    instead of running it once each."""
+    top = model.cfg.n_layers - 1
+    names = [hook_resid_pre(layer) for layer in range(model.cfg.n_layers)]
+    logits, cache = model.run_with_cache(ids, names_filter=names + [hook_z(top),
+                                                                    hook_resid_mid(top)])
+    return CleanRun(*metrics.measure(logits, target, metric, pos_last), cache)
+
+
 def one_head_scan(
     model: HookedTransformer,
     ids: Int[Tensor, "batch pos"],
@@ -124,6 +147,7 @@ def one_head_scan(
     heads_per_pass: int = 8,
     heads: Int[Tensor, " scanned"] | None = None,
     on_pass: Callable[[], None] | None = None,
+    clean: CleanRun | None = None,
 ) -> tuple[Tensor, Tensor, Float[Tensor, "heads batch"], Float[Tensor, "heads batch"]]:
     """Intervene on every head alone, many heads per forward pass; the engine of the
     batched head scans.
@@ -143,6 +167,7 @@ def one_head_scan(
         heads: flat indices (``layer * n_heads + head``) of the heads to intervene on; default
             every head. The others are not run and come back NaN.
         on_pass: called after each pass (progress bars).
+        clean: ``clean_run`` of these ids, target, positions and metric, where the caller has it.
 
     Returns:
         The clean value of the metric and correctness ``[batch]``, and the same for each head's
@@ -153,8 +178,7 @@ def one_head_scan(
     top = n_layers - 1
     names = [hook_resid_pre(layer) for layer in range(n_layers)]
     top_names = [hook_z(top), hook_resid_mid(top)]
-    logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
-    p_base, c_base = metrics.measure(logits, target, metric, pos_last)
+    p_base, c_base, cache = clean or clean_run(model, ids, target, pos_last, metric)
     prob = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     correct = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     scanned = torch.arange(n_layers * n_heads) if heads is None else heads.unique().cpu()
