@@ -41,12 +41,12 @@ other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
    items the table needs for ``POWER`` power at a ``EFFECT`` difference.
 ``OUT/pilot/pilot.json`` records every number and choice.
 
-**Table** (``OUT/table``, its report ``table.md``, ``.csv`` and figures from ``cdist.report``): the
-arms of ``ARMS`` on the chosen settings, as many seeds and test items as the pilot asks (at least
-``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the primary comparison (declared
-in ``cdist.arms`` and in the README before the table runs): CE + Align CKA vs circuit CE, test
-accuracy, mean per-seed difference with its interval, p and the equivalence verdict at
-+-``EFFECT``.
+**Table** (``OUT/table``, its report ``table.md``, ``.csv``, ``.json`` and figures from
+``cdist.report``): the arms of ``ARMS`` on the chosen settings, as many seeds and test items as the
+pilot asks (at least ``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the primary
+comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align CKA vs
+circuit CE, test accuracy, mean per-seed difference with its interval, p and the equivalence
+verdict at +-``EFFECT``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -118,9 +119,11 @@ STUDIES = {
 
 @dataclass(frozen=True)
 class Scale:
-    """How many items, steps and seeds each step uses: ``FULL`` for the tables, ``SMOKE`` for
-    ``--smoke``."""
+    """How large each step is (items, steps, seeds) and how strict (the faithfulness threshold, the
+    path-patching rule): ``FULL`` for the tables, ``SMOKE`` for ``--smoke``. ``pilot.json`` names
+    its scale, and the table refuses a pilot of another."""
 
+    name: str = "full"
     val_items: int = 500
     reference_items: int = 64
     discovery_items: int = 64
@@ -134,15 +137,18 @@ class Scale:
     min_seeds: int = 5
     seed_cap: int | None = None  # at most this many table seeds whatever the plan (smoke only)
     min_faithfulness: float = 0.8
-    rule: dict = field(default_factory=dict)  # both discoveries' rules, beside their defaults
+    min_effect: float | str = "noise"  # the teacher's path-patching rule (DiscoveryConfig)
+    study: dict = field(default_factory=dict)  # overrides of the task's Study at this scale
 
 
 FULL = Scale()
 # tiny models need not do the task: no head would clear the noise rule, no circuit be faithful
-SMOKE = Scale(val_items=24, reference_items=16, discovery_items=16, batch_size=8, eval_every=2,
-              pilot_test_items=16, pilot_seeds=(201, 202), ood_items=16, ood_teacher_items=16,
-              item_options=(24, 32), min_seeds=2, seed_cap=2, min_faithfulness=0.0,
-              rule={"min_effect": 0.0})
+SMOKE = Scale(name="smoke", val_items=24, reference_items=16, discovery_items=16, batch_size=8,
+              eval_every=2, pilot_test_items=16, pilot_seeds=(201, 202), ood_items=16,
+              ood_teacher_items=16, item_options=(24, 32), min_seeds=2, seed_cap=2,
+              min_faithfulness=0.0, min_effect=0.0,
+              study={"grid_n": (8, 16), "grid_lr": (1e-3,), "grid_steps": 4,
+                     "lambdas": (0.03, 0.1)})
 MATCHERS = ("ablation-1to1", "ablation-baseline-1to1", "cka-1to1")
 SELECT_SEED = 100
 OOD_MIN_TEACHER = 0.9
@@ -161,14 +167,15 @@ FROM_PILOT = ("cache", "scans", "search-teacher", "search-student", "select",
 
 if args.threads:
     torch.set_num_threads(args.threads)
-study, scale = STUDIES[args.task], SMOKE if args.smoke else FULL
-if args.smoke:
-    study = replace(study, grid_n=(8, 16), grid_lr=study.grid_lr[-1:], grid_steps=4,
-                    lambdas=study.lambdas[:2])
+scale = SMOKE if args.smoke else FULL
+study = replace(STUDIES[args.task], **scale.study)
 source = Path(args.models or ("runs/smollm2" if args.task == "entity_tracking"
                               else "runs/smollm2-ioi"))
 out = Path(args.out or (f"runs/{args.task}_smollm2_decisive-smoke" if args.smoke
                         else f"results/{args.task}_smollm2_decisive"))
+if args.smoke and "results" in out.resolve().parts:
+    parser.error(f"--smoke --out {out}: a smoke run is a check, not a result; give a folder "
+                 "outside results/ (default: runs/<task>_smollm2_decisive-smoke)")
 built = json.loads((source / "models.json").read_text())["models"]
 
 
@@ -183,8 +190,7 @@ def config(**design) -> pipeline.ExperimentConfig:
                               batch_size=scale.batch_size),
         # the teacher's search scans exactly only the 30 senders per group that path
         # attribution ranks first (30 layers: each exact scan is minutes)
-        discovery=DiscoveryConfig(prefilter=30, **scale.rule),
-        student_discovery=DiscoveryConfig(method="mean_ablation", **scale.rule),
+        discovery=DiscoveryConfig(prefilter=30, min_effect=scale.min_effect),
         matchers=MATCHERS, margin=EFFECT, alpha=ALPHA,
         student_layer_origin=tuple(built["student"]["kept_layers"]),
         fingerprints={role: built[role]["fingerprint"] for role in ("teacher", "student")},
@@ -301,11 +307,30 @@ def design(pilot: dict) -> dict:
             "planned_power": achieved}
 
 
+def pilot_config(chosen: dict | None = None) -> pipeline.ExperimentConfig:
+    """The pilot's experiment: the headroom grid, or once it has ``chosen``, selection's."""
+    grid = ({"regimes": study.grid_n, "lrs": study.grid_lr} if chosen is None else
+            {"regimes": (chosen["train_items"],), "lrs": (chosen["lr"],),
+             "steps": chosen["steps"]})
+    return config(test_items=scale.pilot_test_items, lambdas=study.lambdas,
+                  seeds=scale.pilot_seeds, **grid)
+
+
+def table_config(pilot: dict) -> pipeline.ExperimentConfig:
+    """The table the pilot planned. Selection's grid is the pilot's, so that its runs are reused
+    and it chooses again what the pilot chose: the matcher, lambda and the strong lambda, which is
+    read from the whole grid's gradient ratios."""
+    chosen, plan = pilot["chosen"], pilot["design"]
+    return config(test_items=plan["test_items"], ood_items=scale.ood_items,
+                  ood=tuple((label, kwargs) for label, kwargs in pilot["ood"]["sets"]),
+                  seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
+                  lrs=(chosen["lr"],), lambdas=study.lambdas, control_lr=chosen["lr"] / 10,
+                  steps=chosen["steps"], arms=ARMS)
+
+
 def run_pilot() -> None:
-    folder = out / "pilot"
-    cfg = config(test_items=scale.pilot_test_items, regimes=study.grid_n, lrs=study.grid_lr,
-                 lambdas=study.lambdas, seeds=scale.pilot_seeds)
-    ctx = context(cfg, folder)
+    folder, commit = out / "pilot", git_commit()
+    ctx = context(pilot_config(), folder)
     with ctx.claim():
         circuits = pipeline.find_circuits(ctx)
         placement = pipeline.place_teacher_heads(ctx, circuits)
@@ -314,15 +339,12 @@ def run_pilot() -> None:
         grid = headroom(ctx, circuits, maps)
         chosen = choose(grid)
         ctx.log(f"chosen: {chosen}")
-        sel_cfg = config(test_items=scale.pilot_test_items, regimes=(chosen["train_items"],),
-                         lrs=(chosen["lr"],), lambdas=study.lambdas, seeds=scale.pilot_seeds,
-                         steps=chosen["steps"])
-        sel_ctx = context(sel_cfg, folder)
+        sel_ctx = context(pilot_config(chosen), folder)
         with sel_ctx.claim():
             selection = pipeline.select(sel_ctx, circuits, maps)
             powered = power_pilot(sel_ctx, circuits, selection, chosen)
-    record = {"commit": git_commit(), "task": args.task, "grid": grid, "chosen": chosen,
-              "ood": ood,
+    record = {"commit": commit, "task": args.task, "scale": scale.name, "grid": grid,
+              "chosen": chosen, "ood": ood,
               "selection": selection.record, "power": powered,
               "homolog_recovery": {name: d.get("homolog_recovery")
                                    for name, d in maps.diagnostics.items()
@@ -335,17 +357,13 @@ def run_pilot() -> None:
 
 
 def run_table() -> None:
+    commit, command = git_commit(), shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     pilot = json.loads((out / "pilot" / "pilot.json").read_text())
-    chosen, plan, sel = pilot["chosen"], pilot["design"], pilot["selection"]["chosen"]
-    ood = tuple((label, kwargs) for label, kwargs in pilot["ood"]["sets"])
-    # selection's grid as the pilot ran it, so that its runs are reused and it chooses again
-    # what the pilot chose: the matcher, lambda and the strong lambda, which is read from the
-    # whole grid's gradient ratios
-    cfg = config(test_items=plan["test_items"], ood=ood, ood_items=scale.ood_items,
-                 seeds=tuple(plan["seeds"]), regimes=(chosen["train_items"],),
-                 lrs=(chosen["lr"],), lambdas=study.lambdas, control_lr=chosen["lr"] / 10,
-                 steps=chosen["steps"], arms=ARMS)
-    ctx = context(cfg, out / "table")
+    sel = pilot["selection"]["chosen"]
+    if pilot.get("scale", "full") != scale.name:  # pilots before the scales were full ones
+        parser.error(f"{out / 'pilot' / 'pilot.json'} is a {pilot.get('scale', 'full')} pilot and "
+                     f"this a {scale.name} table: run both steps with --smoke, or neither")
+    ctx = context(table_config(pilot), out / "table")
     with ctx.claim():
         for name in FROM_PILOT:  # into the folder claimed, which cdist writes only once it made it
             kept, into = out / "pilot" / name, out / "table" / name
@@ -366,8 +384,7 @@ def run_table() -> None:
         table = pipeline.make_table(ctx, circuits, selection)
         summary = pipeline.write_summary(ctx, circuits, placement, maps, selection, table,
                                          time.time() - started)
-    report.write_report(summary, out / "table", "table", commit=git_commit(),
-                        command=" ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+        report.write_report(summary, out / "table", "table", commit=commit, command=command)
     primary = next(e for e in summary["comparisons"] if e["role"] == "primary")
     print(json.dumps({k: primary[k] for k in ("a", "b", "set", "seed_level", "clustered")},
                      indent=1, default=str))

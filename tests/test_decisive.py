@@ -1,22 +1,26 @@
-"""``experiments/smollm2_decisive.py`` runs its pilot and then the table the pilot plans, at the toy
-sizes of ``--smoke``, on the entity-tracking teacher organism and a student cut from it (as the
-SmolLM2 student is cut from its teacher): the table reuses the pilot's circuits, scans and
-selection runs, chooses again what the pilot chose, trains every arm on the planned seeds, and a
-second call trains nothing."""
+"""``experiments/smollm2_decisive.py``: at its full scale it makes the configs its committed
+pilots and tables were made with; at the toy sizes of ``--smoke``, on the entity-tracking teacher
+organism and a student cut from it (as the SmolLM2 student is cut from its teacher), it runs its
+pilot and then the table the pilot plans: the table reuses the pilot's circuits, scans and
+selection runs, chooses again what the pilot chose, trains every arm on the planned seeds and
+writes its report, and a second call trains nothing."""
 
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from cdist import arms, zoo
+from cdist import arms, pipeline, zoo
 from cdist.models import keep_layers, load_llama, save_llama
 from cdist.store import model_fingerprint
 
-SCRIPT = "experiments/smollm2_decisive.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "smollm2_decisive.py"
 
 
 def _models(root):
@@ -33,18 +37,61 @@ def _models(root):
     return root
 
 
-def _step(step: str, models, out) -> str:
-    done = subprocess.run([sys.executable, SCRIPT, step, "--smoke", "--models", str(models),
-                           "--out", str(out), "--threads", "1"],
+def _run(step: str, models, out, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), step, "--models", str(models), "--out",
+                           str(out), "--threads", "1", *flags],
                           capture_output=True, text=True, timeout=600)
+
+
+def _step(step: str, models, out) -> str:
+    done = _run(step, models, out, "--smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+# the committed folders, and the committed runs whose training settings the table must repeat
+COMMITTED = [("ioi", "pilot"), ("ioi", "table"), ("entity_tracking", "pilot")]
+
+
+@pytest.mark.parametrize("task, step", COMMITTED)
+def test_full_scale_makes_the_committed_folders(task, step, tmp_path, monkeypatch):
+    """A change of the full scale's sizes, rules or items would orphan days of stored runs: the
+    script's configs are the ones the committed folders record (``identity.json``, and the
+    table's runs' training settings)."""
+    results = ROOT / "results" / f"{task}_smollm2_decisive"
+    kept = json.loads((results / step / "identity.json").read_text())
+    models = {role: {"fingerprint": kept["models"][role], "path": kept[role],
+                     "kept_layers": None if role == "teacher" else [*range(12), *range(20, 30)]}
+              for role in ("teacher", "student")}
+    (tmp_path / "models.json").write_text(json.dumps({"models": models}))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), step, "--task", task, "--models",
+                                      str(tmp_path)])
+    script = runpy.run_path(str(SCRIPT), run_name="decisive")  # its steps run only as __main__
+    pilot = (json.loads((results / "pilot" / "pilot.json").read_text()) if step == "table"
+             else None)
+    cfg = script["table_config"](pilot) if pilot else script["pilot_config"]()
+    names = {role: kept[role] for role in ("teacher", "student")}
+    made = json.loads(json.dumps(pipeline.folder_identity(cfg, names)))  # tuples as JSON lists
+    assert made == {k: v for k, v in kept.items() if k != "models"}
+    assert cfg.fingerprints == kept["models"]
+    # the grid's, selection's and the table's runs (none yet where a pilot has not trained)
+    for run in (results / step).glob("**/eval.json"):
+        trained = json.loads(run.read_text())["config"]
+        assert trained["eval_every"] == cfg.distill.eval_every, run
+        assert trained["batch_size"] == cfg.distill.batch_size, run
+        if run.parts[-3] == "runs":  # the table's own
+            assert trained["steps"] == cfg.distill.steps and trained["seed"] in cfg.seeds, run
+            assert trained["lr"] in (*cfg.lrs, cfg.control_lr), run
 
 
 @pytest.mark.slow
 def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     models, out = _models(tmp_path / "models"), tmp_path / "out"
-    _step("pilot", models, out)
+    refused = _run("pilot", models, ROOT / "results" / "smoke", "--smoke")
+    assert refused.returncode == 2 and "not a result" in refused.stderr
+    assert not (ROOT / "results" / "smoke").exists()
+    log = _step("pilot", models, out)
+    assert "path patching" in log and "mean-ablation scan" in log  # the circuits, found here
     pilot = json.loads((out / "pilot" / "pilot.json").read_text())
     # SMOKE: a 2 x 1 headroom grid, two pilot seeds, test sizes 24 or 32, two table seeds
     assert [(r["train_items"], r["lr"]) for r in pilot["grid"]] == [(8, 1e-3), (16, 1e-3)]
@@ -62,13 +109,18 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     sel = pilot["selection"]
     assert {r["lambda"] for r in sel["align"]} == {0.03, 0.1} and len(sel["align"]) == 3 * 2
 
+    # a full table refuses the smoke pilot before it loads a model
+    refused = _run("table", models, out)
+    assert refused.returncode == 2 and "run both steps with --smoke" in refused.stderr
+    assert not (out / "table").exists()
+
     log = _step("table", models, out)
     table = json.loads((out / "table" / "results.json").read_text())
     # the pilot's choices, chosen again on the pilot's selection runs (none trained again) ...
     for key in ("lr", "lambda", "lambda_strong"):
         assert table[key] == sel["chosen"][key]
     assert table["selection"]["chosen"]["matcher"] == sel["chosen"]["matcher"]
-    assert "path patching" not in log  # the circuits came from the pilot's folder
+    assert "path patching" not in log and "mean-ablation scan" not in log  # the pilot's
     # ... and every trained arm on the planned seeds, the untrained rows evaluated once each
     trained = [name for name in table["rows"][f"n{pilot['chosen']['train_items']}"]
                if arms.arm(name).trained]

@@ -325,7 +325,7 @@ def position_drops(
     (``resume``, as there); ``head_ablation_scan_reference`` with ``position`` is its slow twin.
     Every process measures every head (no ``torchrun`` split: a few heads, not a model's all).
     """
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    n_layers, n_heads, metric = model.cfg.n_layers, model.cfg.n_heads, "prob"
     flat = flat_heads(heads, n_layers, n_heads)  # sorted, each once: the order one scan runs in
     heads = [Head.parse(h) if isinstance(h, str) else h for h in heads]
     order = torch.tensor([h.layer * n_heads + h.head for h in heads], dtype=torch.long)
@@ -343,9 +343,9 @@ def position_drops(
             drop = torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64)
             # one clean run for every column: they differ only in where the mean is written
             clean = clean_run(model, batch["input_ids"].to(device_of(model)),
-                              Target.of(batch, "prob"), batch["pos_last"])
+                              Target.of(batch, metric), batch["pos_last"], metric)
             for j, column in enumerate(columns):
-                sums = _batch_sums(model, batch, means, flat, column, "prob", heads_per_pass,
+                sums = _batch_sums(model, batch, means, flat, column, metric, heads_per_pass,
                                    bar.update, clean)
                 drop[j] = sums["prob_base"] - sums["prob_abl"]
             running.add(drop=drop)

@@ -124,15 +124,20 @@ class CleanRun(NamedTuple):
     cache: object  # TransformerLens' ActivationCache
 
 
+def _cached(n_layers: int) -> tuple[list[str], list[str]]:
+    """What the clean run caches: each layer's ``hook_resid_pre`` (where a pass starts), and the
+    last layer's ``hook_z`` and ``hook_resid_mid`` (where its heads need no pass)."""
+    return ([hook_resid_pre(layer) for layer in range(n_layers)],
+            [hook_z(n_layers - 1), hook_resid_mid(n_layers - 1)])
+
+
 def clean_run(model: HookedTransformer, ids: Int[Tensor, "batch pos"], target: Target,
               pos_last: Int[Tensor, " batch"], metric: str = "prob") -> CleanRun:
     """The clean pass of ``one_head_scan``, which scans that intervene on the same items
     differently (``ablation.position_drops``: one head's mean at each of several positions) share
     instead of running it once each."""
-    top = model.cfg.n_layers - 1
-    names = [hook_resid_pre(layer) for layer in range(model.cfg.n_layers)]
-    logits, cache = model.run_with_cache(ids, names_filter=names + [hook_z(top),
-                                                                    hook_resid_mid(top)])
+    names, top_names = _cached(model.cfg.n_layers)
+    logits, cache = model.run_with_cache(ids, names_filter=names + top_names)
     return CleanRun(*metrics.measure(logits, target, metric, pos_last), cache)
 
 
@@ -176,9 +181,11 @@ def one_head_scan(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_rows = len(ids)
     top = n_layers - 1
-    names = [hook_resid_pre(layer) for layer in range(n_layers)]
-    top_names = [hook_z(top), hook_resid_mid(top)]
+    names, top_names = _cached(n_layers)
     p_base, c_base, cache = clean or clean_run(model, ids, target, pos_last, metric)
+    if len(p_base) != n_rows:
+        raise InputError(f"the clean run given has {len(p_base)} rows for {n_rows} prompts; "
+                         "give the clean run of these prompts")
     prob = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     correct = torch.full((n_layers * n_heads, n_rows), torch.nan, dtype=torch.float64)
     scanned = torch.arange(n_layers * n_heads) if heads is None else heads.unique().cpu()

@@ -29,7 +29,7 @@ from pathlib import Path
 from cdist.models import HookedTransformer
 from cdist.pipeline.circuits import Circuits, find_circuits
 from cdist.pipeline.config import ROLES, ExperimentConfig, Role
-from cdist.pipeline.context import Context
+from cdist.pipeline.context import Context, folder_identity
 from cdist.pipeline.head_maps import HeadMaps, make_head_maps
 from cdist.pipeline.items import ItemSets, check_items, make_items
 from cdist.pipeline.positions import Placement, place_teacher_heads
@@ -41,9 +41,9 @@ from cdist.progress import say
 
 __all__ = ["ROLES", "Circuits", "Context", "ExperimentConfig", "HeadMaps", "ItemSets",
            "Placement", "Role", "Selection", "Table", "check_items", "evaluate_model",
-           "find_circuits", "make_head_maps", "make_items", "make_table", "place_teacher_heads",
-           "run_dir", "run_experiment", "run_stages", "select", "slug", "summarise", "train_run",
-           "write_summary"]
+           "find_circuits", "folder_identity", "make_head_maps", "make_items", "make_table",
+           "place_teacher_heads", "run_dir", "run_experiment", "run_stages", "select", "slug",
+           "summarise", "train_run", "write_summary"]
 
 
 def run_stages(ctx: Context) -> dict:

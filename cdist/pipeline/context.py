@@ -21,7 +21,18 @@ from cdist.pipeline.items import ItemSets, check_positions, make_items
 from cdist.progress import phase, say
 from cdist.store import Store, model_fingerprint
 
-__all__ = ["Context"]
+__all__ = ["Context", "folder_identity"]
+
+
+def folder_identity(cfg: ExperimentConfig, names: Mapping[str, str | None]) -> dict:
+    """What a table's run folder is made for (its ``identity.json``, ``cdist.run_folder``): the
+    models' ``names``, the task and its item sets, and the discovery rules; the models'
+    fingerprints join it once they load."""
+    return {"teacher": names["teacher"], "student": names["student"], "task": cfg.task,
+            "task_kwargs": cfg.task_kwargs, "data_seed": cfg.data_seed,
+            **{k: getattr(cfg, k) for k in ("val_items", "test_items", "reference_items",
+                                            "discovery_items", "ood", "ood_items")},
+            "discovery": asdict(cfg.discovery), "student_discovery": asdict(cfg.student_discovery)}
 
 
 class Context:
@@ -145,14 +156,8 @@ class Context:
         """Hold the run folder for this process, refusing one that cannot be written, is in use,
         or was made for other models, items or discovery rules (``cdist.run_folder``); before
         anything is loaded or written."""
-        cfg = self.cfg
-        identity = {"teacher": self.names["teacher"] if self.has("teacher") else None,
-                    "student": self.names["student"] if self.has("student") else None,
-                    "task": cfg.task, "task_kwargs": cfg.task_kwargs, "data_seed": cfg.data_seed,
-                    **{k: getattr(cfg, k) for k in ("val_items", "test_items", "reference_items",
-                                                    "discovery_items", "ood", "ood_items")},
-                    "discovery": asdict(cfg.discovery),
-                    "student_discovery": asdict(cfg.student_discovery)}
+        identity = folder_identity(self.cfg, {role: self.names[role] if self.has(role) else None
+                                              for role in ROLES})
         held = run_folder.claim(self.out, identity)
         self._claimed = True
         for role in self._models:  # models loaded before the claim
