@@ -497,3 +497,40 @@ def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path)
     assert fetchers["top3_recall"] == 1.0 and len(fetchers["top3"]) > 0
     assert search["same_circuit"] and search["prefiltered_groups"] == search["exact_groups"]
     assert -1 <= fetchers["spearman"] <= 1
+
+
+def test_a_killed_activation_patching_scan_resumes_from_its_last_batch_bit_for_bit(
+        model3, data, tmp_path, monkeypatch):
+    """As path patching's: killed in its third batch, the scan keeps two batches' sums and then
+    patches only the third, returning the uninterrupted scan exactly; other items or another
+    position start over."""
+    kept = tmp_path / "scan.partial.pt"
+    kill = Kill(monkeypatch, activation_patching, "one_head_scan")
+
+    def scan(items=data, resume=kept, position="pos_last"):
+        return activation_patching.activation_patching_scan(
+            model3, items, position=position, batch_size=2, heads_per_pass=3, resume=resume)
+
+    straight = scan(resume=None)
+    kill.calls.clear()
+    kill.at = 3
+    with pytest.raises(KeyboardInterrupt):
+        scan()
+    assert torch.load(kept, weights_only=True)["done"] == 2
+    kill.calls.clear()
+    kill.at = None
+    resumed = scan()
+    assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
+    for name in straight.metrics:
+        assert torch.equal(resumed[name], straight[name]), name
+    assert not kept.exists()
+
+    for other in (dict(position="pos_query_label"), dict(items=data.select([4, 3, 2, 1, 0]))):
+        kill.at = 2
+        kill.calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            scan()
+        kill.calls.clear()
+        kill.at = None
+        scan(**other)
+        assert kill.calls == [2, 2, 1] and not kept.exists()  # started over

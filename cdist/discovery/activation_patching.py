@@ -13,6 +13,7 @@ rank patches only its share of the heads (``engine.rank_heads``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,7 @@ from cdist.discovery.engine import (
     replacing,
 )
 from cdist.discovery.metrics import Target
+from cdist.discovery.resume import RunningSums, scan_key
 from cdist.distributed import is_main
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
@@ -50,6 +52,7 @@ def activation_patching_scan(
     heads: Sequence[Head | str] | None = None,
     metric: str = "prob",
     progress: bool = False,
+    resume: str | Path | None = None,
 ) -> Scan:
     """Patch each head's ``z`` from the corrupt run into the clean run, alone, and
     measure the answer.
@@ -71,6 +74,8 @@ def activation_patching_scan(
             others score NaN.
         metric: what is read at the answer (``cdist.discovery.metrics``).
         progress: show a tqdm bar over forward passes (rank 0's, under ``torchrun``).
+        resume: a file for the running sums after each batch (``RunningSums``, which says when
+            a killed scan resumes from it, bit for bit); removed when the scan returns.
 
     Returns:
         A ``Scan`` (method "activation_patching") with the metric's score, its ``_se`` and the
@@ -82,14 +87,22 @@ def activation_patching_scan(
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
     cfg, device = model.cfg, device_of(model)
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
-    mine = rank_heads(flat_heads(heads, n_layers, n_heads))
-    sums = PatchSums(model, metric)
+    asked = flat_heads(heads, n_layers, n_heads)
+    mine = rank_heads(asked)
     names = [hook_z(layer) for layer in range(n_layers)]
     columns = metrics.columns(position, metric)
-    total = -(-len(data) // batch_size) * passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    with progress_bar(total, "activation patching", enabled=progress and is_main(),
-                      unit="pass") as bar:
-        for batch in batches(data, batch_size, pad_id(model), columns, corrupt=True):
+    key = None if resume is None else scan_key(
+        "activation_patching", model, data, ["corrupt_input_ids", *columns], position=position,
+        heads=asked.tolist(), batch_size=batch_size, heads_per_pass=heads_per_pass, metric=metric)
+    running = RunningSums(resume, key, **PatchSums(model, metric).state())
+    per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
+    with progress_bar(-(-len(data) // batch_size) * per_batch, "activation patching", unit="pass",
+                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
+        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
+                                          corrupt=True)):
+            if running.skip(i):
+                continue
+            sums = PatchSums(model, metric)  # this batch's
             ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
             corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
                                                            names_filter=names)
@@ -105,7 +118,11 @@ def activation_patching_scan(
             sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
             sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric,
                                                   batch["pos_last"])[0])
+            running.add(**sums.state())
+    sums = PatchSums(model, metric)
+    sums.load_state(running.sums)
     sums.add_other_ranks()
+    running.finish()
     return sums.scan("activation_patching", len(data), position=position)
 
 
