@@ -78,6 +78,7 @@ from cdist import arms, models, pipeline, power, report, stats, tasks  # noqa: E
 from cdist.checkpoints import atomic_write_json  # noqa: E402
 from cdist.discovery import DiscoveryConfig  # noqa: E402
 from cdist.distill import DistillConfig  # noqa: E402
+from cdist.errors import CdistError  # noqa: E402
 from cdist.evaluate import accuracy  # noqa: E402
 from cdist.pipeline.runs import unbits  # noqa: E402
 from cdist.provenance import git_commit  # noqa: E402
@@ -173,9 +174,12 @@ source = Path(args.models or ("runs/smollm2" if args.task == "entity_tracking"
                               else "runs/smollm2-ioi"))
 out = Path(args.out or (f"runs/{args.task}_smollm2_decisive-smoke" if args.smoke
                         else f"results/{args.task}_smollm2_decisive"))
-if args.smoke and "results" in out.resolve().parts:
+if args.smoke and out.resolve().is_relative_to(Path(__file__).resolve().parents[1] / "results"):
     parser.error(f"--smoke --out {out}: a smoke run is a check, not a result; give a folder "
                  "outside results/ (default: runs/<task>_smollm2_decisive-smoke)")
+if not (source / "models.json").is_file():
+    parser.error(f"no {source / 'models.json'}: make the models first (python "
+                 f"experiments/smollm2_models.py --task {args.task} --out {source})")
 built = json.loads((source / "models.json").read_text())["models"]
 
 
@@ -358,11 +362,15 @@ def run_pilot() -> None:
 
 def run_table() -> None:
     commit, command = git_commit(), shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    pilot = json.loads((out / "pilot" / "pilot.json").read_text())
+    planned = out / "pilot" / "pilot.json"
+    if not planned.is_file():
+        parser.error(f"no {planned}: run the pilot step first (with the same --task, --out and "
+                     "--smoke), then the table")
+    pilot = json.loads(planned.read_text())
     sel = pilot["selection"]["chosen"]
     if pilot.get("scale", "full") != scale.name:  # pilots before the scales were full ones
-        parser.error(f"{out / 'pilot' / 'pilot.json'} is a {pilot.get('scale', 'full')} pilot and "
-                     f"this a {scale.name} table: run both steps with --smoke, or neither")
+        parser.error(f"{planned} is a {pilot.get('scale', 'full')} pilot and this a {scale.name} "
+                     "table: run both steps with --smoke, or neither")
     ctx = context(table_config(pilot), out / "table")
     with ctx.claim():
         for name in FROM_PILOT:  # into the folder claimed, which cdist writes only once it made it
@@ -391,4 +399,7 @@ def run_table() -> None:
 
 
 if __name__ == "__main__":
-    run_pilot() if args.step == "pilot" else run_table()
+    try:
+        run_pilot() if args.step == "pilot" else run_table()
+    except CdistError as err:  # bad input, refused models or folders: one line, as cdist's CLI
+        parser.exit(2, f"{parser.prog}: error: {err}\n")

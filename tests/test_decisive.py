@@ -90,6 +90,10 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     refused = _run("pilot", models, ROOT / "results" / "smoke", "--smoke")
     assert refused.returncode == 2 and "not a result" in refused.stderr
     assert not (ROOT / "results" / "smoke").exists()
+    refused = _run("table", models, out, "--smoke")
+    assert refused.returncode == 2 and "run the pilot step first" in refused.stderr
+    refused = _run("pilot", tmp_path, out, "--smoke")  # no models.json there
+    assert refused.returncode == 2 and "make the models first" in refused.stderr
     log = _step("pilot", models, out)
     assert "path patching" in log and "mean-ablation scan" in log  # the circuits, found here
     pilot = json.loads((out / "pilot" / "pilot.json").read_text())
