@@ -82,6 +82,7 @@ from cdist import numerics  # noqa: E402  (after argparse, so that --help answer
 numerics.pin()
 from cdist import models  # noqa: E402
 from cdist.checkpoints import atomic_write_json  # noqa: E402
+from cdist.errors import CdistError  # noqa: E402
 from cdist.evaluate import accuracy  # noqa: E402
 from cdist.finetune import FinetuneConfig, finetune, items  # noqa: E402
 from cdist.pretrained import smollm2_gguf  # noqa: E402
@@ -94,36 +95,46 @@ for name, value in DEFAULTS[args.task].items():
     if getattr(args, name) is None:
         setattr(args, name, value)
 out = Path(args.out or ("runs/smollm2" if args.task == "entity_tracking" else "runs/smollm2-ioi"))
-source = smollm2_gguf()
-task = ({"task": "entity_tracking", "template": "prakash",
-         "n_boxes": tuple(range(2, args.max_boxes + 1))} if args.task == "entity_tracking"
-        else {"task": "ioi", "template": "mixed"})
-shared = dict(**task, train_items=args.train_items, val_items=args.val_items,
-              batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
-              numerics="portable")
-roles = {"teacher": FinetuneConfig(**shared, lr=args.lr, steps=args.teacher_steps),
-         "student": FinetuneConfig(**shared, lr=args.student_lr, steps=args.student_steps,
-                                   keep_layers=keep)}
-base = models.load_llama(source)
-val = items(roles["teacher"], base.tokenizer, args.val_items, "test")
-record = {"task": args.task, "models": {},
-          "source": {"file": source.name, "val_accuracy": accuracy(base, val),
-                     "val_items": len(val)}}
-if args.task == "ioi":  # the source is the teacher: recorded, not trained
-    record["models"]["teacher"] = {"path": str(source), "fingerprint": model_fingerprint(base),
-                                   "val_accuracy": record["source"]["val_accuracy"],
-                                   "kept_layers": None}
-    print(f"teacher: the GGUF as it comes, validation accuracy "
-          f"{record['source']['val_accuracy']:.3f}")
-# the student first: it is cut from a copy, and the teacher's training then changes base itself
-for role in [r for r in ("student", "teacher") if r not in record["models"]]:
-    cfg = roles[role]
-    made = finetune(base, cfg, out / role, source=str(source),
-                    command=f"experiments/smollm2_models.py --task {args.task} ({role})")
-    record["models"][role] = made | {"path": str(out / role / "model"),
-                                     "kept_layers": list(keep) if role == "student" else None}
-    print(f"{role}: validation accuracy {made['val_accuracy_before']:.3f} -> "
-          f"{made['val_accuracy_after']:.3f} in {cfg.steps} steps, "
-          f"{made['wall_time_s']:.0f} s{' (reused)' if made.get('reused') else ''} "
-          f"-> {out / role / 'model'}")
-atomic_write_json(record, out / "models.json")
+
+
+def make() -> None:
+    """The models and their record (module doc)."""
+    source = smollm2_gguf()
+    task = ({"task": "entity_tracking", "template": "prakash",
+             "n_boxes": tuple(range(2, args.max_boxes + 1))} if args.task == "entity_tracking"
+            else {"task": "ioi", "template": "mixed"})
+    shared = dict(**task, train_items=args.train_items, val_items=args.val_items,
+                  batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
+                  numerics="portable")
+    roles = {"teacher": FinetuneConfig(**shared, lr=args.lr, steps=args.teacher_steps),
+             "student": FinetuneConfig(**shared, lr=args.student_lr, steps=args.student_steps,
+                                       keep_layers=keep)}
+    base = models.load_llama(source)
+    val = items(roles["teacher"], base.tokenizer, args.val_items, "test")
+    record = {"task": args.task, "models": {},
+              "source": {"file": source.name, "val_accuracy": accuracy(base, val),
+                         "val_items": len(val)}}
+    if args.task == "ioi":  # the source is the teacher: recorded, not trained
+        record["models"]["teacher"] = {"path": str(source), "fingerprint": model_fingerprint(base),
+                                       "val_accuracy": record["source"]["val_accuracy"],
+                                       "kept_layers": None}
+        print(f"teacher: the GGUF as it comes, validation accuracy "
+              f"{record['source']['val_accuracy']:.3f}")
+    # the student first: it is cut from a copy, and the teacher's training then changes base itself
+    for role in [r for r in ("student", "teacher") if r not in record["models"]]:
+        cfg = roles[role]
+        made = finetune(base, cfg, out / role, source=str(source),
+                        command=f"experiments/smollm2_models.py --task {args.task} ({role})")
+        record["models"][role] = made | {"path": str(out / role / "model"),
+                                         "kept_layers": list(keep) if role == "student" else None}
+        print(f"{role}: validation accuracy {made['val_accuracy_before']:.3f} -> "
+              f"{made['val_accuracy_after']:.3f} in {cfg.steps} steps, "
+              f"{made['wall_time_s']:.0f} s{' (reused)' if made.get('reused') else ''} "
+              f"-> {out / role / 'model'}")
+    atomic_write_json(record, out / "models.json")
+
+
+try:
+    make()
+except CdistError as err:  # no GGUF, a folder in use or refused: one line, as cdist's CLI
+    parser.exit(2, f"{parser.prog}: error: {err}\n")
