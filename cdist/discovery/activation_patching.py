@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from cdist.discovery import metrics
 from cdist.discovery.engine import (
@@ -85,11 +86,9 @@ def activation_patching_scan(
     check_items(data, position, metric)
     if memory_budget is not None:
         batch_size = budget_batch_size(model, data, heads_per_pass, memory_budget)
-    cfg, device = model.cfg, device_of(model)
-    n_layers, n_heads = cfg.n_layers, cfg.n_heads
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     asked = flat_heads(heads, n_layers, n_heads)
     mine = rank_heads(asked)
-    names = [hook_z(layer) for layer in range(n_layers)]
     columns = metrics.columns(position, metric)
     key = None if resume is None else scan_key(
         "activation_patching", model, data, ["corrupt_input_ids", *columns], position=position,
@@ -100,30 +99,36 @@ def activation_patching_scan(
                       enabled=progress and is_main(), initial=running.done * per_batch) as bar:
         for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
                                           corrupt=True)):
-            if running.skip(i):
-                continue
-            sums = PatchSums(model, metric)  # this batch's
-            ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
-            corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
-                                                           names_filter=names)
-
-            def patch(layer, rows, n_copies, batch=batch, corrupt=corrupt):
-                at = None if position is None else batch[position].repeat(n_copies)
-                source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
-                return names[layer], replacing(rows, source, at)
-
-            p_clean, _, p, _ = one_head_scan(model, ids, target, batch["pos_last"], patch,
-                                             metric=metric, heads_per_pass=heads_per_pass,
-                                             heads=mine, on_pass=bar.update)
-            sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
-            sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric,
-                                                  batch["pos_last"])[0])
-            running.add(**sums.state())
+            if not running.skip(i):
+                running.add(**_batch_sums(model, batch, mine, position, metric, heads_per_pass,
+                                          bar.update).state())
     sums = PatchSums(model, metric)
     sums.load_state(running.sums)
     sums.add_other_ranks()
     running.finish()
     return sums.scan("activation_patching", len(data), position=position)
+
+
+def _batch_sums(model: HookedTransformer, batch, mine: Tensor, position: str | None, metric: str,
+                heads_per_pass: int, on_pass) -> PatchSums:
+    """One batch's sums for ``activation_patching_scan``: each of this rank's heads patched from
+    the corrupt run, and the items' clean-minus-corrupt gap."""
+    device, sums = device_of(model), PatchSums(model, metric)
+    names = [hook_z(layer) for layer in range(model.cfg.n_layers)]
+    ids, target = batch["input_ids"].to(device), Target.of(batch, metric)
+    corrupt_logits, corrupt = model.run_with_cache(batch["corrupt_input_ids"].to(device),
+                                                   names_filter=names)
+
+    def patch(layer, rows, n_copies):
+        at = None if position is None else batch[position].repeat(n_copies)
+        source = corrupt[names[layer]].repeat(n_copies, 1, 1, 1)
+        return names[layer], replacing(rows, source, at)
+
+    p_clean, _, p, _ = one_head_scan(model, ids, target, batch["pos_last"], patch, metric=metric,
+                                     heads_per_pass=heads_per_pass, heads=mine, on_pass=on_pass)
+    sums.add_batch(mine, p[mine] - p_clean[None, :], p_clean)
+    sums.add_gap(p_clean, metrics.measure(corrupt_logits, target, metric, batch["pos_last"])[0])
+    return sums
 
 
 @torch.no_grad()
