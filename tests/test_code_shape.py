@@ -70,5 +70,5 @@ def test_every_progress_bar_is_closed_by_a_with_block():
             if isinstance(node, (ast.With, ast.AsyncWith)):
                 in_with |= {(module, item.context_expr.lineno) for item in node.items
                             if isinstance(item.context_expr, ast.Call)}
-    assert len(opened) >= 9
+    assert len(opened) >= 7  # the scans share one (RunningSums.bar)
     assert [site for site in opened if site not in in_with] == []

@@ -55,7 +55,6 @@ from cdist.distributed import is_main
 from cdist.errors import InputError
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
-from cdist.progress import bar as progress_bar
 from cdist.store import tensor_fingerprint
 from cdist.types import Head, Scan
 
@@ -260,15 +259,13 @@ def head_ablation_scan(
     zero, zeros = torch.zeros((), dtype=torch.float64), torch.zeros(n_all, dtype=torch.float64)
     running = RunningSums(resume, key, prob_base=zero, correct_base=zero.clone(), gap=zero.clone(),
                           prob_abl=zeros, correct_abl=zeros.clone())
-    # counted in passes, not batches: at real depth a batch is minutes of passes
     per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    with progress_bar(-(-len(data) // batch_size) * per_batch, "mean-ablation scan", unit="pass",
-                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
-        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
-                                          corrupt=normalised)):
-            if not running.skip(i):
-                running.add(**_batch_sums(model, batch, means, mine, position, metric,
-                                          heads_per_pass, bar.update))
+    with running.bar("mean-ablation scan", -(-len(data) // batch_size), per_batch,
+                     progress and is_main()) as bar:
+        for batch in running.pending(batches(data, batch_size, pad_id(model), columns,
+                                             corrupt=normalised)):
+            running.add(**_batch_sums(model, batch, means, mine, position, metric,
+                                      heads_per_pass, bar.update))
     sums = running.sums
     prob_abl, correct_abl = sum_over_ranks(sums["prob_abl"], sums["correct_abl"])
     scan = _ablation_scan((sums["prob_base"], prob_abl), (sums["correct_base"], correct_abl),
@@ -335,11 +332,8 @@ def position_drops(
     running = RunningSums(resume, key,
                           drop=torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64))
     per_batch = len(columns) * passes_per_batch(flat, n_layers, n_heads, heads_per_pass)
-    with progress_bar(-(-len(data) // batch_size) * per_batch, "where heads work",
-                      enabled=progress, unit="pass", initial=running.done * per_batch) as bar:
-        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns)):
-            if running.skip(i):
-                continue
+    with running.bar("where heads work", -(-len(data) // batch_size), per_batch, progress) as bar:
+        for batch in running.pending(batches(data, batch_size, pad_id(model), columns)):
             drop = torch.zeros(len(columns), n_layers * n_heads, dtype=torch.float64)
             # one clean run for every column: they differ only in where the mean is written
             clean = clean_run(model, batch["input_ids"].to(device_of(model)),

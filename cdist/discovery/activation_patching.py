@@ -35,7 +35,6 @@ from cdist.discovery.resume import RunningSums, scan_key
 from cdist.distributed import is_main
 from cdist.evaluate import batches, device_of, pad_id
 from cdist.models import HookedTransformer, hook_z
-from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
 
 __all__ = ["activation_patching_scan", "activation_patching_scan_reference"]
@@ -95,13 +94,12 @@ def activation_patching_scan(
         heads=asked.tolist(), batch_size=batch_size, heads_per_pass=heads_per_pass, metric=metric)
     running = RunningSums(resume, key, **PatchSums(model, metric).state())
     per_batch = passes_per_batch(mine, n_layers, n_heads, heads_per_pass)
-    with progress_bar(-(-len(data) // batch_size) * per_batch, "activation patching", unit="pass",
-                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
-        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
-                                          corrupt=True)):
-            if not running.skip(i):
-                running.add(**_batch_sums(model, batch, mine, position, metric, heads_per_pass,
-                                          bar.update).state())
+    with running.bar("activation patching", -(-len(data) // batch_size), per_batch,
+                     progress and is_main()) as bar:
+        for batch in running.pending(batches(data, batch_size, pad_id(model), columns,
+                                             corrupt=True)):
+            running.add(**_batch_sums(model, batch, mine, position, metric, heads_per_pass,
+                                      bar.update).state())
     sums = PatchSums(model, metric)
     sums.load_state(running.sums)
     sums.add_other_ranks()

@@ -81,7 +81,6 @@ from cdist.models import (
     hook_z,
     unembed,
 )
-from cdist.progress import bar as progress_bar
 from cdist.types import Head, Scan
 
 __all__ = [
@@ -184,16 +183,16 @@ def path_patching_scan(
         metric=metric)
     running = RunningSums(resume, key, **PatchSums(model, metric).state())
     per_batch = -(-len(run) // senders_per_pass)
-    with progress_bar(-(-len(data) // batch_size) * per_batch, "path patching", unit="pass",
-                      enabled=progress and is_main(), initial=running.done * per_batch) as bar:
-        for i, batch in enumerate(batches(data, batch_size, pad_id(model), columns,
-                                          corrupt=True)):
+    with running.bar("path patching", -(-len(data) // batch_size), per_batch,
+                     progress and is_main()) as bar:
+        # the batches summed before a kill were checked by the run that summed them
+        for batch in running.pending(batches(data, batch_size, pad_id(model), columns,
+                                             corrupt=True)):
             if not paths.receivers and not torch.equal(batch[position], batch["pos_last"]):
                 raise InputError("receivers=() means the logits at pos_last; "
                                  f"position={position!r} differs")
-            if not running.skip(i):
-                running.add(**_batch_sums(model, batch, paths, run, senders_per_pass, metric,
-                                          bar.update).state())
+            running.add(**_batch_sums(model, batch, paths, run, senders_per_pass, metric,
+                                      bar.update).state())
     sums = PatchSums(model, metric)
     sums.load_state(running.sums)
     sums.add_unreachable(asked[asked >= paths.top * n_heads])

@@ -9,6 +9,9 @@ group by group (``cdist.discovery.search``); the scans resume batch by batch, he
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from torch import Tensor
 
 from cdist import distributed
 from cdist.checkpoints import atomic_torch_save
+from cdist.progress import bar as progress_bar
 from cdist.store import items_fingerprint, jsonable, model_fingerprint
 
 __all__ = ["RunningSums", "scan_key"]
@@ -70,9 +74,17 @@ class RunningSums:
             return None
         return kept
 
-    def skip(self, batch: int) -> bool:
-        """Whether batch ``batch`` (counted from 0) is already in the sums."""
-        return batch < self.done
+    def pending(self, batches: Iterable) -> Iterator:
+        """The scan's ``batches`` that are not yet in the sums, in order."""
+        return itertools.islice(batches, self.done, None)
+
+    @contextlib.contextmanager
+    def bar(self, label: str, n_batches: int, per_batch: int, enabled: bool) -> Iterator:
+        """The scan's progress bar, counted in forward passes (at real depth one batch is minutes
+        of them), from the batches already in the sums."""
+        with progress_bar(n_batches * per_batch, label, unit="pass", enabled=enabled,
+                          initial=self.done * per_batch) as bar:
+            yield bar
 
     def add(self, **batch_sums: Tensor) -> None:
         """Add the next batch's sums, and keep the total (when there is a file)."""
