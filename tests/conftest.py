@@ -51,6 +51,16 @@ class Kill:
         self.real, self.calls, self.at = getattr(module, name), [], None
         monkeypatch.setattr(module, name, self)
 
+    def stop(self, run, at: int) -> None:
+        """``run()`` killed at the ``at``-th call; then the calls are counted afresh, none
+        killed."""
+        self.calls.clear()
+        self.at = at
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        self.calls.clear()
+        self.at = None
+
     def __call__(self, *args, **kwargs):
         batch = args[1]
         self.calls.append(len(batch["input_ids"] if isinstance(batch, dict) else batch))

@@ -211,15 +211,9 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1], strict=True))
 
-    kill.at = None
     straight = scan(resume=None)
-    kill.calls.clear()
-    kill.at = 3
-    with pytest.raises(KeyboardInterrupt):
-        scan()
+    kill.stop(scan, 3)
     assert torch.load(kept, weights_only=True)["done"] == 2
-    kill.calls.clear()
-    kill.at = None
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     capsys.readouterr()
     resumed = scan(progress=True)
@@ -233,13 +227,8 @@ def test_a_killed_scan_resumes_from_its_last_batch_bit_for_bit(model, data, mean
     assert not kept.exists() and not left.exists()  # removed once the scan is made
 
     # sums kept for other items are not theirs: that scan starts over
-    kill.at = 2
-    kill.calls.clear()
-    with pytest.raises(KeyboardInterrupt):
-        scan()
+    kill.stop(scan, 2)
     other = data.select(range(11, -1, -1))
-    kill.calls.clear()
-    kill.at = None
     scan(other)
     assert kill.calls == [5, 5, 2]
     scan(other, resume=None)
@@ -263,7 +252,6 @@ def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, me
         return ablation.position_drops(model, data, heads, means, columns, batch_size=5,
                                        heads_per_pass=1, resume=resume)
 
-    kill.at = None
     cleans = []
     for module in (ablation, engine):  # the shared run, and any a column would make of its own
         monkeypatch.setattr(module, "clean_run",
@@ -276,13 +264,8 @@ def test_position_drops_resume_from_their_last_batch_bit_for_bit(model, data, me
         for i, h in enumerate(heads):
             assert float(straight[j, i]) == pytest.approx(float(scan["prob_drop"][h.layer, h.head]),
                                                           abs=1e-6)
-    kill.calls.clear()
-    kill.at = 5  # the third batch's first column (two calls a batch)
-    with pytest.raises(KeyboardInterrupt):
-        drops()
+    kill.stop(drops, 5)  # the third batch's first column (two calls a batch)
     assert torch.load(kept, weights_only=True)["done"] == 2
-    kill.calls.clear()
-    kill.at = None
     assert torch.equal(drops(), straight) and kill.calls == [2, 2] and not kept.exists()
 
 

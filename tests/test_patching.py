@@ -378,15 +378,9 @@ def test_a_killed_path_patching_scan_resumes_from_its_last_batch_bit_for_bit(
         return path_patching.path_patching_scan(model3, items, receivers=receivers,
                                                 batch_size=2, senders_per_pass=3, resume=resume)
 
-    kill.at = None
     straight = scan(resume=None)
-    kill.calls.clear()
-    kill.at = 3
-    with pytest.raises(KeyboardInterrupt):
-        scan()
+    kill.stop(scan, 3)
     assert torch.load(kept, weights_only=True)["done"] == 2
-    kill.calls.clear()
-    kill.at = None
     resumed = scan()
     assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
     for name in straight.metrics:
@@ -395,12 +389,7 @@ def test_a_killed_path_patching_scan_resumes_from_its_last_batch_bit_for_bit(
     assert resumed.receivers == straight.receivers and not kept.exists()
 
     for other in (dict(receivers=(Head(2, 0),)), dict(items=data.select([4, 3, 2, 1, 0]))):
-        kill.at = 2
-        kill.calls.clear()
-        with pytest.raises(KeyboardInterrupt):
-            scan()
-        kill.calls.clear()
-        kill.at = None
+        kill.stop(scan, 2)
         scan(**other)
         assert kill.calls == [2, 2, 1] and not kept.exists()  # started over
 
@@ -512,13 +501,8 @@ def test_a_killed_activation_patching_scan_resumes_from_its_last_batch_bit_for_b
             model3, items, position=position, batch_size=2, heads_per_pass=3, resume=resume)
 
     straight = scan(resume=None)
-    kill.calls.clear()
-    kill.at = 3
-    with pytest.raises(KeyboardInterrupt):
-        scan()
+    kill.stop(scan, 3)
     assert torch.load(kept, weights_only=True)["done"] == 2
-    kill.calls.clear()
-    kill.at = None
     resumed = scan()
     assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
     for name in straight.metrics:
@@ -526,11 +510,6 @@ def test_a_killed_activation_patching_scan_resumes_from_its_last_batch_bit_for_b
     assert not kept.exists()
 
     for other in (dict(position="pos_query_label"), dict(items=data.select([4, 3, 2, 1, 0]))):
-        kill.at = 2
-        kill.calls.clear()
-        with pytest.raises(KeyboardInterrupt):
-            scan()
-        kill.calls.clear()
-        kill.at = None
+        kill.stop(scan, 2)
         scan(**other)
         assert kill.calls == [2, 2, 1] and not kept.exists()  # started over
