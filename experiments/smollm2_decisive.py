@@ -18,7 +18,7 @@ Each task is a ``Study`` (``STUDIES``): its items, its headroom grid and target,
 its out-of-distribution candidates; every other step and rule is the same for both.
 
 Both steps resume where they stopped (every finished run is kept by its identity) and refuse models
-other than the ones ``runs/smollm2/models.json`` recorded (their fingerprints).
+other than the ones the models folder's ``models.json`` recorded (their fingerprints).
 
 **Pilot** (``OUT/pilot``, validation items only, seeds that are not the table's):
 1. the circuits (the teacher's by path patching, grown until it is faithful; the student's by
