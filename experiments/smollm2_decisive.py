@@ -9,6 +9,7 @@
     python experiments/smollm2_decisive.py table --task ioi
 
     python experiments/smollm2_decisive.py pilot --smoke --models M   # every step at toy sizes
+    python experiments/smollm2_decisive.py status                     # how far each step is
 
 ``--smoke`` runs both steps at the sizes of ``SMOKE`` (a few items and steps, two seeds, no
 faithfulness threshold) into ``runs/<task>_smollm2_decisive-smoke``: a check of a setup's
@@ -52,6 +53,7 @@ verdict at +-``EFFECT``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -63,7 +65,9 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("step", choices=["pilot", "table"])
+parser.add_argument("step", choices=["pilot", "table", "status"],
+                    help="status: what each step has finished and how long the rest may take "
+                    "(reads the folders only)")
 parser.add_argument("--task", choices=["entity_tracking", "ioi"], default="entity_tracking")
 parser.add_argument("--models", default=None, help="the folder experiments/smollm2_models.py "
                     "wrote (default: runs/smollm2, or runs/smollm2-ioi for IOI)")
@@ -177,10 +181,10 @@ out = Path(args.out or (f"runs/{args.task}_smollm2_decisive-smoke" if args.smoke
 if args.smoke and out.resolve().is_relative_to(Path(__file__).resolve().parents[1] / "results"):
     parser.error(f"--smoke --out {out}: a smoke run is a check, not a result; give a folder "
                  "outside results/ (default: runs/<task>_smollm2_decisive-smoke)")
-if not (source / "models.json").is_file():
+if args.step != "status" and not (source / "models.json").is_file():  # status reads no model
     parser.error(f"no {source / 'models.json'}: make the models first (python "
                  f"experiments/smollm2_models.py --task {args.task} --out {source})")
-built = json.loads((source / "models.json").read_text())["models"]
+built = {} if args.step == "status" else json.loads((source / "models.json").read_text())["models"]
 
 
 def config(**design) -> pipeline.ExperimentConfig:
@@ -398,8 +402,46 @@ def run_table() -> None:
                      indent=1, default=str))
 
 
+def _finished(folder: Path) -> list[Path]:
+    """The finished runs in ``folder`` (each keeps its record in ``<run>/eval.json``)."""
+    return sorted(folder.glob("*/eval.json"))
+
+
+def _pace(runs: list[Path]) -> float | None:
+    """Seconds per run, training and evaluation: the median gap between consecutive runs'
+    records (a restart's idle hours are one gap among many), None below three runs."""
+    times = sorted(run.stat().st_mtime for run in runs)
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    return gaps[len(gaps) // 2] if len(gaps) >= 2 else None
+
+
+def run_status() -> None:
+    """How far the pilot and the table are, from their folders alone (no model loads)."""
+    pilot_dir, table_dir = out / "pilot", out / "table"
+    parts = {"headroom grid": (_finished(pilot_dir / "grid"),
+                               len(study.grid_n) * len(study.grid_lr)),
+             # circuit CE at the chosen lr, then every matcher at every lambda
+             "selection": (_finished(pilot_dir / "select"), 1 + len(MATCHERS) * len(study.lambdas)),
+             "power": (_finished(pilot_dir / "power"), 2 * len(scale.pilot_seeds))}
+    planned = pilot_dir / "pilot.json"
+    if planned.is_file():
+        pilot = json.loads(planned.read_text())
+        trained = [name for name in ARMS if arms.arm(name).trained]
+        parts["table"] = (_finished(table_dir / "runs" / f"n{pilot['chosen']['train_items']}"),
+                          len(trained) * len(pilot["design"]["seeds"]))
+    for name, (runs, total) in parts.items():
+        pace = _pace(runs)
+        left = "" if pace is None or len(runs) >= total else (
+            f", about {pace * (total - len(runs)) / 3600:.1f} h left at {pace / 60:.0f} min a run")
+        print(f"{name}: {len(runs)}/{total} runs{left}")
+    print(f"pilot: {'planned (' + str(planned) + ')' if planned.is_file() else 'not planned yet'}")
+    done = table_dir / "results.json"
+    print(f"table: {'done (' + str(done) + ')' if done.is_file() else 'not done yet'}")
+
+
 if __name__ == "__main__":
+    steps = {"pilot": run_pilot, "table": run_table, "status": run_status}
     try:
-        run_pilot() if args.step == "pilot" else run_table()
+        steps[args.step]()
     except CdistError as err:  # bad input, refused models or folders: one line, as cdist's CLI
         parser.exit(2, f"{parser.prog}: error: {err}\n")

@@ -3,7 +3,7 @@ pilots and tables were made with; at the toy sizes of ``--smoke``, on the entity
 organism and a student cut from it (as the SmolLM2 student is cut from its teacher), it runs its
 pilot and then the table the pilot plans: the table reuses the pilot's circuits, scans and
 selection runs, chooses again what the pilot chose, trains every arm on the planned seeds and
-writes its report, and a second call trains nothing."""
+writes its report, a second call trains nothing, and ``status`` counts every step's runs."""
 
 from __future__ import annotations
 
@@ -144,4 +144,8 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
 
     again = _step("table", models, out)
     assert "distill: done" not in again
+    status = _step("status", models, out).splitlines()
+    assert status[:4] == ["headroom grid: 2/2 runs", "selection: 7/7 runs", "power: 4/4 runs",
+                          "table: 22/22 runs"]
+    assert status[-1].startswith("table: done")
     assert json.loads((out / "table" / "results.json").read_text())["rows"] == table["rows"]
