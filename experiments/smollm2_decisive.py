@@ -43,11 +43,12 @@ other than the ones the models folder's ``models.json`` recorded (their fingerpr
 ``OUT/pilot/pilot.json`` records every number and choice.
 
 **Table** (``OUT/table``, its report ``table.md``, ``.csv``, ``.json`` and figures from
-``cdist.report``): the arms of ``ARMS`` on the chosen settings, as many seeds and test items as the
-pilot asks (at least ``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the primary
-comparison (declared in ``cdist.arms`` and in the README before the table runs): CE + Align CKA vs
-circuit CE, test accuracy, mean per-seed difference with its interval, p and the equivalence
-verdict at +-``EFFECT``.
+``cdist.report``, and ``power.json``: the power it had for an ``EFFECT`` difference): the arms of
+``ARMS`` on the chosen settings, as many seeds and test items as the pilot asks (at least
+``Scale.min_seeds``), the pilot's OOD sets, 1,000 items each; the primary comparison (declared in
+``cdist.arms`` and in the README before the table runs): CE + Align CKA vs circuit CE, test
+accuracy, mean per-seed difference with its interval, p and the equivalence verdict at
++-``EFFECT``.
 """
 
 from __future__ import annotations
@@ -288,16 +289,44 @@ def power_pilot(ctx, circuits, selection, chosen: dict) -> dict:
                 folder=ctx.out / "power" / f"{pipeline.slug(name)}-seed{seed}")
     bits = {name: [unbits(runs[name, s]["test_full"]) for s in scale.pilot_seeds]
             for name in arms.PRIMARY}
+    found = variance_of(bits)
+    plans = power.plan(EFFECT, found["run_variance"]["run_var"], found["discordance_alternative"],
+                       scale.item_options, power=POWER, alpha=ALPHA)
+    return {"seeds": list(scale.pilot_seeds), "validation_items": len(bits[arms.PRIMARY[0]][0]),
+            **found, "plans": plans}
+
+
+def variance_of(bits: dict) -> dict:
+    """The primary pair's comparison on per-seed correctness ``bits`` (arm -> one tensor a seed),
+    the run-to-run variance it shows, and the discordance of arms ``EFFECT`` apart
+    (``cdist.power``): the pilot's plan, and the table's achieved power, rest on these."""
     compared = stats.compare(bits[arms.PRIMARY[0]], bits[arms.PRIMARY[1]], margin=EFFECT,
                              alpha=ALPHA)
-    n_val = len(bits[arms.PRIMARY[0]][0])
-    variance = power.run_variance(compared["seed_level"]["diffs"], compared["discordance"], n_val)
+    variance = power.run_variance(compared["seed_level"]["diffs"], compared["discordance"],
+                                  len(bits[arms.PRIMARY[0]][0]))
     pi = power.alternative_discordance(compared["discordance"], compared["seed_level"]["mean"],
                                        EFFECT)
-    plans = power.plan(EFFECT, variance["run_var"], pi, scale.item_options, power=POWER,
-                       alpha=ALPHA)
-    return {"seeds": list(scale.pilot_seeds), "validation_items": n_val, "comparison": compared,
-            "run_variance": variance, "discordance_alternative": pi, "plans": plans}
+    return {"comparison": compared, "run_variance": variance, "discordance_alternative": pi}
+
+
+def achieved_power(pilot: dict, per_item: dict) -> dict:
+    """The power the table had for an ``EFFECT`` difference, with the run-to-run variance and
+    discordance its own primary pair shows (not the power at the difference it found, which says
+    nothing the p-value does not), beside the pilot's plan."""
+    runs = sorted((r for r in per_item["runs"] if r["arm"] in arms.PRIMARY
+                   and r["train_items"] == pilot["chosen"]["train_items"]),
+                  key=lambda r: r["seed"])
+    bits = {name: [unbits(r["test_full"]) for r in runs if r["arm"] == name]
+            for name in arms.PRIMARY}
+    found = variance_of(bits)
+    n_items, n_seeds = len(bits[arms.PRIMARY[0]][0]), len(bits[arms.PRIMARY[0]])
+    achieved = power.design_power(EFFECT, found["run_variance"]["run_var"],
+                                  found["discordance_alternative"], n_items, n_seeds, ALPHA)
+    return {"effect": EFFECT, "alpha": ALPHA, "test_items": n_items, "seeds": n_seeds,
+            "achieved_power": achieved, "planned_power": pilot["design"]["planned_power"],
+            "run_variance": found["run_variance"],
+            "discordance_alternative": found["discordance_alternative"],
+            "pilot_run_variance": pilot["power"]["run_variance"]["run_var"]}
 
 
 def design(pilot: dict) -> dict:
@@ -397,6 +426,12 @@ def run_table() -> None:
         summary = pipeline.write_summary(ctx, circuits, placement, maps, selection, table,
                                          time.time() - started)
         report.write_report(summary, out / "table", "table", commit=commit, command=command)
+        per_item = json.loads((out / "table" / "per_item.json").read_text())
+        powered = achieved_power(pilot, per_item) | {"commit": commit}
+        atomic_write_json(powered, out / "table" / "power.json")
+    print(f"power for a {EFFECT:g} difference: achieved {powered['achieved_power']:.2f} "
+          f"(planned {powered['planned_power']:.2f}), {powered['seeds']} seeds x "
+          f"{powered['test_items']} test items")
     primary = next(e for e in summary["comparisons"] if e["role"] == "primary")
     print(json.dumps({k: primary[k] for k in ("a", "b", "set", "seed_level", "clustered")},
                      indent=1, default=str))

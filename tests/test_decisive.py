@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cdist import arms, pipeline, zoo
+from cdist import arms, pipeline, power, zoo
 from cdist.models import keep_layers, load_llama, save_llama
+from cdist.pipeline.runs import unbits
 from cdist.store import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,20 +54,27 @@ def _step(step: str, models, out) -> str:
 COMMITTED = [("ioi", "pilot"), ("ioi", "table"), ("entity_tracking", "pilot")]
 
 
-@pytest.mark.parametrize("task, step", COMMITTED)
-def test_full_scale_makes_the_committed_folders(task, step, tmp_path, monkeypatch):
-    """A change of the full scale's sizes, rules or items would orphan days of stored runs: the
-    script's configs are the ones the committed folders record (``identity.json``, and the
-    table's runs' training settings)."""
-    results = ROOT / "results" / f"{task}_smollm2_decisive"
-    kept = json.loads((results / step / "identity.json").read_text())
+def _script(task: str, step: str, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """The script's functions at full scale, on a models record with the committed folder's
+    fingerprints; and that folder's ``identity.json``."""
+    kept = json.loads((ROOT / "results" / f"{task}_smollm2_decisive" / step /
+                       "identity.json").read_text())
     models = {role: {"fingerprint": kept["models"][role], "path": kept[role],
                      "kept_layers": None if role == "teacher" else [*range(12), *range(20, 30)]}
               for role in ("teacher", "student")}
     (tmp_path / "models.json").write_text(json.dumps({"models": models}))
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), step, "--task", task, "--models",
                                       str(tmp_path)])
-    script = runpy.run_path(str(SCRIPT), run_name="decisive")  # its steps run only as __main__
+    return runpy.run_path(str(SCRIPT), run_name="decisive"), kept  # steps run only as __main__
+
+
+@pytest.mark.parametrize("task, step", COMMITTED)
+def test_full_scale_makes_the_committed_folders(task, step, tmp_path, monkeypatch):
+    """A change of the full scale's sizes, rules or items would orphan days of stored runs: the
+    script's configs are the ones the committed folders record (``identity.json``, and the
+    table's runs' training settings)."""
+    results = ROOT / "results" / f"{task}_smollm2_decisive"
+    script, kept = _script(task, step, tmp_path, monkeypatch)
     pilot = (json.loads((results / "pilot" / "pilot.json").read_text()) if step == "table"
              else None)
     cfg = script["table_config"](pilot) if pilot else script["pilot_config"]()
@@ -136,6 +144,11 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     primary = next(c for c in table["comparisons"] if c["role"] == "primary")
     assert (primary["a"], primary["b"], primary["set"]) == (*arms.PRIMARY, "test")
     assert primary["seed_level"]["n_seeds"] == 2
+    # the power the table had for a 2-point difference, from its own primary pair's variance
+    powered = json.loads((out / "table" / "power.json").read_text())
+    assert (powered["seeds"], powered["test_items"]) == (2, pilot["design"]["test_items"])
+    assert 0 <= powered["achieved_power"] <= 1
+    assert powered["planned_power"] == pilot["design"]["planned_power"]
     # the report: the tables with the declared primary first, and the figures
     assert "Primary comparison (declared" in (out / "table" / "table.md").read_text()
     assert (out / "table" / "table.csv").read_text().count("\n") == 1 + len(trained) + 2
@@ -149,3 +162,26 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
                           "table: 22/22 runs"]
     assert status[-1].startswith("table: done")
     assert json.loads((out / "table" / "results.json").read_text())["rows"] == table["rows"]
+
+
+def test_the_ioi_pilots_power_recomputes_from_its_runs(tmp_path, monkeypatch):
+    """The variance and discordance behind the IOI table's size come again from the pilot's
+    stored power runs; the achieved power of a table made of those runs is the variance model's
+    power at their design (4 seeds, 500 items)."""
+    script, _ = _script("ioi", "pilot", tmp_path, monkeypatch)
+    folder = ROOT / "results" / "ioi_smollm2_decisive" / "pilot"
+    pilot = json.loads((folder / "pilot.json").read_text())
+    runs = [{"arm": name, "seed": seed, "train_items": pilot["chosen"]["train_items"],
+             "test_full": json.loads((folder / "power" / f"{pipeline.slug(name)}-seed{seed}" /
+                                      "eval.json").read_text())["test_full"]}
+            for name in arms.PRIMARY for seed in pilot["power"]["seeds"]]
+    bits = {name: [unbits(r["test_full"]) for r in runs if r["arm"] == name]
+            for name in arms.PRIMARY}
+    found = json.loads(json.dumps(script["variance_of"](bits)))
+    for key in ("run_variance", "discordance_alternative"):
+        assert found[key] == pytest.approx(pilot["power"][key]), key
+    powered = script["achieved_power"](pilot, {"runs": runs})
+    assert (powered["seeds"], powered["test_items"]) == (4, 500)
+    assert powered["achieved_power"] == pytest.approx(power.design_power(
+        0.02, pilot["power"]["run_variance"]["run_var"], pilot["power"]["discordance_alternative"],
+        500, 4))
