@@ -38,16 +38,28 @@ def _models(root):
     return root
 
 
-def _run(step: str, models, out, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), step, "--models", str(models), "--out",
-                           str(out), "--threads", "1", *flags],
-                          capture_output=True, text=True, timeout=600)
-
-
 def _step(step: str, models, out) -> str:
-    done = _run(step, models, out, "--smoke")
+    """A step in its own process, as a user runs it (its threads and numerics its own)."""
+    done = subprocess.run([sys.executable, str(SCRIPT), step, "--models", str(models), "--out",
+                           str(out), "--threads", "1", "--smoke"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
+
+
+def _here(monkeypatch, capsys, step: str, models, out, *flags: str) -> tuple[int, str]:
+    """A step run in this process (its refusals and ``status`` load no model, so they need no
+    process of their own): its exit status and what it printed."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), step, "--models", str(models), "--out",
+                                      str(out), *flags])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    printed = capsys.readouterr()
+    return status, printed.out + printed.err
 
 
 # the committed folders, and the committed runs whose training settings the table must repeat
@@ -93,15 +105,16 @@ def test_full_scale_makes_the_committed_folders(task, step, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
+def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path, monkeypatch, capsys):
     models, out = _models(tmp_path / "models"), tmp_path / "out"
-    refused = _run("pilot", models, ROOT / "results" / "smoke", "--smoke")
-    assert refused.returncode == 2 and "not a result" in refused.stderr
-    assert not (ROOT / "results" / "smoke").exists()
-    refused = _run("table", models, out, "--smoke")
-    assert refused.returncode == 2 and "run the pilot step first" in refused.stderr
-    refused = _run("pilot", tmp_path, out, "--smoke")  # no models.json there
-    assert refused.returncode == 2 and "make the models first" in refused.stderr
+    into = ROOT / "results" / "smoke"
+    status, said = _here(monkeypatch, capsys, "pilot", models, into, "--smoke")
+    assert status == 2 and "not a result" in said
+    assert not into.exists()
+    status, said = _here(monkeypatch, capsys, "table", models, out, "--smoke")
+    assert status == 2 and "run the pilot step first" in said
+    status, said = _here(monkeypatch, capsys, "pilot", tmp_path, out, "--smoke")  # no models.json
+    assert status == 2 and "make the models first" in said
     log = _step("pilot", models, out)
     assert "path patching" in log and "mean-ablation scan" in log  # the circuits, found here
     pilot = json.loads((out / "pilot" / "pilot.json").read_text())
@@ -122,8 +135,8 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
     assert {r["lambda"] for r in sel["align"]} == {0.03, 0.1} and len(sel["align"]) == 3 * 2
 
     # a full table refuses the smoke pilot before it loads a model
-    refused = _run("table", models, out)
-    assert refused.returncode == 2 and "run both steps with --smoke" in refused.stderr
+    status, said = _here(monkeypatch, capsys, "table", models, out)
+    assert status == 2 and "run both steps with --smoke" in said
     assert not (out / "table").exists()
 
     log = _step("table", models, out)
@@ -157,7 +170,7 @@ def test_the_pilot_plans_a_table_that_reuses_its_choices(tmp_path):
 
     again = _step("table", models, out)
     assert "distill: done" not in again
-    status = _step("status", models, out).splitlines()
+    status = _here(monkeypatch, capsys, "status", models, out, "--smoke")[1].splitlines()
     assert status[:4] == ["headroom grid: 2/2 runs", "selection: 7/7 runs", "power: 4/4 runs",
                           "table: 22/22 runs"]
     assert status[-1].startswith("table: done")
