@@ -255,8 +255,7 @@ def headroom(ctx, circuits, maps) -> list[dict]:
     for n in study.grid_n:
         for lr in study.grid_lr:
             rec = pipeline.train_run(val, circuits, ce, n_train=n, seed=scale.pilot_seeds[0],
-                                     lr=lr,
-                                     lam=0.0, head_map=maps.maps[MATCHERS[0]],
+                                     lr=lr, lam=0.0, head_map=maps.maps[MATCHERS[0]],
                                      folder=ctx.out / "grid" / f"ce-n{n}-lr{lr}")
             curve = [(m["step"], m["accuracy"]) for m in rec["metrics"]]
             rows.append({"train_items": n, "lr": lr, "val_accuracy": curve[-1][1],
@@ -309,11 +308,12 @@ def variance_of(bits: dict) -> dict:
     return {"comparison": compared, "run_variance": variance, "discordance_alternative": pi}
 
 
-def achieved_power(pilot: dict, per_item: dict) -> dict:
+def achieved_power(pilot: dict, runs: list[dict]) -> dict:
     """The power the table had for an ``EFFECT`` difference, with the run-to-run variance and
     discordance its own primary pair shows (not the power at the difference it found, which says
-    nothing the p-value does not), beside the pilot's plan."""
-    runs = sorted((r for r in per_item["runs"] if r["arm"] in arms.PRIMARY
+    nothing the p-value does not), beside the pilot's plan. ``runs``: the table's records (arm,
+    regime, seed, per-item bits)."""
+    runs = sorted((r for r in runs if r["arm"] in arms.PRIMARY
                    and r["train_items"] == pilot["chosen"]["train_items"]),
                   key=lambda r: r["seed"])
     bits = {name: [unbits(r["test_full"]) for r in runs if r["arm"] == name]
@@ -401,9 +401,10 @@ def run_table() -> None:
                      "--smoke), then the table")
     pilot = json.loads(planned.read_text())
     sel = pilot["selection"]["chosen"]
-    if pilot.get("scale", "full") != scale.name:  # pilots before the scales were full ones
-        parser.error(f"{planned} is a {pilot.get('scale', 'full')} pilot and this a {scale.name} "
-                     "table: run both steps with --smoke, or neither")
+    made_at = pilot.get("scale", "full")  # pilots before the scales were full ones
+    if made_at != scale.name:
+        parser.error(f"{planned} is a {made_at} pilot and this a {scale.name} table: run both "
+                     "steps with --smoke, or neither")
     ctx = context(table_config(pilot), out / "table")
     with ctx.claim():
         for name in FROM_PILOT:  # into the folder claimed, which cdist writes only once it made it
@@ -426,8 +427,7 @@ def run_table() -> None:
         summary = pipeline.write_summary(ctx, circuits, placement, maps, selection, table,
                                          time.time() - started)
         report.write_report(summary, out / "table", "table", commit=commit, command=command)
-        per_item = json.loads((out / "table" / "per_item.json").read_text())
-        powered = achieved_power(pilot, per_item) | {"commit": commit}
+        powered = achieved_power(pilot, list(table.runs)) | {"commit": commit}
         atomic_write_json(powered, out / "table" / "power.json")
     print(f"power for a {EFFECT:g} difference: achieved {powered['achieved_power']:.2f} "
           f"(planned {powered['planned_power']:.2f}), {powered['seeds']} seeds x "

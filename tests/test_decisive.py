@@ -193,7 +193,7 @@ def test_the_ioi_pilots_power_recomputes_from_its_runs(tmp_path, monkeypatch):
     found = json.loads(json.dumps(script["variance_of"](bits)))
     for key in ("run_variance", "discordance_alternative"):
         assert found[key] == pytest.approx(pilot["power"][key]), key
-    powered = script["achieved_power"](pilot, {"runs": runs})
+    powered = script["achieved_power"](pilot, runs)
     assert (powered["seeds"], powered["test_items"]) == (4, 500)
     assert powered["achieved_power"] == pytest.approx(power.design_power(
         0.02, pilot["power"]["run_variance"]["run_var"], pilot["power"]["discordance_alternative"],
