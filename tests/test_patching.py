@@ -365,30 +365,43 @@ def test_search_remakes_a_group_whose_kept_file_was_damaged(model3, data, tmp_pa
     assert Store(tmp_path).load("value_fetcher.json", None) is None  # kept under its identity
 
 
-def test_a_killed_path_patching_scan_resumes_from_its_last_batch_bit_for_bit(
-        model3, data, tmp_path, monkeypatch):
+# each resumable patching scan: its module, the function called once a batch (where the kill
+# lands), and the scan with the settings of the first run or (other=True) of another
+RESUMABLE = {
+    "path patching": (path_patching, "_patched_chunks", lambda model, items, resume, other:
+                      path_patching.path_patching_scan(
+                          model, items, receivers=(Head(2, 0),) if other else (Head(2, 1),),
+                          batch_size=2, senders_per_pass=3, resume=resume)),
+    "activation patching": (activation_patching, "one_head_scan", lambda model, items, resume,
+                            other: activation_patching.activation_patching_scan(
+                                model, items, position="pos_query_label" if other else "pos_last",
+                                batch_size=2, heads_per_pass=3, resume=resume)),
+}
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_a_killed_patching_scan_resumes_from_its_last_batch_bit_for_bit(
+        name, model3, data, tmp_path, monkeypatch):
     """Killed in its third batch, the scan keeps two batches' sums; called again it patches only
-    the third and returns the uninterrupted scan exactly. Another receiver set or other items
-    start over; the file is removed once the scan is made."""
-    kept, kill = tmp_path / "scan.partial.pt", Kill(monkeypatch, path_patching, "_patched_chunks")
+    the third and returns the uninterrupted scan exactly. Other settings (another receiver set,
+    another position) or other items start over; the file is removed once the scan is made."""
+    module, killed, run = RESUMABLE[name]
+    kept, kill = tmp_path / "scan.partial.pt", Kill(monkeypatch, module, killed)
 
-    into = (Head(2, 1),)
-
-    def scan(items=data, resume=kept, receivers=into):
-        return path_patching.path_patching_scan(model3, items, receivers=receivers,
-                                                batch_size=2, senders_per_pass=3, resume=resume)
+    def scan(items=data, resume=kept, other=False):
+        return run(model3, items, resume, other)
 
     straight = scan(resume=None)
     kill.stop(scan, 3)
     assert torch.load(kept, weights_only=True)["done"] == 2
     resumed = scan()
     assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
-    for name in straight.metrics:
-        assert torch.equal(resumed[name].nan_to_num(), straight[name].nan_to_num()), name
-        assert torch.equal(resumed[name].isnan(), straight[name].isnan()), name
+    for metric in straight.metrics:
+        assert torch.equal(resumed[metric].nan_to_num(), straight[metric].nan_to_num()), metric
+        assert torch.equal(resumed[metric].isnan(), straight[metric].isnan()), metric
     assert resumed.receivers == straight.receivers and not kept.exists()
 
-    for other in (dict(receivers=(Head(2, 0),)), dict(items=data.select([4, 3, 2, 1, 0]))):
+    for other in (dict(other=True), dict(items=data.select([4, 3, 2, 1, 0]))):
         kill.stop(scan, 2)
         scan(**other)
         assert kill.calls == [2, 2, 1] and not kept.exists()  # started over
@@ -487,29 +500,3 @@ def test_bench_discovery_script_checks_agreement_and_writes_its_ratios(tmp_path)
     assert search["same_circuit"] and search["prefiltered_groups"] == search["exact_groups"]
     assert -1 <= fetchers["spearman"] <= 1
 
-
-def test_a_killed_activation_patching_scan_resumes_from_its_last_batch_bit_for_bit(
-        model3, data, tmp_path, monkeypatch):
-    """As path patching's: killed in its third batch, the scan keeps two batches' sums and then
-    patches only the third, returning the uninterrupted scan exactly; other items or another
-    position start over."""
-    kept = tmp_path / "scan.partial.pt"
-    kill = Kill(monkeypatch, activation_patching, "one_head_scan")
-
-    def scan(items=data, resume=kept, position="pos_last"):
-        return activation_patching.activation_patching_scan(
-            model3, items, position=position, batch_size=2, heads_per_pass=3, resume=resume)
-
-    straight = scan(resume=None)
-    kill.stop(scan, 3)
-    assert torch.load(kept, weights_only=True)["done"] == 2
-    resumed = scan()
-    assert kill.calls == [1]  # 5 items in batches of 2: the last batch alone
-    for name in straight.metrics:
-        assert torch.equal(resumed[name], straight[name]), name
-    assert not kept.exists()
-
-    for other in (dict(position="pos_query_label"), dict(items=data.select([4, 3, 2, 1, 0]))):
-        kill.stop(scan, 2)
-        scan(**other)
-        assert kill.calls == [2, 2, 1] and not kept.exists()  # started over
